@@ -1,0 +1,154 @@
+"""
+The interceptor chain: identity, policy, masking and recording, in that order,
+shared by every protocol relay.
+
+A relay turns traffic into model values and asks the chain; the chain answers
+and the relay carries out the answer. The chain is where failure handling lives:
+
+- an identity provider that raises counts as "not authenticated";
+- a policy that raises, returns nonsense, or whose Deferred fails yields a
+  denial naming the failure (fail closed);
+- a recorder that raises is logged; what it was given is kept by the recorder
+  itself (see :mod:`gatekeep.recording`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from gatekeep.interfaces import IIdentityProvider, IMasking, IPolicy, IRecorder
+from gatekeep.model import Action, Decision, Identity, LoginFailure, Operation, Outcome, Session, SessionEnd
+
+_log = Logger()
+
+POLICY_ERROR = "policy-error"
+
+
+def _fail_closed(reason: str) -> Decision:
+    return Decision(Action.DENY, POLICY_ERROR, reason)
+
+
+@implementer(IPolicy)
+@attrs.frozen
+class DefaultActionPolicy:
+    """Allows or denies everything according to each target's ``default_action``."""
+
+    defaults: dict[str, str]
+
+    def decide(self, operation: Operation) -> Decision:
+        if self.defaults.get(operation.session.target, "deny") == "allow":
+            return Decision(Action.ALLOW, None, "default")
+        return Decision(Action.DENY, None, "denied by the target's default action")
+
+
+@implementer(IMasking)
+class NoMasking:
+    def planFor(self, session: Session) -> None:
+        return None
+
+
+@attrs.define
+class Chain:
+    identities: Sequence[IIdentityProvider]
+    policy: IPolicy
+    masking: IMasking
+    recorder: IRecorder
+
+    # -- identity -----------------------------------------------------------
+
+    def authenticate_token(self, name: str | None, token: str) -> Identity | None:
+        for provider in self.identities:
+            try:
+                identity = provider.authenticateToken(name, token)
+            except Exception:
+                _log.failure("identity provider {provider!r} failed", provider=provider)
+                continue
+            if identity is not None:
+                return identity
+        return None
+
+    def scram_verifier(self, name: str) -> tuple[Any, Identity] | None:
+        for provider in self.identities:
+            try:
+                found = provider.scramVerifier(name)
+            except Exception:
+                _log.failure("identity provider {provider!r} failed", provider=provider)
+                continue
+            if found is not None:
+                return found
+        return None
+
+    # -- policy ---------------------------------------------------------------
+
+    def decide(self, operation: Operation) -> Decision | Deferred:
+        """
+        A Decision, or a Deferred that fires with one (never errbacks).
+        Anything that goes wrong becomes a denial.
+        """
+        try:
+            result = self.policy.decide(operation)
+        except Exception as e:
+            _log.failure("policy failed on {kind} in session {session}", kind=operation.kind, session=operation.session.id)
+            return _fail_closed(f"the policy could not decide ({type(e).__name__})")
+        if isinstance(result, Deferred):
+            return result.addCallbacks(self._check, self._policy_failed, errbackArgs=(operation,))
+        return self._check(result)
+
+    @staticmethod
+    def _check(result: Any) -> Decision:
+        if isinstance(result, Decision):
+            return result
+        _log.error("policy returned {result!r}, not a Decision", result=result)
+        return _fail_closed("the policy gave no decision")
+
+    @staticmethod
+    def _policy_failed(failure: Any, operation: Operation) -> Decision:
+        _log.failure("policy failed on {kind} in session {session}", failure, kind=operation.kind, session=operation.session.id)
+        return _fail_closed(f"the policy could not decide ({failure.type.__name__})")
+
+    # -- masking --------------------------------------------------------------
+
+    def masking_plan(self, session: Session) -> Any:
+        try:
+            return self.masking.planFor(session)
+        except Exception:
+            _log.failure("masking failed for session {session}", session=session.id)
+            raise
+
+    # -- recording ------------------------------------------------------------
+
+    def session_started(self, session: Session) -> None:
+        self.recorder.sessionStarted(session)
+
+    def login_failed(self, failure: LoginFailure) -> None:
+        self.recorder.loginFailed(failure)
+
+    def operation_started(self, operation: Operation, decision: Decision) -> Any:
+        return self.recorder.operationStarted(operation, decision)
+
+    def operation_finished(self, outcome: Outcome) -> None:
+        self.recorder.operationFinished(outcome)
+
+    def session_ended(self, end: SessionEnd) -> None:
+        self.recorder.sessionEnded(end)
+
+
+@attrs.define
+class Gateway:
+    """What a protocol plugin is given: the chain, the reactor and clock, node facts."""
+
+    chain: Chain
+    reactor: Any
+    node: str
+    #: a per-process random secret for things like mock SCRAM salts
+    secret: bytes
+    #: live sessions by id, for cancel requests, admin views and cut-offs
+    sessions: dict[str, Any] = attrs.field(factory=dict)
+
+    def now(self) -> float:
+        return self.reactor.seconds()

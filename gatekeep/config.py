@@ -1,0 +1,358 @@
+"""
+The YAML configuration, read into attrs values.
+
+Every error names the key path and what was expected, for example
+``targets[0].upstream.port: expected an integer, got "abc"``. Secrets are
+resolved here (``env:``/``file:``) into :class:`gatekeep.secrets.Secret` values
+whose ``repr`` shows the reference only.
+
+Protocol plugins read their own keys through the same :class:`Node` so their
+errors look the same.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from gatekeep.secrets import Secret, SecretError, resolve
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used. ``str()`` is ready for an operator."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + (value if len(value) <= 60 else value[:57] + "...") + '"'
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+_MISSING = object()
+
+
+@attrs.define
+class Node:
+    """
+    A mapping in the configuration with its key path. Reading a key marks it
+    used; :meth:`finish` refuses keys nobody read, so typos are caught.
+    """
+
+    value: dict[str, Any]
+    path: str
+    base: Path
+    _used: set[str] = attrs.field(factory=set)
+
+    @classmethod
+    def of(cls, value: Any, path: str, base: Path) -> "Node":
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {_show(value)}")
+        return cls(value, path, base)
+
+    def sub(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def has(self, key: str) -> bool:
+        return key in self.value
+
+    def raw(self, key: str, default: Any = _MISSING) -> Any:
+        self._used.add(key)
+        if key not in self.value or self.value[key] is None:
+            if default is _MISSING:
+                raise ConfigError(self.sub(key), "is required")
+            return default
+        return self.value[key]
+
+    def str(self, key: str, default: Any = _MISSING, *, choices: tuple[str, ...] | None = None) -> Any:
+        v = self.raw(key, default)
+        if v is default and default is not _MISSING:
+            return v
+        if not isinstance(v, str) or not v:
+            raise ConfigError(self.sub(key), f"expected a string, got {_show(v)}")
+        if choices is not None and v not in choices:
+            raise ConfigError(self.sub(key), f"expected one of {', '.join(choices)}, got {_show(v)}")
+        return v
+
+    def int(self, key: str, default: Any = _MISSING, *, low: int | None = None, high: int | None = None) -> Any:
+        v = self.raw(key, default)
+        if v is default and default is not _MISSING:
+            return v
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(self.sub(key), f"expected an integer, got {_show(v)}")
+        if (low is not None and v < low) or (high is not None and v > high):
+            raise ConfigError(self.sub(key), f"expected an integer from {low} to {high}, got {v}")
+        return v
+
+    def bool(self, key: str, default: Any = _MISSING) -> Any:
+        v = self.raw(key, default)
+        if not isinstance(v, bool):
+            raise ConfigError(self.sub(key), f"expected true or false, got {_show(v)}")
+        return v
+
+    def duration(self, key: str, default: Any = _MISSING) -> Any:
+        """Seconds, from a number or a string like ``500ms``, ``30s``, ``10m``, ``2h``."""
+        v = self.raw(key, default)
+        if v is default and default is not _MISSING:
+            return v
+        try:
+            return parse_duration(v)
+        except ValueError:
+            raise ConfigError(self.sub(key), f"expected a duration such as 30s or 10m, got {_show(v)}") from None
+
+    def strings(self, key: str, default: Any = _MISSING) -> Any:
+        v = self.raw(key, default)
+        if v is default and default is not _MISSING:
+            return v
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            raise ConfigError(self.sub(key), f"expected a list of strings, got {_show(v)}")
+        return tuple(v)
+
+    def secret(self, key: str, default: Any = _MISSING, *, strip: bool = True) -> Any:
+        v = self.raw(key, default)
+        if v is default and default is not _MISSING:
+            return v
+        if not isinstance(v, str):
+            raise ConfigError(self.sub(key), f"expected an env:NAME or file:PATH reference, got {_show(v) if not isinstance(v, (int, float)) else 'a number'}")
+        try:
+            return resolve(v, self.base, strip=strip)
+        except SecretError as e:
+            # never echo a literal value: it may be the secret itself
+            if not (v.startswith("env:") or v.startswith("file:")):
+                raise ConfigError(self.sub(key), "expected an env:NAME or file:PATH reference (literal secrets are not accepted)") from None
+            raise ConfigError(self.sub(key), str(e)) from None
+
+    def child(self, key: str, default: Any = _MISSING) -> Any:
+        v = self.raw(key, default)
+        if v is default and default is not _MISSING:
+            return v
+        return Node.of(v, self.sub(key), self.base)
+
+    def children(self, key: str, default: Any = _MISSING) -> Any:
+        v = self.raw(key, default)
+        if v is default and default is not _MISSING:
+            return v
+        if not isinstance(v, list):
+            raise ConfigError(self.sub(key), f"expected a list, got {_show(v)}")
+        return [Node.of(item, f"{self.sub(key)}[{i}]", self.base) for i, item in enumerate(v)]
+
+    def finish(self) -> None:
+        unknown = [k for k in self.value if k not in self._used]
+        if unknown:
+            raise ConfigError(self.sub(str(unknown[0])), "unknown key")
+
+
+def parse_duration(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(value)
+        return float(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", str(value))
+    if not m:
+        raise ValueError(value)
+    scale = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+# -- values -----------------------------------------------------------------
+
+
+@attrs.frozen
+class TokenHashes:
+    sha256: bytes | None = None
+    scram: Any = None  # gatekeep.identity.scram.ScramVerifier
+
+
+@attrs.frozen
+class IdentityConfig:
+    name: str
+    groups: frozenset[str]
+    token: TokenHashes
+
+
+@attrs.frozen
+class ServerTLS:
+    """TLS that gatekeep offers to clients."""
+
+    cert: Secret
+    key: Secret
+    require: bool = False
+
+
+@attrs.frozen
+class TargetConfig:
+    name: str
+    protocol: str
+    listen: str
+    tls: ServerTLS | None
+    #: what happens to an operation no policy rule matched: allow or deny
+    default_action: str
+    #: the protocol plugin's own configuration
+    options: Any
+
+
+@attrs.frozen
+class StoreConfig:
+    url: str
+    #: for sqlite: the database file
+    path: Path | None
+
+
+@attrs.frozen
+class Config:
+    store: StoreConfig
+    identities: tuple[IdentityConfig, ...]
+    targets: tuple[TargetConfig, ...]
+    node: str
+    source: Path | None = None
+
+
+# -- reading ----------------------------------------------------------------
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")
+
+
+def _name(node: Node, key: str = "name") -> str:
+    v = node.str(key)
+    if not _NAME.match(v):
+        raise ConfigError(node.sub(key), f"expected a name of letters, digits and _.@- (at most 63), got {_show(v)}")
+    return v
+
+
+def read_identity(node: Node) -> IdentityConfig:
+    from gatekeep.identity.scram import ScramVerifier
+
+    name = _name(node)
+    groups = frozenset(node.strings("groups", ()))
+    tok = node.child("token", None)
+    sha = scram = None
+    if tok is not None:
+        h = tok.str("sha256", None)
+        if h is not None:
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", h):
+                raise ConfigError(tok.sub("sha256"), "expected 64 hexadecimal digits (sha256 of the token)")
+            sha = bytes.fromhex(h)
+        s = tok.str("scram", None)
+        if s is not None:
+            try:
+                scram = ScramVerifier.from_string(s)
+            except ValueError as e:
+                raise ConfigError(tok.sub("scram"), f"expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey> ({e})") from None
+        tok.finish()
+    node.finish()
+    return IdentityConfig(name, groups, TokenHashes(sha, scram))
+
+
+def read_server_tls(node: Node | None) -> ServerTLS | None:
+    if node is None:
+        return None
+    tls = ServerTLS(node.secret("cert", strip=False), node.secret("key", strip=False), node.bool("require", False))
+    node.finish()
+    from gatekeep.tls import check_server_tls
+
+    try:
+        check_server_tls(tls)
+    except ValueError as e:
+        raise ConfigError(node.path, str(e)) from None
+    return tls
+
+
+def read_store(value: Any, base: Path) -> StoreConfig:
+    if value is None:
+        return StoreConfig("sqlite://gatekeep.db", base / "gatekeep.db")
+    if not isinstance(value, str):
+        raise ConfigError("store", f"expected a store URL such as sqlite:///var/lib/gatekeep/gatekeep.db, got {_show(value)}")
+    if value.startswith("sqlite://"):
+        rest = value[len("sqlite://"):]
+        if not rest:
+            raise ConfigError("store", "expected a path after sqlite://")
+        p = Path(rest)
+        return StoreConfig(value, p if p.is_absolute() else base / p)
+    if value.startswith("postgresql://") or value.startswith("postgres://"):
+        raise ConfigError("store", "the PostgreSQL store is not available in this version; use sqlite:///PATH")
+    raise ConfigError("store", f"expected sqlite:///PATH, got {_show(value)}")
+
+
+def _check_listen(node: Node) -> str:
+    from twisted.internet.endpoints import serverFromString
+
+    listen = node.str("listen")
+    from twisted.internet import reactor
+
+    try:
+        serverFromString(reactor, listen)
+    except Exception as e:  # the endpoint parser raises assorted types
+        raise ConfigError(node.sub("listen"), f"expected a Twisted server endpoint such as tcp:15432:interface=127.0.0.1 ({e})") from None
+    return listen
+
+
+def read_target(node: Node, plugins: dict[str, Any]) -> TargetConfig:
+    name = _name(node)
+    protocol = node.str("protocol")
+    if protocol not in plugins:
+        raise ConfigError(node.sub("protocol"), f"expected one of {', '.join(sorted(plugins))}, got {_show(protocol)}")
+    listen = _check_listen(node)
+    tls = read_server_tls(node.child("tls", None))
+    default = node.str("default_action", "allow", choices=("allow", "deny"))
+    options = plugins[protocol].parseTarget(node)
+    node.finish()
+    return TargetConfig(name, protocol, listen, tls, default, options)
+
+
+def read_config(data: Any, base: Path, plugins: dict[str, Any] | None = None, source: Path | None = None) -> Config:
+    if plugins is None:
+        from gatekeep.plugin import protocol_plugins
+
+        plugins = protocol_plugins()
+    root = Node.of(data if data is not None else {}, "", base)
+    store = read_store(root.raw("store", None), base)
+    identities = tuple(read_identity(n) for n in root.children("identities", []))
+    seen: set[str] = set()
+    for i, ident in enumerate(identities):
+        if ident.name in seen:
+            raise ConfigError(f"identities[{i}].name", f"duplicate identity {_show(ident.name)}")
+        seen.add(ident.name)
+    targets = tuple(read_target(n, plugins) for n in root.children("targets", []))
+    names: set[str] = set()
+    for i, t in enumerate(targets):
+        if t.name in names:
+            raise ConfigError(f"targets[{i}].name", f"duplicate target {_show(t.name)}")
+        names.add(t.name)
+    node_name = root.str("node", "gatekeep")
+    root.finish()
+    return Config(store, identities, targets, node_name, source)
+
+
+def load(path: str | Path, plugins: dict[str, Any] | None = None) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text("utf-8")
+    except OSError as e:
+        raise ConfigError("", f"cannot read {p}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("", f"{p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return read_config(data, p.resolve().parent, plugins, source=p)

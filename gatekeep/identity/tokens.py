@@ -1,0 +1,84 @@
+"""
+gatekeep tokens: random bearer secrets kept in the configuration only as hashes.
+
+A token is ``gk_`` followed by 43 URL-safe base64 characters (256 random bits).
+The configuration holds ``sha256`` (to check a token presented in clear, over
+TLS) and a SCRAM-SHA-256 verifier (so PostgreSQL clients can log in without the
+token crossing the wire).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets as _secrets
+from typing import Iterable
+
+import attrs
+from zope.interface import implementer
+
+from gatekeep.config import IdentityConfig
+from gatekeep.identity.scram import make_verifier
+from gatekeep.interfaces import IIdentityProvider
+from gatekeep.model import Identity
+
+TOKEN_PREFIX = "gk_"
+
+
+def new_token() -> str:
+    raw = _secrets.token_bytes(32)
+    return TOKEN_PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def token_entry(name: str, token: str, groups: Iterable[str] = ()) -> dict:
+    """The ``identities[]`` entry for a token, ready to paste into the config."""
+    return {
+        "name": name,
+        "groups": list(groups),
+        "token": {
+            "sha256": hashlib.sha256(token.encode("utf-8")).hexdigest(),
+            "scram": make_verifier(token).to_string(),
+        },
+    }
+
+
+_DUMMY = hashlib.sha256(b"gatekeep: no such identity").digest()
+
+
+@implementer(IIdentityProvider)
+@attrs.define
+class StaticIdentityProvider:
+    """Identities from the configuration's ``identities`` list."""
+
+    _by_name: dict[str, IdentityConfig]
+
+    @classmethod
+    def from_config(cls, identities: Iterable[IdentityConfig]) -> "StaticIdentityProvider":
+        return cls({i.name: i for i in identities})
+
+    def _identity(self, cfg: IdentityConfig, method: str) -> Identity:
+        return Identity(cfg.name, cfg.groups, method)
+
+    def authenticateToken(self, name: str | None, token: str) -> Identity | None:
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        if name is None:
+            # bearer token without a user name: look at every identity, always all of them
+            found = None
+            for cfg in self._by_name.values():
+                expected = cfg.token.sha256 or _DUMMY
+                if hmac.compare_digest(digest, expected) and cfg.token.sha256 is not None:
+                    found = cfg
+            return self._identity(found, "token") if found else None
+        cfg = self._by_name.get(name)
+        expected = cfg.token.sha256 if cfg is not None and cfg.token.sha256 is not None else _DUMMY
+        ok = hmac.compare_digest(digest, expected)
+        if ok and cfg is not None and cfg.token.sha256 is not None:
+            return self._identity(cfg, "token")
+        return None
+
+    def scramVerifier(self, name: str):
+        cfg = self._by_name.get(name)
+        if cfg is None or cfg.token.scram is None:
+            return None
+        return cfg.token.scram, self._identity(cfg, "scram")

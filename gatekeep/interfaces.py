@@ -1,0 +1,121 @@
+"""
+The extension points of gatekeep.
+
+Each is a ``zope.interface`` interface with a default implementation in the
+package and an in-memory one in :mod:`gatekeep.testing`. Methods may return a
+plain value or a ``Deferred``; callers go through :mod:`gatekeep.chain`, which
+accepts both and turns every failure in identity or policy into a denial.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IIdentityProvider(Interface):
+    """Turns credentials into an :class:`gatekeep.model.Identity`."""
+
+    def authenticateToken(name, token):
+        """
+        Check a bearer token presented for ``name`` (``None`` when the protocol
+        carries no user name, as with HTTP bearer tokens).
+
+        @return: the Identity, or None when the token is not valid for ``name``.
+            Comparison must be constant-time; the result must not reveal whether
+            the name or the token was wrong.
+        """
+
+    def scramVerifier(name):
+        """
+        @return: ``(ScramVerifier, Identity)`` for an identity that can log in
+            with SCRAM-SHA-256 without its token crossing the wire, or None.
+        """
+
+
+class IPolicy(Interface):
+    """Decides on each operation before the relay carries it out."""
+
+    def decide(operation):
+        """
+        @param operation: a L{gatekeep.model.Operation}.
+        @return: a L{gatekeep.model.Decision} (or a Deferred firing with one).
+        """
+
+
+class IMasking(Interface):
+    """Chooses how results are masked before they reach a client."""
+
+    def planFor(session):
+        """
+        @return: a protocol-neutral masking plan for the session (an object the
+            protocol's masker understands), or None when nothing is masked.
+        """
+
+
+class IRecorder(Interface):
+    """Receives everything that happens, in order, for one or more sessions."""
+
+    def sessionStarted(session):
+        """A session passed authentication."""
+
+    def loginFailed(failure):
+        """An authentication attempt failed (L{gatekeep.model.LoginFailure})."""
+
+    def operationStarted(operation, decision):
+        """An operation was judged. May return a Deferred: the relay waits for it
+        before forwarding (strict durability)."""
+
+    def operationFinished(outcome):
+        """An operation ended (L{gatekeep.model.Outcome})."""
+
+    def sessionEnded(end):
+        """A session ended (L{gatekeep.model.SessionEnd})."""
+
+    def flush():
+        """@return: a Deferred that fires when everything received so far is stored."""
+
+
+class IStore(Interface):
+    """Persistent records: sessions, operations and failed logins."""
+
+    def write(batch):
+        """Store a list of events (model values) atomically. Blocking; called
+        from the store's writer thread."""
+
+    def sessions(limit, target=None, identity=None):
+        """@return: a list of session rows (dicts), newest first. Blocking."""
+
+    def session(session_id):
+        """@return: one session row with its operations, or None. Blocking.
+        ``session_id`` may be a unique prefix."""
+
+    def loginFailures(limit):
+        """@return: failed logins, newest first. Blocking."""
+
+    def close():
+        """Release the store."""
+
+
+class IProtocolPlugin(Interface):
+    """
+    A protocol gatekeep can relay. Found with C{twisted.plugin.getPlugins}
+    in the C{gatekeep.plugins} package; see docs/writing-a-protocol-plugin.md.
+    """
+
+    name = Attribute("The value of C{targets[].protocol} this plugin serves.")
+
+    def parseTarget(node):
+        """
+        Read the protocol's own keys of one target.
+
+        @param node: a L{gatekeep.config.Node} for C{targets[i]}; the plugin
+            reads its keys through it so errors name the key path.
+        @return: the plugin's attrs configuration value.
+        """
+
+    def makeFactory(target, gateway):
+        """
+        @param target: a L{gatekeep.config.TargetConfig}.
+        @param gateway: the L{gatekeep.chain.Gateway} (chain, clock, reactor).
+        @return: an C{IProtocolFactory} to listen with on C{target.listen}.
+        """

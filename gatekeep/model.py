@@ -1,0 +1,137 @@
+"""
+Frozen values that cross module boundaries: who is connected, what they asked
+for, what the chain decided, and what happened.
+
+Relays build these from protocol traffic; the chain and the recorders consume
+them. Nothing here knows about a particular protocol: protocol detail travels in
+``Operation.detail`` as the protocol's own attrs value.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from typing import Any
+
+import attrs
+
+
+def new_id() -> str:
+    """A random, URL-safe, sortable-enough identifier for sessions and records."""
+    return os.urandom(12).hex()
+
+
+@attrs.frozen
+class Identity:
+    """A person or agent, as established by an identity provider."""
+
+    name: str
+    groups: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    #: how the identity was proven: "token", "scram", "oidc", "certificate", "ssh-key"
+    method: str = "token"
+
+
+@attrs.frozen
+class ClientAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@attrs.frozen
+class Session:
+    """One client connection that passed authentication."""
+
+    id: str
+    identity: Identity
+    target: str
+    protocol: str
+    client: ClientAddress
+    tls: bool
+    started_at: float
+    #: protocol facts worth recording (database, application_name, ssh client version, ...)
+    attributes: dict[str, str] = attrs.field(factory=dict)
+
+
+class Action(enum.Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+    REVIEW = "review"
+
+
+@attrs.frozen
+class Decision:
+    """What the chain decided about one operation."""
+
+    action: Action
+    #: name of the rule that decided, or None for the target's default
+    rule: str | None = None
+    reason: str = ""
+    #: facts the policy found (statement kinds, tables, ...), recorded with the operation
+    facts: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def allowed(self) -> bool:
+        return self.action is Action.ALLOW
+
+
+ALLOW = Decision(Action.ALLOW)
+
+
+@attrs.frozen
+class Operation:
+    """One unit of work a client asked for: a statement, a command, a request."""
+
+    session: Session
+    #: sequence number within the session, starting at 1
+    seq: int
+    #: protocol-level kind: "query", "execute", "exec", "shell", "sftp", "http", ...
+    kind: str
+    #: the human-readable text: SQL, command line, "GET /path"
+    text: str
+    at: float
+    #: the protocol's own value with the details (bind parameters, argv, headers)
+    detail: Any = None
+    #: parameters in a recordable form (already masked where masking applies)
+    parameters: tuple[str | None, ...] = ()
+
+
+@attrs.frozen
+class Outcome:
+    """How an operation ended."""
+
+    session_id: str
+    seq: int
+    finished_at: float
+    duration: float
+    #: protocol status: a command tag ("SELECT 3"), an exit status, an HTTP status
+    status: str | None = None
+    rows: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@attrs.frozen
+class LoginFailure:
+    """An authentication attempt that did not produce an identity."""
+
+    target: str
+    protocol: str
+    client: ClientAddress
+    claimed: str
+    #: a reason for the operator's records; never shown to the client
+    reason: str
+    at: float
+
+
+@attrs.frozen
+class SessionEnd:
+    session_id: str
+    ended_at: float
+    bytes_from_client: int
+    bytes_to_client: int
+    reason: str

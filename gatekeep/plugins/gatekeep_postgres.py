@@ -1,0 +1,5 @@
+"""The PostgreSQL protocol plugin (``protocol: postgres``)."""
+
+from gatekeep.protocols.postgres.plugin import PostgresPlugin
+
+postgres = PostgresPlugin()

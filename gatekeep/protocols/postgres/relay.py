@@ -1,0 +1,661 @@
+"""
+The PostgreSQL relay: thin Twisted protocols around the codec, the tracker and
+the chain.
+
+    psql ──► Frontend ──(chain: identity, policy, recording)──► Upstream ──► PostgreSQL
+         ◄──────────── BackendStream (pass-through, tracked) ◄──
+
+Phases of a client connection, in order (:class:`Phase`): STARTUP (SSLRequest,
+GSSENCRequest, CancelRequest or StartupMessage), AUTH (SCRAM-SHA-256, or a
+cleartext token over TLS), UPSTREAM (gatekeep logs in to the server with the
+target's credentials), READY (relaying), CLOSED.
+
+In READY, client messages are framed whole (they are small, and policy needs
+them whole); server messages go through :class:`BackendStream`, which forwards
+each chunk as it arrives and shows the relay only the messages that end
+operations. Each transport is registered as the other's streaming producer, so a
+slow reader pauses the other side instead of filling the gateway's memory.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import secrets as _secrets
+from collections import deque
+from typing import Any
+
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gatekeep.identity.scram import ScramAuthFailed, ScramError, ScramServer
+from gatekeep.model import Action, ClientAddress, Decision, LoginFailure, Operation, Session, SessionEnd, new_id
+from gatekeep.protocols.postgres import _codec as pg
+from gatekeep.protocols.postgres._backend import BackendStream
+from gatekeep.protocols.postgres._login import LoginError, UpstreamLogin
+from gatekeep.protocols.postgres._tracker import Tracker
+from gatekeep.protocols.postgres.plugin import PASSED_PARAMETERS
+from gatekeep.tls import client_options, server_options
+
+_log = Logger()
+
+#: a statement that fails at parse time without touching anything: sent instead
+#: of a denied one, so the server's transaction state matches what the client is told
+POISON = "gatekeep denied this statement"
+
+#: server messages the relay looks at while relaying
+WATCHED = {b"C", b"E", b"Z", b"I", b"s"}
+
+#: record at most this much of a bind parameter
+PARAM_LIMIT = 4096
+
+
+class Phase(enum.Enum):
+    STARTUP = "startup"
+    AUTH_SASL = "auth-sasl"
+    AUTH_PASSWORD = "auth-password"
+    UPSTREAM = "upstream"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+def _param_text(value: bytes | None, binary: bool) -> str | None:
+    if value is None:
+        return None
+    if binary:
+        text = "\\x" + value[:PARAM_LIMIT // 2].hex()
+    else:
+        text = value[:PARAM_LIMIT].decode("utf-8", "replace")
+    if len(value) > (PARAM_LIMIT // 2 if binary else PARAM_LIMIT):
+        text += f"... ({len(value)} bytes)"
+    return text
+
+
+def _sql_text(body: bytes) -> str:
+    """The SQL of a Query message, for decisions and records."""
+    end = body.find(b"\0")
+    if end < 0:
+        raise pg.ProtocolError("Query message without a terminating NUL")
+    return body[:end].decode("utf-8", "replace")
+
+
+class Frontend(protocol.Protocol):
+    """The client's connection."""
+
+    def __init__(self, factory: "PostgresRelayFactory") -> None:
+        self.factory = factory
+        self.gateway = factory.gateway
+        self.target = factory.target
+        self.phase = Phase.STARTUP
+        self.reader = pg.MessageReader(typed=False, max_length=10000)
+        self.tls = False
+        self.user = ""
+        self.parameters: dict[str, str] = {}
+        self.identity = None
+        self.session: Session | None = None
+        self.upstream: Upstream | None = None
+        self.tracker = Tracker()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.seq = 0
+        self.key = (0, 0)
+        self.end_reason = "client closed the connection"
+        self.tx_status = "I"
+        self._scram: ScramServer | None = None
+        # extended protocol: prepared statements and portals, for records and decisions
+        self._statements: dict[str, tuple[str, Decision]] = {}
+        self._portals: dict[str, tuple[str, Decision, tuple]] = {}
+        self._skip_to_sync = False
+        # client messages waiting for a decision that is not in yet
+        self._inbox: deque = deque()
+        self._waiting: Deferred | None = None
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    @property
+    def client(self) -> ClientAddress:
+        peer = self.transport.getPeer()
+        return ClientAddress(getattr(peer, "host", "?"), getattr(peer, "port", 0))
+
+    def send(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.transport.write(data)
+
+    def fatal(self, code: str, message: str, reason: str | None = None) -> None:
+        """Send a FATAL error and close: the client learns what happened in its own protocol."""
+        if self.phase is Phase.CLOSED:
+            return
+        self.send(pg.error_response(code, message, severity="FATAL"))
+        if reason:
+            self.end_reason = reason
+        self.close()
+
+    def close(self) -> None:
+        if self.phase is not Phase.CLOSED:
+            self.phase = Phase.CLOSED
+        self.transport.loseConnection()
+
+    def connectionMade(self) -> None:
+        self.started = self.gateway.now()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        try:
+            messages = self.reader.feed(data)
+        except pg.ProtocolError as e:
+            self.protocol_violation(str(e))
+            return
+        if self.phase is Phase.READY:
+            self.from_client(messages)
+            return
+        for message in messages:
+            if self.phase is Phase.CLOSED:
+                return
+            try:
+                self.during_startup(message)
+            except pg.ProtocolError as e:
+                self.protocol_violation(str(e))
+                return
+            if self.phase is Phase.READY:
+                # anything pipelined behind the startup belongs to the relay
+                rest = messages[messages.index(message) + 1:]
+                if rest:
+                    self.from_client(rest)
+                return
+
+    def protocol_violation(self, detail: str) -> None:
+        _log.info("protocol violation from {client} on {target}: {detail}", client=str(self.client),
+                  target=self.target.name, detail=detail)
+        self.fatal("08P01", f"invalid frontend message: {detail}", reason=f"protocol violation: {detail}")
+
+    # -- startup and authentication ------------------------------------------------------
+
+    def during_startup(self, message: pg.Message) -> None:
+        if self.phase is Phase.STARTUP:
+            self.startup_packet(pg.parse_startup(message.body))
+        elif self.phase is Phase.AUTH_SASL:
+            self.sasl_message(message)
+        elif self.phase is Phase.AUTH_PASSWORD:
+            self.password_message(message)
+        elif self.phase is Phase.UPSTREAM:
+            raise pg.ProtocolError("message before authentication completed")
+
+    def startup_packet(self, packet: Any) -> None:
+        if isinstance(packet, pg.SSLRequest):
+            if self.tls or self.target.tls is None:
+                self.send(b"N")
+                return
+            if self.reader.buffered:
+                # bytes sent after SSLRequest and before the handshake are an injection attempt
+                raise pg.ProtocolError("unencrypted data after SSLRequest")
+            self.send(b"S")
+            self.transport.startTLS(server_options(self.target.tls.cert, self.target.tls.key))
+            self.tls = True
+            return
+        if isinstance(packet, pg.GSSENCRequest):
+            self.send(b"N")
+            return
+        if isinstance(packet, pg.CancelRequest):
+            self.factory.cancel(packet.process_id, packet.secret_key)
+            self.phase = Phase.CLOSED
+            self.transport.loseConnection()
+            return
+        self.reader.typed = True
+        params = dict(packet.parameters)
+        self.user = params.get("user", "")
+        self.parameters = params
+        if not self.user:
+            self.fatal("28000", "no user name given: use your gatekeep identity as the user name")
+            return
+        if params.get("replication", "false").lower() not in ("false", "0", "no", "off"):
+            self.fatal("28000", "replication connections are not relayed by gatekeep")
+            return
+        if self.target.tls is not None and self.target.tls.require and not self.tls:
+            self.fatal("28000", f"target {self.target.name} requires TLS: connect with sslmode=require or stronger",
+                       reason="TLS required")
+            return
+        found = self.gateway.chain.scram_verifier(self.user)
+        if found is not None or not self.tls:
+            # SCRAM for identities that have a verifier, and a mock exchange for everyone
+            # else on plain connections, so unknown names look like wrong tokens
+            verifier = found[0] if found else None
+            self._scram_identity = found[1] if found else None
+            self._scram = ScramServer(verifier, username_for_mock=self.user, mock_secret=self.gateway.secret)
+            self.phase = Phase.AUTH_SASL
+            self.send(pg.auth_sasl(["SCRAM-SHA-256"]))
+        else:
+            self.phase = Phase.AUTH_PASSWORD
+            self.send(pg.auth_cleartext())
+
+    def sasl_message(self, message: pg.Message) -> None:
+        if message.type != b"p":
+            raise pg.ProtocolError(f"expected a SASL response, got message type {message.type!r}")
+        assert self._scram is not None
+        try:
+            if not hasattr(self, "_sasl_started"):
+                self._sasl_started = True
+                initial = pg.parse_sasl_initial(message.body)
+                if initial.mechanism != "SCRAM-SHA-256" or initial.data is None:
+                    raise pg.ProtocolError(f"unsupported SASL mechanism {initial.mechanism!r}")
+                self.send(pg.auth_sasl_continue(self._scram.first(initial.data)))
+                return
+            final = self._scram.final(message.body)
+        except ScramAuthFailed:
+            self.login_failed("wrong token or unknown identity (SCRAM)")
+            return
+        except ScramError as e:
+            self.login_failed(f"SCRAM protocol error: {e}")
+            return
+        if self._scram_identity is None:  # the mock exchange never succeeds
+            self.login_failed("unknown identity (SCRAM)")
+            return
+        self.send(pg.auth_sasl_final(final))
+        self.authenticated(self._scram_identity)
+
+    def password_message(self, message: pg.Message) -> None:
+        if message.type != b"p":
+            raise pg.ProtocolError(f"expected a password message, got message type {message.type!r}")
+        token = pg.parse_password(message.body).decode("utf-8", "replace")
+        identity = self.gateway.chain.authenticate_token(self.user, token)
+        del token
+        if identity is None:
+            self.login_failed("wrong token or unknown identity (password)")
+            return
+        self.authenticated(identity)
+
+    def login_failed(self, reason: str) -> None:
+        self.gateway.chain.login_failed(LoginFailure(
+            self.target.name, "postgres", self.client, self.user, reason, self.gateway.now()))
+        self.fatal("28P01", f'password authentication failed for user "{self.user}"', reason=reason)
+
+    def authenticated(self, identity: Any) -> None:
+        self.identity = identity
+        attributes = {k: v for k, v in self.parameters.items() if k in ("database", "application_name")}
+        self.session = Session(new_id(), identity, self.target.name, "postgres", self.client, self.tls,
+                               self.gateway.now(), attributes)
+        self.gateway.sessions[self.session.id] = self
+        self.gateway.chain.session_started(self.session)
+        _log.info("session {session} for {identity} on {target} from {client}", session=self.session.id,
+                  identity=identity.name, target=self.target.name, client=str(self.client))
+        self.phase = Phase.UPSTREAM
+        self.connect_upstream()
+
+    # -- upstream ---------------------------------------------------------------------------
+
+    def connect_upstream(self) -> None:
+        options = self.target.options.upstream
+        endpoint = HostnameEndpoint(self.gateway.reactor, options.host.encode("idna"), options.port,
+                                    timeout=options.connect_timeout)
+        upstream = Upstream(self)
+        self.upstream = upstream
+        d = connectProtocol(endpoint, upstream)
+        d.addErrback(self.upstream_unreachable)
+
+    def upstream_unreachable(self, failure: Failure) -> None:
+        reason = failure.getErrorMessage() or failure.type.__name__
+        _log.warn("cannot reach upstream of {target}: {reason}", target=self.target.name, reason=reason)
+        self.upstream = None
+        self.fatal("08001", f"gatekeep cannot reach the database of target {self.target.name}",
+                   reason=f"upstream unreachable: {reason}")
+
+    def upstream_failed(self, code: str, reason: str) -> None:
+        """Upstream login went wrong; the client is told without upstream details."""
+        _log.warn("upstream login for {target} failed: {reason}", target=self.target.name, reason=reason)
+        self.fatal(code, f"gatekeep could not log in to the database of target {self.target.name}",
+                   reason=f"upstream login failed: {reason}")
+
+    def upstream_ready(self, parameter_status: list[bytes], key: tuple[int, int], status: bytes) -> None:
+        """The upstream session is up: finish the client's startup and start relaying."""
+        if self.phase is Phase.CLOSED:
+            return
+        self.key = self.factory.new_cancel_key(self)
+        self.send(pg.auth_ok() + b"".join(parameter_status) + pg.backend_key_data(*self.key) + status)
+        self.phase = Phase.READY
+        self.transport.registerProducer(self.upstream.transport, True)
+        self.upstream.transport.registerProducer(self.transport, True)
+
+    # -- relaying: client to server ----------------------------------------------------------
+
+    def from_client(self, messages: list[pg.Message]) -> None:
+        if self._waiting is not None or self._inbox:
+            self._inbox.extend(messages)
+            return
+        self._relay(messages)
+
+    def _relay(self, messages) -> None:
+        out: list[bytes] = []
+        queue = deque(messages)
+        while queue:
+            m = queue.popleft()
+            if self.phase is not Phase.READY or self.upstream is None:
+                return
+            t = m.type
+            try:
+                if t == b"Q":
+                    d = self.on_query(m, out)
+                elif t == b"P":
+                    d = self.on_parse(m, out)
+                elif t == b"B":
+                    self.on_bind(m, out)
+                    d = None
+                elif t == b"E":
+                    self.on_execute(m, out)
+                    d = None
+                elif t in (b"S", b"F"):
+                    self._skip_to_sync = False
+                    out.append(m.encode())
+                    self.tracker.group_ends()
+                    d = None
+                elif t == b"X":
+                    self.end_reason = "client terminated"
+                    self.upstream.send(b"".join(out) + m.encode())
+                    self.upstream.transport.loseConnection()
+                    self.close()
+                    return
+                elif t == b"C":
+                    kind, name = pg.parse_describe_or_close(m.body)
+                    (self._statements if kind == "S" else self._portals).pop(name, None)
+                    out.append(m.encode())
+                    d = None
+                else:
+                    out.append(m.encode())
+                    d = None
+            except pg.ProtocolError as e:
+                if out:
+                    self.upstream.send(b"".join(out))
+                self.protocol_violation(str(e))
+                return
+            if d is not None:
+                # a decision is pending: hold everything behind it
+                if out:
+                    self.upstream.send(b"".join(out))
+                    out = []
+                self._waiting = d
+                self._inbox.extendleft(reversed(queue))
+                d.addCallback(self._decided)
+                return
+        if out:
+            self.upstream.send(b"".join(out))
+
+    def _decided(self, _: Any) -> None:
+        self._waiting = None
+        messages = list(self._inbox)
+        self._inbox.clear()
+        if messages:
+            self._relay(messages)
+
+    def _operation(self, kind: str, text: str, params: tuple = ()) -> Operation:
+        self.seq += 1
+        return Operation(self.session, self.seq, kind, text, self.gateway.now(), None, params)
+
+    def _denial(self, decision: Decision) -> bytes:
+        rule = decision.rule or "default"
+        return pg.error_response(
+            "42501", f"gatekeep denied this statement (rule {rule})",
+            detail=decision.reason or None,
+            hint="ask an administrator to change the policy or grant access",
+        )
+
+    def _judge(self, operation: Operation, then) -> Deferred | None:
+        decision = self.gateway.chain.decide(operation)
+        if isinstance(decision, Deferred):
+            return decision.addCallback(then)
+        then(decision)
+        return None
+
+    def on_query(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
+        text = _sql_text(m.body)
+        op = self._operation("query", text)
+
+        def carry_out(decision: Decision) -> None:
+            now = self.gateway.now()
+            self.gateway.chain.operation_started(op, decision)
+            if decision.action is Action.ALLOW:
+                self.tracker.add(op, "query", now)
+                out.append(m.encode())
+            else:
+                self.tracker.add(op, "query", now, denial=self._denial(decision))
+                self.upstream.stream.hold = True
+                out.append(pg.query(POISON))
+            self.tracker.group_ends()
+
+        return self._judge(op, carry_out)
+
+    def on_parse(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
+        parse = pg.parse_parse(m.body)
+        op = self._operation("parse", parse.query)
+
+        def carry_out(decision: Decision) -> None:
+            if decision.action is Action.ALLOW:
+                self.seq -= 1  # an allowed Parse is recorded with its executions, not on its own
+                self._statements[parse.statement] = (parse.query, decision)
+                out.append(m.encode())
+                return
+            self.gateway.chain.operation_started(op, decision)
+            self._statements.pop(parse.statement, None)
+            self.tracker.add(op, "execute", self.gateway.now(), denial=self._denial(decision))
+            self.upstream.stream.hold = True
+            out.append(pg.parse(parse.statement, POISON, parse.param_types))
+
+        return self._judge(op, carry_out)
+
+    def on_bind(self, m: pg.Message, out: list[bytes]) -> None:
+        bind = pg.parse_bind(m.body)
+        found = self._statements.get(bind.statement)
+        if found is not None:
+            formats = bind.param_formats
+            params = tuple(
+                _param_text(v, (formats[i] if len(formats) > 1 else (formats[0] if formats else 0)) == 1)
+                for i, v in enumerate(bind.params)
+            )
+            self._portals[bind.portal] = (found[0], found[1], params)
+        else:
+            self._portals.pop(bind.portal, None)
+        out.append(m.encode())
+
+    def on_execute(self, m: pg.Message, out: list[bytes]) -> None:
+        execute = pg.parse_execute(m.body)
+        found = self._portals.get(execute.portal)
+        if found is not None:
+            text, decision, params = found
+            op = self._operation("execute", text, params)
+            self.gateway.chain.operation_started(op, decision)
+            self.tracker.add(op, "execute", self.gateway.now())
+        else:
+            # a portal gatekeep did not see bound (it failed): the server will answer with an error
+            self.tracker.add(None, "execute", self.gateway.now())
+        out.append(m.encode())
+
+    # -- relaying: server to client ------------------------------------------------------------
+
+    def from_server(self, mtype: bytes, body: bytes) -> bytes | None:
+        """BackendStream's handler for the messages the relay watches."""
+        if mtype == b"C":
+            self.tracker.command_complete(pg.parse_command_complete(body))
+        elif mtype == b"Z":
+            self.tx_status = pg.parse_ready_for_query(body)
+            now = self.gateway.now()
+            for _, outcome in self.tracker.ready(now):
+                self.gateway.chain.operation_finished(outcome)
+            if not len(self.tracker) and self.upstream is not None:
+                self.upstream.stream.hold = False
+        elif mtype == b"E":
+            fields = pg.parse_fields(body)
+            return self.tracker.error(fields.get("C", "XX000"), fields.get("M", ""))
+        elif mtype in (b"I", b"s"):
+            self.tracker.command_complete(None)
+        return None
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.phase = Phase.CLOSED
+        self.factory.forget_cancel_key(self.key)
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.loseConnection()
+        self.end_session()
+
+    def upstream_lost(self, reason: str) -> None:
+        if self.phase is Phase.READY:
+            self.end_reason = f"upstream closed: {reason}"
+            self.fatal("08006", f"the database of target {self.target.name} closed the connection")
+        elif self.phase is not Phase.CLOSED:
+            self.upstream_failed("08006", f"connection closed during login: {reason}")
+
+    def end_session(self) -> None:
+        if self.session is None or getattr(self, "_ended", False):
+            return
+        self._ended = True
+        now = self.gateway.now()
+        for _, outcome in self.tracker.abandon(now, "08006", "connection closed before the server answered"):
+            self.gateway.chain.operation_finished(outcome)
+        self.gateway.chain.session_ended(SessionEnd(self.session.id, now, self.bytes_in, self.bytes_out,
+                                                    self.end_reason))
+        self.gateway.sessions.pop(self.session.id, None)
+
+
+class Upstream(protocol.Protocol):
+    """gatekeep's connection to the PostgreSQL server, as the target's service account."""
+
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+        self.options = frontend.target.options.upstream
+        self.reader = pg.MessageReader(typed=True)
+        self.login = UpstreamLogin(self.options.user, self.options.password)
+        self.stream = BackendStream(set(WATCHED), frontend.from_server)
+        self.state = "connecting"
+        self._parameter_status: list[bytes] = []
+        self._key = (0, 0)
+        self.error_reason = "connection closed"
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def connectionMade(self) -> None:
+        if self.frontend.phase is Phase.CLOSED:
+            self.transport.loseConnection()
+            return
+        if self.options.tls.enabled:
+            self.state = "tls"
+            self.send(pg.ssl_request())
+        else:
+            self.start()
+
+    def start(self) -> None:
+        self.state = "login"
+        params = {"user": self.options.user, "database": self.options.database}
+        for k, v in self.frontend.parameters.items():
+            if k in PASSED_PARAMETERS:
+                params[k] = v
+        self.send(pg.startup_message(params))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == "ready":
+            out = self.stream.feed(data)
+            fe = self.frontend
+            for chunk in out:
+                fe.bytes_out += len(chunk)
+            fe.transport.writeSequence(out)
+            return
+        try:
+            self._during_login(data)
+        except pg.ProtocolError as e:
+            self.fail(f"protocol error from the server: {e}")
+        except LoginError as e:
+            self.fail(str(e), "28000")
+
+    def _during_login(self, data: bytes) -> None:
+        if self.state == "tls":
+            answer, data = data[:1], data[1:]
+            if answer != b"S":
+                self.fail("the server does not accept TLS")
+                return
+            if data:
+                raise pg.ProtocolError("unencrypted data after the TLS answer")
+            self.transport.startTLS(client_options(self.options.tls, self.options.host))
+            self.start()
+            return
+        for m in self.reader.feed(data):
+            if m.type == b"R":
+                code, payload = pg.parse_authentication(m.body)
+                reply = self.login.on_authentication(code, payload)
+                if reply:
+                    self.send(reply)
+            elif m.type == b"S":
+                self._parameter_status.append(m.encode())
+            elif m.type == b"K":
+                self._key = pg.parse_backend_key_data(m.body)
+            elif m.type == b"N":
+                self._parameter_status.append(m.encode())
+            elif m.type == b"E":
+                fields = pg.parse_fields(m.body)
+                self.fail(f"{fields.get('C', '?')} {fields.get('M', '')}", "08004" if fields.get("C") != "28P01" else "28000")
+                return
+            elif m.type == b"Z" and self.login.done:
+                self.state = "ready"
+                rest = self.reader.take_buffer()
+                self.frontend.upstream_ready(self._parameter_status, self._key, m.encode())
+                if rest:
+                    self.dataReceived(rest)
+                return
+            elif m.type == b"v":
+                continue  # NegotiateProtocolVersion: the server speaks 3.0 without our extras
+            else:
+                raise pg.ProtocolError(f"unexpected message {m.type!r} during login")
+
+    def fail(self, reason: str, code: str = "08004") -> None:
+        self.state = "failed"
+        self.frontend.upstream_failed(code, reason)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        previous, self.state = self.state, "closed"
+        if previous == "failed":
+            return
+        message = reason.getErrorMessage() if reason is not None else "closed"
+        if previous == "tls" or previous == "login":
+            self.frontend.upstream_failed("08006", f"connection closed during login ({message})")
+        else:
+            self.frontend.upstream_lost(message)
+
+
+class PostgresRelayFactory(protocol.Factory):
+    def __init__(self, target: Any, gateway: Any) -> None:
+        self.target = target
+        self.gateway = gateway
+        self._keys: dict[tuple[int, int], Frontend] = {}
+
+    def buildProtocol(self, addr: Any) -> Frontend:
+        return Frontend(self)
+
+    def new_cancel_key(self, frontend: Frontend) -> tuple[int, int]:
+        while True:
+            key = (_secrets.randbelow(2**31 - 1) + 1, int.from_bytes(os.urandom(4), "big"))
+            if key not in self._keys:
+                self._keys[key] = frontend
+                return key
+
+    def forget_cancel_key(self, key: tuple[int, int]) -> None:
+        self._keys.pop(key, None)
+
+    def cancel(self, pid: int, secret: int) -> None:
+        """A CancelRequest: forward it with the upstream's own key, or drop it like PostgreSQL does."""
+        frontend = self._keys.get((pid, secret))
+        if frontend is None or frontend.upstream is None:
+            _log.info("cancel request with an unknown key on {target}", target=self.target.name)
+            return
+        upstream_key = frontend.upstream._key
+        options = self.target.options.upstream
+        endpoint = HostnameEndpoint(self.gateway.reactor, options.host.encode("idna"), options.port,
+                                    timeout=options.connect_timeout)
+
+        class _Cancel(protocol.Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(pg.cancel_request(*upstream_key))
+                self.transport.loseConnection()
+
+        connectProtocol(endpoint, _Cancel()).addErrback(
+            lambda f: _log.warn("cancel request to {target} failed: {e}", target=self.target.name, e=f.getErrorMessage()))

@@ -1,0 +1,260 @@
+"""
+The embedded store: one SQLite file in WAL mode.
+
+Writes come in batches from the recorder's writer thread; reads come from the
+CLI (another process) and the admin views. Schema changes are numbered
+migrations applied at open.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+from zope.interface import implementer
+
+from gatekeep.interfaces import IStore
+from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd
+
+MIGRATIONS: list[str] = [
+    # 1: sessions, operations, failed logins
+    """
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        node TEXT NOT NULL,
+        identity TEXT NOT NULL,
+        groups TEXT NOT NULL,
+        auth_method TEXT NOT NULL,
+        target TEXT NOT NULL,
+        protocol TEXT NOT NULL,
+        client TEXT NOT NULL,
+        tls INTEGER NOT NULL,
+        attributes TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        bytes_from_client INTEGER,
+        bytes_to_client INTEGER,
+        end_reason TEXT
+    );
+    CREATE INDEX sessions_started ON sessions (started_at);
+    CREATE TABLE operations (
+        session_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        text TEXT NOT NULL,
+        parameters TEXT,
+        at REAL NOT NULL,
+        action TEXT NOT NULL,
+        rule TEXT,
+        reason TEXT,
+        facts TEXT,
+        finished_at REAL,
+        duration REAL,
+        status TEXT,
+        rows INTEGER,
+        error_code TEXT,
+        error_message TEXT,
+        PRIMARY KEY (session_id, seq)
+    );
+    CREATE TABLE login_failures (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        node TEXT NOT NULL,
+        target TEXT NOT NULL,
+        protocol TEXT NOT NULL,
+        client TEXT NOT NULL,
+        claimed TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX login_failures_at ON login_failures (at);
+    """,
+]
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+
+
+@implementer(IStore)
+class SQLiteStore:
+    def __init__(self, path: Path | str, node: str = "gatekeep", *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.node = node
+        self._local = threading.local()
+        if readonly:
+            if not self.path.exists():
+                raise FileNotFoundError(f"no store at {self.path}")
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.migrate()
+
+    # -- connections (one per thread) ----------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+        return db
+
+    def migrate(self) -> int:
+        db = self._db()
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+        current = row[0] or 0
+        for number, script in enumerate(MIGRATIONS, start=1):
+            if number <= current:
+                continue
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT INTO schema_version VALUES (?)", (number,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return len(MIGRATIONS)
+
+    # -- writing ---------------------------------------------------------------------
+
+    def write(self, batch: list[Any]) -> None:
+        """
+        Store a batch of recorder events atomically. Events: Session,
+        (Operation, Decision), Outcome, SessionEnd, LoginFailure. An operation
+        and its outcome in the same batch become one row.
+        """
+        sessions, ops, outcomes, ends, failures = [], {}, [], [], []
+        for event in batch:
+            if isinstance(event, tuple):
+                op, decision = event
+                ops[(op.session.id, op.seq)] = [op, decision, None]
+            elif isinstance(event, Outcome):
+                pending = ops.get((event.session_id, event.seq))
+                if pending is not None:
+                    pending[2] = event
+                else:
+                    outcomes.append(event)
+            elif isinstance(event, Session):
+                sessions.append(event)
+            elif isinstance(event, SessionEnd):
+                ends.append(event)
+            elif isinstance(event, LoginFailure):
+                failures.append(event)
+            else:
+                raise TypeError(f"cannot store {type(event).__name__}")
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if sessions:
+                db.executemany(
+                    "INSERT INTO sessions (id, node, identity, groups, auth_method, target, protocol, client, tls,"
+                    " attributes, started_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    [
+                        (s.id, self.node, s.identity.name, _json(sorted(s.identity.groups)), s.identity.method, s.target,
+                         s.protocol, str(s.client), int(s.tls), _json(s.attributes), s.started_at)
+                        for s in sessions
+                    ],
+                )
+            if ops:
+                db.executemany(
+                    "INSERT INTO operations (session_id, seq, kind, text, parameters, at, action, rule, reason, facts,"
+                    " finished_at, duration, status, rows, error_code, error_message)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [self._op_row(op, d, o) for op, d, o in ops.values()],
+                )
+            if outcomes:
+                db.executemany(
+                    "UPDATE operations SET finished_at=?, duration=?, status=?, rows=?, error_code=?, error_message=?"
+                    " WHERE session_id=? AND seq=?",
+                    [(o.finished_at, o.duration, o.status, o.rows, o.error_code, o.error_message, o.session_id, o.seq)
+                     for o in outcomes],
+                )
+            if ends:
+                db.executemany(
+                    "UPDATE sessions SET ended_at=?, bytes_from_client=?, bytes_to_client=?, end_reason=? WHERE id=?",
+                    [(e.ended_at, e.bytes_from_client, e.bytes_to_client, e.reason, e.session_id) for e in ends],
+                )
+            if failures:
+                db.executemany(
+                    "INSERT INTO login_failures (at, node, target, protocol, client, claimed, reason) VALUES (?,?,?,?,?,?,?)",
+                    [(f.at, self.node, f.target, f.protocol, str(f.client), f.claimed, f.reason) for f in failures],
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _op_row(op: Operation, d: Decision, o: Outcome | None) -> tuple:
+        params = _json(list(op.parameters)) if op.parameters else None
+        facts = _json(d.facts) if d.facts else None
+        head = (op.session.id, op.seq, op.kind, op.text, params, op.at, d.action.value, d.rule, d.reason or None, facts)
+        if o is None:
+            return head + (None, None, None, None, None, None)
+        return head + (o.finished_at, o.duration, o.status, o.rows, o.error_code, o.error_message)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def sessions(self, limit: int = 50, target: str | None = None, identity: str | None = None) -> list[dict]:
+        where, args = [], []
+        if target:
+            where.append("target = ?")
+            args.append(target)
+        if identity:
+            where.append("identity = ?")
+            args.append(identity)
+        sql = "SELECT s.*, (SELECT count(*) FROM operations o WHERE o.session_id = s.id) AS operations FROM sessions s"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY started_at DESC LIMIT ?"
+        args.append(limit)
+        return [self._session_dict(r) for r in self._db().execute(sql, args)]
+
+    def session(self, session_id: str) -> dict | None:
+        rows = self._db().execute(
+            "SELECT s.*, (SELECT count(*) FROM operations o WHERE o.session_id = s.id) AS operations"
+            " FROM sessions s WHERE id LIKE ? ESCAPE '\\' LIMIT 2",
+            (session_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",),
+        ).fetchall()
+        if len(rows) != 1:
+            return None
+        result = self._session_dict(rows[0])
+        result["records"] = [
+            self._op_dict(r)
+            for r in self._db().execute("SELECT * FROM operations WHERE session_id = ? ORDER BY seq", (rows[0]["id"],))
+        ]
+        return result
+
+    def loginFailures(self, limit: int = 50) -> list[dict]:
+        return [dict(r) for r in self._db().execute("SELECT * FROM login_failures ORDER BY at DESC LIMIT ?", (limit,))]
+
+    @staticmethod
+    def _session_dict(r: sqlite3.Row) -> dict:
+        d = dict(r)
+        d["groups"] = json.loads(d["groups"])
+        d["attributes"] = json.loads(d["attributes"])
+        d["tls"] = bool(d["tls"])
+        return d
+
+    @staticmethod
+    def _op_dict(r: sqlite3.Row) -> dict:
+        d = dict(r)
+        for key in ("parameters", "facts"):
+            if d[key] is not None:
+                d[key] = json.loads(d[key])
+        return d
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None

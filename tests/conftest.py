@@ -1,0 +1,68 @@
+"""Shared fixtures.
+
+* ``tls_files`` (session): ``TlsFiles`` with a test CA, "localhost" server and
+  gateway certificates, a wrong-hostname certificate and an unrelated CA.
+* ``pg_server`` (session): one running ``PgServer`` for the whole run,
+  stopped and deleted at the end.  Started only if a test asks for it.
+* ``tmp_workdir``: a fresh directory under /tmp (mode 0755, short path), for
+  configs, logs and sockets; deleted after a passing test, kept (and its path
+  reported) after a failing one.
+* ``make_identity``: ``tests.support.identities.make_identity`` as a fixture.
+"""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from tests.support import identities
+from tests.support.pgserver import PgServer
+from tests.support.tlsfiles import make_tls_files
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, "_gk_report_" + report.when, report)
+    return report
+
+
+def _failed(request):
+    return any(getattr(getattr(request.node, "_gk_report_" + w, None), "failed", False)
+               for w in ("setup", "call", "teardown"))
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """TlsFiles for the session (certificates 0644, keys 0600)."""
+    return make_tls_files(str(tmp_path_factory.mktemp("tls")))
+
+
+@pytest.fixture(scope="session")
+def pg_server(tls_files):
+    """A running PostgreSQL 15 server (see tests/support/pgserver.py)."""
+    server = PgServer(tls=tls_files)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def tmp_workdir(request):
+    """A fresh /tmp/gk-XXXX directory; kept if the test fails."""
+    path = tempfile.mkdtemp(prefix="gk-")
+    os.chmod(path, 0o755)
+    yield path
+    if _failed(request):
+        request.node.add_report_section("teardown", "tmp_workdir", "kept %s" % path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def make_identity():
+    """``make_identity(name, groups, token=None) -> (token, identity entry)``."""
+    return identities.make_identity
