@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 import attrs
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 
 from gatekeep.secrets import Secret
@@ -33,7 +33,7 @@ def server_options(cert: Secret, key: Secret) -> ssl.CertificateOptions:
     """Options for a TLS server: the first certificate is the leaf, the rest its chain."""
     certs = _certificates(cert.reveal())
     try:
-        private = ssl.KeyPair.load(key.reveal(), ssl.FILETYPE_PEM)
+        private = ssl.KeyPair.load(key.reveal(), crypto.FILETYPE_PEM)
     except Exception:
         raise ValueError(f"{key.reference} does not hold a PEM private key") from None
     leaf = ssl.PrivateCertificate.fromCertificateAndKeyPair(certs[0], private)

@@ -8,6 +8,10 @@
   configs, logs and sockets; deleted after a passing test, kept (and its path
   reported) after a failing one.
 * ``make_identity``: ``tests.support.identities.make_identity`` as a fixture.
+* ``gatekeep``: factory ``gatekeep(config, env=None, timeout=20.0)`` that
+  starts a ``GatekeepProcess`` in ``tmp_workdir`` and waits for its
+  listeners; every process it started is stopped at teardown (SIGKILL if
+  SIGTERM is not enough) and its log tail is attached to a failing report.
 """
 
 import os
@@ -17,6 +21,7 @@ import tempfile
 import pytest
 
 from tests.support import identities
+from tests.support.gatekeep_process import GatekeepProcess
 from tests.support.pgserver import PgServer
 from tests.support.tlsfiles import make_tls_files
 
@@ -66,3 +71,29 @@ def tmp_workdir(request):
 def make_identity():
     """``make_identity(name, groups, token=None) -> (token, identity entry)``."""
     return identities.make_identity
+
+
+@pytest.fixture
+def gatekeep(request, tmp_workdir):
+    """Factory: ``gatekeep(config, env=None, timeout=20.0) -> started GatekeepProcess``."""
+    started = []
+
+    def start(config, env=None, timeout=20.0, workdir=None):
+        if workdir is None:
+            workdir = tmp_workdir if not started else os.path.join(
+                tmp_workdir, "gk%d" % len(started))
+        proc = GatekeepProcess(config, workdir, env=env)
+        started.append(proc)
+        return proc.start(timeout=timeout)
+
+    yield start
+    failed = _failed(request)
+    for i, proc in enumerate(started):
+        if proc.running:
+            try:
+                proc.stop()
+            except Exception:
+                proc.kill()
+        if failed:
+            request.node.add_report_section(
+                "teardown", "gatekeep[%d] log tail" % i, proc.log_tail())

@@ -216,6 +216,9 @@ class GatekeepProcess:
     def stop(self, timeout=10.0):
         """SIGTERM and wait; SIGKILL after ``timeout``.  Returns the exit code.
 
+        twistd re-raises the signal after a clean shutdown, so a clean stop
+        returns -15 (-signal.SIGTERM), not 0.
+
         Raises ``GatekeepProcessError`` if SIGKILL was needed (a clean
         shutdown is part of what is being tested).
         """

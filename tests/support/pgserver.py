@@ -490,7 +490,7 @@ GRANT SELECT ON ALL TABLES IN SCHEMA public, billing TO {readers};
         if host is None:
             host = "localhost" if sslmode == "verify-full" else self.host
         args = {"host": host, "port": self.port, "dbname": database, "user": user,
-                "password": self.passwords[user], "sslmode": sslmode,
+                "password": self.passwords.get(user), "sslmode": sslmode,
                 "connect_timeout": 10}
         if sslmode in ("verify-ca", "verify-full"):
             args["sslrootcert"] = self.ca_cert
@@ -509,12 +509,12 @@ GRANT SELECT ON ALL TABLES IN SCHEMA public, billing TO {readers};
         """Run the real psql against this server; see ``run_psql``.
 
         Defaults: TCP to 127.0.0.1 and this server's port, the role's own
-        password.  For ``sslmode`` verify-ca/verify-full, ``sslrootcert``
+        password (from ``passwords``; none for unknown roles).  For ``sslmode`` verify-ca/verify-full, ``sslrootcert``
         defaults to the test CA and (verify-full) host to "localhost".
         ``password=None`` sends no password.
         """
         if password is self._DEFAULT:
-            password = self.passwords[user]
+            password = self.passwords.get(user)
         if sslmode in ("verify-ca", "verify-full") and sslrootcert is None:
             sslrootcert = self.ca_cert
         if host is None:

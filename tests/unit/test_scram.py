@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gatekeep.identity import scram
 from gatekeep.identity.scram import (
     ScramAuthFailed,
     ScramClient,
@@ -188,14 +189,11 @@ def test_mock_salt_is_stable_per_user() -> None:
     assert salt("ghost", b"") == salt("ghost", b"")
 
 
-def test_mock_fails_even_with_forged_proof() -> None:
-    """The mock exchange cannot succeed, whatever proof the client sends."""
-    server = ScramServer(None, username_for_mock="ghost", mock_secret=b"k")
-    server_first = server.first(b"n,,n=,r=abc")
-    nonce = server_first.split(b",")[0][2:]
-    proof = base64.b64encode(b"\0" * 32)
+def test_mock_fails_even_with_valid_proof(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mock exchange fails even if the client's proof matched the fake verifier."""
+    monkeypatch.setattr(scram, "_mock_verifier", lambda user, secret, iterations: make_verifier("pw", FAST))
     with pytest.raises(ScramAuthFailed):
-        server.final(b"c=biws,r=" + nonce + b",p=" + proof)
+        exchange("pw", None, username_for_mock="ghost", mock_secret=b"k")
 
 
 # -- protocol violations ------------------------------------------------------

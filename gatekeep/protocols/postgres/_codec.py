@@ -191,7 +191,8 @@ class Scanner:
     ``feed`` returns only complete messages whose type is in ``interesting``
     (a set of one-byte ``bytes``; the caller may change or replace it between
     feeds).  Other messages are skipped by length without buffering or
-    copying their bodies, however they are split over chunks.
+    copying their bodies, however they are split over chunks.  After a
+    ``ProtocolError`` the scanner must not be used again.
     """
 
     def __init__(self, interesting: set[bytes], max_length: int = MAX_MESSAGE) -> None:

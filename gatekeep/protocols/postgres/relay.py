@@ -145,26 +145,17 @@ class Frontend(protocol.Protocol):
         self.bytes_in += len(data)
         try:
             messages = self.reader.feed(data)
+            while self.phase is not Phase.READY and messages:
+                # startup packets come one at a time; what follows may need the typed reader
+                for message in messages:
+                    if self.phase is Phase.CLOSED:
+                        return
+                    self.during_startup(message)
+                messages = self.reader.feed(b"") if self.reader.buffered and self.phase is not Phase.CLOSED else []
+            if self.phase is Phase.READY and messages:
+                self.from_client(messages)
         except pg.ProtocolError as e:
             self.protocol_violation(str(e))
-            return
-        if self.phase is Phase.READY:
-            self.from_client(messages)
-            return
-        for message in messages:
-            if self.phase is Phase.CLOSED:
-                return
-            try:
-                self.during_startup(message)
-            except pg.ProtocolError as e:
-                self.protocol_violation(str(e))
-                return
-            if self.phase is Phase.READY:
-                # anything pipelined behind the startup belongs to the relay
-                rest = messages[messages.index(message) + 1:]
-                if rest:
-                    self.from_client(rest)
-                return
 
     def protocol_violation(self, detail: str) -> None:
         _log.info("protocol violation from {client} on {target}: {detail}", client=str(self.client),
