@@ -209,6 +209,8 @@ class TargetConfig:
     default_action: str
     #: the protocol plugin's own configuration
     options: Any
+    #: what happens to an operation gatekeep cannot judge (unparseable SQL, dynamic SQL): deny or allow
+    unjudgeable: str = "deny"
 
 
 @attrs.frozen
@@ -225,6 +227,10 @@ class Config:
     targets: tuple[TargetConfig, ...]
     node: str
     source: Path | None = None
+    #: gatekeep.policy.engine.Rule values, in order
+    policies: tuple = ()
+    #: masking rules, in order (their shape belongs to gatekeep.masking)
+    masking: tuple = ()
 
 
 # -- reading ----------------------------------------------------------------
@@ -314,9 +320,10 @@ def read_target(node: Node, plugins: dict[str, Any]) -> TargetConfig:
     listen = _check_listen(node)
     tls = read_server_tls(node.child("tls", None))
     default = node.str("default_action", "allow", choices=("allow", "deny"))
+    unjudgeable = node.str("unjudgeable", "deny", choices=("allow", "deny"))
     options = plugins[protocol].parseTarget(node)
     node.finish()
-    return TargetConfig(name, protocol, listen, tls, default, options)
+    return TargetConfig(name, protocol, listen, tls, default, options, unjudgeable)
 
 
 def read_config(data: Any, base: Path, plugins: dict[str, Any] | None = None, source: Path | None = None) -> Config:
@@ -339,8 +346,23 @@ def read_config(data: Any, base: Path, plugins: dict[str, Any] | None = None, so
             raise ConfigError(f"targets[{i}].name", f"duplicate target {_show(t.name)}")
         names.add(t.name)
     node_name = root.str("node", "gatekeep")
+    from gatekeep.masking.rules import read_masking_rule
+    from gatekeep.policy.engine import read_rule
+
+    policies = tuple(read_rule(n, plugins) for n in root.children("policies", []))
+    _unique(policies, "policies")
+    masking = tuple(read_masking_rule(n) for n in root.children("masking", []))
+    _unique(masking, "masking")
     root.finish()
-    return Config(store, identities, targets, node_name, source)
+    return Config(store, identities, targets, node_name, source, policies, masking)
+
+
+def _unique(items: tuple, key: str) -> None:
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        if item.name in seen:
+            raise ConfigError(f"{key}[{i}].name", f"duplicate name {_show(item.name)}")
+        seen.add(item.name)
 
 
 def load(path: str | Path, plugins: dict[str, Any] | None = None) -> Config:

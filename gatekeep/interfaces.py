@@ -103,6 +103,22 @@ class IProtocolPlugin(Interface):
     """
 
     name = Attribute("The value of C{targets[].protocol} this plugin serves.")
+    matchKeys = Attribute("Policy C{match} keys this plugin understands (a tuple of names).")
+
+    def parseMatch(node):
+        """
+        Read a rule's C{match} keys that belong to this protocol.
+
+        @return: an object with C{matches(facts, operation) -> bool}.
+        """
+
+    def facts(operation, target):
+        """
+        Describe an operation for policy: an object with C{unjudgeable} (a
+        reason or None), C{summary()} (JSON-ready, recorded with the decision)
+        and C{cache_key} (hashable, or None when the decision must not be cached).
+        Return None when the plugin has nothing to say about the operation.
+        """
 
     def parseTarget(node):
         """

@@ -113,6 +113,8 @@ class Outcome:
     rows: int | None = None
     error_code: str | None = None
     error_message: str | None = None
+    #: how many values were masked, by rule name and "rule/detector"
+    masked: dict[str, int] | None = None
 
 
 @attrs.frozen

@@ -18,7 +18,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from gatekeep.chain import Chain, DefaultActionPolicy, Gateway, NoMasking
+from gatekeep.chain import Chain, Gateway
+from gatekeep.masking.rules import MaskingPolicy
+from gatekeep.policy.engine import RuleEngine
 from gatekeep.config import Config, ConfigError, load
 from gatekeep.identity.tokens import StaticIdentityProvider
 from gatekeep.plugin import protocol_plugins
@@ -84,16 +86,16 @@ def build(config: Config, reactor: Any = None) -> GatewayService:
         reactor = default_reactor
     store = SQLiteStore(config.store.path, node=config.node)
     recorder = ThreadedRecorder(store, reactor)
+    plugins = protocol_plugins()
     chain = Chain(
         identities=[StaticIdentityProvider.from_config(config.identities)],
-        policy=DefaultActionPolicy({t.name: t.default_action for t in config.targets}),
-        masking=NoMasking(),
+        policy=RuleEngine(config.policies, {t.name: t for t in config.targets}, plugins),
+        masking=MaskingPolicy(config.masking),
         recorder=recorder,
     )
     gateway = Gateway(chain, reactor, config.node, os.urandom(32))
     top = GatewayService(gateway, config)
     RecorderService(recorder).setServiceParent(top)
-    plugins = protocol_plugins()
     for target in config.targets:
         factory = plugins[target.protocol].makeFactory(target, gateway)
         endpoint = serverFromString(reactor, target.listen)

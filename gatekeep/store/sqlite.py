@@ -71,6 +71,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX login_failures_at ON login_failures (at);
     """,
+    # 2: what masking did to each operation's results
+    """
+    ALTER TABLE operations ADD COLUMN masked TEXT;
+    """,
 ]
 
 
@@ -167,16 +171,16 @@ class SQLiteStore:
             if ops:
                 db.executemany(
                     "INSERT INTO operations (session_id, seq, kind, text, parameters, at, action, rule, reason, facts,"
-                    " finished_at, duration, status, rows, error_code, error_message)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " finished_at, duration, status, rows, error_code, error_message, masked)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     [self._op_row(op, d, o) for op, d, o in ops.values()],
                 )
             if outcomes:
                 db.executemany(
-                    "UPDATE operations SET finished_at=?, duration=?, status=?, rows=?, error_code=?, error_message=?"
-                    " WHERE session_id=? AND seq=?",
-                    [(o.finished_at, o.duration, o.status, o.rows, o.error_code, o.error_message, o.session_id, o.seq)
-                     for o in outcomes],
+                    "UPDATE operations SET finished_at=?, duration=?, status=?, rows=?, error_code=?, error_message=?,"
+                    " masked=? WHERE session_id=? AND seq=?",
+                    [(o.finished_at, o.duration, o.status, o.rows, o.error_code, o.error_message,
+                      _json(o.masked) if o.masked else None, o.session_id, o.seq) for o in outcomes],
                 )
             if ends:
                 db.executemany(
@@ -199,8 +203,9 @@ class SQLiteStore:
         facts = _json(d.facts) if d.facts else None
         head = (op.session.id, op.seq, op.kind, op.text, params, op.at, d.action.value, d.rule, d.reason or None, facts)
         if o is None:
-            return head + (None, None, None, None, None, None)
-        return head + (o.finished_at, o.duration, o.status, o.rows, o.error_code, o.error_message)
+            return head + (None, None, None, None, None, None, None)
+        return head + (o.finished_at, o.duration, o.status, o.rows, o.error_code, o.error_message,
+                       _json(o.masked) if o.masked else None)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -248,7 +253,7 @@ class SQLiteStore:
     @staticmethod
     def _op_dict(r: sqlite3.Row) -> dict:
         d = dict(r)
-        for key in ("parameters", "facts"):
+        for key in ("parameters", "facts", "masked"):
             if d[key] is not None:
                 d[key] = json.loads(d[key])
         return d

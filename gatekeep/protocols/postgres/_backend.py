@@ -11,7 +11,10 @@ When ``hold`` is on, the messages the relay asked for are held back until they
 are complete and the relay's handler may replace them: that is how a poisoned
 statement's error becomes gatekeep's denial, and later how masking rewrites
 DataRows. Bytes of a message that began before ``hold`` was turned on were
-already forwarded, so that message passes on unchanged.
+already forwarded, so that message passes on unchanged; a header split across
+chunks is forwarded or withheld as a whole, never in part. A change of ``hold``
+made by the handler takes effect at the next message when the chunk is being
+scanned in hold mode, and at the next chunk otherwise.
 """
 
 from __future__ import annotations
@@ -51,12 +54,19 @@ class BackendStream:
             return [data]
         out: list[bytes] = []
         self._scan(data, out)
-        return out
+        return [chunk for chunk in out if chunk]
 
     def _scan(self, data: bytes, out: list[bytes] | None) -> None:
+        """
+        Follow message boundaries through ``data``. With ``out`` (hold mode) the
+        bytes to forward are appended to it: verbatim regions as slices of
+        ``data``, held messages whole (or their replacement) once complete.
+        Without ``out`` the caller forwards ``data`` as it is.
+        """
         n = len(data)
         pos = 0
-        seg: int | None = 0  # start of the verbatim region not yet emitted (hold mode)
+        # start of the verbatim region not yet appended to out; None inside a held message
+        seg: int | None = None if self._held else 0
         interesting = self.interesting
         while pos < n:
             if self._skip:
@@ -69,69 +79,64 @@ class BackendStream:
                 self._body += data[pos:pos + step]
                 pos += step
                 self._need -= step
-                if self._need == 0:
-                    done = self._finish(out)
-                    if done is not None:
-                        seg = pos
+                if self._need == 0 and self._finish(out):
+                    seg = pos
                 continue
-            # at a message boundary
+            # at a message boundary; seg is not None here
             start = pos
             carried = self._hdr
-            if carried:
-                take = 5 - len(carried)
-                header = carried + data[pos:pos + take]
-                pos += len(header) - len(carried)
-            else:
-                header = data[pos:pos + 5]
-                pos += len(header)
+            header = carried + data[pos:pos + 5 - len(carried)]
+            pos += len(header) - len(carried)
+            # a header carried over from the last chunk that was not forwarded yet
+            withheld = bool(carried) and not self._hdr_sent
             if len(header) < 5:
                 self._hdr = header
-                if out is not None and seg is not None:
-                    if self.hold:
-                        out.append(data[seg:start])
-                        self._hdr_sent = False
-                    else:
-                        out.append(data[seg:n])
-                        self._hdr_sent = True
+                if out is None:
+                    self._hdr_sent = True  # feed() forwards the whole chunk
+                elif carried and self._hdr_sent:
+                    pass  # its start was forwarded: so is the rest (verbatim, from seg)
+                elif self.hold:
+                    out.append(data[seg:start])
                     seg = None
-                elif out is None:
+                    self._hdr_sent = False
+                else:
+                    if withheld:
+                        out.append(carried)  # start == 0: nothing of data precedes it
                     self._hdr_sent = True
-                return
+                break
             self._hdr = b""
+            self._hdr_sent = False
             mtype = header[0:1]
             length = int.from_bytes(header[1:5], "big")
             if length < 4 or length > self._max:
                 raise ProtocolError(f"server message {mtype!r} has an invalid length {length}")
             body_len = length - 4
-            held_before = carried and not self._hdr_sent
             if mtype in interesting:
-                holdable = out is not None and self.hold and (not carried or held_before)
-                if holdable and seg is not None:
-                    out.append(data[seg:start])
-                if held_before and not holdable and out is not None:
-                    out.append(carried)
+                # hold it only if none of it was forwarded yet
+                held = out is not None and self.hold and (not carried or withheld)
+            else:
+                held = False
+            if withheld and not held and out is not None:
+                # a header held back now passes on; it precedes this chunk (start == 0)
+                out.append(carried)
+            if held:
+                out.append(data[seg:start])
+                seg = None
+            if mtype in interesting:
                 self._type = mtype
                 self._header = header
                 self._body = bytearray()
                 self._need = body_len
-                self._held = holdable
-                if holdable:
-                    seg = None
-                if body_len == 0:
-                    done = self._finish(out)
-                    if done is not None:
-                        seg = pos
+                self._held = held
+                if body_len == 0 and self._finish(out):
+                    seg = pos
             else:
-                if held_before and out is not None:
-                    # a header we held back turned out to be uninteresting
-                    out.append(carried)
-                    if seg is None:
-                        seg = start
                 self._skip = body_len
         if out is not None and seg is not None and seg < n:
             out.append(data[seg:n])
 
-    def _finish(self, out: list[bytes] | None) -> bool | None:
+    def _finish(self, out: list[bytes] | None) -> bool:
+        """A watched message is complete: call the handler; True if it was held (and is now in out)."""
         mtype, body, held = self._type, bytes(self._body), self._held
         self._type = None
         self._held = False
@@ -140,4 +145,4 @@ class BackendStream:
         if held and out is not None:
             out.append(self._header + body if replacement is None else replacement)
             return True
-        return None
+        return False

@@ -20,6 +20,7 @@ from collections import deque
 import attrs
 
 from gatekeep.model import Operation, Outcome
+from gatekeep.protocols.postgres._codec import parse_fields
 
 SKIPPED = ("00000", "not executed: an earlier message in the same pipeline failed")
 
@@ -36,6 +37,8 @@ class Pending:
     rows: int | None = None
     error: tuple[str, str] | None = None
     done: bool = False
+    #: values masked in this operation's results, by rule (and rule/detector)
+    masked: dict | None = None
 
 
 def rows_of(tag: str) -> int | None:
@@ -78,6 +81,10 @@ class Tracker:
                 return p
         return None
 
+    def current(self) -> Pending | None:
+        """The operation whose results are arriving now."""
+        return self._head()
+
     def command_complete(self, tag: str | None) -> None:
         p = self._head()
         if p is None:
@@ -96,10 +103,13 @@ class Tracker:
         if p is None:
             return None
         p.done = True
+        if p.denial is not None:
+            # the server rejected the stand-in statement: record and send the denial instead
+            fields = parse_fields(p.denial[5:])
+            p.error = (fields.get("C", "42501"), fields.get("M", "denied"))
+            return p.denial
         if p.error is None:
             p.error = (code, message)
-        if p.denial is not None:
-            return p.denial
         return None
 
     def ready(self, now: float) -> list[tuple[Pending, Outcome]]:
@@ -116,6 +126,7 @@ class Tracker:
             status = "; ".join(p.tags) if p.tags else None
             finished.append((p, Outcome(
                 p.operation.session.id, p.operation.seq, now, now - p.started, status, p.rows, code, message,
+                p.masked,
             )))
         return finished
 
@@ -129,6 +140,6 @@ class Tracker:
             err = p.error or (code, message)
             finished.append((p, Outcome(
                 p.operation.session.id, p.operation.seq, now, now - p.started,
-                "; ".join(p.tags) if p.tags else None, p.rows, err[0], err[1],
+                "; ".join(p.tags) if p.tags else None, p.rows, err[0], err[1], p.masked,
             )))
         return finished

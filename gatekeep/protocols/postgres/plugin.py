@@ -53,6 +53,20 @@ def read_upstream_tls(node: Node | None) -> UpstreamTLS:
 @implementer(IProtocolPlugin)
 class PostgresPlugin:
     name = "postgres"
+    matchKeys = ("statements", "tables", "schemas", "functions", "conditions")
+
+    def parseMatch(self, node: Node):
+        from gatekeep.protocols.postgres.policy import read_match
+
+        return read_match(node)
+
+    def facts(self, operation, target):
+        """What a statement does (see gatekeep.protocols.postgres.policy); None for non-SQL operations."""
+        if operation.kind not in ("query", "parse"):
+            return None
+        from gatekeep.protocols.postgres.policy import facts_for
+
+        return facts_for(operation.text, operation.detail, target.options.upstream.user)
 
     def parseTarget(self, node: Node) -> PostgresTarget:
         up = node.child("upstream")

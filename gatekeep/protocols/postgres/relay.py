@@ -35,9 +35,12 @@ from gatekeep.identity.scram import ScramAuthFailed, ScramError, ScramServer
 from gatekeep.model import Action, ClientAddress, Decision, LoginFailure, Operation, Session, SessionEnd, new_id
 from gatekeep.protocols.postgres import _codec as pg
 from gatekeep.protocols.postgres._backend import BackendStream
+from gatekeep.protocols.postgres import _masking
 from gatekeep.protocols.postgres._login import LoginError, UpstreamLogin
 from gatekeep.protocols.postgres._tracker import Tracker
 from gatekeep.protocols.postgres.plugin import PASSED_PARAMETERS
+from gatekeep.protocols.postgres.policy import SqlSessionState
+from gatekeep.protocols.postgres.sql import analyze
 from gatekeep.tls import client_options, server_options
 
 _log = Logger()
@@ -112,6 +115,17 @@ class Frontend(protocol.Protocol):
         # client messages waiting for a decision that is not in yet
         self._inbox: deque = deque()
         self._waiting: Deferred | None = None
+        self.sql_state: SqlSessionState | None = None
+        # masking: the plan for this session, and what the relay knows of result shapes
+        self.masking: Any = None
+        self.catalog = _masking.Catalog()
+        self._describes: deque = deque()   # (group, kind, name) of Describe messages in flight
+        self._executes: deque = deque()    # (group, statement, result formats) of Execute messages in flight
+        self._copies: deque = deque()      # (group, columns) for COPY TO STDOUT statements in flight
+        self._statement_fields: dict[str, tuple] = {}
+        self._portal_formats: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._row_columns: list | None = None
+        self._copy_columns: list | None = None
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -269,6 +283,12 @@ class Frontend(protocol.Protocol):
                                self.gateway.now(), attributes)
         self.gateway.sessions[self.session.id] = self
         self.gateway.chain.session_started(self.session)
+        self.sql_state = SqlSessionState(self.target.options.upstream.user)
+        try:
+            self.masking = self.gateway.chain.masking_plan(self.session)
+        except Exception:
+            self.fatal("XX000", "gatekeep cannot decide the masking for this session", reason="masking failed")
+            return
         _log.info("session {session} for {identity} on {target} from {client}", session=self.session.id,
                   identity=identity.name, target=self.target.name, client=str(self.client))
         self.phase = Phase.UPSTREAM
@@ -278,8 +298,7 @@ class Frontend(protocol.Protocol):
 
     def connect_upstream(self) -> None:
         options = self.target.options.upstream
-        endpoint = HostnameEndpoint(self.gateway.reactor, options.host.encode("idna"), options.port,
-                                    timeout=options.connect_timeout)
+        endpoint = self.factory.upstream_endpoint(options.host, options.port, options.connect_timeout)
         upstream = Upstream(self)
         self.upstream = upstream
         d = connectProtocol(endpoint, upstream)
@@ -302,6 +321,9 @@ class Frontend(protocol.Protocol):
         """The upstream session is up: finish the client's startup and start relaying."""
         if self.phase is Phase.CLOSED:
             return
+        if self.masking is not None:
+            self.upstream.stream.interesting |= {b"T", b"n", b"D", b"H", b"d", b"c"}
+            self.upstream.stream.hold = True
         self.key = self.factory.new_cancel_key(self)
         self.send(pg.auth_ok() + b"".join(parameter_status) + pg.backend_key_data(*self.key) + status)
         self.phase = Phase.READY
@@ -346,6 +368,11 @@ class Frontend(protocol.Protocol):
                     self.upstream.transport.loseConnection()
                     self.close()
                     return
+                elif t == b"D" and self.masking is not None:
+                    kind, name = pg.parse_describe_or_close(m.body)
+                    self._describes.append((self.tracker.syncs_sent + 1, kind, name))
+                    out.append(m.encode())
+                    d = None
                 elif t == b"C":
                     kind, name = pg.parse_describe_or_close(m.body)
                     (self._statements if kind == "S" else self._portals).pop(name, None)
@@ -378,9 +405,9 @@ class Frontend(protocol.Protocol):
         if messages:
             self._relay(messages)
 
-    def _operation(self, kind: str, text: str, params: tuple = ()) -> Operation:
+    def _operation(self, kind: str, text: str, params: tuple = (), detail: Any = None) -> Operation:
         self.seq += 1
-        return Operation(self.session, self.seq, kind, text, self.gateway.now(), None, params)
+        return Operation(self.session, self.seq, kind, text, self.gateway.now(), detail, params)
 
     def _denial(self, decision: Decision) -> bytes:
         rule = decision.rule or "default"
@@ -399,12 +426,15 @@ class Frontend(protocol.Protocol):
 
     def on_query(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
         text = _sql_text(m.body)
-        op = self._operation("query", text)
+        op = self._operation("query", text, detail=self.sql_state)
 
         def carry_out(decision: Decision) -> None:
             now = self.gateway.now()
+            if decision.action is Action.ALLOW and self.masking is not None:
+                decision = self._copy_masking(text, decision)
             self.gateway.chain.operation_started(op, decision)
             if decision.action is Action.ALLOW:
+                self.sql_state.apply(analyze(text))
                 self.tracker.add(op, "query", now)
                 out.append(m.encode())
             else:
@@ -417,11 +447,12 @@ class Frontend(protocol.Protocol):
 
     def on_parse(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
         parse = pg.parse_parse(m.body)
-        op = self._operation("parse", parse.query)
+        op = self._operation("parse", parse.query, detail=self.sql_state)
 
         def carry_out(decision: Decision) -> None:
             if decision.action is Action.ALLOW:
                 self.seq -= 1  # an allowed Parse is recorded with its executions, not on its own
+                self.sql_state.apply(analyze(parse.query))
                 self._statements[parse.statement] = (parse.query, decision)
                 out.append(m.encode())
                 return
@@ -445,6 +476,8 @@ class Frontend(protocol.Protocol):
             self._portals[bind.portal] = (found[0], found[1], params)
         else:
             self._portals.pop(bind.portal, None)
+        if self.masking is not None:
+            self._portal_formats[bind.portal] = (bind.statement, bind.result_formats)
         out.append(m.encode())
 
     def on_execute(self, m: pg.Message, out: list[bytes]) -> None:
@@ -458,27 +491,126 @@ class Frontend(protocol.Protocol):
         else:
             # a portal gatekeep did not see bound (it failed): the server will answer with an error
             self.tracker.add(None, "execute", self.gateway.now())
+        if self.masking is not None:
+            statement, formats = self._portal_formats.get(execute.portal, ("", ()))
+            self._executes.append((self.tracker.syncs_sent + 1, statement, formats))
         out.append(m.encode())
 
     # -- relaying: server to client ------------------------------------------------------------
 
     def from_server(self, mtype: bytes, body: bytes) -> bytes | None:
         """BackendStream's handler for the messages the relay watches."""
+        if mtype == b"D":
+            return self._mask_row(body)
         if mtype == b"C":
             self.tracker.command_complete(pg.parse_command_complete(body))
+            self._result_ended()
         elif mtype == b"Z":
             self.tx_status = pg.parse_ready_for_query(body)
             now = self.gateway.now()
             for _, outcome in self.tracker.ready(now):
                 self.gateway.chain.operation_finished(outcome)
-            if not len(self.tracker) and self.upstream is not None:
+            if self.masking is not None:
+                self._group_ended()
+            elif not len(self.tracker) and self.upstream is not None:
                 self.upstream.stream.hold = False
         elif mtype == b"E":
             fields = pg.parse_fields(body)
+            self._result_ended()
             return self.tracker.error(fields.get("C", "XX000"), fields.get("M", ""))
         elif mtype in (b"I", b"s"):
             self.tracker.command_complete(None)
+            self._result_ended()
+        elif mtype == b"T":
+            self._row_description(pg.parse_row_description(body))
+        elif mtype == b"n":
+            self._describe_answered()
+        elif mtype == b"d":
+            if self._copy_columns is not None:
+                return _masking.mask_copy_text_row(self._copy_columns, body, self._counts())
+        elif mtype == b"H":
+            self._copy_columns = self._copies.popleft()[1] if self._copies and \
+                self._copies[0][0] == self.tracker.syncs_seen + 1 else None
+        elif mtype == b"c":
+            self._copy_columns = None
         return None
+
+    # -- masking -------------------------------------------------------------------------------
+
+    def _copy_masking(self, text: str, decision: Decision) -> Decision:
+        """COPY TO STDOUT under masking: text format of a table is masked; anything else is refused."""
+        a = analyze(text)
+        if "copy_to" not in a.kinds:
+            return decision
+        target = _masking.copy_target(text)
+        if target is None or target["query"] or target["format"] != "text":
+            return Decision(Action.DENY, "masking", "COPY TO STDOUT with masking works on a table in text format;"
+                            " use SELECT or COPY table TO STDOUT", decision.facts)
+        candidates = self.sql_state and [self.sql_state.user if s == "$user" else s
+                                         for s in sorted(self.sql_state.search_path)] or ["public"]
+        columns, _ = self.catalog.copy_columns(self.masking, candidates, target["table"], target["columns"])
+        self._copies.append((self.tracker.syncs_sent + 1, columns))
+        return decision
+
+    def _counts(self) -> dict[str, int]:
+        head = self.tracker.current()
+        if head is None:
+            return {}
+        if head.masked is None:
+            head.masked = {}
+        return head.masked
+
+    def _row_description(self, fields: tuple) -> None:
+        if self.masking is None:
+            return
+        current = self.tracker.syncs_seen + 1
+        if self._describes and self._describes[0][0] == current:
+            _, kind, name = self._describes.popleft()
+            if kind == "S":
+                self._statement_fields[name] = fields  # the formats come with each Bind
+                return
+        self._row_columns = _masking.plan_columns(self.masking, fields, None, self.catalog.columns) or []
+
+    def _describe_answered(self) -> None:
+        if self._describes and self._describes[0][0] == self.tracker.syncs_seen + 1:
+            self._describes.popleft()
+
+    def _mask_row(self, body: bytes) -> bytes | None:
+        columns = self._row_columns
+        if columns is None:
+            # rows of an Execute whose portal was not described: its statement's fields, the Bind's formats
+            current = self.tracker.syncs_seen + 1
+            fields = None
+            if self._executes and self._executes[0][0] == current:
+                _, statement, formats = self._executes[0]
+                fields = self._statement_fields.get(statement)
+            if fields is None:
+                # rows gatekeep cannot name: fail closed, every value becomes NULL
+                width = (body[0] << 8) | body[1]
+                counts = self._counts()
+                counts["unknown-shape"] = counts.get("unknown-shape", 0) + 1
+                return pg.data_row([None] * width)
+            columns = self._row_columns = _masking.plan_columns(
+                self.masking, fields, formats, self.catalog.columns) or []
+        if not columns:
+            return None
+        return _masking.mask_data_row(columns, body, self._counts())
+
+    def _result_ended(self) -> None:
+        if self.masking is None:
+            return
+        self._row_columns = None
+        current = self.tracker.syncs_seen + 1
+        if self._executes and self._executes[0][0] == current:
+            self._executes.popleft()
+
+    def _group_ended(self) -> None:
+        seen = self.tracker.syncs_seen
+        for queue in (self._describes, self._executes, self._copies):
+            while queue and queue[0][0] <= seen:
+                queue.popleft()
+        self._row_columns = None
+        self._copy_columns = None
 
     # -- the end -----------------------------------------------------------------------------
 
@@ -520,6 +652,8 @@ class Upstream(protocol.Protocol):
         self.state = "connecting"
         self._parameter_status: list[bytes] = []
         self._key = (0, 0)
+        self._catalog_error: str | None = None
+        self._ready_status = b""
         self.error_reason = "connection closed"
 
     def send(self, data: bytes) -> None:
@@ -581,17 +715,37 @@ class Upstream(protocol.Protocol):
                 self._key = pg.parse_backend_key_data(m.body)
             elif m.type == b"N":
                 self._parameter_status.append(m.encode())
-            elif m.type == b"E":
+            elif m.type == b"E" and self.state != "catalog":
                 fields = pg.parse_fields(m.body)
                 self.fail(f"{fields.get('C', '?')} {fields.get('M', '')}", "08004" if fields.get("C") != "28P01" else "28000")
                 return
             elif m.type == b"Z" and self.login.done:
+                query = _masking.catalog_query(self.frontend.masking) if self.frontend.masking else None
+                if query is not None and self.state == "login":
+                    # name the columns masking may need before the client gets the session
+                    self.state = "catalog"
+                    self._ready_status = m.encode()
+                    self.send(pg.query(query))
+                    continue
+                if self.state == "catalog":
+                    if self._catalog_error:
+                        self.fail(f"cannot read the catalog for masking: {self._catalog_error}")
+                        return
+                    status = self._ready_status
+                else:
+                    status = m.encode()
                 self.state = "ready"
                 rest = self.reader.take_buffer()
-                self.frontend.upstream_ready(self._parameter_status, self._key, m.encode())
+                self.frontend.upstream_ready(self._parameter_status, self._key, status)
                 if rest:
                     self.dataReceived(rest)
                 return
+            elif self.state == "catalog":
+                if m.type == b"D":
+                    self.frontend.catalog.add_row(pg.parse_data_row(m.body))
+                elif m.type == b"E":
+                    self._catalog_error = pg.parse_fields(m.body).get("M", "error")
+                continue
             elif m.type == b"v":
                 continue  # NegotiateProtocolVersion: the server speaks 3.0 without our extras
             else:
@@ -622,6 +776,11 @@ class PostgresRelayFactory(protocol.Factory):
     def buildProtocol(self, addr: Any) -> Frontend:
         return Frontend(self)
 
+    def upstream_endpoint(self, host: str, port: int, timeout: float) -> Any:
+        """The client endpoint to the upstream server (sessions and cancel requests).
+        Tests replace it, e.g. with :class:`gatekeep.testing.MemoryNetwork`'s endpoints."""
+        return HostnameEndpoint(self.gateway.reactor, host.encode("idna"), port, timeout=timeout)
+
     def new_cancel_key(self, frontend: Frontend) -> tuple[int, int]:
         while True:
             key = (_secrets.randbelow(2**31 - 1) + 1, int.from_bytes(os.urandom(4), "big"))
@@ -640,8 +799,7 @@ class PostgresRelayFactory(protocol.Factory):
             return
         upstream_key = frontend.upstream._key
         options = self.target.options.upstream
-        endpoint = HostnameEndpoint(self.gateway.reactor, options.host.encode("idna"), options.port,
-                                    timeout=options.connect_timeout)
+        endpoint = self.upstream_endpoint(options.host, options.port, options.connect_timeout)
 
         class _Cancel(protocol.Protocol):
             def connectionMade(self) -> None:

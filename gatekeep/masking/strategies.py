@@ -1,0 +1,68 @@
+"""
+What masking does to a value: protocol-neutral functions on text.
+
+- ``redact``: ``****`` (the same for every value);
+- ``partial``: stars, then the last ``keep`` characters (``****1111``);
+- ``hash``: a keyed HMAC-SHA256, so equal values still compare and join but
+  cannot be recovered without the key;
+- ``null``: no value (the protocol's NULL, or JSON null).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from gatekeep.masking import detectors
+from gatekeep.masking.rules import MaskingRule
+
+REDACTED = "****"
+
+
+def digest(rule: MaskingRule, value: bytes) -> bytes:
+    return hmac.new(rule.key, value, hashlib.sha256).digest()
+
+
+def mask_text(rule: MaskingRule, value: str) -> str | None:
+    """The masked form of a whole text value; None means NULL."""
+    s = rule.strategy
+    if s == "redact":
+        return REDACTED
+    if s == "partial":
+        keep = rule.keep
+        if keep <= 0 or len(value) <= keep:
+            return REDACTED
+        return REDACTED + value[-keep:]
+    if s == "hash":
+        return "hmac:" + digest(rule, value.encode("utf-8")).hex()[:24]
+    return None
+
+
+def mask_spans(rules: tuple[MaskingRule, ...], value: str, counts: dict[str, int] | None = None) -> str | None:
+    """
+    Apply detector rules to a text value. Returns the masked text, the same
+    object when nothing matched, or None when a matching rule's strategy is null.
+    """
+    if not detectors.could_match(value):
+        return value
+    out = value
+    for rule in rules:
+        found = detectors.spans(rule.detectors, out)
+        if not found:
+            continue
+        if rule.strategy == "null":
+            if counts is not None:
+                for _, _, name in found:
+                    counts[f"{rule.name}/{name}"] = counts.get(f"{rule.name}/{name}", 0) + 1
+            return None
+        pieces = []
+        last = 0
+        for start, end, name in found:
+            pieces.append(out[last:start])
+            pieces.append(mask_text(rule, out[start:end]) or REDACTED)
+            last = end
+            if counts is not None:
+                counts[f"{rule.name}/{name}"] = counts.get(f"{rule.name}/{name}", 0) + 1
+        pieces.append(out[last:])
+        out = "".join(pieces)
+    return out

@@ -1,0 +1,328 @@
+"""
+Masking PostgreSQL results: DataRows (text and binary formats) and COPY TO
+STDOUT rows (text format), sans-IO.
+
+Columns are chosen from a RowDescription: by ``[schema.]table.column`` (the
+table OID and column number resolved against the upstream catalog, which the
+relay loads when the session starts), by result column name, and detectors run
+on text-like values. What replaces a value always decodes as the column's type:
+
+- text-like types get masked text (``****``, ``****1111``, ``hmac:...``);
+- json/jsonb get a JSON string (jsonb binary keeps its version byte);
+- integers, uuid and bytea get a keyed hash of the right type for ``hash``;
+- anything else, and every ``null`` strategy, becomes NULL.
+
+Rows with nothing to mask pass through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import uuid
+from typing import Any, Sequence
+
+import attrs
+
+from gatekeep.masking import strategies
+from gatekeep.masking.rules import MaskingRule, MaskPlan
+from gatekeep.protocols.postgres import _codec as pg
+
+TEXT_TYPES = frozenset({25, 1043, 1042, 19, 705, 18, 142, 1009, 1015})  # text, varchar, bpchar, name, unknown, char, xml
+JSON_TYPES = frozenset({114, 3802})
+INT_SIZES = {21: 2, 23: 4, 20: 8}
+UUID, BYTEA, NUMERIC = 2950, 17, 1700
+
+_I32 = struct.Struct("!i")
+_NULL = b"\xff\xff\xff\xff"
+
+
+@attrs.frozen
+class Column:
+    """How one result column is masked."""
+
+    rule: MaskingRule | None
+    detect: tuple[MaskingRule, ...]
+    type_oid: int
+    binary: bool
+
+    def apply(self, value: bytes, counts: dict[str, int]) -> bytes | None | bool:
+        """Masked bytes, None for NULL, or False when the value stays as it is."""
+        rule = self.rule
+        if rule is not None:
+            counts[rule.name] = counts.get(rule.name, 0) + 1
+            return _whole(rule, value, self.type_oid, self.binary)
+        if self.detect and (self.type_oid in TEXT_TYPES or self.type_oid in JSON_TYPES):
+            raw = value[1:] if (self.binary and self.type_oid == 3802) else value
+            text = raw.decode("utf-8", "replace")
+            masked = strategies.mask_spans(self.detect, text, counts)
+            if masked is text:
+                return False
+            if masked is None:
+                return None
+            if self.type_oid in JSON_TYPES:
+                masked = _json_safe(text, masked)
+            out = masked.encode("utf-8")
+            return (b"\x01" + out) if (self.binary and self.type_oid == 3802) else out
+        return False
+
+
+def _json_safe(original: str, masked: str) -> str:
+    """Detector replacements inside JSON text keep it valid when they fall inside strings; else quote it all."""
+    try:
+        json.loads(masked)
+        return masked
+    except ValueError:
+        return json.dumps(masked)
+
+
+def _whole(rule: MaskingRule, value: bytes, type_oid: int, binary: bool) -> bytes | None:
+    if rule.strategy == "null":
+        return None
+    if type_oid in TEXT_TYPES:
+        text = strategies.mask_text(rule, value.decode("utf-8", "replace"))
+        return None if text is None else text.encode("utf-8")
+    if type_oid in JSON_TYPES:
+        raw = value[1:] if (binary and type_oid == 3802) else value
+        text = strategies.mask_text(rule, raw.decode("utf-8", "replace"))
+        if text is None:
+            return None
+        out = json.dumps(text).encode("utf-8")
+        return (b"\x01" + out) if (binary and type_oid == 3802) else out
+    if rule.strategy != "hash":
+        return None  # a redacted number cannot be a number: NULL decodes everywhere
+    d = strategies.digest(rule, value)
+    size = INT_SIZES.get(type_oid)
+    if size is not None:
+        n = int.from_bytes(d[:size], "big", signed=True)
+        n = abs(n) if n != -(1 << (8 * size - 1)) else 0
+        return n.to_bytes(size, "big", signed=True) if binary else str(n).encode("ascii")
+    if type_oid == UUID:
+        return d[:16] if binary else str(uuid.UUID(bytes=d[:16])).encode("ascii")
+    if type_oid == BYTEA:
+        return d if binary else b"\\x" + d.hex().encode("ascii")
+    if type_oid == NUMERIC and not binary:
+        return str(int.from_bytes(d[:6], "big")).encode("ascii")
+    return None
+
+
+def plan_columns(plan: MaskPlan, fields: Sequence[pg.Field], formats: Sequence[int] | None,
+                 catalog: dict[tuple[int, int], tuple[str, str, str]]) -> list[Column | None] | None:
+    """Per-column masking for a row shape, or None when no column needs it."""
+    detect = plan.detector_rules
+    out: list[Column | None] = []
+    any_masked = False
+    for i, f in enumerate(fields):
+        fmt = f.format if formats is None else (formats[i] if len(formats) > 1 else (formats[0] if formats else 0))
+        rule = None
+        if f.table_oid:
+            named = catalog.get((f.table_oid, f.column))
+            if named is not None:
+                rule = plan.column_rule(*named)
+            elif f.column > 0:
+                # a table the session created after it started: match on the column name alone
+                rule = plan.column_name_fallback(f.name)
+        if rule is None:
+            rule = plan.name_rule(f.name)
+        if rule is None and not detect:
+            out.append(None)
+            continue
+        if rule is None and f.type_oid not in TEXT_TYPES and f.type_oid not in JSON_TYPES:
+            out.append(None)
+            continue
+        out.append(Column(rule, detect, f.type_oid, fmt == 1))
+        any_masked = True
+    return out if any_masked else None
+
+
+def mask_data_row(columns: list[Column | None], body: bytes, counts: dict[str, int]) -> bytes | None:
+    """The DataRow message with masked values, or None when nothing changed."""
+    n = (body[0] << 8) | body[1]
+    pos = 2
+    pieces: list[bytes] | None = None
+    last = 0
+    unpack = _I32.unpack_from
+    width = len(columns)
+    for i in range(n):
+        length = unpack(body, pos)[0]
+        start = pos + 4
+        end = start + length if length > 0 else start
+        col = columns[i] if i < width else None
+        if col is not None and length >= 0:
+            new = col.apply(body[start:end], counts)
+            if new is not False:
+                if pieces is None:
+                    pieces = []
+                pieces.append(body[last:pos])
+                pieces.append(_NULL if new is None else _I32.pack(len(new)) + new)
+                last = end
+        pos = end
+    if pieces is None:
+        return None
+    pieces.append(body[last:])
+    new_body = b"".join(pieces)
+    return b"D" + (len(new_body) + 4).to_bytes(4, "big") + new_body
+
+
+# -- COPY TO STDOUT, text format -----------------------------------------------------
+
+_UNESCAPE = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\"}
+
+
+def _copy_unescape(field: str) -> str:
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        c = field[i]
+        if c == "\\" and i + 1 < len(field):
+            nxt = field[i + 1]
+            out.append(_UNESCAPE.get(nxt, nxt))
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _copy_escape(value: str) -> str:
+    return (value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r"))
+
+
+def mask_copy_text_row(columns: list[Column | None], data: bytes, counts: dict[str, int]) -> bytes | None:
+    """One COPY text-format row (a CopyData body) masked; None when nothing changed."""
+    line = data.decode("utf-8", "replace")
+    newline = line.endswith("\n")
+    fields = (line[:-1] if newline else line).split("\t")
+    changed = False
+    for i, col in enumerate(columns):
+        if col is None or i >= len(fields) or fields[i] == "\\N":
+            continue
+        raw = _copy_unescape(fields[i]).encode("utf-8")
+        new = Column(col.rule, col.detect, col.type_oid, False).apply(raw, counts)
+        if new is False:
+            continue
+        fields[i] = "\\N" if new is None else _copy_escape(new.decode("utf-8"))
+        changed = True
+    if not changed:
+        return None
+    return pg.copy_data(("\t".join(fields) + ("\n" if newline else "")).encode("utf-8"))
+
+
+def glob_regex(patterns: Sequence[str]) -> str:
+    """A POSIX regular expression matching any of the shell globs (for the catalog query)."""
+    alts = []
+    for p in patterns:
+        out = []
+        for ch in p:
+            if ch == "*":
+                out.append(".*")
+            elif ch == "?":
+                out.append(".")
+            elif ch.isalnum() or ch == "_":
+                out.append(ch)
+            else:
+                out.append("\\" + ch)
+        alts.append("".join(out))
+    return "^(" + "|".join(alts) + ")$"
+
+
+def catalog_query(plan: MaskPlan) -> str | None:
+    """
+    The query the relay runs when a session starts: every column of every table
+    that has a column a rule may mask, so RowDescriptions and COPY can be named.
+    """
+    patterns = sorted({g.column for r in plan.rules for g in r.columns})
+    if not patterns:
+        return None
+    regex = glob_regex(patterns)
+    tag = "gk"
+    while f"${tag}$" in regex:
+        tag += "x"
+    return (
+        "SELECT a.attrelid::int8, a.attnum::int4, n.nspname::text, c.relname::text, a.attname::text, a.atttypid::int8"
+        " FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid"
+        " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f')"
+        " AND a.attrelid IN (SELECT attrelid FROM pg_catalog.pg_attribute"
+        f" WHERE attnum > 0 AND NOT attisdropped AND attname ~ ${tag}${regex}${tag}$)"
+        " ORDER BY 1, 2"
+    )
+
+
+@attrs.define
+class Catalog:
+    """Names of the columns a session's masking may need, from the catalog query."""
+
+    columns: dict[tuple[int, int], tuple[str, str, str]] = attrs.field(factory=dict)
+    #: (schema, table) -> [(column, type oid)] in column order, for COPY
+    tables: dict[tuple[str, str], list[tuple[str, int]]] = attrs.field(factory=dict)
+
+    def add_row(self, values: Sequence[bytes | None]) -> None:
+        oid, attnum, schema, table, column, type_oid = (v.decode("utf-8") if v is not None else "" for v in values)
+        self.columns[(int(oid), int(attnum))] = (schema, table, column)
+        self.tables.setdefault((schema, table), []).append((column, int(type_oid)))
+
+    def copy_columns(self, plan: MaskPlan, schema_candidates: Sequence[str], table: tuple[str | None, str],
+                     names: Sequence[str] | None) -> tuple[list[Column | None] | None, bool]:
+        """
+        Masking for ``COPY table [(names)] TO STDOUT``: (columns or None, known).
+        ``known`` is False when the table cannot be found in the catalog (then
+        only name rules and detectors can apply).
+        """
+        schema, name = table
+        found = None
+        for s in ([schema] if schema else schema_candidates):
+            if (s, name) in self.tables:
+                found = (s, self.tables[(s, name)])
+                break
+        detect = plan.detector_rules
+        if found is None:
+            if names is None:
+                return None, False
+            cols = [plan.name_rule(n) or plan.column_name_fallback(n) for n in names]
+            out = [Column(r, detect, 25, False) if (r or detect) else None for r in cols]
+            return (out if any(out) else None), False
+        s, columns = found
+        types = dict(columns)
+        order = list(names) if names is not None else [c for c, _ in columns]
+        out: list[Column | None] = []
+        for col in order:
+            rule = plan.column_rule(s, name, col) or plan.name_rule(col)
+            oid = types.get(col, 25)
+            if rule is None and (not detect or oid not in TEXT_TYPES):
+                out.append(None)
+            else:
+                out.append(Column(rule, detect, oid, False))
+        return (out if any(out) else None), True
+
+
+def copy_target(text: str) -> dict[str, Any] | None:
+    """For a COPY ... TO STDOUT statement: its table, columns, format and whether it copies a query."""
+    from pglast.parser import ParseError, parse_sql_json
+
+    try:
+        tree = json.loads(parse_sql_json(text))
+    except ParseError:
+        return None
+    stmts = tree.get("stmts", [])
+    if len(stmts) != 1 or "CopyStmt" not in stmts[0].get("stmt", {}):
+        return None
+    c = stmts[0]["stmt"]["CopyStmt"]
+    if c.get("is_from"):
+        return None
+    fmt = "text"
+    for o in c.get("options", []):
+        d = o.get("DefElem", {})
+        if d.get("defname") == "format":
+            fmt = str(d.get("arg", {}).get("String", {}).get("sval", "text")).lower()
+        elif d.get("defname") in ("csv", "binary"):
+            fmt = d["defname"]
+    rel = c.get("relation")
+    names = [a.get("String", {}).get("sval") for a in c.get("attlist", [])] or None
+    return {
+        "query": rel is None,
+        "table": (rel.get("schemaname"), rel.get("relname")) if rel else None,
+        "columns": names,
+        "format": fmt,
+    }

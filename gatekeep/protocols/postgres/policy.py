@@ -1,0 +1,170 @@
+"""
+The PostgreSQL side of policy: the facts of a statement and the rule keys that
+match them.
+
+    match: {statements: [ddl, truncate, grant], tables: ["billing.*"],
+            schemas: [billing], functions: ["pg_read_file", "dblink*"],
+            conditions: [update_without_where, delete_without_where]}
+
+Within one rule, ``statements``, ``tables`` and ``schemas`` must fit the same
+part of a statement (an INSERT into billing.x, not an INSERT somewhere and a
+read of billing.x elsewhere); ``functions`` and ``conditions`` apply to the
+whole string. An unqualified table name fits a pattern if it would under any
+schema the session's search_path may name (fail closed).
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Any
+
+import attrs
+
+from gatekeep.config import ConfigError, Node
+from gatekeep.protocols.postgres.sql import Analysis, Table, Unit, analyze
+
+MATCH_KEYS = ("statements", "tables", "schemas", "functions", "conditions")
+
+STATEMENT_KINDS = frozenset({
+    "select", "insert", "update", "delete", "merge", "ddl", "truncate", "grant", "revoke", "copy_from", "copy_to",
+    "copy_program", "call", "do", "set", "set_role", "transaction", "prepare", "execute", "listen", "notify",
+    "vacuum", "analyze", "explain", "lock", "fetch", "show", "checkpoint", "load", "other",
+})
+CONDITIONS = frozenset({"update_without_where", "delete_without_where", "multiple_statements", "server_file",
+                        "dynamic_sql", "set_config"})
+#: a rule naming the first also matches the others
+ALIASES = {"grant": {"grant", "revoke"}, "listen": {"listen"}, "prepare": {"prepare"}}
+
+
+def _kind_matches(pattern: str, unit: Unit) -> bool:
+    if ":" in pattern:
+        kind, _, sub = pattern.partition(":")
+        return unit.kind == kind and fnmatchcase(unit.subkind or "", sub)
+    return unit.kind in ALIASES.get(pattern, {pattern})
+
+
+@attrs.frozen
+class SqlMatch:
+    statements: tuple[str, ...] | None = None
+    tables: tuple[tuple[str, str], ...] | None = None
+    schemas: tuple[str, ...] | None = None
+    functions: tuple[str, ...] | None = None
+    conditions: frozenset[str] | None = None
+
+    def matches(self, facts: "SqlFacts | None", operation: Any) -> bool:
+        if facts is None:
+            return False
+        a = facts.analysis
+        if self.conditions is not None and self.conditions.isdisjoint(a.conditions):
+            return False
+        if self.functions is not None and not any(
+                fnmatchcase(f, p) or fnmatchcase(f.rpartition(".")[2], p) for f in a.functions for p in self.functions):
+            return False
+        if self.statements is None and self.tables is None and self.schemas is None:
+            return True
+        return any(self._unit(u, facts) for u in a.units)
+
+    def _unit(self, unit: Unit, facts: "SqlFacts") -> bool:
+        if self.statements is not None and not any(_kind_matches(p, unit) for p in self.statements):
+            return False
+        if self.tables is None and self.schemas is None:
+            return True
+        for table in unit.tables:
+            for schema in facts.schemas_of(table):
+                if self.schemas is not None and not any(fnmatchcase(schema, p) for p in self.schemas):
+                    continue
+                if self.tables is not None and not any(
+                        fnmatchcase(schema, ps) and fnmatchcase(table[1], pt) for ps, pt in self.tables):
+                    continue
+                return True
+        return False
+
+
+def read_match(node: Node) -> SqlMatch:
+    statements = node.strings("statements", None)
+    for i, s in enumerate(statements or ()):
+        if s.partition(":")[0] not in STATEMENT_KINDS:
+            raise ConfigError(f"{node.sub('statements')}[{i}]",
+                              f"expected a statement kind ({', '.join(sorted(STATEMENT_KINDS))}), got \"{s}\"")
+    tables = node.strings("tables", None)
+    parsed_tables = None
+    if tables is not None:
+        parsed_tables = tuple((t.rpartition(".")[0] or "*", t.rpartition(".")[2]) for t in tables)
+    conditions = node.strings("conditions", None)
+    for i, c in enumerate(conditions or ()):
+        if c not in CONDITIONS:
+            raise ConfigError(f"{node.sub('conditions')}[{i}]",
+                              f"expected one of {', '.join(sorted(CONDITIONS))}, got \"{c}\"")
+    functions = node.strings("functions", None)
+    return SqlMatch(statements, parsed_tables, node.strings("schemas", None),
+                    tuple(f.lower() for f in functions) if functions is not None else None,
+                    frozenset(conditions) if conditions is not None else None)
+
+
+@attrs.define
+class SqlSessionState:
+    """What the relay knows of a session that changes how statements resolve."""
+
+    user: str
+    #: every schema the search_path may have named in this session (only grows: fail closed)
+    search_path: set[str] = attrs.field(factory=lambda: {"$user", "public"})
+    #: SQL-level prepared statements: name -> analysis of the body
+    prepared: dict[str, Analysis] = attrs.field(factory=dict)
+
+    def apply(self, analysis: Analysis) -> None:
+        """An allowed statement is on its way: remember what it changes."""
+        if analysis.search_path is not None:
+            self.search_path.update(analysis.search_path)
+        for name, body in analysis.prepares:
+            self.prepared[name] = body
+        for name in analysis.deallocates:
+            if name is None:
+                self.prepared.clear()
+            else:
+                self.prepared.pop(name, None)
+
+    def key(self) -> tuple:
+        return tuple(sorted(self.search_path))
+
+
+@attrs.frozen
+class SqlFacts:
+    analysis: Analysis
+    search_path: tuple[str, ...]
+    user: str
+    cache_key: Any = None
+
+    @property
+    def unjudgeable(self) -> str | None:
+        return self.analysis.unjudgeable
+
+    def schemas_of(self, table: Table) -> tuple[str, ...]:
+        schema, _ = table
+        if schema is not None:
+            return (schema,)
+        return ("pg_catalog", "pg_temp") + tuple(self.user if s == "$user" else s for s in self.search_path)
+
+    def summary(self) -> dict[str, Any]:
+        return self.analysis.summary()
+
+
+def facts_for(text: str, state: SqlSessionState | None, user: str) -> SqlFacts:
+    analysis = analyze(text)
+    search_path = state.key() if state is not None else ("$user", "public")
+    if analysis.executes:
+        # EXECUTE is judged as what was prepared; an unknown name cannot be judged
+        merged = list(analysis.units)
+        functions, conditions = set(analysis.functions), set(analysis.conditions)
+        unjudgeable = analysis.unjudgeable
+        for name in analysis.executes:
+            body = state.prepared.get(name) if state is not None else None
+            if body is None:
+                unjudgeable = f"EXECUTE of a statement gatekeep did not see prepared ({name})"
+                continue
+            merged.extend(body.units)
+            functions |= body.functions
+            conditions |= body.conditions
+        analysis = attrs.evolve(analysis, units=tuple(merged), functions=frozenset(functions),
+                                conditions=frozenset(conditions), unjudgeable=unjudgeable)
+        return SqlFacts(analysis, search_path, user, None)
+    return SqlFacts(analysis, search_path, user, (analysis.shape or text, search_path))

@@ -1,0 +1,450 @@
+"""
+What a SQL string does, as PostgreSQL's own grammar sees it (pglast /
+libpg_query), never by regular expressions.
+
+:func:`analyze` parses a whole string (every statement in it) and walks the
+whole tree, so a DELETE inside a data-modifying CTE, under EXPLAIN ANALYZE, in a
+PREPARE body or inside a DO block is found. PL/pgSQL bodies are parsed with
+PostgreSQL's PL/pgSQL parser; SQL built at run time (EXECUTE of anything but a
+string constant) cannot be judged and is reported as such, so policy can deny it.
+
+The result is an :class:`Analysis`: *units* (one per thing the statement does:
+its kind, and the tables it touches), the functions it calls, and conditions
+such as ``delete_without_where``. Results are cached by text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from typing import Any, Iterator
+
+import attrs
+from pglast import parse_plpgsql
+from pglast.parser import ParseError, parse_sql_json, scan
+
+#: ``(schema or None, name)``; names are as PostgreSQL folds them
+Table = tuple["str | None", str]
+
+
+@attrs.frozen
+class Unit:
+    """One thing a statement does."""
+
+    kind: str
+    subkind: str | None = None
+    tables: frozenset[Table] = frozenset()
+
+
+@attrs.frozen
+class Analysis:
+    statements: int = 0
+    units: tuple[Unit, ...] = ()
+    functions: frozenset[str] = frozenset()
+    conditions: frozenset[str] = frozenset()
+    #: PREPARE name AS body: (name, body analysis)
+    prepares: tuple[tuple[str, "Analysis"], ...] = ()
+    #: names of SQL-level prepared statements EXECUTEd (judged as what was prepared)
+    executes: tuple[str, ...] = ()
+    #: DEALLOCATE names; None for DEALLOCATE ALL
+    deallocates: tuple[str | None, ...] = ()
+    #: schemas named by SET search_path
+    search_path: tuple[str, ...] | None = None
+    #: why the statement cannot be judged (parse error, dynamic SQL), or None
+    unjudgeable: str | None = None
+    #: the text with its constants blanked, when the analysis does not depend on them
+    shape: str | None = None
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return frozenset(u.kind for u in self.units)
+
+    @property
+    def tables(self) -> frozenset[Table]:
+        out: set[Table] = set()
+        for u in self.units:
+            out |= u.tables
+        return frozenset(out)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready facts for the record of the statement."""
+        return {
+            "kinds": sorted({u.kind if not u.subkind else f"{u.kind}:{u.subkind}" for u in self.units}),
+            "tables": sorted(f"{s}.{t}" if s else t for s, t in self.tables),
+            **({"functions": sorted(self.functions)} if self.functions else {}),
+            **({"conditions": sorted(self.conditions)} if self.conditions else {}),
+        }
+
+
+SIMPLE_KINDS = {
+    "SelectStmt": "select", "InsertStmt": "insert", "UpdateStmt": "update", "DeleteStmt": "delete",
+    "MergeStmt": "merge", "TruncateStmt": "truncate", "CallStmt": "call", "DoStmt": "do",
+    "TransactionStmt": "transaction", "PrepareStmt": "prepare", "ExecuteStmt": "execute",
+    "DeallocateStmt": "prepare", "ListenStmt": "listen", "UnlistenStmt": "listen", "NotifyStmt": "notify",
+    "ExplainStmt": "explain", "LockStmt": "lock", "DeclareCursorStmt": "select", "FetchStmt": "fetch",
+    "ClosePortalStmt": "fetch", "CheckPointStmt": "checkpoint", "LoadStmt": "load", "DiscardStmt": "set",
+    "ConstraintsSetStmt": "transaction", "PLAssignStmt": "select", "ReturnStmt": "select",
+    "ReassignOwnedStmt": "ddl", "DropOwnedStmt": "ddl",
+}
+DDL_PREFIXES = ("Create", "Alter", "Drop", "Rename", "Comment", "Define", "Index", "View", "Rule", "Composite",
+                "Import", "SecLabel", "Refresh", "Reindex", "Cluster", "Reassign")
+#: node types whose presence anywhere makes a unit of their own
+STATEMENT_NODES = {"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"}
+
+_SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+def _snake(name: str) -> str:
+    return _SNAKE.sub("_", name).lower()
+
+
+def _ddl_subkind(node: str, body: dict) -> str:
+    base = node[:-4] if node.endswith("Stmt") else node
+    special = {"Create": "create_table", "Index": "create_index", "View": "create_view", "Createdb": "create_database",
+               "Dropdb": "drop_database", "Rule": "create_rule", "Define": "create_object",
+               "CompositeType": "create_type"}
+    if base in special:
+        return special[base]
+    if base == "Drop":
+        kind = str(body.get("removeType", "")).removeprefix("OBJECT_").lower()
+        return f"drop_{kind}" if kind else "drop"
+    return _snake(base)
+
+
+class _Walker:
+    """Walks one parse tree and collects units, functions and conditions."""
+
+    def __init__(self, depth: int = 0) -> None:
+        self.units: list[Unit] = []
+        self.functions: set[str] = set()
+        self.conditions: set[str] = set()
+        self.prepares: list[tuple[str, Analysis]] = []
+        self.executes: list[str] = []
+        self.deallocates: list[str | None] = []
+        self.search_path: list[str] | None = None
+        self.unjudgeable: str | None = None
+        self.depth = depth
+
+    # -- generic tree helpers ---------------------------------------------------------
+
+    @staticmethod
+    def _nodes(tree: Any) -> Iterator[tuple[str | None, dict]]:
+        """Every dict in the tree, with the node type that wraps it (when known)."""
+        stack: list[tuple[str | None, Any]] = [(None, tree)]
+        while stack:
+            name, value = stack.pop()
+            if isinstance(value, dict):
+                yield name, value
+                for k, v in value.items():
+                    if isinstance(v, (dict, list)):
+                        stack.append((k if k[:1].isupper() else None, v))
+            elif isinstance(value, list):
+                for v in value:
+                    stack.append((None, v))
+
+    def _tables(self, tree: Any, ctes: frozenset[str]) -> frozenset[Table]:
+        found: set[Table] = set()
+        for _, d in self._nodes(tree):
+            rel = d.get("relname")
+            if isinstance(rel, str):
+                schema = d.get("schemaname")
+                if schema is None and rel in ctes:
+                    continue
+                found.add((schema, rel))
+        return frozenset(found)
+
+    @staticmethod
+    def _ctes(tree: Any) -> frozenset[str]:
+        names = set()
+        for name, d in _Walker._nodes(tree):
+            if name == "CommonTableExpr" and isinstance(d.get("ctename"), str):
+                names.add(d["ctename"])
+        return frozenset(names)
+
+    # -- statements ---------------------------------------------------------------------
+
+    def statement(self, node: str, body: dict) -> None:
+        ctes = self._ctes(body)
+        if node == "ExplainStmt":
+            self._explain(body, ctes)
+            return
+        if node == "PrepareStmt":
+            self._prepare(body)
+            return
+        # units for every data-modifying or reading statement nested anywhere
+        for name, d in self._nodes({node: body}):
+            if name in STATEMENT_NODES:
+                self._dml(name, d, ctes)
+            elif "funcname" in d and isinstance(d["funcname"], list):
+                parts = [p.get("String", {}).get("sval", "") for p in d["funcname"]]
+                fname = ".".join(p for p in parts if p).lower()
+                self.functions.add(fname)
+                if parts and parts[-1].lower() == "set_config":
+                    self.conditions.add("set_config")
+        if node == "CreateTableAsStmt" or (node == "SelectStmt" and body.get("intoClause")):
+            into = body.get("into") or body.get("intoClause") or {}
+            self.units.append(Unit("ddl", "create_table_as", self._tables(into, ctes)))
+            return
+        if node in STATEMENT_NODES:
+            return
+        kind = SIMPLE_KINDS.get(node)
+        if kind is None and node.startswith(DDL_PREFIXES):
+            self.units.append(Unit("ddl", _ddl_subkind(node, body), self._ddl_tables(node, body, ctes)))
+            return
+        handler = getattr(self, f"_stmt_{node}", None)
+        if handler is not None:
+            handler(body, ctes)
+            return
+        self.units.append(Unit(kind or "other", None if kind else _snake(node.removesuffix("Stmt")),
+                               self._tables(body, ctes)))
+
+    def _dml(self, name: str, d: dict, ctes: frozenset[str]) -> None:
+        kind = SIMPLE_KINDS[name]
+        if name in ("UpdateStmt", "DeleteStmt") and d.get("whereClause") is None:
+            self.conditions.add(f"{kind}_without_where")
+        self.units.append(Unit(kind, None, self._tables(d, ctes)))
+
+    def _ddl_tables(self, node: str, body: dict, ctes: frozenset[str]) -> frozenset[Table]:
+        tables = set(self._tables(body, ctes))
+        if node == "DropStmt" and str(body.get("removeType", "")) in (
+                "OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW", "OBJECT_FOREIGN_TABLE", "OBJECT_SEQUENCE",
+                "OBJECT_INDEX"):
+            for obj in body.get("objects", []):
+                items = obj.get("List", {}).get("items", [])
+                parts = [i.get("String", {}).get("sval") for i in items]
+                if parts and all(parts):
+                    tables.add((parts[-2] if len(parts) > 1 else None, parts[-1]))
+        return frozenset(tables)
+
+    def _stmt_GrantStmt(self, body: dict, ctes: frozenset[str]) -> None:
+        self.units.append(Unit("grant" if body.get("is_grant") else "revoke", None, self._tables(body, ctes)))
+
+    def _stmt_GrantRoleStmt(self, body: dict, ctes: frozenset[str]) -> None:
+        self.units.append(Unit("grant" if body.get("is_grant") else "revoke", "role"))
+
+    def _stmt_AlterDefaultPrivilegesStmt(self, body: dict, ctes: frozenset[str]) -> None:
+        action = body.get("action", {})
+        self.units.append(Unit("grant" if action.get("is_grant") else "revoke", "default_privileges"))
+
+    def _stmt_CopyStmt(self, body: dict, ctes: frozenset[str]) -> None:
+        tables = self._tables(body, ctes)
+        self.units.append(Unit("copy_from" if body.get("is_from") else "copy_to", None, tables))
+        if body.get("is_program"):
+            self.units.append(Unit("copy_program", None, tables))
+        elif body.get("filename"):
+            self.conditions.add("server_file")
+
+    def _stmt_VariableSetStmt(self, body: dict, ctes: frozenset[str]) -> None:
+        name = (body.get("name") or "").lower()
+        if name in ("role", "session_authorization", "session authorization") or \
+                body.get("kind") == "VAR_RESET_ALL":
+            self.units.append(Unit("set_role", name or "all"))
+            if body.get("kind") != "VAR_RESET_ALL":
+                return
+        if name == "search_path":
+            schemas = []
+            for arg in body.get("args", []):
+                const = arg.get("A_Const", {})
+                s = const.get("sval", {}).get("sval")
+                if s:
+                    schemas.append(s)
+            self.search_path = schemas
+        self.units.append(Unit("set", name or None))
+
+    def _stmt_VariableShowStmt(self, body: dict, ctes: frozenset[str]) -> None:
+        self.units.append(Unit("show", (body.get("name") or "").lower() or None))
+
+    def _stmt_VacuumStmt(self, body: dict, ctes: frozenset[str]) -> None:
+        self.units.append(Unit("vacuum" if body.get("is_vacuumcmd") else "analyze", None, self._tables(body, ctes)))
+
+    def _explain(self, body: dict, ctes: frozenset[str]) -> None:
+        inner = body.get("query", {})
+        analyze = False
+        for o in body.get("options", []):
+            d = o.get("DefElem", {})
+            if d.get("defname") == "analyze":
+                arg = d.get("arg")
+                analyze = arg is None or not (
+                    arg.get("Boolean", {}).get("boolval", True) is False
+                    or str(arg.get("String", {}).get("sval", "")).lower() in ("false", "off", "0", "no"))
+        if analyze:
+            # EXPLAIN ANALYZE runs the statement: judge what it runs
+            for name, d in inner.items():
+                self.statement(name, d)
+        self.units.append(Unit("explain", "analyze" if analyze else None, self._tables(inner, ctes)))
+
+    def _prepare(self, body: dict) -> None:
+        inner = body.get("query", {})
+        sub = _Walker(self.depth + 1)
+        for name, d in inner.items():
+            sub.statement(name, d)
+        body_analysis = sub.result(1)
+        self.prepares.append((body.get("name", ""), body_analysis))
+        self.units.append(Unit("prepare"))
+        # PREPARE is judged on its body too
+        self.units.extend(u for u in body_analysis.units)
+        self.functions |= body_analysis.functions
+        self.conditions |= body_analysis.conditions
+        if body_analysis.unjudgeable:
+            self.unjudgeable = body_analysis.unjudgeable
+
+    def _stmt_ExecuteStmt(self, body: dict, ctes: frozenset[str]) -> None:
+        self.executes.append(body.get("name", ""))
+        self.units.append(Unit("execute"))
+
+    def _stmt_DeallocateStmt(self, body: dict, ctes: frozenset[str]) -> None:
+        self.deallocates.append(body.get("name"))
+        self.units.append(Unit("prepare", "deallocate"))
+
+    def _stmt_DoStmt(self, body: dict, ctes: frozenset[str]) -> None:
+        self.units.append(Unit("do"))
+        code, language = None, "plpgsql"
+        for arg in body.get("args", []):
+            d = arg.get("DefElem", {})
+            value = d.get("arg", {}).get("String", {}).get("sval")
+            if d.get("defname") == "as":
+                code = value
+            elif d.get("defname") == "language":
+                language = (value or "").lower()
+        if language != "plpgsql":
+            self.unjudgeable = f"DO block in language {language} cannot be judged"
+            return
+        if code is None:
+            self.unjudgeable = "DO block without a body"
+            return
+        self._plpgsql(code)
+
+    # -- PL/pgSQL ----------------------------------------------------------------------------
+
+    def _plpgsql(self, code: str) -> None:
+        if self.depth > 4:
+            self.unjudgeable = "PL/pgSQL nested too deeply"
+            return
+        tag = "gk"
+        while f"${tag}$" in code:
+            tag += "x"
+        wrapper = f"CREATE FUNCTION gatekeep_do() RETURNS void LANGUAGE plpgsql AS ${tag}${code}${tag}$"
+        try:
+            tree = parse_plpgsql(wrapper)
+        except Exception as e:  # pglast raises ParseError and others
+            self.unjudgeable = f"cannot parse the PL/pgSQL body: {_first_line(e)}"
+            return
+        for name, d in self._nodes(tree):
+            if name in ("PLpgSQL_stmt_dynexecute", "PLpgSQL_stmt_dynfors", "PLpgSQL_stmt_return_query",
+                        "PLpgSQL_stmt_open"):
+                dyn = d.get("query") or d.get("dynquery")
+                if name in ("PLpgSQL_stmt_return_query", "PLpgSQL_stmt_open") and not d.get("dynquery"):
+                    continue  # static queries are PLpgSQL_expr nodes, judged below
+                text = self._constant_string((dyn or {}).get("PLpgSQL_expr", {}).get("query"))
+                if text is None:
+                    self.unjudgeable = "dynamic SQL in a DO block cannot be judged"
+                    self.conditions.add("dynamic_sql")
+                    continue
+                self._merge(analyze(text, self.depth + 1))
+            elif name == "PLpgSQL_expr":
+                query, mode = d.get("query", ""), d.get("parseMode", 0)
+                if mode == 3:  # assignment "target := expression"
+                    _, sep, rhs = query.partition(":=")
+                    if not sep:
+                        _, sep, rhs = query.partition("=")
+                    query, mode = rhs, 2
+                text = query if mode == 0 else f"SELECT {query}"
+                self._merge(analyze(text, self.depth + 1))
+
+    @staticmethod
+    def _constant_string(expr: str | None) -> str | None:
+        if not expr:
+            return None
+        try:
+            tree = json.loads(parse_sql_json(f"SELECT {expr}"))
+            target = tree["stmts"][0]["stmt"]["SelectStmt"]["targetList"]
+            if len(target) != 1:
+                return None
+            return target[0]["ResTarget"]["val"]["A_Const"]["sval"]["sval"]
+        except (ParseError, KeyError, IndexError, TypeError):
+            return None
+
+    def _merge(self, other: Analysis) -> None:
+        self.units.extend(other.units)
+        self.functions |= other.functions
+        self.conditions |= other.conditions
+        self.executes.extend(other.executes)
+        if other.unjudgeable:
+            self.unjudgeable = other.unjudgeable
+
+    def result(self, statements: int) -> Analysis:
+        return Analysis(statements, tuple(self.units), frozenset(self.functions), frozenset(self.conditions),
+                        tuple(self.prepares), tuple(self.executes), tuple(self.deallocates),
+                        tuple(self.search_path) if self.search_path is not None else None, self.unjudgeable)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+#: token names of constants; a statement's shape is its text with these blanked
+CONSTANTS = frozenset({"ICONST", "FCONST", "SCONST", "USCONST", "BCONST", "XCONST"})
+_by_shape: dict[str, Analysis] = {}
+SHAPE_LIMIT = 20000
+
+
+def shape_of(text: str) -> str | None:
+    """The text with every constant replaced by ``?``, from PostgreSQL's own lexer."""
+    try:
+        tokens = scan(text)
+    except Exception:
+        return None
+    pieces, last = [], 0
+    for t in tokens:
+        if t.name in CONSTANTS:
+            pieces.append(text[last:t.start])
+            pieces.append("?")
+            last = t.end + 1
+    pieces.append(text[last:])
+    return "".join(pieces)
+
+
+def _constant_free(a: Analysis) -> bool:
+    """Whether a statement's analysis holds for any values of its constants."""
+    return (a.unjudgeable is None and a.search_path is None and "do" not in a.kinds
+            and "set_config" not in a.conditions and not a.prepares)
+
+
+@lru_cache(maxsize=8192)
+def analyze(text: str, depth: int = 0) -> Analysis:
+    """
+    Analyse every statement in ``text``. Never raises: what cannot be parsed is
+    unjudgeable. Statements that differ only in their constants share one
+    analysis (``SELECT ... WHERE id = 1`` and ``= 2``), found by the shape of
+    the text as PostgreSQL's lexer splits it.
+    """
+    shape = shape_of(text) if depth == 0 else None
+    if shape is not None:
+        known = _by_shape.get(shape)
+        if known is not None:
+            return known
+    result = _analyze(text, depth)
+    if shape is not None and _constant_free(result):
+        result = attrs.evolve(result, shape=shape)
+        if len(_by_shape) >= SHAPE_LIMIT:
+            _by_shape.clear()
+        _by_shape[shape] = result
+    return result
+
+
+def _analyze(text: str, depth: int) -> Analysis:
+    try:
+        tree = json.loads(parse_sql_json(text))
+    except ParseError as e:
+        return Analysis(unjudgeable=f"cannot parse: {_first_line(e)}")
+    except Exception as e:  # a parser crash must not let the statement through
+        return Analysis(unjudgeable=f"cannot parse: {type(e).__name__}")
+    walker = _Walker(depth)
+    statements = tree.get("stmts", [])
+    for raw in statements:
+        for node, body in raw.get("stmt", {}).items():
+            walker.statement(node, body)
+    if len(statements) > 1:
+        walker.conditions.add("multiple_statements")
+    return walker.result(len(statements))
