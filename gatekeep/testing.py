@@ -359,7 +359,7 @@ class MemoryConnection:
         return self.network.flush()
 
     def send(self, data: bytes) -> bytes:
-        """Write ``data`` from the client, flush, and return what the client received meanwhile."""
+        """Write ``data`` from the client, flush, and return what the (Byte)client received meanwhile."""
         self.client.transport.write(data)
         before = len(self.client.received)
         self.flush()
@@ -367,17 +367,18 @@ class MemoryConnection:
 
 
 def connect_in_memory(factory: protocol.Factory, reactor: Any = None, client: protocol.Protocol | None = None, *,
-                      network: MemoryNetwork | None = None, peer: tuple[str, int] = ("127.0.0.1", 50000)
+                      network: MemoryNetwork | None = None, peer: tuple[str, int] | None = None
                       ) -> MemoryConnection:
     """
     Build a server protocol with ``factory`` and connect ``client`` (a new
-    :class:`ByteClient` by default) to it in memory, from address ``peer``.
-    Pass ``network`` to share one :class:`MemoryNetwork` between connections.
+    :class:`ByteClient` by default) to it in memory, from address ``peer``
+    (a fresh 127.0.0.1 port by default). Pass ``network`` to share one
+    :class:`MemoryNetwork` between connections; ``reactor`` is its clock.
     """
     if network is None:
         network = MemoryNetwork(reactor)
     client = client if client is not None else ByteClient()
-    client_address = IPv4Address("TCP", *peer)
+    client_address = IPv4Address("TCP", *peer) if peer is not None else network.address()
     server_address = network.address("10.0.0.1")
     server = factory.buildProtocol(client_address)
     pump = network.connect(server, client, server_address=server_address, client_address=client_address)

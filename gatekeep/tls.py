@@ -39,9 +39,9 @@ def server_options(cert: Secret, key: Secret) -> ssl.CertificateOptions:
     leaf = ssl.PrivateCertificate.fromCertificateAndKeyPair(certs[0], private)
     try:
         options = ssl.CertificateOptions(
-            privateKey=leaf.privateKey.original,
-            certificate=leaf.original,
-            extraCertChain=[c.original for c in certs[1:]],
+            privateKey=leaf.privateKey.original.to_cryptography_key(),
+            certificate=leaf.original.to_cryptography(),
+            extraCertChain=[c.original.to_cryptography() for c in certs[1:]],
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         )
         options.getContext()  # checks that the key matches the certificate
@@ -82,7 +82,8 @@ def client_options(tls: UpstreamTLS, host: str):
         cas = _certificates(tls.ca.reveal()) if tls.ca else None
         if cas is None:
             raise ValueError("verify-ca needs a ca")
-        return ssl.CertificateOptions(verify=True, caCerts=[c.original for c in cas], raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+        return ssl.CertificateOptions(verify=True, caCerts=[c.original.to_cryptography() for c in cas],
+                                      raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
     if tls.mode == "verify-full":
         return ssl.optionsForClientTLS(name, trustRoot=trust)
     raise ValueError(f"unknown TLS mode {tls.mode!r}")

@@ -16,3 +16,46 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if os.path.abspath(str(item.path)).startswith(_HERE + os.sep):
             item.add_marker(pytest.mark.integration)
+
+
+# -- a gateway shared by every test of a module -----------------------------
+
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+from tests.support.gatekeep_process import GatekeepProcess  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def gatekeep_module(request):
+    """Module-scoped variant of ``gatekeep``: ``start(config, env=None, timeout=20.0)``.
+
+    Each process gets its own /tmp/gkm-XXXX work directory (config, log,
+    SQLite store).  At the end of the module every process is stopped; the
+    directories are deleted unless a test of the module failed (then their
+    paths and log tails are printed to the terminal).
+    """
+    started = []
+    failed_before = request.session.testsfailed
+
+    def start(config, env=None, timeout=20.0):
+        workdir = tempfile.mkdtemp(prefix="gkm-")
+        os.chmod(workdir, 0o755)
+        proc = GatekeepProcess(config, workdir, env=env)
+        started.append(proc)
+        return proc.start(timeout=timeout)
+
+    yield start
+    failed = request.session.testsfailed > failed_before
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    for i, proc in enumerate(started):
+        if proc.running:
+            try:
+                proc.stop()
+            except Exception:
+                proc.kill()
+        if failed and reporter is not None:
+            reporter.write_line("gatekeep_module[%d] (%s) kept %s; log tail:\n%s"
+                                % (i, request.module.__name__, proc.workdir, proc.log_tail(30)))
+        elif not failed:
+            shutil.rmtree(proc.workdir, ignore_errors=True)

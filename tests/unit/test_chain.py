@@ -1,0 +1,170 @@
+"""Tests for gatekeep.chain: fail-closed policy handling, identity fallbacks, the default-action policy."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from gatekeep.chain import POLICY_ERROR, DefaultActionPolicy
+from gatekeep.interfaces import IIdentityProvider
+from gatekeep.model import ALLOW, Action, ClientAddress, Decision, Identity, Operation, Session
+from gatekeep.testing import FailingPolicy, FunctionPolicy, MemoryIdentityProvider, StaticPolicy, make_gateway
+
+
+def operation(target: str = "db") -> Operation:
+    session = Session("s1", Identity("alice"), target, "postgres", ClientAddress("127.0.0.1", 1), False, 0.0)
+    return Operation(session, 1, "query", "select 1", 0.0)
+
+
+def result_of(value):
+    """The Decision, directly or from an already-fired Deferred (which must not have failed)."""
+    if isinstance(value, Deferred):
+        results = []
+        value.addBoth(results.append)
+        assert len(results) == 1, "the Deferred has not fired"
+        value = results[0]
+    assert isinstance(value, Decision), value
+    return value
+
+
+def decide(policy, target: str = "db"):
+    return make_gateway(policy=policy).chain.decide(operation(target))
+
+
+# -- policy: fail closed ---------------------------------------------------------------
+
+
+def test_allowing_policy_allows():
+    """A policy's Decision is returned as it is."""
+    decision = Decision(Action.ALLOW, "r1", "fine", {"tables": ["t"]})
+    assert decide(StaticPolicy(decision)) is decision
+
+
+def test_policy_that_raises_denies_with_policy_error():
+    """A policy that raises yields DENY with rule 'policy-error' naming the exception type."""
+    d = result_of(decide(FailingPolicy(KeyError("x"))))
+    assert (d.action, d.rule) == (Action.DENY, POLICY_ERROR)
+    assert "KeyError" in d.reason
+
+
+@pytest.mark.parametrize("nonsense", [None, True, "allow", Action.ALLOW, {"action": "allow"}])
+def test_policy_returning_a_non_decision_denies(nonsense):
+    """A policy that returns anything but a Decision yields DENY with rule 'policy-error'."""
+    d = result_of(decide(FunctionPolicy(lambda op: nonsense)))
+    assert (d.action, d.rule) == (Action.DENY, POLICY_ERROR)
+
+
+def test_deferred_policy_that_errbacks_denies():
+    """A Deferred that fails becomes a Deferred that fires with DENY (it never errbacks)."""
+    result = decide(FunctionPolicy(lambda op: fail(ZeroDivisionError())))
+    assert isinstance(result, Deferred)
+    d = result_of(result)
+    assert (d.action, d.rule) == (Action.DENY, POLICY_ERROR)
+    assert "ZeroDivisionError" in d.reason
+
+
+def test_deferred_policy_failing_later_denies():
+    """A Deferred that fails after decide() returned still fires with DENY."""
+    pending = Deferred()
+    result = decide(FunctionPolicy(lambda op: pending))
+    seen = []
+    result.addBoth(seen.append)
+    assert seen == []
+    pending.errback(RuntimeError("backend down"))
+    assert (seen[0].action, seen[0].rule) == (Action.DENY, POLICY_ERROR)
+
+
+def test_deferred_policy_firing_with_a_non_decision_denies():
+    """A Deferred that fires with something other than a Decision yields DENY."""
+    d = result_of(decide(FunctionPolicy(lambda op: succeed("yes"))))
+    assert (d.action, d.rule) == (Action.DENY, POLICY_ERROR)
+
+
+def test_deferred_policy_decision_passes_through():
+    """A Deferred that fires with a Decision gives that Decision."""
+    decision = Decision(Action.DENY, "no-ddl", "DDL is reviewed")
+    assert result_of(decide(FunctionPolicy(lambda op: succeed(decision)))) is decision
+
+
+def test_policy_raising_base_exception_subclasses_is_not_swallowed():
+    """Only Exceptions become denials; KeyboardInterrupt and the like propagate."""
+    with pytest.raises(KeyboardInterrupt):
+        decide(FailingPolicy(KeyboardInterrupt()))
+
+
+# -- identities ------------------------------------------------------------------------
+
+
+@implementer(IIdentityProvider)
+class Broken:
+    """An identity provider that raises on every call."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def authenticateToken(self, name, token):
+        self.calls += 1
+        raise RuntimeError("directory unavailable")
+
+    def scramVerifier(self, name):
+        self.calls += 1
+        raise RuntimeError("directory unavailable")
+
+
+@pytest.fixture
+def memory() -> MemoryIdentityProvider:
+    ids = MemoryIdentityProvider(iterations=16)
+    ids.add("alice", "gk_alice", ["dba"])
+    return ids
+
+
+def test_identity_provider_that_raises_is_skipped(memory):
+    """A provider that raises is skipped and the next provider answers."""
+    broken = Broken()
+    chain = make_gateway(identities=[broken, memory]).chain
+    assert chain.authenticate_token("alice", "gk_alice") == Identity("alice", frozenset({"dba"}), "token")
+    assert chain.scram_verifier("alice")[1].method == "scram"
+    assert broken.calls == 2
+
+
+def test_identity_provider_that_raises_yields_none_when_no_other_accepts(memory):
+    """When only failing or refusing providers remain, the result is None (not authenticated)."""
+    chain = make_gateway(identities=[Broken(), memory, Broken()]).chain
+    assert chain.authenticate_token("alice", "gk_wrong") is None
+    assert chain.authenticate_token(None, "gk_wrong") is None
+    assert chain.scram_verifier("mallory") is None
+    assert make_gateway(identities=[Broken()]).chain.authenticate_token("alice", "gk_alice") is None
+
+
+def test_first_accepting_provider_wins(memory):
+    """Providers are asked in order; the first identity found is the answer."""
+    other = MemoryIdentityProvider(iterations=16)
+    other.add("alice", "gk_alice", ["someone-else"])
+    chain = make_gateway(identities=[other, memory]).chain
+    assert chain.authenticate_token("alice", "gk_alice").groups == {"someone-else"}
+
+
+# -- the default-action policy ---------------------------------------------------------
+
+
+def test_default_action_policy_per_target():
+    """DefaultActionPolicy allows on 'allow' targets and denies on 'deny' targets and unknown ones."""
+    policy = DefaultActionPolicy({"open": "allow", "closed": "deny"})
+    assert policy.decide(operation("open")).action is Action.ALLOW
+    closed = policy.decide(operation("closed"))
+    assert (closed.action, closed.rule) == (Action.DENY, None)
+    assert closed.reason
+    assert policy.decide(operation("elsewhere")).action is Action.DENY
+
+
+def test_default_action_policy_through_the_chain():
+    """Through the chain, DefaultActionPolicy's decisions arrive unchanged."""
+    policy = DefaultActionPolicy({"db": "allow"})
+    assert decide(policy, "db").allowed
+    assert not decide(policy, "other").allowed
+
+
+def test_allow_constant_is_allowed():
+    """model.ALLOW is an allowing decision with no rule."""
+    assert ALLOW.allowed and ALLOW.rule is None

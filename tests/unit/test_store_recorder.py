@@ -1,0 +1,307 @@
+"""Tests for gatekeep.store.sqlite.SQLiteStore and gatekeep.recording.recorder.ThreadedRecorder."""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+
+import pytest
+
+from gatekeep.interfaces import IRecorder, IStore
+from gatekeep.model import (
+    Action, ClientAddress, Decision, Identity, LoginFailure, Operation, Outcome, Session, SessionEnd,
+)
+from gatekeep.recording.recorder import ThreadedRecorder
+from gatekeep.store.sqlite import MIGRATIONS, SQLiteStore
+
+
+def session(sid: str = "a1b2c3", started: float = 100.0, target: str = "db", name: str = "alice") -> Session:
+    return Session(sid, Identity(name, frozenset({"dba", "oncall"}), "scram"), target, "postgres",
+                   ClientAddress("::1", 5000), True, started, {"database": "app"})
+
+
+def op(s: Session, seq: int, text: str = "select 1", params: tuple = ()) -> Operation:
+    return Operation(s, seq, "query", text, s.started_at + seq, None, params)
+
+
+def outcome(s: Session, seq: int, status: str | None = "SELECT 1", rows: int | None = 1, error=None) -> Outcome:
+    return Outcome(s.id, seq, s.started_at + seq + 0.5, 0.5, status, rows, *(error or (None, None)))
+
+
+ALLOWED = Decision(Action.ALLOW, "r-allow", "ok", {"tables": ["users"]})
+DENIED = Decision(Action.DENY, "no-ddl", "DDL is reviewed")
+FAILURE = LoginFailure("db", "postgres", ClientAddress("10.0.0.9", 40000), "mallory", "unknown identity", 50.0)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SQLiteStore(tmp_path / "sub" / "gatekeep.db", node="gk-1")
+    yield s
+    s.close()
+
+
+# -- the store -------------------------------------------------------------------------
+
+
+def test_store_provides_the_interface(store):
+    """SQLiteStore provides IStore."""
+    assert IStore.providedBy(store)
+
+
+def test_migrations_are_idempotent(tmp_path):
+    """Opening a store twice (or migrating again) applies each migration once and keeps the data."""
+    path = tmp_path / "gk.db"
+    first = SQLiteStore(path)
+    first.write([session()])
+    first.close()
+    second = SQLiteStore(path)
+    assert second.migrate() == len(MIGRATIONS)
+    versions = [r[0] for r in sqlite3.connect(path).execute("SELECT version FROM schema_version")]
+    assert versions == list(range(1, len(MIGRATIONS) + 1))
+    assert [s["id"] for s in second.sessions()] == ["a1b2c3"]
+    second.close()
+
+
+def test_readonly_store_requires_the_file(tmp_path):
+    """A read-only store refuses a missing file instead of creating one."""
+    with pytest.raises(FileNotFoundError):
+        SQLiteStore(tmp_path / "missing.db", readonly=True)
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_operation_and_outcome_in_one_batch_become_one_row(store):
+    """Session, (Operation, Decision) and Outcome in one batch read back as one session with a finished record."""
+    s = session()
+    store.write([s, (op(s, 1, "select * from users", ("42", None)), ALLOWED), outcome(s, 1, "SELECT 3", 3)])
+    row = store.session("a1b2c3")
+    assert (row["identity"], row["groups"], row["auth_method"], row["node"]) == ("alice", ["dba", "oncall"], "scram",
+                                                                                 "gk-1")
+    assert (row["target"], row["protocol"], row["client"], row["tls"]) == ("db", "postgres", "[::1]:5000", True)
+    assert (row["attributes"], row["started_at"], row["operations"]) == ({"database": "app"}, 100.0, 1)
+    (record,) = row["records"]
+    assert (record["seq"], record["text"], record["parameters"], record["at"]) == (
+        1, "select * from users", ["42", None], 101.0)
+    assert (record["action"], record["rule"], record["reason"], record["facts"]) == (
+        "allow", "r-allow", "ok", {"tables": ["users"]})
+    assert (record["status"], record["rows"], record["duration"], record["finished_at"]) == ("SELECT 3", 3, 0.5, 101.5)
+
+
+def test_outcome_in_a_later_batch_updates_the_record(store):
+    """An Outcome written after its operation's batch fills in the same record."""
+    s = session()
+    store.write([s])
+    store.write([(op(s, 1, "drop table x"), DENIED)])
+    before = store.session("a1b2c3")["records"][0]
+    assert (before["action"], before["status"], before["finished_at"]) == ("deny", None, None)
+    store.write([outcome(s, 1, None, None, ("42501", "denied"))])
+    (record,) = store.session("a1b2c3")["records"]
+    assert (record["error_code"], record["error_message"], record["rows"]) == ("42501", "denied", None)
+    assert (record["rule"], record["reason"], record["facts"]) == ("no-ddl", "DDL is reviewed", None)
+
+
+def test_records_are_ordered_by_seq(store):
+    """A session's records come back in seq order whatever the batch order."""
+    s = session()
+    store.write([s, (op(s, 2), ALLOWED), (op(s, 1), ALLOWED)])
+    store.write([(op(s, 3), ALLOWED), outcome(s, 2)])
+    assert [r["seq"] for r in store.session("a1b2c3")["records"]] == [1, 2, 3]
+
+
+def test_session_end_is_stored(store):
+    """SessionEnd fills in the end time, byte counts and reason."""
+    s = session()
+    store.write([s])
+    store.write([SessionEnd(s.id, 200.0, 1234, 56789, "client terminated")])
+    row = store.session(s.id)
+    assert (row["ended_at"], row["bytes_from_client"], row["bytes_to_client"], row["end_reason"]) == (
+        200.0, 1234, 56789, "client terminated")
+
+
+def test_login_failures_are_stored_newest_first(store):
+    """LoginFailures read back with node, target, client and reason, newest first."""
+    later = LoginFailure("db", "postgres", ClientAddress("10.0.0.9", 40001), "alice", "wrong token", 60.0)
+    store.write([FAILURE])
+    store.write([later])
+    rows = store.loginFailures()
+    assert [(r["claimed"], r["reason"], r["client"], r["node"]) for r in rows] == [
+        ("alice", "wrong token", "10.0.0.9:40001", "gk-1"), ("mallory", "unknown identity", "10.0.0.9:40000", "gk-1")]
+    assert len(store.loginFailures(limit=1)) == 1
+
+
+def test_sessions_newest_first_filtered_and_limited(store):
+    """sessions() lists newest first, filters by target and identity, and honours the limit."""
+    store.write([session("s1", 1.0), session("s2", 3.0, "other"), session("s3", 2.0, name="bob")])
+    assert [s["id"] for s in store.sessions()] == ["s2", "s3", "s1"]
+    assert [s["id"] for s in store.sessions(target="db")] == ["s3", "s1"]
+    assert [s["id"] for s in store.sessions(identity="bob")] == ["s3"]
+    assert [s["id"] for s in store.sessions(limit=1)] == ["s2"]
+
+
+def test_session_by_unique_prefix(store):
+    """session() finds a session by a unique id prefix, and gives None for an ambiguous or unknown one."""
+    store.write([session("abc123"), session("abd456"), session("x_1")])
+    assert store.session("abc")["id"] == "abc123"
+    assert store.session("ab") is None
+    assert store.session("zzz") is None
+    assert store.session("x%") is None  # LIKE wildcards are taken literally
+    assert store.session("x_")["id"] == "x_1"
+    assert store.session("_") is None
+
+
+def test_failed_batch_is_rolled_back(store):
+    """A batch with something unstorable writes nothing at all."""
+    s = session()
+    with pytest.raises(TypeError):
+        store.write([s, (op(s, 1), ALLOWED), "not an event"])
+    assert store.sessions() == []
+
+
+# -- the recorder ----------------------------------------------------------------------
+
+
+class ThreadReactor:
+    """Just callFromThread: calls are queued and run by the test thread with run()."""
+
+    def __init__(self) -> None:
+        self.calls: queue.Queue = queue.Queue()
+
+    def callFromThread(self, f, *args) -> None:
+        self.calls.put((f, args))
+
+    def run(self, timeout: float = 10.0) -> None:
+        f, args = self.calls.get(timeout=timeout)
+        f(*args)
+
+
+class LoggingStore(SQLiteStore):
+    """A SQLite store that notes each batch written and the thread it was written from."""
+
+    def __init__(self, *args, fail_times: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches: list[list] = []
+        self.threads: set[str] = set()
+        self.fail_times = fail_times
+        self.attempts = 0
+        self.closed = False
+
+    def write(self, batch) -> None:
+        self.attempts += 1
+        if self.attempts <= self.fail_times:
+            raise sqlite3.OperationalError("database is locked")
+        super().write(batch)
+        self.batches.append(list(batch))
+        self.threads.add(threading.current_thread().name)
+
+    def close(self) -> None:
+        self.closed = True
+        super().close()
+
+
+def events() -> list:
+    s = session()
+    return [FAILURE, s, (op(s, 1), ALLOWED), outcome(s, 1), (op(s, 2, "drop"), DENIED),
+            outcome(s, 2, None, None, ("42501", "denied")), SessionEnd(s.id, 300.0, 10, 20, "done")]
+
+
+def record_all(recorder, items) -> None:
+    for e in items:
+        if isinstance(e, tuple):
+            recorder.operationStarted(*e)
+        elif isinstance(e, Session):
+            recorder.sessionStarted(e)
+        elif isinstance(e, Outcome):
+            recorder.operationFinished(e)
+        elif isinstance(e, SessionEnd):
+            recorder.sessionEnded(e)
+        else:
+            recorder.loginFailed(e)
+
+
+def fired(d) -> bool:
+    seen = []
+    d.addBoth(seen.append)
+    return seen == [None]
+
+
+def test_recorder_provides_the_interface(tmp_path):
+    """ThreadedRecorder provides IRecorder."""
+    assert IRecorder.providedBy(ThreadedRecorder(LoggingStore(tmp_path / "gk.db"), ThreadReactor()))
+
+
+def test_threaded_recorder_writes_everything_in_order(tmp_path):
+    """Events go through the writer thread in the order received, and flush fires once they are stored."""
+    store = LoggingStore(tmp_path / "gk.db")
+    reactor = ThreadReactor()
+    recorder = ThreadedRecorder(store, reactor)
+    recorder.start()
+    try:
+        items = events()
+        record_all(recorder, items)
+        d = recorder.flush()
+        reactor.run()
+        assert fired(d)
+        assert [e for batch in store.batches for e in batch] == items
+        assert store.threads == {"gatekeep-recorder"}
+        assert recorder.written == len(items) and recorder.failures == 0
+        row = store.session("a1b2c3")
+        assert [(r["seq"], r["status"], r["error_code"]) for r in row["records"]] == [
+            (1, "SELECT 1", None), (2, None, "42501")]
+        assert row["end_reason"] == "done"
+        assert [f["claimed"] for f in store.loginFailures()] == ["mallory"]
+    finally:
+        recorder.stop()
+    assert store.closed
+
+
+def test_flush_without_the_thread_writes_at_once(tmp_path):
+    """Before start(), flush() writes everything queued in the calling thread and returns a fired Deferred."""
+    store = LoggingStore(tmp_path / "gk.db")
+    recorder = ThreadedRecorder(store, ThreadReactor())
+    record_all(recorder, events())
+    assert fired(recorder.flush())
+    assert len(store.sessions()) == 1 and store.threads == {threading.current_thread().name}
+
+
+def test_store_that_fails_twice_loses_nothing(tmp_path):
+    """A store whose write() fails twice then works gets every event: the recorder retries the batch."""
+    store = LoggingStore(tmp_path / "gk.db", fail_times=2)
+    reactor = ThreadReactor()
+    recorder = ThreadedRecorder(store, reactor, retry_delay=0.001)
+    recorder.start()
+    try:
+        items = events()
+        record_all(recorder, items)
+        d = recorder.flush()
+        reactor.run()
+        assert fired(d)
+        assert recorder.failures == 2 and store.attempts >= 3
+        assert [e for batch in store.batches for e in batch] == items
+        assert len(store.session("a1b2c3")["records"]) == 2
+    finally:
+        recorder.stop()
+
+
+def test_stop_writes_what_is_queued(tmp_path):
+    """stop() stores everything recorded before it and closes the store."""
+    store = LoggingStore(tmp_path / "gk.db")
+    recorder = ThreadedRecorder(store, ThreadReactor())
+    recorder.start()
+    record_all(recorder, events())
+    recorder.stop()
+    assert store.closed
+    reader = SQLiteStore(tmp_path / "gk.db", readonly=True)
+    assert len(reader.session("a1b2c3")["records"]) == 2
+    reader.close()
+
+
+def test_batches_respect_max_batch(tmp_path):
+    """No batch is larger than max_batch."""
+    store = LoggingStore(tmp_path / "gk.db")
+    recorder = ThreadedRecorder(store, ThreadReactor(), max_batch=2)
+    s = session()
+    record_all(recorder, [s] + [(op(s, i), ALLOWED) for i in range(1, 8)])
+    recorder.start()
+    recorder.stop()
+    assert store.batches and max(len(b) for b in store.batches) <= 2
+    assert sum(len(b) for b in store.batches) == 8
