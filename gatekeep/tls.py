@@ -82,7 +82,7 @@ def client_options(tls: UpstreamTLS, host: str):
         cas = _certificates(tls.ca.reveal()) if tls.ca else None
         if cas is None:
             raise ValueError("verify-ca needs a ca")
-        return ssl.CertificateOptions(verify=True, caCerts=[c.original.to_cryptography() for c in cas],
+        return ssl.CertificateOptions(verify=True, caCerts=[c.original for c in cas],
                                       raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
     if tls.mode == "verify-full":
         return ssl.optionsForClientTLS(name, trustRoot=trust)
