@@ -22,7 +22,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gatekeep.interfaces import IIdentityProvider, IMasking, IPolicy, IRecorder
-from gatekeep.model import Action, Decision, Identity, LoginFailure, Operation, Outcome, Session, SessionEnd
+from gatekeep.model import (Action, Decision, Identity, LoginFailure, Operation, Outcome, Session, SessionEnd,
+                            StreamEvent)
 
 _log = Logger()
 
@@ -65,6 +66,17 @@ class Chain:
         for provider in self.identities:
             try:
                 identity = provider.authenticateToken(name, token)
+            except Exception:
+                _log.failure("identity provider {provider!r} failed", provider=provider)
+                continue
+            if identity is not None:
+                return identity
+        return None
+
+    def authenticate_public_key(self, name: str, blob: bytes) -> Identity | None:
+        for provider in self.identities:
+            try:
+                identity = provider.authenticatePublicKey(name, blob)
             except Exception:
                 _log.failure("identity provider {provider!r} failed", provider=provider)
                 continue
@@ -137,6 +149,9 @@ class Chain:
     def session_ended(self, end: SessionEnd) -> None:
         self.recorder.sessionEnded(end)
 
+    def stream_data(self, event: StreamEvent) -> None:
+        self.recorder.streamData(event)
+
 
 @attrs.define
 class Gateway:
@@ -149,6 +164,8 @@ class Gateway:
     secret: bytes
     #: live sessions by id, for cancel requests, admin views and cut-offs
     sessions: dict[str, Any] = attrs.field(factory=dict)
+    #: where plugins keep state across restarts (generated host keys, ...): the store's folder
+    state_dir: Any = None
 
     def now(self) -> float:
         return self.reactor.seconds()

@@ -12,6 +12,8 @@ errors look the same.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from pathlib import Path
 from typing import Any
@@ -184,10 +186,20 @@ class TokenHashes:
 
 
 @attrs.frozen
+class SSHKey:
+    """A public key from ``identities[].ssh_keys`` (OpenSSH authorized_keys format)."""
+
+    type: str
+    blob: bytes
+    comment: str = ""
+
+
+@attrs.frozen
 class IdentityConfig:
     name: str
     groups: frozenset[str]
     token: TokenHashes
+    ssh_keys: tuple[SSHKey, ...] = ()
 
 
 @attrs.frozen
@@ -265,8 +277,19 @@ def read_identity(node: Node) -> IdentityConfig:
             except ValueError as e:
                 raise ConfigError(tok.sub("scram"), f"expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey> ({e})") from None
         tok.finish()
+    keys = []
+    for i, line in enumerate(node.strings("ssh_keys", ())):
+        parts = line.split(None, 2)
+        try:
+            blob = base64.b64decode(parts[1], validate=True)
+            if len(parts) < 2 or not blob:
+                raise ValueError
+        except (ValueError, IndexError, binascii.Error):
+            raise ConfigError(f"{node.sub('ssh_keys')}[{i}]",
+                              "expected an OpenSSH public key such as \"ssh-ed25519 AAAA... comment\"") from None
+        keys.append(SSHKey(parts[0], blob, parts[2] if len(parts) > 2 else ""))
     node.finish()
-    return IdentityConfig(name, groups, TokenHashes(sha, scram))
+    return IdentityConfig(name, groups, TokenHashes(sha, scram), tuple(keys))
 
 
 def read_server_tls(node: Node | None) -> ServerTLS | None:

@@ -25,6 +25,13 @@ class IIdentityProvider(Interface):
             the name or the token was wrong.
         """
 
+    def authenticatePublicKey(name, blob):
+        """
+        @param blob: an SSH public key blob (the base64-decoded part of an
+            authorized_keys line).
+        @return: the Identity if ``blob`` is registered for ``name``, else None.
+        """
+
     def scramVerifier(name):
         """
         @return: ``(ScramVerifier, Identity)`` for an identity that can log in
@@ -71,6 +78,9 @@ class IRecorder(Interface):
     def sessionEnded(end):
         """A session ended (L{gatekeep.model.SessionEnd})."""
 
+    def streamData(event):
+        """A piece of a recorded stream (L{gatekeep.model.StreamEvent})."""
+
     def flush():
         """@return: a Deferred that fires when everything received so far is stored."""
 
@@ -91,6 +101,9 @@ class IStore(Interface):
 
     def loginFailures(limit):
         """@return: failed logins, newest first. Blocking."""
+
+    def streams(session_id):
+        """@return: {stream name: [(at, kind, data), ...]} for a session, in order. Blocking."""
 
     def close():
         """Release the store."""

@@ -98,6 +98,8 @@ class Operation:
     detail: Any = None
     #: parameters in a recordable form (already masked where masking applies)
     parameters: tuple[str | None, ...] = ()
+    #: protocol facts worth recording with the request (HTTP headers with secrets redacted, argv, ...)
+    extra: dict[str, Any] | None = None
 
 
 @attrs.frozen
@@ -115,6 +117,8 @@ class Outcome:
     error_message: str | None = None
     #: how many values were masked, by rule name and "rule/detector"
     masked: dict[str, int] | None = None
+    #: protocol facts worth recording with the result (response headers, a masked body excerpt, ...)
+    extra: dict[str, Any] | None = None
 
 
 @attrs.frozen
@@ -137,3 +141,20 @@ class SessionEnd:
     bytes_from_client: int
     bytes_to_client: int
     reason: str
+
+
+@attrs.frozen
+class StreamEvent:
+    """
+    A piece of a recorded stream, in asciicast v2 terms: ``o`` output, ``i``
+    input, ``r`` resize (``data`` is ``"COLSxROWS"``), ``m`` a marker. Shell and
+    exec channels, Kubernetes exec streams and WebSocket messages are recorded
+    this way, already masked where masking applies.
+    """
+
+    session_id: str
+    #: which stream of the session: "channel-0", "exec-3", "ws-1"
+    stream: str
+    at: float
+    kind: str
+    data: str

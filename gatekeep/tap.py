@@ -93,7 +93,7 @@ def build(config: Config, reactor: Any = None) -> GatewayService:
         masking=MaskingPolicy(config.masking),
         recorder=recorder,
     )
-    gateway = Gateway(chain, reactor, config.node, os.urandom(32))
+    gateway = Gateway(chain, reactor, config.node, os.urandom(32), state_dir=config.store.path.parent)
     top = GatewayService(gateway, config)
     RecorderService(recorder).setServiceParent(top)
     for target in config.targets:

@@ -45,7 +45,7 @@ from zope.interface import implementer
 from gatekeep.chain import Chain, Gateway, NoMasking
 from gatekeep.identity.scram import make_verifier
 from gatekeep.interfaces import IIdentityProvider, IPolicy, IRecorder
-from gatekeep.model import ALLOW, Action, Decision, Identity, LoginFailure, Operation, Outcome, Session, SessionEnd
+from gatekeep.model import ALLOW, Action, Decision, Identity, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
 
 __all__ = [
     "ByteClient", "FailingPolicy", "FunctionPolicy", "MemoryConnection", "MemoryEndpoint", "MemoryIdentityProvider",
@@ -89,6 +89,19 @@ class MemoryIdentityProvider:
                 return Identity(found_name, entry[1], "token")
         return None
 
+    def authenticatePublicKey(self, name: str, blob: bytes) -> Identity | None:
+        """The identity if ``blob`` was registered for ``name`` with :meth:`add_key`."""
+        entry = self._keys.get(name)
+        if entry is not None and blob in entry[1]:
+            return attrs.evolve(entry[0], method="ssh-key")
+        return None
+
+    def add_key(self, name: str, blob: bytes, groups: Iterable[str] = ()) -> Identity:
+        """Register an SSH public key blob for ``name``."""
+        identity = Identity(name, frozenset(groups), "ssh-key")
+        self._keys.setdefault(name, (identity, []))[1].append(blob)
+        return identity
+
     def scramVerifier(self, name: str) -> tuple[Any, Identity] | None:
         """``(ScramVerifier, Identity)`` for an identity added with ``scram=True``, else None."""
         entry = self._by_name.get(name)
@@ -114,6 +127,7 @@ class RecordingRecorder:
     operations: list[tuple[Operation, Decision]] = attrs.field(factory=list)
     outcomes: list[Outcome] = attrs.field(factory=list)
     ends: list[SessionEnd] = attrs.field(factory=list)
+    streams: list[StreamEvent] = attrs.field(factory=list)
     events: list[Any] = attrs.field(factory=list)
     operation_result: Any = None
     flushes: int = 0
@@ -143,6 +157,11 @@ class RecordingRecorder:
         """Record the end of a session."""
         self.ends.append(end)
         self.events.append(end)
+
+    def streamData(self, event: StreamEvent) -> None:
+        """Record a piece of a stream."""
+        self.streams.append(event)
+        self.events.append(event)
 
     def flush(self) -> Deferred:
         """Everything is stored already: an already-fired Deferred."""

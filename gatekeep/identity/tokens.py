@@ -77,6 +77,15 @@ class StaticIdentityProvider:
             return self._identity(cfg, "token")
         return None
 
+    def authenticatePublicKey(self, name: str, blob: bytes) -> Identity | None:
+        cfg = self._by_name.get(name)
+        if cfg is None:
+            return None
+        for key in cfg.ssh_keys:
+            if hmac.compare_digest(key.blob, blob):
+                return self._identity(cfg, "ssh-key")
+        return None
+
     def scramVerifier(self, name: str):
         cfg = self._by_name.get(name)
         if cfg is None or cfg.token.scram is None:

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder, IStore
-from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd
+from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
 
 _log = Logger()
 
@@ -52,6 +52,7 @@ class ThreadedRecorder:
         self.batches = 0
         self.written = 0
         self.failures = 0
+        self.dropped = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -83,6 +84,9 @@ class ThreadedRecorder:
 
     def sessionEnded(self, end: SessionEnd) -> None:
         self._queue.put(end)
+
+    def streamData(self, event: StreamEvent) -> None:
+        self._queue.put(event)
 
     def flush(self) -> Deferred:
         d: Deferred = Deferred()
@@ -133,16 +137,42 @@ class ThreadedRecorder:
 
     def _write_all(self, batch: list[Any]) -> None:
         delay = self._retry_delay
+        attempts = 0
         while True:
             try:
                 self._store.write(batch)
             except Exception as e:
                 self.failures += 1
+                attempts += 1
                 _log.error("recording store failed ({error}); retrying {n} events in {delay:.1f}s",
                            error=type(e).__name__ + ": " + str(e)[:200], n=len(batch), delay=delay)
+                if attempts == 3 and len(batch) > 1 and self._write_singly(batch):
+                    return
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             self.batches += 1
             self.written += len(batch)
             return
+
+    def _write_singly(self, batch: list[Any]) -> bool:
+        """
+        A batch that keeps failing: write it event by event. If some events go in
+        and others do not, the others are poison (they can never be stored) and
+        are logged and dropped; if none goes in, the store is down and the whole
+        batch is retried.
+        """
+        failed = []
+        for event in batch:
+            try:
+                self._store.write([event])
+            except Exception:
+                failed.append(event)
+        if len(failed) == len(batch):
+            return False
+        self.batches += 1
+        self.written += len(batch) - len(failed)
+        for event in failed:
+            self.dropped += 1
+            _log.critical("recording dropped an event the store refuses: {kind}", kind=type(event).__name__)
+        return True

@@ -17,7 +17,7 @@ from typing import Any
 from zope.interface import implementer
 
 from gatekeep.interfaces import IStore
-from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd
+from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
 
 MIGRATIONS: list[str] = [
     # 1: sessions, operations, failed logins
@@ -74,6 +74,20 @@ MIGRATIONS: list[str] = [
     # 2: what masking did to each operation's results
     """
     ALTER TABLE operations ADD COLUMN masked TEXT;
+    """,
+    # 3: protocol facts of requests and results; recorded streams (asciicast events)
+    """
+    ALTER TABLE operations ADD COLUMN request TEXT;
+    ALTER TABLE operations ADD COLUMN response TEXT;
+    CREATE TABLE stream_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_id TEXT NOT NULL,
+        stream TEXT NOT NULL,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE INDEX stream_events_session ON stream_events (session_id, id);
     """,
 ]
 
@@ -136,7 +150,7 @@ class SQLiteStore:
         (Operation, Decision), Outcome, SessionEnd, LoginFailure. An operation
         and its outcome in the same batch become one row.
         """
-        sessions, ops, outcomes, ends, failures = [], {}, [], [], []
+        sessions, ops, outcomes, ends, failures, streams = [], {}, [], [], [], []
         for event in batch:
             if isinstance(event, tuple):
                 op, decision = event
@@ -153,6 +167,8 @@ class SQLiteStore:
                 ends.append(event)
             elif isinstance(event, LoginFailure):
                 failures.append(event)
+            elif isinstance(event, StreamEvent):
+                streams.append(event)
             else:
                 raise TypeError(f"cannot store {type(event).__name__}")
         db = self._db()
@@ -171,21 +187,27 @@ class SQLiteStore:
             if ops:
                 db.executemany(
                     "INSERT INTO operations (session_id, seq, kind, text, parameters, at, action, rule, reason, facts,"
-                    " finished_at, duration, status, rows, error_code, error_message, masked)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " request, finished_at, duration, status, rows, error_code, error_message, masked, response)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     [self._op_row(op, d, o) for op, d, o in ops.values()],
                 )
             if outcomes:
                 db.executemany(
                     "UPDATE operations SET finished_at=?, duration=?, status=?, rows=?, error_code=?, error_message=?,"
-                    " masked=? WHERE session_id=? AND seq=?",
+                    " masked=?, response=? WHERE session_id=? AND seq=?",
                     [(o.finished_at, o.duration, o.status, o.rows, o.error_code, o.error_message,
-                      _json(o.masked) if o.masked else None, o.session_id, o.seq) for o in outcomes],
+                      _json(o.masked) if o.masked else None, _json(o.extra) if o.extra else None,
+                      o.session_id, o.seq) for o in outcomes],
                 )
             if ends:
                 db.executemany(
                     "UPDATE sessions SET ended_at=?, bytes_from_client=?, bytes_to_client=?, end_reason=? WHERE id=?",
                     [(e.ended_at, e.bytes_from_client, e.bytes_to_client, e.reason, e.session_id) for e in ends],
+                )
+            if streams:
+                db.executemany(
+                    "INSERT INTO stream_events (session_id, stream, at, kind, data) VALUES (?,?,?,?,?)",
+                    [(e.session_id, e.stream, e.at, e.kind, e.data) for e in streams],
                 )
             if failures:
                 db.executemany(
@@ -201,11 +223,12 @@ class SQLiteStore:
     def _op_row(op: Operation, d: Decision, o: Outcome | None) -> tuple:
         params = _json(list(op.parameters)) if op.parameters else None
         facts = _json(d.facts) if d.facts else None
-        head = (op.session.id, op.seq, op.kind, op.text, params, op.at, d.action.value, d.rule, d.reason or None, facts)
+        head = (op.session.id, op.seq, op.kind, op.text, params, op.at, d.action.value, d.rule, d.reason or None, facts,
+                _json(op.extra) if op.extra else None)
         if o is None:
-            return head + (None, None, None, None, None, None, None)
+            return head + (None, None, None, None, None, None, None, None)
         return head + (o.finished_at, o.duration, o.status, o.rows, o.error_code, o.error_message,
-                       _json(o.masked) if o.masked else None)
+                       _json(o.masked) if o.masked else None, _json(o.extra) if o.extra else None)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -239,6 +262,13 @@ class SQLiteStore:
         ]
         return result
 
+    def streams(self, session_id: str) -> dict[str, list[tuple[float, str, str]]]:
+        out: dict[str, list[tuple[float, str, str]]] = {}
+        for r in self._db().execute(
+                "SELECT stream, at, kind, data FROM stream_events WHERE session_id = ? ORDER BY id", (session_id,)):
+            out.setdefault(r["stream"], []).append((r["at"], r["kind"], r["data"]))
+        return out
+
     def loginFailures(self, limit: int = 50) -> list[dict]:
         return [dict(r) for r in self._db().execute("SELECT * FROM login_failures ORDER BY at DESC LIMIT ?", (limit,))]
 
@@ -253,7 +283,7 @@ class SQLiteStore:
     @staticmethod
     def _op_dict(r: sqlite3.Row) -> dict:
         d = dict(r)
-        for key in ("parameters", "facts", "masked"):
+        for key in ("parameters", "facts", "masked", "request", "response"):
             if d[key] is not None:
                 d[key] = json.loads(d[key])
         return d

@@ -178,6 +178,22 @@ def test_upstream_terminated_mid_session(fgw):
     assert s["end_reason"].startswith("upstream closed"), s["end_reason"]
 
 
+def test_client_vanishing_closes_its_server_backend(fgw):
+    """When a client drops its socket without Terminate, the gateway closes the upstream and records the end."""
+    app = "gk-test-raw"
+    with RawClient(fgw.gk.ports["rw"]) as c:
+        c.login("carol", fgw.tokens["carol"])
+        reply = c.query("SELECT pg_backend_pid()")
+        pid = int([body for mtype, body in reply if mtype == b"D"][0][6:])
+    poll("backend %d to exit" % pid, lambda: fgw.pg.admin_psql(
+        "SELECT count(*) FROM pg_stat_activity WHERE pid = %d;" % pid).stdout.strip() == "0", timeout=10)
+    ended = poll("carol's session to be recorded as ended", lambda: [
+        s for s in sessions_json(fgw.gk, "--identity", "carol")
+        if s["attributes"].get("application_name") == app and s["ended_at"]], timeout=10)
+    assert ended[0]["end_reason"] == "client closed the connection"
+    assert fgw.gk.running
+
+
 # -- malformed client bytes --------------------------------------------------------------------------
 
 MALFORMED_STARTUP = {

@@ -133,6 +133,27 @@ def test_psql_copy_from_stdin_and_to_stdout(gw, tmp_path):
     assert dst.read_text().split() == ["1", "2"] + [str(i) for i in range(10, 1010)]
 
 
+def test_psql_copy_bad_data_and_records(gw):
+    """A COPY FROM STDIN with bad data fails with 22P02 and the session continues; COPYs are recorded with row counts."""
+    table = _marker("gk_copy")
+    app = _marker("gk_app")
+    out = gw.psql(
+        f"CREATE TEMP TABLE {table} (id int);\n"
+        f"COPY {table} FROM STDIN;\n1\n2\n\\.\n"
+        f"COPY {table} FROM STDIN;\n3\nabc\n\\.\n"
+        f"COPY {table} TO STDOUT;\n",
+        extra_args=("-v", "ON_ERROR_STOP=0"), check=False, extra_env={"PGAPPNAME": app})
+    assert 'ERROR:  22P02: invalid input syntax for type integer: "abc"' in out.stderr
+    assert _lines(out) == ["1", "2"]
+    records = wait_for_ended_session(gw.gk, app)["records"]
+    assert [(r["text"].split()[0], r["status"], r["rows"], r["error_code"]) for r in records] == [
+        ("CREATE", "CREATE TABLE", None, None),
+        ("COPY", "COPY 2", 2, None),
+        ("COPY", None, None, "22P02"),
+        ("COPY", "COPY 2", 2, None),
+    ]
+
+
 def test_psql_listen_receives_notify_from_another_connection(gw):
     """A LISTENing psql session receives a NOTIFY sent by another connection through the gateway."""
     channel = _marker("gk_ch")
@@ -220,6 +241,18 @@ def test_psycopg_large_binary_parameter(gw):
     assert got == (hashlib.md5(payload).hexdigest(), len(payload))
 
 
+def test_psycopg_large_result_streams_through(gw):
+    """A 300 000-row, ~20 MB result arrives complete and correct."""
+    with gw.connect() as conn:
+        cur = conn.execute("SELECT g, repeat(md5(g::text), 2) FROM generate_series(1, 300000) g")
+        n = total = 0
+        for g, text in cur:
+            n += 1
+            total += g
+            assert len(text) == 64
+        assert (n, total) == (300000, 300000 * 300001 // 2)
+
+
 def test_psycopg_prepared_statements(gw):
     """prepare=True creates a named server-side prepared statement that is reused across executions."""
     with gw.connect() as conn:
@@ -248,7 +281,9 @@ def test_psycopg_pipeline_mode(gw):
 def test_psycopg_pipeline_error_skips_later_statements(gw):
     """An error inside a pipeline leaves later statements unexecuted and the connection usable."""
     table = _marker("gk_pipe")
-    with gw.connect(autocommit=True) as conn:
+    app = _marker("gk_app")
+    pos = gw.pg.log_position()
+    with gw.connect(autocommit=True, application_name=app) as conn:
         conn.execute(f"CREATE TABLE {table} (v int)")
         with pytest.raises(psycopg.errors.DivisionByZero):
             with conn.pipeline() as p:
@@ -256,9 +291,19 @@ def test_psycopg_pipeline_error_skips_later_statements(gw):
                 p.sync()
                 conn.execute("SELECT 1/0")
                 conn.execute(f"INSERT INTO {table} VALUES (2)")
+                conn.execute(f"INSERT INTO {table} VALUES (%t)", (3,))
         assert conn.execute(f"SELECT coalesce(array_agg(v), '{{}}') FROM {table}").fetchone() == ([1],)
         assert conn.execute("SELECT 'usable'").fetchone() == ("usable",)
         conn.execute(f"DROP TABLE {table}")
+    assert not [st for st in gw.pg.logged_statements(since=pos) if f"INSERT INTO {table} VALUES (2)" in st.text]
+    records = wait_for_ended_session(gw.gk, app)["records"]
+    summary = [(r["text"], r["status"], r["error_code"]) for r in records[1:5]]
+    assert summary[:2] == [(f"INSERT INTO {table} VALUES (1)", "INSERT 0 1", None),
+                           ("SELECT 1/0", None, "22012")]
+    for text, status, _ in summary[2:]:
+        assert text.startswith(f"INSERT INTO {table} VALUES (") and status is None
+    assert [r["error_message"].startswith("not executed") for r in records[3:5]] == [True, True]
+    assert records[4]["parameters"] == ["3"]
 
 
 def test_psycopg_named_cursor_declare_fetch(gw):

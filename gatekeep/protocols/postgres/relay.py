@@ -93,7 +93,7 @@ class Frontend(protocol.Protocol):
         self.gateway = factory.gateway
         self.target = factory.target
         self.phase = Phase.STARTUP
-        self.reader = pg.MessageReader(typed=False, max_length=10000)
+        self.reader = pg.MessageReader(typed=False)
         self.tls = False
         self.user = ""
         self.parameters: dict[str, str] = {}
@@ -679,8 +679,16 @@ class Upstream(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.state == "ready":
-            out = self.stream.feed(data)
             fe = self.frontend
+            try:
+                out = self.stream.feed(data)
+            except Exception as e:  # a malformed server message, or a handler that failed on one
+                _log.failure("bad data from the upstream of {target}", target=fe.target.name)
+                self.state = "failed"
+                fe.end_reason = f"upstream protocol error: {type(e).__name__}"
+                fe.fatal("08P01", f"gatekeep received an invalid message from the database of target {fe.target.name}")
+                self.transport.loseConnection()
+                return
             for chunk in out:
                 fe.bytes_out += len(chunk)
             fe.transport.writeSequence(out)
