@@ -272,10 +272,24 @@ def start_bare_relay(workdir, pg_port, cleanup):
     return proc, port
 
 
-def start_gatekeep(workdir, pg_port, password, cleanup, src=REPO):
+#: --policy: rules every statement is matched against (none of them fires on pgbench -S)
+POLICY_RULES = [
+    {"name": "no-ddl", "match": {"groups": ["bench"], "statements": ["ddl", "truncate", "grant"]},
+     "action": "deny"},
+    {"name": "no-unbounded-writes", "match": {"conditions": ["update_without_where", "delete_without_where"]},
+     "action": "deny", "reason": "add a WHERE clause"},
+    {"name": "no-file-functions", "match": {"functions": ["pg_read_file", "pg_ls_dir", "lo_import", "dblink*"]},
+     "action": "deny"},
+    {"name": "branches-read-only", "match": {"tables": ["public.pgbench_branches"],
+                                             "statements": ["update", "delete", "insert"]},
+     "action": "deny"},
+]
+
+
+def start_gatekeep(workdir, pg_port, password, cleanup, src=REPO, name="gatekeep", policies=None):
     token, entry = make_identity(IDENTITY, ["bench"])
     port = free_port()
-    gkdir = os.path.join(workdir, "gatekeep")
+    gkdir = os.path.join(workdir, name)
     os.makedirs(gkdir)
     store = os.path.join(gkdir, "gatekeep.db")
     config = {
@@ -290,6 +304,8 @@ def start_gatekeep(workdir, pg_port, password, cleanup, src=REPO):
                          "user": SERVICE_USER, "password": "env:BENCH_DB_PASSWORD"},
         }],
     }
+    if policies:
+        config["policies"] = policies
     gk = GatekeepProcess(config, gkdir, env={"BENCH_DB_PASSWORD": password}, pythonpath=src)
 
     def stop():
@@ -298,7 +314,7 @@ def start_gatekeep(workdir, pg_port, password, cleanup, src=REPO):
                 gk.stop(timeout=30)
             except Exception:
                 gk.kill()
-    cleanup.add("gatekeep", stop)
+    cleanup.add(name, stop)
     gk.start(timeout=30)
     return gk, port, token, store
 
@@ -630,6 +646,9 @@ def main(argv=None):
     ap.add_argument("--json", help="results file (default bench/results/pg-<timestamp>.json)")
     ap.add_argument("--profile", action="store_true",
                     help="also run py-spy on gatekeep during an extra pgbench -S run (simple and extended)")
+    ap.add_argument("--policy", action="store_true",
+                    help="add a peer gatekeep-policy: a second gatekeep with a few SQL policy rules "
+                         "(pgbench and COPY only)")
     ap.add_argument("--skip", action="append", default=[], choices=["pgbench", "copy", "slow"],
                     help="skip a section (repeatable)")
     ap.add_argument("--slow-chunk", type=int, default=65536, help="slow reader: bytes per recv (default 65536)")
@@ -656,6 +675,10 @@ def main(argv=None):
     if not os.access(PGBOUNCER, os.X_OK):
         sys.exit("%s not found (apt-get install pgbouncer)" % PGBOUNCER)
 
+    load = os.getloadavg()
+    if load[0] > 0.7:
+        print("warning: load average %.2f before starting: something else is running on this machine; "
+              "numbers will be noisy (compare only within one run)" % load[0], file=sys.stderr, flush=True)
     workdir = tempfile.mkdtemp(prefix="gk-bench-")
     os.chmod(workdir, 0o755)
     cleanup = Cleanup()
@@ -663,7 +686,7 @@ def main(argv=None):
         cleanup.add("workdir", lambda: shutil.rmtree(workdir, ignore_errors=True))
     results = {"started": stamp, "mode": "quick" if args.quick else "full", "secs": secs,
                "rounds": args.rounds, "versions": versions(args.gatekeep_src), "targets": TARGETS,
-               "gatekeep_src": os.path.abspath(args.gatekeep_src)}
+               "gatekeep_src": os.path.abspath(args.gatekeep_src), "loadavg_at_start": load}
     try:
         # 1. PostgreSQL ------------------------------------------------------------------------
         log("starting PostgreSQL (work dir %s)" % workdir)
@@ -703,6 +726,13 @@ def main(argv=None):
             Peer("bare-relay", bare_port, SERVICE_USER, password, pid=bare.pid),
             Peer("gatekeep", gk_port, IDENTITY, token, pid=gk.pid, note="recording to SQLite"),
         ]
+        gk_policy = None
+        if args.policy:
+            gk_policy, gkp_port, gkp_token, _ = start_gatekeep(
+                workdir, server.port, password, cleanup, os.path.abspath(args.gatekeep_src),
+                name="gatekeep-policy", policies=POLICY_RULES)
+            peers.append(Peer("gatekeep-policy", gkp_port, IDENTITY, gkp_token, pid=gk_policy.pid,
+                              note="recording, %d SQL policy rules" % len(POLICY_RULES)))
         by_name = {p.name: p for p in peers}
         gkpeer = by_name["gatekeep"]
         for p in peers:  # every peer answers before anything is measured
@@ -733,8 +763,10 @@ def main(argv=None):
                         order.reverse()
                     for p in order:
                         i += 1
+                        load = os.getloadavg()[0]
                         res = run_pgbench(p, clients, threads, mode, secs)
                         res["round"] = r
+                        res["loadavg1_before"] = round(load, 2)
                         runs[tname][p.name].append(res)
                         log("  %2d/%d %-18s %-18s tps %9.0f  lat %.3f ms%s"
                             % (i, n_runs, tname, p.name, res["tps"], res["latency_ms"],
@@ -747,6 +779,8 @@ def main(argv=None):
 
         # 4. COPY ------------------------------------------------------------------------------
         copy_peers = [direct, by_name["pgbouncer-session"], by_name["bare-relay"], gkpeer]
+        if gk_policy is not None:
+            copy_peers.append(by_name["gatekeep-policy"])
         copy_runs = {p.name: [] for p in copy_peers}
         if "copy" not in args.skip:
             log("COPY %d rows: %d reps per peer, interleaved" % (copy_rows, copy_reps))
@@ -787,6 +821,7 @@ def main(argv=None):
                 "operations": db.execute("SELECT count(*) FROM operations").fetchone()[0],
             }
         results["finished"] = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        results["loadavg_at_end"] = os.getloadavg()
         report(results)
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:
@@ -836,6 +871,9 @@ def report(results):
         summary["gatekeep_tps_over_direct_" + tname.split("-")[1]] = ratio(per["gatekeep"]["tps"], d["tps"])
         summary["gatekeep_tps_over_pgbouncer_session_" + tname.split("-")[1]] = ratio(
             per["gatekeep"]["tps"], per["pgbouncer-session"]["tps"])
+        if per.get("gatekeep-policy"):
+            summary["gatekeep_policy_tps_over_bare_" + tname.split("-")[1]] = ratio(
+                per["gatekeep-policy"]["tps"], b["tps"])
 
     per = {n: best(rs, "latency") for n, rs in runs["select-simple-c1"].items()}
     if all(per.values()):
@@ -849,6 +887,8 @@ def report(results):
         summary["gatekeep_added_latency_us"] = (per["gatekeep"]["latency_ms"] - d) * 1000
         summary["bare_added_latency_us"] = (per["bare-relay"]["latency_ms"] - d) * 1000
         summary["pgbouncer_added_latency_us"] = (per["pgbouncer-session"]["latency_ms"] - d) * 1000
+        if per.get("gatekeep-policy"):
+            summary["gatekeep_policy_added_latency_us"] = (per["gatekeep-policy"]["latency_ms"] - d) * 1000
 
     copy = results["copy"]["runs"]
     if copy.get("direct"):
@@ -867,6 +907,8 @@ def report(results):
               ["peer", "best s", "median s", "MB/s", "peer CPU s", "vs direct"], rows)
         summary["copy_gatekeep_over_direct"] = min(x["seconds"] for x in copy["gatekeep"]) / dbest
         summary["copy_bare_over_direct"] = min(x["seconds"] for x in copy["bare-relay"]) / dbest
+        if copy.get("gatekeep-policy"):
+            summary["copy_gatekeep_policy_over_direct"] = min(x["seconds"] for x in copy["gatekeep-policy"]) / dbest
 
     slow = results.get("slow_reader")
     if slow:
@@ -909,6 +951,8 @@ def report(results):
     info = []
     for k in ("gatekeep_tps_over_direct_simple", "gatekeep_tps_over_direct_extended",
               "gatekeep_tps_over_pgbouncer_session_simple", "gatekeep_tps_over_pgbouncer_session_extended",
+              "gatekeep_policy_tps_over_bare_simple", "gatekeep_policy_tps_over_bare_extended",
+              "gatekeep_policy_added_latency_us", "copy_gatekeep_policy_over_direct",
               "bare_added_latency_us", "pgbouncer_added_latency_us", "copy_bare_over_direct"):
         if summary.get(k) is not None:
             info.append([k, fmt(summary[k], 2)])

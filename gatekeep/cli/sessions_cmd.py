@@ -26,6 +26,21 @@ def register(sub) -> None:
     sh.add_argument("id", help="a session id or a unique prefix of one")
     sh.add_argument("--json", action="store_true")
     sh.set_defaults(func=show)
+    rp = s.add_parser("replay", help="play a session back: terminal output with its timing, or a timed transcript")
+    add_store_arguments(rp)
+    rp.add_argument("id")
+    rp.add_argument("--stream", help="which recorded stream (default: the first)")
+    rp.add_argument("--speed", type=float, default=1.0, help="playback speed factor (default 1)")
+    rp.add_argument("--max-wait", type=float, default=2.0, help="longest pause between events, in seconds")
+    rp.add_argument("--no-wait", action="store_true", help="print everything at once")
+    rp.set_defaults(func=replay)
+    ex = s.add_parser("export", help="write a session's recording to a file")
+    add_store_arguments(ex)
+    ex.add_argument("id")
+    ex.add_argument("--format", choices=("asciicast", "json"), default="asciicast")
+    ex.add_argument("--stream", help="which recorded stream, for asciicast (default: the first)")
+    ex.add_argument("--output", "-o", help="file to write (default: standard output)")
+    ex.set_defaults(func=export)
 
 
 def _when(t: float | None) -> str:
@@ -86,4 +101,104 @@ def show(args) -> int:
             print(f"      parameters: {r['parameters']}")
         if r["rule"]:
             print(f"      rule: {r['rule']} {r['reason'] or ''}")
+    return 0
+
+
+def _session_or_fail(store, session_id: str) -> dict | None:
+    s = store.session(session_id)
+    if s is None:
+        sys.stderr.write(f"gatekeep: no session {session_id!r} (or the prefix is not unique)\n")
+    return s
+
+
+def asciicast(session: dict, events: list, width: int = 80, height: int = 24) -> list[str]:
+    """asciicast v2 lines (header, then [time, kind, data] events) for one recorded stream."""
+    start = events[0][0] if events else session["started_at"]
+    for _, kind, data in events:
+        if kind == "r" and "x" in data:
+            width, height = (int(v) for v in data.split("x", 1))
+            break
+    header = {"version": 2, "width": width, "height": height, "timestamp": int(start),
+              "title": f"gatekeep session {session['id']}: {session['identity']} on {session['target']}",
+              "env": {"TERM": session.get("attributes", {}).get("term", "xterm-256color")}}
+    lines = [json.dumps(header)]
+    for at, kind, data in events:
+        lines.append(json.dumps([round(at - start, 6), kind, data]))
+    return lines
+
+
+def _pick_stream(streams: dict, wanted: str | None) -> tuple[str, list] | None:
+    if not streams:
+        return None
+    if wanted is None:
+        name = next(iter(streams))
+    elif wanted in streams:
+        name = wanted
+    else:
+        sys.stderr.write(f"gatekeep: no stream {wanted!r}; recorded: {', '.join(streams)}\n")
+        return None
+    return name, streams[name]
+
+
+def replay(args) -> int:
+    store = open_store(args)
+    session = _session_or_fail(store, args.id)
+    if session is None:
+        return 1
+    streams = store.streams(session["id"])
+    out = sys.stdout
+    if streams:
+        picked = _pick_stream(streams, args.stream)
+        if picked is None:
+            return 1
+        last = None
+        for at, kind, data in picked[1]:
+            if kind != "o":
+                continue
+            if last is not None and not args.no_wait:
+                time.sleep(min((at - last) / max(args.speed, 0.001), args.max_wait))
+            last = at
+            out.write(data)
+            out.flush()
+        return 0
+    # no terminal streams: a timed transcript of the operations
+    last = None
+    for r in session["records"]:
+        if last is not None and not args.no_wait:
+            time.sleep(min((r["at"] - last) / max(args.speed, 0.001), args.max_wait))
+        last = r["at"]
+        offset = r["at"] - session["started_at"]
+        result = r["error_code"] and f"ERROR {r['error_code']} {r['error_message']}" or r["status"] or ""
+        out.write(f"[+{offset:8.3f}s] {session['identity']}@{session['target']}> {r['text']}\n")
+        if r["action"] != "allow":
+            out.write(f"             {r['action']} by {r['rule'] or 'default'}\n")
+        if result:
+            out.write(f"             {result}\n")
+        if r.get("masked"):
+            out.write(f"             masked: {r['masked']}\n")
+        out.flush()
+    return 0
+
+
+def export(args) -> int:
+    store = open_store(args)
+    session = _session_or_fail(store, args.id)
+    if session is None:
+        return 1
+    streams = store.streams(session["id"])
+    if args.format == "json":
+        session["streams"] = {k: [list(e) for e in v] for k, v in streams.items()}
+        text = json.dumps(session, indent=2) + "\n"
+    else:
+        picked = _pick_stream(streams, args.stream)
+        if picked is None:
+            if not streams:
+                sys.stderr.write("gatekeep: this session has no terminal stream to export as asciicast\n")
+            return 1
+        text = "\n".join(asciicast(session, picked[1])) + "\n"
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
     return 0

@@ -284,7 +284,7 @@ class SQLiteStore:
     def _op_dict(r: sqlite3.Row) -> dict:
         d = dict(r)
         for key in ("parameters", "facts", "masked", "request", "response"):
-            if d[key] is not None:
+            if d.get(key) is not None:
                 d[key] = json.loads(d[key])
         return d
 

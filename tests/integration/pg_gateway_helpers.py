@@ -17,6 +17,7 @@ import hmac
 import json
 import os
 import secrets
+import signal
 import socket
 import ssl
 import struct
@@ -99,6 +100,46 @@ def gk_psql(gk, target, user, token, sql, *, sslmode="disable", ca=None, check=T
                     password=token, sslmode=sslmode, sslrootcert=ca, check=check,
                     timeout=timeout, extra_args=("-v", "VERBOSITY=verbose", *extra_args),
                     extra_env=env)
+
+
+def wait_query_active(pg_server, marker, timeout=10.0):
+    """Wait until a query containing ``marker`` is running on the server."""
+    poll("the marked query to be running on the server",
+         lambda: pg_server.admin_psql(
+             "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%%%s%%' "
+             "AND pid <> pg_backend_pid();" % marker).stdout.strip() == "1",
+         timeout=timeout)
+
+
+def psql_interrupted(gk, target, user, token, pg_server, marker, *, sslmode="disable", ca=None):
+    """Run ``SELECT pg_sleep(30)`` in psql; SIGINT it once the sleep runs on the server.
+
+    Returns (stdout, stderr, seconds from SIGINT to psql's exit).
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGPASSWORD=token, PGSSLMODE=sslmode, PGPASSFILE="/nonexistent/gatekeep-tests-pgpass",
+               PGCONNECT_TIMEOUT="10")
+    host = "127.0.0.1"
+    if sslmode == "verify-full":
+        host = "localhost"
+        env["PGHOSTADDR"] = "127.0.0.1"
+    if ca:
+        env["PGSSLROOTCERT"] = ca
+    argv = [os.path.join(pg_server.bindir, "psql"), "-X", "-w", "-A", "-t", "-v", "VERBOSITY=verbose",
+            "-h", host, "-p", str(gk.ports[target]), "-U", user, "-d", "app",
+            "-c", "SELECT pg_sleep(30) /* %s */" % marker]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    try:
+        wait_query_active(pg_server, marker)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+        return out, err, time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
 
 
 # -- the gatekeep CLI ---------------------------------------------------------------

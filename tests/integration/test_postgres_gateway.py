@@ -7,7 +7,6 @@ in with their gatekeep identity and token only.
 """
 
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -18,7 +17,8 @@ import psycopg2
 import pytest
 
 from tests.integration.pg_gateway_helpers import (
-    client_args, gk_psql, pg_target, poll, store_bytes, upstream_env, wait_for_ended_session,
+    client_args, gk_psql, pg_target, psql_interrupted, store_bytes, upstream_env, wait_for_ended_session,
+    wait_query_active,
 )
 from tests.support.identities import make_identity
 from tests.support.pgserver import PsqlError
@@ -382,14 +382,6 @@ def test_pgbench_run_has_no_failed_transactions(gw, pgbench_initialized, mode):
 # -- cancel ------------------------------------------------------------------------------
 
 
-def _wait_active(pg_server, marker):
-    poll("the marked query to be running on the server",
-         lambda: pg_server.admin_psql(
-             "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%%%s%%' "
-             "AND pid <> pg_backend_pid();" % marker).stdout.strip() == "1",
-         timeout=10)
-
-
 def test_psycopg_cancel_through_gateway(gw):
     """conn.cancel() from another thread stops pg_sleep(30) with 57014 within seconds; the connection still works."""
     marker = _marker()
@@ -405,10 +397,11 @@ def test_psycopg_cancel_through_gateway(gw):
                 result["error"] = e
             result["took"] = time.monotonic() - started
 
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
         t = threading.Thread(target=run)
         t.start()
         try:
-            _wait_active(gw.pg, marker)
+            wait_query_active(gw.pg, marker)
             conn.cancel()
         finally:
             t.join(20)
@@ -416,31 +409,17 @@ def test_psycopg_cancel_through_gateway(gw):
         err = result["error"]
         assert err is not None and err.sqlstate == "57014", err
         assert result["took"] < 10
-        assert conn.execute("SELECT 'after cancel'").fetchone() == ("after cancel",)
+        assert conn.execute("SELECT 'after cancel', pg_backend_pid()").fetchone() == ("after cancel", pid)
 
 
 def test_psql_sigint_cancels_query(gw):
-    """SIGINT to psql sends a cancel request through the gateway; the query fails with 57014 quickly."""
+    """SIGINT to psql sends a cancel request through the gateway; the query fails with 57014 within seconds."""
     marker = _marker()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(PGPASSWORD=gw.tokens["alice"], PGSSLMODE="disable", PGPASSFILE="/nonexistent/gk")
-    argv = [os.path.join(gw.pg.bindir, "psql"), "-X", "-w", "-A", "-t", "-v", "VERBOSITY=verbose",
-            "-h", "127.0.0.1", "-p", str(gw.gk.ports["rw"]), "-U", "alice", "-d", "app",
-            "-c", f"SELECT pg_sleep(30) /* {marker} */", "-c", "SELECT 'next'"]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
-    try:
-        _wait_active(gw.pg, marker)
-        started = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=15)
-        took = time.monotonic() - started
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+    out, err, took = psql_interrupted(gw.gk, "rw", "alice", gw.tokens["alice"], gw.pg, marker)
     gw.client_errors.append(err)
-    assert "57014" in err and "canceling statement due to user request" in err, err
+    assert "ERROR:  57014: canceling statement due to user request" in err, err
+    assert "Cancel request sent" in err
+    assert out.split() == []
     assert took < 10
 
 

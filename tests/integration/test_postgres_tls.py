@@ -15,7 +15,7 @@ import psycopg2
 import pytest
 
 from tests.integration.pg_gateway_helpers import (
-    RawClient, client_args, gk_psql, listener_tls, pg_target, store_bytes, upstream_env,
+    RawClient, client_args, gk_psql, listener_tls, pg_target, psql_interrupted, store_bytes, upstream_env,
     wait_for_ended_session,
 )
 from tests.support.identities import make_identity
@@ -236,6 +236,18 @@ def test_upstream_require_mode_encrypts(tgw):
     out = tgw.psql("SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid();", "encrypt-only",
                    sslmode="disable")
     assert out.stdout.split() == ["app_tls|t"]
+
+
+def test_psql_cancel_on_tls_required_target(tgw):
+    """On a TLS-required target, psql's cancel request (sent in plaintext by libpq) still cancels the query."""
+    marker = _marker()
+    out, err, took = psql_interrupted(tgw.gk, "secure", "alice", tgw.tokens["alice"], tgw.pg, marker,
+                                      sslmode="verify-full", ca=tgw.tls.ca_cert)
+    tgw.client_errors.append(err)
+    assert "ERROR:  57014: canceling statement due to user request" in err, err
+    assert "Cancel request sent" in err
+    assert out.split() == []
+    assert took < 10
 
 
 def test_tls_secrets_never_leak(tgw):
