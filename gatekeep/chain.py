@@ -14,14 +14,14 @@ and the relay carries out the answer. The chain is where failure handling lives:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from gatekeep.interfaces import IIdentityProvider, IMasking, IPolicy, IRecorder
+from gatekeep.interfaces import IApprovals, IIdentityProvider, IMasking, IPolicy, IRecorder
 from gatekeep.model import (Action, Decision, Identity, LoginFailure, Operation, Outcome, Session, SessionEnd,
                             StreamEvent)
 
@@ -53,12 +53,31 @@ class NoMasking:
         return None
 
 
+@attrs.frozen
+class Hold:
+    """What a relay tells its client when an operation is held for approval."""
+
+    request_id: str
+    #: one line for a person: what is held and how to approve it
+    message: str
+
+
+@implementer(IApprovals)
+class NoApprovals:
+    """The default until an approvals service is configured: a review rule denies."""
+
+    def hold(self, operation: Operation, decision: Decision, notify: Any) -> Decision:
+        return Decision(Action.DENY, decision.rule, "this needs an approval and no approvals service is configured",
+                        decision.facts)
+
+
 @attrs.define
 class Chain:
     identities: Sequence[IIdentityProvider]
     policy: IPolicy
     masking: IMasking
     recorder: IRecorder
+    approvals: Any = attrs.field(factory=NoApprovals)
 
     # -- identity -----------------------------------------------------------
 
@@ -97,10 +116,16 @@ class Chain:
 
     # -- policy ---------------------------------------------------------------
 
-    def decide(self, operation: Operation) -> Decision | Deferred:
+    def decide(self, operation: Operation, notify: Callable[[Hold], None] | None = None) -> Decision | Deferred:
         """
-        A Decision, or a Deferred that fires with one (never errbacks).
+        A Decision, or a Deferred that fires with one (never errbacks, except
+        with CancelledError when the relay cancels it: the client withdrew).
         Anything that goes wrong becomes a denial.
+
+        A ``review`` decision goes to the approvals service: the result is then
+        a Deferred that fires with the approver's allow or deny, and
+        ``notify(hold)`` is called at once so the relay can tell the client, in
+        its protocol, what is held and how to approve it.
         """
         try:
             result = self.policy.decide(operation)
@@ -108,8 +133,19 @@ class Chain:
             _log.failure("policy failed on {kind} in session {session}", kind=operation.kind, session=operation.session.id)
             return _fail_closed(f"the policy could not decide ({type(e).__name__})")
         if isinstance(result, Deferred):
-            return result.addCallbacks(self._check, self._policy_failed, errbackArgs=(operation,))
-        return self._check(result)
+            return result.addCallbacks(self._check, self._policy_failed, errbackArgs=(operation,)).addCallback(
+                self._review, operation, notify)
+        return self._review(self._check(result), operation, notify)
+
+    def _review(self, decision: Decision, operation: Operation, notify: Any) -> Decision | Deferred:
+        if decision.action is not Action.REVIEW:
+            return decision
+        try:
+            return self.approvals.hold(operation, decision, notify)
+        except Exception as e:
+            _log.failure("approvals failed on {kind} in session {session}", kind=operation.kind,
+                         session=operation.session.id)
+            return _fail_closed(f"the approval could not be requested ({type(e).__name__})")
 
     @staticmethod
     def _check(result: Any) -> Decision:

@@ -49,6 +49,20 @@ class IPolicy(Interface):
         """
 
 
+class IApprovals(Interface):
+    """Holds operations that a ``review`` rule matched until people decide."""
+
+    def hold(operation, decision, notify):
+        """
+        @param decision: the REVIEW decision (its rule names the review settings).
+        @param notify: None, or a callable taking a L{gatekeep.chain.Hold}; call
+            it at once when the operation is held, so the client can be told.
+        @return: a Decision (e.g. an allow from a still-open window grant), or a
+            Deferred firing with the final Decision. Cancelling the Deferred
+            withdraws the request.
+        """
+
+
 class IMasking(Interface):
     """Chooses how results are masked before they reach a client."""
 

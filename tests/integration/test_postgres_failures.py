@@ -68,11 +68,13 @@ def _marker(prefix="gk"):
 
 
 def _assert_alive(fgw, conn):
-    """The gateway process runs, the given session works, and a new session works."""
+    """The gateway process runs, the given open session works, and new psql and psycopg sessions work."""
     assert fgw.gk.running
     assert conn.execute("SELECT 'still serving'").fetchone() == ("still serving",)
     with fgw.connect(user="bob") as other:
         assert other.execute("SELECT count(*) FROM users").fetchone() == (3,)
+    out = gk_psql(fgw.gk, "rw", "bob", fgw.tokens["bob"], "SELECT name FROM users WHERE id = 2;")
+    assert out.stdout.split() == ["bob"]
 
 
 # -- authentication --------------------------------------------------------------------------
