@@ -233,6 +233,33 @@ class StoreConfig:
 
 
 @attrs.frozen
+class RecordingConfig:
+    #: Ed25519 private key (PEM) that seals sessions; None: generated in the store's folder
+    signing_key: Secret | None = None
+    #: batched: events are committed in groups; strict: each operation is committed before it is forwarded
+    durability: str = "batched"
+    #: when the store fails: continue (queue and retry) or deny new operations until it is back
+    on_failure: str = "continue"
+    #: streaming sinks (gatekeep.recording.sinks)
+    sinks: tuple = ()
+
+
+def read_recording(node: Node | None) -> RecordingConfig:
+    if node is None:
+        return RecordingConfig()
+    from gatekeep.recording.sinks import read_sink
+
+    cfg = RecordingConfig(
+        signing_key=node.secret("signing_key", None, strip=False),
+        durability=node.str("durability", "batched", choices=("batched", "strict")),
+        on_failure=node.str("on_failure", "continue", choices=("continue", "deny")),
+        sinks=tuple(read_sink(n) for n in node.children("sinks", [])),
+    )
+    node.finish()
+    return cfg
+
+
+@attrs.frozen
 class Config:
     store: StoreConfig
     identities: tuple[IdentityConfig, ...]
@@ -243,6 +270,7 @@ class Config:
     policies: tuple = ()
     #: masking rules, in order (their shape belongs to gatekeep.masking)
     masking: tuple = ()
+    recording: RecordingConfig = RecordingConfig()
 
 
 # -- reading ----------------------------------------------------------------
@@ -376,8 +404,9 @@ def read_config(data: Any, base: Path, plugins: dict[str, Any] | None = None, so
     _unique(policies, "policies")
     masking = tuple(read_masking_rule(n) for n in root.children("masking", []))
     _unique(masking, "masking")
+    recording = read_recording(root.child("recording", None))
     root.finish()
-    return Config(store, identities, targets, node_name, source, policies, masking)
+    return Config(store, identities, targets, node_name, source, policies, masking, recording)
 
 
 def _unique(items: tuple, key: str) -> None:

@@ -25,6 +25,7 @@ from gatekeep.config import Config, ConfigError, load
 from gatekeep.identity.tokens import StaticIdentityProvider
 from gatekeep.plugin import protocol_plugins
 from gatekeep.recording.recorder import ThreadedRecorder
+from gatekeep.store import ledger
 from gatekeep.store.sqlite import SQLiteStore
 
 _log = Logger()
@@ -79,12 +80,19 @@ class GatewayService(service.MultiService):
         return super().stopService()
 
 
+def signer_for(config: Config) -> ledger.Signer:
+    """The key that seals sessions: from ``recording.signing_key``, or made once in the store's folder."""
+    if config.recording.signing_key is not None:
+        return ledger.load_signer(config.recording.signing_key.reveal())
+    return ledger.load_or_create_signer(config.store.path.parent / "signing_key.pem")
+
+
 def build(config: Config, reactor: Any = None) -> GatewayService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    store = SQLiteStore(config.store.path, node=config.node)
+    store = SQLiteStore(config.store.path, node=config.node, signer=signer_for(config))
     recorder = ThreadedRecorder(store, reactor)
     plugins = protocol_plugins()
     chain = Chain(

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gatekeep.cli import config_cmd, demo_cmd, sessions_cmd, token_cmd
+from gatekeep.cli import audit_cmd, config_cmd, demo_cmd, sessions_cmd, token_cmd
 
-GROUPS = (config_cmd, token_cmd, sessions_cmd, demo_cmd)
+GROUPS = (config_cmd, token_cmd, sessions_cmd, audit_cmd, demo_cmd)
 
 
 def parser() -> argparse.ArgumentParser:

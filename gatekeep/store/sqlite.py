@@ -17,6 +17,8 @@ from typing import Any
 from zope.interface import implementer
 
 from gatekeep.interfaces import IStore
+from gatekeep.recording.events import canonical, event_time, to_event
+from gatekeep.store import ledger
 from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
 
 MIGRATIONS: list[str] = [
@@ -89,6 +91,32 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX stream_events_session ON stream_events (session_id, id);
     """,
+    # 4: the ledger: every event, hash-chained per node (gatekeep/store/ledger.py)
+    """
+    CREATE TABLE ledger (
+        node TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        session_id TEXT,
+        at REAL NOT NULL,
+        data TEXT NOT NULL,
+        prev TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        PRIMARY KEY (node, seq)
+    );
+    CREATE INDEX ledger_session ON ledger (session_id, node, seq);
+    CREATE INDEX ledger_at ON ledger (at);
+    CREATE TABLE ledger_checkpoints (
+        node TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        hash TEXT NOT NULL,
+        at REAL NOT NULL,
+        pruned INTEGER NOT NULL,
+        key_id TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        PRIMARY KEY (node, seq)
+    );
+    """,
 ]
 
 
@@ -98,9 +126,12 @@ def _json(value: Any) -> str:
 
 @implementer(IStore)
 class SQLiteStore:
-    def __init__(self, path: Path | str, node: str = "gatekeep", *, readonly: bool = False) -> None:
+    def __init__(self, path: Path | str, node: str = "gatekeep", *, readonly: bool = False,
+                 signer: "ledger.Signer | None" = None) -> None:
         self.path = Path(path)
         self.node = node
+        self.signer = signer
+        self._tail: tuple[int, str] | None = None
         self._local = threading.local()
         if readonly:
             if not self.path.exists():
@@ -173,7 +204,9 @@ class SQLiteStore:
                 raise TypeError(f"cannot store {type(event).__name__}")
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
+        tail = self._tail
         try:
+            self._append_ledger(db, batch)
             if sessions:
                 db.executemany(
                     "INSERT INTO sessions (id, node, identity, groups, auth_method, target, protocol, client, tls,"
@@ -216,8 +249,107 @@ class SQLiteStore:
                 )
             db.execute("COMMIT")
         except BaseException:
+            self._tail = tail
             db.execute("ROLLBACK")
             raise
+
+    # -- the ledger ------------------------------------------------------------------------
+
+    def _ledger_tail(self, db: sqlite3.Connection) -> tuple[int, str]:
+        if self._tail is None:
+            row = db.execute("SELECT seq, hash FROM ledger WHERE node = ? ORDER BY seq DESC LIMIT 1",
+                             (self.node,)).fetchone()
+            if row is None:
+                row = db.execute("SELECT seq, hash FROM ledger_checkpoints WHERE node = ? ORDER BY seq DESC LIMIT 1",
+                                 (self.node,)).fetchone()
+            self._tail = (row[0], row[1]) if row else (0, ledger.GENESIS)
+        return self._tail
+
+    def _append(self, db: sqlite3.Connection, kind: str, session_id: str | None, data: dict) -> None:
+        seq, prev = self._ledger_tail(db)
+        seq += 1
+        at = event_time(kind, data)
+        text = canonical(data)
+        h = ledger.entry_hash(prev, self.node, seq, kind, session_id, at, text)
+        db.execute("INSERT INTO ledger (node, seq, kind, session_id, at, data, prev, hash) VALUES (?,?,?,?,?,?,?,?)",
+                   (self.node, seq, kind, session_id, at, text, prev, h))
+        self._tail = (seq, h)
+
+    def _append_ledger(self, db: sqlite3.Connection, batch: list[Any]) -> None:
+        for value in batch:
+            kind, session_id, data = to_event(value)
+            self._append(db, kind, session_id, data)
+            if kind == "session.end" and self.signer is not None:
+                hashes = [r[0] for r in db.execute(
+                    "SELECT hash FROM ledger WHERE node = ? AND session_id = ? AND kind != 'seal' ORDER BY seq",
+                    (self.node, session_id))]
+                digest = ledger.session_digest(session_id, hashes)
+                self._append(db, "seal", session_id, {
+                    "at": data["ended_at"], "digest": digest, "records": len(hashes), "key_id": self.signer.key_id,
+                    "signature": self.signer.sign(ledger.seal_message(self.node, session_id, digest)),
+                })
+
+    def nodes(self) -> list[str]:
+        rows = self._db().execute("SELECT DISTINCT node FROM ledger UNION SELECT DISTINCT node FROM ledger_checkpoints")
+        return sorted(r[0] for r in rows)
+
+    def ledger_entries(self, node: str, since: float | None = None, until: float | None = None):
+        sql, args = "SELECT * FROM ledger WHERE node = ?", [node]
+        if since is not None:
+            sql += " AND at >= ?"
+            args.append(since)
+        if until is not None:
+            sql += " AND at < ?"
+            args.append(until)
+        for r in self._db().execute(sql + " ORDER BY seq", args):
+            yield ledger.Entry(r["node"], r["seq"], r["kind"], r["session_id"], r["at"], r["data"], r["prev"], r["hash"])
+
+    def session_entries(self, session_id: str):
+        for r in self._db().execute("SELECT * FROM ledger WHERE session_id = ? ORDER BY node, seq", (session_id,)):
+            yield ledger.Entry(r["node"], r["seq"], r["kind"], r["session_id"], r["at"], r["data"], r["prev"], r["hash"])
+
+    def checkpoint(self, node: str) -> dict | None:
+        row = self._db().execute("SELECT * FROM ledger_checkpoints WHERE node = ? ORDER BY seq DESC LIMIT 1",
+                                 (node,)).fetchone()
+        return dict(row) if row else None
+
+    def prune(self, before: float, signer: "ledger.Signer") -> dict[str, int]:
+        """
+        Remove records older than ``before``: whole sessions that ended before it,
+        and the ledger entries up to the last one before it, per node, leaving a
+        signed checkpoint so what remains still verifies. Returns entries removed per node.
+        """
+        db = self._db()
+        removed: dict[str, int] = {}
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for node in self.nodes():
+                row = db.execute("SELECT seq, hash, at FROM ledger WHERE node = ? AND at < ? ORDER BY seq DESC LIMIT 1",
+                                 (node, before)).fetchone()
+                if row is None:
+                    continue
+                seq, last_hash, at = row
+                count = db.execute("DELETE FROM ledger WHERE node = ? AND seq <= ?", (node, seq)).rowcount
+                db.execute("INSERT INTO ledger_checkpoints (node, seq, hash, at, pruned, key_id, signature)"
+                           " VALUES (?,?,?,?,?,?,?)",
+                           (node, seq, last_hash, at, count, signer.key_id,
+                            signer.sign(ledger.checkpoint_message(node, seq, last_hash))))
+                removed[node] = count
+            old = [r[0] for r in db.execute("SELECT id FROM sessions WHERE ended_at IS NOT NULL AND ended_at < ?",
+                                            (before,))]
+            for chunk in range(0, len(old), 500):
+                ids = old[chunk:chunk + 500]
+                marks = ",".join("?" * len(ids))
+                db.execute(f"DELETE FROM operations WHERE session_id IN ({marks})", ids)
+                db.execute(f"DELETE FROM stream_events WHERE session_id IN ({marks})", ids)
+                db.execute(f"DELETE FROM sessions WHERE id IN ({marks})", ids)
+            db.execute("DELETE FROM login_failures WHERE at < ?", (before,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._tail = None
+        return removed
 
     @staticmethod
     def _op_row(op: Operation, d: Decision, o: Outcome | None) -> tuple:

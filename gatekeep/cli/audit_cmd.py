@@ -1,0 +1,125 @@
+"""``gatekeep audit verify | export | prune``: trust, take out and trim what was recorded."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from gatekeep import audit
+from gatekeep.cli._store import add_store_arguments, open_store
+from gatekeep.store import ledger
+
+
+def register(sub) -> None:
+    p = sub.add_parser("audit", help="verify, export and prune the records")
+    s = p.add_subparsers(dest="action", metavar="ACTION")
+    s.required = True
+    v = s.add_parser("verify", help="check the hash chains, session seals and tables; name the first tampered record")
+    add_store_arguments(v)
+    v.add_argument("--public-key", help="PEM public (or private) Ed25519 key to check seals with "
+                                        "(default: the gateway's signing key)")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=verify)
+    e = s.add_parser("export", help="write the recorded events as JSON lines (docs/events.md)")
+    add_store_arguments(e)
+    e.add_argument("--since", help="a date/time (2026-11-01, 2026-11-01T12:00:00Z) or an age (7d, 12h)")
+    e.add_argument("--until")
+    e.add_argument("--format", choices=("jsonl",), default="jsonl")
+    e.add_argument("--output", "-o", help="file to write (default: standard output)")
+    e.set_defaults(func=export)
+    pr = s.add_parser("prune", help="remove records older than a date, leaving a signed checkpoint")
+    add_store_arguments(pr)
+    pr.add_argument("--before", required=True, help="a date/time or an age, as for export --since")
+    pr.set_defaults(func=prune)
+
+
+def parse_when(text: str | None) -> float | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if m:
+        return time.time() - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    try:
+        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise SystemExit(f"gatekeep: cannot read {text!r} as a date, a date and time, or an age such as 7d")
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def _key_file(args) -> Path | None:
+    if args.public_key if hasattr(args, "public_key") else None:
+        return Path(args.public_key)
+    try:
+        data = yaml.safe_load(Path(args.config).read_text("utf-8")) or {}
+    except OSError:
+        data = {}
+    rec = data.get("recording") if isinstance(data, dict) else None
+    ref = rec.get("signing_key") if isinstance(rec, dict) else None
+    if isinstance(ref, str) and ref.startswith("file:"):
+        p = Path(ref[5:])
+        return p if p.is_absolute() else Path(args.config).resolve().parent / p
+    store = open_store(args)
+    return store.path.parent / "signing_key.pem"
+
+
+def verify(args) -> int:
+    store = open_store(args)
+    key_path = _key_file(args)
+    public = None
+    if key_path is not None and key_path.exists():
+        public = ledger.load_public_key(key_path.read_bytes())
+    report = audit.verify(store, public)
+    if args.json:
+        json.dump({"ok": report.ok, "nodes": report.nodes, "sessions_sealed": report.sessions_sealed,
+                   "problems": report.problems, "key_checked": public is not None}, sys.stdout, indent=2)
+        print()
+    else:
+        for node, n in report.nodes.items():
+            print(f"node {node}: {n} records")
+        print(f"{report.sessions_sealed} sessions sealed and verified"
+              + ("" if public is not None else " (no public key: signatures not checked)"))
+        if report.ok:
+            print("ok: every chain, seal and table checks out")
+        else:
+            print(f"TAMPERED: {len(report.problems)} problem(s); the first:")
+            for p in report.problems:
+                print(f"  {p}")
+    return 0 if report.ok else 1
+
+
+def export(args) -> int:
+    store = open_store(args)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for event in audit.export(store, parse_when(args.since), parse_when(args.until)):
+            out.write(json.dumps(event, ensure_ascii=False) + "\n")
+    finally:
+        if args.output:
+            out.close()
+    return 0
+
+
+def prune(args) -> int:
+    from gatekeep.store.sqlite import SQLiteStore
+
+    store = open_store(args)
+    writable = SQLiteStore(store.path, readonly=True)
+    key_path = _key_file(args)
+    if key_path is None or not key_path.exists():
+        sys.stderr.write("gatekeep: prune signs a checkpoint and needs the gateway's signing key\n")
+        return 2
+    signer = ledger.load_signer(key_path.read_bytes())
+    removed = writable.prune(parse_when(args.before), signer)
+    for node, n in removed.items():
+        print(f"node {node}: removed {n} records, checkpoint left")
+    if not removed:
+        print("nothing to prune")
+    return 0

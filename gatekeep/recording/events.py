@@ -1,0 +1,82 @@
+"""
+The recorded event schema, version 1 (see docs/events.md).
+
+Every value a recorder receives becomes one event: a kind, the session it
+belongs to, and a JSON object. The same form is hashed into the ledger, exported
+as JSON lines and sent to sinks, so what an auditor exports is exactly what was
+chained.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
+
+SCHEMA_VERSION = 1
+
+KINDS = ("session.start", "operation", "operation.end", "session.end", "login.failure", "stream", "seal",
+         "approval", "checkpoint")
+
+
+def canonical(value: Any) -> str:
+    """The one JSON text of a value that is hashed: sorted keys, no spaces."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _identity(s: Session) -> dict[str, Any]:
+    return {"name": s.identity.name, "groups": sorted(s.identity.groups), "method": s.identity.method}
+
+
+def to_event(value: Any) -> tuple[str, str | None, dict[str, Any]]:
+    """(kind, session id, data) for a value a recorder received."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], Operation):
+        op, d = value
+        return "operation", op.session.id, _operation(op, d)
+    if isinstance(value, Session):
+        return "session.start", value.id, {
+            "identity": _identity(value), "target": value.target, "protocol": value.protocol,
+            "client": str(value.client), "tls": value.tls, "started_at": value.started_at,
+            "attributes": dict(value.attributes),
+        }
+    if isinstance(value, Outcome):
+        return "operation.end", value.session_id, {
+            "seq": value.seq, "finished_at": value.finished_at, "duration": value.duration, "status": value.status,
+            "rows": value.rows, "error_code": value.error_code, "error_message": value.error_message,
+            "masked": value.masked, "response": value.extra,
+        }
+    if isinstance(value, SessionEnd):
+        return "session.end", value.session_id, {
+            "ended_at": value.ended_at, "bytes_from_client": value.bytes_from_client,
+            "bytes_to_client": value.bytes_to_client, "reason": value.reason,
+        }
+    if isinstance(value, LoginFailure):
+        return "login.failure", None, {
+            "at": value.at, "target": value.target, "protocol": value.protocol, "client": str(value.client),
+            "claimed": value.claimed, "reason": value.reason,
+        }
+    if isinstance(value, StreamEvent):
+        return "stream", value.session_id, {"stream": value.stream, "at": value.at, "kind": value.kind,
+                                             "data": value.data}
+    kind = getattr(value, "event_kind", None)
+    if kind is not None:  # other recordable values (approvals) describe themselves
+        return kind, getattr(value, "session_id", None), value.event_data()
+    raise TypeError(f"cannot record {type(value).__name__}")
+
+
+def _operation(op: Operation, d: Decision) -> dict[str, Any]:
+    return {
+        "seq": op.seq, "kind": op.kind, "text": op.text, "at": op.at,
+        "parameters": list(op.parameters) if op.parameters else None,
+        "request": op.extra,
+        "decision": {"action": d.action.value, "rule": d.rule, "reason": d.reason or None,
+                     "facts": d.facts or None},
+    }
+
+
+def event_time(kind: str, data: dict[str, Any]) -> float:
+    for key in ("at", "started_at", "finished_at", "ended_at"):
+        if isinstance(data.get(key), (int, float)):
+            return float(data[key])
+    return 0.0
