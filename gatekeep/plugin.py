@@ -25,7 +25,7 @@ from gatekeep.interfaces import IProtocolPlugin
 
 _log = Logger()
 
-BUILTIN = ("gatekeep.plugins.gatekeep_postgres:postgres",)
+BUILTIN = ("gatekeep.plugins.gatekeep_postgres:postgres", "gatekeep.plugins.gatekeep_ssh:ssh")
 
 
 def _load(spec: str) -> Any:

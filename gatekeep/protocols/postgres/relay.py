@@ -41,6 +41,7 @@ from gatekeep.protocols.postgres._tracker import Tracker
 from gatekeep.protocols.postgres.plugin import PASSED_PARAMETERS
 from gatekeep.protocols.postgres.policy import SqlSessionState
 from gatekeep.protocols.postgres.sql import analyze
+from gatekeep.recording import RecordingUnavailable
 from gatekeep.tls import client_options, server_options
 
 _log = Logger()
@@ -75,6 +76,11 @@ def _param_text(value: bytes | None, binary: bool) -> str | None:
     if len(value) > (PARAM_LIMIT // 2 if binary else PARAM_LIMIT):
         text += f"... ({len(value)} bytes)"
     return text
+
+
+def _unrecordable(decision: Decision, why: str) -> Decision:
+    """The denial for an operation gatekeep could not record (recording on_failure: deny)."""
+    return Decision(Action.DENY, "recording-unavailable", f"recording is unavailable: {why}", decision.facts)
 
 
 def _sql_text(body: bytes) -> str:
@@ -126,6 +132,8 @@ class Frontend(protocol.Protocol):
         self._portal_formats: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._row_columns: list | None = None
         self._copy_columns: list | None = None
+        # NoticeResponses waiting for a message boundary of the server's stream
+        self._notices: list[bytes] = []
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -355,8 +363,7 @@ class Frontend(protocol.Protocol):
                     self.on_bind(m, out)
                     d = None
                 elif t == b"E":
-                    self.on_execute(m, out)
-                    d = None
+                    d = self.on_execute(m, out)
                 elif t in (b"S", b"F"):
                     self._skip_to_sync = False
                     out.append(m.encode())
@@ -387,23 +394,35 @@ class Frontend(protocol.Protocol):
                 self.protocol_violation(str(e))
                 return
             if d is not None:
-                # a decision is pending: hold everything behind it
+                # a decision (or a strict recording) is pending: hold everything behind it;
+                # what the pending operation forwards lands in ``out`` when it fires
                 if out:
                     self.upstream.send(b"".join(out))
-                    out = []
+                    del out[:]
                 self._waiting = d
                 self._inbox.extendleft(reversed(queue))
-                d.addCallback(self._decided)
+                d.addBoth(self._decided, out)
                 return
         if out:
             self.upstream.send(b"".join(out))
 
-    def _decided(self, _: Any) -> None:
+    def _decided(self, result: Any, out: list[bytes]) -> None:
         self._waiting = None
+        if isinstance(result, Failure):
+            _log.failure("a pending decision failed in session {session}", result,
+                         session=self.session.id if self.session else "-")
+            self.fatal("XX000", "gatekeep could not decide on this statement", reason="decision failed")
+            return None
+        if self.phase is not Phase.READY or self.upstream is None:
+            return None
+        if out:
+            self.upstream.send(b"".join(out))
+            del out[:]
         messages = list(self._inbox)
         self._inbox.clear()
         if messages:
             self._relay(messages)
+        return None
 
     def _operation(self, kind: str, text: str, params: tuple = (), detail: Any = None) -> Operation:
         self.seq += 1
@@ -411,28 +430,71 @@ class Frontend(protocol.Protocol):
 
     def _denial(self, decision: Decision) -> bytes:
         rule = decision.rule or "default"
+        if rule == "recording-unavailable":
+            return pg.error_response("58000", "gatekeep cannot run this statement: recording is unavailable",
+                                     detail=decision.reason or None, hint="try again when the store is back")
         return pg.error_response(
             "42501", f"gatekeep denied this statement (rule {rule})",
             detail=decision.reason or None,
             hint="ask an administrator to change the policy or grant access",
         )
 
-    def _judge(self, operation: Operation, then) -> Deferred | None:
-        decision = self.gateway.chain.decide(operation)
+    def _judge(self, operation: Operation, forward, refine=None, record=None) -> Deferred | None:
+        """
+        Decide on an operation, record it, then forward it (or its denial).
+        ``refine`` may change the decision first; ``record(decision)`` says whether
+        to record now (an allowed Parse is recorded with its Executes instead).
+        Returns a Deferred while a decision or a strict recording is pending.
+        """
+        decision = self.gateway.chain.decide(operation, notify=self.on_hold)
         if isinstance(decision, Deferred):
-            return decision.addCallback(then)
-        then(decision)
+            return decision.addCallback(self._carry_out, operation, forward, refine, record)
+        return self._carry_out(decision, operation, forward, refine, record)
+
+    def _carry_out(self, decision: Decision, operation: Operation, forward, refine, record) -> Deferred | None:
+        if refine is not None:
+            decision = refine(decision)
+        if record is not None and not record(decision):
+            forward(decision)
+            return None
+        return self._record(operation, decision, forward)
+
+    def _record(self, operation: Operation, decision: Decision, forward) -> Deferred | None:
+        """Record the operation; with strict durability, forward only once it is stored."""
+        try:
+            written = self.gateway.chain.operation_started(operation, decision)
+        except RecordingUnavailable as e:
+            forward(_unrecordable(decision, str(e)))
+            return None
+        if isinstance(written, Deferred):
+            return written.addCallbacks(lambda _: forward(decision),
+                                        lambda f: forward(_unrecordable(decision, f.getErrorMessage())))
+        forward(decision)
         return None
+
+    def on_hold(self, hold: Any) -> None:
+        """The chain holds an operation for approval: tell the client now, in its protocol."""
+        self.notice(pg.notice_response(hold.message, code="01000", severity="NOTICE",
+                                       detail=f"approval request {hold.request_id}"))
+
+    def notice(self, data: bytes) -> None:
+        """Send a NoticeResponse at a message boundary of the server's stream (never inside a message)."""
+        if self.upstream is None or self.upstream.stream.at_boundary():
+            self.send(data)
+        else:
+            self._notices.append(data)
 
     def on_query(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
         text = _sql_text(m.body)
         op = self._operation("query", text, detail=self.sql_state)
 
+        def refine(decision: Decision) -> Decision:
+            if decision.action is Action.ALLOW and self.masking is not None:
+                return self._copy_masking(text, decision)
+            return decision
+
         def carry_out(decision: Decision) -> None:
             now = self.gateway.now()
-            if decision.action is Action.ALLOW and self.masking is not None:
-                decision = self._copy_masking(text, decision)
-            self.gateway.chain.operation_started(op, decision)
             if decision.action is Action.ALLOW:
                 self.sql_state.apply(analyze(text))
                 self.tracker.add(op, "query", now)
@@ -443,26 +505,30 @@ class Frontend(protocol.Protocol):
                 out.append(pg.query(POISON))
             self.tracker.group_ends()
 
-        return self._judge(op, carry_out)
+        return self._judge(op, carry_out, refine)
 
     def on_parse(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
         parse = pg.parse_parse(m.body)
         op = self._operation("parse", parse.query, detail=self.sql_state)
 
-        def carry_out(decision: Decision) -> None:
+        def record(decision: Decision) -> bool:
             if decision.action is Action.ALLOW:
                 self.seq -= 1  # an allowed Parse is recorded with its executions, not on its own
+                return False
+            return True
+
+        def carry_out(decision: Decision) -> None:
+            if decision.action is Action.ALLOW:
                 self.sql_state.apply(analyze(parse.query))
                 self._statements[parse.statement] = (parse.query, decision)
                 out.append(m.encode())
                 return
-            self.gateway.chain.operation_started(op, decision)
             self._statements.pop(parse.statement, None)
             self.tracker.add(op, "execute", self.gateway.now(), denial=self._denial(decision))
             self.upstream.stream.hold = True
             out.append(pg.parse(parse.statement, POISON, parse.param_types))
 
-        return self._judge(op, carry_out)
+        return self._judge(op, carry_out, record=record)
 
     def on_bind(self, m: pg.Message, out: list[bytes]) -> None:
         bind = pg.parse_bind(m.body)
@@ -480,21 +546,31 @@ class Frontend(protocol.Protocol):
             self._portal_formats[bind.portal] = (bind.statement, bind.result_formats)
         out.append(m.encode())
 
-    def on_execute(self, m: pg.Message, out: list[bytes]) -> None:
+    def on_execute(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
         execute = pg.parse_execute(m.body)
         found = self._portals.get(execute.portal)
-        if found is not None:
-            text, decision, params = found
-            op = self._operation("execute", text, params)
-            self.gateway.chain.operation_started(op, decision)
-            self.tracker.add(op, "execute", self.gateway.now())
-        else:
-            # a portal gatekeep did not see bound (it failed): the server will answer with an error
-            self.tracker.add(None, "execute", self.gateway.now())
         if self.masking is not None:
             statement, formats = self._portal_formats.get(execute.portal, ("", ()))
             self._executes.append((self.tracker.syncs_sent + 1, statement, formats))
-        out.append(m.encode())
+        if found is None:
+            # a portal gatekeep did not see bound (it failed): the server will answer with an error
+            self.tracker.add(None, "execute", self.gateway.now())
+            out.append(m.encode())
+            return None
+        text, decision, params = found
+        op = self._operation("execute", text, params)
+
+        def carry_out(decision: Decision) -> None:
+            if decision.action is Action.ALLOW:
+                self.tracker.add(op, "execute", self.gateway.now())
+                out.append(m.encode())
+            else:
+                # recording is unavailable: the server is told to fail this pipeline at a stand-in
+                self.tracker.add(op, "execute", self.gateway.now(), denial=self._denial(decision))
+                self.upstream.stream.hold = True
+                out.append(pg.parse("", POISON, ()) + pg.bind("", "", (), (), ()) + pg.execute(""))
+
+        return self._record(op, decision, carry_out)
 
     # -- relaying: server to client ------------------------------------------------------------
 
@@ -692,6 +768,9 @@ class Upstream(protocol.Protocol):
             for chunk in out:
                 fe.bytes_out += len(chunk)
             fe.transport.writeSequence(out)
+            if fe._notices and self.stream.at_boundary():
+                notices, fe._notices = fe._notices, []
+                fe.send(b"".join(notices))
             return
         try:
             self._during_login(data)

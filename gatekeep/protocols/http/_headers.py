@@ -1,0 +1,132 @@
+"""
+Header work, pure: the client's credentials, the request head gatekeep sends
+upstream, and header values as they are recorded (secrets redacted).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Iterable
+
+import attrs
+
+from gatekeep.protocols.http._codec import Head, encode_request_head
+
+REDACTED = "[redacted]"
+
+#: headers whose values are never recorded
+SECRET_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "x-auth-token",
+    "x-amz-security-token", "x-csrf-token", "x-xsrf-token", "private-token", "x-vault-token",
+})
+
+#: headers a client may not pass upstream: its own credentials
+CLIENT_CREDENTIAL_HEADERS = frozenset({b"authorization", b"proxy-authorization"})
+
+
+@attrs.frozen
+class ClientCredentials:
+    """What the client presented: the token, and the user name of a Basic header (else None)."""
+
+    scheme: str
+    token: str
+    user: str | None = None
+
+
+class BadCredentials(ValueError):
+    """An Authorization header gatekeep cannot read."""
+
+
+def client_credentials(head: Head) -> ClientCredentials | None:
+    """The client's token from ``Authorization: Bearer T`` or ``Basic base64(user:T)``; None when absent."""
+    value = head.index.get(b"authorization")
+    if value is None:
+        return None
+    scheme, _, rest = value.strip().partition(b" ")
+    scheme = scheme.lower()
+    rest = rest.strip()
+    if scheme == b"bearer" and rest:
+        return ClientCredentials("bearer", rest.decode("utf-8", "surrogateescape"))
+    if scheme == b"basic" and rest:
+        try:
+            decoded = base64.b64decode(rest, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise BadCredentials("Basic credentials are not base64 of user:token") from None
+        user, sep, token = decoded.partition(":")
+        if not sep or not token:
+            raise BadCredentials("Basic credentials carry no token as the password")
+        return ClientCredentials("basic", token, user or None)
+    raise BadCredentials("expected Authorization: Bearer TOKEN or Basic")
+
+
+def recorded_headers(headers: Iterable[tuple[bytes, bytes]], secret: frozenset[str]) -> dict[str, str]:
+    """Header fields for a record: lower-case names, values of secret fields replaced."""
+    out: dict[str, str] = {}
+    for name, value in headers:
+        key = name.decode("latin-1").lower()
+        text = REDACTED if key in secret else value.decode("latin-1")
+        if key in out:
+            out[key] = out[key] + ", " + text
+        else:
+            out[key] = text
+    return out
+
+
+@attrs.frozen
+class RequestRewriter:
+    """
+    Builds the head gatekeep sends upstream: the client's credentials (and any
+    header gatekeep injects) removed, the target's credentials added, Host set.
+    """
+
+    #: lower-case names removed from every request
+    drop: frozenset[bytes]
+    #: fields added to every request (the target's credentials)
+    add: tuple[tuple[bytes, bytes], ...] = ()
+    #: the Host sent upstream; None keeps the client's
+    host: bytes | None = None
+    #: a path prefix from the upstream URL
+    prefix: bytes = b""
+
+    def head(self, head: Head, *, target: bytes | None = None, drop: frozenset[bytes] = frozenset(),
+             add: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+        skip = self.drop | drop if drop else self.drop
+        host = self.host
+        fields = []
+        for name, value in head.headers:
+            lower = name.lower()
+            if lower in skip:
+                continue
+            if lower == b"host" and host is not None:
+                continue
+            fields.append((name, value))
+        if host is not None:
+            fields.insert(0, (b"Host", host))
+        fields.extend(self.add)
+        fields.extend(add)
+        path = target if target is not None else head.target
+        if self.prefix and path.startswith(b"/"):
+            path = self.prefix + path
+        return encode_request_head(head.method, path, fields, head.version)
+
+
+def media_type(value: bytes | None) -> str:
+    """``application/json`` from ``application/json; charset=utf-8``."""
+    if not value:
+        return ""
+    return value.split(b";", 1)[0].strip().lower().decode("latin-1")
+
+
+def is_json(content_type: bytes | None) -> bool:
+    mt = media_type(content_type)
+    return mt == "application/json" or mt.endswith("+json") or mt == "text/json"
+
+
+TEXT_TYPES = frozenset({"application/xml", "application/javascript", "application/x-www-form-urlencoded",
+                        "application/yaml", "application/x-yaml", "application/x-ndjson", "application/graphql"})
+
+
+def is_text(content_type: bytes | None) -> bool:
+    mt = media_type(content_type)
+    return mt.startswith("text/") or mt in TEXT_TYPES or mt.endswith("+xml") or is_json(content_type)

@@ -1,0 +1,95 @@
+"""
+What a request asks for, as policy sees it: method, host, path (decoded and
+normalised), query. Pure.
+
+The path is judged in a canonical form: percent-decoded, with repeated slashes
+collapsed. A path gatekeep cannot put in one canonical form that every server
+would agree on (an encoded slash or backslash, a ``.`` or ``..`` segment, a NUL)
+makes the request *unjudgeable*: denied unless the target allows unjudgeable
+operations. The request is forwarded with its target as the client sent it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import attrs
+
+from gatekeep.protocols.http._codec import Head, ProtocolError
+
+_SLASHES = re.compile(r"/{2,}")
+_ENCODED_SEPARATOR = re.compile(r"%(?:2f|5c|00)", re.I)
+
+
+@attrs.frozen
+class Request:
+    method: str
+    #: the request target as sent (origin form: path and query)
+    target: str
+    #: decoded, normalised path
+    path: str
+    #: the raw query string (without "?")
+    query: str
+    #: the Host the client asked for, lower case, without port
+    host: str
+    #: why the path cannot be judged, or None
+    unjudgeable: str | None = None
+    #: the protocol's own description of the request (Kubernetes: verb, resource, ...)
+    info: Any = None
+    head: Head | None = attrs.field(default=None, eq=False, repr=False)
+
+    def params(self) -> dict[str, list[str]]:
+        """The query parameters (parsed on demand)."""
+        return parse_qs(self.query, keep_blank_values=True)
+
+    @property
+    def text(self) -> str:
+        """``GET /path?query``, for records."""
+        return f"{self.method} {self.target}"
+
+
+def normalise_path(raw: str) -> tuple[str, str | None]:
+    """(canonical path, problem or None)."""
+    problem = None
+    if _ENCODED_SEPARATOR.search(raw):
+        problem = "the path has an encoded slash, backslash or NUL"
+    path = unquote(raw, errors="surrogateescape")
+    if "\\" in path or "\x00" in path:
+        problem = problem or "the path has a backslash or NUL"
+    if not path.startswith("/"):
+        path = "/" + path
+    path = _SLASHES.sub("/", path)
+    segments = path.split("/")
+    if "." in segments or ".." in segments:
+        problem = problem or "the path has . or .. segments"
+    return path, problem
+
+
+def parse_request(head: Head) -> Request:
+    """The Request of a head; ProtocolError for a target that is not origin or absolute form."""
+    target = head.target.decode("latin-1")
+    host_header = head.index.get(b"host", b"").decode("latin-1")
+    if target.startswith("/"):
+        raw_path, _, query = target.partition("?")
+        raw_path = raw_path.partition("#")[0]
+    elif target.lower().startswith(("http://", "https://")):
+        parts = urlsplit(target)
+        raw_path, query = parts.path or "/", parts.query
+        host_header = parts.netloc or host_header
+    elif target == "*" and head.method == b"OPTIONS":
+        raw_path, query = "*", ""
+    else:
+        raise ProtocolError("request target must be a path or an absolute URL")
+    if head.version == b"1.1" and b"host" not in head.index:
+        raise ProtocolError("HTTP/1.1 request without Host")
+    path, problem = normalise_path(raw_path) if raw_path != "*" else ("*", None)
+    return Request(head.method.decode("ascii"), target, path, query, _host_only(host_header), problem, None, head)
+
+
+def _host_only(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[:host.find("]") + 1] if "]" in host else host
+    return host.rpartition(":")[0] if host.count(":") == 1 else host

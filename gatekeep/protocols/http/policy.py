@@ -1,0 +1,93 @@
+"""
+The HTTP side of policy: the facts of a request and the rule keys that match them.
+
+    match: {methods: [POST, PUT, PATCH, DELETE], hosts: ["api.*"], paths: ["/admin/*", "/v1/users/*/keys"],
+            query: {dry_run: "false", limit: "1???*"}}
+
+Every key given must fit (an AND); within a key any glob may fit (an OR).
+``paths`` globs match the decoded, normalised path (``*`` also crosses ``/``);
+``query`` maps a parameter name to a glob that one of its values must fit
+(``"*"`` only asks that the parameter is present).
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Any
+
+import attrs
+
+from gatekeep.config import ConfigError, Node
+from gatekeep.protocols.http._request import Request
+
+MATCH_KEYS = ("methods", "hosts", "paths", "query")
+
+
+@attrs.frozen
+class HttpFacts:
+    request: Request
+    cache_key: Any = None
+
+    @property
+    def unjudgeable(self) -> str | None:
+        return self.request.unjudgeable
+
+    def summary(self) -> dict[str, Any]:
+        r = self.request
+        out = {"method": r.method, "host": r.host, "path": r.path}
+        if r.query:
+            out["query"] = r.query
+        return out
+
+
+def facts_for(request: Request) -> HttpFacts:
+    return HttpFacts(request, (request.method, request.host, request.target))
+
+
+@attrs.frozen
+class HttpMatch:
+    methods: frozenset[str] | None = None
+    hosts: tuple[str, ...] | None = None
+    paths: tuple[str, ...] | None = None
+    query: tuple[tuple[str, str], ...] | None = None
+
+    def matches(self, facts: Any, operation: Any) -> bool:
+        request = getattr(facts, "request", None)
+        if request is None:
+            return False
+        return self.matches_request(request)
+
+    def matches_request(self, r: Request) -> bool:
+        if self.methods is not None and r.method not in self.methods:
+            return False
+        if self.hosts is not None and not any(fnmatchcase(r.host, p) for p in self.hosts):
+            return False
+        if self.paths is not None and not any(fnmatchcase(r.path, p) for p in self.paths):
+            return False
+        if self.query is not None:
+            params = r.params()
+            for name, pattern in self.query:
+                if not any(fnmatchcase(v, pattern) for v in params.get(name, ())):
+                    return False
+        return True
+
+    @property
+    def empty(self) -> bool:
+        return self.methods is None and self.hosts is None and self.paths is None and self.query is None
+
+
+def read_match(node: Node) -> HttpMatch:
+    methods = node.strings("methods", None)
+    hosts = node.strings("hosts", None)
+    paths = node.strings("paths", None)
+    for i, p in enumerate(paths or ()):
+        if not p.startswith(("/", "*")):
+            raise ConfigError(f"{node.sub('paths')}[{i}]", f"expected a path glob starting with /, got \"{p}\"")
+    query = None
+    raw = node.raw("query", None)
+    if raw is not None:
+        if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+            raise ConfigError(node.sub("query"), "expected a mapping of parameter names to globs")
+        query = tuple(raw.items())
+    return HttpMatch(frozenset(m.upper() for m in methods) if methods is not None else None,
+                     tuple(h.lower() for h in hosts) if hosts is not None else None, paths, query)

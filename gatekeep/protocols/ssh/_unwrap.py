@@ -1,0 +1,295 @@
+"""
+What a command line runs: the simple commands in it, after unwrapping.
+
+    >>> [c.program for c in parse("sudo -u app env LANG=C timeout 5 sh -c 'ls; rm -rf /tmp/x'").commands]
+    ['ls', 'rm']
+
+A command line is split at ``;``, ``&&``, ``||``, ``|``, ``&`` and newlines;
+command substitutions (``$(...)`` and backquotes) are commands too. Each simple
+command loses its leading ``NAME=value`` assignments and its wrappers
+(``sudo``, ``env``, ``nohup``, ``timeout``, ``nice``, ``stdbuf``, ``xargs``,
+...), and ``sh -c``/``bash -c``/``eval`` strings are parsed as command lines in
+turn. What cannot be known without running the shell (a program named by a
+variable, unbalanced quotes, nesting deeper than :data:`MAX_DEPTH`) makes the
+whole line *unjudgeable*.
+
+Pure: no I/O, no reactor.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import shlex
+
+import attrs
+
+MAX_DEPTH = 8
+
+#: shells whose ``-c STRING`` is a command line
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox-sh", "fish"})
+
+#: wrapper -> options that take a value (the wrapped command follows the options)
+_WRAPPER_VALUE_OPTIONS: dict[str, frozenset[str]] = {
+    "sudo": frozenset({"-u", "-g", "-h", "-p", "-C", "-U", "-r", "-t", "-D", "-R", "-T", "--user", "--group",
+                       "--host", "--prompt", "--close-from", "--other-user", "--role", "--type", "--chdir",
+                       "--chroot", "--command-timeout"}),
+    "doas": frozenset({"-u", "-C"}),
+    "env": frozenset({"-u", "--unset", "-C", "--chdir", "-S", "--split-string"}),
+    "nohup": frozenset(),
+    "timeout": frozenset({"-s", "--signal", "-k", "--kill-after"}),
+    "nice": frozenset({"-n", "--adjustment"}),
+    "ionice": frozenset({"-c", "--class", "-n", "--classdata", "-p", "--pid", "-P", "--pgid", "-u", "--uid"}),
+    "stdbuf": frozenset({"-i", "-o", "-e", "--input", "--output", "--error"}),
+    "time": frozenset({"-f", "--format", "-o", "--output"}),
+    "command": frozenset(),
+    "builtin": frozenset(),
+    "exec": frozenset({"-a"}),
+    "setsid": frozenset(),
+    "chrt": frozenset(),
+    "taskset": frozenset(),
+    "flock": frozenset({"-w", "--wait", "--timeout", "-E", "--conflict-exit-code"}),
+    "xargs": frozenset({"-a", "--arg-file", "-d", "--delimiter", "-E", "-e", "-I", "-i", "-L", "-l", "-n",
+                        "--max-args", "-P", "--max-procs", "-s", "--max-chars", "--process-slot-var"}),
+    "watch": frozenset({"-n", "--interval", "-d", "--differences"}),
+    "unbuffer": frozenset(),
+    "runuser": frozenset({"-u", "--user", "-g", "--group", "-G", "--supp-group"}),
+}
+#: wrappers that take one positional argument before the command (timeout DURATION cmd, taskset MASK cmd, ...)
+_WRAPPER_POSITIONALS = {"timeout": 1, "taskset": 1, "chrt": 1, "flock": 1}
+
+_OPERATORS = frozenset({";", "&&", "||", "|", "&", "|&", ";;", "(", ")", "{", "}", "!", "\n"})
+_REDIRECT = re.compile(r"^\d*(?:>>?|<<?<?|>&|<&|&>>?|>\|)$")
+_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+_KEYWORDS = frozenset({"if", "then", "else", "elif", "fi", "do", "done", "while", "until", "for", "in", "case",
+                       "esac", "function", "select", "coproc"})
+
+
+class Unjudgeable(ValueError):
+    """The line cannot be judged without running it."""
+
+
+@attrs.frozen
+class Command:
+    """One simple command: the program that runs and its arguments, after unwrapping."""
+
+    program: str
+    args: tuple[str, ...] = ()
+    #: wrappers that were removed, outermost first ("sudo", "env", "sh -c", ...)
+    wrappers: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The program's base name (``/usr/bin/rm`` -> ``rm``)."""
+        return posixpath.basename(self.program) or self.program
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return (self.program, *self.args)
+
+    def text(self) -> str:
+        return shlex.join(self.argv)
+
+
+@attrs.frozen
+class CommandLine:
+    text: str
+    commands: tuple[Command, ...] = ()
+    #: a reason when the line cannot be judged, else None
+    unjudgeable: str | None = None
+
+
+def parse(text: str) -> CommandLine:
+    """The simple commands of a command line (see the module docstring)."""
+    try:
+        commands = _parse(text, 0, ())
+    except Unjudgeable as e:
+        return CommandLine(text, (), str(e))
+    return CommandLine(text, tuple(commands))
+
+
+# -- substitutions ------------------------------------------------------------------
+
+
+def _substitutions(text: str) -> tuple[str, list[str]]:
+    """Take out ``$(...)``, ``<(...)``, ``>(...)`` and backquoted parts; return the text with
+    a placeholder instead of each, and the inner command lines. Single-quoted text is left alone."""
+    out: list[str] = []
+    inner: list[str] = []
+    i, n = 0, len(text)
+    quote = None
+    while i < n:
+        c = text[i]
+        if quote == "'":
+            out.append(c)
+            if c == "'":
+                quote = None
+            i += 1
+            continue
+        if c == "\\" and i + 1 < n:
+            out.append(text[i:i + 2])
+            i += 2
+            continue
+        if c == "'" and quote is None:
+            quote = "'"
+            out.append(c)
+            i += 1
+            continue
+        if c == '"':
+            quote = None if quote == '"' else '"'
+            out.append(c)
+            i += 1
+            continue
+        if c in "$<>" and text.startswith("(", i + 1) and not (c == "$" and text.startswith("((", i + 1)):
+            depth, j = 1, i + 2
+            while j < n and depth:
+                if text[j] == "(":
+                    depth += 1
+                elif text[j] == ")":
+                    depth -= 1
+                j += 1
+            if depth:
+                raise Unjudgeable("unbalanced $( in the command line")
+            inner.append(text[i + 2:j - 1])
+            out.append("__gatekeep_substitution__")
+            i = j
+            continue
+        if c == "`":
+            j = text.find("`", i + 1)
+            if j < 0:
+                raise Unjudgeable("unbalanced ` in the command line")
+            inner.append(text[i + 1:j])
+            out.append("__gatekeep_substitution__")
+            i = j + 1
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out), inner
+
+
+# -- splitting ----------------------------------------------------------------------
+
+
+def _tokens(text: str) -> list[tuple[str, bool]]:
+    """Shell words and operators: (token, is_operator)."""
+    lexer = shlex.shlex(text.replace("\r", "\n"), posix=True, punctuation_chars=";&|()<>")
+    lexer.whitespace = " \t"
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
+    out = []
+    try:
+        for tok in lexer:
+            out.append((tok, tok in _OPERATORS or (tok and set(tok) <= set(";&|()<>"))))
+    except ValueError as e:
+        raise Unjudgeable(f"the command line does not parse ({e})") from None
+    return out
+
+
+def _simple_commands(text: str) -> list[list[str]]:
+    """Split into simple commands (lists of words), dropping operators, redirections and keywords."""
+    groups: list[list[str]] = [[]]
+    tokens = _tokens(text)
+    i = 0
+    while i < len(tokens):
+        tok, is_op = tokens[i]
+        if (not is_op and tok.isdigit() and i + 1 < len(tokens) and tokens[i + 1][1]
+                and (_REDIRECT.match(tokens[i + 1][0]) or tokens[i + 1][0] in (">", ">>", "<", ">&", "<&"))):
+            i += 1  # the file descriptor of "2>/dev/null"
+            continue
+        if is_op:
+            if _REDIRECT.match(tok) or tok in ("<", ">", ">>", "<<", "<<<", ">&", "<&", "&>", ">|"):
+                i += 2  # the redirection and its target
+                continue
+            groups.append([])
+            i += 1
+            continue
+        if tok == "\n":
+            groups.append([])
+        elif _REDIRECT.match(tok):
+            i += 2
+            continue
+        elif not groups[-1] and tok in _KEYWORDS and tok not in ("for", "select", "case"):
+            pass
+        else:
+            groups[-1].append(tok)
+        i += 1
+    # loop and case headers ("for f in *", "case $x in") name no program
+    return [g for g in groups if g and g[0] not in ("for", "select", "case")]
+
+
+def _parse(text: str, depth: int, wrappers: tuple[str, ...]) -> list[Command]:
+    if depth > MAX_DEPTH:
+        raise Unjudgeable("commands nested too deeply")
+    stripped, inner = _substitutions(text)
+    commands: list[Command] = []
+    for sub in inner:
+        commands.extend(_parse(sub, depth + 1, wrappers + ("$(...)",)))
+    for words in _simple_commands(stripped):
+        commands.extend(_unwrap(words, depth, wrappers))
+    return commands
+
+
+# -- unwrapping ---------------------------------------------------------------------
+
+
+def _skip_options(words: list[str], i: int, value_options: frozenset[str], name: str) -> int:
+    while i < len(words):
+        w = words[i]
+        if w == "--":
+            return i + 1
+        if not w.startswith("-") or w == "-":
+            if name == "env" and _ASSIGNMENT.match(w):
+                i += 1
+                continue
+            return i
+        if name == "nice" and re.fullmatch(r"-\d+", w):
+            i += 1
+            continue
+        if w in value_options:
+            i += 2
+            continue
+        # "-uroot" and "--user=root" carry their value
+        i += 1
+    return i
+
+
+def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Command]:
+    i = 0
+    while i < len(words) and _ASSIGNMENT.match(words[i]):
+        i += 1
+    words = words[i:]
+    if not words:
+        return []
+    program = words[0]
+    if "$" in program or "__gatekeep_substitution__" in program or any(ch in program for ch in "*?["):
+        raise Unjudgeable(f"the program is not known before the shell runs ({program})")
+    name = posixpath.basename(program)
+    if name in SHELLS:
+        for j, w in enumerate(words[1:], 1):
+            if w == "-c" or (w.startswith("-") and not w.startswith("--") and "c" in w[1:]):
+                if j + 1 >= len(words):
+                    raise Unjudgeable(f"{name} -c without a command")
+                return _parse(words[j + 1], depth + 1, wrappers + (f"{name} -c",))
+            if not w.startswith("-"):
+                break
+        return [Command(program, tuple(words[1:]), wrappers)]
+    if name == "eval":
+        return _parse(" ".join(words[1:]), depth + 1, wrappers + ("eval",))
+    if name in ("su",):
+        for j, w in enumerate(words[1:], 1):
+            if w in ("-c", "--command") and j + 1 < len(words):
+                return _parse(words[j + 1], depth + 1, wrappers + ("su -c",))
+        return [Command(program, tuple(words[1:]), wrappers)]
+    if name in _WRAPPER_VALUE_OPTIONS:
+        rest = _skip_options(words, 1, _WRAPPER_VALUE_OPTIONS[name], name)
+        if name == "env":
+            while rest < len(words) and _ASSIGNMENT.match(words[rest]):
+                rest += 1
+        if name == "sudo" and any(w in ("-s", "-i", "--shell", "--login") for w in words[1:rest]) and rest >= len(words):
+            return [Command(program, tuple(words[1:]), wrappers)]
+        rest += _WRAPPER_POSITIONALS.get(name, 0)
+        if rest >= len(words):
+            # the wrapper alone (``env`` prints the environment, ``sudo -l`` lists rights)
+            return [Command(program, tuple(words[1:]), wrappers)]
+        return _unwrap(words[rest:], depth + 1, wrappers + (name,))
+    return [Command(program, tuple(words[1:]), wrappers)]
