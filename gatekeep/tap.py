@@ -93,7 +93,8 @@ def build(config: Config, reactor: Any = None) -> GatewayService:
 
         reactor = default_reactor
     store = SQLiteStore(config.store.path, node=config.node, signer=signer_for(config))
-    recorder = ThreadedRecorder(store, reactor)
+    recorder = ThreadedRecorder(store, reactor, durability=config.recording.durability,
+                                on_failure=config.recording.on_failure)
     plugins = protocol_plugins()
     chain = Chain(
         identities=[StaticIdentityProvider.from_config(config.identities)],

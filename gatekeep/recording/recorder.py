@@ -2,12 +2,26 @@
 The default recorder: events go into an in-memory queue in the reactor thread
 (cheap, never blocks a relay) and a writer thread stores them in batches.
 
-Events are written in batches: the writer waits ``interval`` (20 ms) after the
-first event of a batch, so a busy gateway commits a few dozen times a second,
-not once per statement.
-A store that fails is retried with backoff and the batch is kept: nothing
-recorded is dropped. ``flush()`` fires once everything queued before it is
-stored; ``stopService`` flushes before the process exits.
+Durability (``recording.durability``):
+
+- ``batched``: the writer waits ``interval`` (20 ms) after the first event of a
+  batch, so a busy gateway commits a few dozen times a second, not once per
+  statement. Relays never wait.
+- ``strict``: ``operationStarted`` returns a Deferred that fires once the
+  operation's record is committed; relays forward the operation only then, so
+  nothing reaches a target without a record. The writer commits at once (group
+  commit: what arrives while one batch is written goes into the next).
+
+When the store fails (``recording.on_failure``):
+
+- ``continue``: batches are kept and retried with backoff; nothing recorded is
+  dropped. Strict operations wait until their record is stored.
+- ``deny``: the same, and while the store is failing ``operationStarted``
+  raises :class:`RecordingUnavailable` (strict operations in flight fail with
+  it), so relays refuse new operations with a clear error until the store is back.
+
+``flush()`` fires once everything queued before it is stored; ``stop()``
+writes what is queued before the process exits.
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder, IStore
 from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
+from gatekeep.recording import RecordingUnavailable
 
 _log = Logger()
 
@@ -34,20 +49,35 @@ class _Flush:
         self.deferred = deferred
 
 
+class _Strict:
+    """An event whose relay waits for it to be committed."""
+
+    __slots__ = ("event", "deferred")
+
+    def __init__(self, event: Any, deferred: Deferred) -> None:
+        self.event = event
+        self.deferred = deferred
+
+
 _STOP = object()
 
 
 @implementer(IRecorder)
 class ThreadedRecorder:
     def __init__(self, store: IStore, reactor: Any, *, max_batch: int = 5000, retry_delay: float = 0.2,
-                 interval: float = 0.02) -> None:
+                 interval: float = 0.02, durability: str = "batched", on_failure: str = "continue") -> None:
         self._store = store
         self._reactor = reactor
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._max_batch = max_batch
         self._retry_delay = retry_delay
-        self._interval = interval
+        self._interval = 0.0 if durability == "strict" else interval
+        self.strict = durability == "strict"
+        self.deny_on_failure = on_failure == "deny"
         self._thread: threading.Thread | None = None
+        #: False while the store is failing; read by relays through operationStarted
+        self.healthy = True
+        self.last_error = ""
         #: batches written, events written, failures seen: for metrics and tests
         self.batches = 0
         self.written = 0
@@ -76,8 +106,17 @@ class ThreadedRecorder:
     def loginFailed(self, failure: LoginFailure) -> None:
         self._queue.put(failure)
 
-    def operationStarted(self, operation: Operation, decision: Decision) -> None:
+    def operationStarted(self, operation: Operation, decision: Decision) -> Deferred | None:
+        if self.deny_on_failure and not self.healthy:
+            # still recorded when the store is back: the trail shows what was refused and why
+            self._queue.put((operation, decision))
+            raise RecordingUnavailable(self.last_error or "the store is failing")
+        if self.strict:
+            d: Deferred = Deferred()
+            self._queue.put(_Strict((operation, decision), d))
+            return d
         self._queue.put((operation, decision))
+        return None
 
     def operationFinished(self, outcome: Outcome) -> None:
         self._queue.put(outcome)
@@ -91,7 +130,9 @@ class ThreadedRecorder:
     def flush(self) -> Deferred:
         d: Deferred = Deferred()
         if self._thread is None:
-            self._write_all(self._drain_now())
+            batch, waiters, _ = self._split(self._drain_now())
+            self._write_all(batch, waiters)
+            self._fire(waiters)
             d.callback(None)
             return d
         self._queue.put(_Flush(d))
@@ -107,6 +148,19 @@ class ThreadedRecorder:
             except queue.Empty:
                 return [i for i in items if i is not _STOP and not isinstance(i, _Flush)]
 
+    @staticmethod
+    def _split(items: list[Any]) -> tuple[list[Any], list[Deferred], list[Deferred]]:
+        batch, waiters, flushes = [], [], []
+        for item in items:
+            if isinstance(item, _Strict):
+                batch.append(item.event)
+                waiters.append(item.deferred)
+            elif isinstance(item, _Flush):
+                flushes.append(item.deferred)
+            elif item is not _STOP:
+                batch.append(item)
+        return batch, waiters, flushes
+
     def _run(self) -> None:
         stopping = False
         while not stopping:
@@ -114,28 +168,27 @@ class ThreadedRecorder:
             if self._interval and item is not _STOP and not isinstance(item, _Flush):
                 # let a batch gather: one commit for many events, and no GIL ping-pong per event
                 time.sleep(self._interval)
-            batch: list[Any] = []
-            flushes: list[_Flush] = []
-            while True:
-                if item is _STOP:
-                    stopping = True
-                elif isinstance(item, _Flush):
-                    flushes.append(item)
-                else:
-                    batch.append(item)
-                if len(batch) >= self._max_batch:
-                    break
+            items = [item]
+            while len(items) < self._max_batch:
                 try:
-                    item = self._queue.get_nowait()
+                    items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            stopping = any(i is _STOP for i in items)
+            batch, waiters, flushes = self._split(items)
             if batch:
-                self._write_all(batch)
+                self._write_all(batch, waiters)
+            self._fire(waiters)
             for f in flushes:
-                self._reactor.callFromThread(f.deferred.callback, None)
+                self._reactor.callFromThread(f.callback, None)
         self._store.close()
 
-    def _write_all(self, batch: list[Any]) -> None:
+    def _fire(self, waiters: list[Deferred]) -> None:
+        for w in waiters:
+            if not w.called:
+                self._reactor.callFromThread(_fire_once, w, None)
+
+    def _write_all(self, batch: list[Any], waiters: list[Deferred]) -> None:
         delay = self._retry_delay
         attempts = 0
         while True:
@@ -144,16 +197,27 @@ class ThreadedRecorder:
             except Exception as e:
                 self.failures += 1
                 attempts += 1
-                _log.error("recording store failed ({error}); retrying {n} events in {delay:.1f}s",
-                           error=type(e).__name__ + ": " + str(e)[:200], n=len(batch), delay=delay)
+                self.last_error = f"{type(e).__name__}: {str(e)[:200]}"
+                if self.healthy:
+                    self.healthy = False
+                    _log.error("recording store failed ({error}); keeping {n} events and retrying",
+                               error=self.last_error, n=len(batch))
+                if self.deny_on_failure:
+                    # strict operations waiting for this batch are refused now; their records stay queued
+                    for w in waiters:
+                        if not w.called:
+                            self._reactor.callFromThread(_fire_once, w, RecordingUnavailable(self.last_error))
                 if attempts == 3 and len(batch) > 1 and self._write_singly(batch):
-                    return
+                    break
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             self.batches += 1
             self.written += len(batch)
-            return
+            break
+        if not self.healthy:
+            _log.info("recording store is back after {n} failed attempts", n=attempts)
+            self.healthy = True
 
     def _write_singly(self, batch: list[Any]) -> bool:
         """
@@ -176,3 +240,13 @@ class ThreadedRecorder:
             self.dropped += 1
             _log.critical("recording dropped an event the store refuses: {kind}", kind=type(event).__name__)
         return True
+
+
+def _fire_once(d: Deferred, result: Any) -> None:
+    """Fire ``d`` unless it already fired (a strict waiter refused earlier, then stored)."""
+    if d.called:
+        return
+    if isinstance(result, Exception):
+        d.errback(result)
+    else:
+        d.callback(result)

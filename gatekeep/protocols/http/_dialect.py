@@ -1,0 +1,165 @@
+"""
+What a protocol built on the HTTP relay may change: how a request is
+described, how gatekeep answers in the protocol's own words (denials, errors),
+what happens to each response body, and how upgraded streams are recorded.
+
+:class:`HttpDialect` is plain HTTP; the Kubernetes plugin subclasses it. All
+methods are pure: values in, values out.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import attrs
+
+from gatekeep.model import Decision
+from gatekeep.protocols.http import _websocket as ws
+from gatekeep.protocols.http._codec import Head, simple_response
+from gatekeep.protocols.http._headers import is_json, is_text
+from gatekeep.protocols.http._jsonmask import JsonMasker
+from gatekeep.protocols.http._request import Request
+
+PASS = "pass"
+BUFFER = "buffer"
+LINES = "lines"
+
+
+@attrs.frozen
+class BodyPlan:
+    """
+    What the relay does with a response body:
+
+    - ``pass``: forward it as it arrives;
+    - ``buffer``: gather it (up to the target's ``max_body``), then send
+      ``transform(body, counts)`` (None: unchanged) with a fixed Content-Length;
+    - ``lines``: a stream of newline-separated JSON documents (a watch): each
+      line is sent through ``transform`` as soon as it is whole, re-chunked.
+
+    ``required``: when the body is over ``max_body`` (or cannot be read), the
+    response fails closed with 502 instead of passing through unmasked.
+    """
+
+    kind: str = PASS
+    transform: Callable[[bytes, dict[str, int]], bytes | None] | None = None
+    required: bool = False
+    why: str = ""
+
+
+PASS_THROUGH = BodyPlan()
+
+
+@attrs.frozen
+class StreamPiece:
+    """A piece of an upgraded stream to record: asciicast kind ("i", "o", "r", "m") and text."""
+
+    kind: str
+    data: str
+
+
+def _error_body(status: int, error: str, message: str, **more: Any) -> bytes:
+    body = {"error": error, "message": message, "status": status}
+    body.update({k: v for k, v in more.items() if v is not None})
+    return json.dumps(body).encode("utf-8") + b"\n"
+
+
+class HttpDialect:
+    protocol = "http"
+    #: the name of recorded upgraded streams: "<prefix>-<seq>"
+    stream_prefix = "ws"
+
+    # -- requests -----------------------------------------------------------------------
+
+    def describe(self, request: Request) -> Request:
+        """Add the protocol's own description (``request.info``)."""
+        return request
+
+    def request_extra(self, request: Request) -> dict[str, Any]:
+        """Protocol facts recorded with the request, besides method, URL, host and headers."""
+        return {}
+
+    def rewrite(self, request: Request, masker: JsonMasker | None) -> tuple[frozenset[bytes], tuple]:
+        """Extra header names to drop and fields to add on the way upstream."""
+        if masker is not None and masker.active:
+            # bodies gatekeep must read come uncompressed
+            return frozenset({b"accept-encoding"}), ((b"Accept-Encoding", b"identity"),)
+        return frozenset(), ()
+
+    # -- gatekeep's own answers -------------------------------------------------------------
+
+    def denied(self, request: Request, decision: Decision, *, close: bool = False) -> tuple[int, bytes]:
+        rule = decision.rule or "default"
+        message = f"gatekeep denied this request (rule {rule})"
+        if decision.reason:
+            message += f": {decision.reason}"
+        body = _error_body(403, "forbidden", message, rule=rule, reason=decision.reason or None)
+        return 403, simple_response(403, body, close=close)
+
+    def unauthorized(self, message: str, *, close: bool = False) -> tuple[int, bytes]:
+        body = _error_body(401, "unauthorized", message)
+        return 401, simple_response(401, body, close=close, extra=(
+            (b"WWW-Authenticate", b'Bearer realm="gatekeep"'), (b"WWW-Authenticate", b'Basic realm="gatekeep"')))
+
+    def failure(self, request: Request | None, status: int, message: str, *, close: bool = False) -> tuple[int, bytes]:
+        """gatekeep's answer when it cannot carry out a request (400, 502, 504, ...)."""
+        error = {400: "bad_request", 502: "bad_gateway", 504: "gateway_timeout"}.get(status, "error")
+        return status, simple_response(status, _error_body(status, error, message), close=close)
+
+    # -- responses ----------------------------------------------------------------------
+
+    def body_plan(self, request: Request, head: Head, masker: JsonMasker | None, mask_text: bool) -> BodyPlan:
+        if masker is None or not masker.active:
+            return PASS_THROUGH
+        ctype = head.index.get(b"content-type")
+        if is_json(ctype):
+            if not masker.key_rules and not masker.detector_rules:
+                return PASS_THROUGH
+
+            def transform(body: bytes, counts: dict[str, int]) -> bytes | None:
+                if not body.strip():
+                    return None
+                try:
+                    return masker.mask_body(body, counts)
+                except ValueError:
+                    if masker.key_rules:
+                        raise
+                    return _mask_text(masker, body, counts)
+
+            return BodyPlan(BUFFER, transform, required=True, why="JSON body under masking rules")
+        if mask_text and masker.detector_rules and is_text(ctype):
+            return BodyPlan(BUFFER, lambda body, counts: _mask_text(masker, body, counts), required=True,
+                            why="text body under masking detectors")
+        return PASS_THROUGH
+
+    # -- upgraded streams -------------------------------------------------------------------
+
+    def stream_decoder(self, request: Request, response: Head) -> Callable[[ws.Message, bool], list[StreamPiece]] | None:
+        """For a WebSocket upgrade: turns messages into recorded pieces (``from_client`` tells the direction)."""
+        if (request.head.index.get(b"upgrade") or b"").lower() != b"websocket":
+            return None
+
+        def decode(message: ws.Message, from_client: bool) -> list[StreamPiece]:
+            kind = "i" if from_client else "o"
+            if message.opcode == ws.TEXT:
+                text = message.payload.decode("utf-8", "replace")
+            elif message.opcode == ws.BINARY:
+                text = f"<binary message, {len(message.payload)} bytes: {message.payload[:64].hex()}>"
+            elif message.opcode == ws.CLOSE:
+                return [StreamPiece("m", "close" + (" from client" if from_client else " from server"))]
+            else:
+                return []
+            if message.cut:
+                text += f"... ({message.cut} bytes)"
+            return [StreamPiece(kind, text)]
+
+        return decode
+
+
+def _mask_text(masker: JsonMasker, body: bytes, counts: dict[str, int]) -> bytes | None:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    masked = masker.mask_text(text, counts)
+    return None if masked is text else masked.encode("utf-8")
