@@ -14,7 +14,6 @@ from typing import Any, Iterator
 import attrs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from gatekeep.recording.events import SCHEMA_VERSION
 from gatekeep.store import ledger
 
 
@@ -98,7 +97,4 @@ def export(store: Any, since: float | None, until: float | None) -> Iterator[dic
 
 
 def to_export(e: ledger.Entry) -> dict[str, Any]:
-    return {
-        "id": f"{e.node}:{e.seq}", "v": SCHEMA_VERSION, "node": e.node, "seq": e.seq, "kind": e.kind,
-        "session": e.session_id, "at": e.at, "data": json.loads(e.data), "prev": e.prev, "hash": e.hash,
-    }
+    return e.export()

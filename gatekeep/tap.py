@@ -25,6 +25,7 @@ from gatekeep.config import Config, ConfigError, load
 from gatekeep.identity.tokens import StaticIdentityProvider
 from gatekeep.plugin import protocol_plugins
 from gatekeep.recording.recorder import ThreadedRecorder
+from gatekeep.recording.sinks import build_sinks
 from gatekeep.store import ledger
 from gatekeep.store.sqlite import SQLiteStore
 
@@ -94,7 +95,8 @@ def build(config: Config, reactor: Any = None) -> GatewayService:
         reactor = default_reactor
     store = SQLiteStore(config.store.path, node=config.node, signer=signer_for(config))
     recorder = ThreadedRecorder(store, reactor, durability=config.recording.durability,
-                                on_failure=config.recording.on_failure)
+                                on_failure=config.recording.on_failure,
+                                sinks=build_sinks(config.recording.sinks, reactor, config.node))
     plugins = protocol_plugins()
     chain = Chain(
         identities=[StaticIdentityProvider.from_config(config.identities)],

@@ -65,7 +65,9 @@ _STOP = object()
 @implementer(IRecorder)
 class ThreadedRecorder:
     def __init__(self, store: IStore, reactor: Any, *, max_batch: int = 5000, retry_delay: float = 0.2,
-                 interval: float = 0.02, durability: str = "batched", on_failure: str = "continue") -> None:
+                 interval: float = 0.02, durability: str = "batched", on_failure: str = "continue",
+                 sinks: list[Any] | None = None) -> None:
+        self.sinks = list(sinks or [])
         self._store = store
         self._reactor = reactor
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -182,6 +184,11 @@ class ThreadedRecorder:
             for f in flushes:
                 self._reactor.callFromThread(f.callback, None)
         self._store.close()
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception:
+                pass
 
     def _fire(self, waiters: list[Deferred]) -> None:
         for w in waiters:
@@ -193,7 +200,7 @@ class ThreadedRecorder:
         attempts = 0
         while True:
             try:
-                self._store.write(batch)
+                entries = self._store.write(batch)
             except Exception as e:
                 self.failures += 1
                 attempts += 1
@@ -214,6 +221,7 @@ class ThreadedRecorder:
                 continue
             self.batches += 1
             self.written += len(batch)
+            self._to_sinks(entries)
             break
         if not self.healthy:
             _log.info("recording store is back after {n} failed attempts", n=attempts)
@@ -229,7 +237,7 @@ class ThreadedRecorder:
         failed = []
         for event in batch:
             try:
-                self._store.write([event])
+                self._to_sinks(self._store.write([event]))
             except Exception:
                 failed.append(event)
         if len(failed) == len(batch):
@@ -240,6 +248,17 @@ class ThreadedRecorder:
             self.dropped += 1
             _log.critical("recording dropped an event the store refuses: {kind}", kind=type(event).__name__)
         return True
+
+
+    def _to_sinks(self, entries: Any) -> None:
+        if not self.sinks or not entries:
+            return
+        events = [e.export() for e in entries]
+        for sink in self.sinks:
+            try:
+                sink.emit(events)
+            except Exception as e:
+                _log.error("recording sink {sink} failed: {error}", sink=type(sink).__name__, error=str(e)[:200])
 
 
 def _fire_once(d: Deferred, result: Any) -> None:

@@ -7,11 +7,20 @@ deduplicate). See docs/events.md for the event schema.
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import attrs
+from twisted.logger import Logger
 
 from gatekeep.config import ConfigError, Node
+
+_log = Logger()
 
 
 @attrs.frozen
@@ -30,7 +39,8 @@ class SinkConfig:
 def read_sink(node: Node) -> SinkConfig:
     kind = node.str("type", choices=("file", "syslog", "webhook"))
     if kind == "file":
-        cfg = SinkConfig(kind, path=node.str("path"))
+        path = Path(node.str("path"))
+        cfg = SinkConfig(kind, path=str(path if path.is_absolute() else node.base / path))
     elif kind == "syslog":
         cfg = SinkConfig(kind, address=node.str("address", "127.0.0.1:514"),
                          transport=node.str("transport", "udp", choices=("udp", "tcp")))
@@ -44,5 +54,152 @@ def read_sink(node: Node) -> SinkConfig:
     return cfg
 
 
-def build_sinks(configs: tuple[SinkConfig, ...], reactor: Any) -> list[Any]:
-    return []
+def build_sinks(configs: tuple[SinkConfig, ...], reactor: Any, node: str) -> list[Any]:
+    sinks: list[Any] = []
+    for c in configs:
+        if c.type == "file":
+            sinks.append(FileSink(Path(c.path)))
+        elif c.type == "syslog":
+            sinks.append(SyslogSink(c.address, c.transport, node))
+        else:
+            sinks.append(WebhookSink(c.url, reactor, batch=c.batch, interval=c.interval, retries=c.retries))
+    return sinks
+
+
+class FileSink:
+    """Appends each event as one JSON line (called from the recorder's writer thread)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a", encoding="utf-8")
+
+    def emit(self, events: list[dict[str, Any]]) -> None:
+        for e in events:
+            self._f.write(json.dumps(e, ensure_ascii=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def syslog_line(event: dict[str, Any], hostname: str, node: str) -> bytes:
+    """One RFC 5424 message: facility log audit (13), severity notice (5) or warning (4) for denials."""
+    data = event.get("data") or {}
+    denied = (data.get("decision") or {}).get("action") in ("deny",) or event["kind"] == "login.failure"
+    pri = 13 * 8 + (4 if denied else 5)
+    ts = datetime.fromtimestamp(event["at"] or time.time(), timezone.utc).isoformat(timespec="microseconds")
+    ts = ts.replace("+00:00", "Z")
+    sd = f'[gatekeep@32473 id="{event["id"]}" kind="{event["kind"]}" node="{_sd(node)}"]'
+    msg = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    return f"<{pri}>1 {ts} {hostname} gatekeep {os.getpid()} {event['kind']} {sd} \ufeff{msg}".encode("utf-8")
+
+
+def _sd(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+class SyslogSink:
+    """RFC 5424 over UDP (one datagram per event) or TCP (octet-counted framing, RFC 6587)."""
+
+    def __init__(self, address: str, transport: str, node: str) -> None:
+        host, _, port = address.rpartition(":")
+        self._addr = (host.strip("[]") or "127.0.0.1", int(port))
+        self._transport = transport
+        self._node = node
+        self._hostname = socket.gethostname()
+        self._sock: socket.socket | None = None
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            family = socket.AF_INET6 if ":" in self._addr[0] else socket.AF_INET
+            if self._transport == "udp":
+                self._sock = socket.socket(family, socket.SOCK_DGRAM)
+            else:
+                self._sock = socket.create_connection(self._addr, timeout=5)
+        return self._sock
+
+    def emit(self, events: list[dict[str, Any]]) -> None:
+        for e in events:
+            line = syslog_line(e, self._hostname, self._node)
+            try:
+                if self._transport == "udp":
+                    self._socket().sendto(line, self._addr)
+                else:
+                    self._socket().sendall(str(len(line)).encode() + b" " + line)
+            except OSError:
+                if self._sock is not None:
+                    self._sock.close()
+                self._sock = None
+                raise
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+
+
+class WebhookSink:
+    """
+    POSTs ``{"events": [...]}`` batches to a URL from the reactor thread; a batch
+    that fails is retried with backoff (``retries`` times), then logged as lost to
+    the sink (it is still in the store and can be exported). Receivers deduplicate
+    on each event's ``id``.
+    """
+
+    def __init__(self, url: str, reactor: Any, *, batch: int = 100, interval: float = 1.0, retries: int = 5) -> None:
+        self.url = url
+        self._reactor = reactor
+        self._batch = batch
+        self._interval = interval
+        self._retries = retries
+        self._pending: list[dict[str, Any]] = []
+        self._timer: Any = None
+        self.sent = 0
+        self.failed = 0
+
+    def emit(self, events: list[dict[str, Any]]) -> None:
+        """Called from the writer thread."""
+        self._reactor.callFromThread(self._add, events)
+
+    def _add(self, events: list[dict[str, Any]]) -> None:
+        self._pending.extend(events)
+        if len(self._pending) >= self._batch:
+            self._send_now()
+        elif self._timer is None:
+            self._timer = self._reactor.callLater(self._interval, self._send_now)
+
+    def _send_now(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        while self._pending:
+            batch, self._pending = self._pending[:self._batch], self._pending[self._batch:]
+            self._post(batch, 0)
+
+    def _post(self, batch: list[dict[str, Any]], attempt: int) -> None:
+        from twisted.web.client import Agent, readBody
+        from twisted.web.http_headers import Headers
+
+        from gatekeep.web import BytesProducer
+
+        body = json.dumps({"events": batch}, ensure_ascii=False).encode("utf-8")
+        d = Agent(self._reactor).request(b"POST", self.url.encode("ascii"),
+                                         Headers({b"content-type": [b"application/json"]}), BytesProducer(body))
+
+        def done(response: Any) -> Any:
+            if not 200 <= response.code < 300:
+                raise RuntimeError(f"HTTP {response.code}")
+            self.sent += len(batch)
+            return readBody(response)
+
+        def failed(f: Any) -> None:
+            if attempt < self._retries:
+                self._reactor.callLater(min(2 ** attempt * 0.5, 30), self._post, batch, attempt + 1)
+            else:
+                self.failed += len(batch)
+                _log.error("webhook sink {url} lost {n} events after {tries} tries: {error}", url=self.url,
+                           n=len(batch), tries=attempt + 1, error=f.getErrorMessage())
+
+        d.addCallbacks(done, failed).addErrback(failed)
+
+    def close(self) -> None:
+        self._reactor.callFromThread(self._send_now)

@@ -17,6 +17,7 @@ that gap: what was exported cannot be taken back.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -124,6 +125,14 @@ class Entry:
     data: str
     prev: str
     hash: str
+
+    def export(self) -> dict[str, Any]:
+        """The entry as an exported event (docs/events.md); ``id`` is stable across exports."""
+        return {
+            "id": f"{self.node}:{self.seq}", "v": SCHEMA_VERSION, "node": self.node, "seq": self.seq,
+            "kind": self.kind, "session": self.session_id, "at": self.at, "data": json.loads(self.data),
+            "prev": self.prev, "hash": self.hash,
+        }
 
 
 @attrs.frozen

@@ -175,7 +175,7 @@ class SQLiteStore:
 
     # -- writing ---------------------------------------------------------------------
 
-    def write(self, batch: list[Any]) -> None:
+    def write(self, batch: list[Any]) -> list[ledger.Entry]:
         """
         Store a batch of recorder events atomically. Events: Session,
         (Operation, Decision), Outcome, SessionEnd, LoginFailure. An operation
@@ -205,6 +205,7 @@ class SQLiteStore:
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         tail = self._tail
+        self._appended: list[ledger.Entry] = []
         try:
             self._append_ledger(db, batch)
             if sessions:
@@ -252,6 +253,7 @@ class SQLiteStore:
             self._tail = tail
             db.execute("ROLLBACK")
             raise
+        return self._appended
 
     # -- the ledger ------------------------------------------------------------------------
 
@@ -274,6 +276,7 @@ class SQLiteStore:
         db.execute("INSERT INTO ledger (node, seq, kind, session_id, at, data, prev, hash) VALUES (?,?,?,?,?,?,?,?)",
                    (self.node, seq, kind, session_id, at, text, prev, h))
         self._tail = (seq, h)
+        self._appended.append(ledger.Entry(self.node, seq, kind, session_id, at, text, prev, h))
 
     def _append_ledger(self, db: sqlite3.Connection, batch: list[Any]) -> None:
         for value in batch:

@@ -1,0 +1,561 @@
+"""
+The HTTP relay: thin Twisted protocols around the codec, the dialect and the chain.
+
+    curl ──► ClientSide ──(chain: identity, policy, recording)──► UpstreamSide ──► API server
+         ◄──────────── response bodies: passed, masked, or re-chunked ◄──
+
+A client connection reads requests one at a time (pipelined requests wait in
+the reader). For each: its credentials are checked (``Authorization: Bearer``,
+or ``Basic`` with the token as the password), the chain judges it, and an
+allowed request goes upstream with the client's credentials replaced by the
+target's, over one keep-alive upstream connection per client connection. The
+request body streams as it arrives; the response streams back unless masking
+must see it whole. A ``101 Switching Protocols`` turns both connections into a
+byte tunnel (WebSocket messages recorded).
+
+Backpressure: the upstream transport is the client transport's producer and a
+:class:`Valve` over the client transport is the upstream transport's producer,
+so a slow reader on either side stops gatekeep reading from the other. The
+valve also holds the client while a decision or the upstream connection is
+pending, and while pipelined requests pile up.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from gatekeep.model import Action, ClientAddress, LoginFailure, Operation, Session, SessionEnd, new_id
+from gatekeep.protocols.http import _codec as codec
+from gatekeep.protocols.http._codec import END, NEED_DATA, PAUSED, Data, Head, MessageReader, ProtocolError
+from gatekeep.protocols.http._exchange import Exchange, excerpt_for, operation_extra, outcome_for
+from gatekeep.protocols.http._headers import (CLIENT_CREDENTIAL_HEADERS, SECRET_HEADERS, BadCredentials,
+                                              RequestRewriter, client_credentials)
+from gatekeep.protocols.http._jsonmask import JsonMasker
+from gatekeep.protocols.http._request import parse_request
+from gatekeep.protocols.http._upstream import UpstreamSide
+
+_log = Logger()
+
+#: client bytes gatekeep keeps unread (pipelined requests) before it stops reading
+BACKLOG = 1024 * 1024
+#: a denied request's body is read and dropped up to this size; beyond it the connection closes
+DISCARD_LIMIT = 8 * 1024 * 1024
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class Mode(enum.Enum):
+    HTTP = "http"
+    TUNNEL = "tunnel"
+    CLOSED = "closed"
+
+
+@implementer(IPushProducer)
+class Valve:
+    """Pauses reading a transport while any reason to hold it stands."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.reasons: set[str] = set()
+
+    def hold(self, reason: str) -> None:
+        if not self.reasons:
+            self.transport.pauseProducing()
+        self.reasons.add(reason)
+
+    def release(self, reason: str) -> None:
+        if reason in self.reasons:
+            self.reasons.discard(reason)
+            if not self.reasons:
+                self.transport.resumeProducing()
+
+    # IPushProducer, for the upstream transport's backpressure
+    def pauseProducing(self) -> None:
+        self.hold("upstream is full")
+
+    def resumeProducing(self) -> None:
+        self.release("upstream is full")
+
+    def stopProducing(self) -> None:
+        self.transport.loseConnection()
+
+
+class ClientSide(protocol.Protocol):
+    """The client's connection."""
+
+    def __init__(self, factory: "HttpRelayFactory") -> None:
+        self.factory = factory
+        self.gateway = factory.gateway
+        self.chain = factory.gateway.chain
+        self.target = factory.target
+        self.options = factory.target.options
+        self.dialect = factory.dialect
+        self.reader = MessageReader(codec.REQUEST, max_head=self.options.max_head)
+        self.mode = Mode.HTTP
+        self.session: Session | None = None
+        self.masker: JsonMasker | None = None
+        self.upstream: UpstreamSide | None = None
+        self.exchange: Exchange | None = None
+        self.seq = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.end_reason = "client closed the connection"
+        self.tunnel: Any = None
+        self._auth_raw: bytes | None = None
+        self._identity: Any = None
+        self._hold: str | None = None
+        self._pumping = False
+        self._again = False
+        self._idle: Any = None
+        self._connecting = False
+
+    # -- plumbing -----------------------------------------------------------------
+
+    @property
+    def client(self) -> ClientAddress:
+        peer = self.transport.getPeer()
+        return ClientAddress(getattr(peer, "host", "?"), getattr(peer, "port", 0))
+
+    def send(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.transport.write(data)
+
+    def connectionMade(self) -> None:
+        self.valve = Valve(self.transport)
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        timeout = self.options.idle_timeout
+        if not timeout:
+            return
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(timeout)
+        else:
+            self._idle = self.gateway.reactor.callLater(timeout, self._idle_expired)
+
+    def _disarm_idle(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+
+    def _idle_expired(self) -> None:
+        self._idle = None
+        if self.exchange is None and self.mode is Mode.HTTP:
+            self.end_reason = "idle timeout"
+            self.close()
+
+    def close(self) -> None:
+        if self.mode is not Mode.CLOSED:
+            self.mode = Mode.CLOSED
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        if self.mode is Mode.TUNNEL:
+            self.tunnel.from_client(data)
+            return
+        if self.mode is Mode.CLOSED:
+            return
+        self.reader.receive_data(data)
+        self.pump()
+        if self.reader.buffered > BACKLOG and self.mode is Mode.HTTP:
+            self.valve.hold("backlog")
+
+    def pump(self) -> None:
+        if self._pumping:
+            self._again = True
+            return
+        self._pumping = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                self._pump()
+        finally:
+            self._pumping = False
+
+    def _pump(self) -> None:
+        reader = self.reader
+        while self.mode is Mode.HTTP and self._hold is None:
+            try:
+                event = reader.next_event()
+            except ProtocolError as e:
+                self.bad_request(e)
+                return
+            if event is NEED_DATA or event is PAUSED:
+                return
+            cls = event.__class__
+            if cls is Data:
+                self.request_body(event)
+            elif event is END:
+                self.request_end()
+            elif cls is Head:
+                self.request_head(event)
+            else:  # the client closed its side between requests
+                self.end_reason = "client closed the connection"
+                self.close()
+                return
+
+    # -- requests -------------------------------------------------------------------
+
+    def request_head(self, head: Head) -> None:
+        self._disarm_idle()
+        ex = self.exchange = Exchange(head, self.gateway.now())
+        try:
+            request = self.dialect.describe(parse_request(head))
+        except ProtocolError as e:
+            self.bad_request(e)
+            return
+        ex.request = request
+        limit = self.options.record.body_limit
+        if limit and (self.reader.body_framing != "length" or (self.reader.body_length or 0) > 0):
+            ex.req_excerpt = excerpt_for(head, limit)
+            self.reader.decode = ex.req_excerpt is not None
+        raw = head.index.get(b"authorization")
+        if raw is None or raw != self._auth_raw:
+            try:
+                creds = client_credentials(head)
+            except BadCredentials as e:
+                self.unauthorized(ex, str(e), "")
+                return
+            if creds is None:
+                self.unauthorized(ex, "no credentials", "")
+                return
+            identity = self.chain.authenticate_token(None, creds.token)
+            if identity is None:
+                self.unauthorized(ex, f"wrong token ({creds.scheme})", creds.user or "")
+                return
+            self._auth_raw = raw
+            if self.session is not None and identity != self._identity:
+                self.end_session("the client changed credentials")
+            self._identity = identity
+        if self.session is None:
+            if not self.start_session():
+                return
+        self.judge(ex)
+
+    def start_session(self) -> bool:
+        attributes = {}
+        agent = self.exchange.head.index.get(b"user-agent")
+        if agent:
+            attributes["user_agent"] = agent.decode("latin-1")[:200]
+        self.session = Session(new_id(), self._identity, self.target.name, self.dialect.protocol, self.client,
+                               self.factory.tls, self.gateway.now(), attributes)
+        self.gateway.sessions[self.session.id] = self
+        self.chain.session_started(self.session)
+        try:
+            plan = self.chain.masking_plan(self.session)
+        except Exception:
+            self.local_answer(self.exchange, *self.dialect.failure(
+                self.exchange.request, 500, "gatekeep cannot decide the masking for this session", close=True),
+                error="masking failed")
+            self.end_reason = "masking failed"
+            return False
+        self.masker = JsonMasker(plan.rules, text=self.options.mask_text) if plan is not None else None
+        _log.info("session {session} for {identity} on {target} from {client}", session=self.session.id,
+                  identity=self._identity.name, target=self.target.name, client=str(self.client))
+        return True
+
+    def unauthorized(self, ex: Exchange, reason: str, claimed: str) -> None:
+        self.chain.login_failed(LoginFailure(self.target.name, self.dialect.protocol, self.client, claimed, reason,
+                                             self.gateway.now()))
+        message = "gatekeep needs a valid token: Authorization: Bearer TOKEN (or Basic with the token as password)"
+        self.local_answer(ex, *self.dialect.unauthorized(message, close=self._must_close(ex)))
+
+    def bad_request(self, error: ProtocolError) -> None:
+        ex = self.exchange
+        if ex is not None and ex.response is not None:
+            # the response is under way: nothing sensible can be said any more
+            self.end_reason = f"client protocol error: {error}"
+            self.close()
+            return
+        data = self.dialect.failure(ex.request if ex else None, error.status, str(error), close=True)[1]
+        self.send(data)
+        if ex is not None and ex.op is not None and not ex.finished:
+            ex.status, ex.error, ex.bytes_out = error.status, str(error), len(data)
+            self.record_outcome(ex)
+        self.end_reason = f"client protocol error: {error}"
+        self.close()
+
+    def _must_close(self, ex: Exchange) -> bool:
+        """A local answer before the body was read: close if the body may never come or is big."""
+        if ex.request_done or self.reader.body_framing == "length" and not self.reader.body_length:
+            return not ex.head.keep_alive
+        if ex.head.index.get(b"expect", b"").lower() == b"100-continue":
+            return True
+        return (self.reader.body_length or 0) > DISCARD_LIMIT or not ex.head.keep_alive
+
+    def judge(self, ex: Exchange) -> None:
+        self.seq += 1
+        request = ex.request
+        ex.op = Operation(self.session, self.seq, "http", request.text, ex.started, request,
+                          extra=operation_extra(ex, self.factory.scheme, self.factory.secret_headers,
+                                                self.dialect.request_extra(request)))
+        decision = self.chain.decide(ex.op)
+        if isinstance(decision, Deferred):
+            self._hold = "decision"
+            self.valve.hold("decision")
+            decision.addCallback(self._decided_later, ex)
+            return
+        self.decided(decision, ex)
+
+    def _decided_later(self, decision: Any, ex: Exchange) -> None:
+        self._hold = None
+        if self.mode is Mode.CLOSED:
+            self.chain.operation_started(ex.op, decision)
+            ex.error = "the client left before the decision"
+            self.record_outcome(ex)
+            return
+        self.valve.release("decision")
+        self.decided(decision, ex)
+        self.pump()
+
+    def decided(self, decision: Any, ex: Exchange) -> None:
+        ex.decision = decision
+        self.chain.operation_started(ex.op, decision)
+        if decision.action is not Action.ALLOW:
+            self.local_answer(ex, *self.dialect.denied(ex.request, decision, close=self._must_close(ex)),
+                              error=f"denied by rule {decision.rule or 'default'}")
+            return
+        drop, add = self.dialect.rewrite(ex.request, self.masker)
+        ex.head_bytes = self.factory.rewriter.head(ex.head, drop=drop, add=add)
+        self.forward(ex)
+
+    def forward(self, ex: Exchange) -> None:
+        ex.attempts += 1
+        up = self.upstream
+        if up is None or not up.connected:
+            self._hold = "connect"
+            self.valve.hold("connect")
+            if not self._connecting:
+                self.connect_upstream()
+            return
+        up.send_request(ex)
+
+    def request_body(self, event: Data) -> None:
+        ex = self.exchange
+        n = len(event.raw)
+        ex.bytes_in += n
+        if ex.discard:
+            ex.discarded += n
+            if ex.discarded > DISCARD_LIMIT:
+                self.end_reason = "a denied request's body was too large to drop"
+                self.close()
+            return
+        if event.payload is not None:
+            ex.body_in += len(event.payload)
+            if ex.req_excerpt is not None:
+                ex.req_excerpt.add(event.payload)
+        else:
+            ex.body_in += n
+        self.upstream.transport.write(event.raw)
+
+    def request_end(self) -> None:
+        ex = self.exchange
+        ex.request_done = True
+        if ex.response_done:
+            self.exchange_done(ex)
+
+    # -- gatekeep's own answers -------------------------------------------------------
+
+    def local_answer(self, ex: Exchange, status: int, data: bytes, error: str | None = None) -> None:
+        ex.local = True
+        ex.discard = True
+        ex.status = status
+        ex.error = error
+        ex.bytes_out += len(data)
+        if b"\r\nConnection: close\r\n" in data[:data.find(b"\r\n\r\n") + 2]:
+            ex.close_after = True
+        self.send(data)
+        ex.response_done = True
+        if ex.request_done or ex.close_after:
+            self.exchange_done(ex)
+
+    # -- the upstream connection ------------------------------------------------------
+
+    def connect_upstream(self) -> None:
+        self._connecting = True
+        upstream = UpstreamSide(self)
+        d = self.factory.connect(upstream)
+        d.addErrback(self.upstream_unreachable)
+
+    def upstream_connected(self, upstream: UpstreamSide) -> None:
+        self._connecting = False
+        if self.mode is Mode.CLOSED:
+            upstream.transport.loseConnection()
+            return
+        if self.upstream is not None:
+            self.transport.unregisterProducer()
+        self.upstream = upstream
+        self.transport.registerProducer(upstream.transport, True)
+        upstream.transport.registerProducer(self.valve, True)
+        ex = self.exchange
+        if self._hold == "connect":
+            self._hold = None
+            self.valve.release("connect")
+            if ex is not None and not ex.finished:
+                upstream.send_request(ex)
+            self.pump()
+
+    def upstream_unreachable(self, failure: Failure) -> None:
+        self._connecting = False
+        reason = failure.getErrorMessage() or failure.type.__name__
+        _log.warn("cannot reach the upstream of {target}: {reason}", target=self.target.name, reason=reason)
+        if self.mode is Mode.CLOSED:
+            return
+        self._hold = None
+        self.valve.release("connect")
+        ex = self.exchange
+        if ex is not None and not ex.finished:
+            ex.response = None
+            self.local_answer(ex, *self.dialect.failure(
+                ex.request, 502, f"gatekeep cannot reach the upstream of target {self.target.name}",
+                close=self._must_close(ex)), error=f"upstream unreachable: {reason}")
+            self.pump()
+
+    def upstream_lost(self, upstream: UpstreamSide, reason: str) -> None:
+        if upstream is not self.upstream:
+            return
+        self.upstream = None
+        if self.transport is not None and self.mode is not Mode.CLOSED:
+            self.transport.unregisterProducer()
+        ex = upstream.exchange
+        if self.mode is Mode.TUNNEL:
+            self.end_reason = f"upstream closed the tunnel"
+            self.close()
+            return
+        if ex is None or ex.finished or self.mode is Mode.CLOSED:
+            return
+        if ex.response is None and not ex.local:
+            if (upstream.reused and ex.attempts == 1 and ex.request.method in IDEMPOTENT
+                    and ex.request_done and not ex.body_in):
+                # a keep-alive connection the server had just closed: try once more on a new one
+                self.forward(ex)
+                return
+            self.local_answer(ex, *self.dialect.failure(
+                ex.request, 502, f"the upstream of target {self.target.name} closed the connection",
+                close=True), error=f"upstream closed: {reason}")
+            return
+        # the response was under way: the client can only learn it from a closed connection
+        ex.error = ex.error or f"upstream closed during the response: {reason}"
+        self.end_reason = "upstream closed during a response"
+        self.exchange_done(ex, force_close=True)
+
+    # -- the end of an exchange --------------------------------------------------------
+
+    def exchange_done(self, ex: Exchange, force_close: bool = False) -> None:
+        if ex.finished:
+            return
+        ex.finished = True
+        if ex.op is not None:
+            self.record_outcome(ex)
+        self.exchange = None
+        response = ex.response
+        close = force_close or ex.close_after or (response is not None and not response.keep_alive) \
+            or (not ex.local and self.upstream is not None and self.upstream.reader.body_framing == "close")
+        if close or self.mode is not Mode.HTTP:
+            if self.mode is Mode.HTTP:
+                self.close()
+            return
+        self.reader.start_next_cycle()
+        self.reader.decode = False
+        if not ex.local and self.upstream is not None and self.upstream.reader.state == "done":
+            self.upstream.reader.start_next_cycle()
+            self.upstream.exchange = None
+        self.valve.release("backlog")
+        self._arm_idle()
+        self.pump()
+
+    def record_outcome(self, ex: Exchange) -> None:
+        ex.finished = True
+        if self.session is None or ex.op is None:
+            return
+        self.chain.operation_finished(outcome_for(ex, self.session.id, self.gateway.now(), self.factory.secret_headers))
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.mode = Mode.CLOSED
+        self._disarm_idle()
+        if self.tunnel is not None:
+            self.tunnel.closed()
+        up = self.upstream
+        if up is not None and up.transport is not None:
+            up.transport.loseConnection()
+        ex = self.exchange
+        if ex is not None and not ex.finished and ex.op is not None and ex.decision is not None:
+            ex.error = ex.error or "the client closed the connection before the response ended"
+            self.record_outcome(ex)
+        self.end_session(self.end_reason)
+
+    def end_session(self, reason: str) -> None:
+        if self.session is None:
+            return
+        session, self.session = self.session, None
+        self.chain.session_ended(SessionEnd(session.id, self.gateway.now(), self.bytes_in, self.bytes_out, reason))
+        self.gateway.sessions.pop(session.id, None)
+
+
+class HttpRelayFactory(protocol.Factory):
+    def __init__(self, target: Any, gateway: Any, dialect: Any) -> None:
+        self.target = target
+        self.gateway = gateway
+        self.dialect = dialect
+        options = target.options
+        self.tls = target.tls is not None
+        self.scheme = "https" if self.tls else "http"
+        up = options.upstream
+        creds = options.credentials
+        drop = set(CLIENT_CREDENTIAL_HEADERS)
+        if creds.kind == "header":
+            drop.add(creds.header.lower().encode("latin-1"))
+        self.rewriter = RequestRewriter(
+            frozenset(drop), creds.headers(), up.authority.encode("idna") if up.host_header == "upstream" else None,
+            up.base_path.encode("utf-8"))
+        secret = set(SECRET_HEADERS) | set(options.record.redact_headers)
+        if creds.kind == "header":
+            secret.add(creds.header.lower())
+        self.secret_headers = frozenset(secret)
+        self._tls_options = None
+
+    def buildProtocol(self, addr: Any) -> ClientSide:
+        p = ClientSide(self)
+        p.factory = self
+        return p
+
+    def upstream_endpoint(self) -> Any:
+        """The endpoint of the upstream server (tests put an in-memory one here)."""
+        up = self.target.options.upstream
+        endpoint = HostnameEndpoint(self.gateway.reactor, up.host, up.port, timeout=up.connect_timeout)
+        if up.scheme == "https":
+            if self._tls_options is None:
+                from gatekeep.protocols.http._tls import upstream_options
+
+                creds = self.target.options.credentials
+                self._tls_options = upstream_options(up.tls, up.host, creds.cert, creds.key)
+            endpoint = wrapClientTLS(self._tls_options, endpoint)
+        return endpoint
+
+    def connect(self, upstream: UpstreamSide) -> Deferred:
+        from twisted.internet.endpoints import connectProtocol
+
+        return connectProtocol(self.upstream_endpoint(), upstream)
+
+
+def make_factory(target: Any, gateway: Any, dialect: Any) -> protocol.Factory:
+    """The factory to listen with: TLS-wrapped when the target has ``tls``."""
+    factory = HttpRelayFactory(target, gateway, dialect)
+    if target.tls is None:
+        return factory
+    from gatekeep.tls import server_options
+
+    wrapped = TLSMemoryBIOFactory(server_options(target.tls.cert, target.tls.key), False, factory)
+    wrapped.relay = factory
+    return wrapped
