@@ -14,6 +14,7 @@ and the relay carries out the answer. The chain is where failure handling lives:
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import Any, Callable, Sequence
 
 import attrs
@@ -22,6 +23,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gatekeep.interfaces import IApprovals, IIdentityProvider, IMasking, IPolicy, IRecorder
+from gatekeep.metrics import GatewayMetrics
 from gatekeep.model import (Action, Decision, Identity, LoginFailure, Operation, Outcome, Session, SessionEnd,
                             StreamEvent)
 
@@ -60,6 +62,10 @@ class Hold:
     request_id: str
     #: one line for a person: what is held and how to approve it
     message: str
+    #: when the request expires (the clock's seconds), if it does
+    expires_at: float | None = None
+    #: the command an approver runs, e.g. ``gatekeep approvals approve ID``
+    approve: str = ""
 
 
 @implementer(IApprovals)
@@ -78,6 +84,8 @@ class Chain:
     masking: IMasking
     recorder: IRecorder
     approvals: Any = attrs.field(factory=NoApprovals)
+    #: counters and histograms the admin API serves at /metrics
+    metrics: GatewayMetrics = attrs.field(factory=GatewayMetrics)
 
     # -- identity -----------------------------------------------------------
 
@@ -127,15 +135,22 @@ class Chain:
         ``notify(hold)`` is called at once so the relay can tell the client, in
         its protocol, what is held and how to approve it.
         """
+        started = perf_counter()
         try:
             result = self.policy.decide(operation)
         except Exception as e:
             _log.failure("policy failed on {kind} in session {session}", kind=operation.kind, session=operation.session.id)
-            return _fail_closed(f"the policy could not decide ({type(e).__name__})")
+            return self._measured(_fail_closed(f"the policy could not decide ({type(e).__name__})"), operation, started)
         if isinstance(result, Deferred):
             return result.addCallbacks(self._check, self._policy_failed, errbackArgs=(operation,)).addCallback(
-                self._review, operation, notify)
-        return self._review(self._check(result), operation, notify)
+                self._measured, operation, started).addCallback(self._review, operation, notify)
+        return self._review(self._measured(self._check(result), operation, started), operation, notify)
+
+    def _measured(self, decision: Decision, operation: Operation, started: float) -> Decision:
+        protocol = operation.session.protocol
+        self.metrics.decision_seconds.observe(perf_counter() - started, protocol)
+        self.metrics.decisions.inc(protocol, decision.action.value)
+        return decision
 
     def _review(self, decision: Decision, operation: Operation, notify: Any) -> Decision | Deferred:
         if decision.action is not Action.REVIEW:
@@ -171,22 +186,35 @@ class Chain:
     # -- recording ------------------------------------------------------------
 
     def session_started(self, session: Session) -> None:
+        self.metrics.session_started(session.protocol, session.target)
         self.recorder.sessionStarted(session)
 
     def login_failed(self, failure: LoginFailure) -> None:
+        self.metrics.login_failures.inc(failure.protocol, failure.target)
         self.recorder.loginFailed(failure)
 
     def operation_started(self, operation: Operation, decision: Decision) -> Any:
+        self.metrics.operations.inc(operation.session.protocol, decision.action.value)
         return self.recorder.operationStarted(operation, decision)
 
     def operation_finished(self, outcome: Outcome) -> None:
         self.recorder.operationFinished(outcome)
 
     def session_ended(self, end: SessionEnd) -> None:
+        self.metrics.session_ended()
         self.recorder.sessionEnded(end)
 
     def stream_data(self, event: StreamEvent) -> None:
         self.recorder.streamData(event)
+
+    def record(self, value: Any) -> None:
+        """Record another kind of value (an approval event): see ``IRecorder.record``."""
+        record = getattr(self.recorder, "record", None)
+        if record is None:
+            _log.warn("recorder {recorder!r} cannot record {kind}", recorder=self.recorder,
+                      kind=getattr(value, "event_kind", type(value).__name__))
+            return
+        record(value)
 
 
 @attrs.define

@@ -63,6 +63,27 @@ class IApprovals(Interface):
         """
 
 
+class IApprovalStore(Interface):
+    """
+    The history of approval requests. The live state of a held request belongs
+    to the approvals service; a store keeps every change and answers queries.
+    """
+
+    def save(event):
+        """Keep an L{gatekeep.approvals.ApprovalEvent} (the request as it is after
+        a change). Must not block: called from the reactor thread."""
+
+    def get(request_id):
+        """@return: a Deferred firing with the L{gatekeep.approvals.ApprovalRequest} or None."""
+
+    def find(status=None, limit=100, session_id=None):
+        """@return: a Deferred firing with requests, newest first."""
+
+    def recover(node, now):
+        """At start (may block): mark requests ``node`` left pending as withdrawn;
+        @return: approved requests whose window grant is still open."""
+
+
 class IMasking(Interface):
     """Chooses how results are masked before they reach a client."""
 
@@ -94,6 +115,10 @@ class IRecorder(Interface):
 
     def streamData(event):
         """A piece of a recorded stream (L{gatekeep.model.StreamEvent})."""
+
+    def record(value):
+        """Any other recordable value: one with C{event_kind}, C{session_id} and
+        C{event_data()}, such as L{gatekeep.approvals.ApprovalEvent}."""
 
     def flush():
         """@return: a Deferred that fires when everything received so far is stored."""

@@ -25,7 +25,8 @@ from gatekeep.interfaces import IProtocolPlugin
 
 _log = Logger()
 
-BUILTIN = ("gatekeep.plugins.gatekeep_postgres:postgres", "gatekeep.plugins.gatekeep_ssh:ssh")
+BUILTIN = ("gatekeep.plugins.gatekeep_postgres:postgres", "gatekeep.plugins.gatekeep_ssh:ssh",
+           "gatekeep.plugins.gatekeep_http:http", "gatekeep.plugins.gatekeep_kubernetes:kubernetes")
 
 
 def _load(spec: str) -> Any:

@@ -29,8 +29,13 @@ def _certificates(pem: bytes) -> list[ssl.Certificate]:
     return [ssl.Certificate.loadPEM(b) for b in blocks]
 
 
-def server_options(cert: Secret, key: Secret) -> ssl.CertificateOptions:
-    """Options for a TLS server: the first certificate is the leaf, the rest its chain."""
+def server_options(cert: Secret, key: Secret, alpn: list[bytes] | None = None) -> ssl.CertificateOptions:
+    """
+    Options for a TLS server: the first certificate is the leaf, the rest its chain.
+    ``alpn``: the protocols offered with ALPN (``[b"postgresql"]`` for PostgreSQL,
+    which libpq 17+ asks for; a server that answers a client's ALPN with nothing
+    fails the handshake).
+    """
     certs = _certificates(cert.reveal())
     try:
         private = ssl.KeyPair.load(key.reveal(), crypto.FILETYPE_PEM)
@@ -43,6 +48,7 @@ def server_options(cert: Secret, key: Secret) -> ssl.CertificateOptions:
             certificate=leaf.original.to_cryptography(),
             extraCertChain=[c.original.to_cryptography() for c in certs[1:]],
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+            **({"acceptableProtocols": alpn} if alpn else {}),
         )
         options.getContext()  # checks that the key matches the certificate
     except SSL.Error:

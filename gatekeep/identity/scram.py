@@ -148,6 +148,11 @@ class ScramVerifier:
             f"${_b64(self.stored_key)}:{_b64(self.server_key)}"
         )
 
+    def check_password(self, password: str) -> bool:
+        """Whether ``password`` is the one this verifier was made from (constant-time compare)."""
+        _, stored_key, _ = _keys(_salted_password(password, self.salt, self.iterations))
+        return hmac.compare_digest(stored_key, self.stored_key)
+
     @classmethod
     def from_string(cls, s: str) -> ScramVerifier:
         """Parse the ``pg_authid`` format; ValueError with a clear message if it is not one."""

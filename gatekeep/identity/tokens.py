@@ -71,6 +71,9 @@ class StaticIdentityProvider:
                     found = cfg
             return self._identity(found, "token") if found else None
         cfg = self._by_name.get(name)
+        if cfg is not None and cfg.token.sha256 is None and cfg.token.scram is not None:
+            # only a SCRAM verifier: a token sent in clear (over TLS) is checked against it
+            return self._identity(cfg, "token") if cfg.token.scram.check_password(token) else None
         expected = cfg.token.sha256 if cfg is not None and cfg.token.sha256 is not None else _DUMMY
         ok = hmac.compare_digest(digest, expected)
         if ok and cfg is not None and cfg.token.sha256 is not None:

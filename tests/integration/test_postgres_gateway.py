@@ -300,8 +300,8 @@ def test_psycopg_pipeline_error_skips_later_statements(gw):
     summary = [(r["text"], r["status"], r["error_code"]) for r in records[1:5]]
     assert summary[:2] == [(f"INSERT INTO {table} VALUES (1)", "INSERT 0 1", None),
                            ("SELECT 1/0", None, "22012")]
-    for text, status, _ in summary[2:]:
-        assert text.startswith(f"INSERT INTO {table} VALUES (") and status is None
+    for text, status, code in summary[2:]:
+        assert text.startswith(f"INSERT INTO {table} VALUES (") and status == "not executed" and code is None
     assert [r["error_message"].startswith("not executed") for r in records[3:5]] == [True, True]
     assert records[4]["parameters"] == ["3"]
 

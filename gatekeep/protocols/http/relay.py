@@ -26,7 +26,7 @@ import enum
 from typing import Any
 
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
-from gatekeep.model import Action, ClientAddress, LoginFailure, Operation, Session, SessionEnd, new_id
+from gatekeep.model import Action, ClientAddress, Decision, LoginFailure, Operation, Session, SessionEnd, new_id
 from gatekeep.protocols.http import _codec as codec
 from gatekeep.protocols.http._codec import END, NEED_DATA, PAUSED, Data, Head, MessageReader, ProtocolError
 from gatekeep.protocols.http._exchange import Exchange, excerpt_for, operation_extra, outcome_for
@@ -43,6 +43,7 @@ from gatekeep.protocols.http._headers import (CLIENT_CREDENTIAL_HEADERS, SECRET_
 from gatekeep.protocols.http._jsonmask import JsonMasker
 from gatekeep.protocols.http._request import parse_request
 from gatekeep.protocols.http._upstream import UpstreamSide
+from gatekeep.recording import RecordingUnavailable
 
 _log = Logger()
 
@@ -51,6 +52,11 @@ BACKLOG = 1024 * 1024
 #: a denied request's body is read and dropped up to this size; beyond it the connection closes
 DISCARD_LIMIT = 8 * 1024 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _unrecordable(decision: Decision, why: str) -> Decision:
+    """The denial for a request gatekeep could not record (recording on_failure: deny)."""
+    return Decision(Action.DENY, "recording-unavailable", f"recording is unavailable: {why}", decision.facts)
 
 
 class Mode(enum.Enum):
@@ -300,29 +306,72 @@ class ClientSide(protocol.Protocol):
         ex.op = Operation(self.session, self.seq, "http", request.text, ex.started, request,
                           extra=operation_extra(ex, self.factory.scheme, self.factory.secret_headers,
                                                 self.dialect.request_extra(request)))
-        decision = self.chain.decide(ex.op)
+        decision = self.chain.decide(ex.op, notify=self.on_hold)
         if isinstance(decision, Deferred):
-            self._hold = "decision"
-            self.valve.hold("decision")
-            decision.addCallback(self._decided_later, ex)
+            self.wait(ex, decision, "decision", self.decided, self._withdrawn)
             return
         self.decided(decision, ex)
 
-    def _decided_later(self, decision: Any, ex: Exchange) -> None:
-        self._hold = None
-        if self.mode is Mode.CLOSED:
-            self.chain.operation_started(ex.op, decision)
-            ex.error = "the client left before the decision"
-            self.record_outcome(ex)
-            return
-        self.valve.release("decision")
-        self.decided(decision, ex)
-        self.pump()
+    def wait(self, ex: Exchange, d: Deferred, reason: str, then: Any, gone: Any) -> None:
+        """Hold the client until ``d`` fires, then ``then(result, ex)`` (or ``gone(result, ex)`` if the client left)."""
+        self._hold = reason
+        self.valve.hold(reason)
+        ex.waiting = d
+
+        def fired(result: Any) -> None:
+            ex.waiting = None
+            self._hold = None
+            if self.mode is Mode.CLOSED:
+                gone(result, ex)
+                return
+            self.valve.release(reason)
+            then(result, ex)
+            self.pump()
+
+        def cancelled(failure: Failure) -> None:
+            failure.trap(CancelledError)
+            gone(None, ex)
+
+        d.addCallback(fired).addErrback(cancelled).addErrback(
+            lambda f: _log.failure("waiting on {reason} failed", f, reason=reason))
+
+    def _withdrawn(self, decision: Any, ex: Exchange) -> None:
+        """The client left while its request waited for a decision."""
+        if decision is None:
+            decision = Decision(Action.DENY, None, "the client left before the decision")
+        self._record_start(ex, decision)
+        ex.error = "the client left before the decision"
+        self.record_outcome(ex)
+
+    def on_hold(self, hold: Any) -> None:
+        """The chain holds a request for approval. HTTP has no way to say so before the answer: log it."""
+        _log.info("request held for approval {request_id}: {message}", request_id=hold.request_id,
+                  message=hold.message)
+
+    def _record_start(self, ex: Exchange, decision: Any) -> Any:
+        """Record the operation; returns (decision, Deferred or None for a strict recording)."""
+        try:
+            return decision, self.chain.operation_started(ex.op, decision)
+        except RecordingUnavailable as e:
+            return _unrecordable(decision, str(e)), None
 
     def decided(self, decision: Any, ex: Exchange) -> None:
+        decision, written = self._record_start(ex, decision)
+        if isinstance(written, Deferred):
+            written.addErrback(lambda f: _unrecordable(decision, f.getErrorMessage()))
+            written.addCallback(lambda result: result if isinstance(result, Decision) else decision)
+            self.wait(ex, written, "recording", self.carry_out, lambda result, ex: None)
+            return
+        self.carry_out(decision, ex)
+
+    def carry_out(self, decision: Any, ex: Exchange) -> None:
         ex.decision = decision
-        self.chain.operation_started(ex.op, decision)
         if decision.action is not Action.ALLOW:
+            if decision.rule == "recording-unavailable":
+                self.local_answer(ex, *self.dialect.failure(
+                    ex.request, 503, "gatekeep cannot carry out this request: recording is unavailable",
+                    close=self._must_close(ex)), error=decision.reason)
+                return
             self.local_answer(ex, *self.dialect.denied(ex.request, decision, close=self._must_close(ex)),
                               error=f"denied by rule {decision.rule or 'default'}")
             return
@@ -490,20 +539,37 @@ class ClientSide(protocol.Protocol):
         if up is not None and up.transport is not None:
             up.transport.loseConnection()
         ex = self.exchange
+        if ex is not None and ex.waiting is not None:
+            ex.waiting.cancel()
         if ex is not None and not ex.finished and ex.op is not None and ex.decision is not None:
             ex.error = ex.error or "the client closed the connection before the response ended"
             self.record_outcome(ex)
-        self.end_session(self.end_reason)
+        self.end_session()
 
-    def end_session(self, reason: str) -> None:
+    def end_session(self, reason: str | None = None) -> None:
         if self.session is None:
             return
         session, self.session = self.session, None
-        self.chain.session_ended(SessionEnd(session.id, self.gateway.now(), self.bytes_in, self.bytes_out, reason))
+        self.chain.session_ended(SessionEnd(session.id, self.gateway.now(), self.bytes_in, self.bytes_out,
+                                            reason or self.end_reason))
         self.gateway.sessions.pop(session.id, None)
 
 
+class _OneUpstream(protocol.Factory):
+    """Builds the one upstream protocol of a client connection (quietly: no log line per connection)."""
+
+    noisy = False
+
+    def __init__(self, upstream: UpstreamSide) -> None:
+        self.upstream = upstream
+
+    def buildProtocol(self, addr: Any) -> UpstreamSide:
+        return self.upstream
+
+
 class HttpRelayFactory(protocol.Factory):
+    noisy = False
+
     def __init__(self, target: Any, gateway: Any, dialect: Any) -> None:
         self.target = target
         self.gateway = gateway
@@ -544,9 +610,7 @@ class HttpRelayFactory(protocol.Factory):
         return endpoint
 
     def connect(self, upstream: UpstreamSide) -> Deferred:
-        from twisted.internet.endpoints import connectProtocol
-
-        return connectProtocol(self.upstream_endpoint(), upstream)
+        return self.upstream_endpoint().connect(_OneUpstream(upstream))
 
 
 def make_factory(target: Any, gateway: Any, dialect: Any) -> protocol.Factory:

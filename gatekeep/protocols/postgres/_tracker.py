@@ -22,7 +22,7 @@ import attrs
 from gatekeep.model import Operation, Outcome
 from gatekeep.protocols.postgres._codec import parse_fields
 
-SKIPPED = ("00000", "not executed: an earlier message in the same pipeline failed")
+SKIPPED = (None, "not executed: an earlier message in the same pipeline failed")
 
 
 @attrs.define
@@ -120,10 +120,13 @@ class Tracker:
             p = self._pending.popleft()
             if p.operation is None:
                 continue
-            if p.error is None and not p.done and p.kind != "query":
-                p.error = SKIPPED
-            code, message = p.error if p.error else (None, None)
             status = "; ".join(p.tags) if p.tags else None
+            if p.error is None and not p.done and p.kind != "query":
+                # the server skipped it after an earlier error in the same pipeline
+                status = "not executed"
+                code, message = None, SKIPPED[1]
+            else:
+                code, message = p.error if p.error else (None, None)
             finished.append((p, Outcome(
                 p.operation.session.id, p.operation.seq, now, now - p.started, status, p.rows, code, message,
                 p.masked,

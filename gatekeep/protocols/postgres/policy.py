@@ -25,6 +25,68 @@ from gatekeep.protocols.postgres.sql import Analysis, Table, Unit, analyze
 
 MATCH_KEYS = ("statements", "tables", "schemas", "functions", "conditions")
 
+#: the schema of an unqualified name once the search_path cannot be followed: it fits every pattern
+ANY_SCHEMA_NAME = "<any schema>"
+ANY_SCHEMA = (ANY_SCHEMA_NAME,)
+
+#: settings a client may give at startup in ``options`` (-c name=value); anything else is refused,
+#: since role, session_authorization and the like would change what statements mean
+SAFE_STARTUP_SETTINGS = frozenset({
+    "search_path", "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout", "application_name",
+    "datestyle", "timezone", "intervalstyle", "client_encoding", "extra_float_digits", "bytea_output",
+    "default_transaction_isolation", "default_transaction_read_only", "work_mem", "geqo", "jit",
+    "lc_messages", "lc_monetary", "lc_numeric", "lc_time", "client_min_messages", "standard_conforming_strings",
+})
+
+
+def parse_startup_options(options: str) -> list[tuple[str, str]]:
+    """
+    ``-c name=value`` and ``--name=value`` pairs from the startup ``options``
+    parameter (split on spaces, backslash escapes a character, as PostgreSQL does).
+    Anything else is returned as (word, "") so the caller can refuse it.
+    """
+    words, cur, esc = [], [], False
+    for ch in options:
+        if esc:
+            cur.append(ch)
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch.isspace():
+            if cur:
+                words.append("".join(cur))
+                cur = []
+        else:
+            cur.append(ch)
+    if cur:
+        words.append("".join(cur))
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w == "-c" and i + 1 < len(words):
+            name, _, value = words[i + 1].partition("=")
+            pairs.append((name, value))
+            i += 2
+            continue
+        if w.startswith("-c") and len(w) > 2:
+            name, _, value = w[2:].partition("=")
+        elif w.startswith("--") and "=" in w:
+            name, _, value = w[2:].partition("=")
+        else:
+            name, value = w, ""
+        pairs.append((name, value))
+        i += 1
+    return pairs
+
+
+def startup_options_refused(options: str) -> str | None:
+    """The first setting in ``options`` gatekeep will not pass on, or None."""
+    for name, _ in parse_startup_options(options):
+        if name.replace("-", "_").lower() not in SAFE_STARTUP_SETTINGS:
+            return name
+    return None
+
 STATEMENT_KINDS = frozenset({
     "select", "insert", "update", "delete", "merge", "ddl", "truncate", "grant", "revoke", "copy_from", "copy_to",
     "copy_program", "call", "do", "set", "set_role", "transaction", "prepare", "execute", "listen", "notify",
@@ -71,10 +133,11 @@ class SqlMatch:
             return True
         for table in unit.tables:
             for schema in facts.schemas_of(table):
-                if self.schemas is not None and not any(fnmatchcase(schema, p) for p in self.schemas):
+                anywhere = schema is ANY_SCHEMA_NAME
+                if self.schemas is not None and not anywhere and not any(fnmatchcase(schema, p) for p in self.schemas):
                     continue
                 if self.tables is not None and not any(
-                        fnmatchcase(schema, ps) and fnmatchcase(table[1], pt) for ps, pt in self.tables):
+                        (anywhere or fnmatchcase(schema, ps)) and fnmatchcase(table[1], pt) for ps, pt in self.tables):
                     continue
                 return True
         return False
@@ -110,9 +173,23 @@ class SqlSessionState:
     search_path: set[str] = attrs.field(factory=lambda: {"$user", "public"})
     #: SQL-level prepared statements: name -> analysis of the body
     prepared: dict[str, Analysis] = attrs.field(factory=dict)
+    #: set once the search_path may have changed in a way gatekeep cannot follow (set_config):
+    #: from then on an unqualified table name fits a pattern under any schema
+    any_schema: bool = False
+
+    def seed(self, search_path: str | None, options: str) -> None:
+        """The search_path given at startup, as a parameter or in ``options`` (-c search_path=...)."""
+        values = [search_path] if search_path else []
+        for name, value in parse_startup_options(options):
+            if name.replace("-", "_").lower() == "search_path":
+                values.append(value)
+        for value in values:
+            self.search_path.update(s.strip().strip('"') for s in value.split(",") if s.strip())
 
     def apply(self, analysis: Analysis) -> None:
         """An allowed statement is on its way: remember what it changes."""
+        if "set_config" in analysis.conditions:
+            self.any_schema = True
         if analysis.search_path is not None:
             self.search_path.update(analysis.search_path)
         for name, body in analysis.prepares:
@@ -124,7 +201,7 @@ class SqlSessionState:
                 self.prepared.pop(name, None)
 
     def key(self) -> tuple:
-        return tuple(sorted(self.search_path))
+        return ("*",) if self.any_schema else tuple(sorted(self.search_path))
 
 
 @attrs.frozen
@@ -142,6 +219,8 @@ class SqlFacts:
         schema, _ = table
         if schema is not None:
             return (schema,)
+        if "*" in self.search_path:
+            return ANY_SCHEMA
         return ("pg_catalog", "pg_temp") + tuple(self.user if s == "$user" else s for s in self.search_path)
 
     def summary(self) -> dict[str, Any]:

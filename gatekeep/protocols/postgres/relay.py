@@ -39,7 +39,7 @@ from gatekeep.protocols.postgres import _masking
 from gatekeep.protocols.postgres._login import LoginError, UpstreamLogin
 from gatekeep.protocols.postgres._tracker import Tracker
 from gatekeep.protocols.postgres.plugin import PASSED_PARAMETERS
-from gatekeep.protocols.postgres.policy import SqlSessionState
+from gatekeep.protocols.postgres.policy import SqlSessionState, startup_options_refused
 from gatekeep.protocols.postgres.sql import analyze
 from gatekeep.recording import RecordingUnavailable
 from gatekeep.tls import client_options, server_options
@@ -205,7 +205,7 @@ class Frontend(protocol.Protocol):
                 # bytes sent after SSLRequest and before the handshake are an injection attempt
                 raise pg.ProtocolError("unencrypted data after SSLRequest")
             self.send(b"S")
-            self.transport.startTLS(server_options(self.target.tls.cert, self.target.tls.key))
+            self.transport.startTLS(self.factory.tls_options())
             self.tls = True
             return
         if isinstance(packet, pg.GSSENCRequest):
@@ -230,18 +230,25 @@ class Frontend(protocol.Protocol):
             self.fatal("28000", f"target {self.target.name} requires TLS: connect with sslmode=require or stronger",
                        reason="TLS required")
             return
-        found = self.gateway.chain.scram_verifier(self.user)
-        if found is not None or not self.tls:
-            # SCRAM for identities that have a verifier, and a mock exchange for everyone
-            # else on plain connections, so unknown names look like wrong tokens
-            verifier = found[0] if found else None
-            self._scram_identity = found[1] if found else None
-            self._scram = ScramServer(verifier, username_for_mock=self.user, mock_secret=self.gateway.secret)
-            self.phase = Phase.AUTH_SASL
-            self.send(pg.auth_sasl(["SCRAM-SHA-256"]))
-        else:
+        refused = startup_options_refused(params.get("options", ""))
+        if refused:
+            self.fatal("28000", f"gatekeep does not pass the startup option {refused!r} to the server",
+                       reason=f"startup option refused: {refused}")
+            return
+        if self.tls:
+            # over TLS every name is asked for its token in clear (checked against its hash or
+            # its SCRAM verifier, or as an OIDC token): the request never tells names apart
             self.phase = Phase.AUTH_PASSWORD
             self.send(pg.auth_cleartext())
+            return
+        # on plain connections, SCRAM for identities that have a verifier, and a mock
+        # exchange for every other name, so unknown names look like wrong tokens
+        found = self.gateway.chain.scram_verifier(self.user)
+        self._scram_identity = found[1] if found else None
+        self._scram = ScramServer(found[0] if found else None, username_for_mock=self.user,
+                                  mock_secret=self.gateway.secret)
+        self.phase = Phase.AUTH_SASL
+        self.send(pg.auth_sasl(["SCRAM-SHA-256"]))
 
     def sasl_message(self, message: pg.Message) -> None:
         if message.type != b"p":
@@ -292,6 +299,7 @@ class Frontend(protocol.Protocol):
         self.gateway.sessions[self.session.id] = self
         self.gateway.chain.session_started(self.session)
         self.sql_state = SqlSessionState(self.target.options.upstream.user)
+        self.sql_state.seed(self.parameters.get("search_path"), self.parameters.get("options", ""))
         try:
             self.masking = self.gateway.chain.masking_plan(self.session)
         except Exception:
@@ -859,9 +867,16 @@ class PostgresRelayFactory(protocol.Factory):
         self.target = target
         self.gateway = gateway
         self._keys: dict[tuple[int, int], Frontend] = {}
+        self._tls_options: Any = None
 
     def buildProtocol(self, addr: Any) -> Frontend:
         return Frontend(self)
+
+    def tls_options(self) -> Any:
+        """The TLS options clients get (built once: the certificate is read at start)."""
+        if self._tls_options is None:
+            self._tls_options = server_options(self.target.tls.cert, self.target.tls.key, alpn=[b"postgresql"])
+        return self._tls_options
 
     def upstream_endpoint(self, host: str, port: int, timeout: float) -> Any:
         """The client endpoint to the upstream server (sessions and cancel requests).

@@ -1,0 +1,55 @@
+"""The ``approvals:`` section of the configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from gatekeep.config import ConfigError, Node
+
+
+@attrs.frozen
+class WebhookConfig:
+    #: a URL, or a Secret holding one (``env:``/``file:``: Slack webhook URLs are secrets)
+    url: Any
+    timeout: float = 5.0
+    retries: int = 3
+
+
+@attrs.frozen
+class ApprovalsConfig:
+    webhook: WebhookConfig | None = None
+    #: at most this many operations held at once; more are denied at once
+    max_pending: int = 10000
+    #: what a held client is told to run, ``{id}`` is the request id
+    approve_command: str = "gatekeep approvals approve {id}"
+
+
+def _url(node: Node) -> Any:
+    raw = node.raw("url")
+    if isinstance(raw, str) and (raw.startswith("env:") or raw.startswith("file:")):
+        secret = node.secret("url")
+        shown = secret.reveal().strip().decode("ascii", "replace")
+    else:
+        secret = shown = node.str("url")
+    if not shown.startswith(("http://", "https://")):
+        where = "the URL" if secret is shown else f"the URL in {raw}"
+        raise ConfigError(node.sub("url"), f"expected an http:// or https:// URL ({where} is not one)")
+    return secret
+
+
+def read_approvals(node: Node | None) -> ApprovalsConfig:
+    if node is None:
+        return ApprovalsConfig()
+    webhook = None
+    hook = node.child("webhook", None)
+    if hook is not None:
+        webhook = WebhookConfig(_url(hook), hook.duration("timeout", 5.0), hook.int("retries", 3, low=0, high=20))
+        hook.finish()
+    command = node.str("approve_command", ApprovalsConfig.approve_command)
+    if "{id}" not in command:
+        raise ConfigError(node.sub("approve_command"), "expected a command with {id} where the request id goes")
+    cfg = ApprovalsConfig(webhook, node.int("max_pending", 10000, low=1, high=1000000), command)
+    node.finish()
+    return cfg

@@ -1,0 +1,5 @@
+"""The HTTP protocol plugin (``protocol: http``)."""
+
+from gatekeep.protocols.http.plugin import HttpPlugin
+
+http = HttpPlugin()

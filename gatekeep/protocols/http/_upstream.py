@@ -1,0 +1,371 @@
+"""
+The upstream side of the HTTP relay: responses, their bodies (passed through,
+buffered and masked, or masked line by line), and tunnels after ``101``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+from twisted.internet import protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gatekeep.model import StreamEvent
+from gatekeep.protocols.http import _codec as codec
+from gatekeep.protocols.http import _websocket as ws
+from gatekeep.protocols.http._codec import END, NEED_DATA, PAUSED, Data, Head, MessageReader, ProtocolError
+from gatekeep.protocols.http._dialect import BUFFER, LINES, PASS, PASS_THROUGH
+from gatekeep.protocols.http._exchange import Exchange, excerpt_for
+
+_log = Logger()
+
+#: response fields gatekeep replaces when it re-frames a body
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+
+
+def _decode_content(body: bytes, encoding: bytes | None) -> bytes:
+    """The body without its Content-Encoding (gzip, deflate); ValueError for others."""
+    if not encoding or encoding.strip().lower() == b"identity":
+        return body
+    enc = encoding.strip().lower()
+    if enc in (b"gzip", b"x-gzip"):
+        return zlib.decompress(body, 16 + zlib.MAX_WBITS)
+    if enc == b"deflate":
+        try:
+            return zlib.decompress(body)
+        except zlib.error:
+            return zlib.decompress(body, -zlib.MAX_WBITS)
+    raise ValueError(f"cannot read a body with Content-Encoding {enc.decode('latin-1')}")
+
+
+def reframed_head(head: Head, *, length: int | None, chunked: bool, drop_encoding: bool) -> bytes:
+    """The response head with its framing replaced: a Content-Length, chunked, or neither (close)."""
+    drop = _FRAMING | {b"content-encoding"} if drop_encoding else _FRAMING
+    fields = [(n, v) for n, v in head.headers if n.lower() not in drop]
+    if length is not None:
+        fields.append((b"Content-Length", str(length).encode("ascii")))
+    elif chunked:
+        fields.append((b"Transfer-Encoding", b"chunked"))
+    return codec.encode_response_head(head.status, fields, head.version, head.reason)
+
+
+class UpstreamSide(protocol.Protocol):
+    """gatekeep's connection to the upstream server, one per client connection."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.reader = MessageReader(codec.RESPONSE)
+        self.exchange: Exchange | None = None
+        self.connected = False
+        self.requests = 0
+        self.reused = False
+        self.tunnel: Tunnel | None = None
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        self.client.upstream_connected(self)
+
+    def send_request(self, ex: Exchange) -> None:
+        self.exchange = ex
+        self.requests += 1
+        self.reused = self.requests > 1
+        self.reader.expect(ex.head.method)
+        self.transport.write(ex.head_bytes)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_upstream(data)
+            return
+        self.reader.receive_data(data)
+        self.pump()
+
+    def pump(self) -> None:
+        reader = self.reader
+        while self.tunnel is None:
+            try:
+                event = reader.next_event()
+            except ProtocolError as e:
+                self.broken(str(e))
+                return
+            if event is NEED_DATA or event is PAUSED:
+                return
+            cls = event.__class__
+            if cls is Data:
+                self.on_body(event)
+            elif event is END:
+                self.on_end()
+            elif cls is Head:
+                self.on_head(event)
+            else:
+                return
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.connected = False
+        if self.tunnel is not None:
+            self.tunnel.closed()
+        elif self.exchange is not None and self.reader.state == "body" and self.reader.body_framing == "close":
+            self.reader.receive_data(b"")
+            self.pump()
+        self.client.upstream_lost(self, reason.getErrorMessage())
+
+    def broken(self, message: str) -> None:
+        _log.warn("bad response from the upstream of {target}: {message}", target=self.client.target.name,
+                  message=message)
+        ex = self.exchange
+        self.exchange = None
+        if ex is not None and not ex.finished:
+            if ex.response is None or (ex.plan.kind == BUFFER and not ex.rechunk):
+                ex.response = None
+                self.client.local_answer(ex, *self.client.dialect.failure(
+                    ex.request, 502, "gatekeep received an invalid response from the upstream", close=True),
+                    error=f"invalid upstream response: {message}")
+            else:
+                ex.error = f"invalid upstream response: {message}"
+                self.client.exchange_done(ex, force_close=True)
+        self.transport.loseConnection()
+
+    # -- responses ----------------------------------------------------------------------
+
+    def out(self, ex: Exchange, data: bytes) -> None:
+        ex.bytes_out += len(data)
+        self.client.send(data)
+
+    def on_head(self, head: Head) -> None:
+        ex = self.exchange
+        if ex is None or ex.finished:
+            self.transport.loseConnection()
+            return
+        c = self.client
+        if ex.first_byte is None:
+            ex.first_byte = c.gateway.now()
+        status = head.status
+        if status < 200 and status != 101:
+            self.out(ex, head.raw)
+            return
+        ex.response = head
+        ex.status = status
+        if status == 101:
+            if ex.upgrade is None:
+                self.broken("101 Switching Protocols without an upgrade request")
+                return
+            self.out(ex, head.raw)
+            Tunnel.start(c, self, ex, head)
+            return
+        plan = c.dialect.body_plan(ex.request, head, c.masker, c.options.mask_text)
+        ex.plan = plan
+        ex.resp_excerpt = excerpt_for(head, c.options.record.body_limit)
+        self.reader.decode = plan.kind != PASS or ex.resp_excerpt is not None
+        if plan.kind == BUFFER:
+            length = self.reader.body_length
+            if length is not None and length > c.options.max_body:
+                self.give_up(ex, f"the body ({length} bytes) is over max_body")
+            return
+        if plan.kind == LINES:
+            ex.chunked_out = ex.head.version == b"1.1"
+            if not ex.chunked_out:
+                ex.close_after = True
+            self.out(ex, reframed_head(head, length=None, chunked=ex.chunked_out, drop_encoding=False))
+            return
+        self.out(ex, head.raw)
+
+    def on_body(self, event: Data) -> None:
+        ex = self.exchange
+        kind = ex.plan.kind
+        if kind == PASS:
+            payload = event.payload
+            if ex.rechunk:
+                self.out(ex, codec.encode_chunk(payload))
+            else:
+                self.out(ex, event.raw)
+            ex.body_out += len(payload) if payload is not None else len(event.raw)
+            if ex.resp_excerpt is not None:
+                ex.resp_excerpt.add(payload)
+        elif kind == BUFFER:
+            ex.buffer.append(event.payload)
+            ex.buffered += len(event.payload)
+            if ex.buffered > self.client.options.max_body:
+                self.give_up(ex, f"the body is over max_body ({self.client.options.max_body} bytes)")
+        else:
+            self.lines(ex, event.payload)
+
+    def give_up(self, ex: Exchange, why: str) -> None:
+        """A body too big to mask: fail closed when masking is required, else pass it on."""
+        head = ex.response
+        if ex.plan.required:
+            _log.warn("fail closed on {target}: {why} ({plan})", target=self.client.target.name, why=why,
+                      plan=ex.plan.why)
+            self.exchange = None
+            ex.response = None
+            self.client.local_answer(ex, *self.client.dialect.failure(
+                ex.request, 502, f"gatekeep cannot mask this response: {why}", close=True),
+                error=f"masking impossible: {why}")
+            self.transport.loseConnection()
+            return
+        ex.plan = PASS_THROUGH
+        ex.rechunk = self.reader.body_framing == "chunked"
+        self.out(ex, head.raw)
+        body = b"".join(ex.buffer)
+        ex.buffer = []
+        if body:
+            self.out(ex, codec.encode_chunk(body) if ex.rechunk else body)
+            ex.body_out += len(body)
+
+    def lines(self, ex: Exchange, payload: bytes) -> None:
+        data = ex.lines + payload if ex.lines else payload
+        if b"\n" not in data:
+            ex.lines = data
+            if len(data) > self.client.options.max_body:
+                self.fail_stream(ex, "a watch event is over max_body")
+            return
+        parts = data.split(b"\n")
+        ex.lines = parts.pop()
+        out = []
+        for line in parts:
+            if line.strip():
+                try:
+                    new = ex.plan.transform(line, ex.counts)
+                except Exception as e:
+                    self.fail_stream(ex, f"cannot mask a stream event ({type(e).__name__})")
+                    return
+                if new is not None:
+                    line = new
+            out.append(line)
+            out.append(b"\n")
+        blob = b"".join(out)
+        ex.body_out += len(blob)
+        if ex.resp_excerpt is not None:
+            ex.resp_excerpt.add(blob)
+        self.out(ex, codec.encode_chunk(blob) if ex.chunked_out else blob)
+
+    def fail_stream(self, ex: Exchange, why: str) -> None:
+        """A stream that cannot be masked any further: end it (the head is already sent)."""
+        _log.warn("ending a stream on {target}: {why}", target=self.client.target.name, why=why)
+        ex.error = why
+        self.exchange = None
+        self.transport.loseConnection()
+        self.client.exchange_done(ex, force_close=True)
+
+    def on_end(self) -> None:
+        ex = self.exchange
+        kind = ex.plan.kind
+        if kind == BUFFER:
+            if not self.finish_buffer(ex):
+                return
+        elif kind == LINES:
+            if ex.lines:
+                rest, ex.lines = ex.lines, b""
+                self.lines(ex, rest + b"\n")
+                if ex.finished:
+                    return
+            if ex.chunked_out:
+                self.out(ex, codec.LAST_CHUNK)
+        elif ex.rechunk:
+            self.out(ex, codec.LAST_CHUNK)
+        ex.response_done = True
+        if ex.request_done:
+            self.client.exchange_done(ex)
+
+    def finish_buffer(self, ex: Exchange) -> bool:
+        head = ex.response
+        body = b"".join(ex.buffer)
+        ex.buffer = []
+        encoding = head.index.get(b"content-encoding")
+        try:
+            plain = _decode_content(body, encoding)
+            new = ex.plan.transform(plain, ex.counts)
+        except Exception as e:
+            if ex.plan.required:
+                why = str(e) if isinstance(e, ValueError) and "Content-Encoding" in str(e) else \
+                    f"the body cannot be read ({type(e).__name__})"
+                self.give_up(ex, why)
+                return False
+            new, plain = None, body
+            encoding = None
+        if new is None and plain is body:
+            data = body
+            decoded = False
+        else:
+            data = new if new is not None else plain
+            decoded = plain is not body
+        ex.body_out = len(data)
+        if ex.resp_excerpt is not None:
+            ex.resp_excerpt.add(data)
+        self.out(ex, reframed_head(head, length=len(data), chunked=False, drop_encoding=decoded) + data)
+        return True
+
+
+class Tunnel:
+    """Both connections after ``101 Switching Protocols``: bytes relayed unchanged, messages recorded."""
+
+    def __init__(self, client: Any, upstream: UpstreamSide, ex: Exchange, decoder: Any, stream: str) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.ex = ex
+        self.decoder = decoder
+        self.stream = stream
+        self.done = False
+        limit = max(client.options.record.body_limit, 4096)
+        self.readers = (ws.FrameReader(limit), ws.FrameReader(limit)) if decoder is not None else None
+
+    @classmethod
+    def start(cls, client: Any, upstream: UpstreamSide, ex: Exchange, head: Head) -> "Tunnel":
+        from gatekeep.protocols.http.relay import Mode
+
+        decoder = None
+        if client.options.record.streams:
+            decoder = client.dialect.stream_decoder(ex.request, head)
+        tunnel = cls(client, upstream, ex, decoder, f"{client.dialect.stream_prefix}-{ex.op.seq}")
+        client.mode = Mode.TUNNEL
+        client.tunnel = tunnel
+        upstream.tunnel = tunnel
+        ex.response_done = True
+        early_client = client.reader.trailing_data()
+        early_upstream = upstream.reader.trailing_data()
+        if early_client:
+            tunnel.from_client(early_client)
+        if early_upstream:
+            tunnel.from_upstream(early_upstream)
+        return tunnel
+
+    def _record(self, data: bytes, from_client: bool) -> None:
+        try:
+            messages = self.readers[0 if from_client else 1].feed(data)
+        except ws.FrameError as e:
+            self.readers = None
+            self._event("m", f"recording stopped: {e}")
+            return
+        for m in messages:
+            for piece in self.decoder(m, from_client):
+                self._event(piece.kind, piece.data)
+
+    def _event(self, kind: str, data: str) -> None:
+        session = self.client.session
+        if session is not None:
+            self.client.chain.stream_data(StreamEvent(session.id, self.stream, self.client.gateway.now(), kind, data))
+
+    def from_client(self, data: bytes) -> None:
+        self.ex.bytes_in += len(data)
+        if self.readers is not None:
+            self._record(data, True)
+        if self.upstream.transport is not None:
+            self.upstream.transport.write(data)
+
+    def from_upstream(self, data: bytes) -> None:
+        self.ex.bytes_out += len(data)
+        if self.readers is not None:
+            self._record(data, False)
+        self.client.send(data)
+
+    def closed(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        client = self.client
+        client.end_reason = "tunnel closed"
+        if not self.ex.finished:
+            client.record_outcome(self.ex)
+        if self.upstream.transport is not None:
+            self.upstream.transport.loseConnection()
+        client.transport.loseConnection()

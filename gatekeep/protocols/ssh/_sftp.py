@@ -1,0 +1,367 @@
+"""
+The SFTP stream (draft-ietf-secsh-filexfer-02, version 3, as OpenSSH speaks
+it), framed in both directions and judged request by request.
+
+:class:`SftpStream` is sans-IO. Feed it what the client sends
+(:meth:`~SftpStream.from_client`) and what the server sends
+(:meth:`~SftpStream.from_server`); take the bytes to pass on from
+``to_server`` and ``to_client``. Requests that change or read files (open,
+remove, rename, mkdir, rmdir, setstat, symlink, link, opendir) wait in
+``pending`` until :meth:`~SftpStream.decided` is called for each; everything
+the client sends after one waits with it, so requests reach the server in
+order. A denied request is answered with ``SSH_FX_PERMISSION_DENIED`` and never
+reaches the server.
+
+Only the heads of the two bulk packets (WRITE and DATA) are read; their
+payload is passed on as it arrives, so a transfer costs a header parse per
+packet. Judged requests end up in ``finished`` with their status and, for
+files, the bytes read and written through the handle.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from typing import Any
+
+import attrs
+
+from gatekeep.protocols.ssh.policy import SftpRequest, normalize_path
+
+INIT, VERSION, OPEN, CLOSE, READ, WRITE, LSTAT, FSTAT, SETSTAT, FSETSTAT, OPENDIR, READDIR, REMOVE, MKDIR, RMDIR, \
+    REALPATH, STAT, RENAME, READLINK, SYMLINK = range(1, 21)
+EXTENDED = 200
+STATUS, HANDLE, DATA, NAME, ATTRS = range(101, 106)
+EXTENDED_REPLY = 201
+
+FX_OK, FX_EOF, FX_NO_SUCH_FILE, FX_PERMISSION_DENIED, FX_FAILURE = range(5)
+STATUS_TEXT = {0: "ok", 1: "eof", 2: "no such file", 3: "permission denied", 4: "failure", 5: "bad message",
+               6: "no connection", 7: "connection lost", 8: "unsupported"}
+
+PF_READ, PF_WRITE, PF_APPEND, PF_CREAT, PF_TRUNC, PF_EXCL = 1, 2, 4, 8, 16, 32
+
+#: the largest non-bulk packet gatekeep frames whole
+MAX_PACKET = 1024 * 1024
+
+
+class SftpError(ValueError):
+    """The stream is not SFTP gatekeep can follow (the channel is closed)."""
+
+
+def _ns(buf: bytes, off: int) -> tuple[bytes, int]:
+    (n,) = struct.unpack_from(">L", buf, off)
+    end = off + 4 + n
+    if end > len(buf):
+        raise SftpError("a string runs past the end of its packet")
+    return buf[off + 4:end], end
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+def status_packet(request_id: int, code: int, message: str) -> bytes:
+    msg = message.encode("utf-8")
+    body = struct.pack(">BLL", STATUS, request_id, code) + struct.pack(">L", len(msg)) + msg + struct.pack(">L", 2) + b"en"
+    return struct.pack(">L", len(body)) + body
+
+
+@attrs.define
+class Pending:
+    """A judged request waiting for (or past) its decision. ``ref`` is the driver's (its Operation)."""
+
+    id: int
+    request: SftpRequest
+    raw: bytes
+    ref: Any = None
+
+
+@attrs.define
+class OpenFile:
+    pending: Pending
+    read: int = 0
+    written: int = 0
+
+
+@attrs.define
+class Finished:
+    pending: Pending
+    ok: bool
+    status: str
+    extra: dict[str, Any]
+
+
+class SftpStream:
+    def __init__(self) -> None:
+        self.to_server: list[bytes] = []
+        self.to_client: list[bytes] = []
+        self.pending: deque[Pending] = deque()
+        self.finished: list[Finished] = []
+        self.home: str | None = None
+        # client -> server
+        self._chead = b""
+        self._crest = 0
+        self._held: list[bytes] | None = None
+        # server -> client
+        self._shead = b""
+        self._srest = 0
+        self._inject: list[bytes] = []
+        # bookkeeping
+        self._handles: dict[bytes, OpenFile] = {}
+        self._opening: dict[int, Pending] = {}
+        self._waiting: dict[int, Pending] = {}
+        self._reads: dict[int, OpenFile] = {}
+        self._realpath_dot: set[int] = set()
+        self._undecided = 0
+
+    # -- client -> server -------------------------------------------------------------
+
+    @property
+    def blocked(self) -> bool:
+        return self._held is not None
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(len(b) for b in self._held) if self._held else 0
+
+    def from_client(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held.append(data)
+            return
+        self._client(data)
+
+    def _client(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        out = self.to_server
+        while i < n:
+            if self._crest:
+                k = min(self._crest, n - i)
+                out.append(data[i:i + k] if (i or k < n) else data)
+                self._crest -= k
+                i += k
+                continue
+            head = self._chead
+            while True:
+                need = self._need_client(head)
+                if len(head) >= need:
+                    break
+                if i >= n:
+                    self._chead = head
+                    return
+                k = min(need - len(head), n - i)
+                head += data[i:i + k]
+                i += k
+            self._chead = b""
+            packet = head
+            length, kind = struct.unpack_from(">LB", head)
+            if kind == WRITE:
+                self._write_head(packet)
+                out.append(packet)
+                self._crest = 4 + length - len(packet)
+                continue
+            if self._client_packet(kind, packet):
+                # judged: everything after waits for the decision
+                rest = data[i:]
+                self._held = [rest] if rest else []
+                return
+
+    @staticmethod
+    def _need_client(head: bytes) -> int:
+        """How many bytes of a client packet gatekeep reads before passing it on."""
+        if len(head) < 5:
+            return 5
+        length, kind = struct.unpack_from(">LB", head)
+        if kind != WRITE:
+            if length > MAX_PACKET:
+                raise SftpError(f"client packet of {length} bytes")
+            return 4 + length
+        if len(head) < 13:
+            return min(13, 4 + length)
+        (hlen,) = struct.unpack_from(">L", head, 9)
+        return min(13 + hlen + 12, 4 + length)
+
+    def _need_server(self, head: bytes) -> int:
+        if len(head) < 5:
+            return 5
+        length, kind = struct.unpack_from(">LB", head)
+        if len(head) < 9:
+            return min(9, 4 + length)
+        (rid,) = struct.unpack_from(">L", head, 5)
+        if kind == DATA:
+            return min(13, 4 + length)
+        if kind in (STATUS, HANDLE) or (kind == NAME and rid in self._realpath_dot):
+            if length > MAX_PACKET:
+                raise SftpError(f"server packet of {length} bytes")
+            return 4 + length
+        return min(9, 4 + length)
+
+    def _write_head(self, packet: bytes) -> None:
+        handle, off = _ns(packet, 9)
+        if off + 12 <= len(packet):
+            (dlen,) = struct.unpack_from(">L", packet, off + 8)
+            f = self._handles.get(handle)
+            if f is not None:
+                f.written += dlen
+
+    def _client_packet(self, kind: int, p: bytes) -> bool:
+        """Pass on or hold one whole client packet; True when it waits for a decision."""
+        if kind == INIT:
+            self.to_server.append(p)
+            return False
+        (rid,) = struct.unpack_from(">L", p, 5)
+        req: SftpRequest | None = None
+        if kind == OPEN:
+            path, off = _ns(p, 9)
+            (flags,) = struct.unpack_from(">L", p, off)
+            op = "write" if flags & (PF_WRITE | PF_APPEND | PF_CREAT | PF_TRUNC) else "read"
+            req = SftpRequest(op, self._path(path))
+        elif kind in (REMOVE, MKDIR, RMDIR, SETSTAT, OPENDIR):
+            path, _ = _ns(p, 9)
+            op = {REMOVE: "remove", MKDIR: "mkdir", RMDIR: "rmdir", SETSTAT: "setstat", OPENDIR: "list"}[kind]
+            req = SftpRequest(op, self._path(path))
+        elif kind in (RENAME, SYMLINK):
+            a, off = _ns(p, 9)
+            b, _ = _ns(p, off)
+            req = SftpRequest("rename" if kind == RENAME else "symlink", self._path(a), self._path(b))
+        elif kind == FSETSTAT:
+            handle, _ = _ns(p, 9)
+            f = self._handles.get(handle)
+            req = SftpRequest("setstat", f.pending.request.path if f is not None else "(unknown handle)")
+        elif kind == EXTENDED:
+            name, off = _ns(p, 9)
+            if name in (b"posix-rename@openssh.com", b"hardlink@openssh.com"):
+                a, off = _ns(p, off)
+                b, _ = _ns(p, off)
+                req = SftpRequest("rename" if name.startswith(b"posix") else "link", self._path(a), self._path(b))
+            elif name == b"lsetstat@openssh.com":
+                a, _ = _ns(p, off)
+                req = SftpRequest("setstat", self._path(a))
+        elif kind == CLOSE:
+            handle, _ = _ns(p, 9)
+            f = self._handles.pop(handle, None)
+            if f is not None:
+                self.finished.append(Finished(f.pending, True, "closed",
+                                              {"bytes_read": f.read, "bytes_written": f.written}))
+        elif kind == READ:
+            handle, _ = _ns(p, 9)
+            f = self._handles.get(handle)
+            if f is not None:
+                self._reads[rid] = f
+        elif kind == REALPATH:
+            path, _ = _ns(p, 9)
+            if path in (b".", b""):
+                self._realpath_dot.add(rid)
+        if req is None:
+            self.to_server.append(p)
+            return False
+        self.pending.append(Pending(rid, req, p))
+        self._undecided += 1
+        return True
+
+    def _path(self, raw: bytes) -> str:
+        return normalize_path(_text(raw), self.home)
+
+    def decided(self, pending: Pending, allowed: bool, message: str = "") -> None:
+        """The decision for ``pending`` (the oldest undecided request)."""
+        if self.pending and self.pending[0] is pending:
+            self.pending.popleft()
+        self._undecided -= 1
+        if allowed:
+            self.to_server.append(pending.raw)
+            if pending.raw[4] in (OPEN, OPENDIR):
+                self._opening[pending.id] = pending
+            else:
+                self._waiting[pending.id] = pending
+        else:
+            self._to_client(status_packet(pending.id, FX_PERMISSION_DENIED, message or "denied by gatekeep"))
+            self.finished.append(Finished(pending, False, "denied", {}))
+        held, self._held = self._held, None
+        for chunk in held or ():
+            if self._held is not None:
+                self._held.append(chunk)
+            else:
+                self._client(chunk)
+
+    # -- server -> client ---------------------------------------------------------------
+
+    def from_server(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        out = self.to_client
+        while i < n:
+            if self._srest:
+                k = min(self._srest, n - i)
+                out.append(data[i:i + k] if (i or k < n) else data)
+                self._srest -= k
+                i += k
+                if not self._srest:
+                    self._flush_inject()
+                continue
+            head = self._shead
+            while True:
+                need = self._need_server(head)
+                if len(head) >= need:
+                    break
+                if i >= n:
+                    self._shead = head
+                    return
+                k = min(need - len(head), n - i)
+                head += data[i:i + k]
+                i += k
+            self._shead = b""
+            packet = head
+            length, kind = struct.unpack_from(">LB", head)
+            rid = struct.unpack_from(">L", head, 5)[0] if len(head) >= 9 else 0
+            self._server_packet(kind, rid, packet, length)
+            out.append(packet)
+            self._srest = 4 + length - len(packet)
+            if not self._srest:
+                self._flush_inject()
+
+    def _server_packet(self, kind: int, rid: int, p: bytes, length: int) -> None:
+        if kind == DATA:
+            f = self._reads.pop(rid, None)
+            if f is not None and len(p) >= 13:
+                f.read += struct.unpack_from(">L", p, 9)[0]
+        elif kind == HANDLE:
+            pending = self._opening.pop(rid, None)
+            if pending is not None:
+                handle, _ = _ns(p, 9)
+                self._handles[handle] = OpenFile(pending)
+        elif kind == STATUS:
+            (code,) = struct.unpack_from(">L", p, 9)
+            self._reads.pop(rid, None)
+            pending = self._opening.pop(rid, None) or self._waiting.pop(rid, None)
+            if pending is not None:
+                self.finished.append(Finished(pending, code == FX_OK, STATUS_TEXT.get(code, f"status {code}"), {}))
+        elif kind == NAME and rid in self._realpath_dot:
+            self._realpath_dot.discard(rid)
+            (count,) = struct.unpack_from(">L", p, 9)
+            if count >= 1:
+                name, _ = _ns(p, 13)
+                if name.startswith(b"/"):
+                    self.home = _text(name)
+
+    def _to_client(self, packet: bytes) -> None:
+        if self._srest or self._shead:
+            self._inject.append(packet)
+        else:
+            self.to_client.append(packet)
+
+    def _flush_inject(self) -> None:
+        if self._inject:
+            self.to_client.extend(self._inject)
+            self._inject.clear()
+
+    # -- output ---------------------------------------------------------------------------
+
+    def take_to_server(self) -> bytes:
+        out, self.to_server = self.to_server, []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def take_to_client(self) -> bytes:
+        out, self.to_client = self.to_client, []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def take_finished(self) -> list[Finished]:
+        out, self.finished = self.finished, []
+        return out

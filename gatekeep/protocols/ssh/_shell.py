@@ -1,0 +1,140 @@
+"""
+The command line typed into an interactive shell, rebuilt from the keys the
+client sends and the screen the server echoes. Best effort (docs/ssh.md).
+
+A terminal emulator (pyte) follows the server's output, so line editing,
+history recall, tab completion and the shell's own redrawing are all already
+applied when a line is read off the screen. :class:`ShellLine`:
+
+- :meth:`~ShellLine.split` cuts client input at the keys that submit a line
+  (Enter: CR or LF, outside a bracketed paste), so the relay can hold the
+  submit key back;
+- :meth:`~ShellLine.begin` notes where typing started (the cursor, right
+  after the prompt), called when the first key of a line is passed on;
+- :meth:`~ShellLine.line` reads the text from that point to the end of the
+  input, across wrapped rows and scrolling.
+
+Full-screen programs (the alternate screen: vim, less, top) are not judged:
+:attr:`~ShellLine.full_screen` tells the relay so.
+
+Pure: bytes in, text out; the relay does the waiting.
+"""
+
+from __future__ import annotations
+
+import pyte
+
+SUBMIT = object()
+_ALT_MODES = (1049 << 5, 1047 << 5, 47 << 5)
+_PASTE_START = b"\x1b[200~"
+_PASTE_END = b"\x1b[201~"
+
+
+class _Screen(pyte.Screen):
+    """pyte's screen, counting the lines scrolled off the top."""
+
+    scrolled = 0
+
+    def index(self) -> None:
+        top, bottom = self.margins or pyte.screens.Margins(0, self.lines - 1)
+        if self.cursor.y == bottom:
+            self.scrolled += 1
+        super().index()
+
+
+class ShellLine:
+    def __init__(self, cols: int = 80, rows: int = 24) -> None:
+        self.screen = _Screen(max(cols, 2), max(rows, 2))
+        self.stream = pyte.ByteStream(self.screen)
+        self.start: tuple[int, int, int] | None = None  # x, y, scrolled-at-start
+        self.in_paste = False
+        #: printable keys typed since begin(); a line with keys but no echo is not a command (a password)
+        self.typed = 0
+
+    # -- the server's side ----------------------------------------------------------
+
+    def output(self, data: bytes) -> None:
+        self.stream.feed(data)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.screen.resize(max(rows, 2), max(cols, 2))
+
+    @property
+    def full_screen(self) -> bool:
+        mode = self.screen.mode
+        return any(m in mode for m in _ALT_MODES)
+
+    # -- the client's side ------------------------------------------------------------
+
+    @property
+    def fresh(self) -> bool:
+        """No key of the current line has been passed on yet."""
+        return self.start is None
+
+    def begin(self) -> None:
+        c = self.screen.cursor
+        self.start = (c.x, c.y, self.screen.scrolled)
+        self.typed = 0
+
+    def reset(self) -> None:
+        self.start = None
+        self.typed = 0
+
+    def split(self, data: bytes) -> list:
+        """Input as pieces of bytes and :data:`SUBMIT` markers (each stands for the submit key that follows)."""
+        out: list = []
+        start = 0
+        i = 0
+        n = len(data)
+        while i < n:
+            if data.startswith(_PASTE_START, i):
+                self.in_paste = True
+                i += len(_PASTE_START)
+                continue
+            if data.startswith(_PASTE_END, i):
+                self.in_paste = False
+                i += len(_PASTE_END)
+                continue
+            c = data[i]
+            if not self.in_paste and c in (0x0D, 0x0A):
+                if i > start:
+                    out.append(data[start:i])
+                out.append(SUBMIT)
+                out.append(data[i:i + 1])
+                start = i + 1
+            elif c >= 0x20 and c != 0x7F:
+                self.typed += 1
+            i += 1
+        if start < n:
+            out.append(data[start:])
+        return out
+
+    def line(self) -> str:
+        """The line as the screen shows it now, from where typing began to the end of the input."""
+        if self.start is None:
+            return ""
+        x0, y0, scrolled = self.start
+        y0 -= self.screen.scrolled - scrolled
+        cy = self.screen.cursor.y
+        if y0 < 0:
+            x0, y0 = 0, 0
+        if y0 > cy:
+            y0, x0 = cy, 0
+        rows = []
+        buffer = self.screen.buffer
+        cols = self.screen.columns
+        last = cy
+        # the input may continue past the cursor (cursor moved left while editing)
+        while last + 1 < self.screen.lines and _row(buffer, last + 1, cols).strip() and last < y0 + 16:
+            last += 1
+        for y in range(y0, last + 1):
+            text = _row(buffer, y, cols)
+            if y == y0:
+                text = text[x0:]
+            rows.append(text)
+        return "".join(r.rstrip() if i == len(rows) - 1 else r for i, r in enumerate(rows)).strip()
+
+
+def _row(buffer, y: int, cols: int) -> str:
+    row = buffer[y]
+    return "".join(row[x].data for x in range(cols))
