@@ -18,10 +18,12 @@ from time import perf_counter
 from typing import Any, Callable, Sequence
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from gatekeep import access
+from gatekeep.access import SessionTable
 from gatekeep.interfaces import IApprovals, IIdentityProvider, IMasking, IPolicy, IRecorder
 from gatekeep.metrics import GatewayMetrics
 from gatekeep.model import (Action, Decision, Identity, LoginFailure, Operation, Outcome, Session, SessionEnd,
@@ -90,13 +92,71 @@ class Chain:
     # -- identity -----------------------------------------------------------
 
     def authenticate_token(self, name: str | None, token: str) -> Identity | None:
+        """
+        The identity for a token, now. A provider that can only answer later
+        (a Deferred: the OIDC provider fetching a signing key it has not seen)
+        counts as "not authenticated" here, while its work goes on so that a
+        retry can succeed; relays that can wait use :meth:`authenticate_token_async`.
+        """
         for provider in self.identities:
             try:
                 identity = provider.authenticateToken(name, token)
             except Exception:
                 _log.failure("identity provider {provider!r} failed", provider=provider)
                 continue
-            if identity is not None:
+            if isinstance(identity, Deferred):
+                identity.addErrback(lambda f, p=provider: _log.failure("identity provider {provider!r} failed",
+                                                                       f, provider=p))
+                continue
+            if isinstance(identity, Identity):
+                return identity
+        return None
+
+    def authenticate_token_async(self, name: str | None, token: str) -> Deferred:
+        """
+        A Deferred that fires with the identity for a token, or None; it never
+        errbacks. Providers are asked in order and may answer with a Deferred.
+        It has often fired already when returned.
+        """
+        providers = list(self.identities)
+
+        def ask(i: int) -> Any:
+            while i < len(providers):
+                provider = providers[i]
+                i += 1
+                try:
+                    answer = provider.authenticateToken(name, token)
+                except Exception:
+                    _log.failure("identity provider {provider!r} failed", provider=provider)
+                    continue
+                if isinstance(answer, Deferred):
+                    return answer.addErrback(self._provider_failed, provider).addCallback(answered, i)
+                if isinstance(answer, Identity):
+                    return answer
+            return None
+
+        def answered(identity: Any, i: int) -> Any:
+            return identity if isinstance(identity, Identity) else ask(i)
+
+        return maybeDeferred(ask, 0)
+
+    @staticmethod
+    def _provider_failed(failure: Any, provider: Any) -> None:
+        _log.failure("identity provider {provider!r} failed", failure, provider=provider)
+        return None
+
+    def authenticate_certificate(self, name: str, fingerprint: str) -> Identity | None:
+        """The identity ``name`` for a login with a verified client certificate (sha256 ``fingerprint``)."""
+        for provider in self.identities:
+            check = getattr(provider, "authenticateCertificate", None)
+            if check is None:
+                continue
+            try:
+                identity = check(name, fingerprint)
+            except Exception:
+                _log.failure("identity provider {provider!r} failed", provider=provider)
+                continue
+            if isinstance(identity, Identity):
                 return identity
         return None
 
@@ -226,10 +286,18 @@ class Gateway:
     node: str
     #: a per-process random secret for things like mock SCRAM salts
     secret: bytes
-    #: live sessions by id, for cancel requests, admin views and cut-offs
-    sessions: dict[str, Any] = attrs.field(factory=dict)
+    #: live sessions by id, for cancel requests, admin views and cut-offs (see gatekeep.access)
+    sessions: dict[str, Any] = attrs.field(default=attrs.Factory(lambda self: SessionTable(self), takes_self=True))
     #: where plugins keep state across restarts (generated host keys, ...): the store's folder
     state_dir: Any = None
 
     def now(self) -> float:
         return self.reactor.seconds()
+
+    def terminate(self, session_id: str, reason: str) -> bool:
+        """End a live session because its access ended (the relay's ``terminate(reason)``)."""
+        return access.terminate(self, session_id, reason)
+
+    def recheck_sessions(self) -> list[str]:
+        """Ask the identity providers again about every live session; end those no longer allowed."""
+        return access.recheck(self)

@@ -209,6 +209,10 @@ class ServerTLS:
     cert: Secret
     key: Secret
     require: bool = False
+    #: CA certificates (PEM) that sign client certificates; None: none are asked for
+    client_ca: Secret | None = None
+    #: gatekeep.tls.ClientIdentity: how a verified client certificate names an identity
+    client_identity: Any = None
 
 
 @attrs.frozen
@@ -227,9 +231,30 @@ class TargetConfig:
 
 @attrs.frozen
 class StoreConfig:
+    #: the store as shown to operators (never with a password)
     url: str
     #: for sqlite: the database file
     path: Path | None
+    #: "sqlite" or "postgresql"
+    kind: str = "sqlite"
+    #: postgresql: libpq parameters from the URL (no password), as sorted (key, value) pairs
+    params: tuple = ()
+    #: postgresql: the password (store.password), or None for libpq's own (PGPASSWORD, ~/.pgpass)
+    password: Secret | None = None
+    #: postgresql: connections the gateway keeps (writes take one at a time; reads and notifications share)
+    pool: int = 4
+    #: postgresql: a write that takes longer is cancelled and retried
+    write_timeout: float = 15.0
+    #: where the gateway keeps its state (the signing key, SSH host keys): the store's folder for
+    #: sqlite, the configuration's folder for postgresql
+    state_dir: Path | None = None
+
+    def connect_kwargs(self) -> dict[str, str]:
+        """psycopg2/libpq keyword arguments, with the password revealed: never log them."""
+        kwargs = dict(self.params)
+        if self.password is not None:
+            kwargs["password"] = self.password.reveal_text()
+        return kwargs
 
 
 @attrs.frozen
@@ -242,6 +267,8 @@ class RecordingConfig:
     on_failure: str = "continue"
     #: streaming sinks (gatekeep.recording.sinks)
     sinks: tuple = ()
+    #: batched durability: how long the first event of a batch waits for others before the commit
+    interval: float = 0.02
 
 
 def read_recording(node: Node | None) -> RecordingConfig:
@@ -254,6 +281,7 @@ def read_recording(node: Node | None) -> RecordingConfig:
         durability=node.str("durability", "batched", choices=("batched", "strict")),
         on_failure=node.str("on_failure", "continue", choices=("continue", "deny")),
         sinks=tuple(read_sink(n) for n in node.children("sinks", [])),
+        interval=node.duration("interval", 0.02),
     )
     node.finish()
     return cfg
@@ -271,6 +299,12 @@ class Config:
     #: masking rules, in order (their shape belongs to gatekeep.masking)
     masking: tuple = ()
     recording: RecordingConfig = RecordingConfig()
+    #: gatekeep.admin._config.AdminConfig, or None when there is no admin API
+    admin: Any = None
+    #: gatekeep.approvals._config.ApprovalsConfig (None: the defaults)
+    approvals: Any = None
+    #: gatekeep.identity.oidc.OidcConfig, or None without an OpenID Connect issuer
+    oidc: Any = None
 
 
 # -- reading ----------------------------------------------------------------
@@ -323,9 +357,11 @@ def read_identity(node: Node) -> IdentityConfig:
 def read_server_tls(node: Node | None) -> ServerTLS | None:
     if node is None:
         return None
-    tls = ServerTLS(node.secret("cert", strip=False), node.secret("key", strip=False), node.bool("require", False))
+    from gatekeep.tls import check_server_tls, read_client_identity
+
+    tls = ServerTLS(node.secret("cert", strip=False), node.secret("key", strip=False), node.bool("require", False),
+                    node.secret("client_ca", None, strip=False), read_client_identity(node))
     node.finish()
-    from gatekeep.tls import check_server_tls
 
     try:
         check_server_tls(tls)
@@ -335,19 +371,46 @@ def read_server_tls(node: Node | None) -> ServerTLS | None:
 
 
 def read_store(value: Any, base: Path) -> StoreConfig:
+    """
+    ``store:`` is a URL (``sqlite:///PATH``, ``postgresql://USER@HOST:PORT/DB?sslmode=...``) or, for
+    PostgreSQL with a password, a mapping ``{url: ..., password: env:NAME, pool: 4, write_timeout: 15s}``.
+    """
     if value is None:
-        return StoreConfig("sqlite://gatekeep.db", base / "gatekeep.db")
+        p = base / "gatekeep.db"
+        return StoreConfig("sqlite://gatekeep.db", p, state_dir=p.parent)
+    node = None
+    key = "store"
+    if isinstance(value, dict):
+        node = Node.of(value, "store", base)
+        value = node.str("url")
+        key = "store.url"
     if not isinstance(value, str):
         raise ConfigError("store", f"expected a store URL such as sqlite:///var/lib/gatekeep/gatekeep.db, got {_show(value)}")
     if value.startswith("sqlite://"):
+        if node is not None:
+            node.finish()  # a sqlite store takes no other keys
         rest = value[len("sqlite://"):]
         if not rest:
-            raise ConfigError("store", "expected a path after sqlite://")
+            raise ConfigError(key, "expected a path after sqlite://")
         p = Path(rest)
-        return StoreConfig(value, p if p.is_absolute() else base / p)
+        p = p if p.is_absolute() else base / p
+        return StoreConfig(value, p, state_dir=p.parent)
     if value.startswith("postgresql://") or value.startswith("postgres://"):
-        raise ConfigError("store", "the PostgreSQL store is not available in this version; use sqlite:///PATH")
-    raise ConfigError("store", f"expected sqlite:///PATH, got {_show(value)}")
+        from gatekeep.store._url import display_url, parse_postgres_url
+
+        try:
+            params = parse_postgres_url(value, base)
+        except ValueError as e:
+            raise ConfigError(key, str(e)) from None
+        password, pool, write_timeout = None, 4, 15.0
+        if node is not None:
+            password = node.secret("password", None)
+            pool = node.int("pool", 4, low=1, high=64)
+            write_timeout = node.duration("write_timeout", 15.0)
+            node.finish()
+        return StoreConfig(display_url(params), None, "postgresql", tuple(sorted(params.items())), password, pool,
+                           write_timeout, base)
+    raise ConfigError(key, f"expected sqlite:///PATH or postgresql://USER@HOST/DATABASE, got {_show(value)}")
 
 
 def _check_listen(node: Node) -> str:
@@ -405,8 +468,17 @@ def read_config(data: Any, base: Path, plugins: dict[str, Any] | None = None, so
     masking = tuple(read_masking_rule(n) for n in root.children("masking", []))
     _unique(masking, "masking")
     recording = read_recording(root.child("recording", None))
+    from gatekeep.admin._config import read_admin
+    from gatekeep.approvals._config import read_approvals
+
+    admin = read_admin(root.child("admin", None))
+    approvals = read_approvals(root.child("approvals", None))
+    from gatekeep.identity.oidc import read_oidc
+
+    oidc = read_oidc(root.child("oidc", None))
     root.finish()
-    return Config(store, identities, targets, node_name, source, policies, masking, recording)
+    return Config(store, identities, targets, node_name, source, policies, masking, recording, admin, approvals,
+                  oidc)
 
 
 def _unique(items: tuple, key: str) -> None:

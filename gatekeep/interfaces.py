@@ -20,7 +20,9 @@ class IIdentityProvider(Interface):
         Check a bearer token presented for ``name`` (``None`` when the protocol
         carries no user name, as with HTTP bearer tokens).
 
-        @return: the Identity, or None when the token is not valid for ``name``.
+        @return: the Identity, or None when the token is not valid for ``name``
+            (or a Deferred firing with one of these, when the provider must
+            fetch something first: see C{Chain.authenticate_token_async}).
             Comparison must be constant-time; the result must not reveal whether
             the name or the token was wrong.
         """
@@ -36,6 +38,32 @@ class IIdentityProvider(Interface):
         """
         @return: ``(ScramVerifier, Identity)`` for an identity that can log in
             with SCRAM-SHA-256 without its token crossing the wire, or None.
+        """
+
+
+class IAccessCheck(Interface):
+    """
+    An identity provider that can say again, later, whether a login it granted
+    still holds (optional; see :mod:`gatekeep.access`). Asked after a
+    configuration reload and whenever a provider reports new facts.
+    """
+
+    def recheck(identity):
+        """
+        @param identity: an Identity with a L{gatekeep.model.Grant}.
+        @return: C{True} while the login holds; a reason (str) once it does not
+            (the session is ended with it); None when the login is not this
+            provider's.
+        """
+
+
+class ICertificateIdentities(Interface):
+    """An identity provider that names the identities a client certificate may log in as (optional)."""
+
+    def authenticateCertificate(name, fingerprint):
+        """
+        @param fingerprint: the sha256 of the verified certificate (hex), for the grant.
+        @return: the Identity ``name`` (method "certificate"), or None.
         """
 
 
@@ -80,8 +108,10 @@ class IApprovalStore(Interface):
         """@return: a Deferred firing with requests, newest first."""
 
     def recover(node, now):
-        """At start (may block): mark requests ``node`` left pending as withdrawn;
-        @return: approved requests whose window grant is still open."""
+        """At start (may block).
+        @return: C{(pending, grants)}: the requests C{node} left pending (the
+            service records them as withdrawn) and its approved requests whose
+            window grant is still open."""
 
 
 class IMasking(Interface):
@@ -128,8 +158,10 @@ class IStore(Interface):
     """Persistent records: sessions, operations and failed logins."""
 
     def write(batch):
-        """Store a list of events (model values) atomically. Blocking; called
-        from the store's writer thread."""
+        """Store a list of events (model values) atomically; return the ledger
+        entries appended. SQLite: blocking, called from the recorder's writer
+        thread. PostgreSQL: returns a Deferred, called from the reactor thread
+        (L{gatekeep.recording.async_recorder.AsyncRecorder})."""
 
     def sessions(limit, target=None, identity=None):
         """@return: a list of session rows (dicts), newest first. Blocking."""

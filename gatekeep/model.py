@@ -22,6 +22,23 @@ def new_id() -> str:
 
 
 @attrs.frozen
+class Grant:
+    """
+    What a login rests on, so gatekeep can ask again later whether it still
+    holds (see :mod:`gatekeep.access`). It holds no secret: a digest of the
+    configured credential, an OIDC token's verified claims and key id, a
+    certificate's fingerprint.
+    """
+
+    #: the kind of provider that can answer for it: "static", "oidc"
+    source: str
+    #: when the login lapses (epoch seconds; an OIDC token's exp plus the clock skew), or None
+    expires_at: float | None = None
+    #: the source's own facts
+    facts: Any = None
+
+
+@attrs.frozen
 class Identity:
     """A person or agent, as established by an identity provider."""
 
@@ -29,6 +46,13 @@ class Identity:
     groups: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
     #: how the identity was proven: "token", "scram", "oidc", "certificate", "ssh-key"
     method: str = "token"
+    #: what the login rests on; not part of equality (a refreshed token is the same identity)
+    grant: Grant | None = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def expires_at(self) -> float | None:
+        """When this login stops being valid (epoch seconds), or None."""
+        return self.grant.expires_at if self.grant is not None else None
 
 
 @attrs.frozen

@@ -4,7 +4,9 @@
     twistd -n gatekeep --config gatekeep.yaml
 
 The service tree: the recorder (its writer thread starts first and stops last,
-after a final flush), then one listening service per target.
+after a final flush), the identity providers (OIDC key refresh; reloaded on
+SIGHUP, see gatekeep.identity.service), the approvals service and the admin API (when
+configured), then one listening service per target.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from gatekeep.admin._wiring import add_approvals_and_admin
 from gatekeep.chain import Chain, Gateway
 from gatekeep.masking.rules import MaskingPolicy
 from gatekeep.policy.engine import RuleEngine
 from gatekeep.config import Config, ConfigError, load
-from gatekeep.identity.tokens import StaticIdentityProvider
+from gatekeep.identity.service import IdentityService, providers_for
 from gatekeep.plugin import protocol_plugins
 from gatekeep.recording.recorder import ThreadedRecorder
 from gatekeep.recording.sinks import build_sinks
@@ -49,16 +52,16 @@ class Options(usage.Options):
 class RecorderService(service.Service):
     name = "recorder"
 
-    def __init__(self, recorder: ThreadedRecorder) -> None:
+    def __init__(self, recorder: Any) -> None:
         self.recorder = recorder
 
     def startService(self) -> None:
         super().startService()
         self.recorder.start()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Any:
         super().stopService()
-        self.recorder.stop()
+        return self.recorder.stop()  # the asynchronous recorder returns a Deferred: twistd waits for it
 
 
 class GatewayService(service.MultiService):
@@ -82,10 +85,54 @@ class GatewayService(service.MultiService):
 
 
 def signer_for(config: Config) -> ledger.Signer:
-    """The key that seals sessions: from ``recording.signing_key``, or made once in the store's folder."""
+    """The key that seals sessions: from ``recording.signing_key``, or made once in the state folder."""
     if config.recording.signing_key is not None:
         return ledger.load_signer(config.recording.signing_key.reveal())
-    return ledger.load_or_create_signer(config.store.path.parent / "signing_key.pem")
+    return ledger.load_or_create_signer(state_dir(config) / "signing_key.pem")
+
+
+def state_dir(config: Config) -> Any:
+    """Where the gateway keeps state: the SQLite store's folder, or the configuration's (PostgreSQL)."""
+    return config.store.state_dir if config.store.state_dir is not None else config.store.path.parent
+
+
+def migrate_at_start(store: Any) -> None:
+    """
+    Bring a PostgreSQL store's schema up to date before anything reads it (blocking, once, before the
+    reactor runs; the advisory lock makes concurrent starts safe). A database that cannot be reached now
+    does not stop the gateway: the recorder migrates when it first writes, and until then
+    ``recording.on_failure`` decides what happens to operations.
+    """
+    import psycopg2
+
+    try:
+        store.migrate()
+    except psycopg2.OperationalError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        _log.error("store {url} cannot be reached at start ({error}); recording will retry", url=store.url,
+                   error=first)
+
+
+def recording_for(config: Config, reactor: Any) -> tuple[Any, Any]:
+    """
+    The store and recorder the configuration names: SQLite with the writer-thread
+    recorder, PostgreSQL with the asynchronous one (txpostgres; no thread).
+    """
+    sinks = build_sinks(config.recording.sinks, reactor, config.node)
+    rec = config.recording
+    if config.store.kind == "postgresql":
+        from gatekeep.recording.async_recorder import AsyncRecorder
+        from gatekeep.store.postgres import PostgresStore
+
+        store = PostgresStore.from_config(config.store, config.node, signer=signer_for(config), reactor=reactor)
+        _log.info("recording to {url} ({durability}, on failure {on_failure})", url=config.store.url,
+                  durability=rec.durability, on_failure=rec.on_failure)
+        migrate_at_start(store)
+        return store, AsyncRecorder(store, reactor, durability=rec.durability, on_failure=rec.on_failure,
+                                    interval=rec.interval, sinks=sinks)
+    store = SQLiteStore(config.store.path, node=config.node, signer=signer_for(config))
+    return store, ThreadedRecorder(store, reactor, durability=rec.durability, on_failure=rec.on_failure,
+                                   interval=rec.interval, sinks=sinks)
 
 
 def build(config: Config, reactor: Any = None) -> GatewayService:
@@ -93,20 +140,19 @@ def build(config: Config, reactor: Any = None) -> GatewayService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    store = SQLiteStore(config.store.path, node=config.node, signer=signer_for(config))
-    recorder = ThreadedRecorder(store, reactor, durability=config.recording.durability,
-                                on_failure=config.recording.on_failure,
-                                sinks=build_sinks(config.recording.sinks, reactor, config.node))
+    store, recorder = recording_for(config, reactor)
     plugins = protocol_plugins()
     chain = Chain(
-        identities=[StaticIdentityProvider.from_config(config.identities)],
+        identities=providers_for(config, reactor),
         policy=RuleEngine(config.policies, {t.name: t for t in config.targets}, plugins),
         masking=MaskingPolicy(config.masking),
         recorder=recorder,
     )
-    gateway = Gateway(chain, reactor, config.node, os.urandom(32), state_dir=config.store.path.parent)
+    gateway = Gateway(chain, reactor, config.node, os.urandom(32), state_dir=state_dir(config))
     top = GatewayService(gateway, config)
     RecorderService(recorder).setServiceParent(top)
+    IdentityService(gateway, config).setServiceParent(top)
+    add_approvals_and_admin(top, config, gateway, store)
     for target in config.targets:
         factory = plugins[target.protocol].makeFactory(target, gateway)
         endpoint = serverFromString(reactor, target.listen)
@@ -120,4 +166,6 @@ def build(config: Config, reactor: Any = None) -> GatewayService:
 
 
 def makeService(options: Options) -> service.IService:
-    return build(options["parsed"])
+    top = build(options["parsed"])
+    top.getServiceNamed("identities").reload_on_sighup = True
+    return top

@@ -128,6 +128,8 @@ class RecordingRecorder:
     outcomes: list[Outcome] = attrs.field(factory=list)
     ends: list[SessionEnd] = attrs.field(factory=list)
     streams: list[StreamEvent] = attrs.field(factory=list)
+    #: other recordable values (approval events)
+    others: list[Any] = attrs.field(factory=list)
     events: list[Any] = attrs.field(factory=list)
     operation_result: Any = None
     flushes: int = 0
@@ -162,6 +164,11 @@ class RecordingRecorder:
         """Record a piece of a stream."""
         self.streams.append(event)
         self.events.append(event)
+
+    def record(self, value: Any) -> None:
+        """Record another value (an approval event)."""
+        self.others.append(value)
+        self.events.append(value)
 
     def flush(self) -> Deferred:
         """Everything is stored already: an already-fired Deferred."""

@@ -5,6 +5,13 @@ Client-facing: the gateway's certificate and key from the target's ``tls``.
 Upstream: ``disable`` | ``require`` (encrypted, not verified, like libpq's
 ``require``) | ``verify-ca`` (chain verified) | ``verify-full`` (chain and host
 name verified with service-identity).
+
+Client certificates: a target's ``tls.client_ca`` makes gatekeep ask clients for
+a certificate in the handshake (not require one). Any certificate is let
+through the handshake (the client still proves it holds the key); after it,
+:func:`certificate_login` verifies the certificate against the CA with
+pyOpenSSL and maps it to an identity with ``tls.client_identity``, so a refused
+certificate gets the protocol's own error instead of a TLS alert.
 """
 
 from __future__ import annotations
@@ -29,12 +36,15 @@ def _certificates(pem: bytes) -> list[ssl.Certificate]:
     return [ssl.Certificate.loadPEM(b) for b in blocks]
 
 
-def server_options(cert: Secret, key: Secret, alpn: list[bytes] | None = None) -> ssl.CertificateOptions:
+def server_options(cert: Secret, key: Secret, alpn: list[bytes] | None = None,
+                   client_ca: Secret | None = None) -> ssl.CertificateOptions:
     """
     Options for a TLS server: the first certificate is the leaf, the rest its chain.
     ``alpn``: the protocols offered with ALPN (``[b"postgresql"]`` for PostgreSQL,
     which libpq 17+ asks for; a server that answers a client's ALPN with nothing
     fails the handshake).
+    ``client_ca``: ask clients for a certificate (without requiring one); see
+    :func:`certificate_login` for what happens after the handshake.
     """
     certs = _certificates(cert.reveal())
     try:
@@ -50,9 +60,11 @@ def server_options(cert: Secret, key: Secret, alpn: list[bytes] | None = None) -
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
             **({"acceptableProtocols": alpn} if alpn else {}),
         )
-        options.getContext()  # checks that the key matches the certificate
+        context = options.getContext()  # checks that the key matches the certificate
     except SSL.Error:
         raise ValueError(f"the key in {key.reference} does not match the certificate in {cert.reference}") from None
+    if client_ca is not None:
+        request_client_certificates(context, client_ca)
     return options
 
 
@@ -93,3 +105,161 @@ def client_options(tls: UpstreamTLS, host: str):
     if tls.mode == "verify-full":
         return ssl.optionsForClientTLS(name, trustRoot=trust)
     raise ValueError(f"unknown TLS mode {tls.mode!r}")
+
+
+# -- client certificates -------------------------------------------------------------
+
+#: how a verified client certificate names an identity (``tls.client_identity``)
+CLIENT_IDENTITY_SOURCES = ("subject_cn", "san_email", "san_dns", "san_uri")
+
+
+def request_client_certificates(context: SSL.Context, client_ca: Secret) -> None:
+    """Ask for a client certificate issued by ``client_ca``; the handshake lets any through."""
+    for ca in _certificates(client_ca.reveal()):
+        context.add_client_ca(ca.original.to_cryptography())
+    context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, lambda conn, cert, errno, depth, ok: True)
+
+
+@attrs.frozen
+class ClientCertificate:
+    """A client's certificate after the handshake, and whether the configured CA vouches for it."""
+
+    subject: str
+    common_name: str | None
+    emails: tuple[str, ...]
+    dns_names: tuple[str, ...]
+    uris: tuple[str, ...]
+    #: sha256 of the DER certificate, hex
+    fingerprint: str
+    #: why it is not accepted; None when it verified against the client CA
+    error: str | None = None
+
+
+def peer_certificate(transport, client_ca: Secret) -> ClientCertificate | None:
+    """The certificate the client sent in the TLS handshake, verified; None when it sent none."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    handle = getattr(transport, "getHandle", lambda: None)()
+    get = getattr(handle, "get_peer_certificate", None)
+    leaf = get() if get is not None else None
+    if leaf is None:
+        return None
+    cert = leaf.to_cryptography()
+    der = cert.public_bytes(Encoding.DER)
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        emails = tuple(san.get_values_for_type(x509.RFC822Name))
+        dns_names = tuple(san.get_values_for_type(x509.DNSName))
+        uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+    except x509.ExtensionNotFound:
+        emails = dns_names = uris = ()
+    error = None
+    store = crypto.X509Store()
+    for ca in _certificates(client_ca.reveal()):
+        store.add_cert(ca.original)
+    chain = [c for c in (handle.get_peer_cert_chain() or []) if c.to_cryptography().public_bytes(Encoding.DER) != der]
+    try:
+        crypto.X509StoreContext(store, leaf, chain or None).verify_certificate()
+    except crypto.X509StoreContextError as e:
+        error = f"the client certificate does not verify against the client CA ({e})"
+    if error is None:
+        try:
+            usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+            if ExtendedKeyUsageOID.CLIENT_AUTH not in usages and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE \
+                    not in usages:
+                error = "the client certificate is not for client authentication (extended key usage)"
+        except x509.ExtensionNotFound:
+            pass
+    return ClientCertificate(cert.subject.rfc4514_string(), str(cns[0].value) if cns else None, emails, dns_names,
+                             uris, hashlib.sha256(der).hexdigest(), error)
+
+
+@attrs.frozen
+class ClientIdentity:
+    """
+    How a verified client certificate names a gatekeep identity:
+    ``subject_cn`` (the subject's common name), ``san_email``, ``san_dns``,
+    ``san_uri`` (the first such subject alternative name), or ``map``: the
+    subject as RFC 4514 (``CN=alice,O=Example``) or a SAN written
+    ``email:...``, ``dns:...``, ``uri:...``, mapped to an identity name.
+    """
+
+    source: str = "subject_cn"
+    #: ((subject or "kind:value", identity name), ...) when source is "map"
+    mapping: tuple = ()
+
+    def name_for(self, cert: ClientCertificate) -> str | None:
+        if self.source == "subject_cn":
+            return cert.common_name
+        if self.source in ("san_email", "san_dns", "san_uri"):
+            values = {"san_email": cert.emails, "san_dns": cert.dns_names, "san_uri": cert.uris}[self.source]
+            return values[0] if values else None
+        names = dict(self.mapping)
+        for key in (cert.subject, *(f"email:{v}" for v in cert.emails), *(f"dns:{v}" for v in cert.dns_names),
+                    *(f"uri:{v}" for v in cert.uris)):
+            if key in names:
+                return names[key]
+        return None
+
+
+def read_client_identity(node) -> ClientIdentity | None:
+    """``tls.client_identity`` of a target (a gatekeep.config.Node); None without ``client_ca``."""
+    from gatekeep.config import ConfigError
+
+    value = node.raw("client_identity", None)
+    if not node.has("client_ca") or node.value.get("client_ca") is None:
+        if value is not None:
+            raise ConfigError(node.sub("client_identity"), "needs client_ca (the CA that signs client certificates)")
+        return None
+    if value is None:
+        return ClientIdentity()
+    if isinstance(value, str):
+        if value not in CLIENT_IDENTITY_SOURCES:
+            raise ConfigError(node.sub("client_identity"),
+                              f"expected one of {', '.join(CLIENT_IDENTITY_SOURCES)} or {{map: {{...}}}}, got {value!r}")
+        return ClientIdentity(value)
+    mapping = value.get("map") if isinstance(value, dict) and set(value) == {"map"} else None
+    if not isinstance(mapping, dict) or not mapping or not all(
+            isinstance(k, str) and k and isinstance(v, str) and v for k, v in mapping.items()):
+        raise ConfigError(node.sub("client_identity"),
+                          'expected subject_cn, san_email, san_dns, san_uri, or {map: {"CN=alice,O=Example": alice}}')
+    return ClientIdentity("map", tuple(mapping.items()))
+
+
+@attrs.frozen
+class CertificateLogin:
+    """What :func:`certificate_login` found: an identity, or the reason there is none."""
+
+    certificate: ClientCertificate
+    identity: object = None
+    #: for the operator's records when ``identity`` is None
+    reason: str | None = None
+
+
+def certificate_login(transport, tls, chain, claimed: str | None = None) -> CertificateLogin | None:
+    """
+    After the TLS handshake on a target with ``tls.client_ca``: None when the
+    client sent no certificate (log in another way); otherwise the identity the
+    certificate stands for, or why it is refused. ``claimed``: the user name the
+    protocol carries (PostgreSQL's), which must be the identity's name; None
+    for protocols without one (HTTP).
+    """
+    cert = peer_certificate(transport, tls.client_ca)
+    if cert is None:
+        return None
+    if cert.error is not None:
+        return CertificateLogin(cert, None, cert.error)
+    name = (tls.client_identity or ClientIdentity()).name_for(cert)
+    if name is None:
+        return CertificateLogin(cert, None, f"the client certificate {cert.subject} names no identity")
+    if claimed is not None and name != claimed:
+        return CertificateLogin(cert, None, f"the client certificate is for {name!r}, not {claimed!r}")
+    identity = chain.authenticate_certificate(name, cert.fingerprint)
+    if identity is None:
+        return CertificateLogin(cert, None, f"the client certificate names {name!r}, which is not a configured identity")
+    return CertificateLogin(cert, identity)

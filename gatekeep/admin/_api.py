@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -75,22 +76,29 @@ def _arg(request: Any, name: str) -> str | None:
 
 
 class StoreReader:
-    """Reads sessions from a blocking store (:class:`gatekeep.store.sqlite.SQLiteStore`) in the thread pool."""
+    """
+    Reads sessions from the gateway's store: a blocking store (SQLite) in the
+    reactor's thread pool, or a store with asynchronous reads (``store.aio``,
+    PostgreSQL) on its own connections.
+    """
 
     def __init__(self, store: Any, reactor: Any) -> None:
         self._store = store
         self._reactor = reactor
 
-    def _run(self, f: Callable, *args: Any) -> Deferred:
+    def _run(self, name: str, *args: Any) -> Deferred:
+        aio = getattr(self._store, "aio", None)
+        if aio is not None:
+            return getattr(aio, name)(*args)
         from twisted.internet.threads import deferToThreadPool
 
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), getattr(self._store, name), *args)
 
     def sessions(self, limit: int, target: str | None, identity: str | None) -> Deferred:
-        return self._run(self._store.sessions, limit, target, identity)
+        return self._run("sessions", limit, target, identity)
 
     def session(self, session_id: str) -> Deferred:
-        return self._run(self._store.session, session_id)
+        return self._run("session", session_id)
 
 
 class AdminAPI(Resource):
@@ -105,7 +113,7 @@ class AdminAPI(Resource):
 
     def __init__(self, *, chain: Any, approvals: Any, roles_of: Callable[[frozenset[str]], frozenset[str]],
                  records: Any = None, registry: Any = None, node: str = "gatekeep", metrics_public: bool = False,
-                 health: Callable[[], dict] | None = None) -> None:
+                 health: Callable[[], dict] | None = None, clock: Callable[[], float] = time.time) -> None:
         super().__init__()
         self.chain = chain
         self.approvals = approvals
@@ -115,6 +123,7 @@ class AdminAPI(Resource):
         self.node = node
         self.metrics_public = metrics_public
         self.health = health
+        self.clock = clock
         self.routes: list[tuple[bytes, re.Pattern, Callable, frozenset[str] | None]] = [
             (b"GET", re.compile(r"/v1/whoami"), self.whoami, frozenset()),
             (b"GET", re.compile(r"/v1/approvals"), self.list_approvals, READERS),
@@ -152,10 +161,9 @@ class AdminAPI(Resource):
         if path == "/metrics":
             if method != b"GET":
                 raise ApiError(405, "method-not-allowed", "use GET")
-            if not self.metrics_public:
-                self._authenticate(request, None)
-            request.setHeader(b"content-type", CONTENT_TYPE.encode())
-            return (self.registry.render() if self.registry is not None else "").encode("utf-8")
+            if self.metrics_public:
+                return self.metrics(request)
+            return self._authenticated(request, None, lambda identity, roles: self.metrics(request))
         allowed = []
         for m, pattern, handler, roles in self.routes:
             match = pattern.fullmatch(path)
@@ -164,36 +172,48 @@ class AdminAPI(Resource):
             if m != method:
                 allowed.append(m.decode())
                 continue
-            identity, held_roles = self._authenticate(request, roles)
-            return handler(request, identity, held_roles, *match.groups())
+            return self._authenticated(request, roles, lambda identity, held, h=handler, args=match.groups():
+                                       h(request, identity, held, *args))
         if allowed:
             request.setHeader(b"allow", ", ".join(allowed).encode())
             raise ApiError(405, "method-not-allowed", f"use {' or '.join(allowed)}")
         raise ApiError(404, "not-found", f"no such endpoint: {path}")
 
-    def _authenticate(self, request: Any, needed: frozenset[str] | None) -> tuple[Identity, frozenset[str]]:
-        header = request.getHeader(b"authorization") or ""
+    def _authenticated(self, request: Any, needed: frozenset[str] | None, then: Callable[..., Any]) -> Deferred:
+        """
+        Check the bearer token through the chain's identity providers (which may
+        answer later, e.g. OIDC fetching keys), then the identity's roles, then
+        ``then(identity, roles)``.
+        """
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             request.setHeader(b"www-authenticate", b'Bearer realm="gatekeep"')
             raise ApiError(401, "unauthenticated", "send Authorization: Bearer <your gatekeep token>")
-        identity = self.chain.authenticate_token(None, token)
+        ask = getattr(self.chain, "authenticate_token_async", None)
+        found = ask(None, token) if ask is not None else maybeDeferred(self.chain.authenticate_token, None, token)
         del token
-        if identity is None:
-            peer = request.getClientAddress()
-            self.chain.login_failed(LoginFailure("admin", "admin", ClientAddress(getattr(peer, "host", "?"),
-                                                                                  getattr(peer, "port", 0)),
-                                                 "(bearer token)", "admin API: unknown token",
-                                                 self.approvals._now() if self.approvals else 0.0))
-            request.setHeader(b"www-authenticate", b'Bearer realm="gatekeep", error="invalid_token"')
-            raise ApiError(401, "unauthenticated", "the token is not valid")
-        roles = self.roles_of(identity.groups)
-        if needed is None:
-            needed = READERS
-        if needed and needed.isdisjoint(roles):
-            raise ApiError(403, "forbidden", f"{identity.name} needs one of the roles {', '.join(sorted(needed))}")
-        return identity, roles
+
+        def identified(identity: Any) -> Any:
+            if identity is None:
+                peer = request.getClientAddress()
+                self.chain.login_failed(LoginFailure(
+                    "admin", "admin", ClientAddress(getattr(peer, "host", "?"), getattr(peer, "port", 0)),
+                    "(bearer token)", "admin API: unknown token", self.clock()))
+                request.setHeader(b"www-authenticate", b'Bearer realm="gatekeep", error="invalid_token"')
+                raise ApiError(401, "unauthenticated", "the token is not valid")
+            roles = self.roles_of(identity.groups)
+            wanted = READERS if needed is None else needed
+            if wanted and wanted.isdisjoint(roles):
+                raise ApiError(403, "forbidden", f"{identity.name} needs one of the roles {', '.join(sorted(wanted))}")
+            return then(identity, roles)
+
+        return found.addCallback(identified)
+
+    def metrics(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE.encode())
+        return (self.registry.render() if self.registry is not None else "").encode("utf-8")
 
     def _body(self, request: Any, body: Any) -> bytes:
         if isinstance(body, bytes):

@@ -430,14 +430,20 @@ class ApprovalService:
         return [g for g in self._grants.values() if g.until > now]
 
     def recover(self) -> None:
-        """At start: close requests a previous run left pending; reopen window grants still open."""
-        recover = getattr(self.store, "recover", None)
-        if recover is None:
-            return
+        """At start: close what a previous run left pending; reopen window grants still open."""
+        from gatekeep.approvals._store import RESTARTED
+
         now = self._now()
-        for r in recover(self.node, now):
+        stale, grants = self.store.recover(self.node, now)
+        for r in stale:
+            r = attrs.evolve(r, status=Status.WITHDRAWN, resolved_at=now, resolution=RESTARTED)
+            self._save(Status.WITHDRAWN.value, r, now)
+        for r in grants:
             if r.grant_until is not None and r.grant_until > now:
                 key = (r.identity, r.target, r.rule)
                 current = self._grants.get(key)
                 if current is None or current.until < r.grant_until:
                     self._grants[key] = Grant(r.identity, r.target, r.rule, r.grant_until, r.id, tuple(r.approved_by))
+        if stale or grants:
+            _log.info("approvals: {n} requests of an earlier run closed, {g} window grants still open",
+                      n=len(stale), g=len(self.grants()))

@@ -1,9 +1,10 @@
 """
 Where approval requests are kept (:class:`gatekeep.interfaces.IApprovalStore`).
 
-- :class:`SQLiteApprovalStore`: changes go through the recorder like every
-  other record (one writer thread, in order with the session's operations, into
-  the ledger too); reads run in the reactor's thread pool.
+- :class:`StoreApprovals`: the gateway's store (SQLite or PostgreSQL); changes
+  go through the recorder like every other record (in order with the session's
+  operations, into the ledger too); reads run in the reactor's thread pool
+  (SQLite) or on the store's own connections (PostgreSQL).
 - :class:`MemoryApprovalStore`: in memory, for tests and for gateways without a
   store.
 
@@ -25,41 +26,57 @@ from gatekeep.interfaces import IApprovalStore
 
 
 @implementer(IApprovalStore)
-class SQLiteApprovalStore:
+class StoreApprovals:
     """
-    ``record(event)`` queues an :class:`ApprovalEvent` for the writer thread
-    (``Chain.record``); ``store`` is a :class:`gatekeep.store.sqlite.SQLiteStore`
-    used for reading (its connections are per thread).
+    Approval history in the gateway's store (SQLite or PostgreSQL): changes go
+    through ``record(event)`` (``Chain.record``: the recorder, in order with the
+    session's records and into the ledger); ``read(name, *args)`` runs one of the
+    store's reads (``approval_request``, ``approval_requests``) and returns a
+    Deferred; ``blocking`` is the store whose ``recover_approvals`` runs at start.
     """
 
-    def __init__(self, store: Any, record: Callable[[Any], None], reactor: Any) -> None:
-        self._store = store
+    def __init__(self, record: Callable[[Any], None], read: Callable[..., Deferred], blocking: Any) -> None:
         self._record = record
-        self._reactor = reactor
+        self._read = read
+        self._blocking = blocking
 
-    def _read(self, f: Callable, *args: Any) -> Deferred:
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
+    @classmethod
+    def for_store(cls, store: Any, record: Callable[[Any], None], reactor: Any) -> "StoreApprovals":
+        """For a gateway's store: PostgreSQL reads on its own pool (``store.aio``), SQLite in the thread pool."""
+        aio = getattr(store, "aio", None)
+        if aio is not None:
+            return cls(record, lambda name, *a, **kw: getattr(aio, name)(*a, **kw), store)
+        return cls(record, thread_reads(store, reactor), store)
 
     def save(self, event: ApprovalEvent) -> None:
         self._record(event)
 
     def get(self, request_id: str) -> Deferred:
-        return self._read(self._get, request_id)
-
-    def _get(self, request_id: str) -> ApprovalRequest | None:
-        found = self._store.approval_request(request_id)
-        return ApprovalRequest.from_dict(found) if found else None
+        return self._read("approval_request", request_id).addCallback(
+            lambda found: ApprovalRequest.from_dict(found) if found else None)
 
     def find(self, status: str | None = None, limit: int = 100, session_id: str | None = None) -> Deferred:
-        return self._read(self._find, status, limit, session_id)
+        return self._read("approval_requests", status, limit, session_id).addCallback(
+            lambda rows: [ApprovalRequest.from_dict(d) for d in rows])
 
-    def _find(self, status: str | None, limit: int, session_id: str | None) -> list[ApprovalRequest]:
-        return [ApprovalRequest.from_dict(d) for d in self._store.approval_requests(status, limit, session_id)]
+    def recover(self, node: str, now: float) -> tuple[list[ApprovalRequest], list[ApprovalRequest]]:
+        """Blocking, at start: what ``node`` left pending, and its window grants still open."""
+        stale, grants = self._blocking.recover_approvals(node, now)
+        return [ApprovalRequest.from_dict(d) for d in stale], [ApprovalRequest.from_dict(d) for d in grants]
 
-    def recover(self, node: str, now: float) -> list[ApprovalRequest]:
-        """Blocking, at start: close what a previous run left pending; return open window grants."""
-        closed, grants = self._store.recover_approvals(node, now)
-        return [ApprovalRequest.from_dict(d) for d in grants]
+
+def SQLiteApprovalStore(store: Any, record: Callable[[Any], None], reactor: Any) -> StoreApprovals:
+    """Approval history in a :class:`gatekeep.store.sqlite.SQLiteStore` (reads in the reactor's thread pool)."""
+    return StoreApprovals(record, thread_reads(store, reactor), store)
+
+
+def thread_reads(store: Any, reactor: Any) -> Callable[..., Deferred]:
+    """``read(name, *args)``: a blocking store's read, run in the reactor's thread pool."""
+
+    def read(name: str, *args: Any, **kwargs: Any) -> Deferred:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), getattr(store, name), *args, **kwargs)
+
+    return read
 
 
 @implementer(IApprovalStore)
@@ -83,22 +100,10 @@ class MemoryApprovalStore:
         found.sort(key=lambda r: r.created_at, reverse=True)
         return succeed(found[:limit])
 
-    def recover(self, node: str, now: float) -> list[ApprovalRequest]:
-        grants = []
-        for r in list(self.requests.values()):
-            if r.node != node:
-                continue
-            if r.status is Status.PENDING:
-                self.requests[r.id] = _closed(r, now)
-            elif r.status is Status.APPROVED and r.grant_until is not None and r.grant_until > now:
-                grants.append(r)
-        return grants
-
-
-def _closed(r: ApprovalRequest, now: float) -> ApprovalRequest:
-    import attrs
-
-    return attrs.evolve(r, status=Status.WITHDRAWN, resolved_at=now, resolution=RESTARTED)
+    def recover(self, node: str, now: float) -> tuple[list[ApprovalRequest], list[ApprovalRequest]]:
+        mine = [r for r in self.requests.values() if r.node == node]
+        return ([r for r in mine if r.status is Status.PENDING],
+                [r for r in mine if r.status is Status.APPROVED and r.grant_until is not None and r.grant_until > now])
 
 
 #: the resolution of a request whose gateway stopped before anyone decided

@@ -1,35 +1,85 @@
-"""Opening the store named by a configuration file, without resolving its secrets."""
+"""Opening the store named by a configuration file (resolving only the store's own password)."""
 
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from gatekeep.config import ConfigError, read_store
-from gatekeep.store.sqlite import SQLiteStore
+from gatekeep.config import ConfigError, StoreConfig, read_store
 
 
 def add_store_arguments(p) -> None:
     p.add_argument("--config", "-c", default=os.environ.get("GATEKEEP_CONFIG", "gatekeep.yaml"),
-                   help="the gateway's configuration (only its store is read)")
-    p.add_argument("--store", help="a store URL, instead of the one in --config")
+                   help="the gateway's configuration (only its store and node are read)")
+    p.add_argument("--store", help="a store URL, instead of the one in --config (sqlite:///PATH, or "
+                                   "postgresql://USER@HOST:PORT/DB with the password in PGPASSWORD or ~/.pgpass)")
 
 
-def open_store(args) -> SQLiteStore:
+def _config_data(args) -> dict:
+    path = Path(args.config)
+    try:
+        data = yaml.safe_load(path.read_text("utf-8")) or {}
+    except OSError as e:
+        raise ConfigError("", f"cannot read {path}: {e.strerror}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def store_config(args) -> StoreConfig:
+    """The store the arguments name; exits with a message when they name none that can be used."""
     try:
         if args.store:
-            cfg = read_store(args.store, Path.cwd())
-        else:
-            path = Path(args.config)
+            return read_store(args.store, Path.cwd())
+        return read_store(_config_data(args).get("store"), Path(args.config).resolve().parent)
+    except ConfigError as e:
+        sys.stderr.write(f"gatekeep: {e}\n")
+        raise SystemExit(2)
+
+
+def node_name(args) -> str:
+    if args.store:
+        return "gatekeep"
+    try:
+        node = _config_data(args).get("node")
+    except ConfigError:
+        return "gatekeep"
+    return node if isinstance(node, str) and node else "gatekeep"
+
+
+def open_store(args, *, readonly: bool = True, migrate: bool = False) -> Any:
+    """
+    The store for a command: SQLite or PostgreSQL, with the same read methods.
+    ``readonly`` refuses to create a store that is not there; ``migrate`` creates
+    or upgrades its schema first (``gatekeep store migrate``).
+    """
+    from gatekeep.store import open_store as open_configured
+
+    cfg = store_config(args)
+    try:
+        if cfg.kind == "postgresql":
+            import psycopg2
+
+            store = open_configured(cfg, node_name(args), readonly=readonly)
             try:
-                data = yaml.safe_load(path.read_text("utf-8")) or {}
-            except OSError as e:
-                raise ConfigError("", f"cannot read {path}: {e.strerror}") from None
-            cfg = read_store(data.get("store") if isinstance(data, dict) else None, path.resolve().parent)
-        return SQLiteStore(cfg.path, readonly=True)
+                if migrate:
+                    store.migrate()
+                elif store.schema_version() == 0:
+                    sys.stderr.write(f"gatekeep: {cfg.url} has no gatekeep records yet "
+                                     "(run gatekeep store migrate, or start the gateway)\n")
+                    raise SystemExit(2)
+            except psycopg2.Error as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                sys.stderr.write(f"gatekeep: cannot use the store {cfg.url}: {first}\n")
+                raise SystemExit(2) from None
+        else:
+            store = open_configured(cfg, node_name(args), readonly=readonly and not migrate)
+            if migrate:
+                store.migrate()
+        store.config = cfg
+        return store
     except (ConfigError, FileNotFoundError) as e:
         sys.stderr.write(f"gatekeep: {e}\n")
         raise SystemExit(2)

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from gatekeep import audit
-from gatekeep.cli._store import add_store_arguments, open_store
+from gatekeep.cli._store import add_store_arguments, open_store, store_config
 from gatekeep.store import ledger
 
 
@@ -22,8 +22,9 @@ def register(sub) -> None:
     s.required = True
     v = s.add_parser("verify", help="check the hash chains, session seals and tables; name the first tampered record")
     add_store_arguments(v)
-    v.add_argument("--public-key", help="PEM public (or private) Ed25519 key to check seals with "
-                                        "(default: the gateway's signing key)")
+    v.add_argument("--public-key", action="append",
+                   help="PEM public (or private) Ed25519 key to check seals with (default: the gateway's signing "
+                        "key); repeat it for a store several nodes write to, each with its own key")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=verify)
     e = s.add_parser("export", help="write the recorded events as JSON lines (docs/events.md)")
@@ -55,28 +56,32 @@ def parse_when(text: str | None) -> float | None:
 
 
 def _key_file(args) -> Path | None:
-    if args.public_key if hasattr(args, "public_key") else None:
-        return Path(args.public_key)
+    """The gateway's signing key file: ``recording.signing_key`` (a file: reference), or the one it made."""
     try:
         data = yaml.safe_load(Path(args.config).read_text("utf-8")) or {}
     except OSError:
         data = {}
-    rec = data.get("recording") if isinstance(data, dict) else None
+    rec = data.get("recording") if isinstance(data, dict) and not args.store else None
     ref = rec.get("signing_key") if isinstance(rec, dict) else None
     if isinstance(ref, str) and ref.startswith("file:"):
         p = Path(ref[5:])
         return p if p.is_absolute() else Path(args.config).resolve().parent / p
-    store = open_store(args)
-    return store.path.parent / "signing_key.pem"
+    cfg = store_config(args)
+    return cfg.state_dir / "signing_key.pem" if cfg.state_dir is not None else None
 
 
 def verify(args) -> int:
     store = open_store(args)
-    key_path = _key_file(args)
-    public = None
-    if key_path is not None and key_path.exists():
-        public = ledger.load_public_key(key_path.read_bytes())
-    report = audit.verify(store, public)
+    paths = [Path(p) for p in args.public_key] if args.public_key else [_key_file(args)]
+    keys = []
+    for path in paths:
+        if path is not None and path.exists():
+            keys.append(ledger.load_public_key(path.read_bytes()))
+        elif args.public_key:
+            sys.stderr.write(f"gatekeep: no key at {path}\n")
+            return 2
+    report = audit.verify(store, keys)
+    public = keys or None
     if args.json:
         json.dump({"ok": report.ok, "nodes": report.nodes, "sessions_sealed": report.sessions_sealed,
                    "problems": report.problems, "key_checked": public is not None}, sys.stdout, indent=2)
@@ -108,16 +113,13 @@ def export(args) -> int:
 
 
 def prune(args) -> int:
-    from gatekeep.store.sqlite import SQLiteStore
-
     store = open_store(args)
-    writable = SQLiteStore(store.path, readonly=True)
     key_path = _key_file(args)
     if key_path is None or not key_path.exists():
         sys.stderr.write("gatekeep: prune signs a checkpoint and needs the gateway's signing key\n")
         return 2
     signer = ledger.load_signer(key_path.read_bytes())
-    removed = writable.prune(parse_when(args.before), signer)
+    removed = store.prune(parse_when(args.before), signer)
     for node, n in removed.items():
         print(f"node {node}: removed {n} records, checkpoint left")
     if not removed:

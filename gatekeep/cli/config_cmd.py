@@ -25,4 +25,10 @@ def check(args) -> int:
     print(f"{args.path}: ok ({len(config.identities)} identities, {len(config.targets)} targets)")
     for t in config.targets:
         print(f"  {t.name}: {t.protocol} on {t.listen}{' with TLS' if t.tls else ''}")
+    if config.admin is not None:
+        print(f"  admin API on {config.admin.listen}{' with TLS' if config.admin.tls else ''}")
+    reviews = [r.name for r in config.policies if r.review is not None]
+    if reviews and config.admin is None:
+        print(f"  warning: {', '.join(reviews)} hold operations for approval but there is no admin API (admin:)"
+              " to approve them: they can only expire")
     return 0

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gatekeep.cli import audit_cmd, config_cmd, demo_cmd, sessions_cmd, token_cmd
+from gatekeep.cli import (approvals_cmd, audit_cmd, config_cmd, demo_cmd, kubeconfig_cmd, login_cmd, sessions_cmd,
+                          store_cmd, token_cmd)
 
-GROUPS = (config_cmd, token_cmd, sessions_cmd, audit_cmd, demo_cmd)
+GROUPS = (config_cmd, token_cmd, login_cmd, sessions_cmd, approvals_cmd, audit_cmd, store_cmd, demo_cmd,
+          kubeconfig_cmd)
 
 
 def parser() -> argparse.ArgumentParser:

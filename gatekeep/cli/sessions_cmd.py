@@ -101,6 +101,12 @@ def show(args) -> int:
             print(f"      parameters: {r['parameters']}")
         if r["rule"]:
             print(f"      rule: {r['rule']} {r['reason'] or ''}")
+    for a in s.get("approvals") or []:
+        print(f"approval  {a['id']} for #{a['seq']} ({a['rule']}): {a['status']}"
+              f"{': ' + a['resolution'] if a['resolution'] else ''}")
+        for d in a["decisions"]:
+            print(f"          {_when(d['at'])}  {d['verdict']} by {d['approver']}"
+                  f"{': ' + d['reason'] if d['reason'] else ''}")
     return 0
 
 

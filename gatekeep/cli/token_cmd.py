@@ -1,4 +1,5 @@
-"""``gatekeep token new NAME``: a fresh token, shown once, and its config entry."""
+"""``gatekeep token new NAME``: a fresh token, shown once, and its config entry.
+``gatekeep token show``: the access token ``gatekeep login`` keeps, refreshed if it expired."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ def register(sub) -> None:
     n.add_argument("name")
     n.add_argument("--groups", default="", help="comma-separated groups for the config entry")
     n.set_defaults(func=new)
+    sh = s.add_parser("show", help="print the token gatekeep login keeps (refreshed when it has expired)")
+    sh.add_argument("--issuer", help="the issuer (default: the last one signed in at)")
+    sh.add_argument("--id-token", action="store_true", help="print the ID token instead of the access token")
+    sh.set_defaults(func=show)
 
 
 def new(args) -> int:
@@ -25,4 +30,17 @@ def new(args) -> int:
     print()
     print("add this to identities: in the configuration")
     print(yaml.safe_dump([entry], sort_keys=False, default_flow_style=None).rstrip())
+    return 0
+
+
+def show(args) -> int:
+    import sys
+
+    from gatekeep.identity.device import LoginError, TokenFile, current_token
+
+    try:
+        print(current_token(TokenFile(), args.issuer, kind="id_token" if args.id_token else "access_token"))
+    except LoginError as e:
+        print(f"gatekeep token show: {e}", file=sys.stderr)
+        return 1
     return 0

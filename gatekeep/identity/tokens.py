@@ -20,8 +20,8 @@ from zope.interface import implementer
 
 from gatekeep.config import IdentityConfig
 from gatekeep.identity.scram import make_verifier
-from gatekeep.interfaces import IIdentityProvider
-from gatekeep.model import Identity
+from gatekeep.interfaces import IAccessCheck, ICertificateIdentities, IIdentityProvider
+from gatekeep.model import Grant, Identity
 
 TOKEN_PREFIX = "gk_"
 
@@ -46,7 +46,17 @@ def token_entry(name: str, token: str, groups: Iterable[str] = ()) -> dict:
 _DUMMY = hashlib.sha256(b"gatekeep: no such identity").digest()
 
 
-@implementer(IIdentityProvider)
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def credential_digest(cfg: IdentityConfig) -> str:
+    """A digest of an identity's configured token hashes: it changes when the token is replaced."""
+    scram = cfg.token.scram.to_string().encode() if cfg.token.scram is not None else b""
+    return _digest((cfg.token.sha256 or b"") + b"\0" + scram)
+
+
+@implementer(IIdentityProvider, IAccessCheck, ICertificateIdentities)
 @attrs.define
 class StaticIdentityProvider:
     """Identities from the configuration's ``identities`` list."""
@@ -57,8 +67,10 @@ class StaticIdentityProvider:
     def from_config(cls, identities: Iterable[IdentityConfig]) -> "StaticIdentityProvider":
         return cls({i.name: i for i in identities})
 
-    def _identity(self, cfg: IdentityConfig, method: str) -> Identity:
-        return Identity(cfg.name, cfg.groups, method)
+    def _identity(self, cfg: IdentityConfig, method: str, proof: str | None = None) -> Identity:
+        if proof is None:
+            proof = credential_digest(cfg)
+        return Identity(cfg.name, cfg.groups, method, Grant("static", None, (method, proof)))
 
     def authenticateToken(self, name: str | None, token: str) -> Identity | None:
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
@@ -86,8 +98,30 @@ class StaticIdentityProvider:
             return None
         for key in cfg.ssh_keys:
             if hmac.compare_digest(key.blob, blob):
-                return self._identity(cfg, "ssh-key")
+                return self._identity(cfg, "ssh-key", _digest(key.blob))
         return None
+
+    def authenticateCertificate(self, name: str, fingerprint: str) -> Identity | None:
+        """A configured identity logs in with a client certificate the target's TLS settings mapped to it."""
+        cfg = self._by_name.get(name)
+        return self._identity(cfg, "certificate", fingerprint) if cfg is not None else None
+
+    def recheck(self, identity: Identity) -> bool | str | None:
+        """Does a login granted from the configuration still hold under this configuration?"""
+        grant = identity.grant
+        if grant is None or grant.source != "static":
+            return None
+        cfg = self._by_name.get(identity.name)
+        if cfg is None:
+            return "the identity was removed from the configuration"
+        if cfg.groups != identity.groups:
+            return "the identity's groups changed"
+        method, proof = grant.facts
+        if method in ("token", "scram") and proof != credential_digest(cfg):
+            return "the identity's token was replaced"
+        if method == "ssh-key" and not any(_digest(key.blob) == proof for key in cfg.ssh_keys):
+            return "the SSH key was removed from the identity"
+        return True
 
     def scramVerifier(self, name: str):
         cfg = self._by_name.get(name)

@@ -103,7 +103,9 @@ def read_rule(node: Node, plugins: Mapping[str, Any]) -> Rule:
     extra = [k for k in match.value if k not in COMMON_KEYS]
     protocol = matcher = None
     if extra:
-        owners = {p.name for p in plugins.values() if extra[0] in getattr(p, "matchKeys", ())}
+        # the plugin that claims every key (kubernetes rules may add HTTP keys), else the first key's owner
+        owners = {p.name for p in plugins.values() if all(k in getattr(p, "matchKeys", ()) for k in extra)} \
+            or {p.name for p in plugins.values() if extra[0] in getattr(p, "matchKeys", ())}
         if not owners:
             raise ConfigError(match.sub(extra[0]), "unknown key")
         protocol = sorted(owners)[0]
@@ -158,12 +160,20 @@ class RuleEngine:
         for rule in self.rules:
             if not rule.applies_to_session(operation):
                 continue
-            if rule.matcher is not None and not rule.matcher.matches(facts, operation):
+            if rule.matcher is not None and not self._fits(rule, facts, operation):
                 continue
             return Decision(rule.action, rule.name, rule.reason, summary)
         if target.default_action == "allow":
             return Decision(Action.ALLOW, None, "", summary)
         return Decision(Action.DENY, None, "denied by the target's default action", summary)
+
+    @staticmethod
+    def _fits(rule: Rule, facts: Any, operation: Operation) -> bool:
+        """A deny or review rule fits when any part of the operation matches; an allow rule
+        only when every part does (plugins that split operations into parts offer ``matches_all``)."""
+        if rule.action is Action.ALLOW and hasattr(rule.matcher, "matches_all"):
+            return rule.matcher.matches_all(facts, operation)
+        return rule.matcher.matches(facts, operation)
 
     def review_for(self, rule_name: str) -> Review | None:
         for rule in self.rules:

@@ -16,13 +16,18 @@ from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, 
 
 SCHEMA_VERSION = 1
 
+#: an "operation" event whose end came in the same batch carries it under "end"
+#: (one record for the pair); otherwise "operation.end" follows on its own
 KINDS = ("session.start", "operation", "operation.end", "session.end", "login.failure", "stream", "seal",
          "approval", "checkpoint")
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical(value: Any) -> str:
-    """The one JSON text of a value that is hashed: sorted keys, no spaces."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """The one JSON text of a value that is stored and hashed: sorted keys, no spaces."""
+    return _ENCODER.encode(value)
 
 
 def _identity(s: Session) -> dict[str, Any]:

@@ -129,6 +129,10 @@ class ThreadedRecorder:
     def streamData(self, event: StreamEvent) -> None:
         self._queue.put(event)
 
+    def record(self, value: Any) -> None:
+        """Another recordable value (an approval event), stored in order with the rest."""
+        self._queue.put(value)
+
     def flush(self) -> Deferred:
         d: Deferred = Deferred()
         if self._thread is None:

@@ -33,8 +33,12 @@ GENESIS = "0" * 64
 
 
 def entry_hash(prev: str, node: str, seq: int, kind: str, session_id: str | None, at: float, data: str) -> str:
-    """The hash of one ledger entry; ``data`` is the canonical JSON of its data."""
-    material = canonical([SCHEMA_VERSION, node, seq, kind, session_id, at, prev]) + "\n" + data
+    """
+    The hash of one ledger entry; ``data`` is the JSON text of its data, as stored.
+    The header fields cannot contain ``|`` (node names, kinds and ids do not), so
+    the material is unambiguous.
+    """
+    material = f"{SCHEMA_VERSION}|{node}|{seq}|{kind}|{session_id or ''}|{at!r}|{prev}\n{data}"
     return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 
@@ -146,13 +150,22 @@ class Problem:
         return f"{where}: {self.what}"
 
 
-def verify_chain(node: str, entries: Iterator[Entry], start_seq: int = 1, start_prev: str = GENESIS) -> list[Problem]:
+def verify_chain(node: str, entries: Iterable[Entry], start_seq: int = 1, start_prev: str = GENESIS) -> list[Problem]:
     """
     Walk one node's entries in ``seq`` order and name what breaks the chain.
     Returns the problems found (empty when the chain holds); the first one is the
     first tampered record.
     """
     problems: list[Problem] = []
+    entries = list(entries)
+    # where each entry was when it was hashed: follow the prev links from the start of the chain
+    after = {e.prev: e for e in entries}
+    position: dict[str, int] = {}
+    link, n = start_prev, start_seq
+    while link in after and after[link].hash not in position:
+        link = after[link].hash
+        position[link] = n
+        n += 1
     expected_seq, prev = start_seq, start_prev
     for e in entries:
         recomputed = entry_hash(e.prev, e.node, e.seq, e.kind, e.session_id, e.at, e.data)
@@ -162,7 +175,12 @@ def verify_chain(node: str, entries: Iterator[Entry], start_seq: int = 1, start_
             missing = f"{expected_seq}" if e.seq == expected_seq + 1 else f"{expected_seq}..{e.seq - 1}"
             problems.append(Problem(node, expected_seq, f"deleted: record(s) {missing} are missing before {e.seq}"))
         if recomputed != e.hash:
-            problems.append(Problem(node, e.seq, "edited: its content does not match its hash"))
+            was = position.get(e.hash, 0)
+            if was > 0 and was != e.seq and entry_hash(e.prev, e.node, was, e.kind, e.session_id, e.at,
+                                                      e.data) == e.hash:
+                problems.append(Problem(node, e.seq, f"reordered: it is record {was}, moved to {e.seq}"))
+            else:
+                problems.append(Problem(node, e.seq, "edited: its content does not match its hash"))
         elif e.prev != prev and e.seq == expected_seq:
             problems.append(Problem(node, e.seq, "inserted, deleted or reordered: it does not follow the record before it"))
         prev = e.hash

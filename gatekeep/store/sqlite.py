@@ -8,6 +8,7 @@ migrations applied at open.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -117,6 +118,40 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (node, seq)
     );
     """,
+    # 5: approval requests (gatekeep/approvals): each request's latest state, and every approver's decision
+    """
+    CREATE TABLE approval_requests (
+        id TEXT PRIMARY KEY,
+        node TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        identity TEXT NOT NULL,
+        target TEXT NOT NULL,
+        protocol TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        text TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        resolved_at REAL,
+        resolution TEXT,
+        grant_until REAL,
+        data TEXT NOT NULL
+    );
+    CREATE INDEX approval_requests_created ON approval_requests (created_at);
+    CREATE INDEX approval_requests_status ON approval_requests (status, created_at);
+    CREATE INDEX approval_requests_session ON approval_requests (session_id);
+    CREATE TABLE approval_decisions (
+        request_id TEXT NOT NULL,
+        approver TEXT NOT NULL,
+        verdict TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (request_id, approver, verdict)
+    );
+    """,
 ]
 
 
@@ -181,7 +216,7 @@ class SQLiteStore:
         (Operation, Decision), Outcome, SessionEnd, LoginFailure. An operation
         and its outcome in the same batch become one row.
         """
-        sessions, ops, outcomes, ends, failures, streams = [], {}, [], [], [], []
+        sessions, ops, outcomes, ends, failures, streams, approvals = [], {}, [], [], [], [], []
         for event in batch:
             if isinstance(event, tuple):
                 op, decision = event
@@ -200,6 +235,8 @@ class SQLiteStore:
                 failures.append(event)
             elif isinstance(event, StreamEvent):
                 streams.append(event)
+            elif getattr(event, "event_kind", None) == "approval":
+                approvals.append(event)
             else:
                 raise TypeError(f"cannot store {type(event).__name__}")
         db = self._db()
@@ -243,6 +280,8 @@ class SQLiteStore:
                     "INSERT INTO stream_events (session_id, stream, at, kind, data) VALUES (?,?,?,?,?)",
                     [(e.session_id, e.stream, e.at, e.kind, e.data) for e in streams],
                 )
+            if approvals:
+                self._write_approvals(db, approvals)
             if failures:
                 db.executemany(
                     "INSERT INTO login_failures (at, node, target, protocol, client, claimed, reason) VALUES (?,?,?,?,?,?,?)",
@@ -267,30 +306,50 @@ class SQLiteStore:
             self._tail = (row[0], row[1]) if row else (0, ledger.GENESIS)
         return self._tail
 
-    def _append(self, db: sqlite3.Connection, kind: str, session_id: str | None, data: dict) -> None:
-        seq, prev = self._ledger_tail(db)
+    def _append(self, rows: list[tuple], kind: str, session_id: str | None, data: dict) -> str:
+        seq, prev = self._tail
         seq += 1
         at = event_time(kind, data)
         text = canonical(data)
         h = ledger.entry_hash(prev, self.node, seq, kind, session_id, at, text)
-        db.execute("INSERT INTO ledger (node, seq, kind, session_id, at, data, prev, hash) VALUES (?,?,?,?,?,?,?,?)",
-                   (self.node, seq, kind, session_id, at, text, prev, h))
+        rows.append((self.node, seq, kind, session_id, at, text, prev, h))
         self._tail = (seq, h)
         self._appended.append(ledger.Entry(self.node, seq, kind, session_id, at, text, prev, h))
+        return h
 
     def _append_ledger(self, db: sqlite3.Connection, batch: list[Any]) -> None:
-        for value in batch:
-            kind, session_id, data = to_event(value)
-            self._append(db, kind, session_id, data)
+        """Chain every event of the batch; an operation and its end in the same batch make one entry."""
+        self._ledger_tail(db)
+        events = [to_event(v) for v in batch]
+        ends = {(sid, data["seq"]): i for i, (kind, sid, data) in enumerate(events) if kind == "operation.end"}
+        merged: set[int] = set()
+        rows: list[tuple] = []
+        pending: dict[str, list[str]] = {}
+        for i, (kind, session_id, data) in enumerate(events):
+            if i in merged:
+                continue
+            if kind == "operation":
+                j = ends.get((session_id, data["seq"]))
+                if j is not None and j > i:
+                    end = dict(events[j][2])
+                    del end["seq"]
+                    data = dict(data, end=end)
+                    merged.add(j)
+            h = self._append(rows, kind, session_id, data)
+            if session_id is not None:
+                pending.setdefault(session_id, []).append(h)
             if kind == "session.end" and self.signer is not None:
-                hashes = [r[0] for r in db.execute(
+                stored = [r[0] for r in db.execute(
                     "SELECT hash FROM ledger WHERE node = ? AND session_id = ? AND kind != 'seal' ORDER BY seq",
                     (self.node, session_id))]
+                hashes = stored + pending.get(session_id, [])
                 digest = ledger.session_digest(session_id, hashes)
-                self._append(db, "seal", session_id, {
+                self._append(rows, "seal", session_id, {
                     "at": data["ended_at"], "digest": digest, "records": len(hashes), "key_id": self.signer.key_id,
                     "signature": self.signer.sign(ledger.seal_message(self.node, session_id, digest)),
                 })
+        db.executemany("INSERT INTO ledger (node, seq, kind, session_id, at, data, prev, hash) VALUES (?,?,?,?,?,?,?,?)",
+                       rows)
 
     def nodes(self) -> list[str]:
         rows = self._db().execute("SELECT DISTINCT node FROM ledger UNION SELECT DISTINCT node FROM ledger_checkpoints")
@@ -345,6 +404,9 @@ class SQLiteStore:
                 marks = ",".join("?" * len(ids))
                 db.execute(f"DELETE FROM operations WHERE session_id IN ({marks})", ids)
                 db.execute(f"DELETE FROM stream_events WHERE session_id IN ({marks})", ids)
+                db.execute("DELETE FROM approval_decisions WHERE request_id IN (SELECT id FROM approval_requests"
+                           f" WHERE session_id IN ({marks}))", ids)
+                db.execute(f"DELETE FROM approval_requests WHERE session_id IN ({marks})", ids)
                 db.execute(f"DELETE FROM sessions WHERE id IN ({marks})", ids)
             db.execute("DELETE FROM login_failures WHERE at < ?", (before,))
             db.execute("COMMIT")
@@ -395,7 +457,61 @@ class SQLiteStore:
             self._op_dict(r)
             for r in self._db().execute("SELECT * FROM operations WHERE session_id = ? ORDER BY seq", (rows[0]["id"],))
         ]
+        result["approvals"] = self.approval_requests(session_id=rows[0]["id"], limit=100000, oldest_first=True)
         return result
+
+    # -- approvals -------------------------------------------------------------------------
+
+    @staticmethod
+    def _write_approvals(db: sqlite3.Connection, events: list[Any]) -> None:
+        """Each event carries the request as it is after a change: keep the latest, and every decision."""
+        for event in events:
+            r = event.request
+            db.execute(
+                "INSERT INTO approval_requests (id, node, session_id, seq, identity, target, protocol, rule, kind, text,"
+                " digest, status, created_at, expires_at, resolved_at, resolution, grant_until, data)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
+                " resolved_at = excluded.resolved_at, resolution = excluded.resolution,"
+                " grant_until = excluded.grant_until, data = excluded.data",
+                (r.id, r.node, r.session_id, r.seq, r.identity, r.target, r.protocol, r.rule, r.kind, r.text, r.digest,
+                 r.status.value, r.created_at, r.expires_at, r.resolved_at, r.resolution or None, r.grant_until,
+                 _json(r.to_dict())))
+            db.executemany(
+                "INSERT OR IGNORE INTO approval_decisions (request_id, approver, verdict, reason, at) VALUES (?,?,?,?,?)",
+                [(r.id, d.approver, d.verdict, d.reason, d.at) for d in r.decisions])
+
+    def approval_request(self, request_id: str) -> dict | None:
+        row = self._db().execute("SELECT data FROM approval_requests WHERE id = ?", (request_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def approval_requests(self, status: str | None = None, limit: int = 100, session_id: str | None = None, *,
+                          oldest_first: bool = False) -> list[dict]:
+        where, args = [], []
+        if status:
+            where.append("status = ?")
+            args.append(status)
+        if session_id:
+            where.append("session_id = ?")
+            args.append(session_id)
+        sql = "SELECT data FROM approval_requests"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY created_at {'ASC' if oldest_first else 'DESC'} LIMIT ?"
+        args.append(limit)
+        return [json.loads(r[0]) for r in self._db().execute(sql, args)]
+
+    def recover_approvals(self, node: str, now: float) -> tuple[list[dict], list[dict]]:
+        """
+        At start: the requests ``node`` left pending (their held operations died
+        with the process), and its approved requests whose window is still open.
+        """
+        db = self._db()
+        stale = [json.loads(r[0]) for r in db.execute(
+            "SELECT data FROM approval_requests WHERE node = ? AND status = 'pending'", (node,))]
+        grants = [json.loads(r[0]) for r in db.execute(
+            "SELECT data FROM approval_requests WHERE node = ? AND status = 'approved' AND grant_until > ?",
+            (node, now))]
+        return stale, grants
 
     def streams(self, session_id: str) -> dict[str, list[tuple[float, str, str]]]:
         out: dict[str, list[tuple[float, str, str]]] = {}
@@ -403,6 +519,28 @@ class SQLiteStore:
                 "SELECT stream, at, kind, data FROM stream_events WHERE session_id = ? ORDER BY id", (session_id,)):
             out.setdefault(r["stream"], []).append((r["at"], r["kind"], r["data"]))
         return out
+
+    def operation_rows(self):
+        """(session_id, seq, text, action, rule) of every operation row, for audits."""
+        yield from self._db().execute("SELECT session_id, seq, text, action, rule FROM operations"
+                                      " ORDER BY session_id, seq")
+
+    def session_rows(self):
+        """(id, identity, target, client) of every session row, for audits."""
+        yield from self._db().execute("SELECT id, identity, target, client FROM sessions ORDER BY id")
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        """Reads in the block see one state of the store (a read transaction; WAL keeps writers going)."""
+        db = self._db()
+        if db.in_transaction:
+            yield
+            return
+        db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            db.execute("ROLLBACK")
 
     def loginFailures(self, limit: int = 50) -> list[dict]:
         return [dict(r) for r in self._db().execute("SELECT * FROM login_failures ORDER BY at DESC LIMIT ?", (limit,))]

@@ -59,3 +59,47 @@ def gatekeep_module(request):
                                 % (i, request.module.__name__, proc.workdir, proc.log_tail(30)))
         elif not failed:
             shutil.rmtree(proc.workdir, ignore_errors=True)
+
+
+# -- the recording store on PostgreSQL ----------------------------------------
+
+from tests.support.pgserver import PgServer  # noqa: E402
+from tests.support.reactor_thread import ReactorThread  # noqa: E402
+from tests.support.storedb import StoreDatabases  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def store_pg(tls_files):
+    """A PostgreSQL server of its own for recording stores (tests stop and restart it; the upstream stays up)."""
+    server = PgServer(tls=tls_files)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def store_dbs(store_pg):
+    """``StoreDatabases`` on ``store_pg``: role gk_store, a fresh database per ``create()``."""
+    return StoreDatabases(store_pg)
+
+
+@pytest.fixture
+def store_db(store_dbs, store_pg):
+    """A fresh, empty store database (dropped afterwards); the server is running when the test starts."""
+    if not store_pg.running:
+        store_pg.start()
+    db = store_dbs.create()
+    yield db
+    if not store_pg.running:
+        store_pg.start()
+    store_dbs.drop(db)
+
+
+@pytest.fixture(scope="session")
+def reactor_thread():
+    """A private Twisted reactor in a daemon thread (tests/support/reactor_thread.py)."""
+    rt = ReactorThread().start()
+    yield rt
+    rt.stop()

@@ -218,3 +218,58 @@ def install_keypair(cert_path, key_path, dest_dir, owner=None, stem="server"):
     _chown(cert_dest, owner)
     _chown(key_dest, owner)
     return cert_dest, key_dest
+
+
+# -- client certificates -------------------------------------------------------------
+
+
+def make_client_leaf(ca_cert, ca_key, common_name, emails=(), dns_names=(), client_auth=True):
+    """Return (certificate, private_key) for a client certificate: CN, e-mail and DNS SANs, clientAuth usage."""
+    key = _new_key()
+    not_before, not_after = _validity()
+    sans = [x509.RFC822Name(e) for e in emails] + [x509.DNSName(d) for d in dns_names]
+    usage = [ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else [ExtendedKeyUsageOID.SERVER_AUTH]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+def _load(cert_path, key_path):
+    with open(cert_path, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    with open(key_path, "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), None)
+    return cert, key
+
+
+def make_client_certificates(tls_files, directory, specs):
+    """Write client certificates into ``directory``; return {stem: (cert_path, key_path)}.
+
+    ``specs``: {stem: dict(common_name=..., emails=(), dns_names=(), ca="test"|"other", client_auth=True)};
+    "test" signs with the test CA of ``tls_files``, "other" with the unrelated CA.
+    """
+    os.makedirs(directory, exist_ok=True)
+    cas = {"test": _load(tls_files.ca_cert, tls_files.ca_key),
+           "other": _load(tls_files.other_ca_cert, tls_files.other_ca_key)}
+    out = {}
+    for stem, spec in specs.items():
+        spec = dict(spec)
+        ca_cert, ca_key = cas[spec.pop("ca", "test")]
+        cert, key = make_client_leaf(ca_cert, ca_key, **spec)
+        cert_path = os.path.join(directory, stem + ".pem")
+        key_path = os.path.join(directory, stem + ".key")
+        write_cert(cert_path, cert)
+        write_key(key_path, key)
+        out[stem] = (cert_path, key_path)
+    return out

@@ -326,10 +326,11 @@ def test_store_urls(url, path):
 
 
 @pytest.mark.parametrize("url, message", [
-    ("postgresql://gk@db/gk", "the PostgreSQL store is not available in this version; use sqlite:///PATH"),
-    ("postgres://gk@db/gk", "the PostgreSQL store is not available in this version; use sqlite:///PATH"),
+    ("postgresql://gk:hunter2@db/gk", "a password in the store URL is not accepted: give it as store.password "
+                                      "(env:NAME or file:PATH)"),
+    ("postgres://gk@db/", "expected a database name: postgresql://USER@HOST:PORT/DATABASE"),
     ("sqlite://", "expected a path after sqlite://"),
-    ("mysql://db/gk", 'expected sqlite:///PATH, got "mysql://db/gk"'),
+    ("mysql://db/gk", 'expected sqlite:///PATH or postgresql://USER@HOST/DATABASE, got "mysql://db/gk"'),
     (42, "expected a store URL such as sqlite:///var/lib/gatekeep/gatekeep.db, got 42"),
 ])
 def test_bad_store_urls(url, message):

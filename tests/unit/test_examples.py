@@ -26,6 +26,7 @@ def example_dir(tmp_path, monkeypatch):
     shutil.copy(tls.ca_cert, work / "tls" / "db-ca.pem")
     monkeypatch.setenv("PROD_DB_PASSWORD", "example-password")
     monkeypatch.setenv("GATEKEEP_MASKING_KEY", "example-masking-key")
+    monkeypatch.setenv("APPROVALS_WEBHOOK_URL", "https://hooks.example.com/services/T0/B0/example")
     return work
 
 

@@ -22,8 +22,6 @@ that followed the head.
 
 from __future__ import annotations
 
-import enum
-
 import attrs
 import httptools
 
@@ -58,9 +56,12 @@ class ProtocolError(Exception):
         self.status = status
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class Head:
-    """A request or response head. ``headers`` keep the order and case they arrived in."""
+    """
+    A request or response head. ``headers`` keep the order and case they arrived in.
+    (Slotted but not frozen: frozen attrs classes cost a few microseconds per message.)
+    """
 
     raw: bytes
     headers: tuple[tuple[bytes, bytes], ...]
@@ -99,7 +100,7 @@ class Head:
         return None
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class Data:
     """Body bytes as they arrived (``raw``) and, when the reader decodes, the payload in them."""
 
@@ -172,18 +173,11 @@ def parse_head(raw: bytes, role: str) -> Head:
     return Head(raw, headers, version, status=parser.get_status_code(), reason=c.reason, index=index)
 
 
-class _State(enum.Enum):
-    HEAD = "head"
-    BODY = "body"
-    DONE = "done"
-    SWITCHED = "switched"
-    CLOSED = "closed"
-
-
-class _Framing(enum.Enum):
-    LENGTH = "length"
-    CHUNKED = "chunked"
-    CLOSE = "close"
+# reader states and body framings: plain ints, since enum member lookups cost on every event
+_HEAD, _BODY, _DONE, _SWITCHED, _CLOSED = range(5)
+_STATE_NAMES = ("head", "body", "done", "switched", "closed")
+_LENGTH, _CHUNKED, _UNTIL_CLOSE = range(3)
+_FRAMING_NAMES = ("length", "chunked", "close")
 
 
 # chunked decoding phases
@@ -201,9 +195,9 @@ class MessageReader:
         self.decode = False
         self._buf = b""
         self._eof = False
-        self._state = _State.HEAD
+        self._state = _HEAD
         self._scan_from = 0
-        self._framing = _Framing.LENGTH
+        self._framing = _LENGTH
         self._remaining = 0
         self._chunk = _SIZE
         self._method = b"GET"
@@ -231,13 +225,13 @@ class MessageReader:
 
     @property
     def state(self) -> str:
-        return self._state.value
+        return _STATE_NAMES[self._state]
 
     def start_next_cycle(self) -> None:
         """After EndOfMessage: read the next message."""
-        if self._state is not _State.DONE:
-            raise RuntimeError(f"start_next_cycle in state {self._state.value}")
-        self._state = _State.HEAD
+        if self._state != _DONE:
+            raise RuntimeError(f"start_next_cycle in state {self.state}")
+        self._state = _HEAD
         self._scan_from = 0
 
     def trailing_data(self) -> bytes:
@@ -249,15 +243,16 @@ class MessageReader:
 
     def next_event(self):
         state = self._state
-        if state is _State.BODY:
-            if self._framing is _Framing.LENGTH:
+        if state == _BODY:
+            framing = self._framing
+            if framing == _LENGTH:
                 return self._length_body()
-            if self._framing is _Framing.CHUNKED:
+            if framing == _CHUNKED:
                 return self._chunked_body()
             return self._close_body()
-        if state is _State.HEAD:
+        if state == _HEAD:
             return self._head()
-        if state is _State.CLOSED:
+        if state == _CLOSED:
             return CLOSED
         return PAUSED
 
@@ -270,7 +265,7 @@ class MessageReader:
             if self._eof:
                 if buf.strip():
                     raise ProtocolError("connection closed in the middle of a head")
-                self._state = _State.CLOSED
+                self._state = _CLOSED
                 return CLOSED
             self._scan_from = max(0, len(buf) - 3)
             return NEED_DATA
@@ -300,11 +295,11 @@ class MessageReader:
             codings = [c.strip().lower() for c in index[b"transfer-encoding"].split(b",")]
             if codings[-1] != b"chunked":
                 raise ProtocolError("a request's Transfer-Encoding must end with chunked", 400)
-            self._start_body(_Framing.CHUNKED, 0)
+            self._start_body(_CHUNKED, 0)
         elif b"content-length" in index:
-            self._start_body(_Framing.LENGTH, _content_length(index[b"content-length"]))
+            self._start_body(_LENGTH, _content_length(index[b"content-length"]))
         else:
-            self._start_body(_Framing.LENGTH, 0)
+            self._start_body(_LENGTH, 0)
 
     def _response_framing(self, head: Head) -> None:
         status = head.status
@@ -313,40 +308,40 @@ class MessageReader:
             if status == 101:
                 if self._methods:
                     self._methods.pop(0)
-                self._state = _State.SWITCHED
+                self._state = _SWITCHED
             return  # informational: the real head follows
         if self._methods:
             self._methods.pop(0)
         self._method = method
         index = head.index
         if method == b"HEAD" or status in (204, 304):
-            self._start_body(_Framing.LENGTH, 0)
+            self._start_body(_LENGTH, 0)
         elif b"transfer-encoding" in index:
             codings = [c.strip().lower() for c in index[b"transfer-encoding"].split(b",")]
-            self._start_body(_Framing.CHUNKED if codings[-1] == b"chunked" else _Framing.CLOSE, 0)
+            self._start_body(_CHUNKED if codings[-1] == b"chunked" else _UNTIL_CLOSE, 0)
         elif b"content-length" in index:
-            self._start_body(_Framing.LENGTH, _content_length(index[b"content-length"]))
+            self._start_body(_LENGTH, _content_length(index[b"content-length"]))
         else:
-            self._start_body(_Framing.CLOSE, 0)
+            self._start_body(_UNTIL_CLOSE, 0)
 
     @property
     def body_framing(self) -> str:
         """How the current message's body is delimited: length, chunked or close."""
-        return self._framing.value
+        return _FRAMING_NAMES[self._framing]
 
     @property
     def body_length(self) -> int | None:
         """The declared length of the current body, when it has one."""
-        return self._remaining if self._framing is _Framing.LENGTH else None
+        return self._remaining if self._framing == _LENGTH else None
 
-    def _start_body(self, framing: _Framing, length: int) -> None:
-        self._state = _State.BODY
+    def _start_body(self, framing: int, length: int) -> None:
+        self._state = _BODY
         self._framing = framing
         self._remaining = length
         self._chunk = _SIZE
 
     def _finish(self):
-        self._state = _State.DONE
+        self._state = _DONE
         return END
 
     def _length_body(self):

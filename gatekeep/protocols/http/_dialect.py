@@ -66,8 +66,6 @@ def _error_body(status: int, error: str, message: str, **more: Any) -> bytes:
 
 class HttpDialect:
     protocol = "http"
-    #: the name of recorded upgraded streams: "<prefix>-<seq>"
-    stream_prefix = "ws"
 
     # -- requests -----------------------------------------------------------------------
 
@@ -133,6 +131,10 @@ class HttpDialect:
         return PASS_THROUGH
 
     # -- upgraded streams -------------------------------------------------------------------
+
+    def stream_name(self, request: Request, seq: int) -> str:
+        """The name an upgraded stream is recorded under."""
+        return f"ws-{seq}"
 
     def stream_decoder(self, request: Request, response: Head) -> Callable[[ws.Message, bool], list[StreamPiece]] | None:
         """For a WebSocket upgrade: turns messages into recorded pieces (``from_client`` tells the direction)."""

@@ -52,6 +52,8 @@ class Request:
 
 def normalise_path(raw: str) -> tuple[str, str | None]:
     """(canonical path, problem or None)."""
+    if "%" not in raw and "//" not in raw and "/." not in raw and "\\" not in raw and raw.startswith("/"):
+        return raw, None  # already canonical (the usual case)
     problem = None
     if _ENCODED_SEPARATOR.search(raw):
         problem = "the path has an encoded slash, backslash or NUL"

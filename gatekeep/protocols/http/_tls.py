@@ -46,3 +46,16 @@ def upstream_options(tls: UpstreamTLS, host: str, cert: Secret | None = None, ke
         return ssl.CertificateOptions(verify=True, caCerts=[c.original for c in _certificates(tls.ca.reveal())],
                                       **common)
     raise ValueError(f"unknown TLS mode {tls.mode!r}")
+
+
+def server_options_http(cert: Secret, key: Secret) -> ssl.CertificateOptions:
+    """gatekeep.tls.server_options, offering HTTP/1.1 by ALPN (clients that offer h2 then speak HTTP/1.1;
+    without an ALPN answer, OpenSSL here fails the handshake of clients that offer ALPN)."""
+    from gatekeep.tls import server_options
+
+    base = server_options(cert, key)  # checks the pair, with readable errors
+    options = ssl.CertificateOptions(
+        privateKey=base.privateKey, certificate=base.certificate, extraCertChain=base.extraCertChain,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2, acceptableProtocols=[b"http/1.1"])
+    options.getContext()
+    return options

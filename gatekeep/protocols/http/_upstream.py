@@ -92,6 +92,8 @@ class UpstreamSide(protocol.Protocol):
             if event is NEED_DATA or event is PAUSED:
                 return
             cls = event.__class__
+            if cls is not Head and (self.exchange is None or self.exchange.finished):
+                return  # a response gatekeep gave up on (the connection is closing)
             if cls is Data:
                 self.on_body(event)
             elif event is END:
@@ -316,7 +318,7 @@ class Tunnel:
         decoder = None
         if client.options.record.streams:
             decoder = client.dialect.stream_decoder(ex.request, head)
-        tunnel = cls(client, upstream, ex, decoder, f"{client.dialect.stream_prefix}-{ex.op.seq}")
+        tunnel = cls(client, upstream, ex, decoder, client.dialect.stream_name(ex.request, ex.op.seq))
         client.mode = Mode.TUNNEL
         client.tunnel = tunnel
         upstream.tunnel = tunnel

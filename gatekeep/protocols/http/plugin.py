@@ -187,6 +187,19 @@ def read_http_target(node: Node, extra: Any = None) -> HttpTarget:
     )
 
 
+def _policy():
+    """gatekeep.protocols.http.policy, imported when first needed (then a global lookup)."""
+    global _policy_module
+    if _policy_module is None:
+        from gatekeep.protocols.http import policy
+
+        _policy_module = policy
+    return _policy_module
+
+
+_policy_module = None
+
+
 @implementer(IProtocolPlugin)
 class HttpPlugin:
     name = "http"
@@ -201,15 +214,14 @@ class HttpPlugin:
         """What a request asks for (see gatekeep.protocols.http.policy); None for other operations."""
         if operation.kind != "http" or operation.detail is None:
             return None
-        from gatekeep.protocols.http.policy import facts_for
-
-        return facts_for(operation.detail)
+        request = operation.detail
+        return _policy().HttpFacts(request, (request.method, request.host, request.target))
 
     def parseTarget(self, node: Node) -> HttpTarget:
         return read_http_target(node)
 
     def makeFactory(self, target, gateway):
         from gatekeep.protocols.http._dialect import HttpDialect
-        from gatekeep.protocols.http.relay import make_factory
+        from gatekeep.protocols.http._factory import make_factory
 
         return make_factory(target, gateway, HttpDialect())

@@ -22,14 +22,11 @@ pending, and while pipelined requests pile up.
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
 from twisted.internet import protocol
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
@@ -38,8 +35,7 @@ from gatekeep.model import Action, ClientAddress, Decision, LoginFailure, Operat
 from gatekeep.protocols.http import _codec as codec
 from gatekeep.protocols.http._codec import END, NEED_DATA, PAUSED, Data, Head, MessageReader, ProtocolError
 from gatekeep.protocols.http._exchange import Exchange, excerpt_for, operation_extra, outcome_for
-from gatekeep.protocols.http._headers import (CLIENT_CREDENTIAL_HEADERS, SECRET_HEADERS, BadCredentials,
-                                              RequestRewriter, client_credentials)
+from gatekeep.protocols.http._headers import BadCredentials, client_credentials
 from gatekeep.protocols.http._jsonmask import JsonMasker
 from gatekeep.protocols.http._request import parse_request
 from gatekeep.protocols.http._upstream import UpstreamSide
@@ -59,10 +55,16 @@ def _unrecordable(decision: Decision, why: str) -> Decision:
     return Decision(Action.DENY, "recording-unavailable", f"recording is unavailable: {why}", decision.facts)
 
 
-class Mode(enum.Enum):
+class Mode:
+    """A client connection's mode (plain strings: compared on every event)."""
+
     HTTP = "http"
     TUNNEL = "tunnel"
     CLOSED = "closed"
+
+
+_HTTP, _TUNNEL, _CLOSED = Mode.HTTP, Mode.TUNNEL, Mode.CLOSED
+_ALLOW = Action.ALLOW
 
 
 @implementer(IPushProducer)
@@ -95,10 +97,10 @@ class Valve:
         self.transport.loseConnection()
 
 
-class ClientSide(protocol.Protocol):
+class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factory.HttpRelayFactory
     """The client's connection."""
 
-    def __init__(self, factory: "HttpRelayFactory") -> None:
+    def __init__(self, factory: Any) -> None:
         self.factory = factory
         self.gateway = factory.gateway
         self.chain = factory.gateway.chain
@@ -106,7 +108,7 @@ class ClientSide(protocol.Protocol):
         self.options = factory.target.options
         self.dialect = factory.dialect
         self.reader = MessageReader(codec.REQUEST, max_head=self.options.max_head)
-        self.mode = Mode.HTTP
+        self.mode = _HTTP
         self.session: Session | None = None
         self.masker: JsonMasker | None = None
         self.upstream: UpstreamSide | None = None
@@ -122,6 +124,7 @@ class ClientSide(protocol.Protocol):
         self._pumping = False
         self._again = False
         self._idle: Any = None
+        self._idle_since: float | None = None
         self._connecting = False
 
     # -- plumbing -----------------------------------------------------------------
@@ -140,40 +143,43 @@ class ClientSide(protocol.Protocol):
         self._arm_idle()
 
     def _arm_idle(self) -> None:
-        timeout = self.options.idle_timeout
-        if not timeout:
-            return
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(timeout)
-        else:
-            self._idle = self.gateway.reactor.callLater(timeout, self._idle_expired)
+        """Note that the connection is idle from now; one timer per connection checks lazily."""
+        self._idle_since = self.gateway.reactor.seconds()
+        if self._idle is None and self.options.idle_timeout:
+            self._idle = self.gateway.reactor.callLater(self.options.idle_timeout, self._idle_check)
 
     def _disarm_idle(self) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
+        self._idle_since = None
 
-    def _idle_expired(self) -> None:
+    def _idle_check(self) -> None:
         self._idle = None
-        if self.exchange is None and self.mode is Mode.HTTP:
+        if self.mode is not _HTTP:
+            return
+        timeout = self.options.idle_timeout
+        since = self._idle_since
+        now = self.gateway.reactor.seconds()
+        if since is not None and self.exchange is None and now - since >= timeout:
             self.end_reason = "idle timeout"
             self.close()
+            return
+        left = timeout - (now - since) if since is not None else timeout
+        self._idle = self.gateway.reactor.callLater(max(left, 0.01), self._idle_check)
 
     def close(self) -> None:
-        if self.mode is not Mode.CLOSED:
-            self.mode = Mode.CLOSED
+        if self.mode is not _CLOSED:
+            self.mode = _CLOSED
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        if self.mode is Mode.TUNNEL:
+        if self.mode is _TUNNEL:
             self.tunnel.from_client(data)
             return
-        if self.mode is Mode.CLOSED:
+        if self.mode is _CLOSED:
             return
         self.reader.receive_data(data)
         self.pump()
-        if self.reader.buffered > BACKLOG and self.mode is Mode.HTTP:
+        if self.reader.buffered > BACKLOG and self.mode is _HTTP:
             self.valve.hold("backlog")
 
     def pump(self) -> None:
@@ -191,7 +197,7 @@ class ClientSide(protocol.Protocol):
 
     def _pump(self) -> None:
         reader = self.reader
-        while self.mode is Mode.HTTP and self._hold is None:
+        while self.mode is _HTTP and self._hold is None:
             try:
                 event = reader.next_event()
             except ProtocolError as e:
@@ -321,7 +327,7 @@ class ClientSide(protocol.Protocol):
         def fired(result: Any) -> None:
             ex.waiting = None
             self._hold = None
-            if self.mode is Mode.CLOSED:
+            if self.mode is _CLOSED:
                 gone(result, ex)
                 return
             self.valve.release(reason)
@@ -366,7 +372,7 @@ class ClientSide(protocol.Protocol):
 
     def carry_out(self, decision: Any, ex: Exchange) -> None:
         ex.decision = decision
-        if decision.action is not Action.ALLOW:
+        if decision.action is not _ALLOW:
             if decision.rule == "recording-unavailable":
                 self.local_answer(ex, *self.dialect.failure(
                     ex.request, 503, "gatekeep cannot carry out this request: recording is unavailable",
@@ -439,7 +445,7 @@ class ClientSide(protocol.Protocol):
 
     def upstream_connected(self, upstream: UpstreamSide) -> None:
         self._connecting = False
-        if self.mode is Mode.CLOSED:
+        if self.mode is _CLOSED:
             upstream.transport.loseConnection()
             return
         if self.upstream is not None:
@@ -459,7 +465,7 @@ class ClientSide(protocol.Protocol):
         self._connecting = False
         reason = failure.getErrorMessage() or failure.type.__name__
         _log.warn("cannot reach the upstream of {target}: {reason}", target=self.target.name, reason=reason)
-        if self.mode is Mode.CLOSED:
+        if self.mode is _CLOSED:
             return
         self._hold = None
         self.valve.release("connect")
@@ -475,14 +481,14 @@ class ClientSide(protocol.Protocol):
         if upstream is not self.upstream:
             return
         self.upstream = None
-        if self.transport is not None and self.mode is not Mode.CLOSED:
+        if self.transport is not None and self.mode is not _CLOSED:
             self.transport.unregisterProducer()
         ex = upstream.exchange
-        if self.mode is Mode.TUNNEL:
-            self.end_reason = f"upstream closed the tunnel"
+        if self.mode is _TUNNEL:
+            self.end_reason = "upstream closed the tunnel"
             self.close()
             return
-        if ex is None or ex.finished or self.mode is Mode.CLOSED:
+        if ex is None or ex.finished or self.mode is _CLOSED:
             return
         if ex.response is None and not ex.local:
             if (upstream.reused and ex.attempts == 1 and ex.request.method in IDEMPOTENT
@@ -511,8 +517,8 @@ class ClientSide(protocol.Protocol):
         response = ex.response
         close = force_close or ex.close_after or (response is not None and not response.keep_alive) \
             or (not ex.local and self.upstream is not None and self.upstream.reader.body_framing == "close")
-        if close or self.mode is not Mode.HTTP:
-            if self.mode is Mode.HTTP:
+        if close or self.mode is not _HTTP:
+            if self.mode is _HTTP:
                 self.close()
             return
         self.reader.start_next_cycle()
@@ -531,8 +537,10 @@ class ClientSide(protocol.Protocol):
         self.chain.operation_finished(outcome_for(ex, self.session.id, self.gateway.now(), self.factory.secret_headers))
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self.mode = Mode.CLOSED
-        self._disarm_idle()
+        self.mode = _CLOSED
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
         if self.tunnel is not None:
             self.tunnel.closed()
         up = self.upstream
@@ -553,73 +561,3 @@ class ClientSide(protocol.Protocol):
         self.chain.session_ended(SessionEnd(session.id, self.gateway.now(), self.bytes_in, self.bytes_out,
                                             reason or self.end_reason))
         self.gateway.sessions.pop(session.id, None)
-
-
-class _OneUpstream(protocol.Factory):
-    """Builds the one upstream protocol of a client connection (quietly: no log line per connection)."""
-
-    noisy = False
-
-    def __init__(self, upstream: UpstreamSide) -> None:
-        self.upstream = upstream
-
-    def buildProtocol(self, addr: Any) -> UpstreamSide:
-        return self.upstream
-
-
-class HttpRelayFactory(protocol.Factory):
-    noisy = False
-
-    def __init__(self, target: Any, gateway: Any, dialect: Any) -> None:
-        self.target = target
-        self.gateway = gateway
-        self.dialect = dialect
-        options = target.options
-        self.tls = target.tls is not None
-        self.scheme = "https" if self.tls else "http"
-        up = options.upstream
-        creds = options.credentials
-        drop = set(CLIENT_CREDENTIAL_HEADERS)
-        if creds.kind == "header":
-            drop.add(creds.header.lower().encode("latin-1"))
-        self.rewriter = RequestRewriter(
-            frozenset(drop), creds.headers(), up.authority.encode("idna") if up.host_header == "upstream" else None,
-            up.base_path.encode("utf-8"))
-        secret = set(SECRET_HEADERS) | set(options.record.redact_headers)
-        if creds.kind == "header":
-            secret.add(creds.header.lower())
-        self.secret_headers = frozenset(secret)
-        self._tls_options = None
-
-    def buildProtocol(self, addr: Any) -> ClientSide:
-        p = ClientSide(self)
-        p.factory = self
-        return p
-
-    def upstream_endpoint(self) -> Any:
-        """The endpoint of the upstream server (tests put an in-memory one here)."""
-        up = self.target.options.upstream
-        endpoint = HostnameEndpoint(self.gateway.reactor, up.host, up.port, timeout=up.connect_timeout)
-        if up.scheme == "https":
-            if self._tls_options is None:
-                from gatekeep.protocols.http._tls import upstream_options
-
-                creds = self.target.options.credentials
-                self._tls_options = upstream_options(up.tls, up.host, creds.cert, creds.key)
-            endpoint = wrapClientTLS(self._tls_options, endpoint)
-        return endpoint
-
-    def connect(self, upstream: UpstreamSide) -> Deferred:
-        return self.upstream_endpoint().connect(_OneUpstream(upstream))
-
-
-def make_factory(target: Any, gateway: Any, dialect: Any) -> protocol.Factory:
-    """The factory to listen with: TLS-wrapped when the target has ``tls``."""
-    factory = HttpRelayFactory(target, gateway, dialect)
-    if target.tls is None:
-        return factory
-    from gatekeep.tls import server_options
-
-    wrapped = TLSMemoryBIOFactory(server_options(target.tls.cert, target.tls.key), False, factory)
-    wrapped.relay = factory
-    return wrapped

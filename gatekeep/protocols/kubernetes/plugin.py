@@ -19,7 +19,9 @@ class KubernetesOptions:
 @implementer(IProtocolPlugin)
 class KubernetesPlugin:
     name = "kubernetes"
-    matchKeys = ("verbs", "api_groups", "resources", "subresources", "namespaces", "names")
+    #: its own keys, and the HTTP keys, which may be combined with them
+    matchKeys = ("verbs", "api_groups", "resources", "subresources", "namespaces", "names",
+                 "methods", "hosts", "paths", "query")
 
     def parseMatch(self, node: Node):
         from gatekeep.protocols.kubernetes.policy import read_match
@@ -39,7 +41,7 @@ class KubernetesPlugin:
         return read_http_target(node, options)
 
     def makeFactory(self, target, gateway):
-        from gatekeep.protocols.http.relay import make_factory
+        from gatekeep.protocols.http._factory import make_factory
         from gatekeep.protocols.kubernetes._dialect import KubernetesDialect
 
         return make_factory(target, gateway, KubernetesDialect(target.options.extra))

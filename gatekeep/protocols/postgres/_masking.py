@@ -28,7 +28,27 @@ from gatekeep.masking import strategies
 from gatekeep.masking.rules import MaskingRule, MaskPlan
 from gatekeep.protocols.postgres import _codec as pg
 
-TEXT_TYPES = frozenset({25, 1043, 1042, 19, 705, 18, 142, 1009, 1015})  # text, varchar, bpchar, name, unknown, char, xml
+TEXT_TYPES = frozenset({25, 1043, 1042, 19, 705, 18, 142})  # text, varchar, bpchar, name, unknown, char, xml
+#: arrays of text types: a value detectors find anything in becomes NULL (a partial edit could break the array)
+TEXT_ARRAY_TYPES = frozenset({1009, 1015, 1014, 1003, 143, 199, 3807})  # text[], varchar[], bpchar[], name[], xml[], json[], jsonb[]
+#: whole rows (record, record[]); named row types of masked tables are found in the catalog
+RECORD_TYPES = frozenset({2249, 2287})
+
+#: PostgreSQL client encodings and the Python codecs that read them; any other
+#: (single-byte) encoding is read as latin-1, which keeps every byte as it is
+ENCODINGS = {
+    "UTF8": "utf-8", "UNICODE": "utf-8", "SQL_ASCII": "latin-1", "LATIN1": "latin-1", "LATIN9": "iso8859-15",
+    "WIN1252": "cp1252", "WIN1251": "cp1251", "SJIS": "shift_jis", "SHIFT_JIS_2004": "shift_jis_2004",
+    "EUC_JP": "euc_jp", "EUC_KR": "euc_kr", "EUC_CN": "gb2312", "GBK": "gbk", "GB18030": "gb18030",
+    "BIG5": "big5", "UHC": "cp949", "JOHAB": "johab", "KOI8R": "koi8_r", "KOI8U": "koi8_u",
+}
+
+
+def codec_for(client_encoding: str | None) -> str:
+    if not client_encoding:
+        return "utf-8"
+    return ENCODINGS.get(client_encoding.upper().replace("-", "").replace("_", "") if client_encoding.upper()
+                         .replace("-", "") not in ENCODINGS else client_encoding.upper().replace("-", ""), "latin-1")
 JSON_TYPES = frozenset({114, 3802})
 INT_SIZES = {21: 2, 23: 4, 20: 8}
 UUID, BYTEA, NUMERIC = 2950, 17, 1700
@@ -45,16 +65,28 @@ class Column:
     detect: tuple[MaskingRule, ...]
     type_oid: int
     binary: bool
+    #: the Python codec of the session's client_encoding
+    codec: str = "utf-8"
 
     def apply(self, value: bytes, counts: dict[str, int]) -> bytes | None | bool:
         """Masked bytes, None for NULL, or False when the value stays as it is."""
         rule = self.rule
         if rule is not None:
             counts[rule.name] = counts.get(rule.name, 0) + 1
-            return _whole(rule, value, self.type_oid, self.binary)
-        if self.detect and (self.type_oid in TEXT_TYPES or self.type_oid in JSON_TYPES):
+            return _whole(rule, value, self.type_oid, self.binary, self.codec)
+        if not self.detect:
+            return False
+        if self.type_oid in TEXT_ARRAY_TYPES:
+            text = value.decode(self.codec, "replace")
+            return None if strategies.mask_spans(self.detect, text, counts) is not text else False
+        if self.type_oid in TEXT_TYPES or self.type_oid in JSON_TYPES:
             raw = value[1:] if (self.binary and self.type_oid == 3802) else value
-            text = raw.decode("utf-8", "replace")
+            try:
+                text = raw.decode(self.codec)
+            except UnicodeDecodeError:
+                text = raw.decode(self.codec, "replace")
+                # bytes the encoding cannot read: only a NULL is certain to stay decodable
+                return None if strategies.mask_spans(self.detect, text, counts) is not text else False
             masked = strategies.mask_spans(self.detect, text, counts)
             if masked is text:
                 return False
@@ -62,7 +94,7 @@ class Column:
                 return None
             if self.type_oid in JSON_TYPES:
                 masked = _json_safe(text, masked)
-            out = masked.encode("utf-8")
+            out = masked.encode(self.codec, "replace")
             return (b"\x01" + out) if (self.binary and self.type_oid == 3802) else out
         return False
 
@@ -76,18 +108,18 @@ def _json_safe(original: str, masked: str) -> str:
         return json.dumps(masked)
 
 
-def _whole(rule: MaskingRule, value: bytes, type_oid: int, binary: bool) -> bytes | None:
+def _whole(rule: MaskingRule, value: bytes, type_oid: int, binary: bool, codec: str = "utf-8") -> bytes | None:
     if rule.strategy == "null":
         return None
     if type_oid in TEXT_TYPES:
-        text = strategies.mask_text(rule, value.decode("utf-8", "replace"))
-        return None if text is None else text.encode("utf-8")
+        text = strategies.mask_text(rule, value.decode(codec, "replace"))
+        return None if text is None else text.encode(codec, "replace")
     if type_oid in JSON_TYPES:
         raw = value[1:] if (binary and type_oid == 3802) else value
-        text = strategies.mask_text(rule, raw.decode("utf-8", "replace"))
+        text = strategies.mask_text(rule, raw.decode(codec, "replace"))
         if text is None:
             return None
-        out = json.dumps(text).encode("utf-8")
+        out = json.dumps(text).encode(codec, "replace")
         return (b"\x01" + out) if (binary and type_oid == 3802) else out
     if rule.strategy != "hash":
         return None  # a redacted number cannot be a number: NULL decodes everywhere
@@ -106,17 +138,28 @@ def _whole(rule: MaskingRule, value: bytes, type_oid: int, binary: bool) -> byte
     return None
 
 
+#: what a whole row of a masked table becomes: NULL (its text would show every column)
+WHOLE_ROW = MaskingRule("whole-row", None, None, None, strategy="null")
+
+
 def plan_columns(plan: MaskPlan, fields: Sequence[pg.Field], formats: Sequence[int] | None,
-                 catalog: dict[tuple[int, int], tuple[str, str, str]]) -> list[Column | None] | None:
+                 catalog: "Catalog | dict", codec: str = "utf-8") -> list[Column | None] | None:
     """Per-column masking for a row shape, or None when no column needs it."""
     detect = plan.detector_rules
+    columns = catalog.columns if isinstance(catalog, Catalog) else catalog
+    masked_rows = catalog.masked_row_types(plan) if isinstance(catalog, Catalog) else frozenset()
+    has_column_rules = any(r.columns for r in plan.rules)
     out: list[Column | None] = []
     any_masked = False
     for i, f in enumerate(fields):
         fmt = f.format if formats is None else (formats[i] if len(formats) > 1 else (formats[0] if formats else 0))
         rule = None
+        if has_column_rules and (f.type_oid in RECORD_TYPES or f.type_oid in masked_rows):
+            out.append(Column(WHOLE_ROW, (), f.type_oid, fmt == 1, codec))
+            any_masked = True
+            continue
         if f.table_oid:
-            named = catalog.get((f.table_oid, f.column))
+            named = columns.get((f.table_oid, f.column))
             if named is not None:
                 rule = plan.column_rule(*named)
             elif f.column > 0:
@@ -127,10 +170,11 @@ def plan_columns(plan: MaskPlan, fields: Sequence[pg.Field], formats: Sequence[i
         if rule is None and not detect:
             out.append(None)
             continue
-        if rule is None and f.type_oid not in TEXT_TYPES and f.type_oid not in JSON_TYPES:
+        if rule is None and f.type_oid not in TEXT_TYPES and f.type_oid not in JSON_TYPES \
+                and f.type_oid not in TEXT_ARRAY_TYPES:
             out.append(None)
             continue
-        out.append(Column(rule, detect, f.type_oid, fmt == 1))
+        out.append(Column(rule, detect, f.type_oid, fmt == 1, codec))
         any_masked = True
     return out if any_masked else None
 
@@ -189,24 +233,25 @@ def _copy_escape(value: str) -> str:
     return (value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r"))
 
 
-def mask_copy_text_row(columns: list[Column | None], data: bytes, counts: dict[str, int]) -> bytes | None:
+def mask_copy_text_row(columns: list[Column | None], data: bytes, counts: dict[str, int],
+                       codec: str = "utf-8") -> bytes | None:
     """One COPY text-format row (a CopyData body) masked; None when nothing changed."""
-    line = data.decode("utf-8", "replace")
+    line = data.decode(codec, "replace")
     newline = line.endswith("\n")
     fields = (line[:-1] if newline else line).split("\t")
     changed = False
     for i, col in enumerate(columns):
         if col is None or i >= len(fields) or fields[i] == "\\N":
             continue
-        raw = _copy_unescape(fields[i]).encode("utf-8")
-        new = Column(col.rule, col.detect, col.type_oid, False).apply(raw, counts)
+        raw = _copy_unescape(fields[i]).encode(codec, "replace")
+        new = Column(col.rule, col.detect, col.type_oid, False, codec).apply(raw, counts)
         if new is False:
             continue
-        fields[i] = "\\N" if new is None else _copy_escape(new.decode("utf-8"))
+        fields[i] = "\\N" if new is None else _copy_escape(new.decode(codec, "replace"))
         changed = True
     if not changed:
         return None
-    return pg.copy_data(("\t".join(fields) + ("\n" if newline else "")).encode("utf-8"))
+    return pg.copy_data(("\t".join(fields) + ("\n" if newline else "")).encode(codec, "replace"))
 
 
 def glob_regex(patterns: Sequence[str]) -> str:
@@ -246,6 +291,11 @@ def catalog_query(plan: MaskPlan) -> str | None:
         " WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f')"
         " AND a.attrelid IN (SELECT attrelid FROM pg_catalog.pg_attribute"
         f" WHERE attnum > 0 AND NOT attisdropped AND attname ~ ${tag}${regex}${tag}$)"
+        # every relation, with its row type: a COPY of a table gatekeep knows has no masked column,
+        # and a whole-row value of a masked table can be recognised
+        " UNION ALL SELECT c.oid::int8, 0, n.nspname::text, c.relname::text, '', c.reltype::int8"
+        " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f') AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
         " ORDER BY 1, 2"
     )
 
@@ -257,44 +307,72 @@ class Catalog:
     columns: dict[tuple[int, int], tuple[str, str, str]] = attrs.field(factory=dict)
     #: (schema, table) -> [(column, type oid)] in column order, for COPY
     tables: dict[tuple[str, str], list[tuple[str, int]]] = attrs.field(factory=dict)
+    #: every relation when the session started: (schema, table) -> row type oid
+    relations: dict[tuple[str, str], int] = attrs.field(factory=dict)
+    _masked_rows: frozenset[int] | None = None
 
     def add_row(self, values: Sequence[bytes | None]) -> None:
         oid, attnum, schema, table, column, type_oid = (v.decode("utf-8") if v is not None else "" for v in values)
+        if int(attnum) == 0:
+            self.relations[(schema, table)] = int(type_oid)
+            return
         self.columns[(int(oid), int(attnum))] = (schema, table, column)
         self.tables.setdefault((schema, table), []).append((column, int(type_oid)))
 
+    def masked_row_types(self, plan: MaskPlan) -> frozenset[int]:
+        """Row types of tables with a column the plan masks: a whole row of one is masked as a whole."""
+        if self._masked_rows is None:
+            self._masked_rows = frozenset(
+                self.relations[t] for t, cols in self.tables.items() if t in self.relations
+                and any(plan.column_rule(t[0], t[1], c) for c, _ in cols))
+        return self._masked_rows
+
     def copy_columns(self, plan: MaskPlan, schema_candidates: Sequence[str], table: tuple[str | None, str],
-                     names: Sequence[str] | None) -> tuple[list[Column | None] | None, bool]:
+                     names: Sequence[str] | None, codec: str = "utf-8") -> Any:
         """
-        Masking for ``COPY table [(names)] TO STDOUT``: (columns or None, known).
-        ``known`` is False when the table cannot be found in the catalog (then
-        only name rules and detectors can apply).
+        Masking for ``COPY table [(names)] TO STDOUT``: a list of columns, None
+        (nothing to mask), :data:`DETECT_ALL` (run the detectors on every field,
+        the count comes with CopyOutResponse) or :data:`REFUSE` (gatekeep cannot
+        tell which fields to mask: a table made after the session started, or name
+        rules without a column list).
         """
         schema, name = table
-        found = None
-        for s in ([schema] if schema else schema_candidates):
-            if (s, name) in self.tables:
-                found = (s, self.tables[(s, name)])
-                break
+        candidates = [schema] if schema else list(schema_candidates)
         detect = plan.detector_rules
-        if found is None:
-            if names is None:
-                return None, False
-            cols = [plan.name_rule(n) or plan.column_name_fallback(n) for n in names]
-            out = [Column(r, detect, 25, False) if (r or detect) else None for r in cols]
-            return (out if any(out) else None), False
-        s, columns = found
-        types = dict(columns)
-        order = list(names) if names is not None else [c for c, _ in columns]
-        out: list[Column | None] = []
-        for col in order:
-            rule = plan.column_rule(s, name, col) or plan.name_rule(col)
-            oid = types.get(col, 25)
-            if rule is None and (not detect or oid not in TEXT_TYPES):
-                out.append(None)
-            else:
-                out.append(Column(rule, detect, oid, False))
-        return (out if any(out) else None), True
+        for s in candidates:
+            if (s, name) in self.tables:
+                columns = self.tables[(s, name)]
+                types = dict(columns)
+                order = list(names) if names is not None else [c for c, _ in columns]
+                out: list[Column | None] = []
+                for col in order:
+                    rule = plan.column_rule(s, name, col) or plan.name_rule(col)
+                    oid = types.get(col, 25)
+                    if rule is None and (not detect or oid not in TEXT_TYPES | JSON_TYPES | TEXT_ARRAY_TYPES):
+                        out.append(None)
+                    else:
+                        out.append(Column(rule, detect, oid, False, codec))
+                return out if any(out) else None
+        has_columns = any(r.columns for r in plan.rules)
+        has_names = any(r.names for r in plan.rules)
+        known = any((s, name) in self.relations for s in candidates)
+        if names is not None and (has_names or has_columns):
+            cols = [plan.name_rule(n) or (None if known else plan.column_name_fallback(n)) for n in names]
+            out = [Column(r, detect, 25, False, codec) if (r or detect) else None for r in cols]
+            return out if any(out) else None
+        if (has_columns and not known) or has_names:
+            return REFUSE
+        return DETECT_ALL if detect else None
+
+
+#: copy_columns answers: detectors on every field / the COPY cannot be masked
+DETECT_ALL = "detect-all"
+REFUSE = "refuse"
+
+
+def detect_all(plan: MaskPlan, fields: int, codec: str = "utf-8") -> list[Column | None] | None:
+    detect = plan.detector_rules
+    return [Column(None, detect, 25, False, codec) for _ in range(fields)] if detect else None
 
 
 def copy_target(text: str) -> dict[str, Any] | None:

@@ -62,9 +62,14 @@ class PostgresPlugin:
 
     def facts(self, operation, target):
         """What a statement does (see gatekeep.protocols.postgres.policy); None for non-SQL operations."""
+        from gatekeep.protocols.postgres.policy import SqlFacts, facts_for
+        from gatekeep.protocols.postgres.sql import Analysis
+
+        if operation.kind == "function-call":
+            return SqlFacts(Analysis(unjudgeable="a fastpath function call names its function by number"),
+                            (), target.options.upstream.user)
         if operation.kind not in ("query", "parse"):
             return None
-        from gatekeep.protocols.postgres.policy import facts_for
 
         return facts_for(operation.text, operation.detail, target.options.upstream.user)
 

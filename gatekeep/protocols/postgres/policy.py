@@ -126,6 +126,25 @@ class SqlMatch:
             return True
         return any(self._unit(u, facts) for u in a.units)
 
+    def matches_all(self, facts: "SqlFacts | None", operation: Any) -> bool:
+        """
+        For allow rules: the rule fits only if it fits every part of the string
+        (every statement, every nested write, every function called), so allowing
+        one piece never lets another through.
+        """
+        if facts is None:
+            return False
+        a = facts.analysis
+        if self.conditions is not None and self.conditions.isdisjoint(a.conditions):
+            return False
+        if self.functions is not None and not all(
+                any(fnmatchcase(f, p) or fnmatchcase(f.rpartition(".")[2], p) for p in self.functions)
+                for f in a.functions):
+            return False
+        if self.statements is None and self.tables is None and self.schemas is None:
+            return True
+        return bool(a.units) and all(self._unit(u, facts) for u in a.units)
+
     def _unit(self, unit: Unit, facts: "SqlFacts") -> bool:
         if self.statements is not None and not any(_kind_matches(p, unit) for p in self.statements):
             return False

@@ -26,7 +26,7 @@ from collections import deque
 from typing import Any
 
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,6 +35,7 @@ from gatekeep.identity.scram import ScramAuthFailed, ScramError, ScramServer
 from gatekeep.model import Action, ClientAddress, Decision, LoginFailure, Operation, Session, SessionEnd, new_id
 from gatekeep.protocols.postgres import _codec as pg
 from gatekeep.protocols.postgres._backend import BackendStream
+from gatekeep.masking import strategies
 from gatekeep.protocols.postgres import _masking
 from gatekeep.protocols.postgres._login import LoginError, UpstreamLogin
 from gatekeep.protocols.postgres._tracker import Tracker
@@ -42,13 +43,16 @@ from gatekeep.protocols.postgres.plugin import PASSED_PARAMETERS
 from gatekeep.protocols.postgres.policy import SqlSessionState, startup_options_refused
 from gatekeep.protocols.postgres.sql import analyze
 from gatekeep.recording import RecordingUnavailable
-from gatekeep.tls import client_options, server_options
+from gatekeep.tls import certificate_login, client_options, server_options
 
 _log = Logger()
 
 #: a statement that fails at parse time without touching anything: sent instead
 #: of a denied one, so the server's transaction state matches what the client is told
 POISON = "gatekeep denied this statement"
+
+#: the rule of a statement the client withdrew while it was held for approval
+CANCELED = "canceled"
 
 #: server messages the relay looks at while relaying
 WATCHED = {b"C", b"E", b"Z", b"I", b"s"}
@@ -61,6 +65,7 @@ class Phase(enum.Enum):
     STARTUP = "startup"
     AUTH_SASL = "auth-sasl"
     AUTH_PASSWORD = "auth-password"
+    AUTH_CHECK = "auth-check"  # the password is being checked (an identity provider may answer later)
     UPSTREAM = "upstream"
     READY = "ready"
     CLOSED = "closed"
@@ -117,7 +122,6 @@ class Frontend(protocol.Protocol):
         # extended protocol: prepared statements and portals, for records and decisions
         self._statements: dict[str, tuple[str, Decision]] = {}
         self._portals: dict[str, tuple[str, Decision, tuple]] = {}
-        self._skip_to_sync = False
         # client messages waiting for a decision that is not in yet
         self._inbox: deque = deque()
         self._waiting: Deferred | None = None
@@ -132,8 +136,13 @@ class Frontend(protocol.Protocol):
         self._portal_formats: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._row_columns: list | None = None
         self._copy_columns: list | None = None
+        #: how the server encodes text for this client (ParameterStatus client_encoding)
+        self.codec = "utf-8"
         # NoticeResponses waiting for a message boundary of the server's stream
         self._notices: list[bytes] = []
+        # the approval hold of the pending decision, if it is one (a CancelRequest withdraws it)
+        self._held: Any = None
+        self._withdraw_reason = "the client withdrew it"
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -193,7 +202,7 @@ class Frontend(protocol.Protocol):
             self.sasl_message(message)
         elif self.phase is Phase.AUTH_PASSWORD:
             self.password_message(message)
-        elif self.phase is Phase.UPSTREAM:
+        elif self.phase in (Phase.AUTH_CHECK, Phase.UPSTREAM):
             raise pg.ProtocolError("message before authentication completed")
 
     def startup_packet(self, packet: Any) -> None:
@@ -234,6 +243,8 @@ class Frontend(protocol.Protocol):
         if refused:
             self.fatal("28000", f"gatekeep does not pass the startup option {refused!r} to the server",
                        reason=f"startup option refused: {refused}")
+            return
+        if self.tls and self.target.tls.client_ca is not None and self.certificate_login():
             return
         if self.tls:
             # over TLS every name is asked for its token in clear (checked against its hash or
@@ -279,12 +290,40 @@ class Frontend(protocol.Protocol):
         if message.type != b"p":
             raise pg.ProtocolError(f"expected a password message, got message type {message.type!r}")
         token = pg.parse_password(message.body).decode("utf-8", "replace")
-        identity = self.gateway.chain.authenticate_token(self.user, token)
+        self.phase = Phase.AUTH_CHECK
+        self.gateway.chain.authenticate_token_async(self.user, token).addCallback(self._password_checked)
         del token
+
+    def _password_checked(self, identity: Any) -> None:
+        if self.phase is not Phase.AUTH_CHECK:
+            return  # the client went away while an identity provider was fetching keys
         if identity is None:
             self.login_failed("wrong token or unknown identity (password)")
             return
         self.authenticated(identity)
+
+    def certificate_login(self) -> bool:
+        """A client certificate is the credential (PostgreSQL's ``cert`` method); False when none was sent."""
+        login = certificate_login(self.transport, self.target.tls, self.gateway.chain, self.user)
+        if login is None:
+            return False
+        if login.identity is None:
+            self.gateway.chain.login_failed(LoginFailure(
+                self.target.name, "postgres", self.client, self.user, login.reason, self.gateway.now()))
+            self.fatal("28000", f'certificate authentication failed for user "{self.user}"', reason=login.reason)
+            return True
+        self.authenticated(login.identity)
+        return True
+
+    def terminate(self, reason: str) -> None:
+        """Access ended (token expired, identity removed, ...): FATAL 57P01 with the reason, which is recorded."""
+        if self.phase is Phase.CLOSED:
+            return
+        self.end_reason = f"access ended: {reason}"
+        if self.upstream is not None and not self.upstream.stream.at_boundary():
+            self.close()  # in the middle of a server message: nothing more can be said
+            return
+        self.fatal("57P01", f"terminating connection: {reason}")
 
     def login_failed(self, reason: str) -> None:
         self.gateway.chain.login_failed(LoginFailure(
@@ -338,8 +377,13 @@ class Frontend(protocol.Protocol):
         if self.phase is Phase.CLOSED:
             return
         if self.masking is not None:
-            self.upstream.stream.interesting |= {b"T", b"n", b"D", b"H", b"d", b"c"}
+            self.upstream.stream.interesting |= {b"T", b"n", b"D", b"H", b"d", b"c", b"S"}
             self.upstream.stream.hold = True
+            for message in parameter_status:
+                if message[:1] == b"S":
+                    name, value = pg.parse_parameter_status(message[5:])
+                    if name == "client_encoding":
+                        self.codec = _masking.codec_for(value)
         self.key = self.factory.new_cancel_key(self)
         self.send(pg.auth_ok() + b"".join(parameter_status) + pg.backend_key_data(*self.key) + status)
         self.phase = Phase.READY
@@ -372,11 +416,12 @@ class Frontend(protocol.Protocol):
                     d = None
                 elif t == b"E":
                     d = self.on_execute(m, out)
-                elif t in (b"S", b"F"):
-                    self._skip_to_sync = False
+                elif t == b"S":
                     out.append(m.encode())
                     self.tracker.group_ends()
                     d = None
+                elif t == b"F":
+                    d = self.on_function_call(m, out)
                 elif t == b"X":
                     self.end_reason = "client terminated"
                     self.upstream.send(b"".join(out) + m.encode())
@@ -438,6 +483,13 @@ class Frontend(protocol.Protocol):
 
     def _denial(self, decision: Decision) -> bytes:
         rule = decision.rule or "default"
+        if rule == CANCELED:
+            return pg.error_response("57014", "canceling statement due to user request",
+                                     detail=decision.reason or None)
+        if decision.facts and "approval" in decision.facts:
+            # denied by an approver, or expired: the message names who and why
+            return pg.error_response("42501", f"gatekeep denied this statement (rule {rule}): {decision.reason}",
+                                     hint="ask an approver, or change the statement")
         if rule == "recording-unavailable":
             return pg.error_response("58000", "gatekeep cannot run this statement: recording is unavailable",
                                      detail=decision.reason or None, hint="try again when the store is back")
@@ -456,8 +508,24 @@ class Frontend(protocol.Protocol):
         """
         decision = self.gateway.chain.decide(operation, notify=self.on_hold)
         if isinstance(decision, Deferred):
-            return decision.addCallback(self._carry_out, operation, forward, refine, record)
+            return decision.addBoth(self._released).addCallback(self._carry_out, operation, forward, refine, record)
         return self._carry_out(decision, operation, forward, refine, record)
+
+    def _released(self, result: Any) -> Any:
+        """A pending decision fired; if the client withdrew a held operation, that is a cancellation."""
+        hold, self._held = self._held, None
+        if isinstance(result, Failure) and result.check(CancelledError) and hold is not None:
+            return Decision(Action.DENY, CANCELED, f"{self._withdraw_reason} while it was held for approval",
+                            {"approval": {"id": hold.request_id, "status": "withdrawn"}})
+        return result
+
+    def withdraw(self, reason: str) -> bool:
+        """Withdraw the operation held for approval, if there is one (the request is withdrawn too)."""
+        if self._held is None or self._waiting is None:
+            return False
+        self._withdraw_reason = reason
+        self._waiting.cancel()
+        return True
 
     def _carry_out(self, decision: Decision, operation: Operation, forward, refine, record) -> Deferred | None:
         if refine is not None:
@@ -482,6 +550,7 @@ class Frontend(protocol.Protocol):
 
     def on_hold(self, hold: Any) -> None:
         """The chain holds an operation for approval: tell the client now, in its protocol."""
+        self._held = hold
         self.notice(pg.notice_response(hold.message, code="01000", severity="NOTICE",
                                        detail=f"approval request {hold.request_id}"))
 
@@ -538,6 +607,25 @@ class Frontend(protocol.Protocol):
 
         return self._judge(op, carry_out, record=record)
 
+    def on_function_call(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
+        """A fastpath FunctionCall names a function by OID: policy cannot judge it (denied unless the target
+        allows unjudgeable operations)."""
+        oid = int.from_bytes(m.body[0:4], "big") if len(m.body) >= 4 else 0
+        op = self._operation("function-call", f"fastpath function call (function oid {oid})")
+
+        def carry_out(decision: Decision) -> None:
+            now = self.gateway.now()
+            if decision.action is Action.ALLOW:
+                self.tracker.add(op, "query", now)
+                out.append(m.encode())
+            else:
+                self.tracker.add(op, "query", now, denial=self._denial(decision))
+                self.upstream.stream.hold = True
+                out.append(pg.query(POISON))
+            self.tracker.group_ends()
+
+        return self._judge(op, carry_out)
+
     def on_bind(self, m: pg.Message, out: list[bytes]) -> None:
         bind = pg.parse_bind(m.body)
         found = self._statements.get(bind.statement)
@@ -547,6 +635,10 @@ class Frontend(protocol.Protocol):
                 _param_text(v, (formats[i] if len(formats) > 1 else (formats[0] if formats else 0)) == 1)
                 for i, v in enumerate(bind.params)
             )
+            if self.masking is not None and self.masking.detector_rules:
+                # the record keeps only masked values
+                params = tuple(p if p is None else strategies.mask_spans(self.masking.detector_rules, p)
+                               for p in params)
             self._portals[bind.portal] = (found[0], found[1], params)
         else:
             self._portals.pop(bind.portal, None)
@@ -611,10 +703,17 @@ class Frontend(protocol.Protocol):
             self._describe_answered()
         elif mtype == b"d":
             if self._copy_columns is not None:
-                return _masking.mask_copy_text_row(self._copy_columns, body, self._counts())
+                return _masking.mask_copy_text_row(self._copy_columns, body, self._counts(), self.codec)
         elif mtype == b"H":
-            self._copy_columns = self._copies.popleft()[1] if self._copies and \
+            columns = self._copies.popleft()[1] if self._copies and \
                 self._copies[0][0] == self.tracker.syncs_seen + 1 else None
+            if columns == _masking.DETECT_ALL:
+                columns = _masking.detect_all(self.masking, int.from_bytes(body[1:3], "big"), self.codec)
+            self._copy_columns = columns
+        elif mtype == b"S":
+            name, value = pg.parse_parameter_status(body)
+            if name == "client_encoding":
+                self.codec = _masking.codec_for(value)
         elif mtype == b"c":
             self._copy_columns = None
         return None
@@ -632,7 +731,12 @@ class Frontend(protocol.Protocol):
                             " use SELECT or COPY table TO STDOUT", decision.facts)
         candidates = self.sql_state and [self.sql_state.user if s == "$user" else s
                                          for s in sorted(self.sql_state.search_path)] or ["public"]
-        columns, _ = self.catalog.copy_columns(self.masking, candidates, target["table"], target["columns"])
+        columns = self.catalog.copy_columns(self.masking, candidates, target["table"], target["columns"],
+                                            self.codec)
+        if columns == _masking.REFUSE:
+            return Decision(Action.DENY, "masking", "gatekeep cannot tell which fields of this COPY to mask (a table"
+                            " made after the session started, or masking by column name without a column list);"
+                            " use SELECT or COPY table (columns) TO STDOUT", decision.facts)
         self._copies.append((self.tracker.syncs_sent + 1, columns))
         return decision
 
@@ -653,7 +757,7 @@ class Frontend(protocol.Protocol):
             if kind == "S":
                 self._statement_fields[name] = fields  # the formats come with each Bind
                 return
-        self._row_columns = _masking.plan_columns(self.masking, fields, None, self.catalog.columns) or []
+        self._row_columns = _masking.plan_columns(self.masking, fields, None, self.catalog, self.codec) or []
 
     def _describe_answered(self) -> None:
         if self._describes and self._describes[0][0] == self.tracker.syncs_seen + 1:
@@ -675,7 +779,7 @@ class Frontend(protocol.Protocol):
                 counts["unknown-shape"] = counts.get("unknown-shape", 0) + 1
                 return pg.data_row([None] * width)
             columns = self._row_columns = _masking.plan_columns(
-                self.masking, fields, formats, self.catalog.columns) or []
+                self.masking, fields, formats, self.catalog, self.codec) or []
         if not columns:
             return None
         return _masking.mask_data_row(columns, body, self._counts())
@@ -701,6 +805,7 @@ class Frontend(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.phase = Phase.CLOSED
         self.factory.forget_cancel_key(self.key)
+        self.withdraw("the client closed the connection")
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.loseConnection()
         self.end_session()
@@ -875,7 +980,8 @@ class PostgresRelayFactory(protocol.Factory):
     def tls_options(self) -> Any:
         """The TLS options clients get (built once: the certificate is read at start)."""
         if self._tls_options is None:
-            self._tls_options = server_options(self.target.tls.cert, self.target.tls.key, alpn=[b"postgresql"])
+            self._tls_options = server_options(self.target.tls.cert, self.target.tls.key, alpn=[b"postgresql"],
+                                               client_ca=self.target.tls.client_ca)
         return self._tls_options
 
     def upstream_endpoint(self, host: str, port: int, timeout: float) -> Any:
@@ -899,6 +1005,9 @@ class PostgresRelayFactory(protocol.Factory):
         if frontend is None or frontend.upstream is None:
             _log.info("cancel request with an unknown key on {target}", target=self.target.name)
             return
+        busy = len(frontend.tracker) > 0
+        if frontend.withdraw("the client canceled the statement") and not busy:
+            return  # the held statement never reached the server: withdrawing it is the whole cancel
         upstream_key = frontend.upstream._key
         options = self.target.options.upstream
         endpoint = self.upstream_endpoint(options.host, options.port, options.connect_timeout)

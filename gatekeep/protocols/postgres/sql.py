@@ -143,15 +143,34 @@ class _Walker:
                 for v in value:
                     stack.append((None, v))
 
-    def _tables(self, tree: Any, ctes: frozenset[str]) -> frozenset[Table]:
+    def _tables(self, tree: Any, ctes: frozenset[str] = frozenset()) -> frozenset[Table]:
+        """
+        Every table named in ``tree``. A name is a CTE, not a table, only inside
+        the statement whose WITH defines it, and never as the target of a write
+        (PostgreSQL does not let a CTE be one): ``WITH t AS (...) DELETE FROM t``
+        deletes from the table t.
+        """
         found: set[Table] = set()
-        for _, d in self._nodes(tree):
-            rel = d.get("relname")
+        stack: list[tuple[Any, frozenset[str], bool]] = [(tree, frozenset(), False)]
+        while stack:
+            value, scope, target = stack.pop()
+            if isinstance(value, list):
+                stack.extend((v, scope, False) for v in value)
+                continue
+            if not isinstance(value, dict):
+                continue
+            with_clause = value.get("withClause")
+            if isinstance(with_clause, dict):
+                names = {c.get("CommonTableExpr", {}).get("ctename") for c in with_clause.get("ctes", [])}
+                scope = scope | {n for n in names if isinstance(n, str)}
+            rel = value.get("relname")
             if isinstance(rel, str):
-                schema = d.get("schemaname")
-                if schema is None and rel in ctes:
-                    continue
-                found.add((schema, rel))
+                schema = value.get("schemaname")
+                if not (schema is None and rel in scope and not target):
+                    found.add((schema, rel))
+            for k, v in value.items():
+                if isinstance(v, (dict, list)):
+                    stack.append((v, scope, k == "relation"))
         return frozenset(found)
 
     @staticmethod
@@ -181,7 +200,7 @@ class _Walker:
                 fname = ".".join(p for p in parts if p).lower()
                 self.functions.add(fname)
                 if parts and parts[-1].lower() == "set_config":
-                    self.conditions.add("set_config")
+                    self._set_config(d)
         if node == "CreateTableAsStmt" or (node == "SelectStmt" and body.get("intoClause")):
             into = body.get("into") or body.get("intoClause") or {}
             self.units.append(Unit("ddl", "create_table_as", self._tables(into, ctes)))
@@ -205,8 +224,31 @@ class _Walker:
             self.conditions.add(f"{kind}_without_where")
         self.units.append(Unit(kind, None, self._tables(d, ctes)))
 
+    def _set_config(self, call: dict) -> None:
+        """set_config(name, value, local): a role switch or a search_path change when the name says so
+        (or when the name is not a constant, since then it could be either)."""
+        self.conditions.add("set_config")
+        args = call.get("args") or []
+        name = args[0].get("A_Const", {}).get("sval", {}).get("sval") if args else None
+        if name is None or name.lower() in ("role", "session_authorization"):
+            self.units.append(Unit("set_role", "set_config"))
+
+    @staticmethod
+    def _schema_objects(body: dict) -> set[Table]:
+        """Schemas a statement acts on as a whole (DROP SCHEMA, GRANT ... IN SCHEMA): as (schema, "*")."""
+        out: set[Table] = set()
+        for obj in body.get("objects", []):
+            name = obj.get("String", {}).get("sval")
+            if name:
+                out.add((name, "*"))
+        return out
+
     def _ddl_tables(self, node: str, body: dict, ctes: frozenset[str]) -> frozenset[Table]:
         tables = set(self._tables(body, ctes))
+        if node == "DropStmt" and str(body.get("removeType", "")) == "OBJECT_SCHEMA":
+            tables |= self._schema_objects(body)
+        if node == "CreateSchemaStmt" and body.get("schemaname"):
+            tables.add((body["schemaname"], "*"))
         if node == "DropStmt" and str(body.get("removeType", "")) in (
                 "OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW", "OBJECT_FOREIGN_TABLE", "OBJECT_SEQUENCE",
                 "OBJECT_INDEX"):
@@ -218,7 +260,10 @@ class _Walker:
         return frozenset(tables)
 
     def _stmt_GrantStmt(self, body: dict, ctes: frozenset[str]) -> None:
-        self.units.append(Unit("grant" if body.get("is_grant") else "revoke", None, self._tables(body, ctes)))
+        tables = set(self._tables(body, ctes))
+        if body.get("targtype") == "ACL_TARGET_ALL_IN_SCHEMA" or body.get("objtype") == "OBJECT_SCHEMA":
+            tables |= self._schema_objects(body)
+        self.units.append(Unit("grant" if body.get("is_grant") else "revoke", None, frozenset(tables)))
 
     def _stmt_GrantRoleStmt(self, body: dict, ctes: frozenset[str]) -> None:
         self.units.append(Unit("grant" if body.get("is_grant") else "revoke", "role"))
@@ -407,7 +452,7 @@ def shape_of(text: str) -> str | None:
 
 def _constant_free(a: Analysis) -> bool:
     """Whether a statement's analysis holds for any values of its constants."""
-    return (a.unjudgeable is None and a.search_path is None and "do" not in a.kinds
+    return (a.unjudgeable is None and a.search_path is None and not (a.kinds & {"do", "explain", "set", "set_role"})
             and "set_config" not in a.conditions and not a.prepares)
 
 

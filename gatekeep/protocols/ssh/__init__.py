@@ -10,7 +10,8 @@ terminated with twisted.conch on both sides and relayed channel by channel.
 - ``_flow.py``: channels with ordered output queues and coupled windows
 - ``_hostkeys.py``: the gateway's host key; the upstream key check
 - ``_server.py``, ``_client.py``: the client-facing and upstream conch services
-- ``_channels.py``: session and forwarding channel relays
+- ``_pair.py``: a client channel and its upstream twin; port forwards
+- ``_channels.py``: session channels (exec, shell, sftp)
 - ``relay.py``: the factory and the per-connection session
 - ``plugin.py``: configuration and the plugin object
 """

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.logger import Logger
 
-from gatekeep.protocols.ssh._flow import FlowConnection
+from gatekeep.protocols.ssh._flow import FlowConnection, set_nodelay
 from gatekeep.protocols.ssh._hostkeys import HostKeyMismatch, HostKeyPolicy
 
 _log = Logger()
@@ -51,6 +51,10 @@ class UpstreamTransport(transport.SSHClientTransport):
         self.connection: UpstreamConnection | None = None
         self.supportedCiphers = _prefer(self.supportedCiphers, FAST_CIPHERS)
         self.supportedMACs = _prefer(self.supportedMACs, FAST_MACS)
+
+    def connectionMade(self) -> None:
+        set_nodelay(self.transport)
+        super().connectionMade()
 
     def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> Deferred:
         try:

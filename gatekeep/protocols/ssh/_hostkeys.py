@@ -74,19 +74,25 @@ class KnownHost:
     revoked: bool = False
 
     def matches_host(self, name: str) -> bool:
-        from fnmatch import fnmatchcase
-
         if self.hashed is not None:
             salt, digest = self.hashed
             return hmac.compare_digest(hmac.new(salt, name.encode(), hashlib.sha1).digest(), digest)
         hit = False
         for p in self.patterns:
             if p.startswith("!"):
-                if fnmatchcase(name, p[1:]):
+                if _host_glob(name, p[1:]):
                     return False
-            elif fnmatchcase(name, p):
+            elif _host_glob(name, p):
                 hit = True
         return hit
+
+
+def _host_glob(name: str, pattern: str) -> bool:
+    """known_hosts patterns: ``*`` and ``?`` are wildcards, everything else (``[``, ``]``) is literal."""
+    import re
+
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern.lower())
+    return re.fullmatch(regex, name.lower()) is not None
 
 
 def parse_known_hosts(text: bytes) -> list[KnownHost]:

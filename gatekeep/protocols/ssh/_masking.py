@@ -29,7 +29,8 @@ _TAIL_TOKEN = re.compile(r"\S{1,%d}\Z" % MAX_HOLD)
 _TAIL_SPACED = re.compile(r"(?:[0-9A-Z][ -]?){1,48}\Z")
 _KEY_BEGIN = re.compile(r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----")
 _KEY_END = re.compile(r"-----END (?:[A-Z]+ )?PRIVATE KEY-----")
-_PARTIAL_BEGIN = re.compile(r"-(?:-(?:-(?:-(?:-(?:B(?:E(?:G(?:I(?:N(?: [A-Z ]*)?)?)?)?)?)?)?)?)?)?\Z")
+_KEY_BLOCK = re.compile(r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----.*?-----END (?:[A-Z]+ )?PRIVATE KEY-----", re.S)
+_PARTIAL_BEGIN = re.compile(r"-{1,5}(?:B(?:E(?:G(?:I(?:N(?: [A-Z ]*-{0,5})?)?)?)?)?)?\Z")
 
 
 class StreamMasker:
@@ -97,6 +98,10 @@ class StreamMasker:
         m2 = _TAIL_SPACED.search(buf, 0, len(buf))
         if m2 is not None and m2.start() < cut:
             cut = m2.start()
+        # a complete key block is masked whole: never cut inside it
+        for m in _KEY_BLOCK.finditer(buf):
+            if m.start() < cut < m.end():
+                cut = m.end()
         # never cut inside a value the detectors find whole
         for start, end, _ in detectors.spans(_ALL, buf[max(0, cut - MAX_HOLD):]):
             base = max(0, cut - MAX_HOLD)

@@ -18,6 +18,7 @@ import codecs
 from typing import Any, Callable
 
 from gatekeep.model import StreamEvent
+from gatekeep.masking.strategies import REDACTED, mask_spans
 from gatekeep.protocols.ssh._masking import StreamMasker
 
 
@@ -57,6 +58,9 @@ class ChannelRecording:
         self._emit("r", f"{cols}x{rows}")
 
     def marker(self, text: str) -> None:
+        if self._maskers is not None:
+            masked = mask_spans(self._maskers["o"].rules, text)
+            text = REDACTED if masked is None else masked
         self._emit("m", text)
 
     def flush(self) -> None:

@@ -19,7 +19,7 @@ from twisted.conch.ssh.common import NS, getNS
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from gatekeep.protocols.ssh._flow import FlowConnection
+from gatekeep.protocols.ssh._flow import FlowConnection, set_nodelay
 
 _log = Logger()
 
@@ -44,6 +44,7 @@ class ServerTransport(transport.SSHServerTransport):
     session: Any = None
 
     def connectionMade(self) -> None:
+        set_nodelay(self.transport)
         super().connectionMade()
         self.session.client_connected(self)
 

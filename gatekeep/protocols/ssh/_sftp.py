@@ -112,6 +112,7 @@ class SftpStream:
         self._waiting: dict[int, Pending] = {}
         self._reads: dict[int, OpenFile] = {}
         self._realpath_dot: set[int] = set()
+        self._closing: dict[int, OpenFile] = {}
         self._undecided = 0
 
     # -- client -> server -------------------------------------------------------------
@@ -240,8 +241,8 @@ class SftpStream:
             handle, _ = _ns(p, 9)
             f = self._handles.pop(handle, None)
             if f is not None:
-                self.finished.append(Finished(f.pending, True, "closed",
-                                              {"bytes_read": f.read, "bytes_written": f.written}))
+                # finished when the server answers, after the replies to earlier reads
+                self._closing[rid] = f
         elif kind == READ:
             handle, _ = _ns(p, 9)
             f = self._handles.get(handle)
@@ -330,6 +331,10 @@ class SftpStream:
         elif kind == STATUS:
             (code,) = struct.unpack_from(">L", p, 9)
             self._reads.pop(rid, None)
+            closing = self._closing.pop(rid, None)
+            if closing is not None:
+                self.finished.append(Finished(closing.pending, True, "closed",
+                                              {"bytes_read": closing.read, "bytes_written": closing.written}))
             pending = self._opening.pop(rid, None) or self._waiting.pop(rid, None)
             if pending is not None:
                 self.finished.append(Finished(pending, code == FX_OK, STATUS_TEXT.get(code, f"status {code}"), {}))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import pyte
 
-SUBMIT = object()
 _ALT_MODES = (1049 << 5, 1047 << 5, 47 << 5)
 _PASTE_START = b"\x1b[200~"
 _PASTE_END = b"\x1b[201~"
@@ -48,8 +47,6 @@ class ShellLine:
         self.stream = pyte.ByteStream(self.screen)
         self.start: tuple[int, int, int] | None = None  # x, y, scrolled-at-start
         self.in_paste = False
-        #: printable keys typed since begin(); a line with keys but no echo is not a command (a password)
-        self.typed = 0
 
     # -- the server's side ----------------------------------------------------------
 
@@ -74,18 +71,14 @@ class ShellLine:
     def begin(self) -> None:
         c = self.screen.cursor
         self.start = (c.x, c.y, self.screen.scrolled)
-        self.typed = 0
 
     def reset(self) -> None:
         self.start = None
-        self.typed = 0
 
-    def split(self, data: bytes) -> list:
-        """Input as pieces of bytes and :data:`SUBMIT` markers (each stands for the submit key that follows)."""
-        out: list = []
-        start = 0
-        i = 0
-        n = len(data)
+    def split(self, data: bytes) -> tuple[bytes, bytes | None, bytes]:
+        """``(before, key, rest)``: the input up to the first key that submits a line, that key (None if
+        there is none) and what follows it (not looked at yet)."""
+        i, n = 0, len(data)
         while i < n:
             if data.startswith(_PASTE_START, i):
                 self.in_paste = True
@@ -95,19 +88,10 @@ class ShellLine:
                 self.in_paste = False
                 i += len(_PASTE_END)
                 continue
-            c = data[i]
-            if not self.in_paste and c in (0x0D, 0x0A):
-                if i > start:
-                    out.append(data[start:i])
-                out.append(SUBMIT)
-                out.append(data[i:i + 1])
-                start = i + 1
-            elif c >= 0x20 and c != 0x7F:
-                self.typed += 1
+            if not self.in_paste and data[i] in (0x0D, 0x0A):
+                return data[:i], data[i:i + 1], data[i + 1:]
             i += 1
-        if start < n:
-            out.append(data[start:])
-        return out
+        return data, None, b""
 
     def line(self) -> str:
         """The line as the screen shows it now, from where typing began to the end of the input."""

@@ -140,7 +140,20 @@ def _substitutions(text: str) -> tuple[str, list[str]]:
             out.append(c)
             i += 1
             continue
-        if c in "$<>" and text.startswith("(", i + 1) and not (c == "$" and text.startswith("((", i + 1)):
+        if c == "$" and text.startswith("((", i + 1):
+            # arithmetic expansion: a number, not a command (a $(...) inside it still is)
+            depth, j = 2, i + 3
+            while j < n and depth:
+                depth += {"(": 1, ")": -1}.get(text[j], 0)
+                j += 1
+            if depth:
+                raise Unjudgeable("unbalanced $(( in the command line")
+            _, nested = _substitutions(text[i + 3:j - 2])
+            inner.extend(nested)
+            out.append("0")
+            i = j
+            continue
+        if c in "$<>" and text.startswith("(", i + 1):
             depth, j = 1, i + 2
             while j < n and depth:
                 if text[j] == "(":

@@ -1,0 +1,156 @@
+"""
+The Kubernetes API on the HTTP relay: requests described as the API server
+understands them, gatekeep's answers as ``Status`` objects (so kubectl prints
+``Error from server (Forbidden): ...``), Secrets masked in every response, and
+exec/attach streams recorded by channel.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import attrs
+
+from gatekeep.model import Decision
+from gatekeep.protocols.http import _websocket as ws
+from gatekeep.protocols.http._codec import Head, simple_response
+from gatekeep.protocols.http._dialect import BUFFER, LINES, PASS_THROUGH, BodyPlan, HttpDialect, StreamPiece
+from gatekeep.protocols.http._headers import is_json
+from gatekeep.protocols.http._jsonmask import JsonMasker, dumps
+from gatekeep.protocols.http._request import Request
+from gatekeep.protocols.kubernetes._exec import channel_decoder
+from gatekeep.protocols.kubernetes._request import RequestInfo, request_info
+from gatekeep.protocols.kubernetes._secrets import mask_secrets
+
+_REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed",
+            431: "RequestEntityTooLarge", 500: "InternalError", 501: "BadRequest", 502: "InternalError",
+            503: "ServiceUnavailable", 504: "Timeout", 505: "BadRequest"}
+#: media types a Secret must not travel in (gatekeep masks JSON only)
+_OPAQUE = (b"protobuf", b"yaml", b"cbor")
+
+
+def status(code: int, message: str, info: RequestInfo | None = None, reason: str | None = None) -> bytes:
+    """A ``metav1.Status`` failure body."""
+    body: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                            "message": message, "reason": reason or _REASONS.get(code, "InternalError"), "code": code}
+    if info is not None and info.resource_request and info.resource:
+        details: dict[str, Any] = {"kind": info.resource}
+        if info.name:
+            details["name"] = info.name
+        if info.api_group:
+            details["group"] = info.api_group
+        body["details"] = details
+    return json.dumps(body).encode("utf-8")
+
+
+class KubernetesDialect(HttpDialect):
+    protocol = "kubernetes"
+
+    def __init__(self, options: Any) -> None:
+        self.mask_secrets = getattr(options, "mask_secrets", True)
+
+    # -- requests -----------------------------------------------------------------------
+
+    def describe(self, request: Request) -> Request:
+        return attrs.evolve(request, info=request_info(request.method, request.path, request.query))
+
+    def request_extra(self, request: Request) -> dict[str, Any]:
+        return {"kubernetes": request.info.summary()}
+
+    def _secrets(self, request: Request) -> bool:
+        info = request.info
+        return self.mask_secrets and info.resource_request and info.resource == "secrets" and info.api_group == ""
+
+    def rewrite(self, request: Request, masker: JsonMasker | None) -> tuple[frozenset[bytes], tuple]:
+        drop, add = super().rewrite(request, masker)
+        if not self._secrets(request):
+            return drop, add
+        # Secrets must come back as JSON, uncompressed: gatekeep masks them on the way
+        accept = request.head.index.get(b"accept", b"application/json")
+        ranges = [r.strip() for r in accept.split(b",") if r.strip() and not any(o in r for o in _OPAQUE)]
+        add = tuple(f for f in add if f[0].lower() != b"accept-encoding")
+        return drop | {b"accept", b"accept-encoding"}, add + (
+            (b"Accept", b", ".join(ranges) or b"application/json"), (b"Accept-Encoding", b"identity"))
+
+    # -- gatekeep's own answers -------------------------------------------------------------
+
+    def denied(self, request: Request, decision: Decision, *, close: bool = False) -> tuple[int, bytes]:
+        info = request.info
+        rule = decision.rule or "default"
+        what = info.described if info.resource_request else f'path "{request.path}"'
+        verb = info.verb
+        message = f"{what} is forbidden: gatekeep denied {verb} (rule {rule})"
+        if info.namespace:
+            message += f' in the namespace "{info.namespace}"'
+        if decision.reason:
+            message += f": {decision.reason}"
+        return 403, simple_response(403, status(403, message, info), close=close)
+
+    def unauthorized(self, message: str, *, close: bool = False) -> tuple[int, bytes]:
+        return 401, simple_response(401, status(401, "Unauthorized"), close=close,
+                                    extra=((b"WWW-Authenticate", b'Bearer realm="gatekeep"'),))
+
+    def failure(self, request: Request | None, code: int, message: str, *, close: bool = False) -> tuple[int, bytes]:
+        info = request.info if request is not None else None
+        return code, simple_response(code, status(code, message, info), close=close)
+
+    # -- responses ----------------------------------------------------------------------
+
+    def body_plan(self, request: Request, head: Head, masker: JsonMasker | None, mask_text: bool) -> BodyPlan:
+        if head.status in (101, 204, 304) or request.method == "HEAD":
+            return PASS_THROUGH
+        ctype = head.index.get(b"content-type")
+        user = masker if masker is not None and masker.active else None
+        watch = request.info.verb == "watch" and is_json(ctype)
+        if not self._secrets(request):
+            if watch and user is not None:
+                return BodyPlan(LINES, _body_masker(None, user), required=True, why="watch events under masking rules")
+            return super().body_plan(request, head, masker, mask_text)
+        if not is_json(ctype):
+            if not head.index.get(b"content-length", b"1").strip(b"0"):
+                return PASS_THROUGH
+            return BodyPlan(BUFFER, _refuse(ctype), required=True, why="Secrets that are not JSON")
+        if watch:
+            return BodyPlan(LINES, _body_masker(mask_secrets, user), required=True, why="Secret watch events")
+        return BodyPlan(BUFFER, _body_masker(mask_secrets, user), required=True, why="Secret data")
+
+    # -- upgraded streams -------------------------------------------------------------------
+
+    def stream_name(self, request: Request, seq: int) -> str:
+        sub = request.info.subresource if request.info is not None else ""
+        return f"{sub}-{seq}" if sub in ("exec", "attach", "portforward") else f"ws-{seq}"
+
+    def stream_decoder(self, request: Request, response: Head) -> Callable[[ws.Message, bool], list[StreamPiece]] | None:
+        info = request.info
+        if info.subresource in ("exec", "attach"):
+            protocol = (response.index.get(b"sec-websocket-protocol") or b"").decode("latin-1").strip()
+            decoder = channel_decoder(protocol)
+            if decoder is not None:
+                return decoder
+            return None  # SPDY, or an unknown protocol: relayed, not decoded
+        if info.subresource == "portforward":
+            return None
+        return super().stream_decoder(request, response)
+
+
+def _refuse(ctype: bytes | None) -> Callable[[bytes, dict[str, int]], bytes | None]:
+    def transform(body: bytes, counts: dict[str, int]) -> bytes | None:
+        raise ValueError(f"gatekeep masks Secrets in JSON only, not {(ctype or b'?').decode('latin-1')}")
+
+    return transform
+
+
+def _body_masker(secrets: Any, user: JsonMasker | None) -> Callable[[bytes, dict[str, int]], bytes | None]:
+    """Mask one JSON document (a body, or one watch event): Secrets, then the session's masking rules."""
+
+    def transform(body: bytes, counts: dict[str, int]) -> bytes | None:
+        if not body.strip():
+            return None
+        value = json.loads(body)
+        new = secrets(value, counts) if secrets is not None else value
+        if user is not None:
+            new = user.mask(new, counts)
+        return None if new is value else dumps(new)
+
+    return transform

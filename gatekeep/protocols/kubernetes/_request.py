@@ -1,0 +1,110 @@
+"""
+A request as the Kubernetes API server understands it, pure: the same rules
+as the API server's ``RequestInfoFactory``.
+
+    /api/v1/namespaces/default/pods/web-0/exec?command=sh
+      -> verb create (GET upgrades to exec/attach/portforward are authorized as create),
+         group "", version v1, resource pods, subresource exec, namespace default, name web-0
+
+Verbs: get, list, watch, create, update, patch, delete, deletecollection for
+resource requests; for other paths (``/api``, ``/apis``, ``/version``,
+``/openapi/v2``, ``/healthz``) the lower-case HTTP method.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qs
+
+import attrs
+
+#: what follows a namespace's name and belongs to the namespace itself
+NAMESPACE_SUBRESOURCES = frozenset({"status", "finalize"})
+#: subresources that open a stream
+STREAMING = frozenset({"exec", "attach", "portforward"})
+
+_METHOD_VERBS = {"POST": "create", "GET": "get", "HEAD": "get", "PUT": "update", "PATCH": "patch",
+                 "DELETE": "delete"}
+
+
+@attrs.frozen
+class RequestInfo:
+    resource_request: bool
+    verb: str
+    api_group: str = ""
+    api_version: str = ""
+    resource: str = ""
+    subresource: str = ""
+    namespace: str = ""
+    name: str = ""
+    #: the API prefix: "api" (the core group) or "apis"
+    prefix: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        if not self.resource_request:
+            return {"verb": self.verb}
+        out = {"verb": self.verb, "api_group": self.api_group, "api_version": self.api_version,
+               "resource": self.resource}
+        for key in ("subresource", "namespace", "name"):
+            value = getattr(self, key)
+            if value:
+                out[key] = value
+        return out
+
+    @property
+    def described(self) -> str:
+        """``pods "web-0"``, ``secrets``, ``deployments.apps "api"``, as the API server names things."""
+        res = self.resource
+        if self.api_group:
+            res += "." + self.api_group
+        if self.subresource:
+            res += "/" + self.subresource
+        return f'{res} "{self.name}"' if self.name else res
+
+
+def request_info(method: str, path: str, query: str) -> RequestInfo:
+    parts = [p for p in path.strip("/").split("/") if p]
+    verb = method.lower()
+    if len(parts) < 2 or parts[0] not in ("api", "apis"):
+        return RequestInfo(False, verb)
+    prefix = parts[0]
+    if prefix == "api":
+        group, version, rest = "", parts[1], parts[2:]
+    else:
+        if len(parts) < 3:
+            return RequestInfo(False, verb)
+        group, version, rest = parts[1], parts[2], parts[3:]
+    if not rest:
+        return RequestInfo(False, verb)
+    verb = _METHOD_VERBS.get(method, method.lower())
+    watch_prefix = False
+    if rest[0] == "watch":
+        # the deprecated /api/v1/watch/... form
+        watch_prefix = True
+        rest = rest[1:]
+    namespace = ""
+    if rest and rest[0] == "namespaces":
+        if len(rest) > 1:
+            namespace = rest[1]
+            if len(rest) > 2 and rest[2] not in NAMESPACE_SUBRESOURCES:
+                rest = rest[2:]
+    resource = rest[0] if rest else ""
+    name = rest[1] if len(rest) > 1 else ""
+    subresource = rest[2] if len(rest) > 2 else ""
+    if resource == "namespaces" and namespace and len(rest) <= 3 and rest[0] == "namespaces":
+        # /api/v1/namespaces/NAME[/status]: the namespace object itself
+        name = namespace
+    params = parse_qs(query, keep_blank_values=True) if query else {}
+    watch = watch_prefix or any(v.lower() in ("true", "1") for v in params.get("watch", ()))
+    if verb == "get" and not name:
+        verb = "list"
+    if verb == "list" and watch:
+        verb = "watch"
+    if verb == "get" and watch:
+        verb = "watch"
+    if verb == "delete" and not name:
+        verb = "deletecollection"
+    if method == "GET" and subresource in STREAMING:
+        # exec, attach and portforward over WebSocket are authorized as create, like POST (SPDY)
+        verb = "create"
+    return RequestInfo(True, verb, group, version, resource, subresource, namespace, name, prefix)

@@ -1,0 +1,461 @@
+"""
+The ``session`` channel relay: what flows between a client's session channel
+and its upstream twin.
+
+- :class:`SessionRelay` (``session`` channels): pty-req, env (allow-list),
+  shell, exec, subsystem, window-change, signal and break go upstream;
+  exit-status, exit-signal and the server's other requests come back; X11 and
+  agent forwarding are refused. The main request (shell, exec, subsystem) is
+  judged before it goes upstream, and everything the client sends after it
+  waits for the decision. A denied exec or shell gets a message on stderr and
+  exit status 126. An interactive shell's typed lines are judged as they are
+  submitted (:mod:`._shell`), SFTP requests one by one (:mod:`._sftp`).
+
+EOF and close stay in order behind queued data (:mod:`._flow`); forwards are
+in :mod:`._pair`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import fnmatch
+import struct
+from collections import deque
+from typing import Any
+
+from twisted.conch.ssh import session as _session
+from twisted.conch.ssh.common import getNS
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from gatekeep.model import Decision, Operation, Outcome
+from gatekeep.protocols.ssh import _shell
+from gatekeep.protocols.ssh._flow import RelayChannel
+from gatekeep.protocols.ssh._masking import StreamMasker
+from gatekeep.protocols.ssh._pair import PairRelay, denial_text
+from gatekeep.protocols.ssh._recording import ChannelRecording
+from gatekeep.protocols.ssh._sftp import SftpError, SftpStream
+from gatekeep.protocols.ssh._unwrap import parse
+from gatekeep.protocols.ssh.policy import SshRequest
+
+_log = Logger()
+
+DENIED_STATUS = 126
+#: programs whose exec carries file data, not a terminal stream: sizes are recorded, not bytes
+BINARY_PROGRAMS = frozenset({"scp", "rsync", "sftp-server", "internal-sftp", "git-upload-pack", "git-receive-pack"})
+#: quiet time after the last echo before a typed line is read off the screen
+ECHO_QUIET = 0.05
+#: how long client-visible masking may keep back the end of a quiet stream
+MASK_FLUSH = 0.05
+
+
+class SessionRelay(PairRelay):
+    """A ``session`` channel (see the module docstring)."""
+
+    def __init__(self, session: Any, conn: Any, remote_id: int, window: int, max_packet: int) -> None:
+        super().__init__(session, conn, remote_id, window, max_packet)
+        self.number = session.next_channel()
+        self.stream = f"channel-{self.number}"
+        self.mode: str | None = None
+        self.busy = False
+        self.inbox: deque[tuple] = deque()
+        self.inbox_bytes = 0
+        self.pty: tuple[str, int, int] | None = None
+        self.recording: ChannelRecording | None = None
+        self.shell: _shell.ShellLine | None = None
+        self.sftp: SftpStream | None = None
+        self.client_mask: dict[int, tuple[Any, StreamMasker]] | None = None
+        self._mask_timer: Any = None
+        self._pumping = False
+        self._pump_again = False
+        self._sftp_deciding = False
+        self._line: tuple[bytes, Operation | None] | None = None
+        self._echo_timer: Any = None
+        self._echo_deadline = 0.0
+        self.denied = False
+
+    def start(self) -> None:
+        self.open_upstream()
+
+    # -- from the client ---------------------------------------------------------------
+
+    def on_data(self, ch: RelayChannel, data: bytes) -> None:
+        if ch is self.up:
+            self._output(0, data)
+            self.up.grant()
+            return
+        if self.busy:
+            self.inbox.append(("data", data))
+            self.inbox_bytes += len(data)
+            return
+        self._client_data(data)
+        self.down.grant(self.held(self.down))
+
+    def on_ext(self, ch: RelayChannel, code: int, data: bytes) -> None:
+        if ch is self.up:
+            self._output(code, data)
+            self.up.grant()
+        else:
+            super().on_ext(ch, code, data)
+
+    def held(self, ch: RelayChannel) -> int:
+        if ch is not self.down:
+            return 0
+        return self.inbox_bytes + (self.sftp.held_bytes if self.sftp is not None else 0)
+
+    def on_request(self, ch: RelayChannel, kind: bytes, data: bytes, want_reply: bool) -> Any:
+        if ch is self.up:
+            return self._upstream_request(kind, data, want_reply)
+        if self.busy:
+            d = Deferred()
+            self.inbox.append(("request", kind, data, want_reply, d))
+            return d
+        return self._client_request(kind, data, want_reply)
+
+    def on_eof(self, ch: RelayChannel) -> None:
+        if ch is self.up:
+            self._flush_client_mask()
+            self.down.send_eof()
+        elif self.busy:
+            self.inbox.append(("eof",))
+        else:
+            self.up.send_eof()
+
+    def before_close(self, ch: RelayChannel) -> None:
+        if ch is self.up:
+            self._flush_client_mask()
+
+    def _drain_inbox(self) -> None:
+        while self.inbox and not self.busy:
+            item = self.inbox.popleft()
+            if item[0] == "data":
+                self.inbox_bytes -= len(item[1])
+                self._client_data(item[1])
+            elif item[0] == "eof":
+                self.up.send_eof()
+            else:
+                _, kind, data, want, d = item
+                result = self._client_request(kind, data, want)
+                if isinstance(result, Deferred):
+                    result.chainDeferred(d)
+                else:
+                    d.callback(bool(result))
+        if not self.busy:
+            self.down.grant(self.held(self.down))
+
+    def _client_data(self, data: bytes) -> None:
+        if self.denied:
+            return
+        if self.sftp is not None:
+            try:
+                self.sftp.from_client(data)
+            except SftpError as e:
+                self._broken(str(e))
+                return
+            self._pump_sftp()
+            return
+        if self.recording is not None:
+            self.recording.input(data)
+        if self.shell is not None and not self.shell.full_screen:
+            self._shell_input(data)
+            return
+        if self.shell is not None:
+            self.shell.reset()
+        self.up.send_data(data)
+
+    def _client_request(self, kind: bytes, data: bytes, want: bool) -> Any:
+        if self.denied:
+            return False
+        if kind == b"pty-req":
+            term, (rows, cols, _, _), _ = _session.parseRequest_pty_req(data)
+            self.pty = (term.decode("ascii", "replace"), cols, rows)
+            self.s.note_term(self.pty[0])
+            return self.up.send_request(kind, data, want)
+        if kind == b"env":
+            name, value, _ = getNS(data, 2)
+            text = name.decode("utf-8", "replace")
+            if not any(fnmatch.fnmatchcase(text, p) for p in self.s.options.env_allow):
+                return False
+            return self.up.send_request(kind, data, want)
+        if kind == b"window-change":
+            cols, rows, _, _ = struct.unpack(">4L", data[:16])
+            if self.pty is not None:
+                self.pty = (self.pty[0], cols, rows)
+            if self.recording is not None:
+                self.recording.resize(cols, rows)
+            if self.shell is not None:
+                self.shell.resize(cols, rows)
+            return self.up.send_request(kind, data, want)
+        if kind in (b"shell", b"exec", b"subsystem"):
+            return self._main(kind, data, want)
+        if kind in (b"signal", b"break"):
+            return self.up.send_request(kind, data, want)
+        _log.info("refused {kind!r} request on a session channel", kind=kind)
+        return False
+
+    # -- the main request --------------------------------------------------------------
+
+    def _main(self, kind: bytes, data: bytes, want: bool) -> Any:
+        if self.mode is not None:
+            return False
+        mode = kind.decode()
+        if mode == "exec":
+            text = getNS(data)[0].decode("utf-8", "replace")
+            detail = SshRequest("exec", parse(text))
+            extra = {"argv": [list(c.argv) for c in detail.line.commands]} if detail.line.commands else {}
+        elif mode == "subsystem":
+            text = getNS(data)[0].decode("utf-8", "replace")
+            detail, extra = SshRequest("subsystem", subsystem=text), {"subsystem": text}
+        else:
+            text, detail, extra = "shell", SshRequest("shell"), {}
+        if self.pty is not None:
+            extra["pty"] = {"term": self.pty[0], "cols": self.pty[1], "rows": self.pty[2]}
+        self.mode = mode
+        self.busy = True
+        self.op = self.s.operation(mode, text, detail, extra)
+        reply = Deferred()
+        self.s.decide(self.op, self._notify_stderr).addCallback(self._main_decided, kind, data, reply, detail)
+        return reply
+
+    def _notify_stderr(self, hold: Any) -> None:
+        self.down.send_ext_now(1, (hold.message + ("\r\n" if self.pty else "\n")).encode("utf-8"))
+
+    def _main_decided(self, decision: Decision, kind: bytes, data: bytes, reply: Deferred, detail: SshRequest) -> None:
+        started = self.s.operation_started(self.op, decision)
+        if isinstance(started, Deferred):
+            started.addBoth(lambda _: self._carry_out(decision, kind, data, reply, detail))
+        else:
+            self._carry_out(decision, kind, data, reply, detail)
+
+    def _carry_out(self, decision: Decision, kind: bytes, data: bytes, reply: Deferred, detail: SshRequest) -> None:
+        if not decision.allowed:
+            self.denied = True
+            what = {"exec": f"command {self.op.text!r}", "shell": "shell", "subsystem": f"subsystem {self.op.text}"}
+            text = denial_text(what[self.mode], decision)
+            reply.callback(self.mode != "subsystem")
+            if self.mode != "subsystem":
+                self.down.send_ext(1, (text + ("\r\n" if self.pty else "\n")).encode("utf-8"))
+                self.down.send_request(b"exit-status", struct.pack(">L", DENIED_STATUS))
+                self.down.send_eof()
+            self.down.send_close()
+            self.up.send_close()
+            self.status = f"exit {DENIED_STATUS}" if self.mode != "subsystem" else "denied"
+            self.outcome(self.status, error_code="denied", error_message=decision.reason or "denied")
+            self.op = None
+            self.inbox.clear()
+            self.inbox_bytes = 0
+            self.busy = False
+            return
+        self._set_up_mode(detail)
+        self.up.send_request(kind, data, True).addCallback(reply.callback)
+        self.busy = False
+        self._drain_inbox()
+
+    def _set_up_mode(self, detail: SshRequest) -> None:
+        s = self.s
+        if self.mode == "subsystem" and detail.subsystem == "sftp":
+            self.sftp = SftpStream()
+            return
+        if self.mode == "exec" and detail.line is not None and detail.line.commands and \
+                detail.line.commands[0].name in BINARY_PROGRAMS:
+            return  # file data: sizes only
+        rules = s.detector_rules
+        self.recording = ChannelRecording(s.session.id, self.stream, s.chain.stream_data, s.now, rules,
+                                          record_input=s.options.record_input, limit=s.options.max_recorded_bytes)
+        cols, rows = (self.pty[1], self.pty[2]) if self.pty is not None else (80, 24)
+        self.recording.marker(f"{self.mode} {self.op.text}" if self.mode != "shell" else "shell")
+        if self.pty is not None:
+            self.recording.resize(cols, rows)
+        if self.mode == "shell" and self.pty is not None and s.options.judge_shell_commands:
+            self.shell = _shell.ShellLine(cols, rows)
+        if s.options.mask_client_output and rules:
+            self.client_mask = {}
+
+    def _upstream_request(self, kind: bytes, data: bytes, want: bool) -> Any:
+        if kind == b"exit-status" and len(data) >= 4:
+            self.status = f"exit {struct.unpack('>L', data[:4])[0]}"
+        elif kind == b"exit-signal":
+            self.status = f"signal {getNS(data)[0].decode('ascii', 'replace')}"
+        self._flush_client_mask()
+        return self.down.send_request(kind, data, want)
+
+    # -- output ----------------------------------------------------------------------
+
+    def _output(self, code: int, data: bytes) -> None:
+        if self.sftp is not None and code == 0:
+            try:
+                self.sftp.from_server(data)
+            except SftpError as e:
+                self._broken(str(e))
+                return
+            self._pump_sftp()
+            return
+        if self.recording is not None:
+            self.recording.output(data)
+        if self.shell is not None:
+            self.shell.output(data)
+            if self._line is not None:
+                self._echo_seen()
+        if self.client_mask is not None:
+            data = self._mask_for_client(code, data)
+        if code == 0:
+            self.down.send_data(data)
+        else:
+            self.down.send_ext(code, data)
+
+    def _mask_for_client(self, code: int, data: bytes) -> bytes:
+        entry = self.client_mask.get(code)
+        if entry is None:
+            entry = self.client_mask[code] = (codecs.getincrementaldecoder("utf-8")("replace"),
+                                               StreamMasker(self.s.detector_rules))
+        decoder, masker = entry
+        out = masker.feed(decoder.decode(data)).encode("utf-8")
+        if masker.carry and self._mask_timer is None:
+            self._mask_timer = self.s.reactor.callLater(MASK_FLUSH, self._flush_client_mask)
+        return out
+
+    def _flush_client_mask(self) -> None:
+        if self._mask_timer is not None:
+            if self._mask_timer.active():
+                self._mask_timer.cancel()
+            self._mask_timer = None
+        if not self.client_mask:
+            return
+        for code, (decoder, masker) in self.client_mask.items():
+            rest = masker.flush().encode("utf-8")
+            if rest:
+                if code == 0:
+                    self.down.send_data(rest)
+                else:
+                    self.down.send_ext(code, rest)
+
+    # -- typed lines --------------------------------------------------------------------
+
+    def _shell_input(self, data: bytes) -> None:
+        before, key, rest = self.shell.split(data)
+        if before:
+            if self.shell.fresh:
+                self.shell.begin()
+            self.up.send_data(before)
+            if b"\x03" in before or b"\x04" in before:
+                self.shell.reset()
+        if key is None:
+            return
+        if rest:
+            self.inbox.appendleft(("data", rest))
+            self.inbox_bytes += len(rest)
+        self.busy = True
+        self._line = (key, None)
+        self._echo_deadline = self.s.now() + self.s.options.echo_wait
+        self._echo_timer = self.s.reactor.callLater(ECHO_QUIET, self._line_settled)
+
+    def _echo_seen(self) -> None:
+        if self._echo_timer is not None and self._echo_timer.active() and self.s.now() < self._echo_deadline:
+            self._echo_timer.reset(ECHO_QUIET)
+
+    def _line_settled(self) -> None:
+        self._echo_timer = None
+        if self._line is None or self.denied:
+            return
+        key = self._line[0]
+        text = self.shell.line() if self.shell is not None else ""
+        if not text:
+            self._line_done(key, True)
+            return
+        op = self.s.operation("shell-command", text, SshRequest("shell-command", parse(text)), {})
+        self._line = (key, op)
+        self.s.decide(op, self._notify_terminal).addCallback(self._line_decided, key, op)
+
+    def _notify_terminal(self, hold: Any) -> None:
+        self.down.send_data(("\r\n" + hold.message + "\r\n").encode("utf-8"))
+
+    def _line_decided(self, decision: Decision, key: bytes, op: Operation) -> None:
+        self.s.operation_started(op, decision)
+        now = self.s.now()
+        if decision.allowed:
+            self.s.chain.operation_finished(Outcome(self.s.session.id, op.seq, now, now - op.at, "submitted"))
+        else:
+            self.s.chain.operation_finished(Outcome(self.s.session.id, op.seq, now, now - op.at, "denied",
+                                                    error_code="denied", error_message=decision.reason or "denied"))
+            message = ("\r\n" + denial_text(f"command {op.text!r}", decision) + "\r\n").encode("utf-8")
+            self.down.send_data(message)
+            if self.recording is not None:
+                self.recording.output(message)
+        self._line_done(key, decision.allowed)
+
+    def _line_done(self, key: bytes, allowed: bool) -> None:
+        self._line = None
+        self.up.send_data(key if allowed else b"\x03")
+        if self.shell is not None:
+            self.shell.reset()
+        self.busy = False
+        self._drain_inbox()
+
+    # -- sftp -------------------------------------------------------------------------
+
+    def _pump_sftp(self) -> None:
+        if self._pumping:
+            self._pump_again = True
+            return
+        self._pumping = True
+        try:
+            while True:
+                self._pump_again = False
+                sftp = self.sftp
+                out = sftp.take_to_server()
+                if out:
+                    self.up.send_data(out)
+                out = sftp.take_to_client()
+                if out:
+                    self.down.send_data(out)
+                for f in sftp.take_finished():
+                    op = f.pending.ref
+                    if op is not None and f.status != "denied":
+                        now = self.s.now()
+                        self.s.chain.operation_finished(Outcome(
+                            self.s.session.id, op.seq, now, now - op.at, f.status,
+                            error_message=None if f.ok else f.status, extra=f.extra or None))
+                if sftp.pending and not self._sftp_deciding:
+                    p = sftp.pending[0]
+                    req = p.request
+                    p.ref = self.s.operation("sftp", req.text(), SshRequest("sftp", sftp=req),
+                                             {"op": req.op, "paths": list(req.paths)})
+                    self._sftp_deciding = True
+                    self.s.decide(p.ref).addCallback(self._sftp_decided, p)
+                if not self._pump_again:
+                    break
+        finally:
+            self._pumping = False
+
+    def _sftp_decided(self, decision: Decision, p: Any) -> None:
+        self._sftp_deciding = False
+        self.s.operation_started(p.ref, decision)
+        if not decision.allowed:
+            now = self.s.now()
+            self.s.chain.operation_finished(Outcome(self.s.session.id, p.ref.seq, now, now - p.ref.at, "denied",
+                                                    error_code="denied", error_message=decision.reason or "denied"))
+        self.sftp.decided(p, decision.allowed, denial_text(p.request.text(), decision))
+        self._pump_sftp()
+        self.down.grant(self.held(self.down))
+
+    def _broken(self, why: str) -> None:
+        _log.warn("closing channel {stream} of session {session}: {why}", stream=self.stream,
+                  session=self.s.session.id, why=why)
+        self.denied = True
+        self.down.send_close()
+        self.up.send_close()
+
+    # -- the end -------------------------------------------------------------------------
+
+    def finished(self) -> None:
+        if self._echo_timer is not None and self._echo_timer.active():
+            self._echo_timer.cancel()
+        if self._mask_timer is not None and self._mask_timer.active():
+            self._mask_timer.cancel()
+        masked = None
+        if self.recording is not None:
+            self.recording.close()
+            masked = self.recording.masked or None
+        extra = {"bytes_from_client": self.down.bytes_in, "bytes_to_client": self.up.bytes_in}
+        if self.op is not None:
+            self.outcome(self.status or "closed", masked=masked, extra=extra)

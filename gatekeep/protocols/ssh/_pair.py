@@ -1,0 +1,178 @@
+"""
+A client channel and its upstream twin, opened together (:class:`PairRelay`),
+and the simplest pair: :class:`ForwardRelay` for ``direct-tcpip`` channels
+(``ssh -L``), judged when opened, denied unless a rule allows it, then relayed
+byte for byte. EOF and close stay in order behind queued data (:mod:`._flow`).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.conch.ssh.common import getNS
+from twisted.conch.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
+
+from gatekeep.model import Action, Decision, Operation, Outcome
+from gatekeep.protocols.ssh._flow import RelayChannel
+from gatekeep.protocols.ssh.policy import SshRequest
+
+
+def denial_text(what: str, decision: Decision) -> str:
+    text = f"gatekeep: {what} denied"
+    if decision.rule:
+        text += f" by rule {decision.rule}"
+    if decision.reason:
+        text += f": {decision.reason}"
+    return text
+
+
+class PairRelay:
+    """A client channel (``down``) and an upstream channel (``up``), opened together."""
+
+    up_name = b"session"
+
+    def __init__(self, session: Any, conn: Any, remote_id: int, window: int, max_packet: int) -> None:
+        self.s = session
+        self.conn = conn
+        self.remote_id = remote_id
+        self.remote_window = window
+        self.remote_max = max_packet
+        size = session.options.window
+        self.down = RelayChannel(self, size)
+        self.down.leg = session.down_leg
+        self.up = RelayChannel(self, size, name=self.up_name)
+        self.up.leg = session.up_leg
+        self.down.peer, self.up.peer = self.up, self.down
+        self.op: Operation | None = None
+        self.status: str | None = None
+        self.done = False
+        self.opened_at = session.now()
+
+    # -- opening ------------------------------------------------------------------------
+
+    def open_upstream(self, extra: bytes = b"") -> None:
+        self.up.opened.addCallbacks(self._up_open, self._up_failed)
+        self.s.up_conn.openChannel(self.up, extra)
+
+    def _up_open(self, _: Any) -> None:
+        if self.s.closed:
+            self.up.close_now()
+            return
+        self.conn.confirm_open(self.down, self.remote_id, self.remote_window, self.remote_max)
+        self.s.relays.add(self)
+        self.down.started()
+        self.up.started()
+
+    def _up_failed(self, f: Any) -> None:
+        err = f.value
+        text, code = "the upstream server refused the channel", OPEN_CONNECT_FAILED
+        args = getattr(err, "args", ())
+        if len(args) == 2 and isinstance(args[1], int):
+            text, code = (args[0].decode("utf-8", "replace") if isinstance(args[0], bytes) else str(args[0])), args[1]
+        self.conn.refuse_open(self.remote_id, code, text)
+        self.opened_failed(text)
+
+    def opened_failed(self, text: str) -> None:
+        pass
+
+    # -- channel callbacks shared by both kinds ---------------------------------------
+
+    def on_ext(self, ch: RelayChannel, code: int, data: bytes) -> None:
+        ch.peer.send_ext(code, data)
+        ch.grant()
+
+    def on_drained(self, ch: RelayChannel) -> None:
+        peer = ch.peer
+        if peer is not None:
+            peer.grant(self.held(peer))
+
+    def held(self, ch: RelayChannel) -> int:
+        """Bytes received on ``ch`` that the relay keeps (not yet in the peer's queue)."""
+        return 0
+
+    def on_eof(self, ch: RelayChannel) -> None:
+        ch.peer.send_eof()
+
+    def on_close(self, ch: RelayChannel) -> None:
+        self.before_close(ch)
+        ch.peer.send_close()
+        ch.close_now()
+
+    def before_close(self, ch: RelayChannel) -> None:
+        pass
+
+    def on_closed(self, ch: RelayChannel) -> None:
+        peer = ch.peer
+        if peer is not None and not peer.localClosed:
+            # the other leg went away (its connection ended): nothing more can be delivered
+            peer.close_now()
+        if self.down.localClosed and self.up.localClosed or not self.s.up_conn or self.s.closed:
+            if ch is self.down or self.up.localClosed:
+                self.finish()
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.s.relays.discard(self)
+        self.finished()
+
+    def finished(self) -> None:
+        pass
+
+    def outcome(self, status: str | None, **kw: Any) -> None:
+        if self.op is None:
+            return
+        now = self.s.now()
+        self.s.chain.operation_finished(Outcome(self.s.session.id, self.op.seq, now, now - self.op.at, status, **kw))
+
+
+class ForwardRelay(PairRelay):
+    """A ``direct-tcpip`` channel: judged once, then bytes both ways."""
+
+    up_name = b"direct-tcpip"
+
+    def __init__(self, session: Any, conn: Any, remote_id: int, window: int, max_packet: int, data: bytes) -> None:
+        super().__init__(session, conn, remote_id, window, max_packet)
+        host, rest = getNS(data)
+        (port,) = struct.unpack(">L", rest[:4])
+        orig, rest = getNS(rest[4:])
+        self.data = data
+        self.host = host.decode("utf-8", "replace")
+        self.port = port
+        self.originator = f"{orig.decode('utf-8', 'replace')}:{struct.unpack('>L', rest[:4])[0] if len(rest) >= 4 else 0}"
+
+    def start(self) -> None:
+        self.op = self.s.operation("forward", f"{self.host}:{self.port}",
+                                   SshRequest("forward", forward=(self.host.lower(), self.port)),
+                                   {"host": self.host, "port": self.port, "originator": self.originator})
+        self.s.decide(self.op).addCallback(self._decided)
+
+    def _decided(self, decision: Decision) -> None:
+        if decision.allowed and decision.rule is None:
+            decision = Decision(Action.DENY, None, "port forwarding is denied unless a rule allows it", decision.facts)
+        self.s.operation_started(self.op, decision)
+        if self.s.closed:
+            return
+        if not decision.allowed:
+            text = denial_text(f"forwarding to {self.host}:{self.port}", decision)
+            self.conn.refuse_open(self.remote_id, OPEN_ADMINISTRATIVELY_PROHIBITED, text)
+            self.outcome("denied", error_code="denied", error_message=decision.reason or "denied")
+            self.done = True
+            return
+        self.open_upstream(self.data)
+
+    def opened_failed(self, text: str) -> None:
+        self.outcome("refused upstream", error_message=text)
+        self.done = True
+
+    def on_data(self, ch: RelayChannel, data: bytes) -> None:
+        ch.peer.send_data(data)
+        ch.grant()
+
+    def on_request(self, ch: RelayChannel, kind: bytes, data: bytes, want_reply: bool) -> Any:
+        return False
+
+    def finished(self) -> None:
+        self.outcome("closed", extra={"bytes_from_client": self.down.bytes_in, "bytes_to_client": self.up.bytes_in})

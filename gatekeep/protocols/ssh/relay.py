@@ -1,0 +1,313 @@
+"""
+The SSH relay: a conch server for clients, a conch client per session for the
+upstream server, and channel relays between them.
+
+    ssh/scp/sftp ──► ServerTransport ─ UserAuthServer (chain: identity)
+                         │ ServerConnection ─┐
+                         │                   ├── SessionRelay / ForwardRelay (chain: policy, recording)
+                         │ UpstreamConnection┘
+                     UpstreamTransport ──► sshd (the target's own key or password)
+
+Phases of a client connection (:class:`Phase`): AUTH (the client proves an
+identity), UPSTREAM (gatekeep connects, checks the server's host key and logs
+in; the client waits for ``USERAUTH_SUCCESS``), READY (channels are relayed),
+CLOSED. A failure upstream disconnects the client with a message saying why
+(never a secret).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from twisted.conch.ssh import factory as _factory
+from twisted.conch.ssh import transport as _transport
+from twisted.conch.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_UNKNOWN_CHANNEL_TYPE
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
+from twisted.logger import Logger
+
+from gatekeep.model import ClientAddress, Decision, LoginFailure, Operation, Session, SessionEnd, new_id
+from gatekeep.protocols.ssh import policy as _policy
+from gatekeep.protocols.ssh._channels import SessionRelay
+from gatekeep.protocols.ssh._pair import ForwardRelay
+from gatekeep.protocols.ssh._client import UpstreamError, connect_upstream
+from gatekeep.protocols.ssh._flow import Leg
+from gatekeep.protocols.ssh._hostkeys import gateway_host_key
+from gatekeep.protocols.ssh._server import ServerTransport, UserAuthServer
+
+_log = Logger()
+
+
+class Phase(enum.Enum):
+    AUTH = "auth"
+    UPSTREAM = "upstream"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+def _combine(operation: Operation, decisions: list[Decision]) -> Decision:
+    """A line runs only if each of its commands may: the first refusal decides, else the first allowance."""
+    for d in decisions:
+        if not d.allowed:
+            return d
+    summary = _policy.facts_for(operation).summary() if len(decisions) > 1 else decisions[0].facts
+    return Decision(decisions[0].action, decisions[0].rule, decisions[0].reason, summary)
+
+
+class ClientSession:
+    """One client connection: its identity, its upstream connection and its channels."""
+
+    def __init__(self, factory: "SshRelayFactory", peer: Any) -> None:
+        self.factory = factory
+        self.gateway = factory.gateway
+        self.chain = factory.gateway.chain
+        self.reactor = factory.gateway.reactor
+        self.target = factory.target
+        self.options = factory.target.options
+        self.client = ClientAddress(getattr(peer, "host", "?"), getattr(peer, "port", 0))
+        self.phase = Phase.AUTH
+        self.transport: Any = None
+        self.session: Session | None = None
+        self.upstream: Any = None
+        self.up_conn: Any = None
+        self.client_conn: Any = None
+        self.down_leg = Leg("client")
+        self.up_leg = Leg("upstream")
+        self.relays: set = set()
+        self.auth_failures: list[str] = []
+        self.claimed: str | None = None
+        self.detector_rules: tuple = ()
+        self.end_reason = "client disconnected"
+        self.client_disconnect_message: str | None = None
+        self._seq = 0
+        self._channels = 0
+        self._ended = False
+        self._login_timer: Any = None
+        self.down_leg.listeners.append(lambda: self._resumed(self.down_leg))
+        self.up_leg.listeners.append(lambda: self._resumed(self.up_leg))
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    def now(self) -> float:
+        return self.gateway.now()
+
+    # -- the client's transport -------------------------------------------------------
+
+    def client_connected(self, transport: Any) -> None:
+        self.transport = transport
+        self.down_leg.attach(transport.transport)
+        self._login_timer = self.reactor.callLater(self.options.login_timeout, self._login_too_slow)
+
+    def _login_too_slow(self) -> None:
+        self._login_timer = None
+        if self.phase in (Phase.AUTH, Phase.UPSTREAM):
+            self.end_reason = "login timed out"
+            self.note_auth_failure("login timed out")
+            self.disconnect(_transport.DISCONNECT_CONNECTION_LOST, "gatekeep: login timed out")
+
+    def disconnect(self, code: int, text: str) -> None:
+        if self.transport is not None and self.transport.transport is not None and self.transport.transport.connected:
+            self.transport.sendDisconnect(code, text.encode("utf-8"))
+
+    def client_lost(self, reason: Any) -> None:
+        if self.phase is not Phase.CLOSED:
+            self.phase = Phase.CLOSED
+            if self.upstream is not None and self.upstream.transport is not None:
+                self.upstream.transport.loseConnection()
+        self.end_session()
+
+    # -- identity ----------------------------------------------------------------------
+
+    def check_key(self, name: str, blob: bytes) -> Any:
+        self.claimed = name
+        return self.chain.authenticate_public_key(name, blob)
+
+    def check_token(self, name: str, token: str) -> Any:
+        self.claimed = name
+        return self.chain.authenticate_token(name, token)
+
+    def note_auth_failure(self, reason: str) -> None:
+        self.auth_failures.append(reason)
+
+    def authenticated(self, identity: Any) -> Deferred:
+        """The client proved ``identity``: start the session and log in upstream; fires when ready."""
+        self.phase = Phase.UPSTREAM
+        version = (self.transport.otherVersionString or b"").decode("ascii", "replace")
+        self.session = Session(new_id(), identity, self.target.name, "ssh", self.client, False, self.now(),
+                               {"client_version": version})
+        try:
+            plan = self.chain.masking_plan(self.session)
+        except Exception:
+            self.end_reason = "masking could not be decided"
+            self.disconnect(_transport.DISCONNECT_BY_APPLICATION, "gatekeep: masking could not be decided")
+            return fail(RuntimeError("masking"))
+        self.detector_rules = tuple(plan.detector_rules) if plan is not None and hasattr(plan, "detector_rules") else ()
+        self.chain.session_started(self.session)
+        self.gateway.sessions[self.session.id] = self
+        d = connect_upstream(self, self.options.upstream, self.reactor, self.gateway.state_dir)
+        d.addCallbacks(self._upstream_ready, self._upstream_failed)
+        return d
+
+    def _upstream_ready(self, upstream: Any) -> Any:
+        self.upstream = upstream
+        self.up_conn = upstream.connection
+        if self.phase is Phase.CLOSED:
+            upstream.transport.loseConnection()
+            raise RuntimeError("the client left")
+        self.up_leg.attach(upstream.transport)
+        self.phase = Phase.READY
+        if self._login_timer is not None and self._login_timer.active():
+            self._login_timer.cancel()
+        self._login_timer = None
+        _log.info("ssh session {session}: {identity} on {target}", session=self.session.id,
+                  identity=self.session.identity.name, target=self.target.name)
+        return upstream
+
+    def _upstream_failed(self, f: Any) -> Any:
+        message = str(f.value) if f.check(UpstreamError) else "gatekeep could not log in upstream"
+        if not f.check(UpstreamError):
+            _log.failure("upstream login for session {session}", f, session=self.session.id)
+        self.end_reason = "upstream: " + message
+        _log.warn("ssh session {session} refused: {message}", session=self.session.id, message=message)
+        self.disconnect(_transport.DISCONNECT_HOST_NOT_ALLOWED_TO_CONNECT, "gatekeep: " + message)
+        return f
+
+    def upstream_lost(self, problem: str | None) -> None:
+        if self.phase is Phase.READY:
+            self.end_reason = "upstream closed the connection" + (f" ({problem})" if problem else "")
+            self.phase = Phase.CLOSED
+            self.disconnect(_transport.DISCONNECT_CONNECTION_LOST, "gatekeep: the upstream server closed the connection")
+
+    # -- channels -------------------------------------------------------------------------
+
+    def client_connection_started(self, conn: Any) -> None:
+        self.client_conn = conn
+
+    def next_channel(self) -> int:
+        self._channels += 1
+        return self._channels - 1
+
+    def open_from_client(self, conn: Any, kind: bytes, remote_id: int, window: int, max_packet: int,
+                         data: bytes) -> None:
+        if self.phase is not Phase.READY:
+            conn.refuse_open(remote_id, OPEN_ADMINISTRATIVELY_PROHIBITED, "gatekeep: the session is closing")
+            return
+        if kind == b"session":
+            SessionRelay(self, conn, remote_id, window, max_packet).start()
+        elif kind == b"direct-tcpip":
+            try:
+                relay = ForwardRelay(self, conn, remote_id, window, max_packet, data)
+            except Exception:
+                conn.refuse_open(remote_id, OPEN_ADMINISTRATIVELY_PROHIBITED, "gatekeep: malformed direct-tcpip")
+                return
+            relay.start()
+        else:
+            _log.info("refused a {kind!r} channel in session {session}", kind=kind, session=self.session.id)
+            conn.refuse_open(remote_id, OPEN_UNKNOWN_CHANNEL_TYPE, f"gatekeep: {kind.decode('ascii', 'replace')} "
+                                                                  "channels are not relayed")
+
+    def global_request(self, kind: bytes, data: bytes) -> int:
+        # tcpip-forward (ssh -R), streamlocal forwarding, keepalives: refused (a reply keeps keepalives happy)
+        if kind not in (b"keepalive@openssh.com", b"no-more-sessions@openssh.com"):
+            _log.info("refused global request {kind!r} in session {session}", kind=kind,
+                      session=self.session.id if self.session else "-")
+        return 0
+
+    def note_term(self, term: str) -> None:
+        if self.session is not None:
+            self.session.attributes.setdefault("term", term)
+
+    def _resumed(self, leg: Leg) -> None:
+        for relay in list(self.relays):
+            for ch in (relay.down, relay.up):
+                if ch.leg is leg and ch.peer is not None:
+                    ch.peer.grant(relay.held(ch.peer))
+
+    # -- operations -------------------------------------------------------------------------
+
+    def operation(self, kind: str, text: str, detail: Any, extra: dict) -> Operation:
+        self._seq += 1
+        return Operation(self.session, self._seq, kind, text, self.now(), detail, (), extra or None)
+
+    def decide(self, operation: Operation, notify: Any = None) -> Deferred:
+        """
+        A Deferred firing with the Decision for the operation (each command of a
+        line judged on its own). ``notify(hold)`` is called if it is held for approval.
+        """
+        parts = _policy.parts(operation)
+        results = [self.chain.decide(p, notify) for p in parts]
+        if not any(isinstance(r, Deferred) for r in results):
+            return succeed(_combine(operation, results))
+        return gatherResults([maybeDeferred(lambda r=r: r) for r in results]).addCallback(
+            lambda ds: _combine(operation, ds))
+
+    def operation_started(self, operation: Operation, decision: Decision) -> Any:
+        return self.chain.operation_started(operation, decision)
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def end_session(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self.phase = Phase.CLOSED
+        if self._login_timer is not None and self._login_timer.active():
+            self._login_timer.cancel()
+        for relay in list(self.relays):
+            relay.finish()
+        if self.session is None:
+            if self.claimed is not None or self.auth_failures:
+                reason = "; ".join(dict.fromkeys(self.auth_failures)) or "disconnected before logging in"
+                self.chain.login_failed(LoginFailure(self.target.name, "ssh", self.client, self.claimed or "",
+                                                     reason[:500], self.now()))
+            return
+        self.chain.session_ended(SessionEnd(self.session.id, self.now(), self._bytes("in"), self._bytes("out"),
+                                            self.end_reason))
+        self.gateway.sessions.pop(self.session.id, None)
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.loseConnection()
+
+    def _bytes(self, which: str) -> int:
+        t = self.transport
+        return getattr(t, "gk_bytes_" + which, 0) if t is not None else 0
+
+
+class _CountingServerTransport(ServerTransport):
+    """Counts the bytes on the client's TCP connection, for the session's record."""
+
+    gk_bytes_in = 0
+    gk_bytes_out = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.gk_bytes_in += len(data)
+        super().dataReceived(data)
+
+    def sendPacket(self, messageType: int, payload: bytes) -> None:
+        self.gk_bytes_out += len(payload) + 5
+        super().sendPacket(messageType, payload)
+
+
+class SshRelayFactory(_factory.SSHFactory):
+    """Builds a :class:`ServerTransport` and a :class:`ClientSession` per client connection."""
+
+    protocol = _CountingServerTransport
+
+    def __init__(self, target: Any, gateway: Any) -> None:
+        self.target = target
+        self.gateway = gateway
+        key = gateway_host_key(target.options.host_key, gateway.state_dir)
+        self.privateKeys = {key.sshType(): key}
+        self.publicKeys = {key.sshType(): key.public()}
+        self.primes = None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        t = super().buildProtocol(addr)
+        t.session = ClientSession(self, addr)
+        return t
+
+    def getService(self, transport: Any, service: bytes) -> Any:
+        if service == b"ssh-userauth":
+            return UserAuthServer
+        return None

@@ -1,0 +1,308 @@
+"""Real HTTP clients (curl, http.client, a WebSocket client) through the real gatekeep to a real HTTP server.
+
+The upstream is Python's http.server (tests/support/httpserver.py), once in
+plain HTTP and once over TLS (verified against the test CA). gatekeep serves
+one plain target with policy and masking rules and one HTTPS target; clients
+present their gatekeep token, the upstream only ever sees the target's.
+"""
+
+import hashlib
+import http.client
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.support import websocket
+from tests.support.gatekeep_process import REPO_ROOT, tcp_listen
+from tests.support.httpserver import USER, HttpServer, pattern
+from tests.support.identities import make_identity
+from tests.support.ports import free_port
+
+GATEKEEP = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "gatekeep")
+UPSTREAM_TOKEN = "upstream-service-token"
+
+
+class Gw:
+    def __init__(self, gk, tokens, plain, tls_server, tls_files):
+        self.gk, self.tokens, self.plain, self.tls_server, self.tls_files = gk, tokens, plain, tls_server, tls_files
+
+    @property
+    def port(self):
+        return self.gk.ports["api"]
+
+    def auth(self, user="alice"):
+        return {"Authorization": "Bearer " + self.tokens[user]}
+
+    def conn(self):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
+
+    def request(self, method, path, user="alice", body=None, headers=None):
+        c = self.conn()
+        h = dict(self.auth(user) if user else {}, **(headers or {}))
+        c.request(method, path, body=body, headers=h)
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        return r, data
+
+    def curl(self, *args, timeout=60):
+        return subprocess.run(["curl", "-sS", "--max-time", "30", *args], capture_output=True, timeout=timeout)
+
+    def cli(self, *args):
+        env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+        out = subprocess.run([GATEKEEP, *args, "--config", self.gk.config_path], capture_output=True, text=True,
+                             env=env, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    def record(self, predicate, tries=50):
+        """The first recorded operation for which predicate(record) holds (waits for the recorder)."""
+        for _ in range(tries):
+            for s in json.loads(self.cli("sessions", "list", "--json", "--limit", "1000")):
+                for r in json.loads(self.cli("sessions", "show", s["id"], "--json"))["records"]:
+                    if predicate(r):
+                        return dict(r, session=s["id"])
+            time.sleep(0.1)
+        raise AssertionError("no such record")
+
+
+@pytest.fixture(scope="module")
+def gw(gatekeep_module, tls_files):
+    plain = HttpServer().start()
+    tls_server = HttpServer(tls=(tls_files.server_cert, tls_files.server_key)).start()
+    tokens, entries = {}, []
+    for name, groups in (("alice", ["dev"]), ("agent", ["agents"])):
+        tokens[name], entry = make_identity(name, groups)
+        entries.append(entry)
+    config = {
+        "identities": entries,
+        "targets": [
+            {"name": "api", "protocol": "http", "listen": tcp_listen(free_port()),
+             "upstream": {"url": "http://127.0.0.1:%d" % plain.port},
+             "credentials": {"bearer": "env:UPSTREAM_TOKEN"},
+             "record": {"body_limit": 2048, "redact_headers": ["x-session"]}},
+            {"name": "secure", "protocol": "http", "listen": tcp_listen(free_port()),
+             "tls": {"cert": "file:" + tls_files.gateway_cert, "key": "file:" + tls_files.gateway_key},
+             "upstream": {"url": "https://localhost:%d" % tls_server.port,
+                          "tls": {"mode": "verify-full", "ca": "file:" + tls_files.ca_cert}},
+             "credentials": {"header": {"name": "X-Api-Key", "value": "env:UPSTREAM_TOKEN"}},
+             "mask_text": True},
+        ],
+        "policies": [
+            {"name": "no-admin", "match": {"paths": ["/echo/admin/*"]}, "action": "deny", "reason": "admins only"},
+            {"name": "agents-read-only", "match": {"groups": ["agents"], "methods": ["POST", "PUT", "PATCH", "DELETE"]},
+             "action": "deny"},
+            {"name": "no-dry-run-off", "match": {"query": {"dry_run": "false"}}, "action": "deny"},
+        ],
+        "masking": [
+            {"name": "pii", "keys": ["password", "$.items[*].token", "$..email"], "detectors": ["credit_card"]},
+        ],
+    }
+    gk = gatekeep_module(config, env={"UPSTREAM_TOKEN": UPSTREAM_TOKEN})
+    yield Gw(gk, tokens, plain, tls_server, tls_files)
+    plain.stop()
+    tls_server.stop()
+
+
+def test_curl_get_swaps_credentials(gw):
+    """curl with a gatekeep token: the upstream sees the target's bearer token and its own Host, never the client's token."""
+    out = gw.curl("-H", "Authorization: Bearer " + gw.tokens["alice"], "http://127.0.0.1:%d/echo/hello?x=1" % gw.port)
+    seen = json.loads(out.stdout)
+    assert seen["path"] == "/echo/hello?x=1"
+    assert seen["headers"]["Authorization"] == "Bearer " + UPSTREAM_TOKEN
+    assert seen["headers"]["Host"] == "127.0.0.1:%d" % gw.plain.port
+    assert gw.tokens["alice"] not in json.dumps(gw.plain.requests)
+
+
+def test_basic_auth_with_token_as_password(gw):
+    """curl -u any:TOKEN is accepted (for tools that only do Basic)."""
+    out = gw.curl("-u", "whoever:" + gw.tokens["alice"], "http://127.0.0.1:%d/echo/basic" % gw.port)
+    assert json.loads(out.stdout)["headers"]["Authorization"] == "Bearer " + UPSTREAM_TOKEN
+
+
+def test_wrong_or_missing_token_is_401(gw):
+    """No token or a wrong one: 401 with a JSON body and WWW-Authenticate; nothing reaches the upstream."""
+    before = len(gw.plain.requests)
+    r, body = gw.request("GET", "/echo/x", user=None, headers={"Authorization": "Bearer nope"})
+    assert r.status == 401 and json.loads(body)["error"] == "unauthorized"
+    assert "Bearer" in r.getheader("WWW-Authenticate")
+    r, body = gw.request("GET", "/echo/x", user=None)
+    assert r.status == 401
+    assert len(gw.plain.requests) == before
+    failures = json.loads(gw.cli("sessions", "list", "--failed-logins", "--json"))
+    assert any(f["target"] == "api" and "wrong token" in f["reason"] for f in failures)
+
+
+def test_denial_is_403_json_naming_the_rule(gw):
+    """A denied path, method or query parameter gets a 403 JSON body naming the rule, and never reaches upstream."""
+    before = len(gw.plain.requests)
+    r, body = gw.request("GET", "/echo/admin/users")
+    assert r.status == 403
+    doc = json.loads(body)
+    assert doc["rule"] == "no-admin" and "admins only" in doc["message"]
+    r, body = gw.request("POST", "/echo/write", user="agent", body=b'{"a": 1}')
+    assert r.status == 403 and json.loads(body)["rule"] == "agents-read-only"
+    r, body = gw.request("GET", "/echo/q?dry_run=false")
+    assert r.status == 403 and json.loads(body)["rule"] == "no-dry-run-off"
+    r, body = gw.request("GET", "/echo/q?dry_run=true")
+    assert r.status == 200
+    assert len(gw.plain.requests) == before + 1
+
+
+def test_encoded_path_tricks_are_unjudgeable(gw):
+    """/echo/%2e%2e/admin and encoded slashes are denied as unjudgeable instead of slipping past path rules."""
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(("GET /echo/x/%2e%2e/admin/users HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer " +
+                   gw.tokens["alice"] + "\r\nConnection: close\r\n\r\n").encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 403"), data[:200]
+    assert b'"rule": "unjudgeable"' in data
+
+
+def test_keep_alive_reuses_one_upstream_connection(gw):
+    """Ten requests on one client connection use one upstream connection, and a denial in between keeps both open."""
+    before = gw.plain.connections
+    c = gw.conn()
+    for i in range(10):
+        path = "/echo/admin/x" if i == 5 else "/echo/ka/%d" % i
+        c.request("GET", path, headers=gw.auth())
+        r = c.getresponse()
+        r.read()
+        assert r.status == (403 if i == 5 else 200)
+    c.close()
+    assert gw.plain.connections - before == 1
+
+
+def test_pipelined_requests_are_answered_in_order(gw):
+    """Three requests written at once come back as three responses, in order."""
+    auth = "Authorization: Bearer %s\r\n" % gw.tokens["alice"]
+    reqs = "".join("GET /echo/p%d HTTP/1.1\r\nHost: a\r\n%s\r\n" % (i, auth) for i in range(3))
+    reqs = reqs[:-2] + "Connection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(reqs.encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    assert data.count(b"HTTP/1.1 200") == 3
+    assert data.index(b"/echo/p0") < data.index(b"/echo/p1") < data.index(b"/echo/p2")
+
+
+def test_large_upload_chunked_and_sized(gw):
+    """A 20 MB upload with Content-Length and an 8 MB chunked upload arrive whole (sha256 checked upstream)."""
+    data = pattern(20 * 1024 * 1024)
+    r, body = gw.request("POST", "/echo/upload", body=data, headers={"Content-Type": "application/octet-stream"})
+    seen = json.loads(body)
+    assert seen["body_size"] == len(data) and seen["body_sha256"] == hashlib.sha256(data).hexdigest()
+    piece = pattern(8 * 1024 * 1024)
+    c = gw.conn()
+    c.request("POST", "/echo/chunked", body=iter([piece[i:i + 100000] for i in range(0, len(piece), 100000)]),
+              headers=dict(gw.auth(), **{"Transfer-Encoding": "chunked"}), encode_chunked=True)
+    seen = json.loads(c.getresponse().read())
+    assert seen["body_size"] == len(piece) and seen["body_sha256"] == hashlib.sha256(piece).hexdigest()
+
+
+def test_large_download_with_curl(gw, tmp_path):
+    """curl downloads 64 MB through gatekeep intact."""
+    target = tmp_path / "big.bin"
+    out = gw.curl("-H", "Authorization: Bearer " + gw.tokens["alice"], "-o", str(target),
+                  "http://127.0.0.1:%d/big?size=%d" % (gw.port, 64 << 20))
+    assert out.returncode == 0, out.stderr
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == hashlib.sha256(pattern(64 << 20)).hexdigest()
+
+
+def test_streaming_response_arrives_as_it_is_sent(gw):
+    """A chunked stream's first line reaches the client long before the stream ends."""
+    c = gw.conn()
+    c.request("GET", "/stream?n=4&delay=0.4", headers=gw.auth())
+    r = c.getresponse()
+    start = time.monotonic()
+    first = r.readline()
+    first_at = time.monotonic() - start
+    rest = r.read()
+    total = time.monotonic() - start
+    assert first.startswith(b"tick 0")
+    assert rest.count(b"tick") == 3
+    assert first_at < 0.3 and total > 1.0
+
+
+def test_json_masking_keys_paths_detectors_and_length(gw):
+    """JSON bodies are masked by key, JSON path and detector, with a Content-Length that fits; chunked too."""
+    for path in ("/json/user", "/json/user?chunked=1"):
+        out = gw.curl("-i", "-H", "Authorization: Bearer " + gw.tokens["alice"], "http://127.0.0.1:%d%s" % (gw.port, path))
+        head, _, body = out.stdout.partition(b"\r\n\r\n")
+        doc = json.loads(body)
+        assert doc["user"]["password"] == "****" and doc["user"]["email"] == "****"
+        assert doc["user"]["card"] == "****" and "5500-0000-0000-0004" not in body.decode()
+        assert [i["token"] for i in doc["items"]] == ["****", "****"]
+        assert doc["user"]["name"] == USER["user"]["name"]
+        length = [l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")]
+        assert int(length[0].split(b":")[1]) == len(body)
+
+
+def test_text_passes_through_unless_mask_text(gw):
+    """Non-JSON bodies pass unchanged on a plain target; on a mask_text target the detectors apply."""
+    r, body = gw.request("GET", "/text")
+    assert b"4111 1111 1111 1111" in body
+    ctx = ssl.create_default_context(cafile=gw.tls_files.ca_cert)
+    c = http.client.HTTPSConnection("localhost", gw.gk.ports["secure"], context=ctx, timeout=20)
+    c.request("GET", "/text", headers=gw.auth())
+    body = c.getresponse().read()
+    assert b"4111" not in body and b"****" in body and b"ann@example.com" in body
+
+
+def test_tls_on_both_legs_with_header_credentials(gw):
+    """HTTPS to gatekeep, HTTPS upstream verified against the CA; the target's X-Api-Key is injected, Authorization removed."""
+    out = gw.curl("--cacert", gw.tls_files.ca_cert, "-H", "Authorization: Bearer " + gw.tokens["alice"],
+                  "-H", "X-Api-Key: client-supplied", "https://localhost:%d/echo/tls" % gw.gk.ports["secure"])
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen["headers"]["X-Api-Key"] == UPSTREAM_TOKEN
+    assert "Authorization" not in seen["headers"]
+
+
+def test_websocket_is_relayed_and_recorded(gw):
+    """A WebSocket upgrade is relayed both ways and its messages are recorded as a stream."""
+    ws = websocket.Client("127.0.0.1", gw.port, "/ws", headers=gw.auth().items())
+    assert ws.status == 101
+    ws.send_text("hello gatekeep")
+    assert ws.recv() == (1, b"echo: hello gatekeep")
+    ws.send(2, b"\x01\x02\x03")
+    assert ws.recv() == (2, b"\x03\x02\x01")
+    ws.close()
+    rec = gw.record(lambda r: r["text"] == "GET /ws" and r["status"] == "101" and r["finished_at"])
+    exported = json.loads(gw.cli("sessions", "export", rec["session"], "--format", "json"))
+    events = exported["streams"]["ws-%d" % rec["seq"]]
+    assert ["i", "hello gatekeep"] in [e[1:] for e in events]
+    assert ["o", "echo: hello gatekeep"] in [e[1:] for e in events]
+
+
+def test_recording_of_request_and_response(gw):
+    """The record has method, URL, status, redacted headers, masked body excerpts, timings and sizes."""
+    r, _ = gw.request("POST", "/echo/rec?x=1", body=b'{"password": "pw-in-request"}',
+                      headers={"Content-Type": "application/json", "X-Session": "sess-secret"})
+    rec = gw.record(lambda r: r["text"] == "POST /echo/rec?x=1" and r["finished_at"])
+    req, resp = rec["request"], rec["response"]
+    assert req["method"] == "POST" and req["url"].endswith("/echo/rec?x=1")
+    assert req["headers"]["authorization"] == "[redacted]" and req["headers"]["x-session"] == "[redacted]"
+    assert rec["status"] == "200" and rec["duration"] > 0
+    assert resp["request_bytes"] > 0 and resp["response_bytes"] > 0
+    assert '"body_size": 29' in resp["response_body"]
+    assert "upstream-service-token" not in json.dumps(req)
+    assert req.get("headers", {}).get("content-type") == "application/json"
+    masked = gw.record(lambda r: r["text"] == "GET /json/user" and r["finished_at"])
+    assert "hunter2" not in masked["response"]["response_body"] and masked["masked"]["pii"] >= 3
+    assert masked["facts"] == {"method": "GET", "host": "127.0.0.1", "path": "/json/user"}

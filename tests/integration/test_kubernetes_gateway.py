@@ -1,0 +1,236 @@
+"""The real kubectl (/usr/bin/kubectl) through the real gatekeep to a FAKE Kubernetes API server.
+
+No Kubernetes API server can run on the test machine, so the upstream is
+``tests.support.fake_kube.FakeKubeAPI``: a small stand-in that serves what
+kubectl needs for these commands (discovery, pods and secrets, watch, delete,
+logs, exec over WebSocket). kubectl, gatekeep and the kubeconfig are real:
+kubectl talks HTTPS to gatekeep with a kubeconfig printed by
+``gatekeep kubeconfig``, gatekeep talks to the fake with the service account
+token only gatekeep knows.
+"""
+
+import json
+import os
+import subprocess
+
+import pytest
+import yaml
+
+from tests.support.fake_kube import FakeKubeAPI
+from tests.support.gatekeep_process import REPO_ROOT, tcp_listen
+from tests.support.identities import make_identity
+from tests.support.ports import free_port
+
+KUBECTL = "/usr/bin/kubectl"
+SA_TOKEN = "fake-service-account-token"
+GATEKEEP = os.path.join(os.path.dirname(os.path.abspath(__import__("sys").executable)), "gatekeep")
+
+
+def _env(gk):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO_ROOT
+    env["GATEKEEP_CONFIG"] = gk.config_path
+    return env
+
+
+@pytest.fixture(scope="module")
+def kube(gatekeep_module, tls_files, tmp_path_factory):
+    api = FakeKubeAPI(SA_TOKEN).start()
+    tokens, entries = {}, []
+    for name, groups in (("alice", ["ops"]), ("agent", ["agents"])):
+        tokens[name], entry = make_identity(name, groups)
+        entries.append(entry)
+    port = free_port()
+    config = {
+        "identities": entries,
+        "targets": [{
+            "name": "cluster",
+            "protocol": "kubernetes",
+            "listen": tcp_listen(port),
+            "tls": {"cert": "file:" + tls_files.gateway_cert, "key": "file:" + tls_files.gateway_key},
+            "upstream": {"url": "http://127.0.0.1:%d" % api.port},
+            "credentials": {"bearer": "env:KUBE_SA_TOKEN"},
+        }],
+        "policies": [
+            {"name": "agents-never-delete", "match": {"groups": ["agents"], "verbs": ["delete", "deletecollection"]},
+             "action": "deny", "reason": "agents may not delete"},
+            {"name": "no-exec-in-kube-system", "match": {"resources": ["pods/exec"], "namespaces": ["kube-system"]},
+             "action": "deny"},
+        ],
+    }
+    gk = gatekeep_module(config, env={"KUBE_SA_TOKEN": SA_TOKEN})
+    home = tmp_path_factory.mktemp("kube")
+    configs = {}
+    for name in tokens:
+        out = subprocess.run([GATEKEEP, "kubeconfig", "cluster", "--identity", name, "--token", tokens[name],
+                              "--ca", tls_files.ca_cert], env=_env(gk), capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        path = home / ("%s.kubeconfig" % name)
+        path.write_text(out.stdout)
+        configs[name] = str(path)
+    yield gk, api, configs, str(home)
+    api.stop()
+
+
+def kubectl(kube, user, *args, input=None, timeout=60):
+    gk, api, configs, home = kube
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home, "KUBECONFIG": configs[user]}
+    return subprocess.run([KUBECTL, "--request-timeout=20s", *args], env=env, capture_output=True, text=True,
+                          input=input, timeout=timeout)
+
+
+def sessions(gk):
+    out = subprocess.run([GATEKEEP, "sessions", "list", "--json", "--limit", "500"], env=_env(gk),
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def show(gk, session_id):
+    out = subprocess.run([GATEKEEP, "sessions", "show", session_id, "--json"], env=_env(gk),
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def records(gk, wait_for=None, tries=40):
+    """Every operation recorded so far (waits for the recorder to catch up with ``wait_for(records)``)."""
+    import time
+
+    for _ in range(tries):
+        found = []
+        for s in sessions(gk):
+            found.extend(dict(r, session=s["id"]) for r in show(gk, s["id"])["records"])
+        if wait_for is None or wait_for(found):
+            return found
+        time.sleep(0.1)
+    return found
+
+
+def test_kubectl_version_is_one_that_tries_websocket_first():
+    """The kubectl on the machine is 1.30 or newer (exec over WebSocket first)."""
+    out = subprocess.run([KUBECTL, "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=30)
+    version = json.loads(out.stdout)["clientVersion"]
+    assert (int(version["major"]), int(version["minor"].rstrip("+"))) >= (1, 30)
+
+
+def test_kubeconfig_points_at_gatekeep(kube, tls_files):
+    """gatekeep kubeconfig prints a config with the target's https URL, the CA and the token."""
+    gk, api, configs, home = kube
+    cfg = yaml.safe_load(open(configs["alice"]))
+    cluster = cfg["clusters"][0]["cluster"]
+    assert cluster["server"] == "https://127.0.0.1:%d" % gk.ports["cluster"]
+    assert "certificate-authority-data" in cfg["clusters"][0]["cluster"]
+    assert cfg["users"][0]["user"]["token"] and cfg["current-context"] == cfg["contexts"][0]["name"]
+
+
+def test_get_pods(kube):
+    """kubectl get pods prints the fake's pods as a table, through gatekeep with the injected token."""
+    gk, api, configs, home = kube
+    out = kubectl(kube, "alice", "get", "pods")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:3] == ["NAME", "READY", "STATUS"]
+    assert {l.split()[0] for l in lines[1:]} >= {"web-0", "web-1"}
+    listed = [r for r in api.requests if r["path"] == "/api/v1/namespaces/default/pods"]
+    assert listed and all(r["headers"]["Authorization"] == "Bearer " + SA_TOKEN for r in listed)
+
+
+def test_get_secret_yaml_is_masked(kube):
+    """kubectl get secret -o yaml shows masked data, and the last-applied annotation is masked too."""
+    out = kubectl(kube, "alice", "get", "secret", "db-creds", "-o", "yaml")
+    assert out.returncode == 0, out.stderr
+    doc = yaml.safe_load(out.stdout)
+    assert doc["data"] == {"password": "KioqKg==", "username": "KioqKg=="}
+    assert "czNjcjN0" not in out.stdout and "s3cr3t" not in out.stdout
+    applied = json.loads(doc["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"])
+    assert applied["stringData"] == {"password": "****"}
+
+
+def test_list_and_watch_secrets_are_masked(kube):
+    """Secrets in a list (-o json) and in a watch stream come back masked, event by event."""
+    out = kubectl(kube, "alice", "get", "secrets", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["items"][0]["data"]["password"] == "KioqKg=="
+    out = kubectl(kube, "alice", "get", "secrets", "--watch", "--output-watch-events", "-o", "json", timeout=30)
+    assert "czNjcjN0" not in out.stdout and '"KioqKg=="' in out.stdout, out.stdout + out.stderr
+
+
+def test_delete_pod_denied_with_kubectls_own_error(kube):
+    """kubectl delete pod by an agent: 'Error from server (Forbidden)' naming the rule, and the pod stays."""
+    gk, api, configs, home = kube
+    out = kubectl(kube, "agent", "delete", "pod", "web-0")
+    assert out.returncode != 0
+    assert out.stderr.startswith('Error from server (Forbidden): pods "web-0" is forbidden:'), out.stderr
+    assert "rule agents-never-delete" in out.stderr and "agents may not delete" in out.stderr
+    assert not any(r["method"] == "DELETE" and r["path"].endswith("/web-0") for r in api.requests)
+    found = records(gk, lambda rs: any(r["action"] == "deny" for r in rs))
+    denied = [r for r in found if r["action"] == "deny"]
+    assert denied[0]["rule"] == "agents-never-delete" and denied[0]["facts"]["verb"] == "delete"
+
+
+def test_delete_pod_allowed_waits_on_its_watch(kube):
+    """kubectl delete pod by alice goes through; kubectl waits on the watch until the DELETED event."""
+    gk, api, configs, home = kube
+    out = kubectl(kube, "alice", "delete", "pod", "web-1")
+    assert out.returncode == 0, out.stderr
+    assert 'pod "web-1" deleted' in out.stdout
+    assert any("watch=true" in r["query"] or "watch=1" in r["query"] for r in api.requests
+               if r["path"] == "/api/v1/namespaces/default/pods")
+    assert "web-1" not in api.pods
+
+
+def test_logs_follow_streams(kube):
+    """kubectl logs -f relays the log stream."""
+    out = kubectl(kube, "alice", "logs", "-f", "web-0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["log line 0", "log line 1", "log line 2"]
+
+
+def test_exec_is_relayed_recorded_and_replayable(kube):
+    """kubectl exec -i over WebSocket: stdin reaches the pod, stdout comes back, both are recorded and replay."""
+    gk, api, configs, home = kube
+    out = kubectl(kube, "alice", "exec", "-i", "web-0", "--", "cat", input="hello from stdin\nsecond line\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "hello from stdin\nsecond line\n"
+    upgraded = [r for r in api.requests if r["path"].endswith("/web-0/exec")]
+    assert upgraded and upgraded[-1]["headers"].get("Upgrade", "").lower() == "websocket"
+
+    def has_exec(rs):
+        return any(r["text"].startswith("GET /api/v1/namespaces/default/pods/web-0/exec") and r["status"] == "101"
+                   and r["finished_at"] for r in rs)
+
+    found = records(gk, has_exec)
+    op = next(r for r in found if r["text"].startswith("GET /api/v1/namespaces/default/pods/web-0/exec"))
+    assert op["facts"]["subresource"] == "exec" and op["facts"]["verb"] == "create"
+    exported = subprocess.run([GATEKEEP, "sessions", "export", op["session"], "--format", "json"], env=_env(gk),
+                              capture_output=True, text=True, timeout=30)
+    streams = json.loads(exported.stdout)["streams"]
+    events = streams["exec-%d" % op["seq"]]
+    inputs = "".join(e[2] for e in events if e[1] == "i")
+    outputs = "".join(e[2] for e in events if e[1] == "o")
+    assert "hello from stdin" in inputs and "second line" in outputs
+    assert any(e[1] == "m" and e[2] == "exit 0" for e in events)
+    replay = subprocess.run([GATEKEEP, "sessions", "replay", op["session"], "--no-wait"], env=_env(gk),
+                            capture_output=True, text=True, timeout=30)
+    assert replay.returncode == 0, replay.stderr
+    assert replay.stdout == "hello from stdin\nsecond line\n"
+
+
+def test_exec_denied_by_namespace_rule(kube):
+    """kubectl exec into kube-system is denied with kubectl's Forbidden error."""
+    out = kubectl(kube, "alice", "exec", "-n", "kube-system", "web-0", "--", "echo", "hi")
+    assert out.returncode != 0
+    assert "Forbidden" in out.stderr or "forbidden" in out.stderr, out.stderr
+
+
+def test_wrong_token_is_unauthorized(kube, tmp_path):
+    """A kubeconfig with a wrong token gets kubectl's 'must be logged in' error."""
+    gk, api, configs, home = kube
+    cfg = yaml.safe_load(open(configs["alice"]))
+    cfg["users"][0]["user"]["token"] = "not-a-token"
+    bad = tmp_path / "bad.kubeconfig"
+    bad.write_text(yaml.safe_dump(cfg))
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": home, "KUBECONFIG": str(bad)}
+    out = subprocess.run([KUBECTL, "get", "pods"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "Unauthorized" in out.stderr, out.stderr

@@ -1,0 +1,750 @@
+"""Policy, masking and recording through the real gatekeep process, with real psql and psycopg, to the real server.
+
+One gateway serves the module (policies and masking in tests/integration/policy_helpers.py):
+identities ``agent`` (group agents), ``dev`` (dev) and ``ops`` (ops). Every destructive
+attempt targets billing.gkpol_probe, which is restored before each test; a denied
+statement must come back as SQLSTATE 42501 naming the rule, and the server must never
+have seen it (its statement log is checked after a later statement of ours is logged).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from decimal import Decimal
+
+import psycopg
+import pytest
+from psycopg import errors as pgerr
+from psycopg.pq import TransactionStatus
+
+from tests.integration.policy_helpers import (
+    IDENTITIES, MASK_KEY_ENV, OPS_TABLE, PASSWORD_ENV, PLAIN, PROBE, PROBE_ROWS, SCRATCH, SETUP_SQL, TYPES,
+    Gateway, decode_text_array_binary, denial_text, ended_session, marker, policy_config, psql_errors, store_bytes,
+)
+from tests.support.identities import make_identity
+from tests.support.pgserver import INVOICES_ROWS, USERS_ROWS
+
+EMAIL_MASKED = {1: "****.com", 2: "****.com", 3: "****.com"}
+HMAC = re.compile(r"^hmac:[0-9a-f]{24}$")
+SECRETS = [e for _, _, e, _ in USERS_ROWS] + [s for _, _, _, s in USERS_ROWS] + [c for _, _, _, c in INVOICES_ROWS]
+
+
+@pytest.fixture(scope="module")
+def gw(gatekeep_module, pg_server):
+    pg_server.psql(SETUP_SQL)
+    tokens, entries = {}, []
+    for name, groups in IDENTITIES.items():
+        tokens[name], entry = make_identity(name, groups)
+        entries.append(entry)
+    env = {PASSWORD_ENV: pg_server.passwords["app_rw"], MASK_KEY_ENV: "gkpol-test-masking-key-0123456789"}
+    gk = gatekeep_module(policy_config(pg_server.port, entries), env=env)
+    yield Gateway(gk, tokens, pg_server)
+    pg_server.psql(f"DROP TABLE IF EXISTS {PROBE}, {SCRATCH}, {OPS_TABLE}, {PLAIN}, {TYPES};"
+                   " DROP PROCEDURE IF EXISTS public.gkpol_noop();")
+
+
+@pytest.fixture(autouse=True)
+def fresh_probe(gw):
+    gw.reset_probe()
+    yield
+
+
+def assert_denied(exc_or_text, rule):
+    """A psycopg error (or psql stderr) is gatekeep's 42501 naming ``rule``."""
+    if isinstance(exc_or_text, str):
+        errors = psql_errors(exc_or_text)
+        assert errors, exc_or_text
+        code, message = errors[0]
+    else:
+        code, message = exc_or_text.sqlstate, exc_or_text.diag.message_primary
+    assert (code, message) == ("42501", denial_text(rule))
+
+
+def run(conn, sql):
+    """Run one statement the way an application would: COPY through the COPY API, the rest with execute."""
+    with conn.cursor() as cur:
+        if re.match(r"(?is)^\s*COPY\b.*\bFROM\s+STDIN", sql):
+            with cur.copy(sql) as copy:
+                copy.write(b"20\tcopied\n")
+            return None
+        if re.match(r"(?is)^\s*COPY\b.*\bTO\s+STDOUT", sql):
+            with cur.copy(sql) as copy:
+                return b"".join(bytes(chunk) for chunk in copy)
+        cur.execute(sql)
+        return cur.fetchall() if cur.description else cur.statusmessage
+
+
+# -- every statement kind ---------------------------------------------------------------------------
+
+KINDS = [
+    # (id, identity, statements run in order on one session, rule that denies the last one or None)
+    ("select", "agent", ["SELECT count(*) FROM billing.invoices"], None),
+    ("select-billing-probe", "agent", [f"SELECT * FROM {PROBE}"], None),
+    ("insert", "agent", [f"INSERT INTO {SCRATCH} VALUES (10, 'a')"], None),
+    ("insert-billing", "agent", [f"INSERT INTO {PROBE} VALUES (10, 'a')"], "agents-read-only-on-billing"),
+    ("update", "agent", [f"INSERT INTO {SCRATCH} VALUES (10, 'a')", f"UPDATE {SCRATCH} SET v = 'b' WHERE id = 10"],
+     None),
+    ("update-billing", "agent", [f"UPDATE {PROBE} SET v = 'b' WHERE id = 1"], "agents-read-only-on-billing"),
+    ("update-unbounded", "agent", [f"UPDATE {SCRATCH} SET v = 'b'"], "no-unbounded-writes"),
+    ("delete", "agent", [f"DELETE FROM {SCRATCH} WHERE id = 10"], None),
+    ("delete-billing", "agent", [f"DELETE FROM {PROBE} WHERE id = 1"], "agents-read-only-on-billing"),
+    ("delete-billing-dev", "dev", [f"DELETE FROM {PROBE} WHERE id = 3"], None),
+    ("delete-unbounded-dev", "dev", [f"DELETE FROM {PROBE}"], "no-unbounded-writes"),
+    ("merge", "agent", [f"MERGE INTO {SCRATCH} s USING (VALUES (11)) v(id) ON s.id = v.id "
+                        "WHEN NOT MATCHED THEN INSERT VALUES (v.id, 'm')"], None),
+    ("merge-billing", "agent", [f"MERGE INTO {PROBE} p USING (VALUES (1)) v(id) ON p.id = v.id "
+                                "WHEN MATCHED THEN DELETE"], "agents-read-only-on-billing"),
+    ("ddl-create-agent", "agent", ["CREATE TABLE gkpol_agent_t (a int)"], "no-ddl-for-agents"),
+    ("ddl-drop-agent", "agent", [f"DROP TABLE {PROBE}"], "no-ddl-for-agents"),
+    ("ddl-alter-agent", "agent", [f"ALTER TABLE {SCRATCH} ADD COLUMN x int"], "no-ddl-for-agents"),
+    ("ddl-index-agent", "agent", [f"CREATE INDEX ON {SCRATCH} (v)"], "no-ddl-for-agents"),
+    ("ddl-dev", "dev", ["CREATE TABLE gkpol_dev_t (a int)", "DROP TABLE gkpol_dev_t"], None),
+    ("truncate-agent", "agent", [f"TRUNCATE {OPS_TABLE}"], "no-ddl-for-agents"),
+    ("truncate-ops", "ops", [f"TRUNCATE {OPS_TABLE}"], None),
+    ("grant-agent", "agent", [f"GRANT SELECT ON {SCRATCH} TO app_md5"], "no-ddl-for-agents"),
+    ("revoke-agent", "agent", [f"REVOKE SELECT ON {SCRATCH} FROM app_md5"], "no-ddl-for-agents"),
+    ("grant-revoke-dev", "dev", [f"GRANT SELECT ON {SCRATCH} TO app_md5", f"REVOKE SELECT ON {SCRATCH} FROM app_md5"],
+     None),
+    ("copy-from", "agent", [f"COPY {SCRATCH} FROM STDIN"], None),
+    ("copy-from-billing", "agent", [f"COPY {PROBE} FROM STDIN"], "agents-read-only-on-billing"),
+    ("copy-to", "agent", [f"COPY {PROBE} TO STDOUT"], None),
+    ("copy-program-dev", "dev", [f"COPY {SCRATCH} TO PROGRAM 'cat'"], "no-copy-program-or-role-switch"),
+    ("copy-from-program-dev", "dev", [f"COPY {SCRATCH} FROM PROGRAM 'echo 1'"], "no-copy-program-or-role-switch"),
+    ("call", "agent", ["CALL public.gkpol_noop()"], None),
+    ("do", "agent", ["DO $$BEGIN PERFORM 1; END$$"], None),
+    ("set-reset", "agent", ["SET work_mem = '8MB'", "RESET work_mem"], None),
+    ("show", "agent", ["SHOW work_mem"], None),
+    ("set-role-to-self", "agent", ["SET ROLE app_rw"], "no-copy-program-or-role-switch"),
+    ("reset-role-dev", "dev", ["RESET ROLE"], "no-copy-program-or-role-switch"),
+    ("set-session-authorization-dev", "dev", ["SET SESSION AUTHORIZATION app_rw"], "no-copy-program-or-role-switch"),
+    ("transaction", "agent", ["BEGIN", "SELECT 1", "SAVEPOINT s", "RELEASE SAVEPOINT s", "COMMIT"], None),
+    ("prepare-execute-deallocate", "agent", ["PREPARE gkpol_p(int) AS SELECT $1 + 1", "EXECUTE gkpol_p(1)",
+                                             "DEALLOCATE gkpol_p"], None),
+    ("listen-notify", "agent", ["LISTEN gkpol_ch", "NOTIFY gkpol_ch, 'x'", "UNLISTEN gkpol_ch"], None),
+    ("vacuum", "agent", [f"VACUUM {SCRATCH}"], None),
+    ("analyze", "agent", [f"ANALYZE {SCRATCH}"], None),
+    ("vacuum-analyze-ops", "ops", [f"VACUUM ANALYZE {OPS_TABLE}"], None),
+    ("explain", "agent", [f"EXPLAIN SELECT * FROM {PROBE}"], None),
+    ("explain-of-a-write-runs-nothing", "agent", [f"EXPLAIN DELETE FROM {PROBE} WHERE id = 1"], None),
+    ("lock-public", "agent", ["BEGIN", f"LOCK TABLE {SCRATCH}", "COMMIT"], None),
+    ("lock-billing", "agent", ["BEGIN", f"LOCK TABLE {PROBE}"], "agents-read-only-on-billing"),
+    ("declare-fetch", "agent", ["BEGIN", f"DECLARE gkpol_c CURSOR FOR SELECT * FROM {PROBE}", "FETCH 1 FROM gkpol_c",
+                                "CLOSE gkpol_c", "COMMIT"], None),
+]
+
+
+@pytest.mark.parametrize("user, statements, rule", [k[1:] for k in KINDS], ids=[k[0] for k in KINDS])
+def test_statement_kinds_are_allowed_or_denied_as_the_rules_say(gw, user, statements, rule):
+    """Each statement kind is allowed or denied (42501, naming the rule) as the configured policies say."""
+    pos = gw.log_position()
+    m = marker()
+    *before, last = statements
+    last = f"{last} /*gkpol:{m}*/" if not last.startswith("COPY") else last.replace(" ", f" /*gkpol:{m}*/ ", 1)
+    with gw.connect(user) as conn:
+        for sql in before:
+            run(conn, sql)
+        if rule is None:
+            run(conn, last)
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        else:
+            with pytest.raises(pgerr.InsufficientPrivilege) as e:
+                run(conn, last)
+            assert_denied(e.value, rule)
+    if rule is None:
+        gw.pg.wait_for_log(f"gkpol:{m}", since=pos)
+    else:
+        gw.assert_never_reached_server(f"gkpol:{m}", pos)
+        assert gw.probe_rows() == PROBE_ROWS
+
+
+def test_allowed_writes_reach_the_server(gw):
+    """Allowed INSERT/UPDATE/MERGE/COPY FROM through the gateway change the server's data."""
+    with gw.connect("agent") as conn:
+        run(conn, f"INSERT INTO {SCRATCH} VALUES (30, 'a')")
+        run(conn, f"UPDATE {SCRATCH} SET v = 'b' WHERE id = 30")
+        run(conn, f"MERGE INTO {SCRATCH} s USING (VALUES (31)) v(id) ON s.id = v.id "
+                  "WHEN NOT MATCHED THEN INSERT VALUES (v.id, 'm')")
+        run(conn, f"COPY {SCRATCH} FROM STDIN")
+    assert gw.direct_rows(f"SELECT id, v FROM {SCRATCH} ORDER BY id") == [(20, "copied"), (30, "b"), (31, "m")]
+    with gw.connect("dev") as conn:
+        run(conn, f"DELETE FROM {PROBE} WHERE id = 3")
+    assert gw.probe_rows() == PROBE_ROWS[:2]
+
+
+# -- the bypass corpus -------------------------------------------------------------------------------
+
+BILLING = "agents-read-only-on-billing"
+FUNCS = "no-file-or-network-functions"
+PROG_ROLE = "no-copy-program-or-role-switch"
+UNJ = "unjudgeable"
+
+CORPUS = [
+    ("case", "DeLeTe /*gkpol:{m}*/ FrOm BiLlInG.GkPoL_PrObE WHERE id = 1", BILLING),
+    ("double-quotes", 'DELETE /*gkpol:{m}*/ FROM "billing"."gkpol_probe" WHERE id = 1', BILLING),
+    ("comments-between-tokens", "DELETE /*gkpol:{m}*/ FROM billing /* . */ . /* x */ gkpol_probe WHERE /*c*/ id = 1",
+     BILLING),
+    ("nested-comments", "DELETE /*gkpol:{m}*/ FROM /* a /* nested */ b */ billing.gkpol_probe WHERE id = 1", BILLING),
+    ("unicode-escapes", 'DELETE /*gkpol:{m}*/ FROM U&"bill\\0069ng".U&"gkpol_prob\\0065" WHERE id = 1', BILLING),
+    ("unicode-escapes-uescape", "DELETE /*gkpol:{m}*/ FROM U&\"bill!0069ng\" UESCAPE '!'.gkpol_probe WHERE id = 1",
+     BILLING),
+    ("dollar-quoted-do", "DO /*gkpol:{m}*/ $gk$BEGIN DELETE FROM billing.gkpol_probe WHERE id = 1; END$gk$", BILLING),
+    ("nested-dollar-quotes", "DO /*gkpol:{m}*/ $a$BEGIN EXECUTE $b$DELETE FROM billing.gkpol_probe WHERE id = 1$b$; "
+                             "END$a$", BILLING),
+    ("delete-in-do", "DO /*gkpol:{m}*/ $$BEGIN DELETE FROM billing.gkpol_probe; END$$", BILLING),
+    ("unbounded-delete-in-do", "DO /*gkpol:{m}*/ $$BEGIN DELETE FROM public.gkpol_scratch; END$$",
+     "no-unbounded-writes"),
+    ("execute-string-in-do", "DO /*gkpol:{m}*/ $$BEGIN EXECUTE 'DELETE FROM billing.gkpol_probe WHERE id = 1'; END$$",
+     BILLING),
+    ("dynamic-sql-in-do", "DO /*gkpol:{m}*/ $$BEGIN EXECUTE 'DELETE FROM billing.' || 'gkpol_probe'; END$$", UNJ),
+    ("format-in-do", "DO /*gkpol:{m}*/ $$BEGIN EXECUTE format('DELETE FROM %I.%I', 'billing', 'gkpol_probe'); END$$",
+     UNJ),
+    ("do-other-language", "DO /*gkpol:{m}*/ LANGUAGE plperl $$ 1; $$", UNJ),
+    ("data-modifying-cte", "WITH d AS (DELETE /*gkpol:{m}*/ FROM billing.gkpol_probe WHERE id = 1 RETURNING *) "
+                           "SELECT count(*) FROM d", BILLING),
+    ("cte-insert", "WITH i AS (INSERT /*gkpol:{m}*/ INTO billing.gkpol_probe VALUES (9, 'x') RETURNING *) "
+                   "SELECT * FROM i", BILLING),
+    ("explain-analyze", "EXPLAIN ANALYZE DELETE /*gkpol:{m}*/ FROM billing.gkpol_probe WHERE id = 1", BILLING),
+    ("explain-analyze-options", "EXPLAIN (ANALYZE true, COSTS off) UPDATE /*gkpol:{m}*/ billing.gkpol_probe "
+                                "SET v = 'x' WHERE id = 1", BILLING),
+    ("explain-analyze-json", "EXPLAIN (FORMAT json, ANALYZE) DELETE /*gkpol:{m}*/ FROM billing.gkpol_probe "
+                             "WHERE id = 1", BILLING),
+    ("prepare", "PREPARE gkpol_wipe /*gkpol:{m}*/ AS DELETE FROM billing.gkpol_probe WHERE id = 1", BILLING),
+    ("execute-unknown", "EXECUTE gkpol_never_prepared /*gkpol:{m}*/", UNJ),
+    ("explain-analyze-execute-unknown", "EXPLAIN ANALYZE EXECUTE gkpol_never_prepared /*gkpol:{m}*/", UNJ),
+    ("pg_read_file", "SELECT /*gkpol:{m}*/ pg_read_file('PG_VERSION')", FUNCS),
+    ("pg_read_file-quoted", "SELECT /*gkpol:{m}*/ \"pg_read_file\"('PG_VERSION')", FUNCS),
+    ("pg_read_file-upper", "SELECT /*gkpol:{m}*/ PG_READ_FILE('PG_VERSION')", FUNCS),
+    ("pg_read_binary_file", "SELECT /*gkpol:{m}*/ pg_catalog.pg_read_binary_file('PG_VERSION')", FUNCS),
+    ("pg_ls_dir-from", "SELECT * FROM pg_catalog.pg_ls_dir('.') /*gkpol:{m}*/", FUNCS),
+    ("pg_ls_dir-subquery", "SELECT * FROM (SELECT pg_ls_dir('.')) s /*gkpol:{m}*/", FUNCS),
+    ("pg_ls_dir-in-where", "SELECT 1 /*gkpol:{m}*/ WHERE EXISTS (SELECT pg_ls_dir('.'))", FUNCS),
+    ("lo_export", "SELECT /*gkpol:{m}*/ lo_export(0, '/tmp/gkpol-lo')", FUNCS),
+    ("lo_import", "SELECT /*gkpol:{m}*/ lo_import('/etc/hostname')", FUNCS),
+    ("dblink_connect", "SELECT /*gkpol:{m}*/ dblink_connect('host=127.0.0.1 dbname=app')", FUNCS),
+    ("dblink", "SELECT * FROM public.dblink('dbname=app', 'SELECT 1') AS t(a int) /*gkpol:{m}*/", FUNCS),
+    ("file-function-in-do", "DO /*gkpol:{m}*/ $$BEGIN PERFORM pg_read_file('PG_VERSION'); END$$", FUNCS),
+    ("copy-to-program", "COPY /*gkpol:{m}*/ billing.gkpol_probe TO PROGRAM 'cat > /tmp/gkpol-copy'", PROG_ROLE),
+    ("copy-query-to-program", "COPY /*gkpol:{m}*/ (SELECT 1) TO PROGRAM 'touch /tmp/gkpol-copy'", PROG_ROLE),
+    ("copy-from-program", "COPY /*gkpol:{m}*/ public.gkpol_scratch FROM PROGRAM 'echo 9'", PROG_ROLE),
+    ("set-role", "SET /*gkpol:{m}*/ ROLE postgres", PROG_ROLE),
+    ("set-local-role", "SET /*gkpol:{m}*/ LOCAL ROLE postgres", PROG_ROLE),
+    ("set-role-quoted", "SET /*gkpol:{m}*/ \"role\" TO 'postgres'", PROG_ROLE),
+    ("reset-role", "RESET /*gkpol:{m}*/ ROLE", PROG_ROLE),
+    ("set-session-authorization", "SET /*gkpol:{m}*/ SESSION AUTHORIZATION postgres", PROG_ROLE),
+    ("reset-session-authorization", "RESET /*gkpol:{m}*/ SESSION AUTHORIZATION", PROG_ROLE),
+    ("set-role-in-do", "DO /*gkpol:{m}*/ $$BEGIN SET ROLE postgres; END$$", PROG_ROLE),
+    ("multi-statement", "SELECT 1; DELETE /*gkpol:{m}*/ FROM billing.gkpol_probe WHERE id = 1", BILLING),
+    ("multi-statement-after-comment", "SELECT 1 -- harmless\n; DELETE /*gkpol:{m}*/ FROM billing.gkpol_probe "
+                                      "WHERE id = 1", BILLING),
+    ("unparseable", "DELEET /*gkpol:{m}*/ FROM billing.gkpol_probe", UNJ),
+]
+
+
+@pytest.mark.parametrize("sql, rule", [c[1:] for c in CORPUS], ids=[c[0] for c in CORPUS])
+def test_bypass_corpus_psql(gw, sql, rule):
+    """Through psql (simple protocol) every bypass attempt is denied with 42501 naming the rule and never runs."""
+    m = marker()
+    pos = gw.log_position()
+    text = sql.format(m=m)
+    out = gw.psql(text + ";\n")
+    assert out.returncode != 0
+    assert_denied(out.stderr, rule)
+    gw.assert_never_reached_server(f"gkpol:{m}", pos)
+    assert gw.probe_rows() == PROBE_ROWS
+
+
+@pytest.mark.parametrize("sql, rule", [c[1:] for c in CORPUS], ids=[c[0] for c in CORPUS])
+def test_bypass_corpus_psycopg_extended(gw, sql, rule):
+    """Through psycopg's extended protocol every bypass attempt is denied at Parse, and the session stays usable."""
+    m = marker()
+    pos = gw.log_position()
+    with gw.connect("agent") as conn:
+        with pytest.raises(pgerr.InsufficientPrivilege) as e:
+            conn.execute(sql.format(m=m), binary=True)
+        assert_denied(e.value, rule)
+        assert conn.execute("SELECT %s::int + 1", [41]).fetchone() == (42,)
+    gw.assert_never_reached_server(f"gkpol:{m}", pos)
+    assert gw.probe_rows() == PROBE_ROWS
+
+
+def test_psql_backslash_semicolon_sends_one_denied_query(gw):
+    """psql's \\; joins statements into one Query; the hidden DELETE denies it all and nothing of it runs."""
+    m = marker()
+    pos = gw.log_position()
+    out = gw.psql(f"SELECT 'gkpol:{m}-a' \\; DELETE FROM billing.gkpol_probe WHERE id = 1 \\; "
+                  f"SELECT 'gkpol:{m}-b';\n")
+    assert_denied(out.stderr, BILLING)
+    assert out.stdout.strip() == ""
+    gw.assert_never_reached_server(f"gkpol:{m}", pos)
+    assert gw.probe_rows() == PROBE_ROWS
+
+
+def test_multi_statement_query_via_psycopg_is_denied_whole(gw):
+    """A multi-statement simple Query from psycopg is denied as a whole: its harmless INSERT does not run either."""
+    with gw.connect("agent") as conn:
+        with pytest.raises(pgerr.InsufficientPrivilege) as e:
+            conn.execute(f"INSERT INTO {SCRATCH} VALUES (50, 'x'); DELETE FROM {PROBE} WHERE id = 2")
+        assert_denied(e.value, BILLING)
+    assert gw.direct_rows(f"SELECT count(*) FROM {SCRATCH}") == [(0,)]
+    assert gw.probe_rows() == PROBE_ROWS
+
+
+def test_prepared_statement_judged_at_execute_as_prepared(gw):
+    """A PREPARE that was allowed runs through EXECUTE; a denied PREPARE leaves EXECUTE unjudgeable (denied)."""
+    with gw.connect("agent") as conn:
+        conn.execute("PREPARE gkpol_ok(int) AS SELECT v FROM billing.gkpol_probe WHERE id = $1")
+        assert conn.execute("EXECUTE gkpol_ok(2)").fetchall() == [("two",)]
+        with pytest.raises(pgerr.InsufficientPrivilege) as e:
+            conn.execute("PREPARE gkpol_bad(int) AS DELETE FROM billing.gkpol_probe WHERE id = $1")
+        assert_denied(e.value, BILLING)
+        with pytest.raises(pgerr.InsufficientPrivilege) as e:
+            conn.execute("EXECUTE gkpol_bad(1)")
+        assert_denied(e.value, UNJ)
+    with gw.connect("dev") as conn:
+        # dev may delete billing rows, but EXECUTE is still judged as the body: unbounded deletes stay denied
+        conn.execute("PREPARE gkpol_all AS DELETE FROM public.gkpol_scratch WHERE id > 0")
+        conn.execute("EXECUTE gkpol_all")
+        with pytest.raises(pgerr.InsufficientPrivilege):
+            conn.execute("PREPARE gkpol_all2 AS DELETE FROM billing.gkpol_probe")
+    assert gw.probe_rows() == PROBE_ROWS
+
+
+# -- denial and transaction state ---------------------------------------------------------------------
+
+
+def test_denial_inside_a_transaction_fails_the_block_and_commit_rolls_back(gw):
+    """After a denial in BEGIN, statements fail with 25P02, COMMIT answers ROLLBACK, and nothing reaches the data."""
+    with gw.connect("agent") as conn:
+        conn.execute("BEGIN")
+        conn.execute(f"INSERT INTO {SCRATCH} VALUES (100, 'in-tx')")
+        with pytest.raises(pgerr.InsufficientPrivilege) as e:
+            conn.execute(f"DELETE FROM {PROBE} WHERE id = 1")
+        assert_denied(e.value, BILLING)
+        assert conn.info.transaction_status == TransactionStatus.INERROR
+        with pytest.raises(pgerr.InFailedSqlTransaction):
+            conn.execute("SELECT 1")
+        cur = conn.execute("COMMIT")
+        assert cur.statusmessage == "ROLLBACK"
+        assert conn.info.transaction_status == TransactionStatus.IDLE
+        assert conn.execute("SELECT count(*) FROM public.gkpol_scratch").fetchone() == (0,)
+    assert gw.direct_rows(f"SELECT count(*) FROM {SCRATCH}") == [(0,)]
+    assert gw.probe_rows() == PROBE_ROWS
+
+
+def test_denial_inside_a_transaction_with_psql(gw):
+    """psql sees 42501, then 25P02 for the next statement, and the transaction's insert is not committed."""
+    out = gw.psql(
+        "BEGIN;\n"
+        f"INSERT INTO {SCRATCH} VALUES (101, 'in-tx');\n"
+        f"DELETE FROM {PROBE} WHERE id = 1;\n"
+        "\\echo after-denial :SQLSTATE\n"
+        "SELECT 1;\n"
+        "\\echo after-select :SQLSTATE\n"
+        "COMMIT;\n"
+        "SELECT 'usable';\n", stop_on_error=False)
+    assert [c for c, _ in psql_errors(out.stderr)] == ["42501", "25P02"]
+    assert out.stdout.splitlines() == ["after-denial 42501", "after-select 25P02", "usable"]
+    assert gw.direct_rows(f"SELECT count(*) FROM {SCRATCH}") == [(0,)]
+
+
+def test_savepoint_rollback_recovers_from_a_denial(gw):
+    """ROLLBACK TO SAVEPOINT after a denial recovers the block exactly as on the server: later work commits."""
+    with gw.connect("agent") as conn:
+        conn.execute("BEGIN")
+        conn.execute("SAVEPOINT s")
+        with pytest.raises(pgerr.InsufficientPrivilege):
+            conn.execute(f"DELETE FROM {PROBE} WHERE id = 1")
+        conn.execute("ROLLBACK TO SAVEPOINT s")
+        conn.execute(f"INSERT INTO {SCRATCH} VALUES (102, 'after-savepoint')")
+        assert conn.execute("COMMIT").statusmessage == "COMMIT"
+    assert gw.direct_rows(f"SELECT id FROM {SCRATCH}") == [(102,)]
+
+
+def test_simple_query_denial_is_error_then_ready_for_query(gw):
+    """On the wire a denied Query is exactly ErrorResponse (42501, rule, detail, hint) then ReadyForQuery."""
+    with gw.raw("agent") as c:
+        c.send(c.query(f"DELETE FROM {PROBE} WHERE id = 1"))
+        messages = c.until_ready()
+        assert [t for t, _ in messages] == [b"E", b"Z"]
+        fields = messages[0][1]
+        assert (fields["S"], fields["C"], fields["M"]) == ("ERROR", "42501", denial_text(BILLING))
+        assert "H" in fields
+        assert messages[1][1] == b"I"
+        c.send(c.query("BEGIN"), c.query(f"DELETE FROM {PROBE} WHERE id = 1"))
+        assert c.until_ready()[-1] == (b"Z", b"T")
+        messages = c.until_ready()
+        assert [t for t, _ in messages] == [b"E", b"Z"] and messages[1][1] == b"E"
+        c.send(c.query("ROLLBACK"))
+        assert c.until_ready()[-1] == (b"Z", b"I")
+
+
+def test_extended_denial_comes_at_parse_and_skips_to_sync(gw):
+    """A denied Parse answers ErrorResponse 42501 and nothing else until Sync's ReadyForQuery; the next batch works."""
+    with gw.raw("agent") as c:
+        c.send(c.parse(f"DELETE FROM {PROBE} WHERE id = $1"), c.bind(params=[b"1"]), c.describe_portal(),
+               c.execute(), c.sync())
+        messages = c.until_ready()
+        assert [t for t, _ in messages] == [b"E", b"Z"]
+        assert (messages[0][1]["C"], messages[0][1]["M"]) == ("42501", denial_text(BILLING))
+        assert messages[1][1] == b"I"
+        c.send(c.parse("SELECT v FROM billing.gkpol_probe WHERE id = $1"), c.bind(params=[b"2"]),
+               c.describe_portal(), c.execute(), c.sync())
+        messages = c.until_ready()
+        assert [t for t, _ in messages] == [b"1", b"2", b"T", b"D", b"C", b"Z"]
+        assert messages[3][1].endswith(b"two")
+    assert gw.probe_rows() == PROBE_ROWS
+
+
+def test_psycopg_extended_denial_then_session_usable(gw):
+    """psycopg with parameters gets 42501 at Parse; the same connection runs prepared and unprepared queries after."""
+    with gw.connect("agent") as conn:
+        with pytest.raises(pgerr.InsufficientPrivilege) as e:
+            conn.execute(f"DELETE FROM {PROBE} WHERE id = %s", [1])
+        assert_denied(e.value, BILLING)
+        with pytest.raises(pgerr.InsufficientPrivilege):
+            conn.execute(f"UPDATE {PROBE} SET v = %s WHERE id = %s", ["x", 1], prepare=True)
+        for i in range(1, 4):
+            assert conn.execute(f"SELECT v FROM {PROBE} WHERE id = %s", [i], prepare=True).fetchone() == \
+                (PROBE_ROWS[i - 1][1],)
+        assert conn.execute("SELECT %s::int", [5], binary=True).fetchone() == (5,)
+    assert gw.probe_rows() == PROBE_ROWS
+
+
+def test_pipeline_with_a_denied_statement_commits_nothing_of_its_sync_group(gw):
+    """In a pipeline the denied statement fails its Sync group: the INSERT before it is rolled back, the one after skipped."""
+    with gw.connect("agent") as conn:
+        with pytest.raises(pgerr.InsufficientPrivilege) as e:
+            with conn.pipeline():
+                conn.execute(f"INSERT INTO {SCRATCH} VALUES (%s, 'before')", [200])
+                conn.execute(f"DELETE FROM {PROBE} WHERE id = %s", [1])
+                conn.execute(f"INSERT INTO {SCRATCH} VALUES (%s, 'after')", [201])
+        assert_denied(e.value, BILLING)
+        with conn.pipeline():
+            a = conn.execute("SELECT %s::int", [1])
+            b = conn.execute(f"INSERT INTO {SCRATCH} VALUES (%s, 'later') RETURNING id", [202])
+        assert a.fetchone() == (1,) and b.fetchone() == (202,)
+    assert gw.direct_rows(f"SELECT id FROM {SCRATCH} ORDER BY id") == [(202,)]
+    assert gw.probe_rows() == PROBE_ROWS
+
+
+# -- masking ------------------------------------------------------------------------------------------
+
+
+def _check_users(rows):
+    """id, name, email, ssn rows of users as the agent must see them."""
+    assert [r[:2] for r in rows] == [(i, n) for i, n, _, _ in USERS_ROWS]
+    assert [r[2] for r in rows] == ["****.com"] * 3
+    assert all(HMAC.match(r[3]) for r in rows)
+    assert len({r[3] for r in rows}) == 3
+
+
+def test_masking_psql_text(gw):
+    """psql gets users with email partially masked, ssn as a keyed hash, and the other columns intact."""
+    out = gw.psql("SELECT id, name, email, ssn FROM users ORDER BY id;\n", check=True)
+    rows = [line.split("|") for line in out.stdout.splitlines()]
+    _check_users([(int(a), b, c, d) for a, b, c, d in rows])
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+@pytest.mark.parametrize("prepare", [False, True], ids=["unprepared", "prepared"])
+def test_masking_psycopg_formats_and_prepared(gw, binary, prepare):
+    """psycopg in text and binary format, prepared or not and executed repeatedly, gets the same masked users."""
+    with gw.connect("agent") as conn:
+        seen = []
+        for _ in range(3):
+            if prepare or binary:
+                cur = conn.execute("SELECT id, name, email, ssn FROM users WHERE id > %s ORDER BY id", [0],
+                                   binary=binary, prepare=prepare)
+            else:
+                cur = conn.execute("SELECT id, name, email, ssn FROM users ORDER BY id")
+            rows = cur.fetchall()
+            _check_users(rows)
+            seen.append(rows)
+        assert seen[0] == seen[1] == seen[2]
+        text_rows = conn.execute("SELECT id, name, email, ssn FROM users ORDER BY id").fetchall()
+        assert text_rows == seen[0], "the keyed hash is the same in every format and protocol"
+
+
+def test_masking_detectors_on_billing_cards(gw):
+    """Card numbers in billing.invoices are redacted by the credit_card detector in every format."""
+    with gw.connect("agent") as conn:
+        for binary in (False, True):
+            rows = conn.execute("SELECT id, amount, card FROM billing.invoices WHERE id > %s ORDER BY id", [0],
+                                binary=binary).fetchall()
+            assert rows == [(i, Decimal(a), "****") for i, _, a, _ in INVOICES_ROWS]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+def test_masked_typed_columns_keep_their_types(gw, binary):
+    """hash keeps int2/int4/int8/uuid/bytea typed (numeric only in text), json becomes a JSON string, null gives NULL."""
+    with gw.connect("agent") as conn:
+        cur = conn.execute(f"SELECT * FROM {TYPES} WHERE id > %s ORDER BY id", [0], binary=binary)
+        row, empty = cur.fetchall()
+    (id_, h_small, h_int, h_big, h_uuid, h_bytes, h_num, h_json, h_jsonb, h_text, n_secret, n_int) = row
+    assert id_ == 1
+    assert isinstance(h_small, int) and h_small != 7 and -2**15 <= h_small < 2**15
+    assert isinstance(h_int, int) and h_int != 123456 and -2**31 <= h_int < 2**31
+    assert isinstance(h_big, int) and h_big != 9000000000
+    assert isinstance(h_uuid, uuid.UUID) and str(h_uuid) != "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+    assert isinstance(h_bytes, bytes) and h_bytes != bytes.fromhex("deadbeef")
+    if binary:
+        assert h_num is None
+    else:
+        assert isinstance(h_num, Decimal) and h_num != Decimal("120.50")
+    assert isinstance(h_json, str) and HMAC.match(h_json)
+    assert isinstance(h_jsonb, str) and HMAC.match(h_jsonb)
+    assert HMAC.match(h_text)
+    assert n_secret is None and n_int is None
+    assert empty == (2,) + (None,) * 11
+
+
+def test_detector_masking_keeps_the_client_encoding(gw):
+    """With client_encoding LATIN1, a masked value keeps its other characters in the client's encoding."""
+    with gw.connect("agent") as conn:
+        conn.execute("SET client_encoding TO 'LATIN1'")
+        # the card number is assembled on the server: statement texts are recorded as sent
+        assert conn.execute("SELECT 'Jos' || chr(233) || ' paid 4111' || '111111111111'").fetchone() == \
+            ("José paid ****",)
+        assert conn.execute("SELECT 'Jos' || chr(233) || ' paid cash'").fetchone() == ("José paid cash",)
+
+
+def test_rows_without_masked_columns_are_byte_identical_to_direct(gw):
+    """Values of a table with nothing to mask are byte-for-byte what the server sends, text and binary."""
+    queries = [f"SELECT * FROM {PLAIN} ORDER BY id", "SELECT id, user_id, amount FROM billing.invoices ORDER BY id",
+               "SELECT id, name FROM users ORDER BY id"]
+
+    def raw(conn, sql, binary):
+        cur = conn.execute(sql, binary=binary) if binary else conn.execute(sql)
+        res = cur.pgresult
+        shape = [(res.fname(c), res.ftype(c), res.fformat(c)) for c in range(res.nfields)]
+        return shape, [[res.get_value(r, c) for c in range(res.nfields)] for r in range(res.ntuples)]
+
+    with gw.connect("agent") as via, gw.direct() as direct:
+        for sql in queries:
+            for binary in (False, True):
+                assert raw(via, sql, binary) == raw(direct, sql, binary), (sql, binary)
+
+
+def test_copy_users_to_stdout_is_masked_psql(gw):
+    """COPY users TO STDOUT through psql is masked by the same rules; fields and other columns stay intact."""
+    out = gw.psql("COPY users TO STDOUT;\n", check=True)
+    rows = [line.split("\t") for line in out.stdout.splitlines()]
+    assert len(rows) == 3 and all(len(r) == 4 for r in rows)
+    _check_users([(int(a), b, c, d) for a, b, c, d in rows])
+
+
+def test_copy_to_stdout_is_masked_psycopg(gw):
+    """COPY users with a column list via psycopg is masked in the listed order; COPY of an unmasked table is untouched."""
+    with gw.connect("agent") as conn:
+        data = run(conn, "COPY users (ssn, email, name) TO STDOUT")
+        rows = [line.split("\t") for line in data.decode().splitlines()]
+        assert [r[1:] for r in rows] == [["****.com", n] for _, n, _, _ in USERS_ROWS]
+        assert all(HMAC.match(r[0]) for r in rows)
+        plain = run(conn, f"COPY {PLAIN} TO STDOUT")
+    with gw.direct() as direct:
+        assert plain == run(direct, f"COPY {PLAIN} TO STDOUT"), "COPY rows with nothing to mask pass untouched"
+
+
+def test_copy_runs_detectors_on_tables_without_masked_columns(gw):
+    """COPY billing.invoices TO STDOUT has its card numbers redacted by the detectors, as SELECT does."""
+    with gw.connect("agent") as conn:
+        data = run(conn, "COPY billing.invoices TO STDOUT")
+    assert [line.split("\t")[3] for line in data.decode().splitlines()] == ["****"] * 4
+    out = gw.psql("COPY billing.invoices TO STDOUT;\n", check=True)
+    assert [line.split("\t")[3] for line in out.stdout.splitlines()] == ["****"] * 4
+
+
+@pytest.mark.parametrize("sql", [
+    "COPY (SELECT * FROM users) TO STDOUT",
+    "COPY users TO STDOUT WITH (FORMAT csv)",
+    "COPY users TO STDOUT WITH (FORMAT binary)",
+    "COPY users TO STDOUT CSV",
+], ids=["query", "csv", "binary", "csv-legacy"])
+def test_copy_forms_that_cannot_be_masked_are_refused(gw, sql):
+    """With masking on, COPY of a query or in csv/binary format is denied (rule masking), with psql and psycopg."""
+    out = gw.psql(sql + ";\n")
+    assert_denied(out.stderr, "masking")
+    with gw.connect("agent") as conn:
+        with pytest.raises(pgerr.InsufficientPrivilege) as e:
+            run(conn, sql)
+        assert_denied(e.value, "masking")
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+# -- recording ----------------------------------------------------------------------------------------
+
+
+def test_recording_holds_decisions_masked_counts_and_no_secret(gw):
+    """Each record holds rule/action/kinds/tables and masked counts per rule and detector; no secret is in the store."""
+    app = "gkpol-rec-" + marker()
+    with gw.connect("agent", application_name=app) as conn:
+        conn.execute("SELECT id, name, email, ssn FROM users ORDER BY id").fetchall()
+        with pytest.raises(pgerr.InsufficientPrivilege):
+            conn.execute(f"DELETE FROM {PROBE} WHERE id = 1")
+        conn.execute("SELECT card FROM billing.invoices WHERE id <= %s", [2], binary=True).fetchall()
+        run(conn, "COPY users TO STDOUT")
+        with pytest.raises(pgerr.InsufficientPrivilege):
+            run(conn, "COPY (SELECT email FROM users) TO STDOUT")
+        conn.execute(f"SELECT * FROM {PLAIN}").fetchall()
+    records = ended_session(gw.gk, app)["records"]
+    summary = [(r["action"], r["rule"], r["facts"], r["error_code"], r["masked"]) for r in records]
+    assert summary == [
+        ("allow", None, {"kinds": ["select"], "tables": ["users"]}, None, {"pii-email": 3, "pii-ssn": 3}),
+        ("deny", BILLING, {"kinds": ["delete"], "tables": ["billing.gkpol_probe"]}, "42501", None),
+        ("allow", None, {"kinds": ["select"], "tables": ["billing.invoices"]}, None, {"secrets/credit_card": 2}),
+        ("allow", None, {"kinds": ["copy_to"], "tables": ["users"]}, None, {"pii-email": 3, "pii-ssn": 3}),
+        ("deny", "masking", {"kinds": ["copy_to", "select"], "tables": ["users"]}, "42501", None),
+        ("allow", None, {"kinds": ["select"], "tables": ["public.gkpol_plain"]}, None, None),
+    ]
+    assert records[0]["rows"] == 3 and records[3]["rows"] == 3
+    data = store_bytes(gw.gk)
+    for secret in SECRETS:
+        assert secret.encode() not in data, f"{secret!r} is in the store"
+
+
+def test_recording_keeps_bind_parameters_masked(gw):
+    """A bind parameter carrying a card number is recorded masked, like the results it produced."""
+    app = "gkpol-rec-" + marker()
+    with gw.connect("agent", application_name=app) as conn:
+        got = conn.execute("SELECT %s::text AS note", ["paid with 4242424242424242"]).fetchone()
+        assert got == ("paid with ****",)
+    [record] = ended_session(gw.gk, app)["records"]
+    assert "4242424242424242" not in json.dumps(record["parameters"])
+    assert b"4242424242424242" not in store_bytes(gw.gk)
+
+
+# -- bypasses found while writing these tests -----------------------------------------------------------
+
+
+def attempt(conn, sql):
+    """Run ``sql``; return the error it raised, or None if it ran."""
+    try:
+        conn.execute(sql)
+    except psycopg.Error as e:
+        return e
+    return None
+
+
+def assert_denied_and_not_run(gw, error, rule):
+    """The attempt was denied by ``rule`` and the probe table is untouched (checked first: it says what ran)."""
+    rows = gw.probe_rows()
+    assert rows == PROBE_ROWS, f"the server executed the attempt: billing.gkpol_probe is now {rows}"
+    assert error is not None, "the attempt was not denied"
+    assert_denied(error, rule)
+
+
+def test_explain_analyze_as_a_string_is_not_confused_with_off(gw):
+    """EXPLAIN (ANALYZE 'on') DELETE is denied even right after the same statement with ANALYZE 'off' was allowed."""
+    with gw.connect("agent") as conn:
+        conn.execute(f"EXPLAIN (ANALYZE 'off') DELETE FROM {PROBE} WHERE id = 1")
+        error = attempt(conn, f"EXPLAIN (ANALYZE 'on') DELETE FROM {PROBE} WHERE id = 1")
+    assert_denied_and_not_run(gw, error, BILLING)
+
+
+def test_search_path_from_startup_options_is_known_to_policy(gw):
+    """A search_path set in the startup packet (options=-c search_path=billing) still puts billing under the rules."""
+    with gw.connect("agent", options="-c search_path=billing,public") as conn:
+        assert conn.execute("SHOW search_path").fetchone()[0].replace(" ", "") == "billing,public"
+        error = attempt(conn, "DELETE FROM gkpol_probe WHERE id = 1")
+    assert_denied_and_not_run(gw, error, BILLING)
+
+
+@pytest.mark.parametrize("options", ["-c role=postgres", "-c session_authorization=postgres",
+                                     "--role=postgres", "-c search_path=billing -c role=postgres"])
+def test_startup_options_that_switch_role_are_refused(gw, options):
+    """A role or session_authorization given in the startup options is refused before any session starts."""
+    with pytest.raises(psycopg.OperationalError) as e:
+        gw.connect("agent", options=options)
+    assert "does not pass the startup option" in str(e.value)
+    with gw.connect("agent") as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("app_rw",)
+
+
+def test_search_path_set_in_session_is_known_to_policy(gw):
+    """After SET search_path = billing, an unqualified DELETE of a billing table is denied."""
+    with gw.connect("agent") as conn:
+        conn.execute("SET search_path = billing, public")
+        with pytest.raises(pgerr.InsufficientPrivilege) as e:
+            conn.execute("DELETE FROM gkpol_probe WHERE id = 1")
+        assert_denied(e.value, BILLING)
+    assert gw.probe_rows() == PROBE_ROWS
+
+
+def test_cte_with_the_name_of_the_target_table_does_not_hide_it(gw):
+    """WITH gkpol_probe AS (...) DELETE FROM gkpol_probe deletes from the real table, so it is denied."""
+    with gw.connect("agent") as conn:
+        conn.execute("SET search_path = billing, public")
+        error = attempt(conn, "WITH gkpol_probe AS (SELECT 1) DELETE FROM gkpol_probe WHERE id = 1")
+    assert_denied_and_not_run(gw, error, BILLING)
+
+
+def test_set_config_role_is_denied_like_set_role(gw):
+    """SELECT set_config('role', ...) is a role switch and is denied by the set_role rule before the server sees it."""
+    m = marker()
+    pos = gw.log_position()
+    with gw.connect("agent") as conn:
+        with pytest.raises(pgerr.InsufficientPrivilege) as e:
+            conn.execute(f"SELECT /*gkpol:{m}*/ set_config('role', 'postgres', false)")
+        assert_denied(e.value, PROG_ROLE)
+    gw.assert_never_reached_server(f"gkpol:{m}", pos)
+
+
+def test_function_call_message_cannot_call_denied_functions(gw):
+    """A FunctionCall message (fast-path, by OID) to pg_read_file is denied by gatekeep and never reaches the server."""
+    [(oid,)] = gw.direct_rows("SELECT 'pg_catalog.pg_read_file(text)'::regprocedure::oid::int")
+    pos = gw.log_position()
+    with gw.raw("agent") as c:
+        c.send(c.function_call(oid, [b"PG_VERSION"]))
+        messages = c.until_ready()
+        errors = [body for t, body in messages if t == b"E"]
+        assert errors and errors[0]["C"] == "42501"
+        assert errors[0]["M"].startswith("gatekeep denied"), errors[0]["M"]
+        c.send(c.query("SELECT 1"))
+        assert c.until_ready()[-1] == (b"Z", b"I")
+    gw.assert_never_reached_server("fastpath function call", pos)
+
+
+def test_allow_rule_for_one_statement_does_not_allow_the_whole_string(gw):
+    """ops may TRUNCATE, but TRUNCATE plus an unbounded DELETE in one Query is denied and deletes nothing."""
+    with gw.connect("ops") as conn:
+        error = attempt(conn, f"TRUNCATE {OPS_TABLE}; DELETE FROM {PROBE}")
+    assert_denied_and_not_run(gw, error, "no-unbounded-writes")
+
+
+def test_whole_row_reference_does_not_reveal_masked_columns(gw):
+    """SELECT u FROM users u (a whole-row value) does not carry the unmasked email or ssn."""
+    with gw.connect("agent") as conn:
+        for binary in (False, True):
+            cur = conn.execute("SELECT u FROM users u WHERE id > %s ORDER BY id", [0], binary=binary)
+            res = cur.pgresult
+            raw = b"".join(res.get_value(r, 0) or b"" for r in range(res.ntuples))
+            for _, _, email, ssn in USERS_ROWS:
+                assert email.encode() not in raw and ssn.encode() not in raw
+
+
+def test_copy_of_a_table_created_in_the_session_is_masked(gw):
+    """A temp table copied from users (unknown to the session's catalog) is masked by SELECT and its COPY is refused."""
+    with gw.connect("dev") as conn:
+        conn.execute("CREATE TEMP TABLE gkpol_leak AS SELECT u.*, i.card FROM users u JOIN billing.invoices i "
+                     "ON i.user_id = u.id")
+        rows = conn.execute("SELECT email, card FROM gkpol_leak").fetchall()
+        assert all(e == "****.com" and c == "****" for e, c in rows), rows
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as refused:
+            run(conn, "COPY gkpol_leak TO STDOUT")
+    assert "rule masking" in str(refused.value)
+
+
+def test_text_array_with_detected_values_decodes_in_both_formats(gw):
+    """array_agg(card) with detected card numbers becomes NULL (never a broken array), in text and binary format."""
+    sql = "SELECT array_agg(card ORDER BY id) FROM billing.invoices WHERE id > %s"
+    with gw.connect("agent") as conn:
+        assert conn.execute(sql, [0]).fetchone() == (None,)
+        value = conn.execute(sql, [0], binary=True).pgresult.get_value(0, 0)
+        assert value is None
+        # an array with nothing to mask passes untouched and decodes
+        clean = "SELECT array_agg(name ORDER BY id) FROM users WHERE id > %s"
+        assert conn.execute(clean, [0]).fetchone()[0] == ["alice", "bob", "carol"]
+        assert decode_text_array_binary(conn.execute(clean, [0], binary=True).pgresult.get_value(0, 0)) == \
+            ["alice", "bob", "carol"]

@@ -1,0 +1,504 @@
+"""The real OpenSSH client (ssh, scp, sftp) through the real gatekeep to a real sshd.
+
+One sshd (Debian's openssh-server, on a loopback port, see tests/support/sshserver.py)
+and one gateway (``twistd -n gatekeep``) serve every test of this module. The
+gateway logs in upstream with a key only it has; clients log in as gatekeep
+identities, with a registered key or their token.
+"""
+
+import hashlib
+import json
+import os
+import socket
+import socketserver
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.support.gatekeep_process import REPO_ROOT, tcp_listen
+from tests.support.identities import make_identity
+from tests.support.ports import free_port
+from tests.support.sshserver import SshServer, keygen, read_pub
+
+BIG = 100 * 1024 * 1024
+CARD = "4111 1111 1111 1111"
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        while True:
+            data = self.request.recv(65536)
+            if not data:
+                return
+            self.request.sendall(data)
+
+
+@pytest.fixture(scope="module")
+def sshd():
+    server = SshServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def echo_port():
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+class Gateway:
+    def __init__(self, gk, sshd, keys_dir, token, port, bad_port):
+        self.gk = gk
+        self.sshd = sshd
+        self.dir = keys_dir
+        self.token = token
+        self.port = port
+        self.bad_port = bad_port
+        self.alice_key = os.path.join(keys_dir, "alice")
+        self.stranger_key = os.path.join(keys_dir, "stranger")
+        self.known_hosts = os.path.join(keys_dir, "known_hosts")
+
+    def opts(self, key=None, port=None, batch=True):
+        out = ["-o", "UserKnownHostsFile=%s" % self.known_hosts, "-o", "StrictHostKeyChecking=yes",
+               "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
+        if batch:
+            out += ["-o", "BatchMode=yes"]
+        if key is not None:
+            out += ["-o", "IdentitiesOnly=yes", "-o", "IdentityFile=%s" % key,
+                    "-o", "PreferredAuthentications=publickey"]
+        return out
+
+    def ssh(self, command, key=None, port=None, extra=(), timeout=60, env=None):
+        args = ["ssh", "-p", str(port or self.port)] + self.opts(key or self.alice_key) + list(extra) + \
+               ["alice@127.0.0.1", command]
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                              env=env)
+
+    def with_token(self, token, method, command="echo token-ok"):
+        """ssh with ``token`` typed at the password or keyboard-interactive prompt (SSH_ASKPASS)."""
+        askpass = os.path.join(self.dir, "askpass-%s" % hashlib.sha256(token.encode()).hexdigest()[:8])
+        with open(askpass, "w") as f:
+            f.write("#!/bin/sh\nprintf '%%s\\n' '%s'\n" % token)
+        os.chmod(askpass, 0o755)
+        env = dict(os.environ, SSH_ASKPASS=askpass, SSH_ASKPASS_REQUIRE="force", DISPLAY=":0")
+        args = ["ssh", "-p", str(self.port)] + self.opts(batch=False) + [
+            "-o", "PreferredAuthentications=%s" % method, "-o", "PubkeyAuthentication=no",
+            "-o", "NumberOfPasswordPrompts=1", "alice@127.0.0.1", command]
+        return subprocess.run(args, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, env=env,
+                              start_new_session=True)
+
+    def cli(self, *args):
+        return subprocess.run([sys.executable, "-m", "gatekeep.cli.main", *args, "--config", self.gk.config_path],
+                              capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+
+    def sessions(self):
+        out = self.cli("sessions", "list", "--json", "--limit", "200")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def wait_session(self, before, timeout=10.0):
+        """The newest ended session that was not in ``before`` (a set of ids)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            new = [s for s in self.sessions() if s["id"] not in before and s["end_reason"]]
+            if new:
+                return self.show(new[0]["id"])
+            if time.monotonic() > deadline:
+                raise AssertionError("no new ended session within %.0fs" % timeout)
+            time.sleep(0.1)
+
+    def show(self, session_id):
+        out = self.cli("sessions", "show", session_id, "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def ids(self):
+        return {s["id"] for s in self.sessions()}
+
+
+@pytest.fixture(scope="module")
+def gw(gatekeep_module, sshd, echo_port, tmp_path_factory):
+    keys_dir = str(tmp_path_factory.mktemp("ssh-keys"))
+    os.chmod(keys_dir, 0o755)
+    keygen(os.path.join(keys_dir, "alice"))
+    keygen(os.path.join(keys_dir, "stranger"))
+    keygen(os.path.join(keys_dir, "other-host"))
+    upstream_kh = os.path.join(keys_dir, "upstream_known_hosts")
+    with open(upstream_kh, "w") as f:
+        f.write(sshd.known_hosts_line() + "\n")
+    wrong_kh = os.path.join(keys_dir, "wrong_known_hosts")
+    kind, blob = read_pub(os.path.join(keys_dir, "other-host")).split()[:2]
+    with open(wrong_kh, "w") as f:
+        f.write("[127.0.0.1]:%d %s %s\n" % (sshd.port, kind, blob))
+    token, entry = make_identity("alice", ["dev"])
+    entry["ssh_keys"] = [read_pub(os.path.join(keys_dir, "alice"))]
+    port, bad_port = free_port(), free_port()
+    upstream = {"host": "127.0.0.1", "port": sshd.port, "user": sshd.user, "private_key": "file:" + sshd.client_key}
+    config = {
+        "identities": [entry],
+        "targets": [
+            {"name": "box", "protocol": "ssh", "listen": tcp_listen(port),
+             "upstream": dict(upstream, known_hosts="file:" + upstream_kh)},
+            {"name": "badkey", "protocol": "ssh", "listen": tcp_listen(bad_port),
+             "upstream": dict(upstream, known_hosts="file:" + wrong_kh)},
+        ],
+        "policies": [
+            {"name": "no-rm", "match": {"commands": ["rm"]}, "action": "deny", "reason": "no deleting here"},
+            {"name": "locked-folder", "action": "deny",
+             "match": {"sftp": {"operations": ["write", "remove", "mkdir", "rename", "setstat"],
+                                "paths": ["/tmp/gk-locked/**"]}}},
+            {"name": "echo-forward", "match": {"forwards": ["127.0.0.1:%d" % echo_port]}, "action": "allow"},
+        ],
+        "masking": [{"name": "cards", "match": {"targets": ["box"]}, "detectors": ["credit_card"]}],
+    }
+    gk = gatekeep_module(config)
+    pub = open(os.path.join(gk.workdir, "ssh_host_ed25519_key.pub")).read().split()
+    with open(os.path.join(keys_dir, "known_hosts"), "w") as f:
+        for p in (port, bad_port):
+            f.write("[127.0.0.1]:%d %s %s\n" % (p, pub[0], pub[1]))
+    return Gateway(gk, sshd, keys_dir, token, port, bad_port)
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("big") / "big.bin")
+    with open(path, "wb") as f:
+        for _ in range(BIG // (1024 * 1024)):
+            f.write(os.urandom(1024 * 1024))
+    return path
+
+
+def _sha(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- exec ----------------------------------------------------------------------------------
+
+
+def test_exec_output_stderr_and_exit_status(gw):
+    """An exec's stdout, stderr and exit status reach the client unchanged and the exit status is recorded."""
+    before = gw.ids()
+    r = gw.ssh("echo out-$((40+2)); echo err-line >&2; exit 7")
+    assert (r.returncode, r.stdout, r.stderr) == (7, "out-42\n", "err-line\n")
+    s = gw.wait_session(before)
+    assert s["identity"] == "alice" and s["target"] == "box"
+    ops = [o for o in s["records"] if o["kind"] == "exec"]
+    assert ops and ops[0]["status"] == "exit 7" and ops[0]["action"] == "allow"
+
+
+def test_exec_denied_after_unwrapping(gw, tmp_path):
+    """rm hidden behind env and sh -c is denied: a message on stderr, exit status 126, and nothing runs."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    r = gw.ssh("env LANG=C sh -c 'ls /; rm -f %s'" % victim)
+    assert r.returncode == 126, (r.stdout, r.stderr)
+    assert "denied by rule no-rm" in r.stderr and "no deleting here" in r.stderr
+    assert r.stdout == ""
+    assert victim.exists()
+
+
+def test_stdin_and_eof_reach_the_command(gw):
+    """Data piped into ssh reaches the remote command, and EOF ends it."""
+    args = ["ssh", "-p", str(gw.port)] + gw.opts(gw.alice_key) + ["alice@127.0.0.1", "wc -c"]
+    r = subprocess.run(args, input=b"x" * 300000, capture_output=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == b"300000"
+
+
+# -- authentication -------------------------------------------------------------------------
+
+
+def test_unregistered_key_refused(gw):
+    """A key that is not registered for the identity is refused, and the failed login is recorded."""
+    r = gw.ssh("true", key=gw.stranger_key)
+    assert r.returncode == 255 and "Permission denied" in r.stderr
+    deadline = time.monotonic() + 10
+    while True:
+        out = gw.cli("sessions", "list", "--failed-logins", "--json")
+        rows = json.loads(out.stdout)
+        if any(row["claimed"] == "alice" and "not registered" in row["reason"] for row in rows):
+            break
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.1)
+
+
+def test_token_as_password(gw):
+    """The identity's token works as the SSH password."""
+    r = gw.with_token(gw.token, "password")
+    assert r.returncode == 0 and r.stdout == "token-ok\n", r.stderr
+
+
+def test_token_keyboard_interactive(gw):
+    """The identity's token works as the keyboard-interactive answer."""
+    r = gw.with_token(gw.token, "keyboard-interactive")
+    assert r.returncode == 0 and r.stdout == "token-ok\n", r.stderr
+
+
+def test_wrong_token_refused(gw):
+    """A wrong token is refused."""
+    r = gw.with_token(gw.token[:-4] + "AAAA", "password")
+    assert r.returncode == 255 and "Permission denied" in r.stderr and "token-ok" not in r.stdout
+
+
+def test_upstream_host_key_mismatch_refused(gw):
+    """A server whose host key is not the configured one is refused, and the client is told why."""
+    r = gw.ssh("echo should-not-run", port=gw.bad_port)
+    assert r.returncode == 255
+    assert "should-not-run" not in r.stdout
+    assert "host key mismatch" in r.stderr and "SHA256:" in r.stderr
+
+
+# -- interactive shell ----------------------------------------------------------------------
+
+
+def _tmux(*args, check=True):
+    return subprocess.run(["tmux", *args], capture_output=True, text=True, timeout=20, check=check)
+
+
+def _wait_screen(name, needle, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        screen = _tmux("capture-pane", "-p", "-J", "-t", name).stdout
+        if needle in screen:
+            return screen
+        if time.monotonic() > deadline:
+            raise AssertionError("%r not on the screen within %.0fs:\n%s" % (needle, timeout, screen))
+        time.sleep(0.1)
+
+
+def test_interactive_shell_denied_typed_command_and_replay(gw, tmp_path):
+    """A pty shell through tmux: commands run, a typed rm is not submitted, and the recording replays and exports."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    name = "gk-ssh-%d" % os.getpid()
+    cmd = " ".join(["ssh", "-tt", "-p", str(gw.port)] + gw.opts(gw.alice_key) + ["alice@127.0.0.1"])
+    before = gw.ids()
+    _tmux("new-session", "-d", "-s", name, "-x", "100", "-y", "30", cmd)
+    try:
+        _wait_screen(name, "#" if os.geteuid() == 0 else "$")
+        _tmux("send-keys", "-t", name, "echo shell-$((6*7))", "Enter")
+        _wait_screen(name, "shell-42")
+        _tmux("send-keys", "-t", name, "rm -f %s" % victim, "Enter")
+        screen = _wait_screen(name, "denied by rule no-rm")
+        assert victim.exists(), screen
+        _tmux("send-keys", "-t", name, "resize -s 20 90 >/dev/null 2>&1; printf 'after-%s\\n' ok", "Enter")
+        _wait_screen(name, "after-ok")
+        _tmux("send-keys", "-t", name, "exit", "Enter")
+        s = gw.wait_session(before)
+    finally:
+        _tmux("kill-session", "-t", name, check=False)
+    kinds = [(o["kind"], o["action"], o["text"]) for o in s["records"]]
+    assert ("shell", "allow", "shell") in kinds
+    assert ("shell-command", "allow", "echo shell-$((6*7))") in kinds
+    assert ("shell-command", "deny", "rm -f %s" % victim) in kinds
+    shell_op = [o for o in s["records"] if o["kind"] == "shell"][0]
+    assert shell_op["request"]["pty"]["term"]
+    replay = gw.cli("sessions", "replay", s["id"], "--no-wait")
+    assert replay.returncode == 0 and "shell-42" in replay.stdout and "denied by rule no-rm" in replay.stdout
+    cast = tmp_path / "session.cast"
+    out = gw.cli("sessions", "export", s["id"], "--format", "asciicast", "-o", str(cast))
+    assert out.returncode == 0, out.stderr
+    lines = cast.read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["version"] == 2 and header["width"] > 0
+    events = [json.loads(line) for line in lines[1:]]
+    assert {"o", "i", "r"} <= {e[1] for e in events}
+    assert all(isinstance(e[0], (int, float)) for e in events)
+    assert any("shell-42" in e[2] for e in events if e[1] == "o")
+    play = subprocess.run([sys.executable, "-m", "asciinema", "cat", str(cast)], capture_output=True, text=True,
+                          timeout=60)
+    assert play.returncode == 0 and "shell-42" in play.stdout, play.stderr
+
+
+def test_asciinema_play_accepts_the_export(gw, tmp_path):
+    """`asciinema play` plays an exported exec recording to the end in a terminal."""
+    before = gw.ids()
+    assert gw.ssh("echo played-back").returncode == 0
+    s = gw.wait_session(before)
+    cast = tmp_path / "exec.cast"
+    assert gw.cli("sessions", "export", s["id"], "--format", "asciicast", "-o", str(cast)).returncode == 0
+    name = "gk-play-%d" % os.getpid()
+    done = tmp_path / "done"
+    _tmux("new-session", "-d", "-s", name, "-x", "80", "-y", "24",
+          "%s -m asciinema play -i 0.1 %s; echo rc=$? > %s; sleep 30" % (sys.executable, cast, done))
+    try:
+        deadline = time.monotonic() + 30
+        while not done.exists() or not done.read_text().strip():
+            assert time.monotonic() < deadline, _tmux("capture-pane", "-p", "-t", name).stdout
+            time.sleep(0.1)
+        assert done.read_text().strip() == "rc=0"
+        assert "played-back" in _tmux("capture-pane", "-p", "-t", name).stdout
+    finally:
+        _tmux("kill-session", "-t", name, check=False)
+
+
+def test_recorded_output_masked_across_chunks(gw, tmp_path):
+    """A card number split across two writes is masked in the recording, while the client sees it as sent."""
+    before = gw.ids()
+    r = gw.ssh("printf '%s'; sleep 0.3; printf '%s\\n'" % (CARD[:9], CARD[9:]))
+    assert r.stdout == CARD + "\n"
+    s = gw.wait_session(before)
+    cast = tmp_path / "masked.cast"
+    assert gw.cli("sessions", "export", s["id"], "-o", str(cast)).returncode == 0
+    events = [json.loads(line) for line in cast.read_text().splitlines()[1:]]
+    text = "".join(e[2] for e in events if e[1] == "o")
+    assert CARD not in text and "1111 1111" not in text and "****" in text
+
+
+# -- file transfer --------------------------------------------------------------------------
+
+
+def test_scp_100mb_both_ways(gw, big_file, tmp_path):
+    """scp of 100 MB up and down through the gateway arrives with the same checksum."""
+    remote = "/tmp/gk-scp-%d.bin" % os.getpid()
+    down = str(tmp_path / "down.bin")
+    base = ["scp", "-P", str(gw.port)] + gw.opts(gw.alice_key)
+    try:
+        up = subprocess.run(base + [big_file, "alice@127.0.0.1:" + remote], capture_output=True, text=True,
+                            timeout=120)
+        assert up.returncode == 0, up.stderr
+        assert _sha(remote) == _sha(big_file)
+        got = subprocess.run(base + ["alice@127.0.0.1:" + remote, down], capture_output=True, text=True,
+                             timeout=120)
+        assert got.returncode == 0, got.stderr
+        assert _sha(down) == _sha(big_file)
+    finally:
+        if os.path.exists(remote):
+            os.unlink(remote)
+
+
+def test_sftp_100mb_both_ways_with_sizes_recorded(gw, big_file, tmp_path):
+    """sftp put and get of 100 MB keep the checksum, and the recorded operations carry the sizes."""
+    remote = "/tmp/gk-sftp-%d.bin" % os.getpid()
+    down = str(tmp_path / "down.bin")
+    batch = tmp_path / "batch"
+    batch.write_text("put %s %s\nget %s %s\n" % (big_file, remote, remote, down))
+    before = gw.ids()
+    try:
+        r = subprocess.run(["sftp", "-P", str(gw.port), "-b", str(batch)] + gw.opts(gw.alice_key)
+                           + ["alice@127.0.0.1"], capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr
+        assert _sha(remote) == _sha(big_file) == _sha(down)
+    finally:
+        if os.path.exists(remote):
+            os.unlink(remote)
+    s = gw.wait_session(before)
+    sftp = [o for o in s["records"] if o["kind"] == "sftp"]
+    writes = [o for o in sftp if o["text"] == "write " + remote]
+    reads = [o for o in sftp if o["text"] == "read " + remote]
+    assert writes and writes[0]["response"]["bytes_written"] == BIG
+    assert reads and reads[0]["response"]["bytes_read"] == BIG
+
+
+def test_sftp_denied_paths(gw, tmp_path):
+    """Writes, mkdir and remove under a locked folder are denied; reading there is allowed."""
+    locked = "/tmp/gk-locked"
+    os.makedirs(locked, exist_ok=True)
+    with open(os.path.join(locked, "readme"), "w") as f:
+        f.write("locked content\n")
+    local = tmp_path / "up.txt"
+    local.write_text("hello\n")
+    batch = tmp_path / "batch"
+    # a leading "-" lets the batch go on after a failure
+    batch.write_text("-put %s %s/new.txt\n-mkdir %s/sub\n-rm %s/readme\nget %s/readme %s/got\n"
+                     % (local, locked, locked, locked, locked, tmp_path))
+    before = gw.ids()
+    r = subprocess.run(["sftp", "-P", str(gw.port), "-b", str(batch)] + gw.opts(gw.alice_key) + ["alice@127.0.0.1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "Permission denied" in r.stderr
+    assert not os.path.exists(os.path.join(locked, "new.txt"))
+    assert not os.path.exists(os.path.join(locked, "sub"))
+    assert os.path.exists(os.path.join(locked, "readme"))
+    assert (tmp_path / "got").read_text() == "locked content\n"
+    s = gw.wait_session(before)
+    denied = {(o["text"], o["rule"]) for o in s["records"] if o["kind"] == "sftp" and o["action"] == "deny"}
+    assert ("write %s/new.txt" % locked, "locked-folder") in denied
+    assert ("mkdir %s/sub" % locked, "locked-folder") in denied
+    assert ("remove %s/readme" % locked, "locked-folder") in denied
+
+
+# -- port forwarding --------------------------------------------------------------------------
+
+
+def _forward(gw, target_port):
+    """Start ``ssh -N -L`` to 127.0.0.1:target_port; return (process, local port)."""
+    local = free_port()
+    proc = subprocess.Popen(["ssh", "-N", "-p", str(gw.port), "-L", "127.0.0.1:%d:127.0.0.1:%d" % (local, target_port)]
+                            + gw.opts(gw.alice_key) + ["alice@127.0.0.1"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", local), timeout=1).close()
+            return proc, local
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.1)
+
+
+def _exchange(port, payload):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def test_port_forward_allowed(gw, echo_port):
+    """A forward a rule allows carries data both ways."""
+    proc, local = _forward(gw, echo_port)
+    try:
+        payload = os.urandom(200000)
+        assert _exchange(local, payload) == payload
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_port_forward_denied_by_default(gw, sshd):
+    """A forward no rule allows is refused (and recorded as denied), even with default_action allow."""
+    before = gw.ids()
+    proc, local = _forward(gw, sshd.port)
+    try:
+        assert _exchange(local, b"SSH-2.0-probe\r\n") == b""
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    s = gw.wait_session(before)
+    forwards = [o for o in s["records"] if o["kind"] == "forward"]
+    assert forwards and forwards[0]["action"] == "deny" and forwards[0]["text"] == "127.0.0.1:%d" % sshd.port
+
+
+def test_agent_and_x11_forwarding_refused(gw):
+    """Agent and X11 forwarding requests are refused; the command still runs."""
+    r = gw.ssh("echo still-ran; test -z \"$SSH_AUTH_SOCK\" && echo no-agent", extra=["-A", "-X"])
+    assert r.returncode == 0 and "still-ran" in r.stdout and "no-agent" in r.stdout
+
+
+def test_gateway_host_key_is_kept(gw):
+    """The generated host key is stored in the state folder with mode 0600."""
+    path = os.path.join(gw.gk.workdir, "ssh_host_ed25519_key")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

@@ -1,0 +1,258 @@
+"""Sessions follow access: expiry timers, rechecks on reload, and the PostgreSQL relay's side of both."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+from twisted.internet.defer import Deferred
+
+from gatekeep.config import IdentityConfig, ServerTLS, TokenHashes
+from gatekeep.identity.scram import make_verifier
+from gatekeep.identity.service import IdentityService
+from gatekeep.identity.tokens import StaticIdentityProvider
+from gatekeep.model import Grant, Identity
+from gatekeep.protocols.postgres import _codec as pg
+from gatekeep.secrets import Secret
+from tests.unit.test_pg_relay_memory import Client, fields, make_relay
+
+TOKEN = "gk_bob-token-for-access-tests-0123456789abcdef"
+
+
+def static_identity(name="bob", groups=("dev",), token=TOKEN):
+    import hashlib
+
+    return IdentityConfig(name, frozenset(groups), TokenHashes(hashlib.sha256(token.encode()).digest(),
+                                                               make_verifier(token, iterations=64)))
+
+
+class Later:
+    """An identity provider whose answers come later (as the OIDC provider's do while it fetches keys)."""
+
+    def __init__(self):
+        self.pending = []
+
+    def authenticateToken(self, name, token):
+        d = Deferred()
+        self.pending.append((name, token, d))
+        return d
+
+    def authenticatePublicKey(self, name, blob):
+        return None
+
+    def scramVerifier(self, name):
+        return None
+
+
+def tls_relay(*providers):
+    """A relay whose clients count as connected over TLS (the cleartext token path), with these providers."""
+    relay = make_relay()
+    relay.gateway.chain.identities = list(providers)
+    dummy = Secret("env:UNUSED", b"")
+    relay.factory.target = attrs.evolve(relay.factory.target, tls=ServerTLS(dummy, dummy))
+
+    def connect():
+        client = Client(relay.connect().conn)
+        client.conn.server.tls = True
+        return client
+
+    relay.connect_tls = connect
+    return relay
+
+
+def flush(relay, client):
+    """Move what is pending; return the messages that reached the client meanwhile."""
+    before = len(client.conn.client.received)
+    relay.network.flush()
+    return client.reader.feed(client.conn.client.received[before:])
+
+
+def cleartext_login(client, user, token):
+    (request,) = client.send(pg.startup_message({"user": user, "database": "app", "application_name": "tests"}))
+    assert pg.parse_authentication(request.body)[0] == 3  # AuthenticationCleartextPassword
+    return client.send(pg.password_message(token.encode()))
+
+
+# -- the relay waits for an identity provider that answers later ----------------------------
+
+
+def test_a_login_waits_for_an_identity_provider_that_answers_later():
+    """While a provider fetches keys the client waits; when it answers, the session opens."""
+    later = Later()
+    relay = tls_relay(later)
+    client = relay.connect_tls()
+    assert cleartext_login(client, "alice", "a.jwt.token") == []
+    ((name, token, d),) = later.pending
+    assert (name, token) == ("alice", "a.jwt.token")
+    d.callback(Identity("alice", {"dba"}, "oidc"))
+    messages = flush(relay, client)
+    assert [m.type for m in messages] == [b"R", b"S", b"S", b"K", b"Z"]
+    assert pg.parse_authentication(messages[0].body) == (pg.AUTH_OK, b"")
+    assert relay.recorder.sessions[0].identity == Identity("alice", {"dba"}, "oidc")
+    assert not client.closed
+
+
+def test_a_later_no_is_a_28P01():
+    """When the late answer is None, the client gets FATAL 28P01 and the failure is recorded."""
+    later = Later()
+    relay = tls_relay(later)
+    client = relay.connect_tls()
+    cleartext_login(client, "alice", "a.jwt.token")
+    later.pending[0][2].callback(None)
+    (error,) = flush(relay, client)
+    assert fields(error)["C"] == "28P01" and client.closed
+    assert [f.claimed for f in relay.recorder.login_failures] == ["alice"]
+
+
+def test_messages_while_the_password_is_checked_are_a_protocol_violation():
+    """A client that sends more before it is answered gets FATAL 08P01, and the late answer changes nothing."""
+    later = Later()
+    relay = tls_relay(later)
+    client = relay.connect_tls()
+    cleartext_login(client, "alice", "a.jwt.token")
+    (error,) = client.send(pg.query("select 1"))
+    assert fields(error)["C"] == "08P01" and client.closed
+    later.pending[0][2].callback(Identity("alice"))
+    relay.network.flush()
+    assert relay.recorder.sessions == []
+
+
+# -- sessions end when access ends ----------------------------------------------------------
+
+
+class Expiring:
+    """A provider granting logins that lapse at a fixed time (like an OIDC token)."""
+
+    def __init__(self, at, verdict=True):
+        self.at = at
+        self.verdict = verdict
+
+    def authenticateToken(self, name, token):
+        return Identity(name, {"dev"}, "oidc", Grant("test", self.at))
+
+    def authenticatePublicKey(self, name, blob):
+        return None
+
+    def scramVerifier(self, name):
+        return None
+
+    def recheck(self, identity):
+        return self.verdict if identity.grant and identity.grant.source == "test" else None
+
+
+def open_session(relay, user="alice", token="t"):
+    client = relay.connect_tls()
+    messages = cleartext_login(client, user, token)
+    assert [m.type for m in messages][-1:] == [b"Z"], messages
+    return client
+
+
+def test_a_session_is_cut_when_its_token_expires():
+    """At the login's expiry the client gets FATAL 57P01 naming the reason, and the end is recorded."""
+    relay = tls_relay(Expiring(at=100.0))
+    client = open_session(relay)
+    relay.gateway.reactor.advance(99)
+    assert flush(relay, client) == [] and not client.closed
+    relay.gateway.reactor.advance(1)
+    (error,) = flush(relay, client)
+    f = fields(error)
+    assert (f["S"], f["C"], f["M"]) == ("FATAL", "57P01", "terminating connection: the token expired")
+    assert client.closed and relay.server.lost == 1
+    (end,) = relay.recorder.ends
+    assert end.reason == "access ended: the token expired"
+    assert relay.gateway.sessions == {}
+
+
+def test_a_closed_session_leaves_no_timer():
+    """A session that ends before its token expires cancels its timer."""
+    relay = tls_relay(Expiring(at=100.0))
+    client = open_session(relay)
+    client.send(pg.terminate())
+    assert relay.gateway.reactor.getDelayedCalls() == [] or all(
+        not c.active() for c in relay.gateway.reactor.getDelayedCalls())
+    assert [e.reason for e in relay.recorder.ends] == ["client terminated"]
+
+
+def test_recheck_ends_sessions_no_provider_vouches_for():
+    """gateway.recheck_sessions ends a session whose provider says no, with the provider's reason."""
+    provider = Expiring(at=10_000.0)
+    relay = tls_relay(provider)
+    client = open_session(relay)
+    assert relay.gateway.recheck_sessions() == []
+    provider.verdict = "the key that signed the token is no longer published by the issuer"
+    (ended,) = relay.gateway.recheck_sessions()
+    relay.network.flush()
+    assert client.closed
+    assert relay.recorder.ends[0].reason == "access ended: " + provider.verdict
+    assert ended == relay.recorder.sessions[0].id
+
+
+def test_terminate_inside_a_server_message_only_closes():
+    """When the server is in the middle of a message nothing can be added: the connection is closed."""
+    relay = tls_relay(Expiring(at=10_000.0))
+    client = open_session(relay)
+    frontend = client.conn.server
+    frontend.upstream.stream.feed(b"D\x00\x00\x00\x10")  # a header whose body has not come
+    relay.gateway.terminate(relay.recorder.sessions[0].id, "the identity was removed from the configuration")
+    relay.network.flush()
+    assert client.closed
+    assert b"57P01" not in client.conn.client.received
+    assert relay.recorder.ends[0].reason == "access ended: the identity was removed from the configuration"
+
+
+# -- reload ---------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class FakeConfig:
+    identities: tuple
+    oidc: object = None
+    targets: tuple = ()
+    policies: tuple = ()
+    masking: tuple = ()
+    recording: object = None
+    store: object = None
+    node: str = "test"
+    source: object = None
+
+
+def test_reload_ends_sessions_of_removed_identities_and_keeps_the_rest():
+    """Applying a configuration without bob ends bob's session only; carol's (unchanged) goes on."""
+    carol_cfg = static_identity("carol", token=TOKEN + "c")
+    static = StaticIdentityProvider.from_config([static_identity("bob"), carol_cfg])
+    relay = tls_relay(static)
+    bob = open_session(relay, "bob", TOKEN)
+    carol = open_session(relay, "carol", TOKEN + "c")
+    identities = IdentityService(relay.gateway, FakeConfig(tuple(static._by_name.values())))
+    identities.apply(FakeConfig((carol_cfg,)))
+    (error,) = flush(relay, bob)
+    assert fields(error)["C"] == "57P01"
+    assert bob.closed and not carol.closed
+    (end,) = relay.recorder.ends
+    assert end.reason == "access ended: the identity was removed from the configuration"
+    assert [m.type for m in carol.send(pg.query("select 1"))][-1:] == [b"Z"]
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda: static_identity("bob", groups=("ops",)), "the identity's groups changed"),
+    (lambda: static_identity("bob", token=TOKEN + "new"), "the identity's token was replaced"),
+])
+def test_reload_ends_sessions_whose_identity_changed(change, reason):
+    """New groups or a replaced token end the sessions that logged in with the old ones."""
+    relay = tls_relay(StaticIdentityProvider.from_config([static_identity("bob")]))
+    bob = open_session(relay, "bob", TOKEN)
+    IdentityService(relay.gateway, FakeConfig((static_identity("bob"),))).apply(FakeConfig((change(),)))
+    relay.network.flush()
+    assert bob.closed
+    assert relay.recorder.ends[0].reason == "access ended: " + reason
+
+
+def test_static_recheck_of_other_logins():
+    """Certificate and SSH key logins hold while the identity and its key are configured."""
+    cfg = static_identity("bob")
+    cfg = attrs.evolve(cfg, ssh_keys=())
+    p = StaticIdentityProvider.from_config([cfg])
+    cert = p.authenticateCertificate("bob", "ab" * 32)
+    assert cert.method == "certificate" and p.recheck(cert) is True
+    assert p.authenticateCertificate("nobody", "ab" * 32) is None
+    assert StaticIdentityProvider.from_config([]).recheck(cert) == "the identity was removed from the configuration"
+    assert p.recheck(Identity("bob", {"dev"}, "oidc", Grant("oidc"))) is None

@@ -1,0 +1,250 @@
+"""Tests for gatekeep.recording.async_recorder.AsyncRecorder, driven by a Clock and a scripted store."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from gatekeep.interfaces import IRecorder
+from gatekeep.model import SessionEnd
+from gatekeep.recording import RecordingUnavailable
+from gatekeep.recording.async_recorder import AsyncRecorder
+from gatekeep.store import StoreUnavailable
+from tests.unit.test_store_recorder import ALLOWED, FAILURE, op, outcome, record_all, session
+
+
+class Entry:
+    def __init__(self, value):
+        self.value = value
+
+    def export(self):
+        return {"id": repr(self.value)}
+
+
+class ScriptedStore:
+    """write() answers from a script: None stores the batch, an exception fails it, "hold" leaves it pending."""
+
+    def __init__(self, script=(), refuse=()):
+        self.script = list(script)
+        self.refuse = list(refuse)
+        self.attempts: list[list] = []
+        self.stored: list = []
+        self.pending: list[defer.Deferred] = []
+        self.closed = False
+
+    def write(self, batch):
+        self.attempts.append(list(batch))
+        step = self.script.pop(0) if self.script else None
+        if isinstance(step, Exception):
+            return defer.fail(step)
+        if any(e in self.refuse for e in batch):
+            return defer.fail(TypeError("cannot store that"))
+        if step == "hold":
+            d = defer.Deferred()
+            d.addCallback(lambda _: self._store(batch))
+            self.pending.append(d)
+            return d
+        return defer.succeed(self._store(batch))
+
+    def _store(self, batch):
+        self.stored.extend(batch)
+        return [Entry(e) for e in batch]
+
+    def close(self):
+        self.closed = True
+
+
+def fired(d):
+    seen = []
+    d.addBoth(seen.append)
+    return seen
+
+
+def test_provides_the_interface():
+    """AsyncRecorder provides IRecorder."""
+    assert IRecorder.providedBy(AsyncRecorder(ScriptedStore(), Clock()))
+
+
+def test_batched_events_wait_for_the_interval_then_go_in_one_batch():
+    """In batched mode nothing is written before `interval`; then every event so far goes in one write, in order."""
+    clock, store = Clock(), ScriptedStore()
+    recorder = AsyncRecorder(store, clock, interval=0.02)
+    s = session()
+    items = [s, (op(s, 1), ALLOWED), outcome(s, 1)]
+    record_all(recorder, items)
+    clock.advance(0.019)
+    assert store.attempts == []
+    clock.advance(0.001)
+    assert store.attempts == [items] and store.stored == items
+    assert recorder.batches == 1 and recorder.written == 3
+
+
+def test_events_during_a_write_go_into_the_next_batch():
+    """Writes never overlap: what arrives while one is in flight is written after it, as one batch."""
+    clock, store = Clock(), ScriptedStore(["hold"])
+    recorder = AsyncRecorder(store, clock, interval=0.01)
+    s = session()
+    recorder.sessionStarted(s)
+    clock.advance(0.01)
+    assert len(store.attempts) == 1
+    recorder.operationStarted(op(s, 1), ALLOWED)
+    recorder.operationStarted(op(s, 2), ALLOWED)
+    clock.advance(1.0)
+    assert len(store.attempts) == 1  # still waiting for the first
+    store.pending[0].callback(None)
+    clock.advance(0.01)
+    assert [len(a) for a in store.attempts] == [1, 2]
+    assert store.stored == [s, (op(s, 1), ALLOWED), (op(s, 2), ALLOWED)]
+
+
+def test_strict_operation_waits_for_its_commit():
+    """In strict mode operationStarted's Deferred fires only once the batch holding the operation is stored."""
+    clock, store = Clock(), ScriptedStore([None, "hold"])
+    recorder = AsyncRecorder(store, clock, durability="strict")
+    s = session()
+    recorder.sessionStarted(s)
+    clock.advance(0)
+    d = recorder.operationStarted(op(s, 1), ALLOWED)
+    seen = fired(d)
+    clock.advance(0)  # strict: written at once, no interval
+    assert store.attempts[-1] == [(op(s, 1), ALLOWED)]
+    assert seen == []
+    store.pending[0].callback(None)
+    assert seen == [None]
+
+
+def test_failed_write_is_retried_with_backoff_and_nothing_is_lost():
+    """A store that is unavailable twice gets the same batch again after 0.1 s then 0.2 s; flush fires once it is in."""
+    clock = Clock()
+    store = ScriptedStore([StoreUnavailable("down"), StoreUnavailable("down"), None])
+    recorder = AsyncRecorder(store, clock, retry_delay=0.1)
+    items = [FAILURE, session()]
+    record_all(recorder, items)
+    done = fired(recorder.flush())
+    clock.advance(0)
+    assert len(store.attempts) == 1 and not recorder.healthy
+    clock.advance(0.099)
+    assert len(store.attempts) == 1
+    clock.advance(0.001)
+    assert len(store.attempts) == 2
+    clock.advance(0.2)
+    assert store.attempts == [items, items, items]
+    assert store.stored == items and done == [None]
+    assert recorder.healthy and recorder.failures == 2
+
+
+def test_unavailable_store_is_never_split_into_single_events():
+    """While the store says it cannot be reached, the batch is retried whole (never written event by event)."""
+    clock = Clock()
+    store = ScriptedStore([StoreUnavailable("down")] * 6)
+    recorder = AsyncRecorder(store, clock, retry_delay=0.01, max_retry_delay=0.01)
+    s = session()
+    record_all(recorder, [s, (op(s, 1), ALLOWED), (op(s, 2), ALLOWED)])
+    clock.advance(0.02)
+    for _ in range(10):
+        clock.advance(0.01)
+    assert {len(a) for a in store.attempts} == {3}
+    assert store.stored == [s, (op(s, 1), ALLOWED), (op(s, 2), ALLOWED)] and recorder.dropped == 0
+
+
+def test_poison_event_is_dropped_and_the_rest_stored():
+    """A batch the store refuses three times is written event by event; the one it refuses is dropped."""
+    clock = Clock()
+    s = session()
+    bad = SessionEnd("nope", 1.0, 0, 0, "bad")
+    store = ScriptedStore(refuse=[bad])
+    recorder = AsyncRecorder(store, clock, retry_delay=0.01)
+    record_all(recorder, [s, bad, (op(s, 1), ALLOWED)])
+    done = fired(recorder.flush())
+    for _ in range(20):
+        clock.advance(0.05)
+    assert store.stored == [s, (op(s, 1), ALLOWED)]
+    assert recorder.dropped == 1 and done == [None] and recorder.healthy
+
+
+def test_deny_refuses_new_operations_while_the_store_fails_and_resumes():
+    """on_failure deny: a failed write refuses its strict waiters and new operations; all is recorded once back."""
+    clock = Clock()
+    store = ScriptedStore([StoreUnavailable("connection refused"), None])
+    recorder = AsyncRecorder(store, clock, durability="strict", on_failure="deny", retry_delay=0.5)
+    s = session()
+    recorder.sessionStarted(s)
+    first = fired(recorder.operationStarted(op(s, 1), ALLOWED))
+    clock.advance(0)
+    assert len(first) == 1 and first[0].check(RecordingUnavailable)
+    assert "connection refused" in first[0].getErrorMessage()
+    with pytest.raises(RecordingUnavailable):
+        recorder.operationStarted(op(s, 2), ALLOWED)
+    clock.advance(0.5)  # the retry goes in: the store is back
+    assert recorder.healthy
+    assert store.stored[:2] == [s, (op(s, 1), ALLOWED)]
+    third = fired(recorder.operationStarted(op(s, 3), ALLOWED))
+    clock.advance(0)
+    assert third == [None]
+    assert [e for e in store.stored if isinstance(e, tuple)] == [(op(s, i), ALLOWED) for i in (1, 2, 3)]
+
+
+def test_continue_keeps_strict_operations_waiting():
+    """on_failure continue: a strict operation waits through failures and goes on once its record is stored."""
+    clock = Clock()
+    store = ScriptedStore([StoreUnavailable("down"), None])
+    recorder = AsyncRecorder(store, clock, durability="strict", retry_delay=0.3)
+    s = session()
+    seen = fired(recorder.operationStarted(op(s, 1), ALLOWED))
+    clock.advance(0)
+    assert seen == [] and not recorder.healthy
+    assert recorder.operationStarted(op(s, 2), ALLOWED) is not None  # no denial in continue mode
+    clock.advance(0.3)
+    assert seen == [None]
+
+
+def test_flush_writes_at_once_and_empty_flush_fires():
+    """flush() does not wait for the interval; with nothing pending it fires at once."""
+    clock, store = Clock(), ScriptedStore()
+    recorder = AsyncRecorder(store, clock, interval=5.0)
+    assert fired(recorder.flush()) == [None]
+    recorder.loginFailed(FAILURE)
+    done = fired(recorder.flush())
+    clock.advance(0)
+    assert done == [None] and store.stored == [FAILURE]
+
+
+def test_max_batch_splits_large_backlogs():
+    """No write carries more than max_batch events; all are written in order."""
+    clock, store = Clock(), ScriptedStore()
+    recorder = AsyncRecorder(store, clock, max_batch=3)
+    s = session()
+    items = [s] + [(op(s, i), ALLOWED) for i in range(1, 8)]
+    record_all(recorder, items)
+    done = fired(recorder.flush())
+    for _ in range(5):
+        clock.advance(0.02)
+    assert max(len(a) for a in store.attempts) <= 3 and store.stored == items and done == [None]
+
+
+def test_stop_writes_what_is_queued_and_closes_store_and_sinks():
+    """stop() stores everything received, closes the store, and closes sinks after feeding them from their thread."""
+    clock, store = Clock(), ScriptedStore()
+
+    class Sink:
+        def __init__(self):
+            self.events, self.threads, self.closed = [], set(), False
+
+        def emit(self, events):
+            self.events.extend(events)
+            self.threads.add(threading.current_thread().name)
+
+        def close(self):
+            self.closed = True
+
+    sink = Sink()
+    recorder = AsyncRecorder(store, clock, sinks=[sink])
+    record_all(recorder, [FAILURE, session()])
+    d = fired(recorder.stop())
+    clock.advance(0)
+    assert d == [None] and store.closed and sink.closed
+    assert [e["id"] for e in sink.events] == [repr(FAILURE), repr(session())]
+    assert sink.threads == {"gatekeep-sinks"}

@@ -1,0 +1,139 @@
+"""Client certificates: asked for in the handshake, verified against the client CA after it, mapped to identities."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+from OpenSSL import SSL
+from twisted.internet import ssl
+
+from gatekeep.chain import Chain, NoMasking
+from gatekeep.config import ConfigError, Node, ServerTLS, read_server_tls
+from gatekeep.identity.tokens import StaticIdentityProvider
+from gatekeep.secrets import Secret
+from gatekeep.testing import RecordingRecorder, StaticPolicy
+from gatekeep.tls import ClientIdentity, certificate_login, peer_certificate, server_options
+from tests.support.tlsfiles import _load, make_client_leaf, make_tls_files
+from tests.unit.test_access import static_identity
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return make_tls_files(str(tmp_path_factory.mktemp("tls")))
+
+
+def secret(path):
+    with open(path, "rb") as f:
+        return Secret("file:" + path, f.read())
+
+
+def handshake(files, client_cert=None, client_key=None):
+    """A TLS handshake in memory with a server asking for client certificates; returns a fake transport."""
+    server_ctx = server_options(secret(files.gateway_cert), secret(files.gateway_key),
+                                client_ca=secret(files.ca_cert)).getContext()
+    extra = {"privateKey": client_key, "certificate": client_cert} if client_cert is not None else {}
+    client_ctx = ssl.CertificateOptions(verify=False, **extra).getContext()
+    server = SSL.Connection(server_ctx, None)
+    server.set_accept_state()
+    client = SSL.Connection(client_ctx, None)
+    client.set_connect_state()
+    for _ in range(20):
+        for a, b in ((client, server), (server, client)):
+            try:
+                a.do_handshake()
+            except SSL.WantReadError:
+                pass
+            try:
+                b.bio_write(a.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+    client.send(b"x")  # the handshake is complete on both sides
+    server.bio_write(client.bio_read(65536))
+    assert server.recv(1) == b"x"
+    return types.SimpleNamespace(getHandle=lambda: server)
+
+
+def leaf(files, cn, ca="test", **kw):
+    ca_cert, ca_key = _load(*((files.ca_cert, files.ca_key) if ca == "test" else (files.other_ca_cert, files.other_ca_key)))
+    return make_client_leaf(ca_cert, ca_key, cn, **kw)
+
+
+def chain_of(*identities):
+    return Chain([StaticIdentityProvider.from_config(identities)], StaticPolicy(), NoMasking(), RecordingRecorder())
+
+
+def tls(**kw):
+    return types.SimpleNamespace(client_ca=kw.pop("client_ca"), client_identity=kw.pop("client_identity", None))
+
+
+def test_no_certificate_means_log_in_another_way(files):
+    """A client that sends no certificate completes the handshake and certificate_login says None."""
+    transport = handshake(files)
+    assert peer_certificate(transport, secret(files.ca_cert)) is None
+
+
+def test_a_certificate_from_the_client_ca_names_a_configured_identity(files):
+    """CN=alice from the client CA logs in as the configured identity alice, method certificate."""
+    cert, key = leaf(files, "alice", emails=("alice@example.test",))
+    transport = handshake(files, cert, key)
+    chain = chain_of(static_identity("alice"))
+    login = certificate_login(transport, tls(client_ca=secret(files.ca_cert)), chain, "alice")
+    assert login.reason is None and login.identity.name == "alice" and login.identity.method == "certificate"
+    assert login.certificate.subject == "CN=alice,O=gatekeep tests"
+    assert login.certificate.emails == ("alice@example.test",)
+
+
+def test_a_certificate_from_another_ca_is_refused_after_the_handshake(files):
+    """The handshake lets a foreign certificate through; the login is refused with the reason."""
+    cert, key = leaf(files, "alice", ca="other")
+    transport = handshake(files, cert, key)
+    login = certificate_login(transport, tls(client_ca=secret(files.ca_cert)), None, "alice")
+    assert login.identity is None and "does not verify against the client CA" in login.reason
+
+
+def test_a_server_only_certificate_is_refused(files):
+    """A certificate whose extended key usage excludes clientAuth is not a client credential."""
+    cert, key = leaf(files, "alice", client_auth=False)
+    login = certificate_login(handshake(files, cert, key), tls(client_ca=secret(files.ca_cert)), None, "alice")
+    assert login.identity is None and "client authentication" in login.reason
+
+
+def test_the_certificate_must_be_for_the_user_name_given(files):
+    """CN=alice cannot log in as bob, and a name that is not configured is refused."""
+    cert, key = leaf(files, "alice")
+    chain = chain_of(static_identity("bob"))
+    login = certificate_login(handshake(files, cert, key), tls(client_ca=secret(files.ca_cert)), chain, "bob")
+    assert login.identity is None and "for 'alice', not 'bob'" in login.reason
+    login = certificate_login(handshake(files, cert, key), tls(client_ca=secret(files.ca_cert)), chain, "alice")
+    assert login.identity is None and "not a configured identity" in login.reason
+
+
+def test_identity_sources_and_maps():
+    """subject_cn, san_email, san_dns and a map from subject or SAN name the identity."""
+    from gatekeep.tls import ClientCertificate
+
+    cert = ClientCertificate("CN=svc,O=Example", "svc", ("ops@example.test",), ("agent.example.test",), (), "00")
+    assert ClientIdentity().name_for(cert) == "svc"
+    assert ClientIdentity("san_email").name_for(cert) == "ops@example.test"
+    assert ClientIdentity("san_dns").name_for(cert) == "agent.example.test"
+    assert ClientIdentity("san_uri").name_for(cert) is None
+    assert ClientIdentity("map", (("CN=svc,O=Example", "robot"),)).name_for(cert) == "robot"
+    assert ClientIdentity("map", (("email:ops@example.test", "ops"),)).name_for(cert) == "ops"
+    assert ClientIdentity("map", (("CN=other", "x"),)).name_for(cert) is None
+
+
+def test_client_certificate_configuration(files):
+    """client_identity needs client_ca; its value is one of the sources or a map."""
+    base = {"cert": "file:" + files.gateway_cert, "key": "file:" + files.gateway_key}
+    tls_cfg = read_server_tls(Node.of(dict(base, client_ca="file:" + files.ca_cert,
+                                           client_identity={"map": {"CN=a": "alice"}}), "targets[0].tls", None))
+    assert isinstance(tls_cfg, ServerTLS) and tls_cfg.client_identity == ClientIdentity("map", (("CN=a", "alice"),))
+    assert read_server_tls(Node.of(dict(base, client_ca="file:" + files.ca_cert), "t", None)).client_identity == \
+        ClientIdentity()
+    with pytest.raises(ConfigError) as e:
+        read_server_tls(Node.of(dict(base, client_identity="subject_cn"), "targets[0].tls", None))
+    assert e.value.path == "targets[0].tls.client_identity"
+    with pytest.raises(ConfigError) as e:
+        read_server_tls(Node.of(dict(base, client_ca="file:" + files.ca_cert, client_identity="cn"), "t", None))
+    assert "subject_cn" in e.value.message

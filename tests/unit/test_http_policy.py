@@ -1,0 +1,75 @@
+"""What an HTTP request asks for, and the rules that match it."""
+
+from pathlib import Path
+
+import pytest
+
+from gatekeep.config import ConfigError, Node
+from gatekeep.policy.engine import read_rule
+from gatekeep.plugin import protocol_plugins
+from gatekeep.protocols.http._codec import REQUEST, ProtocolError, parse_head
+from gatekeep.protocols.http._request import normalise_path, parse_request
+from gatekeep.protocols.http.policy import facts_for, read_match
+
+
+def req(line, headers=b"Host: Api.Example.com:8443\r\n"):
+    return parse_request(parse_head(line + b"\r\n" + headers + b"\r\n", REQUEST))
+
+
+def match(**keys):
+    return read_match(Node(keys, "match", Path(".")))
+
+
+def test_request_parts():
+    """Method, normalised path, query and host (lower case, no port) are read from the head."""
+    r = req(b"GET /v1//users/%41?limit=5 HTTP/1.1")
+    assert (r.method, r.path, r.query, r.host) == ("GET", "/v1/users/A", "limit=5", "api.example.com")
+    assert r.unjudgeable is None
+    assert req(b"GET http://other.example/x?y=1 HTTP/1.1").host == "other.example"
+
+
+@pytest.mark.parametrize("raw", ["/a/../admin", "/a/%2e%2e/admin", "/a%2fb", "/a/./b", "/a%5cb"])
+def test_tricky_paths_are_unjudgeable(raw):
+    """Dot segments and encoded separators make a request unjudgeable."""
+    assert normalise_path(raw)[1] is not None
+
+
+def test_http11_needs_host():
+    """An HTTP/1.1 request without Host is refused."""
+    with pytest.raises(ProtocolError):
+        req(b"GET / HTTP/1.1", headers=b"")
+
+
+def test_match_keys():
+    """methods, hosts, paths and query globs must all fit."""
+    m = match(methods=["post", "PUT"], paths=["/v1/users/*"], hosts=["api.*"], query={"dry_run": "false"})
+    assert m.matches(facts_for(req(b"POST /v1/users/7?dry_run=false HTTP/1.1")), None)
+    assert not m.matches(facts_for(req(b"GET /v1/users/7?dry_run=false HTTP/1.1")), None)
+    assert not m.matches(facts_for(req(b"POST /v1/users/7?dry_run=true HTTP/1.1")), None)
+    assert not m.matches(facts_for(req(b"POST /v2/users/7?dry_run=false HTTP/1.1")), None)
+    assert match(query={"debug": "*"}).matches(facts_for(req(b"GET /?debug HTTP/1.1")), None)
+
+
+def test_bad_match_keys_name_their_path():
+    """A path glob without a leading slash, or a query that is not a mapping, is refused with its key path."""
+    with pytest.raises(ConfigError, match=r"match.paths\[0\]"):
+        match(paths=["admin/*"])
+    with pytest.raises(ConfigError, match="match.query"):
+        match(query=["x"])
+
+
+def test_facts_summary_and_cache_key():
+    """Facts summarise the request and cache by method, host and target."""
+    f = facts_for(req(b"GET /a?b=1 HTTP/1.1"))
+    assert f.summary() == {"method": "GET", "host": "api.example.com", "path": "/a", "query": "b=1"}
+    assert f.cache_key == ("GET", "api.example.com", "/a?b=1")
+
+
+def test_rule_owner_with_mixed_keys():
+    """A rule mixing Kubernetes and HTTP keys belongs to kubernetes; a rule with HTTP keys only to http."""
+    plugins = protocol_plugins()
+    mixed = read_rule(Node({"name": "x", "action": "deny", "match": {"paths": ["/api/*"], "verbs": ["get"]}}, "p",
+                           Path(".")), plugins)
+    assert mixed.protocol == "kubernetes"
+    plain = read_rule(Node({"name": "y", "action": "deny", "match": {"paths": ["/api/*"]}}, "p", Path(".")), plugins)
+    assert plain.protocol == "http"

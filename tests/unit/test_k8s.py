@@ -1,0 +1,173 @@
+"""The Kubernetes plugin's pure parts: request info, policy keys, Secret masking, exec channels, Status answers."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gatekeep.config import ConfigError, Node
+from gatekeep.model import Action, Decision
+from gatekeep.protocols.http import _websocket as ws
+from gatekeep.protocols.http._codec import REQUEST, RESPONSE, parse_head
+from gatekeep.protocols.http._request import parse_request
+from gatekeep.protocols.kubernetes._dialect import KubernetesDialect
+from gatekeep.protocols.kubernetes._exec import channel_decoder
+from gatekeep.protocols.kubernetes._request import request_info
+from gatekeep.protocols.kubernetes._secrets import MASKED_DATA, mask_secrets
+from gatekeep.protocols.kubernetes.plugin import KubernetesOptions
+from gatekeep.protocols.kubernetes.policy import facts_for, read_match
+
+DIALECT = KubernetesDialect(KubernetesOptions())
+
+
+@pytest.mark.parametrize("method,path,query,expected", [
+    ("GET", "/api/v1/namespaces/default/pods", "", ("list", "", "pods", "", "default", "")),
+    ("GET", "/api/v1/namespaces/default/pods", "watch=true", ("watch", "", "pods", "", "default", "")),
+    ("GET", "/api/v1/watch/namespaces/default/pods", "", ("watch", "", "pods", "", "default", "")),
+    ("DELETE", "/api/v1/namespaces/default/pods/web", "", ("delete", "", "pods", "", "default", "web")),
+    ("DELETE", "/api/v1/namespaces/default/pods", "", ("deletecollection", "", "pods", "", "default", "")),
+    ("GET", "/api/v1/namespaces/d/pods/web/exec", "command=ls", ("create", "", "pods", "exec", "d", "web")),
+    ("POST", "/api/v1/namespaces/d/pods/web/attach", "", ("create", "", "pods", "attach", "d", "web")),
+    ("GET", "/api/v1/namespaces/d/pods/web/log", "follow=true", ("get", "", "pods", "log", "d", "web")),
+    ("PATCH", "/apis/apps/v1/namespaces/p/deployments/api/scale", "", ("patch", "apps", "deployments", "scale", "p", "api")),
+    ("PUT", "/api/v1/namespaces/p/pods/x/status", "", ("update", "", "pods", "status", "p", "x")),
+    ("GET", "/api/v1/namespaces/p", "", ("get", "", "namespaces", "", "p", "p")),
+    ("GET", "/api/v1/nodes/n1/proxy/metrics", "", ("get", "", "nodes", "proxy", "", "n1")),
+    ("GET", "/apis/batch/v1/jobs", "", ("list", "batch", "jobs", "", "", "")),
+])
+def test_request_info(method, path, query, expected):
+    """Requests are understood as the API server's RequestInfoFactory does."""
+    i = request_info(method, path, query)
+    assert i.resource_request
+    assert (i.verb, i.api_group, i.resource, i.subresource, i.namespace, i.name) == expected
+
+
+def test_non_resource_requests():
+    """Discovery and other paths are not resource requests; their verb is the method."""
+    for path in ("/api", "/apis", "/api/v1", "/apis/apps/v1", "/version", "/openapi/v2", "/healthz"):
+        i = request_info("GET", path, "")
+        assert not i.resource_request and i.verb == "get"
+
+
+def request(method, path):
+    return DIALECT.describe(parse_request(parse_head(b"%s %s HTTP/1.1\r\nHost: k\r\n\r\n" % (method, path), REQUEST)))
+
+
+def match(**keys):
+    return read_match(Node(keys, "match", Path(".")))
+
+
+def test_policy_keys():
+    """verbs, resources (also pods/exec), namespaces, names, api_groups and HTTP keys combine."""
+    delete = facts_for(request(b"DELETE", b"/api/v1/namespaces/prod/pods/db-0"))
+    assert match(verbs=["delete"], resources=["pods"], namespaces=["prod*"], names=["db-*"]).matches(delete, None)
+    assert not match(verbs=["delete"], namespaces=["dev"]).matches(delete, None)
+    assert match(api_groups=[""]).matches(delete, None) and match(api_groups=["core"]).matches(delete, None)
+    assert not match(api_groups=["apps"]).matches(delete, None)
+    exec_ = facts_for(request(b"GET", b"/api/v1/namespaces/prod/pods/db-0/exec?command=sh"))
+    assert match(resources=["pods/exec"]).matches(exec_, None) and not match(resources=["pods/log"]).matches(exec_, None)
+    assert match(subresources=["exec"], methods=["GET"]).matches(exec_, None)
+    discovery = facts_for(request(b"GET", b"/apis"))
+    assert not match(resources=["*"]).matches(discovery, None) and match(verbs=["get"]).matches(discovery, None)
+
+
+def test_bad_verb_is_refused():
+    """An unknown verb is refused with its key path."""
+    with pytest.raises(ConfigError, match=r"match.verbs\[0\]"):
+        match(verbs=["destroy"])
+
+
+SECRET = {"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "s", "annotations": {
+    "kubectl.kubernetes.io/last-applied-configuration": json.dumps({"kind": "Secret", "stringData": {"p": "x"}})}},
+    "data": {"a": "c2VjcmV0", "b": "eA=="}, "stringData": {"c": "plain"}}
+
+
+def test_mask_secret_and_last_applied():
+    """data, stringData and the last-applied annotation of a Secret are masked; the input is not changed."""
+    counts = {}
+    out = mask_secrets(SECRET, counts)
+    assert out["data"] == {"a": MASKED_DATA, "b": MASKED_DATA} and out["stringData"] == {"c": "****"}
+    applied = json.loads(out["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"])
+    assert applied["stringData"] == {"p": "****"}
+    assert counts == {"kubernetes-secrets": 4} and SECRET["data"]["a"] == "c2VjcmV0"
+
+
+def test_mask_lists_tables_and_watch_events():
+    """Secrets in a SecretList, a Table's row objects and a watch event are masked; other objects are untouched."""
+    item = {k: v for k, v in SECRET.items() if k not in ("kind", "apiVersion")}
+    lst = mask_secrets({"kind": "SecretList", "items": [item]}, {})
+    assert lst["items"][0]["data"]["a"] == MASKED_DATA
+    tbl = mask_secrets({"kind": "Table", "rows": [{"cells": ["s"], "object": SECRET}]}, {})
+    assert tbl["rows"][0]["object"]["data"]["b"] == MASKED_DATA
+    ev = mask_secrets({"type": "ADDED", "object": SECRET}, {})
+    assert ev["object"]["stringData"]["c"] == "****"
+    pod = {"kind": "Pod", "data": {"x": "y"}}
+    assert mask_secrets(pod, {}) is pod
+
+
+def test_secret_body_plans():
+    """Secret responses are buffered and masked; secret watches are masked line by line; pods pass."""
+    json_head = parse_head(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n", RESPONSE)
+    plan = DIALECT.body_plan(request(b"GET", b"/api/v1/namespaces/d/secrets/s"), json_head, None, False)
+    assert plan.kind == "buffer" and plan.required
+    assert json.loads(plan.transform(json.dumps(SECRET).encode(), {}))["data"]["a"] == MASKED_DATA
+    plan = DIALECT.body_plan(request(b"GET", b"/api/v1/secrets?watch=1"), json_head, None, False)
+    assert plan.kind == "lines"
+    assert DIALECT.body_plan(request(b"GET", b"/api/v1/namespaces/d/pods"), json_head, None, False).kind == "pass"
+    proto = parse_head(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.kubernetes.protobuf\r\n"
+                       b"Content-Length: 2\r\n\r\n", RESPONSE)
+    plan = DIALECT.body_plan(request(b"GET", b"/api/v1/namespaces/d/secrets/s"), proto, None, False)
+    with pytest.raises(ValueError):
+        plan.transform(b"xx", {})
+
+
+def test_secret_requests_ask_for_json():
+    """Requests for Secrets ask for JSON (no protobuf), uncompressed."""
+    r = DIALECT.describe(parse_request(parse_head(
+        b"GET /api/v1/namespaces/d/secrets HTTP/1.1\r\nHost: k\r\n"
+        b"Accept: application/vnd.kubernetes.protobuf, application/json\r\nAccept-Encoding: gzip\r\n\r\n", REQUEST)))
+    drop, add = DIALECT.rewrite(r, None)
+    assert b"accept" in drop and (b"Accept", b"application/json") in add and (b"Accept-Encoding", b"identity") in add
+
+
+def test_denial_is_a_status_kubectl_understands():
+    """A denial is a 403 Status with reason Forbidden and a message naming the object, verb and rule."""
+    status, data = DIALECT.denied(request(b"DELETE", b"/api/v1/namespaces/default/pods/web-0"),
+                                  Decision(Action.DENY, "no-delete", "agents may not delete"))
+    body = json.loads(data.partition(b"\r\n\r\n")[2])
+    assert status == 403 and body["kind"] == "Status" and body["reason"] == "Forbidden" and body["code"] == 403
+    assert body["message"].startswith('pods "web-0" is forbidden: gatekeep denied delete (rule no-delete)')
+    assert body["details"] == {"kind": "pods", "name": "web-0"}
+
+
+def test_exec_channels_recorded():
+    """v5 channel messages become asciicast events: stdin i, stdout/stderr o, resize r, status m."""
+    d = channel_decoder("v5.channel.k8s.io")
+    got = []
+    for payload, from_client in ((b"\x00ls\n", True), (b"\x01file\n", False), (b"\x02oops\n", False),
+                                 (b'\x04{"Width":120,"Height":40}', True), (b'\x03{"status":"Success"}', False),
+                                 (b"\xff\x00", True)):
+        got += [(p.kind, p.data) for p in d(ws.Message(ws.BINARY, payload), from_client)]
+    assert got == [("i", "ls\n"), ("o", "file\n"), ("o", "oops\n"), ("r", "120x40"), ("m", "exit 0"),
+                   ("m", "channel 0 closed")]
+    b64 = channel_decoder("v4.base64.channel.k8s.io")
+    assert [(p.kind, p.data) for p in b64(ws.Message(ws.TEXT, b"1aGkK"), False)] == [("o", "hi\n")]
+    assert channel_decoder("SPDY/3.1") is None
+
+
+def test_exit_code_from_status():
+    """A failed command's exit code is read from the Status causes."""
+    status = {"status": "Failure", "details": {"causes": [{"reason": "ExitCode", "message": "3"}]}}
+    d = channel_decoder("v4.channel.k8s.io")
+    assert d(ws.Message(ws.BINARY, b"\x03" + json.dumps(status).encode()), False)[0].data == "exit 3"
+
+
+def test_kubeconfig_helpers():
+    """The kubeconfig's server URL comes from listen; the document points kubectl at it with the token."""
+    from gatekeep.cli.kubeconfig_cmd import build, server_url
+
+    assert server_url("tcp:16443:interface=127.0.0.1", True) == "https://127.0.0.1:16443"
+    assert server_url("tcp6:port=16443:interface=\\:\\:1", False) == "http://[::1]:16443"
+    cfg = build("prod", "alice", "tok", "https://gk:1", b"PEM", "team")
+    assert cfg["users"][0]["user"] == {"token": "tok"} and cfg["contexts"][0]["context"]["namespace"] == "team"
+    assert cfg["clusters"][0]["cluster"]["certificate-authority-data"] == "UEVN"

@@ -1,0 +1,161 @@
+"""The PostgreSQL relay with the approvals service, in memory: notices, release, denial, cancel, disconnect."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from gatekeep.approvals import ApprovalService, MemoryApprovalStore, Status
+from gatekeep.model import Action, Decision, Identity
+from gatekeep.policy.engine import Review
+from gatekeep.protocols.postgres import _codec as pg
+from gatekeep.protocols.postgres.plugin import PostgresPlugin, PostgresTarget, Upstream
+from gatekeep.protocols.postgres.relay import POISON
+from gatekeep.secrets import Secret
+from gatekeep.testing import FunctionPolicy, MemoryIdentityProvider, MemoryNetwork, connect_in_memory, make_gateway, \
+    make_target
+from gatekeep.tls import UpstreamTLS
+from tests.unit.test_pg_relay_memory import ALICE_TOKEN, SERVICE_PASSWORD, UPSTREAM_KEY, Client, \
+    FakePostgresFactory, fields
+
+BOB = Identity("bob", frozenset({"dba"}))
+REVIEWS = {"deletes": Review(approvers=("dba",), timeout=30.0)}
+
+
+def _decide(op) -> Decision:
+    if op.text.lower().startswith("delete"):
+        return Decision(Action.REVIEW, "deletes", "", {"kinds": ["delete"]})
+    return Decision(Action.ALLOW, "allow-all")
+
+
+@pytest.fixture
+def relay() -> SimpleNamespace:
+    ids = MemoryIdentityProvider(iterations=64)
+    ids.add("alice", ALICE_TOKEN, ["agents"])
+    gateway = make_gateway(identities=ids, policy=FunctionPolicy(_decide))
+    store = MemoryApprovalStore()
+    gateway.chain.approvals = ApprovalService(gateway.reactor, REVIEWS.get, store)
+    options = PostgresTarget(Upstream("db.internal", 5433, "app", "svc", Secret("env:SVC", SERVICE_PASSWORD.encode()),
+                                      UpstreamTLS("disable"), connect_timeout=3.0))
+    factory = PostgresPlugin().makeFactory(make_target("db", "postgres", options), gateway)
+    network = MemoryNetwork(gateway.reactor)
+    server = FakePostgresFactory("trust")
+    endpoint = network.endpoint(server)
+    factory.upstream_endpoint = lambda host, port, timeout: endpoint
+    return SimpleNamespace(gateway=gateway, approvals=gateway.chain.approvals, store=store, network=network,
+                           server=server, recorder=gateway.chain.recorder,
+                           connect=lambda: Client(connect_in_memory(factory, network=network)))
+
+
+def held(relay, sql="delete from users where id = 1"):
+    client = relay.connect()
+    messages = client.login("alice", ALICE_TOKEN)
+    key = pg.parse_backend_key_data(messages[4].body)
+    answer = client.send(pg.query(sql))
+    return client, key, answer
+
+
+def test_held_statement_gets_a_notice_at_once_and_nothing_reaches_the_server(relay):
+    """A held DELETE: the client gets a NoticeResponse naming the request at once; the server sees nothing."""
+    client, _, answer = held(relay)
+    (notice,) = answer
+    assert notice.type == b"N"
+    f = pg.parse_fields(notice.body)
+    (request,) = relay.approvals.pending()
+    assert f["C"] == "01000" and request.id in f["M"] and f"gatekeep approvals approve {request.id}" in f["M"]
+    assert relay.server.queries == []
+
+
+def test_approval_releases_the_statement_and_its_results(relay):
+    """After approval the held statement reaches the server and its results reach the client."""
+    client, _, _ = held(relay)
+    (request,) = relay.approvals.pending()
+    relay.approvals.approve(request.id, BOB, "ok")
+    messages = client.send(b"")  # flushes: what the client got since
+    assert [m.type for m in messages] == [b"T", b"D", b"D", b"C", b"Z"]
+    assert relay.server.queries == ["delete from users where id = 1"]
+    ((op, decision),) = relay.recorder.operations
+    assert decision.action is Action.ALLOW and decision.facts["approval"]["approvers"] == ["bob"]
+
+
+def test_messages_behind_a_held_statement_wait_for_it(relay):
+    """A query sent after the held one is not relayed before the held one is decided, then follows in order."""
+    client, _, _ = held(relay)
+    assert client.send(pg.query("select 1")) == []
+    assert relay.server.queries == []
+    (request,) = relay.approvals.pending()
+    relay.approvals.approve(request.id, BOB)
+    relay.network.flush()
+    assert relay.server.queries == ["delete from users where id = 1", "select 1"]
+
+
+def test_denial_is_a_42501_naming_who_and_why_through_the_poison(relay):
+    """A denied request becomes ErrorResponse 42501 naming the approver and reason; the server runs the poison."""
+    client, _, _ = held(relay)
+    (request,) = relay.approvals.pending()
+    relay.approvals.deny(request.id, BOB, "not today")
+    messages = client.send(b"")  # flushes: what the client got since
+    assert [m.type for m in messages] == [b"E", b"Z"]
+    f = fields(messages[0])
+    assert f["C"] == "42501" and "denied by bob: not today" in f["M"] and "rule deletes" in f["M"]
+    assert relay.server.queries == [POISON]
+
+
+def test_expiry_is_a_42501(relay):
+    """When nobody decides in time the client gets 42501 saying the request expired."""
+    client, _, _ = held(relay)
+    relay.gateway.reactor.advance(30.0)
+    messages = client.send(b"")  # flushes: what the client got since
+    assert [m.type for m in messages] == [b"E", b"Z"]
+    assert "expired after 30s" in fields(messages[0])["M"]
+
+
+def test_cancel_request_withdraws_and_answers_57014(relay):
+    """A CancelRequest for a held statement withdraws the request; the client gets 57014 and ReadyForQuery."""
+    client, key, _ = held(relay)
+    (request,) = relay.approvals.pending()
+    before = len(client.conn.client.received)
+    relay.connect().send(pg.cancel_request(*key))
+    messages = client.reader.feed(client.conn.client.received[before:])
+    assert [m.type for m in messages] == [b"E", b"Z"]
+    f = fields(messages[0])
+    assert (f["C"], f["M"]) == ("57014", "canceling statement due to user request")
+    assert relay.store.requests[request.id].status is Status.WITHDRAWN
+    assert relay.server.cancels == []  # nothing was running upstream: nothing to cancel there
+    assert relay.server.queries == [POISON]
+    ((op, decision),) = relay.recorder.operations
+    assert decision.rule == "canceled" and decision.facts["approval"] == {"id": request.id, "status": "withdrawn"}
+    # the session goes on
+    assert [m.type for m in client.send(pg.query("select 1"))] == [b"T", b"D", b"D", b"C", b"Z"]
+
+
+def test_cancel_without_a_held_statement_is_forwarded_as_before(relay):
+    """With nothing held, a CancelRequest still reaches the server with its own key."""
+    client = relay.connect()
+    messages = client.login("alice", ALICE_TOKEN)
+    key = pg.parse_backend_key_data(messages[4].body)
+    relay.connect().send(pg.cancel_request(*key))
+    relay.network.flush()
+    assert relay.server.cancels == [UPSTREAM_KEY]
+
+
+def test_disconnect_withdraws_the_request(relay):
+    """Closing the connection while held withdraws the request and the session ends."""
+    client, _, _ = held(relay)
+    (request,) = relay.approvals.pending()
+    client.conn.client.transport.loseConnection()
+    relay.network.flush()
+    assert relay.approvals.pending() == []
+    assert relay.store.requests[request.id].status is Status.WITHDRAWN
+    assert relay.recorder.ends and relay.recorder.operations[0][1].rule == "canceled"
+    assert relay.gateway.reactor.getDelayedCalls() == [] or all(
+        not c.active() for c in relay.gateway.reactor.getDelayedCalls())
+
+
+def test_other_sessions_are_not_blocked_by_a_held_one(relay):
+    """While one session waits on an approval, another session's queries run."""
+    held(relay)
+    other = relay.connect()
+    other.login("alice", ALICE_TOKEN)
+    assert [m.type for m in other.send(pg.query("select 1"))] == [b"T", b"D", b"D", b"C", b"Z"]

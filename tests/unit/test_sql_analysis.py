@@ -1,0 +1,418 @@
+"""Tests for gatekeep.protocols.postgres.sql.analyze: what a SQL string does, by PostgreSQL's own grammar.
+
+Every statement text here is unique to its test (a uuid-based table name where it
+matters), because analyze() caches by text and by shape for the whole process.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from gatekeep.protocols.postgres.sql import Analysis, analyze, shape_of
+
+
+def fresh(prefix: str = "t") -> str:
+    """A table name no other test uses (analyze caches by text and shape)."""
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+def kinds(a: Analysis) -> set[str]:
+    return set(a.kinds)
+
+
+def units(a: Analysis) -> set[tuple]:
+    """(kind, subkind) of every unit."""
+    return {(u.kind, u.subkind) for u in a.units}
+
+
+def unit_tables(a: Analysis, kind: str) -> set:
+    out: set = set()
+    for u in a.units:
+        if u.kind == kind:
+            out |= u.tables
+    return out
+
+
+# -- statement kinds ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sql, kind, subkind, tables", [
+    ("SELECT * FROM users", "select", None, {(None, "users")}),
+    ("TABLE billing.invoices", "select", None, {("billing", "invoices")}),
+    ("VALUES (1), (2)", "select", None, set()),
+    ("INSERT INTO billing.invoices (amount) VALUES (1)", "insert", None, {("billing", "invoices")}),
+    ("UPDATE users SET name = 'x' WHERE id = 1", "update", None, {(None, "users")}),
+    ("DELETE FROM billing.invoices WHERE id = 1", "delete", None, {("billing", "invoices")}),
+    ("MERGE INTO users u USING staff s ON u.id = s.id WHEN MATCHED THEN UPDATE SET name = s.name",
+     "merge", None, {(None, "users"), (None, "staff")}),
+    ("CREATE TABLE billing.refunds (id int)", "ddl", "create_table", {("billing", "refunds")}),
+    ("CREATE INDEX ON users (email)", "ddl", "create_index", {(None, "users")}),
+    ("ALTER TABLE billing.invoices ADD COLUMN note text", "ddl", "alter_table", {("billing", "invoices")}),
+    ("DROP TABLE billing.invoices, users", "ddl", "drop_table", {("billing", "invoices"), (None, "users")}),
+    ("DROP VIEW billing.v", "ddl", "drop_view", {("billing", "v")}),
+    ("ALTER TABLE billing.invoices RENAME TO old_invoices", "ddl", "rename", {("billing", "invoices")}),
+    ("CREATE SCHEMA reports", "ddl", "create_schema", {("reports", "*")}),
+    ("CREATE DATABASE other", "ddl", "create_database", set()),
+    ("CREATE SEQUENCE billing.seq", "ddl", "create_seq", {("billing", "seq")}),
+    ("ALTER SYSTEM SET work_mem = '1MB'", "ddl", "alter_system", set()),
+    ("CREATE EXTENSION dblink", "ddl", "create_extension", set()),
+    ("TRUNCATE billing.invoices", "truncate", None, {("billing", "invoices")}),
+    ("GRANT SELECT ON billing.invoices TO app_md5", "grant", None, {("billing", "invoices")}),
+    ("REVOKE SELECT ON users FROM app_md5", "revoke", None, {(None, "users")}),
+    ("GRANT app_rw TO app_md5", "grant", "role", set()),
+    ("REVOKE app_rw FROM app_md5", "revoke", "role", set()),
+    ("COPY billing.invoices FROM STDIN", "copy_from", None, {("billing", "invoices")}),
+    ("COPY users TO STDOUT", "copy_to", None, {(None, "users")}),
+    ("CALL refresh_totals(1)", "call", None, set()),
+    ("SET work_mem = '64MB'", "set", "work_mem", set()),
+    ("RESET work_mem", "set", "work_mem", set()),
+    ("SHOW search_path", "show", "search_path", set()),
+    ("SET ROLE postgres", "set_role", "role", set()),
+    ("SET LOCAL ROLE postgres", "set_role", "role", set()),
+    ("RESET ROLE", "set_role", "role", set()),
+    ("SET SESSION AUTHORIZATION postgres", "set_role", "session_authorization", set()),
+    ("BEGIN", "transaction", None, set()),
+    ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE", "transaction", None, set()),
+    ("SAVEPOINT a", "transaction", None, set()),
+    ("COMMIT", "transaction", None, set()),
+    ("ROLLBACK", "transaction", None, set()),
+    ("EXECUTE some_plan(1)", "execute", None, set()),
+    ("DEALLOCATE some_plan", "prepare", "deallocate", set()),
+    ("DEALLOCATE ALL", "prepare", "deallocate", set()),
+    ("LISTEN jobs", "listen", None, set()),
+    ("UNLISTEN jobs", "listen", None, set()),
+    ("NOTIFY jobs, 'payload'", "notify", None, set()),
+    ("VACUUM billing.invoices", "vacuum", None, {("billing", "invoices")}),
+    ("ANALYZE users", "analyze", None, {(None, "users")}),
+    ("EXPLAIN SELECT * FROM users", "explain", None, {(None, "users")}),
+    ("LOCK TABLE billing.invoices IN ACCESS EXCLUSIVE MODE", "lock", None, {("billing", "invoices")}),
+    ("FETCH 10 FROM c", "fetch", None, set()),
+    ("CHECKPOINT", "checkpoint", None, set()),
+    ("LOAD 'auto_explain'", "load", None, set()),
+])
+def test_statement_kind_subkind_and_tables(sql, kind, subkind, tables):
+    """Each statement is a unit of its kind (and sub-kind) naming the tables it touches."""
+    a = analyze(sql)
+    assert a.unjudgeable is None
+    assert a.statements == 1
+    matching = [u for u in a.units if u.kind == kind and u.subkind == subkind]
+    assert matching, (sql, units(a))
+    assert set(matching[0].tables) == tables
+
+
+def test_copy_program_is_its_own_unit_besides_copy():
+    """COPY ... TO PROGRAM is a copy_to unit and a copy_program unit on the same table."""
+    a = analyze("COPY billing.invoices TO PROGRAM 'gzip > /tmp/x.gz'")
+    assert units(a) == {("copy_to", None), ("copy_program", None)}
+    assert unit_tables(a, "copy_program") == {("billing", "invoices")}
+    b = analyze("COPY users FROM PROGRAM 'cat /etc/passwd'")
+    assert units(b) == {("copy_from", None), ("copy_program", None)}
+
+
+def test_copy_to_a_server_file_sets_server_file():
+    """COPY to or from a server-side file is flagged server_file; COPY STDIN/STDOUT is not."""
+    assert "server_file" in analyze("COPY users TO '/tmp/users.csv'").conditions
+    assert "server_file" in analyze("COPY users FROM '/etc/passwd'").conditions
+    assert "server_file" not in analyze("COPY users TO STDOUT").conditions
+
+
+def test_copy_of_a_query_judges_the_query():
+    """COPY (DELETE ... RETURNING) TO STDOUT contains the DELETE as its own unit."""
+    a = analyze("COPY (DELETE FROM billing.invoices RETURNING *) TO STDOUT")
+    assert {"copy_to", "delete"} <= kinds(a)
+    assert unit_tables(a, "delete") == {("billing", "invoices")}
+    assert "delete_without_where" in a.conditions
+
+
+def test_create_table_as_and_select_into_are_ddl_with_the_read():
+    """CREATE TABLE AS and SELECT INTO are ddl:create_table_as units plus the SELECT they read with."""
+    for sql in ("CREATE TABLE copy_of_users AS SELECT * FROM users", "SELECT * INTO copy_of_users FROM users"):
+        a = analyze(sql)
+        assert ("ddl", "create_table_as") in units(a)
+        assert (None, "users") in unit_tables(a, "select")
+        assert (None, "copy_of_users") in unit_tables(a, "ddl")
+
+
+def test_reset_all_also_resets_the_role():
+    """RESET ALL counts as set_role too (it resets the role) as well as set."""
+    assert {"set_role", "set"} <= kinds(analyze("RESET ALL"))
+
+
+def test_prepare_is_judged_on_its_body_and_remembered():
+    """PREPARE is a prepare unit plus the units of its body; the body analysis is kept by name."""
+    t = fresh()
+    a = analyze(f"PREPARE wipe AS DELETE FROM billing.{t}")
+    assert ("prepare", None) in units(a)
+    assert unit_tables(a, "delete") == {("billing", t)}
+    assert "delete_without_where" in a.conditions
+    assert [name for name, _ in a.prepares] == ["wipe"]
+    assert a.prepares[0][1].kinds == {"delete"}
+
+
+def test_execute_and_deallocate_name_their_statements():
+    """EXECUTE names the prepared statement it runs; DEALLOCATE names it, DEALLOCATE ALL gives None."""
+    assert analyze("EXECUTE wipe").executes == ("wipe",)
+    assert analyze("EXECUTE wipe(1, 'x')").executes == ("wipe",)
+    assert analyze("DEALLOCATE wipe").deallocates == ("wipe",)
+    assert analyze("DEALLOCATE PREPARE ALL").deallocates == (None,)
+
+
+def test_explain_analyze_judges_what_it_runs():
+    """EXPLAIN ANALYZE (in every spelling) carries the units of the statement it runs; plain EXPLAIN does not."""
+    t = fresh()
+    for sql in (f"EXPLAIN ANALYZE DELETE FROM {t}", f"EXPLAIN (ANALYZE) DELETE FROM {t}",
+                f"EXPLAIN (ANALYZE true, BUFFERS) DELETE FROM {t}", f"EXPLAIN (ANALYZE on) DELETE FROM {t}",
+                f"EXPLAIN (COSTS off, ANALYZE) DELETE FROM {t}"):
+        a = analyze(sql)
+        assert ("explain", "analyze") in units(a), sql
+        assert unit_tables(a, "delete") == {(None, t)}, sql
+        assert "delete_without_where" in a.conditions, sql
+    for sql in (f"EXPLAIN DELETE FROM {t}", f"EXPLAIN (ANALYZE false) DELETE FROM {t}",
+                f"EXPLAIN (ANALYZE off) DELETE FROM {t}"):
+        a = analyze(sql)
+        assert kinds(a) == {"explain"}, sql
+        assert unit_tables(a, "explain") == {(None, t)}
+
+
+def test_explain_analyze_of_execute_resolves_the_prepared_name():
+    """EXPLAIN ANALYZE EXECUTE p names p among the executed statements."""
+    assert analyze("EXPLAIN ANALYZE EXECUTE wipe").executes == ("wipe",)
+
+
+# -- tables: joins, subqueries, CTEs ---------------------------------------------------------------
+
+
+def test_tables_in_joins_subqueries_and_ctes():
+    """Tables are found in joins, subqueries, scalar subqueries and CTE bodies; CTE names are not tables."""
+    a = analyze(
+        "WITH recent AS (SELECT * FROM billing.invoices WHERE amount > 10) "
+        "SELECT u.name, (SELECT count(*) FROM audit.log l WHERE l.uid = u.id) "
+        "FROM users u JOIN recent r ON r.user_id = u.id "
+        "LEFT JOIN LATERAL (SELECT * FROM billing.refunds f WHERE f.inv = r.id) x ON true "
+        "WHERE u.id IN (SELECT user_id FROM staff)")
+    found = a.tables
+    assert {("billing", "invoices"), ("audit", "log"), (None, "users"), ("billing", "refunds"),
+            (None, "staff")} <= found
+    assert (None, "recent") not in found
+
+
+def test_data_modifying_cte_is_a_unit_of_its_own():
+    """A DELETE inside a WITH clause is a delete unit, and its missing WHERE is seen."""
+    a = analyze("WITH gone AS (DELETE FROM billing.invoices RETURNING *) SELECT count(*) FROM gone")
+    assert {"select", "delete"} <= kinds(a)
+    assert unit_tables(a, "delete") == {("billing", "invoices")}
+    assert "delete_without_where" in a.conditions
+    assert (None, "gone") not in a.tables
+
+
+def test_insert_select_and_update_from_name_source_tables():
+    """INSERT ... SELECT and UPDATE ... FROM name both the written table and the tables read."""
+    a = analyze("INSERT INTO billing.archive SELECT * FROM billing.invoices")
+    assert {("billing", "archive"), ("billing", "invoices")} <= unit_tables(a, "insert")
+    b = analyze("UPDATE users SET name = s.name FROM staff s WHERE s.id = users.id")
+    assert {(None, "users"), (None, "staff")} <= unit_tables(b, "update")
+
+
+def test_identifiers_are_folded_and_unquoted_as_postgresql_does():
+    """Case, double quotes and U& escapes resolve to the names PostgreSQL would use."""
+    assert analyze("DeLeTe FrOm BiLlInG.InVoIcEs WHERE id = 1").tables == {("billing", "invoices")}
+    assert analyze('DELETE FROM "billing"."invoices" WHERE id = 1').tables == {("billing", "invoices")}
+    assert analyze('DELETE FROM U&"bill\\0069ng".U&"invoic\\0065s" WHERE id = 1').tables == {
+        ("billing", "invoices")}
+    assert analyze('DELETE FROM "Billing".invoices WHERE id = 1').tables == {("Billing", "invoices")}
+    assert analyze("DELETE /* c */ FROM billing /* x */ . -- y\n invoices WHERE id = 1").tables == {
+        ("billing", "invoices")}
+
+
+def test_cte_name_does_not_hide_the_target_of_a_write():
+    """The target of INSERT/UPDATE/DELETE is always a real table, even when a CTE has the same name."""
+    t = fresh()
+    a = analyze(f"WITH {t} AS (SELECT 1) DELETE FROM {t} WHERE id = 1")
+    assert unit_tables(a, "delete") == {(None, t)}
+
+
+def test_cte_name_is_excluded_only_where_it_is_in_scope():
+    """An inner CTE's name does not hide a real table of that name used outside the CTE's scope."""
+    t = fresh()
+    a = analyze(f"WITH outer_q AS (WITH {t} AS (SELECT 1) SELECT * FROM {t}) SELECT * FROM {t}, outer_q")
+    assert (None, t) in a.tables
+
+
+# -- functions and conditions --------------------------------------------------------------------
+
+
+def test_functions_are_found_anywhere_and_lowercased():
+    """Function calls in targets, FROM, WHERE, qualified or not, are named (lowercase, schema kept)."""
+    a = analyze("SELECT PG_READ_FILE('x'), upper(name) FROM users, pg_catalog.pg_ls_dir('.') d "
+                "WHERE id = (SELECT max(id) FROM users) AND dblink_exec('c', 'x') IS NULL")
+    assert {"pg_read_file", "upper", "pg_catalog.pg_ls_dir", "max", "dblink_exec"} <= a.functions
+
+
+def test_call_names_its_procedure():
+    """CALL names the procedure as a function."""
+    assert "refresh_totals" in analyze("CALL refresh_totals()").functions
+
+
+@pytest.mark.parametrize("sql, condition", [
+    ("UPDATE users SET name = 'x'", "update_without_where"),
+    ("DELETE FROM users", "delete_without_where"),
+    ("SELECT 1; SELECT 2", "multiple_statements"),
+    ("SELECT set_config('search_path', 'billing', false)", "set_config"),
+    ("COPY users TO '/tmp/out'", "server_file"),
+    ("DO $$BEGIN EXECUTE 'DELETE FROM ' || 'users'; END$$", "dynamic_sql"),
+])
+def test_conditions(sql, condition):
+    """Each condition is reported for the statement that has it."""
+    assert condition in analyze(sql).conditions
+
+
+def test_bounded_writes_have_no_without_where_condition():
+    """UPDATE and DELETE with a WHERE clause carry no *_without_where condition."""
+    a = analyze("UPDATE users SET name = 'x' WHERE id = 1; DELETE FROM users WHERE id = 2")
+    assert not {"update_without_where", "delete_without_where"} & a.conditions
+    assert a.statements == 2
+
+
+def test_multiple_statements_are_all_analysed():
+    """Every statement of a multi-statement string is a unit; the count is kept."""
+    a = analyze("SELECT 1; DELETE FROM billing.invoices WHERE id = 1; TRUNCATE users")
+    assert a.statements == 3
+    assert {"select", "delete", "truncate"} <= kinds(a)
+
+
+# -- DO blocks and PL/pgSQL ----------------------------------------------------------------------
+
+
+def test_do_block_statements_are_units():
+    """Statements inside a PL/pgSQL DO body (static, PERFORM, assignments) are units and functions."""
+    a = analyze("DO $gk$DECLARE n int; BEGIN DELETE FROM billing.invoices; "
+                "n := (SELECT count(*) FROM audit.log); PERFORM pg_read_file('x'); END$gk$")
+    assert {"do", "delete", "select"} <= kinds(a)
+    assert ("billing", "invoices") in unit_tables(a, "delete")
+    assert ("audit", "log") in a.tables
+    assert "pg_read_file" in a.functions
+    assert "delete_without_where" in a.conditions
+    assert a.unjudgeable is None
+
+
+def test_do_block_execute_of_a_constant_string_is_judged():
+    """EXECUTE 'constant SQL' inside DO is parsed and judged like the SQL itself."""
+    a = analyze("DO $$BEGIN EXECUTE 'TRUNCATE billing.invoices'; END$$")
+    assert "truncate" in kinds(a)
+    assert a.unjudgeable is None
+
+
+def test_nested_do_inside_execute_is_judged():
+    """A DO block EXECUTEd from a DO block is analysed too."""
+    a = analyze("DO $$BEGIN EXECUTE 'DO $x$BEGIN DELETE FROM billing.invoices; END$x$'; END$$")
+    assert ("billing", "invoices") in unit_tables(a, "delete")
+
+
+@pytest.mark.parametrize("sql, why", [
+    ("SELEC 1", "cannot parse"),
+    ("SELECT 'unterminated", "cannot parse"),
+    ("DELETE FROM users WHERE", "cannot parse"),
+    ("SELECT 1 \\; DELETE FROM users", "cannot parse"),  # psql's \; never reaches the server as such
+    ("DO $$BEGIN EXECUTE 'DELETE FROM ' || 'users'; END$$", "dynamic SQL"),
+    ("DO $$BEGIN EXECUTE format('DELETE FROM %I', 'users'); END$$", "dynamic SQL"),
+    ("DO $$DECLARE c refcursor; BEGIN OPEN c FOR EXECUTE 'SELECT ' || '1'; END$$", "dynamic SQL"),
+    ("DO LANGUAGE plpython3u $$import os$$", "language plpython3u"),
+    ("DO LANGUAGE sql $$DELETE FROM users$$", "language sql"),
+    ("DO $$ BEGIN THIS IS NOT PLPGSQL; END $$", "cannot parse the PL/pgSQL body"),
+])
+def test_unjudgeable(sql, why):
+    """Parse errors, dynamic SQL in DO and DO in other languages are unjudgeable, with the reason."""
+    a = analyze(sql)
+    assert a.unjudgeable is not None and why in a.unjudgeable, a.unjudgeable
+
+
+def test_prepare_of_unjudgeable_body_is_unjudgeable():
+    """An unjudgeable piece anywhere makes the whole string unjudgeable."""
+    a = analyze("SELECT 1; DO $$BEGIN EXECUTE 'DELETE FROM ' || 'users'; END$$")
+    assert a.unjudgeable is not None
+
+
+def test_search_path_is_reported():
+    """SET search_path reports the schemas it names, quoted or not."""
+    assert analyze("SET search_path = billing, public").search_path == ("billing", "public")
+    assert analyze("SET search_path TO 'audit'").search_path == ("audit",)
+    assert analyze("SELECT 1").search_path is None
+
+
+def test_summary_lists_kinds_with_subkinds_and_qualified_tables():
+    """summary() gives sorted kinds (kind:subkind) and tables (schema.table), functions and conditions."""
+    s = analyze("DELETE FROM billing.invoices; SELECT upper(name) FROM users").summary()
+    assert s["kinds"] == ["delete", "select"]
+    assert s["tables"] == ["billing.invoices", "users"]
+    assert s["functions"] == ["upper"]
+    assert s["conditions"] == ["delete_without_where", "multiple_statements"]
+    assert analyze("DROP TABLE billing.gone").summary()["kinds"] == ["ddl:drop_table"]
+
+
+def test_analyze_never_raises_on_garbage():
+    """Binary junk, NULs and huge nesting come back unjudgeable instead of raising."""
+    for text in ("\x00\x01\x02", "(" * 5000 + "1" + ")" * 5000, "SELECT " + "'" * 3, "\ud7ff"):
+        a = analyze(text)
+        assert isinstance(a, Analysis)
+
+
+# -- shape caching -------------------------------------------------------------------------------
+
+
+def test_statements_differing_only_in_constants_share_one_analysis():
+    """SELECT ... WHERE id = 1 and = 2 (and other string constants) share the same Analysis object."""
+    t = fresh()
+    a = analyze(f"SELECT * FROM {t} WHERE id = 1 AND name = 'a'")
+    b = analyze(f"SELECT * FROM {t} WHERE id = 22 AND name = 'bbb'")
+    assert a is b
+    assert a.shape == f"SELECT * FROM {t} WHERE id = ? AND name = ?"
+
+
+def test_shape_blanks_constants_but_not_identifiers():
+    """shape_of replaces constants with ? and keeps identifiers and keywords."""
+    assert shape_of("SELECT a FROM t WHERE b = 'x' AND c = 3.5 AND d = $$y$$") == \
+        "SELECT a FROM t WHERE b = ? AND c = ? AND d = ?"
+    assert shape_of('SELECT "x" FROM t') == 'SELECT "x" FROM t'
+
+
+def test_do_blocks_with_different_bodies_do_not_share_an_analysis():
+    """Two DO blocks have the same shape (DO ?) but never share an analysis: the body is what runs."""
+    t = fresh()
+    harmless = analyze("DO $$BEGIN PERFORM 1; END$$")
+    harmful = analyze(f"DO $$BEGIN DELETE FROM billing.{t}; END$$")
+    assert harmless is not harmful
+    assert "delete" not in harmless.kinds
+    assert "delete" in harmful.kinds
+    assert harmful.shape is None
+
+
+def test_search_path_values_are_not_shared():
+    """SET search_path TO 'a' and TO 'b' have one shape but each keeps its own schemas."""
+    a = analyze("SET search_path TO 'shape_a'")
+    b = analyze("SET search_path TO 'shape_b'")
+    assert a.search_path == ("shape_a",)
+    assert b.search_path == ("shape_b",)
+
+
+def test_set_config_calls_are_not_shared():
+    """set_config(...) changes session state through its constants, so it is never shared by shape."""
+    a = analyze("SELECT set_config('search_path', 'one', false)")
+    b = analyze("SELECT set_config('search_path', 'two', false)")
+    assert a is not b and a.shape is None and b.shape is None
+
+
+def test_unjudgeable_results_are_not_shared():
+    """An unjudgeable statement is not stored by shape (its reason may depend on the constants)."""
+    a = analyze("DO LANGUAGE plpython3u $$x = 1$$")
+    assert a.shape is None
+
+
+def test_explain_analyze_given_as_a_string_constant_is_not_shared_by_shape():
+    """EXPLAIN (ANALYZE 'off') and (ANALYZE 'on') differ in what runs, so they must not share an analysis."""
+    t = fresh()
+    off = analyze(f"EXPLAIN (ANALYZE 'off') DELETE FROM billing.{t}")
+    on = analyze(f"EXPLAIN (ANALYZE 'on') DELETE FROM billing.{t}")
+    assert "delete" not in off.kinds
+    assert "delete" in on.kinds, "EXPLAIN (ANALYZE 'on') DELETE reused the analysis of ANALYZE 'off'"

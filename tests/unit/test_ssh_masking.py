@@ -1,0 +1,102 @@
+"""Masking of chunked text streams (gatekeep.protocols.ssh._masking), and recording (._recording)."""
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gatekeep.cli.sessions_cmd import asciicast
+from gatekeep.masking.rules import MaskingRule
+from gatekeep.protocols.ssh._masking import StreamMasker
+from gatekeep.protocols.ssh._recording import ChannelRecording
+
+CARDS = MaskingRule("cards", None, None, None, detectors=("credit_card", "email", "aws_access_key", "private_key"))
+TEXT = ("order 17 paid with 4111 1111 1111 1111 by bob@example.com\r\n"
+        "key AKIAABCDEFGHIJKLMNOP ok\r\n"
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\nbye\n")
+
+
+def _whole(text):
+    m = StreamMasker((CARDS,))
+    return m.feed(text) + m.flush()
+
+
+def _chunked(text, cuts):
+    m = StreamMasker((CARDS,))
+    out, last = [], 0
+    for c in sorted(set(cuts)):
+        out.append(m.feed(text[last:c]))
+        last = c
+    out.append(m.feed(text[last:]))
+    return "".join(out) + m.flush()
+
+
+def test_whole_text_is_masked():
+    """Cards, e-mail addresses, access keys and private key blocks are masked."""
+    out = _whole(TEXT)
+    for secret in ("4111 1111 1111 1111", "bob@example.com", "AKIAABCDEFGHIJKLMNOP", "b3BlbnNzaC1rZXktdjEAAAAA"):
+        assert secret not in out
+    assert out.startswith("order 17 paid with ****") and out.endswith("bye\n")
+
+
+def test_every_two_way_split_masks_the_same():
+    """Cut at every position, the stream masks exactly like the whole text."""
+    want = _whole(TEXT)
+    for i in range(len(TEXT) + 1):
+        assert _chunked(TEXT, [i]) == want, i
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(TEXT)), max_size=8))
+def test_any_split_masks_the_same(cuts):
+    """Cut anywhere, any number of times, the result is the same as whole."""
+    assert _chunked(TEXT, cuts) == _whole(TEXT)
+
+
+def test_prompt_is_released_at_once():
+    """Text ending in whitespace or ordinary punctuation is not held back."""
+    m = StreamMasker((CARDS,))
+    assert m.feed("root@vm:~# ") == "root@vm:~# "
+
+
+def test_trailing_digits_are_held_until_flush():
+    """A trailing run that could be the start of a card is held until more text or a flush."""
+    m = StreamMasker((CARDS,))
+    assert m.feed("total 4111") == "total "
+    assert m.flush() == "4111"
+
+
+def test_recording_events_decode_mask_and_limit():
+    """Output, input and resize become asciicast events; UTF-8 split across chunks decodes whole; a limit stops."""
+    events = []
+    clock = iter(range(100)).__next__
+    rec = ChannelRecording("s", "channel-0", events.append, lambda: float(clock()), (CARDS,), limit=200)
+    rec.resize(100, 30)
+    rec.output("caf\u00e9 ".encode()[:4])
+    rec.output("caf\u00e9 ".encode()[4:] + b"4111 1111 ")
+    rec.output(b"1111 1111\r\n")
+    rec.input(b"ls\r")
+    rec.output(b"x" * 300)
+    rec.close()
+    kinds = [(e.kind, e.data) for e in events]
+    assert kinds[0] == ("r", "100x30")
+    text = "".join(d for k, d in kinds if k == "o")
+    assert "caf\u00e9" in text and "4111" not in text and "****" in text
+    assert ("i", "ls\r") in kinds
+    assert kinds[-1][0] == "m" and "recording stopped" in kinds[-1][1]
+    assert rec.masked == {"cards/credit_card": 1}
+
+
+def test_recorded_events_export_as_asciicast_v2():
+    """Recorded events make an asciicast v2 file: a header with the size, then [time, kind, data] lines."""
+    events = []
+    rec = ChannelRecording("s", "channel-0", events.append, iter([10.0, 10.5, 11.25]).__next__)
+    rec.resize(90, 20)
+    rec.output(b"hello\r\n")
+    rec.input(b"q")
+    lines = asciicast({"id": "s", "identity": "a", "target": "t", "started_at": 10.0, "attributes": {}},
+                      [(e.at, e.kind, e.data) for e in events])
+    header = json.loads(lines[0])
+    assert header["version"] == 2 and (header["width"], header["height"]) == (90, 20)
+    assert [json.loads(line) for line in lines[1:]] == [[0.0, "r", "90x20"], [0.5, "o", "hello\r\n"],
+                                                        [1.25, "i", "q"]]

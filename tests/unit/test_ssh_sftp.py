@@ -1,0 +1,170 @@
+"""The SFTP stream, framed and judged (gatekeep.protocols.ssh._sftp), whole and split at every byte."""
+
+import struct
+
+import pytest
+
+from gatekeep.protocols.ssh import _sftp as sftp
+from gatekeep.protocols.ssh._sftp import SftpError, SftpStream
+
+
+def ns(b):
+    b = b.encode() if isinstance(b, str) else b
+    return struct.pack(">L", len(b)) + b
+
+
+def pkt(kind, body):
+    return struct.pack(">LB", len(body) + 1, kind) + body
+
+
+def req(kind, rid, body=b""):
+    return pkt(kind, struct.pack(">L", rid) + body)
+
+
+INIT = pkt(sftp.INIT, struct.pack(">L", 3))
+ATTRS0 = struct.pack(">L", 0)
+
+
+def open_(rid, path, flags):
+    return req(sftp.OPEN, rid, ns(path) + struct.pack(">L", flags) + ATTRS0)
+
+
+def write(rid, handle, offset, data):
+    return req(sftp.WRITE, rid, ns(handle) + struct.pack(">Q", offset) + ns(data))
+
+
+def handle_reply(rid, handle):
+    return req(sftp.HANDLE, rid, ns(handle))
+
+
+def status(rid, code):
+    return req(sftp.STATUS, rid, struct.pack(">L", code) + ns("") + ns(""))
+
+
+def data_reply(rid, data):
+    return req(sftp.DATA, rid, ns(data))
+
+
+def feed(stream, data, side, step=None):
+    f = stream.from_client if side == "c" else stream.from_server
+    if step is None:
+        f(data)
+    else:
+        for i in range(0, len(data), step):
+            f(data[i:i + step])
+
+
+def decide_all(stream, allow=lambda p: True):
+    while stream.pending:
+        p = stream.pending[0]
+        stream.decided(p, allow(p), "denied by test")
+
+
+def test_upload_is_judged_then_passed_through_with_its_size():
+    """An open for writing waits for a decision; the data that follows is passed on and counted."""
+    s = SftpStream()
+    payload = b"x" * 70000
+    client = INIT + open_(1, "/tmp/f", sftp.PF_WRITE | sftp.PF_CREAT | sftp.PF_TRUNC) + write(2, b"h1", 0, payload) \
+        + req(sftp.CLOSE, 3, ns(b"h1"))
+    s.from_client(client)
+    assert s.take_to_server() == INIT
+    assert [(p.request.op, p.request.path) for p in s.pending] == [("write", "/tmp/f")]
+    decide_all(s)
+    s.from_server(handle_reply(1, b"h1"))
+    assert s.take_to_client() == handle_reply(1, b"h1")
+    # the rest was held behind the decision and goes on in order
+    assert s.take_to_server() == open_(1, "/tmp/f", 26) + write(2, b"h1", 0, payload) + req(sftp.CLOSE, 3, ns(b"h1"))
+    # the handle was unknown when WRITE was read: feed again to count it on the handle
+    s2 = SftpStream()
+    s2.from_client(INIT + open_(1, "/tmp/f", sftp.PF_WRITE))
+    decide_all(s2)
+    s2.from_server(handle_reply(1, b"h1"))
+    s2.from_client(write(2, b"h1", 0, payload) + req(sftp.CLOSE, 3, ns(b"h1")))
+    s2.from_server(status(2, sftp.FX_OK) + status(3, sftp.FX_OK))
+    done = s2.take_finished()
+    assert done[-1].extra == {"bytes_read": 0, "bytes_written": 70000} and done[-1].ok
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 4096])
+def test_split_input_gives_the_same_bytes(step):
+    """Fed in pieces of any size, both directions pass on exactly the same bytes and count the same sizes."""
+    client = INIT + open_(1, "/data/f", sftp.PF_READ) + req(sftp.READ, 2, ns(b"h") + struct.pack(">QL", 0, 5000)) \
+        + req(sftp.CLOSE, 3, ns(b"h"))
+    server = pkt(sftp.VERSION, struct.pack(">L", 3)) + handle_reply(1, b"h") + data_reply(2, b"d" * 5000) \
+        + status(3, sftp.FX_OK)
+    s = SftpStream()
+    feed(s, client[:len(INIT) + len(open_(1, "/data/f", 1))], "c", step)
+    decide_all(s)
+    feed(s, server[:-len(status(3, 0)) - len(data_reply(2, b"d" * 5000))], "s", step)
+    feed(s, client[len(INIT) + len(open_(1, "/data/f", 1)):], "c", step)
+    feed(s, server[-len(status(3, 0)) - len(data_reply(2, b"d" * 5000)):], "s", step)
+    assert s.take_to_server() == client
+    assert s.take_to_client() == server
+    (closed,) = [f for f in s.take_finished() if f.status == "closed"]
+    assert closed.extra == {"bytes_read": 5000, "bytes_written": 0}
+
+
+def test_denied_request_is_answered_and_never_sent():
+    """A denied remove gets PERMISSION_DENIED from gatekeep; the server never sees it."""
+    s = SftpStream()
+    s.from_client(INIT + req(sftp.REMOVE, 9, ns("/etc/passwd")) + req(sftp.STAT, 10, ns("/")))
+    decide_all(s, allow=lambda p: False)
+    assert s.take_to_server() == INIT + req(sftp.STAT, 10, ns("/"))
+    out = s.take_to_client()
+    length, kind, rid, code = struct.unpack_from(">LBLL", out)
+    assert (kind, rid, code) == (sftp.STATUS, 9, sftp.FX_PERMISSION_DENIED) and len(out) == length + 4
+    assert b"denied by test" in out
+    assert [f.status for f in s.take_finished()] == ["denied"]
+
+
+def test_denial_waits_for_a_packet_boundary():
+    """A denial answered while a server packet is half through is sent after that packet."""
+    s = SftpStream()
+    s.from_client(INIT)
+    big = data_reply(5, b"z" * 1000)
+    s.from_server(big[:100])
+    s.from_client(req(sftp.MKDIR, 6, ns("/x") + ATTRS0))
+    decide_all(s, allow=lambda p: False)
+    assert s.take_to_client() == big[:100]
+    s.from_server(big[100:])
+    out = s.take_to_client()
+    assert out.startswith(big[100:]) and out[len(big) - 100 + 4] == sftp.STATUS
+
+
+def test_rename_and_extended_requests_name_both_paths():
+    """rename and posix-rename carry both paths; paths are made absolute against the login folder."""
+    s = SftpStream()
+    s.from_client(INIT + req(sftp.REALPATH, 1, ns(".")))
+    s.from_server(req(sftp.NAME, 1, struct.pack(">L", 1) + ns("/home/a") + ns("/home/a") + ATTRS0))
+    s.from_client(req(sftp.RENAME, 2, ns("a.txt") + ns("../b.txt")))
+    assert s.pending[0].request.paths == ("/home/a/a.txt", "/home/b.txt")
+    decide_all(s)
+    s.from_client(req(sftp.EXTENDED, 3, ns("posix-rename@openssh.com") + ns("/x") + ns("/y")))
+    assert (s.pending[0].request.op, s.pending[0].request.paths) == ("rename", ("/x", "/y"))
+
+
+def test_status_finishes_judged_requests():
+    """The server's STATUS ends a judged request with its result."""
+    s = SftpStream()
+    s.from_client(INIT + req(sftp.MKDIR, 4, ns("/tmp/d") + ATTRS0))
+    decide_all(s)
+    s.from_server(status(4, sftp.FX_FAILURE))
+    (f,) = s.take_finished()
+    assert (f.pending.request.op, f.ok, f.status) == ("mkdir", False, "failure")
+
+
+def test_oversized_control_packet_is_refused():
+    """A non-data packet larger than the limit ends the stream with SftpError."""
+    s = SftpStream()
+    with pytest.raises(SftpError):
+        s.from_client(struct.pack(">LB", sftp.MAX_PACKET + 10, sftp.OPEN))
+
+
+def test_fsetstat_names_the_file_of_its_handle():
+    """FSETSTAT on an open handle is judged as setstat of that file's path."""
+    s = SftpStream()
+    s.from_client(INIT + open_(1, "/srv/f", sftp.PF_READ))
+    decide_all(s)
+    s.from_server(handle_reply(1, b"hh"))
+    s.from_client(req(sftp.FSETSTAT, 2, ns(b"hh") + ATTRS0))
+    assert (s.pending[0].request.op, s.pending[0].request.path) == ("setstat", "/srv/f")

@@ -1,0 +1,94 @@
+"""What a command line runs, after unwrapping sudo, env, sh -c and the like (gatekeep.protocols.ssh._unwrap)."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gatekeep.protocols.ssh._unwrap import parse
+
+
+def argvs(text):
+    line = parse(text)
+    assert line.unjudgeable is None, line.unjudgeable
+    return [c.argv for c in line.commands]
+
+
+def test_plain_command():
+    """A simple command is its program and arguments."""
+    assert argvs("ls -la /tmp") == [("ls", "-la", "/tmp")]
+
+
+def test_wrappers_are_unwrapped_and_remembered():
+    """sudo, env, timeout and sh -c are taken off, outermost first, and listed as wrappers."""
+    line = parse("sudo -u app env LANG=C timeout -s KILL 5 sh -c 'rm -rf /tmp/x'")
+    (cmd,) = line.commands
+    assert cmd.argv == ("rm", "-rf", "/tmp/x")
+    assert cmd.wrappers == ("sudo", "env", "timeout", "sh -c")
+
+
+def test_more_wrappers():
+    """nohup, nice, ionice, stdbuf, xargs, command and bash -lc are unwrapped too."""
+    assert argvs("nohup nice -n 5 ionice -c3 stdbuf -oL python3 x.py") == [("python3", "x.py")]
+    assert argvs("xargs -n1 rm < list") == [("rm",)]
+    assert argvs("command -p bash -lc 'id -u'") == [("id", "-u")]
+    assert argvs("su -c 'reboot' root") == [("reboot",)]
+    assert argvs("eval 'shutdown -h now'") == [("shutdown", "-h", "now")]
+
+
+def test_lists_and_pipelines_are_split():
+    """Every command of a list or pipeline is found."""
+    assert argvs("ls | grep a && cat 'a b' 2>/dev/null; echo done &") == [
+        ("ls",), ("grep", "a"), ("cat", "a b"), ("echo", "done")]
+
+
+def test_command_substitutions_are_commands():
+    """$(...), backquotes and process substitutions run commands of their own."""
+    names = [c.name for c in parse("echo $(rm -rf /) `shutdown` > /tmp/o; diff <(ls a) b").commands]
+    assert sorted(names) == ["diff", "echo", "ls", "rm", "shutdown"]
+
+
+def test_arithmetic_is_not_a_command():
+    """$((...)) is a number, but a $(...) inside it still counts."""
+    assert argvs("echo hi-$((6*7))") == [("echo", "hi-0")]
+    assert [c.name for c in parse("echo $(( $(reboot) + 1 ))").commands] == ["reboot", "echo"]
+
+
+def test_assignments_redirections_and_keywords_are_skipped():
+    """Leading NAME=value, redirections and shell keywords name no program."""
+    assert argvs("A=1 B=2 make -j4 >log 2>&1") == [("make", "-j4")]
+    assert argvs("if true; then reboot; fi") == [("true",), ("reboot",)]
+    assert argvs("for f in *; do rm $f; done") == [("rm", "$f")]
+
+
+def test_full_path_program_has_a_base_name():
+    """A program given by path keeps the path; its name is the base name."""
+    (cmd,) = parse("/usr/bin/rm -f x").commands
+    assert cmd.program == "/usr/bin/rm" and cmd.name == "rm"
+
+
+def test_unjudgeable_lines():
+    """A program named by a variable or a glob, or unbalanced quoting, cannot be judged."""
+    for text in ("$CMD foo", "echo 'unbalanced", "/usr/bin/r* x", "echo $(ls", "`ls"):
+        line = parse(text)
+        assert line.unjudgeable and not line.commands, text
+
+
+def test_nesting_is_bounded():
+    """sh -c nested beyond the limit is unjudgeable, not a recursion error."""
+    text = "true"
+    for _ in range(12):
+        text = "sh -c %s" % __import__("shlex").quote(text)
+    assert parse(text).unjudgeable
+
+
+def test_wrapper_alone_is_the_program():
+    """env or sudo -l without a command is itself the program."""
+    assert argvs("env") == [("env",)]
+    assert argvs("sudo -l") == [("sudo", "-l")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("abc -;|&$()'\"`\\<>=*\n")), max_size=40))
+def test_never_raises(text):
+    """Any text yields commands or an unjudgeable reason, never an exception."""
+    line = parse(text)
+    assert line.unjudgeable is None or not line.commands
