@@ -269,6 +269,8 @@ class RecordingConfig:
     sinks: tuple = ()
     #: batched durability: how long the first event of a batch waits for others before the commit
     interval: float = 0.02
+    #: SQLite store: who writes it: a separate process (default; the relay's core stays free) or a thread
+    writer: str = "process"
 
 
 def read_recording(node: Node | None) -> RecordingConfig:
@@ -282,6 +284,7 @@ def read_recording(node: Node | None) -> RecordingConfig:
         on_failure=node.str("on_failure", "continue", choices=("continue", "deny")),
         sinks=tuple(read_sink(n) for n in node.children("sinks", [])),
         interval=node.duration("interval", 0.02),
+        writer=node.str("writer", "process", choices=("process", "thread")),
     )
     node.finish()
     return cfg

@@ -27,6 +27,7 @@ from gatekeep.policy.engine import RuleEngine
 from gatekeep.config import Config, ConfigError, load
 from gatekeep.identity.service import IdentityService, providers_for
 from gatekeep.plugin import protocol_plugins
+from gatekeep.recording.process import ProcessRecorder
 from gatekeep.recording.recorder import ThreadedRecorder
 from gatekeep.recording.sinks import build_sinks
 from gatekeep.store import ledger
@@ -130,9 +131,14 @@ def recording_for(config: Config, reactor: Any) -> tuple[Any, Any]:
         migrate_at_start(store)
         return store, AsyncRecorder(store, reactor, durability=rec.durability, on_failure=rec.on_failure,
                                     interval=rec.interval, sinks=sinks)
-    store = SQLiteStore(config.store.path, node=config.node, signer=signer_for(config))
-    return store, ThreadedRecorder(store, reactor, durability=rec.durability, on_failure=rec.on_failure,
-                                   interval=rec.interval, sinks=sinks)
+    signer = signer_for(config)
+    store = SQLiteStore(config.store.path, node=config.node, signer=signer)
+    if rec.writer == "thread":
+        return store, ThreadedRecorder(store, reactor, durability=rec.durability, on_failure=rec.on_failure,
+                                       interval=rec.interval, sinks=sinks)
+    settings = {"path": str(config.store.path), "node": config.node, "signing_key": signer.private_pem()}
+    return store, ProcessRecorder(reactor, settings, durability=rec.durability, on_failure=rec.on_failure,
+                                  interval=rec.interval, sinks=sinks)
 
 
 def build(config: Config, reactor: Any = None) -> GatewayService:

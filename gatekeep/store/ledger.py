@@ -68,6 +68,10 @@ class Signer:
     def sign(self, message: str) -> str:
         return self.key.sign(message.encode("utf-8")).hex()
 
+    def private_pem(self) -> bytes:
+        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+
     def public_pem(self) -> bytes:
         return self.public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 

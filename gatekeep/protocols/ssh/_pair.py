@@ -104,12 +104,15 @@ class PairRelay:
 
     def on_closed(self, ch: RelayChannel) -> None:
         peer = ch.peer
-        if peer is not None and not peer.localClosed:
-            # the other leg went away (its connection ended): nothing more can be delivered
-            peer.close_now()
-        if self.down.localClosed and self.up.localClosed or not self.s.up_conn or self.s.closed:
-            if ch is self.down or self.up.localClosed:
-                self.finish()
+        if peer is not None and not peer.localClosed and not peer.close_queued:
+            # ch's connection ended without a close: the client gets what is queued, the server nothing
+            if ch is self.up:
+                peer.send_close()
+            else:
+                peer.close_now()
+        # the client's channel is gone: the operation is over (the upstream twin follows or is gone)
+        if ch is self.down or self.down.localClosed:
+            self.finish()
 
     def finish(self) -> None:
         if self.done:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from twisted.conch.ssh import keys, transport, userauth
+from twisted.conch.ssh import keys, transport
 from twisted.conch.ssh.common import NS, getNS
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -221,7 +221,3 @@ class ServerConnection(FlowConnection):
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
         return self.session.global_request(requestType, data)
-
-
-# conch's own userauth constants, re-exported for the client side
-USERAUTH = userauth

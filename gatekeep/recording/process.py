@@ -1,0 +1,285 @@
+"""
+The default recorder for the SQLite store: a writer *process*.
+
+Hashing the ledger, encoding JSON and inserting rows cost tens of microseconds
+per operation. In a thread that work shares the GIL with the reactor and lands
+on the relay's core; in a process of its own it runs beside the relay. The
+reactor only appends events to a list; every ``interval`` (20 ms) the list is
+pickled as one frame (shared sessions and identities are pickled once) and
+written to the writer's stdin. The writer stores each frame in one transaction
+and answers with the frame's id.
+
+- Nothing is lost: frames stay in memory until the writer acknowledges them;
+  if the writer dies it is started again and they are sent again.
+- ``durability: strict``: ``operationStarted`` returns a Deferred that fires
+  when the frame holding the operation is committed; strict frames are sent at
+  once (what arrives while one is being written goes into the next: group commit).
+- ``on_failure: deny``: while the writer reports that the store is failing,
+  ``operationStarted`` raises :class:`RecordingUnavailable`.
+- Sinks run here in the gateway process: the writer sends back the ledger
+  entries it committed when sinks are configured.
+
+The writer is ``python -m gatekeep.recording._writer``; frames are pickles with
+a 4-byte length prefix, on the writer's stdin and stdout.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import sys
+from typing import Any
+
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from gatekeep.interfaces import IRecorder
+from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
+from gatekeep.recording import RecordingUnavailable
+
+_log = Logger()
+_LEN = struct.Struct("!I")
+
+
+def frame(value: Any) -> bytes:
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LEN.pack(len(data)) + data
+
+
+class FrameReader:
+    """Length-prefixed pickles from a byte stream."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        self._buf += data
+        out = []
+        while len(self._buf) >= 4:
+            (n,) = _LEN.unpack_from(self._buf)
+            if len(self._buf) < 4 + n:
+                break
+            out.append(pickle.loads(bytes(self._buf[4:4 + n])))
+            del self._buf[:4 + n]
+        return out
+
+
+class _WriterProtocol(protocol.ProcessProtocol):
+    def __init__(self, recorder: "ProcessRecorder") -> None:
+        self.recorder = recorder
+        self.reader = FrameReader()
+        self.ended: Deferred = Deferred()
+        self._err = b""
+
+    def connectionMade(self) -> None:
+        self.recorder._writer_started(self)
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            for message in self.reader.feed(data):
+                self.recorder._from_writer(message)
+        else:
+            self._err += data
+            *lines, self._err = self._err.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    _log.warn("recording writer: {line}", line=line.decode("utf-8", "replace")[:500])
+
+    def processEnded(self, reason: Any) -> None:
+        self.recorder._writer_ended(self, reason)
+        self.ended.callback(None)
+
+
+@implementer(IRecorder)
+class ProcessRecorder:
+    def __init__(self, reactor: Any, settings: dict[str, Any], *, durability: str = "batched",
+                 on_failure: str = "continue", interval: float = 0.02, sinks: list[Any] | None = None,
+                 max_frame: int = 5000) -> None:
+        #: what the writer needs: store path, node, signing key PEM (sent on stdin, never on the command line)
+        self._settings = dict(settings, want_entries=bool(sinks))
+        self._reactor = reactor
+        self.strict = durability == "strict"
+        self.deny_on_failure = on_failure == "deny"
+        self._interval = interval
+        self._max_frame = max_frame
+        self.sinks = list(sinks or [])
+        self._events: list[Any] = []
+        self._waiters: list[Deferred] = []
+        self._timer: Any = None
+        self._next_id = 0
+        #: frames sent and not yet acknowledged: id -> (events, waiters)
+        self._unacked: dict[int, tuple[list[Any], list[Deferred]]] = {}
+        self._flushes: list[tuple[int, Deferred]] = []
+        self._proc: _WriterProtocol | None = None
+        self._stopping = False
+        self.healthy = True
+        self.last_error = ""
+        #: for metrics and tests
+        self.batches = 0
+        self.written = 0
+        self.failures = 0
+        self.restarts = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._spawn()
+
+    def _spawn(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        self._reactor.spawnProcess(_WriterProtocol(self), sys.executable,
+                                   [sys.executable, "-m", "gatekeep.recording._writer"], env=env,
+                                   childFDs={0: "w", 1: "r", 2: "r"})
+
+    def _writer_started(self, proc: _WriterProtocol) -> None:
+        self._proc = proc
+        proc.transport.write(frame(("init", self._settings)))
+        # anything not acknowledged by a writer that died goes again, in order
+        for frame_id in sorted(self._unacked):
+            events, _ = self._unacked[frame_id]
+            proc.transport.write(frame(("batch", frame_id, events)))
+        self._send()
+
+    def _writer_ended(self, proc: _WriterProtocol, reason: Any) -> None:
+        if self._proc is proc:
+            self._proc = None
+        if self._stopping:
+            return
+        self.restarts += 1
+        self.healthy = False
+        self.last_error = "the recording writer process ended"
+        _log.error("recording writer ended ({reason}); starting it again, {n} frames to resend",
+                   reason=reason.getErrorMessage(), n=len(self._unacked))
+        self._reactor.callLater(min(0.2 * self.restarts, 5.0), self._spawn)
+
+    def stop(self) -> Deferred:
+        """Send what is queued, let the writer store it and exit; fires when it has."""
+        self._stopping = True
+        self._send()
+        proc = self._proc
+        if proc is None:
+            d: Deferred = Deferred()
+            d.callback(None)
+            return d
+        proc.transport.closeStdin()
+        ended = proc.ended
+
+        def too_slow() -> None:
+            if not ended.called:
+                _log.error("recording writer did not finish in time; {n} frames unacknowledged",
+                           n=len(self._unacked))
+                proc.transport.signalProcess("KILL")
+
+        timer = self._reactor.callLater(60, too_slow)
+        return ended.addBoth(lambda r: timer.cancel() if timer.active() else None)
+
+    # -- IRecorder -------------------------------------------------------------------
+
+    def _add(self, event: Any) -> None:
+        self._events.append(event)
+        if len(self._events) >= self._max_frame:
+            self._send()
+        elif self._timer is None:
+            self._timer = self._reactor.callLater(self._interval, self._send)
+
+    def sessionStarted(self, session: Session) -> None:
+        self._add(session)
+
+    def loginFailed(self, failure: LoginFailure) -> None:
+        self._add(failure)
+
+    def operationStarted(self, operation: Operation, decision: Decision) -> Deferred | None:
+        if self.deny_on_failure and not self.healthy:
+            self._add((operation, decision))  # recorded when the store is back: the trail shows the refusal
+            raise RecordingUnavailable(self.last_error or "the store is failing")
+        if self.strict:
+            d: Deferred = Deferred()
+            self._events.append((operation, decision))
+            self._waiters.append(d)
+            if self._timer is None:
+                self._timer = self._reactor.callLater(0, self._send)
+            return d
+        self._add((operation, decision))
+        return None
+
+    def operationFinished(self, outcome: Outcome) -> None:
+        self._add(outcome)
+
+    def sessionEnded(self, end: SessionEnd) -> None:
+        self._add(end)
+
+    def streamData(self, event: StreamEvent) -> None:
+        self._add(event)
+
+    def record(self, value: Any) -> None:
+        """Another recordable value (an approval event), stored in order with the rest."""
+        self._add(value)
+
+    def flush(self) -> Deferred:
+        d: Deferred = Deferred()
+        self._send()
+        if not self._unacked:
+            d.callback(None)
+        else:
+            self._flushes.append((max(self._unacked), d))
+        return d
+
+    # -- frames ------------------------------------------------------------------------
+
+    def _send(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if not self._events:
+            return
+        events, self._events = self._events, []
+        waiters, self._waiters = self._waiters, []
+        self._next_id += 1
+        self._unacked[self._next_id] = (events, waiters)
+        if self._proc is not None:
+            self._proc.transport.write(frame(("batch", self._next_id, events)))
+
+    def _from_writer(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "ok":
+            _, frame_id, entries = message
+            events, waiters = self._unacked.pop(frame_id, ([], []))
+            self.batches += 1
+            self.written += len(events)
+            if not self.healthy:
+                _log.info("recording store is back")
+            self.healthy = True
+            for w in waiters:
+                if not w.called:
+                    w.callback(None)
+            if entries:
+                self._to_sinks(entries)
+            for flush_id, d in list(self._flushes):
+                if all(i > flush_id for i in self._unacked):
+                    self._flushes.remove((flush_id, d))
+                    d.callback(None)
+        elif kind == "failing":
+            _, frame_id, error = message
+            self.failures += 1
+            self.last_error = error
+            if self.healthy:
+                _log.error("recording store failed ({error}); keeping events and retrying", error=error)
+            self.healthy = False
+            if self.deny_on_failure:
+                for _, waiters in self._unacked.values():
+                    for w in waiters:
+                        if not w.called:
+                            w.errback(RecordingUnavailable(error))
+        elif kind == "dropped":
+            _log.critical("recording dropped an event the store refuses: {kind}", kind=message[1])
+
+    def _to_sinks(self, entries: list[dict[str, Any]]) -> None:
+        for sink in self.sinks:
+            try:
+                sink.emit(entries)
+            except Exception as e:
+                _log.error("recording sink {sink} failed: {error}", sink=type(sink).__name__, error=str(e)[:200])
