@@ -157,6 +157,56 @@ def cpu_seconds(pid):
         return None
 
 
+def cpu_split(pid):
+    """(user s, system s, on-CPU s, run-queue wait s) summed over a process's threads.
+
+    The last two come from /proc/PID/task/*/schedstat: time spent running, and time
+    spent runnable but waiting for a CPU (on 2 cores shared with pgbench and the
+    PostgreSQL backends, that wait is part of every relay's latency).
+    """
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rpartition(")")[2].split()
+        user, system = int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
+        run = wait = 0
+        for tid in os.listdir("/proc/%d/task" % pid):
+            try:
+                with open("/proc/%d/task/%s/schedstat" % (pid, tid)) as f:
+                    a, b, _ = f.read().split()
+                run += int(a)
+                wait += int(b)
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                pass
+        return user, system, run / 1e9, wait / 1e9
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def _cpu_jiffies():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v[:8]) - idle, sum(v[:8])
+
+
+def machine_busy(interval=1.0):
+    """CPUs kept busy (0 .. number of CPUs) over ``interval`` s, by anything on the machine."""
+    b0, t0 = _cpu_jiffies()
+    time.sleep(interval)
+    b1, t1 = _cpu_jiffies()
+    return (os.cpu_count() or 1) * (b1 - b0) / max(1, t1 - t0)
+
+
+def wait_quiet(max_wait, threshold=0.3):
+    """Measure how busy the machine is while none of our load runs; if ``max_wait``, wait
+    (at most that long) until it is below ``threshold`` CPUs.  Returns (busy, waited s)."""
+    t0 = time.monotonic()
+    busy = machine_busy()
+    while max_wait and busy > threshold and time.monotonic() - t0 < max_wait:
+        busy = machine_busy()
+    return busy, time.monotonic() - t0
+
+
 class RssSampler:
     """VmRSS of one process every ``interval`` seconds in a thread (bounded by stop())."""
 
@@ -334,10 +384,12 @@ def run_pgbench(peer, clients, threads, mode, secs, database=None):
     argv = ["pgbench", "-n", "-S", "-M", mode, "-c", str(clients), "-j", str(threads),
             "-T", str(secs), *peer.conn_args(), database or peer.database]
     cpu0 = cpu_seconds(peer.pid) if peer.pid else None
+    split0 = cpu_split(peer.pid) if peer.pid else None
     t0 = time.monotonic()
     proc = subprocess.run(argv, env=peer.env(), capture_output=True, text=True, timeout=secs + 120)
     wall = time.monotonic() - t0
     cpu1 = cpu_seconds(peer.pid) if peer.pid else None
+    split1 = cpu_split(peer.pid) if peer.pid else None
     if proc.returncode != 0:
         raise RuntimeError("pgbench against %s failed (%d):\n%s\n%s"
                            % (peer.name, proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:]))
@@ -353,6 +405,13 @@ def run_pgbench(peer, clients, threads, mode, secs, database=None):
         out["peer_cpu_pct"] = round(100.0 * (cpu1 - cpu0) / wall, 1)
         if out["transactions"]:
             out["peer_cpu_us_per_tx"] = round(1e6 * (cpu1 - cpu0) / out["transactions"], 1)
+    if split0 and split1 and out["transactions"]:
+        n = out["transactions"]
+        d = [b - a for a, b in zip(split0, split1)]
+        out["peer_user_us_per_tx"] = round(1e6 * d[0] / n, 1)
+        out["peer_sys_us_per_tx"] = round(1e6 * d[1] / n, 1)
+        out["peer_runq_wait_us_per_tx"] = round(1e6 * d[3] / n, 1)
+        out["peer_runq_wait_pct"] = round(100.0 * d[3] / wall, 1)
     return out
 
 
@@ -439,37 +498,39 @@ def slow_read(peer, pid, rows, chunk, pause, budget):
     closed).  Samples ``pid``'s RSS every 0.5 s meanwhile and for 2 s after.
     """
     sampler = RssSampler(pid).start()
-    time.sleep(1.0)  # a baseline before the query
-    sock = pg_login(peer.host, peer.port, peer.user, peer.password, peer.database)
-    sock.settimeout(30)
-    sock.sendall(pg.query(SLOW_SQL % rows))
-    t0 = time.monotonic()
-    deadline = t0 + budget
-    received = 0
-    tail = b""
-    first = None
-    finished = False
-    recvs = 0
     try:
-        while time.monotonic() < deadline:
-            data = sock.recv(chunk)
-            if not data:
-                break
-            if first is None:
-                first = data[:1]
-            recvs += 1
-            received += len(data)
-            tail = (tail + data[-6:])[-6:]
-            if tail == _END:
-                finished = True
-                break
-            time.sleep(pause)
+        time.sleep(1.0)  # a baseline before the query
+        sock = pg_login(peer.host, peer.port, peer.user, peer.password, peer.database)
+        sock.settimeout(30)
+        sock.sendall(pg.query(SLOW_SQL % rows))
+        t0 = time.monotonic()
+        deadline = t0 + budget
+        received = 0
+        tail = b""
+        first = None
+        finished = False
+        recvs = 0
+        try:
+            while time.monotonic() < deadline:
+                data = sock.recv(chunk)
+                if not data:
+                    break
+                if first is None:
+                    first = data[:1]
+                recvs += 1
+                received += len(data)
+                tail = (tail + data[-6:])[-6:]
+                if tail == _END:
+                    finished = True
+                    break
+                time.sleep(pause)
+        finally:
+            elapsed = time.monotonic() - t0
+            sock.close()
+        reading_until = time.monotonic() - sampler._t0
+        time.sleep(2.0)
     finally:
-        elapsed = time.monotonic() - t0
-        sock.close()
-    reading_until = time.monotonic() - sampler._t0
-    time.sleep(2.0)
-    samples = sampler.stop()
+        samples = sampler.stop()
     if first != b"H":
         raise RuntimeError("slow reader: expected CopyOutResponse first, got %r" % (first,))
     during = [kib for t, kib in samples if t <= reading_until]
@@ -654,6 +715,9 @@ def main(argv=None):
     ap.add_argument("--slow-chunk", type=int, default=65536, help="slow reader: bytes per recv (default 65536)")
     ap.add_argument("--slow-pause", type=float, default=0.001, help="slow reader: sleep after each recv, s")
     ap.add_argument("--slow-secs", type=int, help="slow reader: time budget (default 60, --quick 15)")
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECS",
+                    help="before each pgbench run wait (at most SECS) until other processes keep less than "
+                         "0.3 CPUs busy; for shared machines (the busy level is recorded either way)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--gatekeep-src", default=REPO, metavar="DIR",
                     help="source tree whose gatekeep/ and twisted/plugins/ the daemon runs (prepended to "
@@ -667,6 +731,8 @@ def main(argv=None):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = args.json or os.path.join(HERE, "results", "pg-%s.json" % stamp)
 
+    # Ctrl-C even when started from a shell that ignores SIGINT for background jobs
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
     for tool in ("pgbench", "psql"):
@@ -764,14 +830,17 @@ def main(argv=None):
                     for p in order:
                         i += 1
                         load = os.getloadavg()[0]
+                        busy, waited = wait_quiet(args.wait_quiet)
                         res = run_pgbench(p, clients, threads, mode, secs)
                         res["round"] = r
                         res["loadavg1_before"] = round(load, 2)
+                        res["busy_cpus_before"] = round(busy, 2)
+                        res["waited_for_quiet_s"] = round(waited, 1)
                         runs[tname][p.name].append(res)
-                        log("  %2d/%d %-18s %-18s tps %9.0f  lat %.3f ms%s"
+                        log("  %2d/%d %-18s %-18s tps %9.0f  lat %.3f ms%s  (others busy %.2f CPUs before)"
                             % (i, n_runs, tname, p.name, res["tps"], res["latency_ms"],
-                               "  peer cpu %.0f%%" % res["peer_cpu_pct"] if "peer_cpu_pct" in res else ""))
-                        time.sleep(0.3)
+                               "  peer cpu %.0f%%" % res["peer_cpu_pct"] if "peer_cpu_pct" in res else "",
+                               busy))
             samples = gk_rss.stop()
             results["gatekeep_rss_during_pgbench_kib"] = {
                 "start": samples[0][1], "max": max(k for _, k in samples), "end": samples[-1][1]}
@@ -789,10 +858,11 @@ def main(argv=None):
             for r in range(copy_reps):
                 order = copy_peers if r % 2 == 0 else list(reversed(copy_peers))
                 for p in order:
+                    busy, _ = wait_quiet(args.wait_quiet)
                     cpu0 = cpu_seconds(p.pid) if p.pid else None
                     t, _ = run_copy(p)
                     cpu = (cpu_seconds(p.pid) - cpu0) if p.pid else None
-                    copy_runs[p.name].append({"seconds": round(t, 3),
+                    copy_runs[p.name].append({"seconds": round(t, 3), "busy_cpus_before": round(busy, 2),
                                               "peer_cpu_s": round(cpu, 3) if cpu is not None else None})
                     log("  COPY via %-18s %.3f s" % (p.name, t))
         results["copy"] = {"rows": copy_rows, "sql": COPY_SQL, "runs": copy_runs}
@@ -862,10 +932,13 @@ def report(results):
         for name, r in per.items():
             rows.append([name, fmt(r["tps"]), fmt(r["latency_ms"], 3),
                          fmt(r.get("peer_cpu_pct"), 0), fmt(r.get("peer_cpu_us_per_tx"), 1),
+                         "%s/%s" % (fmt(r.get("peer_user_us_per_tx"), 0), fmt(r.get("peer_sys_us_per_tx"), 0)),
+                         fmt(r.get("peer_runq_wait_us_per_tx"), 1),
                          fmt(ratio(r["tps"], d["tps"]), 2), fmt(ratio(r["tps"], b["tps"]), 2),
                          " / ".join(fmt(x["tps"]) for x in runs[tname][name])])
         table("%s, %d s, best of %d rounds" % (title, secs, rounds),
-              ["peer", "TPS", "lat ms", "peer CPU%", "CPU us/tx", "vs direct", "vs bare", "TPS per round"],
+              ["peer", "TPS", "lat ms", "peer CPU%", "CPU us/tx", "user/sys", "runq wait us/tx", "vs direct",
+               "vs bare", "TPS per round"],
               rows)
         summary["gatekeep_tps_over_bare_" + tname.split("-")[1]] = ratio(per["gatekeep"]["tps"], b["tps"])
         summary["gatekeep_tps_over_direct_" + tname.split("-")[1]] = ratio(per["gatekeep"]["tps"], d["tps"])
@@ -880,10 +953,13 @@ def report(results):
         d = per["direct"]["latency_ms"]
         rows = [[name, fmt(r["latency_ms"] * 1000, 1), fmt((r["latency_ms"] - d) * 1000, 1), fmt(r["tps"]),
                  fmt(r.get("peer_cpu_us_per_tx"), 1),
+                 "%s/%s" % (fmt(r.get("peer_user_us_per_tx"), 0), fmt(r.get("peer_sys_us_per_tx"), 0)),
+                 fmt(r.get("peer_runq_wait_us_per_tx"), 1),
                  " / ".join(fmt(x["latency_ms"] * 1000, 1) for x in runs["select-simple-c1"][name])]
                 for name, r in per.items()]
         table("single client: pgbench -S -M simple -c 1 -j 1, %d s, best of %d rounds" % (secs, rounds),
-              ["peer", "lat us", "added us", "TPS", "CPU us/tx", "lat us per round"], rows)
+              ["peer", "lat us", "added us", "TPS", "CPU us/tx", "user/sys", "runq wait us/tx",
+               "lat us per round"], rows)
         summary["gatekeep_added_latency_us"] = (per["gatekeep"]["latency_ms"] - d) * 1000
         summary["bare_added_latency_us"] = (per["bare-relay"]["latency_ms"] - d) * 1000
         summary["pgbouncer_added_latency_us"] = (per["pgbouncer-session"]["latency_ms"] - d) * 1000
@@ -960,6 +1036,11 @@ def report(results):
     if rec:
         info.append(["gatekeep sessions / operations recorded", "%s / %s" % (fmt(rec["sessions"]),
                                                                             fmt(rec["operations"]))])
+    busy = [x.get("busy_cpus_before") for t in runs.values() for rs in t.values() for x in rs
+            if x.get("busy_cpus_before") is not None]
+    if busy:
+        info.append(["other processes: CPUs busy just before each run (median / max)",
+                     "%.2f / %.2f of %d" % (statistics.median(busy), max(busy), os.cpu_count() or 0)])
     rss = results.get("gatekeep_rss_during_pgbench_kib")
     if rss:
         info.append(["gatekeep RSS during pgbench (start/max/end MiB)",

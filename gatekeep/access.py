@@ -138,8 +138,13 @@ def terminate(gateway: Any, session_id: str, reason: str) -> bool:
         _log.failure("relay failed to end session {session}", session=session_id)
     relay.end_reason = reason
     transport = getattr(relay, "transport", None)
-    if transport is not None:
-        transport.abortConnection() if end is not None else transport.loseConnection()
+    try:
+        if end is not None:
+            transport.abortConnection()  # the relay's own way failed: cut the connection
+        else:
+            transport.loseConnection()
+    except Exception:
+        _log.failure("cannot close session {session}", session=session_id)
     return True
 
 

@@ -112,6 +112,8 @@ def migrate_at_start(store: Any) -> None:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         _log.error("store {url} cannot be reached at start ({error}); recording will retry", url=store.url,
                    error=first)
+    finally:
+        store.close_blocking()  # twistd may fork to daemonize: no connection crosses it
 
 
 def recording_for(config: Config, reactor: Any) -> tuple[Any, Any]:

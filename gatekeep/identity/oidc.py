@@ -403,8 +403,8 @@ class OidcIdentityProvider:
         self._busy = False
         self._request = None
         if isinstance(result, dict):
-            if self.keys is not None and set(result) != set(self.keys):
-                _log.info("OIDC signing keys of {issuer} are now {kids}", issuer=self.config.issuer,
+            if self.keys is None or set(result) != set(self.keys):
+                _log.info("OIDC signing keys of {issuer}: {kids}", issuer=self.config.issuer,
                           kids=sorted(str(k) for k in result))
             self.keys = result
         elif not result.check(defer.CancelledError):

@@ -39,11 +39,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gatekeep.interfaces import IStore
-from gatekeep.model import LoginFailure, Outcome, Session, SessionEnd, StreamEvent
+from gatekeep.model import SessionEnd
 from gatekeep.recording.events import canonical, event_time, to_event
 from gatekeep.store import StoreUnavailable, ledger
 from gatekeep.store._pgdriver import Pool, SyncConnections, connect_kwargs, describe, is_unavailable
 from gatekeep.store._pgschema import MIGRATIONS, Plan, Q, migrate_plan, version_plan
+from gatekeep.store._pgwrite import split_batch, statements, table_text
 
 _log = Logger()
 
@@ -58,27 +59,6 @@ LEDGER_COLUMNS = ("node", "seq", "kind", "session_id", "at", "data", "prev", "ha
 FAILURE_COLUMNS = ("id", "at", "node", "target", "protocol", "client", "claimed", "reason")
 CHECKPOINT_COLUMNS = ("node", "seq", "hash", "at", "pruned", "key_id", "signature")
 _PAGE = 5000
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
-
-
-def table_text(value: Any) -> Any:
-    """
-    What a text column holds for ``value``: PostgreSQL text cannot hold NUL, so
-    the query tables keep U+FFFD in its place. The ledger keeps the exact value
-    (its JSON escapes NUL), and audits compare through this function.
-    """
-    if isinstance(value, str) and "\x00" in value:
-        return value.replace("\x00", "\ufffd")
-    return value
-
-
-def _values(rows: list[tuple], template: str, params: list) -> str:
-    for row in rows:
-        params.extend(table_text(v) for v in row)
-    return ",".join([template] * len(rows))
 
 
 def _entry(r: tuple) -> ledger.Entry:
@@ -187,6 +167,10 @@ class PostgresStore:
             self._pool.close()
         self._sync.close()
 
+    def close_blocking(self) -> None:
+        """Close the blocking connections (they reopen on the next read), e.g. before twistd forks."""
+        self._sync.close()
+
     # -- blocking administration (the CLI) ---------------------------------------------
 
     def migrate(self) -> int:
@@ -218,7 +202,7 @@ class PostgresStore:
     @defer.inlineCallbacks
     def _write(self, batch: list[Any]) -> Any:
         try:
-            split = _split(batch)
+            split = split_batch(batch)
             yield self._ensure_ready()
             if self._unsure is not None:
                 stored = yield self._resolve_unsure(batch)
@@ -231,7 +215,7 @@ class PostgresStore:
                 for sid, h in rows:
                     prior.setdefault(sid, []).append(h)
             entries = self._chain(batch, prior)
-            sql, params = self._statements(entries, split)
+            sql, params = statements(self.node, entries, split)
         except Exception as e:
             if is_unavailable(e):
                 self._ready = False
@@ -270,7 +254,10 @@ class PostgresStore:
         return None
 
     def _chain(self, batch: list[Any], prior: dict[str, list[str]]) -> list[ledger.Entry]:
-        """The batch's ledger entries, hashed onto this node's chain, with a seal after each session end."""
+        """
+        The batch's ledger entries, hashed onto this node's chain, with a seal after each
+        session end: the same entries :meth:`SQLiteStore.write` makes of the same batch.
+        """
         seq, prev = self._tail
         entries: list[ledger.Entry] = []
         # session id -> this node's entry hashes for it so far, for the sessions this batch seals
@@ -287,8 +274,20 @@ class PostgresStore:
             entries.append(ledger.Entry(self.node, seq, kind, session_id, at, text, prev, h))
             prev = h
 
-        for value in batch:
-            kind, session_id, data = to_event(value)
+        events = [to_event(v) for v in batch]
+        # an operation and its end in the same batch make one entry (as in the SQLite store)
+        ends = {(sid, data["seq"]): i for i, (kind, sid, data) in enumerate(events) if kind == "operation.end"}
+        merged: set[int] = set()
+        for i, (kind, session_id, data) in enumerate(events):
+            if i in merged:
+                continue
+            if kind == "operation":
+                j = ends.get((session_id, data["seq"]))
+                if j is not None and j > i:
+                    end = dict(events[j][2])
+                    del end["seq"]
+                    data = dict(data, end=end)
+                    merged.add(j)
             append(kind, session_id, data)
             if session_id in hashes:
                 hashes[session_id].append(entries[-1].hash)
@@ -300,75 +299,6 @@ class PostgresStore:
                     "signature": self.signer.sign(ledger.seal_message(self.node, session_id, digest)),
                 })
         return entries
-
-    def _statements(self, entries: list[ledger.Entry], split: dict[str, Any]) -> tuple[str, list]:
-        stmts: list[str] = []
-        params: list = []
-        stmts.append("INSERT INTO ledger (node, seq, kind, session_id, at, data, prev, hash) VALUES "
-                     + _values([(e.node, e.seq, e.kind, e.session_id, e.at, e.data, e.prev, e.hash) for e in entries],
-                               "(%s,%s,%s,%s,%s,%s,%s,%s)", params))
-        if split["sessions"]:
-            stmts.append(
-                "INSERT INTO sessions (id, node, identity, groups, auth_method, target, protocol, client, tls,"
-                " attributes, started_at) VALUES "
-                + _values([(s.id, self.node, s.identity.name, _json(sorted(s.identity.groups)), s.identity.method,
-                            s.target, s.protocol, str(s.client), bool(s.tls), _json(s.attributes), s.started_at)
-                           for s in split["sessions"]], "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", params))
-        if split["ops"]:
-            stmts.append(
-                "INSERT INTO operations (session_id, seq, kind, text, parameters, at, action, rule, reason, facts,"
-                " request, finished_at, duration, status, rows, error_code, error_message, masked, response) VALUES "
-                + _values([_op_row(op, d, o) for op, d, o in split["ops"].values()], "(" + ",".join(["%s"] * 19) + ")",
-                          params))
-        if split["outcomes"]:
-            stmts.append(
-                "UPDATE operations AS o SET finished_at = v.finished_at, duration = v.duration, status = v.status,"
-                " rows = v.rows, error_code = v.error_code, error_message = v.error_message, masked = v.masked,"
-                " response = v.response FROM (VALUES "
-                + _values([(o.session_id, o.seq, o.finished_at, o.duration, o.status, o.rows, o.error_code,
-                            o.error_message, _json(o.masked) if o.masked else None,
-                            _json(o.extra) if o.extra else None) for o in split["outcomes"]],
-                          "(%s::text,%s::integer,%s::float8,%s::float8,%s::text,%s::bigint,%s::text,%s::text,"
-                          "%s::text,%s::text)", params)
-                + ") AS v (session_id, seq, finished_at, duration, status, rows, error_code, error_message, masked,"
-                  " response) WHERE o.session_id = v.session_id AND o.seq = v.seq")
-        if split["ends"]:
-            stmts.append(
-                "UPDATE sessions AS s SET ended_at = v.ended_at, bytes_from_client = v.bytes_from_client,"
-                " bytes_to_client = v.bytes_to_client, end_reason = v.end_reason FROM (VALUES "
-                + _values([(e.session_id, e.ended_at, e.bytes_from_client, e.bytes_to_client, e.reason)
-                           for e in split["ends"]], "(%s::text,%s::float8,%s::bigint,%s::bigint,%s::text)", params)
-                + ") AS v (id, ended_at, bytes_from_client, bytes_to_client, end_reason) WHERE s.id = v.id")
-        if split["streams"]:
-            stmts.append("INSERT INTO stream_events (session_id, stream, at, kind, data) VALUES "
-                         + _values([(e.session_id, e.stream, e.at, e.kind, e.data) for e in split["streams"]],
-                                   "(%s,%s,%s,%s,%s)", params))
-        if split["approvals"]:
-            latest: dict[str, Any] = {}
-            decisions: dict[tuple, tuple] = {}
-            for event in split["approvals"]:
-                r = event.request
-                latest[r.id] = r
-                for d in r.decisions:
-                    decisions.setdefault((r.id, d.approver, d.verdict), (r.id, d.approver, d.verdict, d.reason, d.at))
-            stmts.append(
-                "INSERT INTO approval_requests (id, node, session_id, seq, identity, target, protocol, rule, kind, text,"
-                " digest, status, created_at, expires_at, resolved_at, resolution, grant_until, data) VALUES "
-                + _values([(r.id, r.node, r.session_id, r.seq, r.identity, r.target, r.protocol, r.rule, r.kind, r.text,
-                            r.digest, r.status.value, r.created_at, r.expires_at, r.resolved_at, r.resolution or None,
-                            r.grant_until, _json(r.to_dict())) for r in latest.values()],
-                          "(" + ",".join(["%s"] * 18) + ")", params)
-                + " ON CONFLICT (id) DO UPDATE SET status = excluded.status, resolved_at = excluded.resolved_at,"
-                  " resolution = excluded.resolution, grant_until = excluded.grant_until, data = excluded.data")
-            if decisions:
-                stmts.append("INSERT INTO approval_decisions (request_id, approver, verdict, reason, at) VALUES "
-                             + _values(list(decisions.values()), "(%s,%s,%s,%s,%s)", params)
-                             + " ON CONFLICT DO NOTHING")
-        if split["failures"]:
-            stmts.append("INSERT INTO login_failures (at, node, target, protocol, client, claimed, reason) VALUES "
-                         + _values([(f.at, self.node, f.target, f.protocol, str(f.client), f.claimed, f.reason)
-                                    for f in split["failures"]], "(%s,%s,%s,%s,%s,%s,%s)", params))
-        return ";\n".join(stmts), params
 
     # -- plans used by writes ----------------------------------------------------------
 
@@ -591,48 +521,6 @@ class PostgresStore:
 
 
 # -- rows ------------------------------------------------------------------------------
-
-
-def _split(batch: list[Any]) -> dict[str, Any]:
-    """The batch's values by table; an operation and its outcome in one batch become one row."""
-    out: dict[str, Any] = {"sessions": [], "ops": {}, "outcomes": [], "ends": [], "failures": [], "streams": [],
-                           "approvals": []}
-    if not batch:
-        raise ValueError("an empty batch")
-    for event in batch:
-        if isinstance(event, tuple):
-            op, decision = event
-            out["ops"][(op.session.id, op.seq)] = [op, decision, None]
-        elif isinstance(event, Outcome):
-            pending = out["ops"].get((event.session_id, event.seq))
-            if pending is not None:
-                pending[2] = event
-            else:
-                out["outcomes"].append(event)
-        elif isinstance(event, Session):
-            out["sessions"].append(event)
-        elif isinstance(event, SessionEnd):
-            out["ends"].append(event)
-        elif isinstance(event, LoginFailure):
-            out["failures"].append(event)
-        elif isinstance(event, StreamEvent):
-            out["streams"].append(event)
-        elif getattr(event, "event_kind", None) == "approval":
-            out["approvals"].append(event)
-        else:
-            raise TypeError(f"cannot store {type(event).__name__}")
-    return out
-
-
-def _op_row(op: Any, d: Any, o: Outcome | None) -> tuple:
-    params = _json(list(op.parameters)) if op.parameters else None
-    facts = _json(d.facts) if d.facts else None
-    head = (op.session.id, op.seq, op.kind, op.text, params, op.at, d.action.value, d.rule, d.reason or None, facts,
-            _json(op.extra) if op.extra else None)
-    if o is None:
-        return head + (None,) * 8
-    return head + (o.finished_at, o.duration, o.status, o.rows, o.error_code, o.error_message,
-                   _json(o.masked) if o.masked else None, _json(o.extra) if o.extra else None)
 
 
 def _session_dict(r: tuple) -> dict:

@@ -201,14 +201,14 @@ def test_device_flow_end_to_end_with_gatekeep_login(env, tmp_path):
     cli_env.update(XDG_CONFIG_HOME=str(tmp_path), PYTHONPATH=REPO_ROOT, NO_PROXY="127.0.0.1,localhost")
     proc = subprocess.Popen([gatekeep_exe(), "login", "--issuer", env.op.issuer, "--client-id", DEVICE_CLIENT,
                              "--print"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            env=cli_env, text=True)
+                            env=cli_env)
     try:
         seen = ""
         deadline = time.monotonic() + 20
-        while "(or open " not in seen:
+        while ")" not in seen.partition("(or open ")[2]:
             assert time.monotonic() < deadline and proc.poll() is None, seen
             if select.select([proc.stderr], [], [], 0.5)[0]:
-                seen += proc.stderr.readline()
+                seen += os.read(proc.stderr.fileno(), 4096).decode()
         url = seen.split("(or open ", 1)[1].split(")", 1)[0]
         assert "To sign in, open %s/device and enter the code " % env.op.issuer in seen
         env.op.approve_device(url, "alice")
@@ -218,7 +218,7 @@ def test_device_flow_end_to_end_with_gatekeep_login(env, tmp_path):
             proc.kill()
             proc.wait(5)
     assert proc.returncode == 0, err
-    token = out.strip()
+    token = out.decode().strip()
     assert jwt_claims(token)["sub"] == "alice" and jwt_claims(token)["client_id"] == DEVICE_CLIENT
     assert psql(env, "alice", token).stdout.split() == ["app_rw"]
 

@@ -86,8 +86,7 @@ def test_strict_mode_survives_sigkill_with_a_record_of_every_executed_statement(
 
 def test_on_failure_deny_refuses_statements_while_the_store_is_down(gatekeep, pg_server, store_pg, store_db,
                                                                      store_dbs):
-    """on_failure deny: with the store database stopped psql gets SQLSTATE 58000 "recording is unavailable";
-    once it is back statements run again, and the refused ones are in the trail."""
+    """on_failure deny: store down -> psql gets 58000 "recording is unavailable"; store back -> statements run again."""
     token, entry = make_identity("agent", ["agents"])
     gk = gatekeep(gateway_config("gk-deny", store_db, pg_server, {"durability": "strict", "on_failure": "deny"},
                                  entry), env={**upstream_env(pg_server), **store_dbs.env})

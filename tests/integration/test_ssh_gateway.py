@@ -220,6 +220,21 @@ def test_stdin_and_eof_reach_the_command(gw):
     assert r.returncode == 0 and r.stdout.strip() == b"300000"
 
 
+def test_large_output_arrives_whole_before_close(gw):
+    """20 MB of exec output all reach the client before the channel closes, with the exit status."""
+    args = ["ssh", "-p", str(gw.port)] + gw.opts(gw.alice_key) + ["alice@127.0.0.1",
+                                                                   "head -c 20000000 /dev/zero; exit 5"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    total = 0
+    time.sleep(0.5)  # let the gateway queue output for a client that is not reading yet
+    while True:
+        chunk = proc.stdout.read(1 << 20)
+        if not chunk:
+            break
+        total += len(chunk)
+    assert proc.wait(60) == 5 and total == 20000000
+
+
 # -- authentication -------------------------------------------------------------------------
 
 

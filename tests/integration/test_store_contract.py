@@ -168,22 +168,23 @@ def test_both_backends_have_the_same_number_of_migrations():
 
 
 def test_chain_and_seals_verify(backend, signer):
-    """Every event is one chained entry, each session end is followed by a seal, and the whole store verifies."""
+    """Each event is one chained entry (an operation and its end in one batch: one), seals follow ends, all verifies."""
     store = backend.open(signer=signer)
     a_session_with_records(backend, store)
     entries = list(store.ledger_entries("gk-1"))
-    assert [e.kind for e in entries] == ["login.failure", "session.start", "operation", "operation.end", "operation",
+    assert [e.kind for e in entries] == ["login.failure", "session.start", "operation", "operation",
                                          "operation.end", "stream", "session.end", "seal"]
-    assert [e.seq for e in entries] == list(range(1, 10))
+    assert [e.seq for e in entries] == list(range(1, 9))
     assert entries[0].prev == ledger.GENESIS and all(b.prev == a.hash for a, b in zip(entries, entries[1:]))
     report = audit.verify(store, signer.public)
     assert report.ok, report.problems
-    assert report.nodes == {"gk-1": 9} and report.sessions_sealed == 1
+    assert report.nodes == {"gk-1": 8} and report.sessions_sealed == 1
     seal = json.loads(entries[-1].data)
-    assert seal["records"] == 7 and seal["key_id"] == signer.key_id
-    assert [e.seq for e in store.session_entries("a1b2c3")] == list(range(2, 10))
+    assert seal["records"] == 6 and seal["key_id"] == signer.key_id
+    assert [e.seq for e in store.session_entries("a1b2c3")] == list(range(2, 9))
     exported = entries[2].export()
     assert exported["id"] == "gk-1:3" and exported["v"] == 1 and exported["data"]["text"] == "select 1"
+    assert exported["data"]["end"]["status"] == "SELECT 1" and "end" not in json.loads(entries[3].data)
 
 
 def test_a_reopened_store_continues_the_chain(backend, signer):
@@ -191,7 +192,7 @@ def test_a_reopened_store_continues_the_chain(backend, signer):
     a_session_with_records(backend, backend.open(signer=signer))
     again = backend.open(signer=signer)
     backend.write(again, [FAILURE])
-    assert [e.seq for e in again.ledger_entries("gk-1")][-2:] == [9, 10]
+    assert [e.seq for e in again.ledger_entries("gk-1")][-2:] == [8, 9]
     assert audit.verify(again, signer.public).ok
 
 
@@ -200,13 +201,12 @@ def test_export_window(backend, signer):
     store = backend.open(signer=signer)
     a_session_with_records(backend, store)
     events = list(audit.export(store, 101.0, 102.0))
-    assert [(e["id"], e["kind"]) for e in events] == [("gk-1:3", "operation"), ("gk-1:4", "operation.end"),
-                                                       ("gk-1:7", "stream")]
+    assert [(e["id"], e["kind"]) for e in events] == [("gk-1:3", "operation"), ("gk-1:6", "stream")]
 
 
 TAMPERING = {
-    "edited": ("UPDATE ledger SET data = replace(data, 'drop table t', 'select 2') WHERE node = 'gk-1' AND seq = 5",
-               "record gk-1:5: edited: its content does not match its hash"),
+    "edited": ("UPDATE ledger SET data = replace(data, 'drop table t', 'select 2') WHERE node = 'gk-1' AND seq = 4",
+               "record gk-1:4: edited: its content does not match its hash"),
     "deleted": ("DELETE FROM ledger WHERE node = 'gk-1' AND seq = 4",
                 "record gk-1:4: deleted: record(s) 4 are missing before 5"),
     "swapped": ("UPDATE ledger SET seq = -1 WHERE node = 'gk-1' AND seq = 3;"
@@ -284,18 +284,18 @@ def test_prune_leaves_a_checkpoint_and_the_rest_verifies(backend, signer):
     new = session("new", 500.0)
     backend.write(store, [new, (op(new, 1), ALLOWED)])
     removed = store.prune(400.0, signer)
-    assert removed == {"gk-1": 9}
+    assert removed == {"gk-1": 8}
     cp = store.checkpoint("gk-1")
-    assert (cp["seq"], cp["pruned"], cp["key_id"]) == (9, 9, signer.key_id)
-    assert [e.seq for e in store.ledger_entries("gk-1")] == [10, 11]
+    assert (cp["seq"], cp["pruned"], cp["key_id"]) == (8, 8, signer.key_id)
+    assert [e.seq for e in store.ledger_entries("gk-1")] == [9, 10]
     assert store.session(old.id) is None and store.session("new")["records"][0]["seq"] == 1
     assert store.loginFailures() == []
     report = audit.verify(store, signer.public)
     assert report.ok, report.problems
     backend.write(backend.open(signer=signer), [SessionEnd("new", 600.0, 0, 0, "done")])  # a restart after a prune
     assert audit.verify(store, signer.public).ok
-    backend.sql("DELETE FROM ledger WHERE node = 'gk-1' AND seq = 10")
-    assert audit.verify(store, signer.public).problems[0] == "record gk-1:10: deleted: record(s) 10 are missing before 11"
+    backend.sql("DELETE FROM ledger WHERE node = 'gk-1' AND seq = 9")
+    assert audit.verify(store, signer.public).problems[0] == "record gk-1:9: deleted: record(s) 9 are missing before 10"
 
 
 def test_forged_checkpoint_is_caught(backend, signer):

@@ -24,7 +24,7 @@ def store_of(value):
 
 
 def test_postgresql_url_becomes_libpq_parameters():
-    """A postgresql:// URL gives host, port, user, database and query parameters; relative cert paths follow the config."""
+    """A postgresql:// URL gives host, port, user, database and parameters; relative cert paths follow the config."""
     cfg = store_of("postgresql://gk@db.internal:5433/records?sslmode=verify-full&sslrootcert=ca.pem")
     assert cfg.kind == "postgresql" and cfg.path is None and cfg.password is None
     assert dict(cfg.params) == {"host": "db.internal", "port": "5433", "user": "gk", "dbname": "records",
@@ -88,3 +88,15 @@ def test_open_store_picks_the_backend(tmp_path):
     pg = open_store(store_of("postgresql://gk@127.0.0.1:1/gk"), "n2", readonly=True)
     assert type(pg).__name__ == "PostgresStore" and pg.node == "n2" and repr(pg) == (
         "<PostgresStore postgresql://gk@127.0.0.1:1/gk node=n2>")
+
+
+def test_store_migrate_command_on_sqlite(tmp_path, capsys):
+    """gatekeep store migrate creates a SQLite store, then finds it current; it says the schema version each time."""
+    from gatekeep.cli.main import main
+    from gatekeep.store.sqlite import MIGRATIONS
+
+    url = f"sqlite://{tmp_path}/gk.db"
+    assert main(["store", "migrate", "--store", url]) == 0
+    assert main(["store", "migrate", "--store", url]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{url}: schema version {len(MIGRATIONS)}, up to date"] * 2
+    assert (tmp_path / "gk.db").exists()

@@ -165,6 +165,9 @@ class Frontend(protocol.Protocol):
         self.close()
 
     def close(self) -> None:
+        if self.phase is Phase.READY:
+            # a TLS transport does not close while a producer is registered with it
+            self.transport.unregisterProducer()
         if self.phase is not Phase.CLOSED:
             self.phase = Phase.CLOSED
         self.transport.loseConnection()
@@ -807,6 +810,7 @@ class Frontend(protocol.Protocol):
         self.factory.forget_cancel_key(self.key)
         self.withdraw("the client closed the connection")
         if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.unregisterProducer()
             self.upstream.transport.loseConnection()
         self.end_session()
 

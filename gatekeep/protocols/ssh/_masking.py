@@ -25,7 +25,7 @@ MAX_HOLD = 4096
 #: a private key block is kept back until its END line, up to this size
 MAX_KEY = 64 * 1024
 
-_TAIL_TOKEN = re.compile(r"\S{1,%d}\Z" % MAX_HOLD)
+_LEADING_TOKEN = re.compile(r"\S*")
 _TAIL_SPACED = re.compile(r"(?:[0-9A-Z][ -]?){1,48}\Z")
 _KEY_BEGIN = re.compile(r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----")
 _KEY_END = re.compile(r"-----END (?:[A-Z]+ )?PRIVATE KEY-----")
@@ -41,6 +41,7 @@ class StreamMasker:
         self.carry = ""
         self.counts: dict[str, int] = {}
         self.in_key = False
+        self._names = tuple(dict.fromkeys(n for r in rules for n in r.detectors if n != "private_key"))
 
     def feed(self, text: str) -> str:
         """Masked text that is safe to release now (possibly empty)."""
@@ -56,7 +57,7 @@ class StreamMasker:
             out.append(REDACTED)
             buf = buf[m.end():]
             self.in_key = False
-        cut = self._cut(buf)
+        cut = self._cut(buf, self._names)
         head, self.carry = buf[:cut], buf[cut:]
         if len(self.carry) > MAX_KEY:
             # an unterminated key block: mask it and everything up to its END line
@@ -81,7 +82,7 @@ class StreamMasker:
         return REDACTED if masked is None else masked
 
     @staticmethod
-    def _cut(buf: str) -> int:
+    def _cut(buf: str, names: tuple = ()) -> int:
         """Where the part that could still grow into a sensitive value begins."""
         cut = len(buf)
         begin = None
@@ -89,13 +90,16 @@ class StreamMasker:
             begin = m
         if begin is not None and _KEY_END.search(buf, begin.end()) is None:
             return begin.start()
-        partial = _PARTIAL_BEGIN.search(buf)
+        # only the end of the buffer can hold a partial value: look at no more than that (linear time)
+        end = len(buf)
+        partial = _PARTIAL_BEGIN.search(buf, max(0, end - 64))
         if partial is not None:
             cut = partial.start()
-        m = _TAIL_TOKEN.search(buf, 0, cut) if cut else None
-        if m is not None:
-            cut = m.start()
-        m2 = _TAIL_SPACED.search(buf, 0, len(buf))
+        tail = buf[max(0, cut - MAX_HOLD):cut][::-1]
+        run = _LEADING_TOKEN.match(tail).end()
+        if run:
+            cut -= run
+        m2 = _TAIL_SPACED.search(buf, max(0, end - 100))
         if m2 is not None and m2.start() < cut:
             cut = m2.start()
         # a complete key block is masked whole: never cut inside it
@@ -103,11 +107,10 @@ class StreamMasker:
             if m.start() < cut < m.end():
                 cut = m.end()
         # never cut inside a value the detectors find whole
-        for start, end, _ in detectors.spans(_ALL, buf[max(0, cut - MAX_HOLD):]):
-            base = max(0, cut - MAX_HOLD)
-            if base + start < cut < base + end:
-                cut = base + start
+        base = max(0, cut - MAX_HOLD)
+        window = buf[base:]
+        if names and detectors.could_match(window):
+            for start, end, _ in detectors.spans(names, window):
+                if base + start < cut < base + end:
+                    cut = base + start
         return cut
-
-
-_ALL = tuple(n for n in detectors.NAMES if n != "private_key")
