@@ -27,6 +27,20 @@ def example_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("PROD_DB_PASSWORD", "example-password")
     monkeypatch.setenv("GATEKEEP_MASKING_KEY", "example-masking-key")
     monkeypatch.setenv("APPROVALS_WEBHOOK_URL", "https://hooks.example.com/services/T0/B0/example")
+    monkeypatch.setenv("BILLING_API_TOKEN", "example-api-token")
+    monkeypatch.setenv("KUBE_SERVICE_ACCOUNT_TOKEN", "example-service-account-token")
+    # the SSH example's upstream key and the server's host key
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    keys = work / "keys"
+    keys.mkdir(exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    (keys / "web-1_ed25519").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    host = Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    (keys / "known_hosts").write_text(f"127.0.0.1 {host}\n")
     return work
 
 
