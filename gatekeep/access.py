@@ -136,7 +136,7 @@ def terminate(gateway: Any, session_id: str, reason: str) -> bool:
             return True
     except Exception:
         _log.failure("relay failed to end session {session}", session=session_id)
-    relay.end_reason = reason
+    relay.end_reason = f"access ended: {reason}"
     transport = getattr(relay, "transport", None)
     try:
         if end is not None:

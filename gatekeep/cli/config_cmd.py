@@ -24,7 +24,10 @@ def check(args) -> int:
         return 1
     print(f"{args.path}: ok ({len(config.identities)} identities, {len(config.targets)} targets)")
     for t in config.targets:
-        print(f"  {t.name}: {t.protocol} on {t.listen}{' with TLS' if t.tls else ''}")
+        print(f"  {t.name}: {t.protocol} on {t.listen}{' with TLS' if t.tls else ''}"
+              f"{' and client certificates' if t.tls and t.tls.client_ca else ''}")
+    if config.oidc is not None:
+        print(f"  OIDC tokens from {config.oidc.issuer} for {', '.join(config.oidc.audience)}")
     if config.admin is not None:
         print(f"  admin API on {config.admin.listen}{' with TLS' if config.admin.tls else ''}")
     reviews = [r.name for r in config.policies if r.review is not None]

@@ -72,6 +72,7 @@ class IdentityService(service.Service):
             signal.signal(signal.SIGHUP, self._previous_handler)
             self._previous_handler = None
         for provider in self._oidc(self.gateway.chain.identities):
+            provider.on_refresh = None
             provider.stop()
 
     def reload(self) -> bool:
@@ -94,6 +95,7 @@ class IdentityService(service.Service):
         self.gateway.chain.identities = new
         for provider in self._oidc(old):
             if provider not in new:
+                provider.on_refresh = None
                 provider.stop()
         if self.running:
             for provider in self._oidc(new):

@@ -56,29 +56,32 @@ def oidc_block(op, **extra):
 def env(tmp_path_factory, tls_files, pg_server, gatekeep_module):
     workdir = str(tmp_path_factory.mktemp("oidc"))
     keys = [signing_key("k1")]
-    op = provider(workdir, keys)
-    other = provider(workdir, keys)  # the same keys under another issuer
-    certs = make_client_certificates(tls_files, os.path.join(workdir, "certs"), {
-        "carol": {"common_name": "carol"},
-        "carol-foreign": {"common_name": "carol", "ca": "other"},
-        "nobody": {"common_name": "nobody"},
-    })
-    tokens = {}
-    tokens["carol"], carol = make_identity("carol", ["ops"])
-    tokens["dave"], dave = make_identity("dave", ["ops"])
-    tls = dict(listener_tls(tls_files), client_ca="file:" + tls_files.ca_cert, client_identity="subject_cn")
-    config = {
-        "identities": [carol, dave],
-        "oidc": oidc_block(op),
-        "targets": [pg_target("db", pg_server.port, "app_rw", tls=tls)],
-    }
-    gk = gatekeep_module(config, env=upstream_env(pg_server))
+    started = []
     try:
+        op = provider(workdir, keys)
+        started.append(op)
+        other = provider(workdir, keys)  # the same keys under another issuer
+        started.append(other)
+        certs = make_client_certificates(tls_files, os.path.join(workdir, "certs"), {
+            "carol": {"common_name": "carol"},
+            "carol-foreign": {"common_name": "carol", "ca": "other"},
+            "nobody": {"common_name": "nobody"},
+        })
+        tokens = {}
+        tokens["carol"], carol = make_identity("carol", ["ops"])
+        tokens["dave"], dave = make_identity("dave", ["ops"])
+        tls = dict(listener_tls(tls_files), client_ca="file:" + tls_files.ca_cert, client_identity="subject_cn")
+        config = {
+            "identities": [carol, dave],
+            "oidc": oidc_block(op),
+            "targets": [pg_target("db", pg_server.port, "app_rw", tls=tls)],
+        }
+        gk = gatekeep_module(config, env=upstream_env(pg_server))
         yield type("Env", (), dict(op=op, other=other, gk=gk, certs=certs, tokens=tokens, tls=tls_files,
                                    workdir=workdir))
     finally:
-        op.stop()
-        other.stop()
+        for p in started:
+            p.stop()
 
 
 def psql(env, user, token, sql="SELECT current_user;", check=True, app=None, **extra_env):

@@ -30,13 +30,14 @@ SERVICE_TOKEN = "upstream-service-token"
 @pytest.fixture(scope="module")
 def gw(gatekeep_module, tls_files, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("oidc-protocols"))
-    op = OidcProvider(workdir, accounts={"alice": {"groups": ["idp-dev"]}},
-                      clients=[client_credentials_client("agent-alice", SECRET)],
-                      client_accounts={"agent-alice": "alice"}, keys=[signing_key("k1")]).start()
-    http_upstream = HttpServer().start()
-    kube = FakeKubeAPI(SERVICE_TOKEN).start()
-    sshd = SshServer()
+    op = http_upstream = kube = sshd = None
     try:
+        op = OidcProvider(workdir, accounts={"alice": {"groups": ["idp-dev"]}},
+                          clients=[client_credentials_client("agent-alice", SECRET)],
+                          client_accounts={"agent-alice": "alice"}, keys=[signing_key("k1")]).start()
+        http_upstream = HttpServer().start()
+        kube = FakeKubeAPI(SERVICE_TOKEN).start()
+        sshd = SshServer()
         sshd.start()
         known_hosts = os.path.join(workdir, "upstream_known_hosts")
         with open(known_hosts, "w") as f:
@@ -61,10 +62,9 @@ def gw(gatekeep_module, tls_files, tmp_path_factory):
         yield type("Gw", (), dict(gk=gk, op=op, http=http_upstream, kube=kube, sshd=sshd, workdir=workdir,
                                   tls=tls_files))
     finally:
-        sshd.cleanup()
-        kube.stop()
-        http_upstream.stop()
-        op.stop()
+        for server, stop in ((sshd, "cleanup"), (kube, "stop"), (http_upstream, "stop"), (op, "stop")):
+            if server is not None:
+                getattr(server, stop)()
 
 
 def token(gw, resource=None):

@@ -106,6 +106,8 @@ def test_on_failure_deny_refuses_statements_while_the_store_is_down(gatekeep, pg
     poll("statements to run again once the store is back", works, timeout=20, interval=0.5)
     poll("the refused statement to reach the trail",
          lambda: "SELECT 'while down';" in recorded_texts(store_db), timeout=10)
+    log = gk.log_text()
+    assert "recording store failed" in log and store_dbs.password not in log  # the store is named, never its password
 
 
 def test_two_nodes_one_store(gatekeep, pg_server, store_db, store_dbs):

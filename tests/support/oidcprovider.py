@@ -116,6 +116,7 @@ class OidcProvider:
             else:
                 time.sleep(0.05)
         if not buf.startswith(b"ready "):
+            self.stop()
             raise OidcProviderError("unexpected output from oidc-provider: %r" % buf)
         return self
 

@@ -166,9 +166,9 @@ def test_a_closed_session_leaves_no_timer():
     """A session that ends before its token expires cancels its timer."""
     relay = tls_relay(Expiring(at=100.0))
     client = open_session(relay)
+    (timer,) = relay.gateway.sessions._timers.values()
     client.send(pg.terminate())
-    assert relay.gateway.reactor.getDelayedCalls() == [] or all(
-        not c.active() for c in relay.gateway.reactor.getDelayedCalls())
+    assert not timer.active() and relay.gateway.sessions._timers == {}
     assert [e.reason for e in relay.recorder.ends] == ["client terminated"]
 
 
@@ -256,3 +256,21 @@ def test_static_recheck_of_other_logins():
     assert p.authenticateCertificate("nobody", "ab" * 32) is None
     assert StaticIdentityProvider.from_config([]).recheck(cert) == "the identity was removed from the configuration"
     assert p.recheck(Identity("bob", {"dev"}, "oidc", Grant("oidc"))) is None
+
+
+def test_a_relay_without_terminate_is_closed_with_the_reason():
+    """A relay that has no terminate(reason) gets its connection closed and the reason as its end_reason."""
+    from types import SimpleNamespace
+
+    from twisted.internet.testing import StringTransport
+
+    from gatekeep.testing import make_gateway
+
+    gateway = make_gateway()
+    relay = SimpleNamespace(transport=StringTransport(), end_reason="client closed",
+                            session=SimpleNamespace(id="s1", identity=Identity("bob", (), "oidc", Grant("t", 50.0))))
+    gateway.sessions["s1"] = relay
+    gateway.reactor.advance(50)
+    assert relay.transport.disconnecting
+    assert relay.end_reason == "access ended: the token expired"
+    assert gateway.terminate("nope", "x") is False

@@ -99,7 +99,7 @@ def test_a_valid_token_is_an_identity_with_its_expiry(k1):
     ({"iss": "https://evil.example.test"}, "wrong issuer"),
     ({"exp": None}, "exp"),
 ])
-def test_bad_claims_are_refused(k1, claims, logged, caplog):
+def test_bad_claims_are_refused(k1, claims, logged):
     """Expired, not yet valid, wrong audience, wrong issuer and tokens without exp are refused."""
     p, _ = provider(FakeIssuer(k1[1]))
     from twisted.logger import globalLogPublisher
