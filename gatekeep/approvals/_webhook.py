@@ -16,12 +16,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import DeferredSemaphore, succeed
+from twisted.internet.defer import DeferredSemaphore
 from twisted.logger import Logger
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 from gatekeep.approvals._model import ApprovalRequest, Status
+from gatekeep.web import BytesProducer
 
 _log = Logger()
 
@@ -31,24 +30,6 @@ TEXT_LIMIT = 1500
 QUEUE_LIMIT = 2000
 
 
-@implementer(IBodyProducer)
-class _Body:
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: Any) -> Any:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 def _mrkdwn(text: str) -> str:
@@ -151,7 +132,7 @@ class WebhookNotifier:
         from twisted.web.http_headers import Headers
 
         d = self._agent_for().request(b"POST", self._url_bytes(), Headers({
-            b"content-type": [b"application/json"], b"user-agent": [b"gatekeep-approvals"]}), _Body(data))
+            b"content-type": [b"application/json"], b"user-agent": [b"gatekeep-approvals"]}), BytesProducer(data))
         d.addTimeout(self.timeout, self._reactor)
 
         def answered(response: Any) -> Any:

@@ -574,18 +574,23 @@ class Frontend(protocol.Protocol):
             return decision
 
         def carry_out(decision: Decision) -> None:
-            now = self.gateway.now()
             if decision.action is Action.ALLOW:
                 self.sql_state.apply(analyze(text))
-                self.tracker.add(op, "query", now)
-                out.append(m.encode())
-            else:
-                self.tracker.add(op, "query", now, denial=self._denial(decision))
-                self.upstream.stream.hold = True
-                out.append(pg.query(POISON))
-            self.tracker.group_ends()
+            self._group(op, m, out, decision)
 
         return self._judge(op, carry_out, refine)
+
+    def _group(self, op: Operation, m: pg.Message, out: list[bytes], decision: Decision) -> None:
+        """A message that ends a group (Query, FunctionCall): forward it, or a stand-in that fails and its denial."""
+        now = self.gateway.now()
+        if decision.action is Action.ALLOW:
+            self.tracker.add(op, "query", now)
+            out.append(m.encode())
+        else:
+            self.tracker.add(op, "query", now, denial=self._denial(decision))
+            self.upstream.stream.hold = True
+            out.append(pg.query(POISON))
+        self.tracker.group_ends()
 
     def on_parse(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
         parse = pg.parse_parse(m.body)
@@ -615,19 +620,7 @@ class Frontend(protocol.Protocol):
         allows unjudgeable operations)."""
         oid = int.from_bytes(m.body[0:4], "big") if len(m.body) >= 4 else 0
         op = self._operation("function-call", f"fastpath function call (function oid {oid})")
-
-        def carry_out(decision: Decision) -> None:
-            now = self.gateway.now()
-            if decision.action is Action.ALLOW:
-                self.tracker.add(op, "query", now)
-                out.append(m.encode())
-            else:
-                self.tracker.add(op, "query", now, denial=self._denial(decision))
-                self.upstream.stream.hold = True
-                out.append(pg.query(POISON))
-            self.tracker.group_ends()
-
-        return self._judge(op, carry_out)
+        return self._judge(op, lambda decision: self._group(op, m, out, decision))
 
     def on_bind(self, m: pg.Message, out: list[bytes]) -> None:
         bind = pg.parse_bind(m.body)
