@@ -90,11 +90,33 @@ def tree_cpu(pid):
     return total
 
 
-def pgbench(bindir, port, user, password, flags, secs, clients=8, threads=2, pid=None):
+def busy_cpus(window=1.0):
+    """How many CPUs were busy (not idle or iowait) over ``window`` seconds, from /proc/stat."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]
+    total0, idle0 = sample()
+    time.sleep(window)
+    total1, idle1 = sample()
+    return (1 - (idle1 - idle0) / max(total1 - total0, 1)) * os.cpu_count()
+
+
+def wait_quiet(max_wait, threshold=0.3):
+    """Wait (at most ``max_wait`` s) until other processes keep fewer than ``threshold`` CPUs busy; return the level."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        busy = busy_cpus()
+        if busy < threshold or time.monotonic() >= deadline:
+            return busy
+
+
+def pgbench(bindir, port, user, password, flags, secs, clients=8, threads=2, pid=None, quiet=0.0):
     argv = [os.path.join(bindir, "pgbench"), "-n", *flags, "-M", "simple", "-c", str(clients), "-j", str(threads),
             "-T", str(secs), "-h", "127.0.0.1", "-p", str(port), "-U", user, "app"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env.update(PGPASSWORD=password, PGSSLMODE="disable", PGCONNECT_TIMEOUT="10")
+    busy = wait_quiet(quiet) if quiet else None
     load = os.getloadavg()[0]
     cpu0 = tree_cpu(pid) if pid else None
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=secs + 120)
@@ -104,7 +126,8 @@ def pgbench(bindir, port, user, password, flags, secs, clients=8, threads=2, pid
     tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", proc.stdout).group(1))
     lat = re.search(r"latency average = ([\d.]+) ms", proc.stdout)
     count = int(re.search(r"number of transactions actually processed: (\d+)", proc.stdout).group(1))
-    out = {"tps": tps, "latency_ms": float(lat.group(1)) if lat else None, "transactions": count, "load1": load}
+    out = {"tps": tps, "latency_ms": float(lat.group(1)) if lat else None, "transactions": count, "load1": load,
+           "busy_cpus_before": busy}
     if pid:
         out["gatekeep_cpu_us_per_tx"] = (cpu1 - cpu0) / max(count, 1) * 1e6
     return out
@@ -161,6 +184,10 @@ class Gateway:
             return db.execute("SELECT count(*) FROM operations").fetchone()[0]
 
 
+def _busy(r):
+    return "-" if r.get("busy_cpus_before") is None else "%.2f" % r["busy_cpus_before"]
+
+
 def table(title, header, rows):
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
     print("\n%s\n%s" % (title, "-" * len(title)))
@@ -178,6 +205,8 @@ def main(argv=None):
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--json", help="results file (default bench/results/store-<timestamp>.json)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECS",
+                    help="before each run wait (at most SECS) until other processes keep fewer than 0.3 CPUs busy")
     ap.add_argument("--modes", help="comma-separated modes (default %s; also %s)" % (",".join(MODES),
                                                                                    ",".join(EXTRA_MODES)))
     args = ap.parse_args(argv)
@@ -227,13 +256,14 @@ def main(argv=None):
                 order.reverse()
             for test, flags in TESTS.items():
                 r = pgbench(upstream.bindir, upstream.port, SERVICE_USER, upstream.passwords[SERVICE_USER], flags,
-                            secs, args.clients)
+                            secs, args.clients, quiet=args.wait_quiet)
                 results["runs"].append(dict(r, mode="direct", test=test, round=rnd))
                 log("round %d %-6s %-15s %9.0f tps" % (rnd + 1, test, "direct", r["tps"]))
                 for gw in order:
                     before = gw.recorded() if gw.proc is not None else 0
                     gw.start()
-                    r = pgbench(upstream.bindir, gw.port, "bench", token, flags, secs, args.clients, pid=gw.proc.pid)
+                    r = pgbench(upstream.bindir, gw.port, "bench", token, flags, secs, args.clients, pid=gw.proc.pid,
+                                quiet=args.wait_quiet)
                     gw.stop()
                     r["recorded"] = gw.recorded() - before
                     r["records_per_s"] = r["recorded"] / secs
@@ -250,16 +280,17 @@ def main(argv=None):
         for test in TESTS:
             direct = best[(test, "direct")]["tps"]
             base = best[(test, "sqlite-batched")]["tps"]
-            rows.append((test, "direct", "%.0f" % direct, "1.00", "-", "%.2f" % best[(test, "direct")]["latency_ms"],
-                         "-", "-", "%.1f" % best[(test, "direct")]["load1"]))
+            d = best[(test, "direct")]
+            rows.append((test, "direct", "%.0f" % direct, "1.00", "-", "%.2f" % d["latency_ms"], "-", "-",
+                         "%.1f" % d["load1"], _busy(d)))
             for mode in modes:
                 r = best[(test, mode)]
                 rows.append((test, mode, "%.0f" % r["tps"], "%.2f" % (r["tps"] / direct), "%.2f" % (r["tps"] / base),
                              "%.2f" % r["latency_ms"], "%.0f" % r["records_per_s"],
-                             "%.0f" % r["gatekeep_cpu_us_per_tx"], "%.1f" % r["load1"]))
+                             "%.0f" % r["gatekeep_cpu_us_per_tx"], "%.1f" % r["load1"], _busy(r)))
         table("pgbench -M simple -c %d -j 2, %d s, best of %d round(s)" % (args.clients, secs, rounds),
               ["test", "mode", "TPS", "/direct", "/sqlite-batched", "latency ms", "records/s", "gk CPU us/tx",
-               "load"], rows)
+               "load", "busy before"], rows)
         path = args.json or os.path.join(HERE, "results", "store-%s.json" % time.strftime("%Y%m%d-%H%M%S"))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:

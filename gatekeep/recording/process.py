@@ -200,8 +200,7 @@ class ProcessRecorder:
             d: Deferred = Deferred()
             self._events.append((operation, decision))
             self._waiters.append(d)
-            if self._timer is None:
-                self._timer = self._reactor.callLater(0, self._send)
+            self._send_strict()
             return d
         self._add((operation, decision))
         return None
@@ -230,6 +229,17 @@ class ProcessRecorder:
 
     # -- frames ------------------------------------------------------------------------
 
+    def _send_strict(self) -> None:
+        """
+        Group commit: a strict frame goes at once, unless one is already being
+        written; what arrives meanwhile goes in the next frame, sent on its ack.
+        """
+        if any(waiters for _, waiters in self._unacked.values()):
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._reactor.callLater(0, self._send)
+
     def _send(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -256,6 +266,8 @@ class ProcessRecorder:
             for w in waiters:
                 if not w.called:
                     w.callback(None)
+            if self._waiters:
+                self._send_strict()
             if entries:
                 self._to_sinks(entries)
             for flush_id, d in list(self._flushes):

@@ -102,6 +102,29 @@ def run_async(cursor: Any, plan: Plan) -> Any:
         value = cursor.fetchall() if cursor.description is not None else None
 
 
+@defer.inlineCallbacks
+def _transaction(conn: Any, plan: Plan) -> Any:
+    """
+    BEGIN, the plan, COMMIT on a lent connection (ROLLBACK on failure). Not
+    txpostgres' ``runInteraction``: when the server has gone away it logs the
+    failed rollback as an unhandled error; here a connection that cannot even
+    roll back is closed, and the pool replaces it.
+    """
+    cur = conn.cursor()
+    yield cur.execute("BEGIN")
+    try:
+        result = yield run_async(cur, plan)
+        yield cur.execute("COMMIT")
+    except BaseException:
+        if not conn.pollable().closed:
+            try:
+                yield cur.execute("ROLLBACK")
+            except Exception:
+                conn.close()
+        raise
+    return result
+
+
 # -- the gateway's pool ----------------------------------------------------------------
 
 
@@ -152,7 +175,7 @@ class Pool:
 
     def run_plan(self, make_plan: Callable[[], Plan], timeout: float | None = None) -> defer.Deferred:
         """Run a plan in a transaction on one connection."""
-        return self.run(lambda conn: conn.runInteraction(lambda cur: run_async(cur, make_plan())), timeout)
+        return self.run(lambda conn: _transaction(conn, make_plan()), timeout)
 
     def run_operation(self, sql: str, params: Any = None, timeout: float | None = None) -> defer.Deferred:
         """One round trip, in autocommit mode: several statements in ``sql`` are one transaction."""

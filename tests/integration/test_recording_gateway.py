@@ -108,6 +108,7 @@ def test_on_failure_deny_refuses_statements_while_the_store_is_down(gatekeep, pg
          lambda: "SELECT 'while down';" in recorded_texts(store_db), timeout=10)
     log = gk.log_text()
     assert "recording store failed" in log and store_dbs.password not in log  # the store is named, never its password
+    assert "Unhandled" not in log and "Traceback" not in log  # a server that went away is an error logged, not a crash
 
 
 def test_two_nodes_one_store(gatekeep, pg_server, store_db, store_dbs):

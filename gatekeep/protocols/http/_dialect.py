@@ -91,7 +91,9 @@ class HttpDialect:
         message = f"gatekeep denied this request (rule {rule})"
         if decision.reason:
             message += f": {decision.reason}"
-        body = _error_body(403, "forbidden", message, rule=rule, reason=decision.reason or None)
+        # denied by an approver or expired: the approval request (id, status, denied_by); the reason says why
+        approval = decision.facts.get("approval") if decision.facts else None
+        body = _error_body(403, "forbidden", message, rule=rule, reason=decision.reason or None, approval=approval)
         return 403, simple_response(403, body, close=close)
 
     def unauthorized(self, message: str, *, close: bool = False) -> tuple[int, bytes]:

@@ -58,7 +58,7 @@ class Exchange:
         "head", "request", "op", "decision", "started", "request_done", "response_done", "local", "discard",
         "discarded", "close_after", "bytes_in", "bytes_out", "status", "response", "plan", "req_excerpt",
         "resp_excerpt", "body_in", "body_out", "buffer", "buffered", "lines", "rechunk", "counts", "error",
-        "upgrade", "first_byte", "head_bytes", "attempts", "finished", "chunked_out", "waiting",
+        "upgrade", "first_byte", "head_bytes", "attempts", "finished", "chunked_out", "waiting", "hold",
     )
 
     def __init__(self, head: Head, now: float) -> None:
@@ -101,6 +101,8 @@ class Exchange:
         self.finished = False
         #: a decision or strict recording the request waits for
         self.waiting: Any = None
+        #: the approval request the request is held under (gatekeep.chain.Hold), if it is
+        self.hold: Any = None
 
 
 def operation_extra(ex: Exchange, scheme: str, secret: frozenset[str], more: dict[str, Any]) -> dict[str, Any]:

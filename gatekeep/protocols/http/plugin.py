@@ -81,6 +81,9 @@ class HttpTarget:
     #: a client connection idle this long between requests is closed
     idle_timeout: float = 300.0
     max_head: int = 64 * 1024
+    #: a request held for approval gets ``102 Processing`` at once: True, False, or "auto" (clients known to
+    #: read past it; see gatekeep.protocols.http.relay.interim_understood)
+    approval_interim: bool | str = "auto"
     #: the protocol's own options (Kubernetes: secret masking)
     extra: Any = None
 
@@ -173,6 +176,14 @@ def read_record(node: Node | None) -> RecordOptions:
     return options
 
 
+def read_approval_interim(node: Node) -> bool | str:
+    """``approval_interim``: true, false or auto (the default)."""
+    value = node.raw("approval_interim", "auto")
+    if not isinstance(value, bool) and value != "auto":
+        raise ConfigError(node.sub("approval_interim"), f"expected true, false or auto, got {value!r}")
+    return value
+
+
 def read_http_target(node: Node, extra: Any = None) -> HttpTarget:
     """Read an HTTP-family target's own keys (the caller reads any protocol-specific ones first)."""
     return HttpTarget(
@@ -183,6 +194,7 @@ def read_http_target(node: Node, extra: Any = None) -> HttpTarget:
         mask_text=node.bool("mask_text", False),
         idle_timeout=node.duration("idle_timeout", 300.0),
         max_head=node.int("max_head", 64 * 1024, low=4096, high=1024 * 1024),
+        approval_interim=read_approval_interim(node),
         extra=extra,
     )
 

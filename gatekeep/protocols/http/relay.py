@@ -18,6 +18,14 @@ Backpressure: the upstream transport is the client transport's producer and a
 so a slow reader on either side stops gatekeep reading from the other. The
 valve also holds the client while a decision or the upstream connection is
 pending, and while pipelined requests pile up.
+
+Approvals: a request held for approval gets an interim ``102 Processing`` at
+once (``Gatekeep-Approval: ID`` and ``Gatekeep-Approval-Message``; see
+:func:`interim_understood` for which clients), then its final answer: the
+upstream's response once approved, gatekeep's 403 once denied or expired.
+While it is held gatekeep keeps reading the client connection (up to
+``BACKLOG``) so that a client that goes away is noticed: that withdraws the
+request. Pipelined requests wait behind the held one in the reader.
 """
 
 from __future__ import annotations
@@ -48,6 +56,38 @@ BACKLOG = 1024 * 1024
 #: a denied request's body is read and dropped up to this size; beyond it the connection closes
 DISCARD_LIMIT = 8 * 1024 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+#: the rule recorded for a request the client withdrew (by going away) while it was held for approval
+WITHDRAWN = "canceled"
+#: User-Agent prefixes (lower case) of clients verified to skip a 1xx response and read the final one:
+#: curl, kubectl and Go's net/http. Python's http.client (urllib, requests, urllib3, the kubernetes
+#: Python client) takes a 102 for the final answer, so with ``approval_interim: auto`` only these get it.
+INTERIM_AGENTS = (b"curl/", b"kubectl/", b"go-http-client/")
+#: client-go's default User-Agent: "NAME/VERSION (OS/ARCH) kubernetes/COMMIT"
+_CLIENT_GO = b" kubernetes/"
+#: longest Gatekeep-Approval-Message value
+_MESSAGE_LIMIT = 1000
+
+
+def interim_understood(user_agent: bytes | None) -> bool:
+    """Whether a client with this User-Agent is known to read past a ``102 Processing`` to the final answer."""
+    if not user_agent:
+        return False
+    agent = user_agent.strip().lower()
+    return agent.startswith(INTERIM_AGENTS) or _CLIENT_GO in agent
+
+
+def _header_text(text: str) -> bytes:
+    """A header field value: one line of printable ASCII (anything else becomes "?")."""
+    line = " ".join(text.split())[:_MESSAGE_LIMIT]
+    return "".join(c if " " <= c <= "~" else "?" for c in line).encode("ascii")
+
+
+def interim_response(hold: Any) -> bytes:
+    """The ``102 Processing`` a held request's client gets at once."""
+    return codec.encode_response_head(102, (
+        (b"Gatekeep-Approval", _header_text(hold.request_id)),
+        (b"Gatekeep-Approval-Message", _header_text(hold.message)),
+    ), reason=b"Processing")
 
 
 def _unrecordable(decision: Decision, why: str) -> Decision:
@@ -314,14 +354,23 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
                                                 self.dialect.request_extra(request)))
         decision = self.chain.decide(ex.op, notify=self.on_hold)
         if isinstance(decision, Deferred):
-            self.wait(ex, decision, "decision", self.decided, self._withdrawn)
+            if ex.hold is not None:
+                # held for approval, maybe for minutes: keep reading, so a client that goes away is noticed
+                self.wait(ex, decision, "approval", self.decided, self._withdrawn, read=True)
+            else:
+                self.wait(ex, decision, "decision", self.decided, self._withdrawn)
             return
         self.decided(decision, ex)
 
-    def wait(self, ex: Exchange, d: Deferred, reason: str, then: Any, gone: Any) -> None:
-        """Hold the client until ``d`` fires, then ``then(result, ex)`` (or ``gone(result, ex)`` if the client left)."""
+    def wait(self, ex: Exchange, d: Deferred, reason: str, then: Any, gone: Any, read: bool = False) -> None:
+        """
+        Hold the client until ``d`` fires, then ``then(result, ex)`` (or ``gone(result, ex)`` if the client left).
+        The client's connection is not read meanwhile, unless ``read``: then what it sends waits in the reader
+        (up to ``BACKLOG``).
+        """
         self._hold = reason
-        self.valve.hold(reason)
+        if not read:
+            self.valve.hold(reason)
         ex.waiting = d
 
         def fired(result: Any) -> None:
@@ -342,17 +391,42 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
             lambda f: _log.failure("waiting on {reason} failed", f, reason=reason))
 
     def _withdrawn(self, decision: Any, ex: Exchange) -> None:
-        """The client left while its request waited for a decision."""
-        if decision is None:
+        """The client left while its request waited for a decision (a held request is withdrawn)."""
+        if decision is None and ex.hold is not None:
+            decision = Decision(Action.DENY, WITHDRAWN, "the client closed the connection while it was held for "
+                                f"approval as request {ex.hold.request_id}",
+                                {"approval": {"id": ex.hold.request_id, "status": "withdrawn"}})
+        elif decision is None:
             decision = Decision(Action.DENY, None, "the client left before the decision")
         self._record_start(ex, decision)
-        ex.error = "the client left before the decision"
+        ex.error = decision.reason if ex.hold is not None else "the client left before the decision"
         self.record_outcome(ex)
 
     def on_hold(self, hold: Any) -> None:
-        """The chain holds a request for approval. HTTP has no way to say so before the answer: log it."""
-        _log.info("request held for approval {request_id}: {message}", request_id=hold.request_id,
-                  message=hold.message)
+        """
+        The chain holds the request for approval: tell the client at once with an interim
+        ``102 Processing`` naming the request (HTTP/1.1 clients only: RFC 9110 forbids 1xx to 1.0), when
+        the target's ``approval_interim`` says so. Its final answer follows when the request is decided.
+        """
+        ex = self.exchange
+        interim = ex is not None and self.mode is _HTTP and self._interim(ex)
+        _log.info("request {seq} of session {session} held for approval as request {request_id}{how}",
+                  seq=ex.op.seq if ex is not None and ex.op is not None else "-",
+                  session=self.session.id if self.session is not None else "-", request_id=hold.request_id,
+                  how=" (102 Processing sent)" if interim else " (the client waits without an interim response)")
+        if ex is None:
+            return
+        ex.hold = hold
+        if interim:
+            data = interim_response(hold)
+            ex.bytes_out += len(data)
+            self.send(data)
+
+    def _interim(self, ex: Exchange) -> bool:
+        setting = self.options.approval_interim
+        if setting is False or ex.head.version != b"1.1":
+            return False
+        return setting is True or interim_understood(ex.head.index.get(b"user-agent"))
 
     def _record_start(self, ex: Exchange, decision: Any) -> Any:
         """Record the operation; returns (decision, Deferred or None for a strict recording)."""

@@ -10,6 +10,14 @@ and its upstream twin.
   waits for the decision. A denied exec or shell gets a message on stderr and
   exit status 126. An interactive shell's typed lines are judged as they are
   submitted (:mod:`._shell`), SFTP requests one by one (:mod:`._sftp`).
+- Held for approval (a ``review`` rule): the client is told at once on the
+  channel's stderr (the request and the command that approves it), queued in
+  order like any output, never dropped; the held exec, shell, typed line or
+  SFTP request, and everything the client sends after it, wait. Approved: it
+  goes upstream as it was sent. Denied or expired: as any denial, the reason
+  naming who denied it and why. Closing the channel or the connection
+  withdraws the request; so does Ctrl-C on a terminal (exit status 130 for
+  an exec or shell, a fresh prompt for a typed line).
 
 EOF and close stay in order behind queued data (:mod:`._flow`); forwards are
 in :mod:`._pair`.
@@ -25,14 +33,15 @@ from typing import Any
 
 from twisted.conch.ssh import session as _session
 from twisted.conch.ssh.common import getNS
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from gatekeep.model import Decision, Operation, Outcome
+from gatekeep.model import Action, Decision, Operation, Outcome
 from gatekeep.protocols.ssh import _shell
 from gatekeep.protocols.ssh._flow import RelayChannel
 from gatekeep.protocols.ssh._masking import StreamMasker
-from gatekeep.protocols.ssh._pair import PairRelay, denial_text
+from gatekeep.protocols.ssh._pair import WITHDRAWN, PairRelay, denial_text
 from gatekeep.protocols.ssh._recording import ChannelRecording
 from gatekeep.protocols.ssh._sftp import SftpError, SftpStream
 from gatekeep.protocols.ssh._unwrap import parse
@@ -41,6 +50,8 @@ from gatekeep.protocols.ssh.policy import SshRequest
 _log = Logger()
 
 DENIED_STATUS = 126
+#: the exit status of an exec or shell the user withdrew with Ctrl-C while it was held (as for SIGINT)
+WITHDRAWN_STATUS = 130
 #: programs whose exec carries file data, not a terminal stream: sizes are recorded, not bytes
 BINARY_PROGRAMS = frozenset({"scp", "rsync", "sftp-server", "internal-sftp", "git-upload-pack", "git-receive-pack"})
 #: quiet time after the last echo before a typed line is read off the screen
@@ -73,6 +84,11 @@ class SessionRelay(PairRelay):
         self._echo_timer: Any = None
         self._echo_deadline = 0.0
         self.denied = False
+        #: the decision this channel waits for (main request, typed line or SFTP request), while pending
+        self._waiting: Deferred | None = None
+        #: the approval requests it is held under (told to the client)
+        self._holds: list[Any] = []
+        self._withdraw_reason = "the client closed the channel"
 
     def start(self) -> None:
         self.open_upstream()
@@ -85,10 +101,25 @@ class SessionRelay(PairRelay):
             self.up.grant()
             return
         if self.busy:
+            if self._holds and self.pty is not None and b"\x03" in data and self._waiting is not None:
+                self._interrupt(data)
+                return
             self.inbox.append(("data", data))
             self.inbox_bytes += len(data)
             return
         self._client_data(data)
+        self.down.grant(self.held(self.down))
+
+    def _interrupt(self, data: bytes) -> None:
+        """Ctrl-C on a terminal while held for approval: withdraw it, and drop what was typed ahead with it."""
+        rest = data[data.index(b"\x03") + 1:]
+        self.inbox = deque(item for item in self.inbox if item[0] != "data")
+        self.inbox_bytes = 0
+        if rest:
+            self.inbox.append(("data", rest))
+            self.inbox_bytes += len(rest)
+        self._withdraw_reason = "Ctrl-C"
+        self._waiting.cancel()
         self.down.grant(self.held(self.down))
 
     def on_ext(self, ch: RelayChannel, code: int, data: bytes) -> None:
@@ -214,11 +245,58 @@ class SessionRelay(PairRelay):
         self.busy = True
         self.op = self.s.operation(mode, text, detail, extra)
         reply = Deferred()
-        self.s.decide(self.op, self._notify_stderr).addCallback(self._main_decided, kind, data, reply, detail)
+        self._wait(self.s.decide(self.op, self._on_hold), self._main_decided, self._main_withdrawn,
+                   (kind, data, reply, detail), (reply,))
         return reply
 
-    def _notify_stderr(self, hold: Any) -> None:
-        self.down.send_ext_now(1, (hold.message + ("\r\n" if self.pty else "\n")).encode("utf-8"))
+    # -- approvals -----------------------------------------------------------------------
+
+    def _wait(self, d: Deferred, decided: Any, withdrawn: Any, args: tuple, errargs: tuple) -> None:
+        """Carry out a decision when it comes: ``decided(decision, *args)``, or ``withdrawn(failure, *errargs)``."""
+        if not d.called:
+            self._waiting = d
+        d.addCallbacks(self._settled, self._settled).addCallbacks(
+            decided, withdrawn, callbackArgs=args, errbackArgs=errargs)
+
+    def _settled(self, result: Any) -> Any:
+        self._waiting = None
+        if not isinstance(result, Failure):
+            self._holds = []
+        return result
+
+    def _on_hold(self, hold: Any) -> None:
+        """Held for approval: tell the client at once on stderr, in order with what it was sent before."""
+        self._holds.append(hold)
+        end = "\r\n" if self.pty is not None else "\n"
+        lead = "\r\n" if self._line is not None and len(self._holds) == 1 else ""  # a typed line: below it
+        data = (lead + hold.message + end).encode("utf-8")
+        self.down.send_ext(1, data)
+        if self.recording is not None:
+            self.recording.output(data)
+
+    def _withdrawn(self, failure: Failure) -> Decision:
+        """The decision recorded for an operation withdrawn while it waited (CancelledError only)."""
+        failure.trap(CancelledError)
+        holds, self._holds = self._holds, []
+        reason = self._withdraw_reason
+        if holds:
+            reason += " while it was held for approval as request " + ", ".join(h.request_id for h in holds)
+            facts: dict[str, Any] = {"approval": {"id": holds[0].request_id, "status": "withdrawn"}}
+            if len(holds) > 1:
+                facts["approvals"] = [{"id": h.request_id, "status": "withdrawn"} for h in holds]
+        else:
+            reason += " before the decision"
+            facts = {}
+        return Decision(Action.DENY, WITHDRAWN, reason, facts)
+
+    def _main_withdrawn(self, failure: Failure, reply: Deferred) -> None:
+        decision = self._withdrawn(failure)
+        self.s.operation_started(self.op, decision)
+        what = {"exec": f"command {self.op.text!r}", "shell": "shell", "subsystem": f"subsystem {self.op.text}"}
+        self._refuse(decision, reply, f"gatekeep: {what[self.mode]} withdrawn: {decision.reason}", WITHDRAWN_STATUS,
+                     "withdrawn")
+
+    # -- the main request, decided ------------------------------------------------------
 
     def _main_decided(self, decision: Decision, kind: bytes, data: bytes, reply: Deferred, detail: SshRequest) -> None:
         started = self.s.operation_started(self.op, decision)
@@ -229,27 +307,33 @@ class SessionRelay(PairRelay):
 
     def _carry_out(self, decision: Decision, kind: bytes, data: bytes, reply: Deferred, detail: SshRequest) -> None:
         if not decision.allowed:
-            self.denied = True
             what = {"exec": f"command {self.op.text!r}", "shell": "shell", "subsystem": f"subsystem {self.op.text}"}
-            text = denial_text(what[self.mode], decision)
-            reply.callback(self.mode != "subsystem")
-            if self.mode != "subsystem":
-                self.down.send_ext(1, (text + ("\r\n" if self.pty else "\n")).encode("utf-8"))
-                self.down.send_request(b"exit-status", struct.pack(">L", DENIED_STATUS))
-                self.down.send_eof()
-            self.down.send_close()
-            self.up.send_close()
-            self.status = f"exit {DENIED_STATUS}" if self.mode != "subsystem" else "denied"
-            self.outcome(self.status, error_code="denied", error_message=decision.reason or "denied")
-            self.op = None
-            self.inbox.clear()
-            self.inbox_bytes = 0
-            self.busy = False
+            self._refuse(decision, reply, denial_text(what[self.mode], decision), DENIED_STATUS, "denied")
             return
         self._set_up_mode(detail)
         self.up.send_request(kind, data, True).addCallback(reply.callback)
         self.busy = False
         self._drain_inbox()
+
+    def _refuse(self, decision: Decision, reply: Deferred, text: str, status: int, code: str) -> None:
+        """The main request is not carried out: stderr and an exit status (a subsystem request just fails)."""
+        self.denied = True
+        reply.callback(self.mode != "subsystem")
+        if self.mode != "subsystem":
+            self.down.send_ext(1, (text + ("\r\n" if self.pty else "\n")).encode("utf-8"))
+            self.down.send_request(b"exit-status", struct.pack(">L", status))
+            self.down.send_eof()
+        self.down.send_close()
+        self.up.send_close()
+        if code == "withdrawn":
+            self.status = "withdrawn"
+        else:
+            self.status = f"exit {status}" if self.mode != "subsystem" else "denied"
+        self.outcome(self.status, error_code=code, error_message=decision.reason or code)
+        self.op = None
+        self.inbox.clear()
+        self.inbox_bytes = 0
+        self.busy = False
 
     def _set_up_mode(self, detail: SshRequest) -> None:
         s = self.s
@@ -364,10 +448,21 @@ class SessionRelay(PairRelay):
             return
         op = self.s.operation("shell-command", text, SshRequest("shell-command", parse(text)), {})
         self._line = (key, op)
-        self.s.decide(op, self._notify_terminal).addCallback(self._line_decided, key, op)
+        self._wait(self.s.decide(op, self._on_hold), self._line_decided, self._line_withdrawn, (key, op), (key, op))
 
-    def _notify_terminal(self, hold: Any) -> None:
-        self.down.send_data(("\r\n" + hold.message + "\r\n").encode("utf-8"))
+    def _line_withdrawn(self, failure: Failure, key: bytes, op: Operation) -> None:
+        """Ctrl-C (or the channel closed) while the typed line was held: it is not submitted."""
+        decision = self._withdrawn(failure)
+        self.s.operation_started(op, decision)
+        now = self.s.now()
+        self.s.chain.operation_finished(Outcome(self.s.session.id, op.seq, now, now - op.at, "withdrawn",
+                                                error_code="withdrawn", error_message=decision.reason))
+        if not self.done:
+            message = f"\r\ngatekeep: command {op.text!r} withdrawn: {decision.reason}\r\n".encode("utf-8")
+            self.down.send_ext(1, message)
+            if self.recording is not None:
+                self.recording.output(message)
+        self._line_done(key, False)
 
     def _line_decided(self, decision: Decision, key: bytes, op: Operation) -> None:
         self.s.operation_started(op, decision)
@@ -421,7 +516,8 @@ class SessionRelay(PairRelay):
                     p.ref = self.s.operation("sftp", req.text(), SshRequest("sftp", sftp=req),
                                              {"op": req.op, "paths": list(req.paths)})
                     self._sftp_deciding = True
-                    self.s.decide(p.ref).addCallback(self._sftp_decided, p)
+                    self._wait(self.s.decide(p.ref, self._on_hold), self._sftp_decided, self._sftp_withdrawn,
+                               (p,), (p,))
                 if not self._pump_again:
                     break
         finally:
@@ -438,6 +534,15 @@ class SessionRelay(PairRelay):
         self._pump_sftp()
         self.down.grant(self.held(self.down))
 
+    def _sftp_withdrawn(self, failure: Failure, p: Any) -> None:
+        """The channel closed while an SFTP request was held: it never reaches the server."""
+        self._sftp_deciding = False
+        decision = self._withdrawn(failure)
+        self.s.operation_started(p.ref, decision)
+        now = self.s.now()
+        self.s.chain.operation_finished(Outcome(self.s.session.id, p.ref.seq, now, now - p.ref.at, "withdrawn",
+                                                error_code="withdrawn", error_message=decision.reason))
+
     def _broken(self, why: str) -> None:
         _log.warn("closing channel {stream} of session {session}: {why}", stream=self.stream,
                   session=self.s.session.id, why=why)
@@ -448,6 +553,12 @@ class SessionRelay(PairRelay):
     # -- the end -------------------------------------------------------------------------
 
     def finished(self) -> None:
+        if self._waiting is not None:
+            # the client went while this channel waited for a decision: withdraw it (and drop what queued behind)
+            self.inbox.clear()
+            self.inbox_bytes = 0
+            self._withdraw_reason = "the client disconnected" if self.s.closed else "the client closed the channel"
+            self._waiting.cancel()
         if self._echo_timer is not None and self._echo_timer.active():
             self._echo_timer.cancel()
         if self._mask_timer is not None and self._mask_timer.active():

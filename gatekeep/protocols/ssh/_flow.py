@@ -275,12 +275,6 @@ class RelayChannel(_channel.SSHChannel):
 
     write = send_data
 
-    def send_ext_now(self, code: int, data: bytes) -> None:
-        """Extended data ahead of the queue (a notice while a reply is pending); dropped if the window is full."""
-        if self.conn is not None and not self.localClosed and len(data) <= self.remoteWindowLeft and \
-                self in self.conn.channelsToRemoteChannel:
-            self._send(_EXT, code, data)
-
     def writeExtended(self, dataType: int, data: bytes) -> None:
         self.send_ext(dataType, data)
 

@@ -3,6 +3,9 @@ A client channel and its upstream twin, opened together (:class:`PairRelay`),
 and the simplest pair: :class:`ForwardRelay` for ``direct-tcpip`` channels
 (``ssh -L``), judged when opened, denied unless a rule allows it, then relayed
 byte for byte. EOF and close stay in order behind queued data (:mod:`._flow`).
+A forward held for approval waits unopened (SSH has no way to tell the client
+why before the channel opens: it is logged) and is withdrawn if the client
+disconnects.
 """
 
 from __future__ import annotations
@@ -12,10 +15,17 @@ from typing import Any
 
 from twisted.conch.ssh.common import getNS
 from twisted.conch.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
 
 from gatekeep.model import Action, Decision, Operation, Outcome
 from gatekeep.protocols.ssh._flow import RelayChannel
 from gatekeep.protocols.ssh.policy import SshRequest
+
+_log = Logger()
+
+#: the rule recorded for an operation the client withdrew while it was held for approval
+WITHDRAWN = "canceled"
 
 
 def denial_text(what: str, decision: Decision) -> str:
@@ -145,12 +155,29 @@ class ForwardRelay(PairRelay):
         self.host = host.decode("utf-8", "replace")
         self.port = port
         self.originator = f"{orig.decode('utf-8', 'replace')}:{struct.unpack('>L', rest[:4])[0] if len(rest) >= 4 else 0}"
+        self.holds: list[Any] = []
 
     def start(self) -> None:
         self.op = self.s.operation("forward", f"{self.host}:{self.port}",
                                    SshRequest("forward", forward=(self.host.lower(), self.port)),
                                    {"host": self.host, "port": self.port, "originator": self.originator})
-        self.s.decide(self.op).addCallback(self._decided)
+        self.s.decide(self.op, self._on_hold).addCallbacks(self._decided, self._withdrawn)
+
+    def _on_hold(self, hold: Any) -> None:
+        self.holds.append(hold)
+        _log.info("forward to {host}:{port} in session {session} held for approval as request {id}", host=self.host,
+                  port=self.port, session=self.s.session.id, id=hold.request_id)
+
+    def _withdrawn(self, failure: Any) -> None:
+        """The client disconnected while the forward was held: record it withdrawn."""
+        failure.trap(CancelledError)
+        ids = ", ".join(h.request_id for h in self.holds)
+        facts = {"approval": {"id": self.holds[0].request_id, "status": "withdrawn"}} if self.holds else {}
+        decision = Decision(Action.DENY, WITHDRAWN, "the client disconnected " + (
+            f"while it was held for approval as request {ids}" if ids else "before the decision"), facts)
+        self.s.operation_started(self.op, decision)
+        self.outcome("withdrawn", error_code="withdrawn", error_message=decision.reason)
+        self.done = True
 
     def _decided(self, decision: Decision) -> None:
         if decision.allowed and decision.rule is None:

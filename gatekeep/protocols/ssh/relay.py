@@ -23,8 +23,9 @@ from typing import Any
 from twisted.conch.ssh import factory as _factory
 from twisted.conch.ssh import transport as _transport
 from twisted.conch.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_UNKNOWN_CHANNEL_TYPE
-from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gatekeep.model import ClientAddress, Decision, LoginFailure, Operation, Session, SessionEnd, new_id
 from gatekeep.protocols.ssh import policy as _policy
@@ -46,12 +47,69 @@ class Phase(enum.Enum):
 
 
 def _combine(operation: Operation, decisions: list[Decision]) -> Decision:
-    """A line runs only if each of its commands may: the first refusal decides, else the first allowance."""
+    """
+    A line runs only if each of its commands may: the first refusal decides, else
+    the first allowance (one that came from an approval, if any did, so the record
+    names it; every approval is in the facts).
+    """
     for d in decisions:
         if not d.allowed:
             return d
-    summary = _policy.facts_for(operation).summary() if len(decisions) > 1 else decisions[0].facts
-    return Decision(decisions[0].action, decisions[0].rule, decisions[0].reason, summary)
+    if len(decisions) == 1:
+        return decisions[0]
+    approvals = [d.facts["approval"] for d in decisions if d.facts and "approval" in d.facts]
+    first = next((d for d in decisions if d.facts and "approval" in d.facts), decisions[0])
+    summary = _policy.facts_for(operation).summary()
+    if approvals:
+        summary["approval"] = approvals[0]
+        if len(approvals) > 1:
+            summary["approvals"] = approvals
+    return Decision(first.action, first.rule, first.reason, summary)
+
+
+def _withdraw(pending: list[Deferred]) -> None:
+    """Cancel decisions still pending (approval requests are withdrawn); their CancelledError is expected."""
+    for d in pending:
+        if not d.called:
+            d.addErrback(lambda f: f.trap(CancelledError))
+            d.cancel()
+
+
+def _gather(operation: Operation, results: list[Any]) -> Deferred:
+    """
+    One Deferred for the parts of a line, some of them pending: it fires with the
+    first refusal as soon as one comes (the parts still pending are withdrawn),
+    or with the combined allowance once every part is allowed. Cancelling it
+    withdraws every part still pending; it then fails with CancelledError.
+    """
+    decided: list[Any] = list(results)
+    pending = [r for r in results if isinstance(r, Deferred)]
+    out = Deferred(lambda _: _withdraw(pending))
+    left = [len(pending)]
+
+    def one(result: Any, i: int) -> None:
+        if out.called:
+            if isinstance(result, Failure):
+                result.trap(CancelledError)
+            return None
+        if isinstance(result, Failure):
+            out.errback(result)
+            _withdraw(pending)
+            return None
+        if not result.allowed:
+            out.callback(result)
+            _withdraw(pending)
+            return None
+        decided[i] = result
+        left[0] -= 1
+        if not left[0]:
+            out.callback(_combine(operation, decided))
+        return None
+
+    for i, r in enumerate(results):
+        if isinstance(r, Deferred):
+            r.addBoth(one, i)
+    return out
 
 
 class ClientSession:
@@ -83,6 +141,8 @@ class ClientSession:
         self._channels = 0
         self._ended = False
         self._login_timer: Any = None
+        #: decisions pending (held for approval): withdrawn when the client goes
+        self.waiting: set[Deferred] = set()
         self.down_leg.listeners.append(lambda: self._resumed(self.down_leg))
         self.up_leg.listeners.append(lambda: self._resumed(self.up_leg))
 
@@ -233,15 +293,40 @@ class ClientSession:
 
     def decide(self, operation: Operation, notify: Any = None) -> Deferred:
         """
-        A Deferred firing with the Decision for the operation (each command of a
-        line judged on its own). ``notify(hold)`` is called if it is held for approval.
+        A Deferred firing with the Decision for the operation, each command of a
+        line judged on its own (see :func:`_gather`). When parts are held for
+        approval, ``notify(hold)`` is called for each, at once, once every part
+        was asked (not when another part is refused at once: the held ones are
+        withdrawn then). Cancelling the Deferred withdraws what is still held;
+        it then fails with CancelledError. Whatever is pending when the
+        client's connection ends is withdrawn.
         """
-        parts = _policy.parts(operation)
-        results = [self.chain.decide(p, notify) for p in parts]
-        if not any(isinstance(r, Deferred) for r in results):
+        holds: list[Any] = []
+        results: list[Any] = []
+        for part in _policy.parts(operation):
+            result = self.chain.decide(part, holds.append)
+            results.append(result)
+            if not isinstance(result, Deferred) and not result.allowed:
+                break  # the first refusal decides: nothing after it is asked (nor held)
+        pending = [r for r in results if isinstance(r, Deferred)]
+        if not pending:
             return succeed(_combine(operation, results))
-        return gatherResults([maybeDeferred(lambda r=r: r) for r in results]).addCallback(
-            lambda ds: _combine(operation, ds))
+        last = results[-1]
+        if not isinstance(last, Deferred) and not last.allowed:
+            _withdraw(pending)
+            return succeed(last)
+        out = _gather(operation, results)
+        if not out.called:
+            self.waiting.add(out)
+            out.addBoth(self._settled, out)
+            if notify is not None:
+                for hold in holds:
+                    notify(hold)
+        return out
+
+    def _settled(self, result: Any, d: Deferred) -> Any:
+        self.waiting.discard(d)
+        return result
 
     def operation_started(self, operation: Operation, decision: Decision) -> Any:
         return self.chain.operation_started(operation, decision)
@@ -257,6 +342,8 @@ class ClientSession:
             self._login_timer.cancel()
         for relay in list(self.relays):
             relay.finish()
+        for d in list(self.waiting):  # e.g. a forward held for approval: withdrawn
+            d.cancel()
         if self.session is None:
             if self.claimed is not None or self.auth_failures:
                 reason = "; ".join(dict.fromkeys(self.auth_failures)) or "disconnected before logging in"

@@ -1,0 +1,165 @@
+"""The HTTP and Kubernetes relays with the approvals service, in memory: 102 Processing, release, denial, withdrawal."""
+
+import json
+
+import pytest
+
+from gatekeep.approvals import ApprovalService, MemoryApprovalStore, Status
+from gatekeep.config import ConfigError, Node
+from gatekeep.model import Action, Decision, Identity
+from gatekeep.policy.engine import Review
+from gatekeep.protocols.http.plugin import HttpTarget, HttpUpstream, UpstreamCredentials, read_approval_interim
+from gatekeep.protocols.http.relay import interim_understood
+from gatekeep.protocols.kubernetes.plugin import KubernetesOptions
+from gatekeep.secrets import Secret
+from gatekeep.testing import FunctionPolicy, connect_in_memory, make_target
+from tests.unit.test_http_relay_memory import OK, TOKEN, UpstreamFactory, get, setup
+
+BOB = Identity("bob", frozenset({"ops"}))
+CURL = b"User-Agent: curl/7.88.1\r\n"
+
+
+def _decide(op):
+    if op.detail.path.startswith("/held"):
+        return Decision(Action.REVIEW, "held-paths", "", {"method": op.detail.method})
+    return Decision(Action.ALLOW, "allow-rest")
+
+
+def held_setup(responses, **options):
+    conn, up, rec, gateway = setup(responses, policy=FunctionPolicy(_decide), **options)
+    service = ApprovalService(gateway.reactor, {"held-paths": Review(approvers=("ops",), timeout=60.0)}.get,
+                              MemoryApprovalStore())
+    gateway.chain.approvals = service
+    return conn, up, rec, service
+
+
+def test_held_request_gets_102_at_once_and_the_response_after_approval():
+    """curl's held request: 102 Processing naming the request at once, nothing upstream; approval forwards it."""
+    conn, up, rec, service = held_setup([OK])
+    answer = conn.send(get(b"/held/1", extra=CURL))
+    (request,) = service.pending()
+    assert answer == (b"HTTP/1.1 102 Processing\r\nGatekeep-Approval: %s\r\nGatekeep-Approval-Message: "
+                      % request.id.encode()) + service.hold_message(request).encode() + b"\r\n\r\n"
+    assert not up.built
+    service.approve(request.id, BOB, "fine")
+    conn.flush()
+    assert conn.client.received == answer + OK
+    ((op, decision),) = rec.operations
+    assert decision.action is Action.ALLOW and decision.facts["approval"]["approvers"] == ["bob"]
+    assert rec.outcomes[0].status == "200"
+
+
+def test_pipelined_requests_wait_behind_the_held_one():
+    """A request pipelined behind a held one reaches the upstream only after the held one, in order."""
+    second_ok = OK.replace(b"hello", b"world")
+    conn, up, rec, service = held_setup([OK, second_ok])
+    answer = conn.send(get(b"/held/1", extra=CURL) + get(b"/free/2", extra=CURL))
+    assert answer.startswith(b"HTTP/1.1 102 ") and answer.count(b"HTTP/1.1 ") == 1
+    assert not up.built
+    (request,) = service.pending()
+    service.approve(request.id, BOB)
+    conn.flush()
+    assert conn.client.received == answer + OK + second_ok
+    sent = up.built[0].received
+    assert sent.index(b"GET /held/1 ") < sent.index(b"GET /free/2 ")
+
+
+def test_other_connections_are_not_blocked_by_a_held_request():
+    """While one connection's request is held, another connection of the same target is answered."""
+    conn, up, rec, service = held_setup([OK, OK])
+    conn.send(get(b"/held/1", extra=CURL))
+    other = connect_in_memory(conn.server.factory, network=conn.network)
+    assert other.send(get(b"/free/1")) == OK
+    assert len(service.pending()) == 1
+
+
+def test_denial_is_403_naming_who_and_why():
+    """A denied request gets gatekeep's 403 JSON: the rule, the approver and the reason, and the request's status."""
+    conn, up, rec, service = held_setup([OK])
+    conn.send(get(b"/held/1", extra=CURL))
+    (request,) = service.pending()
+    service.deny(request.id, BOB, "not during the freeze")
+    conn.flush()
+    final = conn.client.received.split(b"\r\n\r\n", 1)[1]
+    head, _, body = final.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403 ")
+    doc = json.loads(body)
+    assert doc["rule"] == "held-paths" and doc["approval"]["status"] == "denied"
+    assert doc["approval"]["denied_by"] == ["bob"]
+    assert f"approval request {request.id} was denied by bob: not during the freeze" in doc["message"]
+    assert not up.built
+
+
+def test_disconnect_withdraws_the_request():
+    """The client closing its connection while held withdraws the request; nothing reaches the upstream."""
+    conn, up, rec, service = held_setup([OK])
+    conn.send(get(b"/held/1", extra=CURL))
+    (request,) = service.pending()
+    conn.client.transport.loseConnection()
+    conn.flush()
+    assert not service.pending() and service.lookup(request.id).status is Status.WITHDRAWN
+    ((op, decision),) = rec.operations
+    assert decision.rule == "canceled" and decision.facts["approval"] == {"id": request.id, "status": "withdrawn"}
+    assert not up.built
+
+
+@pytest.mark.parametrize("setting, extra, version, sent", [
+    ("auto", b"", b"1.1", False),                                        # no User-Agent: not known to cope
+    ("auto", b"User-Agent: Python-urllib/3.11\r\n", b"1.1", False),      # http.client reads 102 as the answer
+    ("auto", b"User-Agent: kubectl/v1.32.4 (linux/amd64) kubernetes/abc\r\n", b"1.1", True),
+    ("auto", CURL, b"1.0", False),                                       # never a 1xx to an HTTP/1.0 client
+    (True, b"", b"1.1", True),
+    (False, CURL, b"1.1", False),
+])
+def test_which_clients_get_the_interim_response(setting, extra, version, sent):
+    """approval_interim: auto sends 102 to clients known to read past it (HTTP/1.1 only); true/false force it."""
+    conn, up, rec, service = held_setup([OK], approval_interim=setting)
+    request = get(b"/held/1", extra=extra).replace(b" HTTP/1.1\r\n", b" HTTP/1." + version[-1:] + b"\r\n")
+    answer = conn.send(request)
+    assert answer.startswith(b"HTTP/1.1 102 Processing\r\n") is sent and (answer == b"") is (not sent)
+    service.approve(service.pending()[0].id, BOB)
+    conn.flush()
+    assert conn.client.received.endswith(b"hello")
+
+
+def test_interim_understood_and_the_setting():
+    """The User-Agents known to read past a 1xx, and approval_interim's accepted values."""
+    assert interim_understood(b"curl/8.5.0") and interim_understood(b"Go-http-client/1.1")
+    assert interim_understood(b"helm/v3 (linux/amd64) kubernetes/abcdef")
+    assert not interim_understood(b"python-requests/2.31") and not interim_understood(None)
+    assert read_approval_interim(Node({}, "t", None)) == "auto"
+    assert read_approval_interim(Node({"approval_interim": False}, "t", None)) is False
+    with pytest.raises(ConfigError, match="approval_interim"):
+        read_approval_interim(Node({"approval_interim": 1}, "t", None))
+
+
+def test_kubernetes_denial_is_a_status_kubectl_prints():
+    """On a kubernetes target a denied held request is a 403 Status naming the approver and the reason."""
+    from gatekeep.protocols.kubernetes.plugin import KubernetesPlugin
+    from gatekeep.testing import MemoryIdentityProvider, RecordingRecorder, make_gateway
+
+    ids = MemoryIdentityProvider(iterations=1)
+    ids.add("agent", TOKEN, ["agents"])
+    gateway = make_gateway(identities=ids, recorder=RecordingRecorder(), policy=FunctionPolicy(
+        lambda op: Decision(Action.REVIEW, "deletes", "") if op.detail.info.verb == "delete" else
+        Decision(Action.ALLOW, "rest")))
+    service = ApprovalService(gateway.reactor, {"deletes": Review()}.get, MemoryApprovalStore())
+    gateway.chain.approvals = service
+    options = HttpTarget(HttpUpstream("http", "kube.internal", 6443),
+                         UpstreamCredentials("bearer", Secret("env:X", b"sa-token")), extra=KubernetesOptions())
+    factory = KubernetesPlugin().makeFactory(make_target("cluster", "kubernetes", options), gateway)
+    conn = connect_in_memory(factory, gateway.reactor)
+    upstream = UpstreamFactory([OK])
+    factory.upstream_endpoint = lambda: conn.network.endpoint(upstream)
+    agent = b"User-Agent: kubectl/v1.32.4 (linux/amd64) kubernetes/abc\r\n"
+    answer = conn.send(b"DELETE /api/v1/namespaces/default/pods/web-0 HTTP/1.1\r\nHost: gw\r\n"
+                       b"Authorization: Bearer " + TOKEN.encode() + b"\r\n" + agent + b"Content-Length: 0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 102 Processing\r\n")
+    (request,) = service.pending()
+    service.deny(request.id, BOB, "use the runbook")
+    conn.flush()
+    status = json.loads(conn.client.received.rsplit(b"\r\n\r\n", 1)[1])
+    assert status["kind"] == "Status" and status["code"] == 403 and status["reason"] == "Forbidden"
+    assert status["message"] == (f'pods "web-0" is forbidden: gatekeep denied delete (rule deletes) in the namespace '
+                                 f'"default": approval request {request.id} was denied by bob: use the runbook')
+    assert not upstream.built
