@@ -31,6 +31,7 @@ import time
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -296,7 +297,8 @@ class AdminAPI(Resource):
         if not isinstance(reason, str):
             raise ApiError(400, "invalid", "reason: expected a string")
         return self._decide(request_id, lambda: self.approvals.approve(request_id, identity, reason,
-                                                                       admin="admin" in roles))
+                                                                       admin="admin" in roles),
+                            ("approve", identity, reason, "admin" in roles))
 
     def deny(self, request: Any, identity: Identity, roles: frozenset[str], request_id: str) -> Any:
         body = self._json_body(request)
@@ -304,20 +306,46 @@ class AdminAPI(Resource):
         if not isinstance(reason, str):
             raise ApiError(400, "invalid", "reason: expected a string")
         return self._decide(request_id, lambda: self.approvals.deny(request_id, identity, reason,
-                                                                    admin="admin" in roles))
+                                                                    admin="admin" in roles),
+                            ("deny", identity, reason, "admin" in roles))
 
-    def _decide(self, request_id: str, decide: Callable[[], Any]) -> Any:
+    def _decide(self, request_id: str, decide: Callable[[], Any], remote: tuple | None = None) -> Any:
         try:
             r = decide()
         except UnknownRequest:
-            # not held here: decided long ago (409) or never existed (404)
-            def known(found: Any) -> dict:
-                if found is None:
-                    raise ApiError(404, "not-found", f"no approval request {request_id}")
-                raise AlreadyDecided(f"request {request_id} is already {found.status.value}: {found.resolution}")
+            cluster = getattr(self.approvals, "cluster", None)
+            if cluster is not None and remote is not None:
+                # held on another node of this store: that node decides, then the store has the result
+                verb, identity, reason, admin = remote
 
-            return self.approvals.store.get(request_id).addCallback(known)
+                def read_back(status: Any, tries: int = 40) -> Any:
+                    # the holder records the decision through its own recorder: wait (bounded) for the store
+                    def shown(found: Any) -> Any:
+                        if found is None and tries <= 0:
+                            raise ApiError(404, "not-found", f"no approval request {request_id}")
+                        if found is not None and (found.status.value == status or tries <= 0):
+                            return {"approval": found.to_dict(), "released": status != "pending"}
+                        return deferLater(self.approvals._reactor, 0.05, read_back, status, tries - 1)
+                    return self.approvals.store.get(request_id).addCallback(shown)
+
+                def elsewhere(failure: Any) -> Any:
+                    from gatekeep.approvals._cluster import NotHeldAnywhere
+
+                    failure.trap(NotHeldAnywhere)
+                    return self._not_held(request_id)
+
+                return cluster.decide(verb, request_id, identity, reason, admin).addCallbacks(read_back, elsewhere)
+            return self._not_held(request_id)
         return {"approval": r.to_dict(), "released": r.status.value != "pending"}
+
+    def _not_held(self, request_id: str) -> Deferred:
+        """Held by no node: decided long ago (409) or never existed (404)."""
+        def known(found: Any) -> dict:
+            if found is None:
+                raise ApiError(404, "not-found", f"no approval request {request_id}")
+            raise AlreadyDecided(f"request {request_id} is already {found.status.value}: {found.resolution}")
+
+        return self.approvals.store.get(request_id).addCallback(known)
 
     def list_sessions(self, request: Any, identity: Identity, roles: frozenset[str]) -> Deferred:
         if self.records is None:

@@ -40,6 +40,23 @@ class ApprovalsService(service.Service):
         self.approvals.shutdown()
 
 
+class ClusterService(service.Service):
+    """Listens for approvals given on other nodes (PostgreSQL store only)."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+
+    def startService(self) -> None:
+        super().startService()
+        self.cluster.notifier.start()
+        self.cluster.start()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self.cluster.stop()
+        return self.cluster.notifier.stop()
+
+
 def add_approvals_and_admin(top: service.MultiService, config: Any, gateway: Any, store: Any) -> ApprovalService:
     """Install the approvals service in the chain, and the admin API listener if configured."""
     from gatekeep.approvals._config import ApprovalsConfig
@@ -62,6 +79,13 @@ def add_approvals_and_admin(top: service.MultiService, config: Any, gateway: Any
         node=config.node, max_pending=settings.max_pending, approve_command=settings.approve_command)
     chain.approvals = approvals
     ApprovalsService(approvals).setServiceParent(top)
+    if getattr(store, "aio", None) is not None:
+        # several nodes share a PostgreSQL store: an approval given on any node reaches the holder
+        from gatekeep.approvals._cluster import ApprovalCluster
+        from gatekeep.store.notify import notifier_for
+
+        approvals.cluster = ApprovalCluster(approvals, notifier_for(store, reactor), reactor, config.node)
+        ClusterService(approvals.cluster).setServiceParent(top)
 
     recorder = chain.recorder
     registry.gauge("gatekeep_recorder_events_written_total", "Events the recorder has stored.",

@@ -131,6 +131,8 @@ class ApprovalService:
                  max_pending: int = 10000, approve_command: str = APPROVE_COMMAND, keep_recent: int = 1000) -> None:
         from gatekeep.approvals._store import MemoryApprovalStore
 
+        #: set when several nodes share a PostgreSQL store (gatekeep.approvals._cluster)
+        self.cluster: Any = None
         self._reactor = reactor
         self._reviews = reviews
         self.store = store if store is not None else MemoryApprovalStore()

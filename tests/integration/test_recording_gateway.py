@@ -144,3 +144,63 @@ def test_two_nodes_one_store(gatekeep, pg_server, store_db, store_dbs):
     assert cli_env  # (kept for the reader: the CLI needs GK_STORE_PW like the gateway)
     with open(keys[0], "rb") as f:
         assert ledger.load_signer(f.read()).key_id != ledger.load_signer(open(keys[1], "rb").read()).key_id
+
+
+def test_statement_held_on_node_a_is_approved_through_node_b(gatekeep, pg_server, store_db, store_dbs):
+    """Two nodes on one store: psql's DELETE held on node A is released by an approval given to node B's admin API."""
+    import re
+    import subprocess
+    import urllib.request
+
+    from tests.support.gatekeep_process import tcp_listen
+    from tests.support.pgserver import _clean_env
+    from tests.support.ports import free_port
+
+    table = "ap_nodes_" + secrets.token_hex(3)
+    pg_server.psql(f"CREATE TABLE {table} (id int); INSERT INTO {table} VALUES (1), (2);")
+    agent_token, agent = make_identity("agent", ["agents"])
+    approver_token, approver = make_identity("alice", ["dba"])
+    env = {**upstream_env(pg_server), **store_dbs.env}
+    rule = {"name": "review-deletes", "action": "review", "review": {"approvers": ["dba"], "timeout": "60s"},
+            "match": {"groups": ["agents"], "tables": [table], "statements": ["delete"]}}
+
+    def node(name):
+        port = free_port()
+        config = gateway_config(name, store_db, pg_server, {}, agent)
+        config["identities"].append(approver)
+        config["policies"] = [rule]
+        config["admin"] = {"listen": tcp_listen(port), "roles": {"approver": ["dba"]}}
+        return gatekeep(config, env=env), f"http://127.0.0.1:{port}"
+
+    a, _ = node("gk-a")
+    b, b_admin = node("gk-b")
+    psql = subprocess.Popen(
+        [os.path.join(pg_server.bindir, "psql"), "-X", "-w", "-A", "-t", "-h", "127.0.0.1", "-p", str(a.ports["db"]),
+         "-U", "agent", "-d", "app", "-c", f"DELETE FROM {table} WHERE id = 1"],
+        env=_clean_env({"PGPASSWORD": agent_token, "PGSSLMODE": "disable"}), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        err_lines = []
+
+        def held():
+            line = psql.stderr.readline()
+            err_lines.append(line)
+            return re.search(r"request ([0-9a-z]{10})\b", line)
+
+        found = poll("node A to hold the DELETE and tell psql", held, timeout=15, interval=0)
+        request_id = found.group(1)
+        assert pg_server.psql(f"SELECT count(*) FROM {table};").stdout.strip() == "2"  # nothing ran yet
+        approve = urllib.request.Request(f"{b_admin}/v1/approvals/{request_id}/approve", data=b'{"reason": "ok"}',
+                                         headers={"Authorization": "Bearer " + approver_token,
+                                                  "Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(approve, timeout=20) as response:
+            answer = json.loads(response.read())
+        assert answer["approval"]["status"] == "approved" and answer["released"] is True
+        out, err = psql.communicate(timeout=20)
+        assert psql.returncode == 0, "".join(err_lines) + err
+        assert "DELETE 1" in out
+        assert pg_server.psql(f"SELECT string_agg(id::text, ',') FROM {table};").stdout.strip() == "2"
+    finally:
+        if psql.poll() is None:
+            psql.kill()
+        pg_server.psql(f"DROP TABLE IF EXISTS {table};")
