@@ -51,6 +51,7 @@ def _review(name, match, timeout="60s"):
 POLICIES = [
     _review("ssh-writes", {"commands": ["touch", "rm"]}),
     _review("ssh-slow", {"commands": ["mkdir"]}, timeout="2s"),
+    _review("sftp-uploads", {"sftp": {"operations": ["write"], "paths": ["/tmp/**/sftp-held-*"]}}),
     _review("http-posts", {"targets": ["api"], "methods": ["POST"], "paths": ["/echo/held/*"]}),
     _review("http-slow", {"targets": ["api"], "paths": ["/echo/expire/*"]}, timeout="2s"),
     _review("kube-deletes", {"verbs": ["delete"]}),
@@ -337,6 +338,29 @@ def test_ssh_channel_closed_on_a_shared_connection_withdraws_the_request(gw, tmp
         if run is not None:
             run.kill()
         master.kill()
+
+
+def test_sftp_upload_held_and_approved(gw, tmp_path):
+    """An sftp upload is held with the notice on sftp's stderr; once approved the file arrives whole."""
+    local = tmp_path / "local.txt"
+    local.write_text("payload\n" * 1000)
+    dest = tmp_path / "sftp-held-dest.txt"
+    batch = tmp_path / "batch"
+    batch.write_text("put %s %s\n" % (local, dest))
+    args = gw.ssh_args()
+    args = ["sftp", "-P", args[2], *args[3:-1], "-b", str(batch), args[-1]]
+    run = Running(args)
+    try:
+        rid = run.wait_stderr(REQUEST_ID).group(1)
+        assert "gatekeep approvals approve %s" % rid in run.stderr
+        time.sleep(0.3)
+        assert run.proc.poll() is None and not dest.exists()
+        gw.approve(rid)
+        assert run.finish() == 0, run.stderr
+        assert dest.read_text() == local.read_text()
+        assert gw.show(rid)["kind"] == "sftp"
+    finally:
+        run.kill()
 
 
 def _tmux(*args, check=True):

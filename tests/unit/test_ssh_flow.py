@@ -146,3 +146,27 @@ def test_close_now_drops_queued_output():
     ch.send_data(b"lost")
     ch.close_now()
     assert conn.sent == [("close",)] and ch.queued == 0
+
+
+def test_client_close_is_answered_after_the_servers_so_its_exit_status_arrives():
+    """The client closes first (an OpenSSH multiplexing master does): the server's exit-status still reaches it,
+    queued output it will not read is dropped, and its close is answered once the server closed."""
+    from types import SimpleNamespace
+
+    from gatekeep.protocols.ssh._channels import SessionRelay
+
+    session = SimpleNamespace(options=SimpleNamespace(window=1 << 20), down_leg=Leg("client"),
+                              up_leg=Leg("upstream"), next_channel=lambda: 0, now=lambda: 0.0)
+    relay = SessionRelay(session, None, 3, 1 << 20, 32768)
+    down_conn, up_conn = FakeConn(), FakeConn()
+    down_conn.open(relay.down, window=0)
+    up_conn.open(relay.up, window=1 << 20)
+    relay.down.send_data(b"output the client will not read")
+    relay.down.remoteClosed = True  # the client's CHANNEL_CLOSE
+    relay.on_close(relay.down)
+    assert up_conn.sent == [("close",)] and down_conn.sent == [] and relay.down.queued == 0
+    relay.on_request(relay.up, b"exit-status", b"\0\0\0\x07", False)
+    relay.on_data(relay.up, b"late output")
+    relay.up.remoteClosed = True  # the server's CHANNEL_CLOSE
+    relay.on_close(relay.up)
+    assert down_conn.sent == [("request", b"exit-status"), ("close",)]

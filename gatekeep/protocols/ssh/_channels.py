@@ -155,6 +155,12 @@ class SessionRelay(PairRelay):
     def before_close(self, ch: RelayChannel) -> None:
         if ch is self.up:
             self._flush_client_mask()
+        elif self._waiting is not None:
+            # the client closed the channel while it waited for a decision: withdraw it now
+            self.inbox.clear()
+            self.inbox_bytes = 0
+            self._withdraw_reason = "the client closed the channel"
+            self._waiting.cancel()
 
     def _drain_inbox(self) -> None:
         while self.inbox and not self.busy:
@@ -319,7 +325,7 @@ class SessionRelay(PairRelay):
         """The main request is not carried out: stderr and an exit status (a subsystem request just fails)."""
         self.denied = True
         reply.callback(self.mode != "subsystem")
-        if self.mode != "subsystem":
+        if self.mode != "subsystem" and not self.down.remoteClosed:  # (the client may have closed the channel)
             self.down.send_ext(1, (text + ("\r\n" if self.pty else "\n")).encode("utf-8"))
             self.down.send_request(b"exit-status", struct.pack(">L", status))
             self.down.send_eof()

@@ -257,7 +257,7 @@ class RelayChannel(_channel.SSHChannel):
     # -- sending, in order ---------------------------------------------------------
 
     def send_data(self, data: bytes) -> None:
-        if not data or self.close_queued or self.eof_queued:
+        if not data or self.close_queued or self.eof_queued or self.remoteClosed:
             return
         if not self.outq and len(data) <= self.remoteWindowLeft and self.conn is not None:
             self._send(_DATA, 0, data)
@@ -267,7 +267,7 @@ class RelayChannel(_channel.SSHChannel):
         self._flush()
 
     def send_ext(self, code: int, data: bytes) -> None:
-        if not data or self.close_queued or self.eof_queued:
+        if not data or self.close_queued or self.eof_queued or self.remoteClosed:
             return
         self.outq.append([_EXT, code, data])
         self.queued += len(data)
@@ -312,6 +312,17 @@ class RelayChannel(_channel.SSHChannel):
             return
         self.close_queued = True
         self.outq.append([_CLOSE, None, None])
+        self._flush()
+
+    @property
+    def remote_open(self) -> bool:
+        """Open, and its peer has not sent its close yet (it will, once it gets ours)."""
+        return not self.remoteClosed and self.conn is not None and self in self.conn.channelsToRemoteChannel
+
+    def drop_data(self) -> None:
+        """The peer sent its close and reads no more data: drop the data queued for it (requests still go)."""
+        self.outq = deque(item for item in self.outq if item[0] not in (_DATA, _EXT))
+        self.queued = 0
         self._flush()
 
     def close_now(self) -> None:
@@ -398,7 +409,7 @@ class RelayChannel(_channel.SSHChannel):
         everything except what the peer still has queued and ``held`` bytes the
         handler keeps. Nothing while the peer's leg is congested.
         """
-        if self.localClosed or self.conn is None or self not in self.conn.channelsToRemoteChannel:
+        if self.localClosed or self.remoteClosed or self.conn is None or self not in self.conn.channelsToRemoteChannel:
             return
         peer = self.peer
         if peer is not None and peer.leg is not None and peer.leg.paused:

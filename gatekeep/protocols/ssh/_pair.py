@@ -107,6 +107,11 @@ class PairRelay:
     def on_close(self, ch: RelayChannel) -> None:
         self.before_close(ch)
         ch.peer.send_close()
+        if ch is self.down and self.up.remote_open:
+            # the client closed first (an OpenSSH multiplexing master does once both sides sent EOF): answer
+            # only after the server's close, so what the server still says (exit-status) reaches the client
+            ch.drop_data()
+            return
         ch.close_now()
 
     def before_close(self, ch: RelayChannel) -> None:
