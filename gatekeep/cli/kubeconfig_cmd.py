@@ -22,6 +22,10 @@ def register(sub) -> None:
     p.add_argument("--ca", help="PEM file with the CA that signed gatekeep's certificate "
                                 "(default: the last certificate of the target's tls.cert)")
     p.add_argument("--namespace", "-n", help="the context's default namespace")
+    p.add_argument("--exec", action="store_true", dest="exec_plugin",
+                   help="for OIDC users: kubectl runs 'gatekeep token show --exec-credential' for a fresh token "
+                        "(after gatekeep login) instead of keeping a token in the kubeconfig")
+    p.add_argument("--issuer", help="with --exec: the issuer whose token to show (default: the last signed in at)")
     p.set_defaults(func=kubeconfig)
 
 
@@ -47,7 +51,15 @@ def server_url(listen: str, tls: bool) -> str:
     return f"{'https' if tls else 'http'}://{host}:{port}"
 
 
-def build(target, identity: str, token: str, server: str, ca_pem: bytes | None, namespace: str | None) -> dict:
+def exec_user(issuer: str | None = None, command: str = "gatekeep") -> dict:
+    """A kubeconfig user that gets its token from ``gatekeep token show`` (the device-login token)."""
+    args = ["token", "show", "--exec-credential"] + (["--issuer", issuer] if issuer else [])
+    return {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": command, "args": args,
+                     "interactiveMode": "Never", "provideClusterInfo": False,
+                     "installHint": "gatekeep is needed, signed in with 'gatekeep login'"}}
+
+
+def build(target, identity: str, token: str | dict, server: str, ca_pem: bytes | None, namespace: str | None) -> dict:
     cluster_name = f"gatekeep-{target}"
     user_name = f"{identity}@{cluster_name}"
     cluster: dict = {"server": server}
@@ -60,7 +72,7 @@ def build(target, identity: str, token: str, server: str, ca_pem: bytes | None, 
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": cluster_name, "cluster": cluster}],
-        "users": [{"name": user_name, "user": {"token": token}}],
+        "users": [{"name": user_name, "user": token if isinstance(token, dict) else {"token": token}}],
         "contexts": [{"name": cluster_name, "context": context}],
         "current-context": cluster_name,
         "preferences": {},
@@ -89,7 +101,15 @@ def kubeconfig(args) -> int:
     if target.get("protocol") != "kubernetes":
         sys.stderr.write(f"gatekeep: target {args.target!r} is {target.get('protocol')}, not kubernetes\n")
         return 1
-    if not any(isinstance(i, dict) and i.get("name") == args.identity for i in data.get("identities") or []):
+    exec_plugin = getattr(args, "exec_plugin", False)
+    if exec_plugin and args.token:
+        sys.stderr.write("gatekeep: --exec and --token exclude each other\n")
+        return 2
+    if exec_plugin and not data.get("oidc"):
+        sys.stderr.write(f"gatekeep: --exec needs an oidc issuer in {path}\n")
+        return 1
+    if not exec_plugin and not any(isinstance(i, dict) and i.get("name") == args.identity
+                                   for i in data.get("identities") or []):
         sys.stderr.write(f"gatekeep: no identity {args.identity!r} in {path}\n")
         return 1
     tls = target.get("tls")
@@ -110,10 +130,13 @@ def kubeconfig(args) -> int:
             return 1
         certs = _PEM.findall(pem)
         ca = certs[-1].strip() + b"\n" if certs else None
-    token = args.token or f"<the token of {args.identity}>"
+    if exec_plugin:
+        token = exec_user(args.issuer or (data.get("oidc") or {}).get("issuer"))
+    else:
+        token = args.token or f"<the token of {args.identity}>"
     sys.stdout.write(yaml.safe_dump(build(args.target, args.identity, token, server, ca, args.namespace),
                                     sort_keys=False))
-    if not args.token:
+    if not args.token and not exec_plugin:
         sys.stderr.write(f"gatekeep: replace the token placeholder with {args.identity}'s token "
                          "(gatekeep token new prints one)\n")
     return 0

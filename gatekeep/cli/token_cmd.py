@@ -19,6 +19,8 @@ def register(sub) -> None:
     sh = s.add_parser("show", help="print the token gatekeep login keeps (refreshed when it has expired)")
     sh.add_argument("--issuer", help="the issuer (default: the last one signed in at)")
     sh.add_argument("--id-token", action="store_true", help="print the ID token instead of the access token")
+    sh.add_argument("--exec-credential", action="store_true",
+                    help="print a client.authentication.k8s.io/v1 ExecCredential (for kubectl's exec plugin)")
     sh.set_defaults(func=show)
 
 
@@ -39,8 +41,27 @@ def show(args) -> int:
     from gatekeep.identity.device import LoginError, TokenFile, current_token
 
     try:
-        print(current_token(TokenFile(), args.issuer, kind="id_token" if args.id_token else "access_token"))
+        token = current_token(TokenFile(), args.issuer, kind="id_token" if args.id_token else "access_token")
+        print(exec_credential(token) if getattr(args, "exec_credential", False) else token)
     except LoginError as e:
         print(f"gatekeep token show: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def exec_credential(token: str) -> str:
+    """The ExecCredential kubectl's exec credential plugin reads: the token, and its expiry when it is a JWT."""
+    import base64
+    import datetime
+    import json
+
+    status: dict = {"token": token}
+    try:
+        payload = token.split(".")[1]
+        exp = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"]
+        status["expirationTimestamp"] = datetime.datetime.fromtimestamp(
+            int(exp), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (IndexError, ValueError, KeyError, TypeError):
+        pass  # not a JWT: kubectl uses it until it is refused
+    return json.dumps({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
+                       "status": status})

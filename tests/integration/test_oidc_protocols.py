@@ -141,3 +141,22 @@ def test_ssh_with_an_oidc_token(gw, method):
                          start_new_session=True)
     assert run.returncode == 0 and run.stdout == "oidc-ok\n", run.stderr
     poll("alice's OIDC session", lambda: ("alice", "oidc", ["dev"]) in oidc_sessions(gw, "box"))
+
+
+def test_kubectl_with_the_gatekeep_exec_credential_plugin(gw, tmp_path):
+    """gatekeep kubeconfig --exec: kubectl runs gatekeep token show for the signed-in OIDC token and lists pods."""
+    xdg = tmp_path / "xdg"
+    (xdg / "gatekeep").mkdir(parents=True, mode=0o700)
+    record = {"issuer": gw.op.issuer, "access_token": token(gw)}
+    (xdg / "gatekeep" / "tokens.json").write_text(json.dumps(
+        {"version": 1, "default": gw.op.issuer, "issuers": {gw.op.issuer: record}}))
+    kubeconfig = tmp_path / "exec.kubeconfig"
+    kubeconfig.write_text(cli(gw, "kubeconfig", "cluster", "--identity", "alice", "--exec", "--server",
+                              "https://localhost:%d" % gw.gk.ports["cluster"], "--ca", gw.tls.ca_cert))
+    env = {"PATH": os.path.dirname(GATEKEEP) + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"),
+           "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(xdg), "KUBECONFIG": str(kubeconfig),
+           "PYTHONPATH": REPO_ROOT}
+    run = subprocess.run(["/usr/bin/kubectl", "--request-timeout=20s", "get", "pods", "-o", "name"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "pod/web-0" in run.stdout.split()

@@ -171,3 +171,29 @@ def test_kubeconfig_helpers():
     cfg = build("prod", "alice", "tok", "https://gk:1", b"PEM", "team")
     assert cfg["users"][0]["user"] == {"token": "tok"} and cfg["contexts"][0]["context"]["namespace"] == "team"
     assert cfg["clusters"][0]["cluster"]["certificate-authority-data"] == "UEVN"
+
+
+def test_kubeconfig_exec_user_runs_gatekeep_token_show():
+    """With --exec the user is a client.authentication.k8s.io/v1 exec plugin running gatekeep token show."""
+    from gatekeep.cli.kubeconfig_cmd import build, exec_user
+
+    cfg = build("prod", "alice", exec_user("https://idp.example"), "https://gk:1", None, None)
+    plugin = cfg["users"][0]["user"]["exec"]
+    assert plugin["apiVersion"] == "client.authentication.k8s.io/v1" and plugin["interactiveMode"] == "Never"
+    assert [plugin["command"], *plugin["args"]] == ["gatekeep", "token", "show", "--exec-credential", "--issuer",
+                                                    "https://idp.example"]
+    assert "token" not in cfg["users"][0]["user"]
+
+
+def test_exec_credential_carries_the_jwt_expiry():
+    """The ExecCredential holds the token and, for a JWT, its exp as expirationTimestamp (UTC)."""
+    import base64
+
+    from gatekeep.cli.token_cmd import exec_credential
+
+    payload = base64.urlsafe_b64encode(json.dumps({"exp": 1700000000}).encode()).decode().rstrip("=")
+    jwt = "eyJhbGciOiJSUzI1NiJ9." + payload + ".sig"
+    out = json.loads(exec_credential(jwt))
+    assert out["kind"] == "ExecCredential" and out["apiVersion"] == "client.authentication.k8s.io/v1"
+    assert out["status"] == {"token": jwt, "expirationTimestamp": "2023-11-14T22:13:20Z"}
+    assert json.loads(exec_credential("gk_opaque"))["status"] == {"token": "gk_opaque"}

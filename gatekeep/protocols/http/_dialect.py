@@ -96,7 +96,8 @@ class HttpDialect:
         body = _error_body(403, "forbidden", message, rule=rule, reason=decision.reason or None, approval=approval)
         return 403, simple_response(403, body, close=close)
 
-    def unauthorized(self, message: str, *, close: bool = False) -> tuple[int, bytes]:
+    def unauthorized(self, message: str, *, close: bool = False, detail: str | None = None) -> tuple[int, bytes]:
+        """401; ``detail``: why this login was refused or ended (a certificate refused, access ended)."""
         body = _error_body(401, "unauthorized", message)
         return 401, simple_response(401, body, close=close, extra=(
             (b"WWW-Authenticate", b'Bearer realm="gatekeep"'), (b"WWW-Authenticate", b'Basic realm="gatekeep"')))

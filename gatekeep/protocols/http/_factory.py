@@ -79,6 +79,7 @@ def make_factory(target: Any, gateway: Any, dialect: Any) -> protocol.Factory:
         return factory
     from gatekeep.protocols.http._tls import server_options_http
 
-    wrapped = TLSMemoryBIOFactory(server_options_http(target.tls.cert, target.tls.key), False, factory)
+    wrapped = TLSMemoryBIOFactory(server_options_http(target.tls.cert, target.tls.key,
+                                                     getattr(target.tls, "client_ca", None)), False, factory)
     wrapped.relay = factory
     return wrapped

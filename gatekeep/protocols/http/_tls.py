@@ -48,14 +48,10 @@ def upstream_options(tls: UpstreamTLS, host: str, cert: Secret | None = None, ke
     raise ValueError(f"unknown TLS mode {tls.mode!r}")
 
 
-def server_options_http(cert: Secret, key: Secret) -> ssl.CertificateOptions:
+def server_options_http(cert: Secret, key: Secret, client_ca: Secret | None = None) -> ssl.CertificateOptions:
     """gatekeep.tls.server_options, offering HTTP/1.1 by ALPN (clients that offer h2 then speak HTTP/1.1;
-    without an ALPN answer, OpenSSL here fails the handshake of clients that offer ALPN)."""
+    without an ALPN answer, OpenSSL here fails the handshake of clients that offer ALPN); with ``client_ca``,
+    asking clients for a certificate (see gatekeep.tls.certificate_login)."""
     from gatekeep.tls import server_options
 
-    base = server_options(cert, key)  # checks the pair, with readable errors
-    options = ssl.CertificateOptions(
-        privateKey=base.privateKey, certificate=base.certificate, extraCertChain=base.extraCertChain,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2, acceptableProtocols=[b"http/1.1"])
-    options.getContext()
-    return options
+    return server_options(cert, key, alpn=[b"http/1.1"], client_ca=client_ca)

@@ -48,6 +48,7 @@ from gatekeep.protocols.http._jsonmask import JsonMasker
 from gatekeep.protocols.http._request import parse_request
 from gatekeep.protocols.http._upstream import UpstreamSide
 from gatekeep.recording import RecordingUnavailable
+from gatekeep.tls import certificate_login
 
 _log = Logger()
 
@@ -104,6 +105,8 @@ class Mode:
 
 
 _HTTP, _TUNNEL, _CLOSED = Mode.HTTP, Mode.TUNNEL, Mode.CLOSED
+#: a connection whose client certificate has not been looked at yet
+_UNCHECKED = object()
 _ALLOW = Action.ALLOW
 
 
@@ -166,6 +169,8 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
         self._idle: Any = None
         self._idle_since: float | None = None
         self._connecting = False
+        #: the identity a verified client certificate stands for (None: none sent, or no client_ca)
+        self._certificate: Any = _UNCHECKED
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -272,7 +277,13 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
         if limit and (self.reader.body_framing != "length" or (self.reader.body_length or 0) > 0):
             ex.req_excerpt = excerpt_for(head, limit)
             self.reader.decode = ex.req_excerpt is not None
+        if self._certificate is _UNCHECKED:
+            if not self.certificate_checked(ex):
+                return
         raw = head.index.get(b"authorization")
+        if raw is None and self._certificate is not None:
+            self.logged_in(ex, None, self._certificate)  # the client certificate is the credential
+            return
         if raw is None or raw != self._auth_raw:
             try:
                 creds = client_credentials(head)
@@ -282,18 +293,64 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
             if creds is None:
                 self.unauthorized(ex, "no credentials", "")
                 return
-            identity = self.chain.authenticate_token(None, creds.token)
-            if identity is None:
-                self.unauthorized(ex, f"wrong token ({creds.scheme})", creds.user or "")
+            d = self.chain.authenticate_token_async(None, creds.token)
+            answer: list = []
+            d.addBoth(answer.append)
+            if answer:
+                self.token_checked(answer[0], ex, raw, creds)
                 return
+            # an identity provider is fetching keys (an OIDC key rotation): wait for it, without reading on
+            mine: Deferred = Deferred()
+            d.addCallback(lambda _: mine.called or mine.callback(answer[0]))
+            self.wait(ex, mine, "identity", lambda identity, ex: self.token_checked(identity, ex, raw, creds),
+                      lambda result, ex: None)
+            return
+        self.logged_in(ex, None, self._identity)
+
+    def token_checked(self, identity: Any, ex: Exchange, raw: bytes, creds: Any) -> None:
+        if identity is None:
+            self.unauthorized(ex, f"wrong token ({creds.scheme})", creds.user or "")
+            return
+        cert = self._certificate
+        if cert is not None and identity.name != cert.name:
+            self.unauthorized(ex, f"the token is for {identity.name!r} but the client certificate for {cert.name!r}",
+                              identity.name, detail="the bearer token and the client certificate name different "
+                                                    "identities")
+            return
+        self.logged_in(ex, raw, identity)
+
+    def logged_in(self, ex: Exchange, raw: bytes | None, identity: Any) -> None:
+        """The request's credentials are good: go on with ``identity`` (fresh, or the connection's)."""
+        if identity is not self._identity:
             self._auth_raw = raw
             if self.session is not None and identity != self._identity:
                 self.end_session("the client changed credentials")
+            elif self.session is not None:
+                # the same identity with a fresh token: the session now rests on it (and lasts as long)
+                self.gateway.sessions.renew(self.session.id, identity)
             self._identity = identity
         if self.session is None:
             if not self.start_session():
                 return
         self.judge(ex)
+
+    def certificate_checked(self, ex: Exchange) -> bool:
+        """
+        Once per connection, on a target with ``tls.client_ca``: a client certificate, if one was sent, is a
+        credential; a refused one gets 401 naming why, and the connection closes. False when refused.
+        """
+        self._certificate = None
+        tls = self.target.tls
+        if tls is None or getattr(tls, "client_ca", None) is None:
+            return True
+        login = certificate_login(self.transport, tls, self.chain)
+        if login is None:
+            return True
+        if login.identity is None:
+            self.unauthorized(ex, login.reason, login.certificate.subject, detail=login.reason, close=True)
+            return False
+        self._certificate = login.identity
+        return True
 
     def start_session(self) -> bool:
         attributes = {}
@@ -317,11 +374,17 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
                   identity=self._identity.name, target=self.target.name, client=str(self.client))
         return True
 
-    def unauthorized(self, ex: Exchange, reason: str, claimed: str) -> None:
+    def unauthorized(self, ex: Exchange, reason: str, claimed: str, detail: str | None = None,
+                     close: bool = False) -> None:
         self.chain.login_failed(LoginFailure(self.target.name, self.dialect.protocol, self.client, claimed, reason,
                                              self.gateway.now()))
         message = "gatekeep needs a valid token: Authorization: Bearer TOKEN (or Basic with the token as password)"
-        self.local_answer(ex, *self.dialect.unauthorized(message, close=self._must_close(ex)))
+        if detail is not None:
+            message = f"gatekeep refused the login: {detail}"
+        self.local_answer(ex, *self.dialect.unauthorized(message, close=close or self._must_close(ex),
+                                                         detail=detail))
+        if close:
+            self.end_reason = f"login refused: {reason}"
 
     def bad_request(self, error: ProtocolError) -> None:
         ex = self.exchange
@@ -627,6 +690,25 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
             ex.error = ex.error or "the client closed the connection before the response ended"
             self.record_outcome(ex)
         self.end_session()
+
+    def terminate(self, reason: str) -> None:
+        """
+        Access ended (token expired, identity removed, ...): the request in flight, if its response has not
+        begun, gets 401 naming the reason; then the connection closes (at once when idle, tunnelled, or
+        in the middle of a response). The reason is recorded as the session's end.
+        """
+        if self.mode is _CLOSED:
+            return
+        self.end_reason = f"access ended: {reason}"
+        ex = self.exchange
+        if self.mode is _HTTP and ex is not None and not ex.finished and ex.response is None and not ex.local:
+            status, data = self.dialect.unauthorized(f"gatekeep ended this session: {reason}", close=True,
+                                                     detail=f"access ended: {reason}")
+            if ex.waiting is None:
+                self.local_answer(ex, status, data, error=f"access ended: {reason}")
+            else:  # waiting for a decision or an approval: it is withdrawn when the connection goes
+                self.send(data)
+        self.close()
 
     def end_session(self, reason: str | None = None) -> None:
         if self.session is None:

@@ -87,8 +87,9 @@ class KubernetesDialect(HttpDialect):
             message += f": {decision.reason}"
         return 403, simple_response(403, status(403, message, info), close=close)
 
-    def unauthorized(self, message: str, *, close: bool = False) -> tuple[int, bytes]:
-        return 401, simple_response(401, status(401, "Unauthorized"), close=close,
+    def unauthorized(self, message: str, *, close: bool = False, detail: str | None = None) -> tuple[int, bytes]:
+        text = "Unauthorized" if detail is None else f"Unauthorized: {detail}"
+        return 401, simple_response(401, status(401, text), close=close,
                                     extra=((b"WWW-Authenticate", b'Bearer realm="gatekeep"'),))
 
     def failure(self, request: Request | None, code: int, message: str, *, close: bool = False) -> tuple[int, bytes]:

@@ -159,7 +159,22 @@ class UserAuthServer:
             text = token.decode("utf-8")
         except UnicodeDecodeError:
             text = None
-        identity = self.session.check_token(name, text) if text is not None else None
+        answer = self.session.check_token(name, text) if text is not None else None
+        if isinstance(answer, Deferred):
+            # an identity provider may be fetching keys (an OIDC key rotation): answer once it has
+            box: list = []
+            answer.addBoth(box.append)
+            if not box:
+                self.busy = True
+                answer.addCallback(lambda _: self._token_checked(box[0], how))
+                return
+            answer = box[0]
+        self._token_checked(answer, how)
+
+    def _token_checked(self, identity: Any, how: str) -> None:
+        self.busy = False
+        if self.done or self.transport is None or self.session.closed:
+            return  # the client went away while the token was being checked
         if identity is None:
             self.busy = True
 

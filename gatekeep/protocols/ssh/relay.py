@@ -184,9 +184,10 @@ class ClientSession:
         self.claimed = name
         return self.chain.authenticate_public_key(name, blob)
 
-    def check_token(self, name: str, token: str) -> Any:
+    def check_token(self, name: str, token: str) -> Deferred:
+        """A Deferred identity (or None), often fired already; it waits for an OIDC key fetch."""
         self.claimed = name
-        return self.chain.authenticate_token(name, token)
+        return self.chain.authenticate_token_async(name, token)
 
     def note_auth_failure(self, reason: str) -> None:
         self.auth_failures.append(reason)
@@ -233,6 +234,21 @@ class ClientSession:
         _log.warn("ssh session {session} refused: {message}", session=self.session.id, message=message)
         self.disconnect(_transport.DISCONNECT_HOST_NOT_ALLOWED_TO_CONNECT, "gatekeep: " + message)
         return f
+
+    def terminate(self, reason: str) -> None:
+        """
+        Access ended (token expired, identity removed, ...): disconnect the client with ``gatekeep: REASON``
+        (OpenSSH prints it: "Received disconnect from ...: 11: gatekeep: ..."); the reason is recorded.
+        """
+        if self.phase is Phase.CLOSED:
+            return
+        self.end_reason = f"access ended: {reason}"
+        self.phase = Phase.CLOSED
+        self.disconnect(_transport.DISCONNECT_BY_APPLICATION, f"gatekeep: {reason}")
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.loseConnection()
+        if self.transport is not None and self.transport.transport is not None:
+            self.transport.transport.loseConnection()
 
     def upstream_lost(self, problem: str | None) -> None:
         if self.phase is Phase.READY:
