@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import succeed
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, succeed
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
@@ -29,3 +30,22 @@ class BytesProducer:
 
     def stopProducing(self) -> None:
         pass
+
+
+class _Discard(protocol.Protocol):
+    def __init__(self, done: Deferred) -> None:
+        self.done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.done.called:
+            self.done.callback(None)
+
+
+def discard_body(response: Any) -> Deferred:
+    """Read a response's body to the end and drop it (so the connection can be reused)."""
+    done: Deferred = Deferred()
+    response.deliverBody(_Discard(done))
+    return done

@@ -19,6 +19,7 @@ import attrs
 from twisted.logger import Logger
 
 from gatekeep.config import ConfigError, Node
+from gatekeep.web import discard_body
 
 _log = Logger()
 
@@ -176,7 +177,7 @@ class WebhookSink:
             self._post(batch, 0)
 
     def _post(self, batch: list[dict[str, Any]], attempt: int) -> None:
-        from twisted.web.client import Agent, readBody
+        from twisted.web.client import Agent
         from twisted.web.http_headers import Headers
 
         from gatekeep.web import BytesProducer
@@ -189,7 +190,7 @@ class WebhookSink:
             if not 200 <= response.code < 300:
                 raise RuntimeError(f"HTTP {response.code}")
             self.sent += len(batch)
-            return readBody(response)
+            return discard_body(response)
 
         def failed(f: Any) -> None:
             if attempt < self._retries:
