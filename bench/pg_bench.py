@@ -147,14 +147,48 @@ def vmrss_kib(pid):
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def process_tree(pid):
+    """``pid`` and all its descendants (gatekeep's recording writer is a child process)."""
+    children = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+            continue
+        children[ppid].append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def _stat_fields(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().rpartition(")")[2].split()
+
+
 def cpu_seconds(pid):
-    """utime+stime of a process (all its threads), in seconds."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-    except (FileNotFoundError, ProcessLookupError):
-        return None
+    """utime+stime of a process and its descendants (all threads), in seconds."""
+    total, found = 0.0, False
+    for p in process_tree(pid):
+        try:
+            fields = _stat_fields(p)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        found = True
+        total += (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return total if found else None
+
+
+def tree_rss_kib(pid):
+    kib = [vmrss_kib(p) for p in process_tree(pid)]
+    kib = [k for k in kib if k is not None]
+    return sum(kib) if kib else None
 
 
 def cpu_split(pid):
@@ -162,24 +196,30 @@ def cpu_split(pid):
 
     The last two come from /proc/PID/task/*/schedstat: time spent running, and time
     spent runnable but waiting for a CPU (on 2 cores shared with pgbench and the
-    PostgreSQL backends, that wait is part of every relay's latency).
+    PostgreSQL backends, that wait is part of every relay's latency).  Descendant
+    processes are included.
     """
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rpartition(")")[2].split()
-        user, system = int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
-        run = wait = 0
-        for tid in os.listdir("/proc/%d/task" % pid):
+    user = system = 0.0
+    run = wait = 0
+    found = False
+    for p in process_tree(pid):
+        try:
+            fields = _stat_fields(p)
+            tids = os.listdir("/proc/%d/task" % p)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        found = True
+        user += int(fields[11]) / _CLK_TCK
+        system += int(fields[12]) / _CLK_TCK
+        for tid in tids:
             try:
-                with open("/proc/%d/task/%s/schedstat" % (pid, tid)) as f:
+                with open("/proc/%d/task/%s/schedstat" % (p, tid)) as f:
                     a, b, _ = f.read().split()
                 run += int(a)
                 wait += int(b)
             except (FileNotFoundError, ProcessLookupError, ValueError):
                 pass
-        return user, system, run / 1e9, wait / 1e9
-    except (FileNotFoundError, ProcessLookupError):
-        return None
+    return (user, system, run / 1e9, wait / 1e9) if found else None
 
 
 def _cpu_jiffies():
@@ -213,7 +253,8 @@ class RssSampler:
     def __init__(self, pid, interval=0.5):
         self.pid = pid
         self.interval = interval
-        self.samples = []  # (seconds since start, KiB)
+        self.samples = []  # (seconds since start, KiB of the process)
+        self.tree_samples = []  # (seconds since start, KiB of the process and its descendants)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -226,7 +267,11 @@ class RssSampler:
         while not self._stop.is_set():
             kib = vmrss_kib(self.pid)
             if kib is not None:
-                self.samples.append((round(time.monotonic() - self._t0, 2), kib))
+                t = round(time.monotonic() - self._t0, 2)
+                self.samples.append((t, kib))
+                tree = tree_rss_kib(self.pid)
+                if tree is not None:
+                    self.tree_samples.append((t, tree))
             self._stop.wait(self.interval)
 
     def stop(self):
@@ -546,7 +591,9 @@ def slow_read(peer, pid, rows, chunk, pause, budget):
         "rss_after_close_kib": samples[-1][1],
         "rss_growth_kib": max(during) - baseline,
         "rss_max_first_half_kib": max(first_half), "rss_max_second_half_kib": max(second_half),
-        "samples": samples,
+        "tree_rss_start_kib": sampler.tree_samples[0][1] if sampler.tree_samples else None,
+        "tree_rss_max_kib": max((k for t, k in sampler.tree_samples if t <= reading_until), default=None),
+        "samples": samples, "tree_samples": sampler.tree_samples,
     }
 
 
@@ -586,6 +633,7 @@ def summarise_profile(raw_path, top=25):
     """
     self_t = collections.Counter()
     incl = collections.Counter()
+    by_file = collections.Counter()
     per_thread = collections.defaultdict(collections.Counter)
     thread_total = collections.Counter()
     total = 0
@@ -607,6 +655,7 @@ def summarise_profile(raw_path, top=25):
             total += n
             thread_total[role] += n
             self_t[frames[-1]] += n
+            by_file[frames[-1].rpartition(" (")[2].rstrip(")")] += n
             per_thread[role][frames[-1]] += n
             for fr in set(frames):
                 incl[fr] += n
@@ -615,10 +664,11 @@ def summarise_profile(raw_path, top=25):
             "threads": {role: {"pct": pct(n), "self": [(k, pct(v)) for k, v in per_thread[role].most_common(10)]}
                         for role, n in thread_total.most_common()},
             "self": [(k, pct(v)) for k, v in self_t.most_common(top)],
-            "inclusive": [(k, pct(v)) for k, v in incl.most_common(top)]}
+            "self_by_file": [(k, pct(v)) for k, v in by_file.most_common(top)],
+            "inclusive": [(k, pct(v)) for k, v in incl.most_common(top * 4)]}
 
 
-def profile_gatekeep(peer, pid, secs, mode, outdir):
+def profile_gatekeep(peer, pid, secs, mode, outdir, prefix="gatekeep"):
     """py-spy on gatekeep during pgbench -S -c 8: once with idle samples, once only GIL holders."""
     py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.access(py_spy, os.X_OK):
@@ -626,7 +676,7 @@ def profile_gatekeep(peer, pid, secs, mode, outdir):
     out = {}
     # raw = collapsed stacks (flamegraph.pl / inferno / speedscope read them)
     for kind, flags in (("all", ["--idle"]), ("gil", ["--gil"])):
-        raw = os.path.join(outdir, "gatekeep-pyspy-%s-%s.txt" % (mode, kind))
+        raw = os.path.join(outdir, "%s-pyspy-%s-%s.txt" % (prefix, mode, kind))
         spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--rate", "250", "--duration",
                                 str(secs), "--format", "raw", "-o", raw, "--nonblocking", "--threads",
                                 "--nolineno", *flags],
@@ -718,6 +768,7 @@ def main(argv=None):
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECS",
                     help="before each pgbench run wait (at most SECS) until other processes keep less than "
                          "0.3 CPUs busy; for shared machines (the busy level is recorded either way)")
+    ap.add_argument("--note", help="free text stored in the JSON (e.g. which commit --gatekeep-src holds)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--gatekeep-src", default=REPO, metavar="DIR",
                     help="source tree whose gatekeep/ and twisted/plugins/ the daemon runs (prepended to "
@@ -752,7 +803,8 @@ def main(argv=None):
         cleanup.add("workdir", lambda: shutil.rmtree(workdir, ignore_errors=True))
     results = {"started": stamp, "mode": "quick" if args.quick else "full", "secs": secs,
                "rounds": args.rounds, "versions": versions(args.gatekeep_src), "targets": TARGETS,
-               "gatekeep_src": os.path.abspath(args.gatekeep_src), "loadavg_at_start": load}
+               "gatekeep_src": os.path.abspath(args.gatekeep_src), "loadavg_at_start": load,
+               "note": args.note}
     try:
         # 1. PostgreSQL ------------------------------------------------------------------------
         log("starting PostgreSQL (work dir %s)" % workdir)
@@ -843,7 +895,8 @@ def main(argv=None):
                                busy))
             samples = gk_rss.stop()
             results["gatekeep_rss_during_pgbench_kib"] = {
-                "start": samples[0][1], "max": max(k for _, k in samples), "end": samples[-1][1]}
+                "start": samples[0][1], "max": max(k for _, k in samples), "end": samples[-1][1],
+                "with_children_max": max((k for _, k in gk_rss.tree_samples), default=None)}
         results["pgbench"] = runs
 
         # 4. COPY ------------------------------------------------------------------------------
@@ -881,7 +934,9 @@ def main(argv=None):
             results["profile"] = {}
             for mode in ("simple", "extended"):
                 log("py-spy on gatekeep during pgbench -S -M %s, %d s" % (mode, secs))
-                results["profile"][mode] = profile_gatekeep(gkpeer, gk.pid, secs, mode, outdir)
+                results["profile"][mode] = profile_gatekeep(
+                    gkpeer, gk.pid, secs, mode, outdir,
+                    prefix=os.path.splitext(os.path.basename(json_path))[0])
 
         # recording really happened --------------------------------------------------------------
         gk.stop(timeout=60)
@@ -993,11 +1048,13 @@ def report(results):
               % (fmt(slow["rows_requested"]), slow["chunk_bytes"] // 1024, slow["pause_s"] * 1000,
                  "finished" if slow["finished"] else "stopped after %d s" % slow["budget_s"]),
               ["read", "MB/s", "RSS start MiB", "RSS max MiB", "RSS end MiB", "growth MiB",
-               "max 1st half", "max 2nd half"],
+               "max 1st half", "max 2nd half", "with children: start/max MiB"],
               [[fmt(slow["bytes_read"] / 1e6, 0) + " MB in %.1f s" % slow["seconds"], fmt(slow["read_mb_per_s"], 1),
                 mib(slow["rss_start_kib"]), mib(slow["rss_max_kib"]), mib(slow["rss_end_kib"]),
                 mib(slow["rss_growth_kib"]), mib(slow["rss_max_first_half_kib"]),
-                mib(slow["rss_max_second_half_kib"])]])
+                mib(slow["rss_max_second_half_kib"]),
+                "%s / %s" % (mib(slow["tree_rss_start_kib"]) if slow.get("tree_rss_start_kib") else "-",
+                             mib(slow["tree_rss_max_kib"]) if slow.get("tree_rss_max_kib") else "-")]])
         summary["slow_reader_rss_growth_mib"] = slow["rss_growth_kib"] / 1024
         summary["slow_reader_rss_growth_second_half_mib"] = (
             slow["rss_max_second_half_kib"] - slow["rss_max_first_half_kib"]) / 1024
@@ -1045,6 +1102,8 @@ def report(results):
     if rss:
         info.append(["gatekeep RSS during pgbench (start/max/end MiB)",
                      "%.1f / %.1f / %.1f" % (rss["start"] / 1024, rss["max"] / 1024, rss["end"] / 1024)])
+        if rss.get("with_children_max"):
+            info.append(["... with its child processes (max MiB)", "%.1f" % (rss["with_children_max"] / 1024)])
     table("other ratios", ["", "value"], info)
 
     for mode, prof in (results.get("profile") or {}).items():
@@ -1059,8 +1118,10 @@ def report(results):
                   [[("%s: %s" % (role, k)), v] for role, t in p["threads"].items()
                    for k, v in [("(whole thread)", t["pct"])] + t["self"][:8]])
             if kind == "gil":
-                table("... inclusive, only samples holding the GIL", ["function", "%"],
-                      [[k, v] for k, v in p["inclusive"] if "twistd" not in k and "threading.py" not in k][:30])
+                table("... self time by file, only samples holding the GIL", ["file", "%"],
+                      [[k, v] for k, v in p["self_by_file"]][:15])
+                table("... inclusive time of gatekeep's functions, only samples holding the GIL", ["function", "%"],
+                      [[k, v] for k, v in p["inclusive"] if "(gatekeep/" in k][:25])
     results["summary"] = summary
 
 
