@@ -182,3 +182,27 @@ class StreamEvent:
     at: float
     kind: str
     data: str
+
+
+def _positional_reduce(cls: type) -> None:
+    """
+    Pickle as ``cls(*fields)``: the recorder sends these values to its writer
+    process many thousand times a second, and attrs' own ``__getstate__`` builds
+    a dict per object.
+    """
+    from operator import attrgetter
+
+    names = [a.name for a in attrs.fields(cls)]
+    get = attrgetter(*names)
+    if "detail" in names:
+        # an operation's detail is the protocol's live object (session state): never recorded, never sent
+        at = names.index("detail")
+        cls.__reduce__ = lambda self: (cls, get(self)[:at] + (None,) + get(self)[at + 1:])  # type: ignore
+    elif len(names) == 1:
+        cls.__reduce__ = lambda self: (cls, (get(self),))  # type: ignore[method-assign]
+    else:
+        cls.__reduce__ = lambda self: (cls, get(self))  # type: ignore[method-assign]
+
+
+for _cls in (Identity, ClientAddress, Session, Decision, Operation, Outcome, LoginFailure, SessionEnd, StreamEvent):
+    _positional_reduce(_cls)
