@@ -191,7 +191,7 @@ def poll(what, probe, timeout=10.0, interval=0.1):
         time.sleep(interval)
 
 
-def wait_for_ended_session(gk, app_name, timeout=10.0):
+def wait_for_ended_session(gk, app_name, timeout=30.0):
     """The session whose application_name is ``app_name``, once recorded as ended (``show`` form)."""
 
     def probe():
@@ -206,7 +206,7 @@ def wait_for_ended_session(gk, app_name, timeout=10.0):
     return show_session(gk, row["id"])
 
 
-def wait_for_login_failure(gk, claimed, count=1, timeout=10.0):
+def wait_for_login_failure(gk, claimed, count=1, timeout=30.0):
     """Login failures for the claimed user name, once at least ``count`` are recorded."""
 
     def probe():
