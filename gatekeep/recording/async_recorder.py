@@ -26,8 +26,6 @@ I/O, so they are fed from one sink thread, never from the reactor.
 
 from __future__ import annotations
 
-import queue
-import threading
 from typing import Any
 
 from twisted.internet import defer
@@ -38,6 +36,7 @@ from zope.interface import implementer
 from gatekeep.interfaces import IRecorder
 from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
 from gatekeep.recording import RecordingUnavailable
+from gatekeep.recording.sinks import SinkFeeder
 from gatekeep.store import StoreUnavailable
 
 _log = Logger()
@@ -74,7 +73,7 @@ class AsyncRecorder:
         self._received = 0
         self._settled = 0
         self._flushes: list[tuple[int, defer.Deferred]] = []
-        self._sinks = _SinkThread(list(sinks or [])) if sinks else None
+        self._sinks = SinkFeeder(list(sinks or [])) if sinks else None
         #: False while the store is failing
         self.healthy = True
         self.last_error = ""
@@ -279,39 +278,6 @@ class AsyncRecorder:
     def _to_sinks(self, entries: Any) -> None:
         if self._sinks is not None and entries:
             self._sinks.emit([e.export() for e in entries])
-
-
-class _SinkThread:
-    """Feeds sinks from one thread, in commit order, so a slow syslog or file never stalls the reactor."""
-
-    def __init__(self, sinks: list[Any]) -> None:
-        self.sinks = sinks
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="gatekeep-sinks", daemon=True)
-        self._thread.start()
-
-    def emit(self, events: list[dict[str, Any]]) -> None:
-        self._queue.put(events)
-
-    def _run(self) -> None:
-        while True:
-            events = self._queue.get()
-            if events is None:
-                break
-            for sink in self.sinks:
-                try:
-                    sink.emit(events)
-                except Exception as e:
-                    _log.error("recording sink {sink} failed: {error}", sink=type(sink).__name__, error=str(e)[:200])
-        for sink in self.sinks:
-            try:
-                sink.close()
-            except Exception:
-                pass
-
-    def close(self, timeout: float = 10.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
 
 
 def _fire_once(d: defer.Deferred, result: Any) -> None:

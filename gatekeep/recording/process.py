@@ -39,6 +39,7 @@ from zope.interface import implementer
 from gatekeep.interfaces import IRecorder
 from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
 from gatekeep.recording import RecordingUnavailable
+from gatekeep.recording.sinks import SinkFeeder
 
 _log = Logger()
 _LEN = struct.Struct("!I")
@@ -105,7 +106,8 @@ class ProcessRecorder:
         self.deny_on_failure = on_failure == "deny"
         self._interval = interval
         self._max_frame = max_frame
-        self.sinks = list(sinks or [])
+        #: committed entries go to the sinks from their own thread, never the reactor's
+        self._sinks = SinkFeeder(list(sinks)) if sinks else None
         self._events: list[Any] = []
         self._waiters: list[Deferred] = []
         self._timer: Any = None
@@ -164,7 +166,7 @@ class ProcessRecorder:
         if proc is None:
             d: Deferred = Deferred()
             d.callback(None)
-            return d
+            return d.addBoth(self._close_sinks)
         proc.transport.closeStdin()
         ended = proc.ended
 
@@ -175,7 +177,7 @@ class ProcessRecorder:
                 proc.transport.signalProcess("KILL")
 
         timer = self._reactor.callLater(60, too_slow)
-        return ended.addBoth(lambda r: timer.cancel() if timer.active() else None)
+        return ended.addBoth(lambda r: timer.cancel() if timer.active() else None).addBoth(self._close_sinks)
 
     # -- IRecorder -------------------------------------------------------------------
 
@@ -290,8 +292,10 @@ class ProcessRecorder:
             _log.critical("recording dropped an event the store refuses: {kind}", kind=message[1])
 
     def _to_sinks(self, entries: list[dict[str, Any]]) -> None:
-        for sink in self.sinks:
-            try:
-                sink.emit(entries)
-            except Exception as e:
-                _log.error("recording sink {sink} failed: {error}", sink=type(sink).__name__, error=str(e)[:200])
+        if self._sinks is not None:
+            self._sinks.emit(entries)
+
+    def _close_sinks(self, result: Any = None) -> Any:
+        if self._sinks is not None:
+            self._sinks.close()
+        return result

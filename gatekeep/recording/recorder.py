@@ -38,6 +38,7 @@ from zope.interface import implementer
 from gatekeep.interfaces import IRecorder, IStore
 from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
 from gatekeep.recording import RecordingUnavailable
+from gatekeep.recording.sinks import close_all, emit_all
 
 _log = Logger()
 
@@ -188,11 +189,7 @@ class ThreadedRecorder:
             for f in flushes:
                 self._reactor.callFromThread(f.callback, None)
         self._store.close()
-        for sink in self.sinks:
-            try:
-                sink.close()
-            except Exception:
-                pass
+        close_all(self.sinks)
 
     def _fire(self, waiters: list[Deferred]) -> None:
         for w in waiters:
@@ -257,12 +254,7 @@ class ThreadedRecorder:
     def _to_sinks(self, entries: Any) -> None:
         if not self.sinks or not entries:
             return
-        events = [e.export() for e in entries]
-        for sink in self.sinks:
-            try:
-                sink.emit(events)
-            except Exception as e:
-                _log.error("recording sink {sink} failed: {error}", sink=type(sink).__name__, error=str(e)[:200])
+        emit_all(self.sinks, [e.export() for e in entries])
 
 
 def _fire_once(d: Deferred, result: Any) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import socket
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -204,3 +206,45 @@ class WebhookSink:
 
     def close(self) -> None:
         self._reactor.callFromThread(self._send_now)
+
+
+def emit_all(sinks: list[Any], events: list[dict[str, Any]]) -> None:
+    """Give committed events to every sink; a failing sink is logged and the others still get them."""
+    for sink in sinks:
+        try:
+            sink.emit(events)
+        except Exception as e:
+            _log.error("recording sink {sink} failed: {error}", sink=type(sink).__name__, error=str(e)[:200])
+
+
+def close_all(sinks: list[Any]) -> None:
+    for sink in sinks:
+        try:
+            sink.close()
+        except Exception:
+            _log.failure("closing recording sink {sink}", sink=type(sink).__name__)
+
+
+class SinkFeeder:
+    """Feeds sinks from one thread, in commit order, so a slow syslog or file never stalls the reactor."""
+
+    def __init__(self, sinks: list[Any]) -> None:
+        self.sinks = sinks
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="gatekeep-sinks", daemon=True)
+        self._thread.start()
+
+    def emit(self, events: list[dict[str, Any]]) -> None:
+        self._queue.put(events)
+
+    def _run(self) -> None:
+        while True:
+            events = self._queue.get()
+            if events is None:
+                break
+            emit_all(self.sinks, events)
+        close_all(self.sinks)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)

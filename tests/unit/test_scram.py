@@ -107,7 +107,9 @@ def test_generated_passwords(password: str, other: str) -> None:
     """Any password authenticates against its own verifier and a different prepared password does not."""
     client, server_final = exchange(password, make_verifier(password, FAST))
     client.verify(server_final)
-    if saslprep(other) != saslprep(password):
+    # HMAC pads its key with zero bytes, so prepared passwords differing only in trailing NULs are
+    # the same key (as in PostgreSQL, whose passwords cannot hold a NUL anyway)
+    if saslprep(other).rstrip(b"\x00") != saslprep(password).rstrip(b"\x00"):
         with pytest.raises(ScramAuthFailed):
             exchange(other, make_verifier(password, FAST))
 
