@@ -41,6 +41,7 @@ from zope.interface import implementer
 from gatekeep.interfaces import IStore
 from gatekeep.model import SessionEnd
 from gatekeep.recording.events import canonical, event_time, to_event
+from gatekeep.store._sql import approvals_query
 from gatekeep.store import StoreUnavailable, ledger
 from gatekeep.store._pgdriver import Pool, SyncConnections, connect_kwargs, describe, is_unavailable
 from gatekeep.store._pgschema import MIGRATIONS, Plan, Q, migrate_plan, version_plan
@@ -455,18 +456,8 @@ class PostgresStore:
         return json.loads(rows[0][0]) if rows else None
 
     def _approvals_plan(self, status: str | None, limit: int, session_id: str | None, oldest_first: bool) -> Plan:
-        where, args = [], []
-        if status:
-            where.append("status = %s")
-            args.append(status)
-        if session_id:
-            where.append("session_id = %s")
-            args.append(session_id)
-        sql = "SELECT data FROM approval_requests"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY created_at {'ASC' if oldest_first else 'DESC'} LIMIT %s"
-        rows = yield Q(sql, (*args, limit))
+        sql, args = approvals_query(status, limit, session_id, oldest_first, "%s")
+        rows = yield Q(sql, args)
         return [json.loads(r[0]) for r in rows]
 
     @_read

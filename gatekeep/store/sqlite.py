@@ -20,6 +20,7 @@ from zope.interface import implementer
 from gatekeep.interfaces import IStore
 from gatekeep.recording.events import canonical, event_time, to_event
 from gatekeep.store import ledger
+from gatekeep.store._sql import approvals_query
 from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
 
 MIGRATIONS: list[str] = [
@@ -486,18 +487,7 @@ class SQLiteStore:
 
     def approval_requests(self, status: str | None = None, limit: int = 100, session_id: str | None = None, *,
                           oldest_first: bool = False) -> list[dict]:
-        where, args = [], []
-        if status:
-            where.append("status = ?")
-            args.append(status)
-        if session_id:
-            where.append("session_id = ?")
-            args.append(session_id)
-        sql = "SELECT data FROM approval_requests"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY created_at {'ASC' if oldest_first else 'DESC'} LIMIT ?"
-        args.append(limit)
+        sql, args = approvals_query(status, limit, session_id, oldest_first, "?")
         return [json.loads(r[0]) for r in self._db().execute(sql, args)]
 
     def recover_approvals(self, node: str, now: float) -> tuple[list[dict], list[dict]]:
