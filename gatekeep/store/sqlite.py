@@ -18,7 +18,7 @@ from typing import Any
 from zope.interface import implementer
 
 from gatekeep.interfaces import IStore
-from gatekeep.recording.events import canonical, event_time, to_event
+from gatekeep.recording.events import canonical, decision_text, event_time, operation_text, to_event
 from gatekeep.store import ledger
 from gatekeep.store._sql import approvals_query
 from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
@@ -218,6 +218,7 @@ class SQLiteStore:
         and its outcome in the same batch become one row.
         """
         sessions, ops, outcomes, ends, failures, streams, approvals = [], {}, [], [], [], [], []
+        facts: dict[int, tuple[Decision, str | None]] = {}
         for event in batch:
             if isinstance(event, tuple):
                 op, decision = event
@@ -261,7 +262,7 @@ class SQLiteStore:
                     "INSERT INTO operations (session_id, seq, kind, text, parameters, at, action, rule, reason, facts,"
                     " request, finished_at, duration, status, rows, error_code, error_message, masked, response)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [self._op_row(op, d, o) for op, d, o in ops.values()],
+                    [self._op_row(op, d, o, facts) for op, d, o in ops.values()],
                 )
             if outcomes:
                 db.executemany(
@@ -308,10 +309,11 @@ class SQLiteStore:
         return self._tail
 
     def _append(self, rows: list[tuple], kind: str, session_id: str | None, data: dict) -> str:
+        return self._append_text(rows, kind, session_id, event_time(kind, data), canonical(data))
+
+    def _append_text(self, rows: list[tuple], kind: str, session_id: str | None, at: float, text: str) -> str:
         seq, prev = self._tail
         seq += 1
-        at = event_time(kind, data)
-        text = canonical(data)
         h = ledger.entry_hash(prev, self.node, seq, kind, session_id, at, text)
         rows.append((self.node, seq, kind, session_id, at, text, prev, h))
         self._tail = (seq, h)
@@ -321,22 +323,31 @@ class SQLiteStore:
     def _append_ledger(self, db: sqlite3.Connection, batch: list[Any]) -> None:
         """Chain every event of the batch; an operation and its end in the same batch make one entry."""
         self._ledger_tail(db)
-        events = [to_event(v) for v in batch]
-        ends = {(sid, data["seq"]): i for i, (kind, sid, data) in enumerate(events) if kind == "operation.end"}
+        ends = {(v.session_id, v.seq): i for i, v in enumerate(batch) if isinstance(v, Outcome)}
         merged: set[int] = set()
         rows: list[tuple] = []
         pending: dict[str, list[str]] = {}
-        for i, (kind, session_id, data) in enumerate(events):
+        decisions: dict[int, tuple[Decision, str]] = {}  # many operations share one (cached) decision
+        for i, value in enumerate(batch):
             if i in merged:
                 continue
-            if kind == "operation":
-                j = ends.get((session_id, data["seq"]))
+            if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], Operation):
+                op, d = value
+                session_id = op.session.id
+                j = ends.get((session_id, op.seq))
+                end = None
                 if j is not None and j > i:
-                    end = dict(events[j][2])
-                    del end["seq"]
-                    data = dict(data, end=end)
+                    end = batch[j]
                     merged.add(j)
-            h = self._append(rows, kind, session_id, data)
+                known = decisions.get(id(d))
+                if known is None:
+                    known = decisions[id(d)] = (d, decision_text(d))
+                at = float(op.at) if isinstance(op.at, (int, float)) else 0.0
+                h = self._append_text(rows, "operation", session_id, at, operation_text(op, known[1], end))
+                kind, data = "operation", None
+            else:
+                kind, session_id, data = to_event(value)
+                h = self._append(rows, kind, session_id, data)
             if session_id is not None:
                 pending.setdefault(session_id, []).append(h)
             if kind == "session.end" and self.signer is not None:
@@ -418,9 +429,14 @@ class SQLiteStore:
         return removed
 
     @staticmethod
-    def _op_row(op: Operation, d: Decision, o: Outcome | None) -> tuple:
+    def _op_row(op: Operation, d: Decision, o: Outcome | None, facts_of: dict | None = None) -> tuple:
         params = _json(list(op.parameters)) if op.parameters else None
-        facts = _json(d.facts) if d.facts else None
+        known = facts_of.get(id(d)) if facts_of is not None else None
+        if known is None:
+            known = (d, _json(d.facts) if d.facts else None)
+            if facts_of is not None:
+                facts_of[id(d)] = known  # the decision is kept alive with it, so its id is not reused
+        facts = known[1]
         head = (op.session.id, op.seq, op.kind, op.text, params, op.at, d.action.value, d.rule, d.reason or None, facts,
                 _json(op.extra) if op.extra else None)
         if o is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import tracemalloc
 
@@ -697,3 +698,19 @@ def test_parsers_never_crash_on_noise(noise: bytes) -> None:
             parser(noise)
         except ProtocolError:
             pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40), st.data())
+def test_quick_bind_reader_agrees_with_the_checked_one(noise, data):
+    """parse_bind reads Bind in place; on any body (valid, cut short, or noise) it answers as the checked reader."""
+    valid = c.bind(data.draw(st.text(max_size=5).filter(lambda t: "\0" not in t)), "s1",
+                   (0, 1), (b"42", None, b"\x00\x01"), (1,))
+    for body in (valid[5:], valid[5:-data.draw(st.integers(1, 8))], noise):
+        try:
+            expected = c._parse_bind_checked(body)
+        except c.ProtocolError as e:
+            with pytest.raises(c.ProtocolError, match=re.escape(str(e))):
+                c.parse_bind(body)
+        else:
+            assert c.parse_bind(body) == expected

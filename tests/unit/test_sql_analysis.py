@@ -9,8 +9,11 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pglast.parser import scan
 
-from gatekeep.protocols.postgres.sql import Analysis, analyze, shape_of
+from gatekeep.protocols.postgres.sql import CONSTANTS, PLACEHOLDER, Analysis, analyze, shape_of
 
 
 def fresh(prefix: str = "t") -> str:
@@ -367,14 +370,63 @@ def test_statements_differing_only_in_constants_share_one_analysis():
     a = analyze(f"SELECT * FROM {t} WHERE id = 1 AND name = 'a'")
     b = analyze(f"SELECT * FROM {t} WHERE id = 22 AND name = 'bbb'")
     assert a is b
-    assert a.shape == f"SELECT * FROM {t} WHERE id = ? AND name = ?"
+    assert a.shape == f"SELECT * FROM {t} WHERE id = ? AND name = ?".replace("?", PLACEHOLDER)
 
 
 def test_shape_blanks_constants_but_not_identifiers():
-    """shape_of replaces constants with ? and keeps identifiers and keywords."""
+    """shape_of replaces constants with the placeholder (NUL) and keeps identifiers and keywords."""
     assert shape_of("SELECT a FROM t WHERE b = 'x' AND c = 3.5 AND d = $$y$$") == \
-        "SELECT a FROM t WHERE b = ? AND c = ? AND d = ?"
+        "SELECT a FROM t WHERE b = \0 AND c = \0 AND d = \0"
     assert shape_of('SELECT "x" FROM t') == 'SELECT "x" FROM t'
+
+
+def _lexer_shape(text: str) -> str | None:
+    """The shape as PostgreSQL's lexer gives it (None if it refuses the text)."""
+    try:
+        tokens = scan(text)
+    except Exception:
+        return None
+    pieces, last = [], 0
+    for t in tokens:
+        if t.name in CONSTANTS:
+            pieces.append(text[last:t.start])
+            pieces.append(PLACEHOLDER)
+            last = t.end + 1
+    pieces.append(text[last:])
+    return "".join(pieces)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet="abeEx_0159. $+-*/<>=(),;:[]", max_size=24))
+def test_the_quick_shape_is_the_lexers_shape(text):
+    """
+    Texts without strings, quoted names, comments or dollar quotes get their shape
+    from a regular expression: it must be exactly the lexer's shape (which is what
+    makes sharing an analysis by shape safe), or the lexer refuses the text (and the
+    parser will too, so nothing is shared).
+    """
+    lexed = _lexer_shape(text)
+    if lexed is not None:
+        assert shape_of(text) == lexed
+
+
+@pytest.mark.parametrize("text", [
+    "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;",
+    "SELECT t1.c2, 1.5, .5e-3, 1e5, 0x1F, 1_000 FROM t1 WHERE c2 > 3 AND x = $1 AND y = $2",
+    "UPDATE t SET a = a + 1 WHERE id IN (1, 2, 3) AND b::int4 > -7.25",
+    "SELECT 1..2, 1.5.5, a1.5",
+])
+def test_quick_shapes_of_typical_statements(text):
+    """The regular expression path gives the lexer's shape on statements agents send."""
+    assert shape_of(text) == _lexer_shape(text)
+
+
+def test_texts_that_need_the_lexer_still_get_it():
+    """A quote, a comment, a dollar quote or a non-ASCII letter sends the text to the lexer."""
+    assert shape_of("SELECT 1 -- 2") == "SELECT \0 -- 2"
+    assert shape_of("SELECT 1 /* 2 */") == "SELECT \0 /* 2 */"
+    assert shape_of("SELECT 'it''s 3', $q$ 4 $q$, \"c 5\"") == 'SELECT \0, \0, "c 5"'
+    assert shape_of("SELECT é1, 2") == "SELECT é1, \0"
 
 
 def test_do_blocks_with_different_bodies_do_not_share_an_analysis():

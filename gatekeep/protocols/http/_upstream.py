@@ -12,6 +12,7 @@ from twisted.internet import protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gatekeep import sendnow
 from gatekeep.model import StreamEvent
 from gatekeep.protocols.http import _codec as codec
 from gatekeep.protocols.http import _websocket as ws
@@ -65,6 +66,7 @@ class UpstreamSide(protocol.Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
+        self.wire = sendnow.Cork(self.transport)
         self.client.upstream_connected(self)
 
     def send_request(self, ex: Exchange) -> None:
@@ -72,14 +74,20 @@ class UpstreamSide(protocol.Protocol):
         self.requests += 1
         self.reused = self.requests > 1
         self.reader.expect(ex.head.method)
-        self.transport.write(ex.head_bytes)
+        self.wire.write(ex.head_bytes)
 
     def dataReceived(self, data: bytes) -> None:
         if self.tunnel is not None:
             self.tunnel.from_upstream(data)
             return
         self.reader.receive_data(data)
-        self.pump()
+        out = self.client.wire
+        corked = out.hold()  # a response's head and body go to the client in one write
+        try:
+            self.pump()
+        finally:
+            if corked:
+                out.release()
 
     def pump(self) -> None:
         reader = self.reader
@@ -126,7 +134,7 @@ class UpstreamSide(protocol.Protocol):
             else:
                 ex.error = f"invalid upstream response: {message}"
                 self.client.exchange_done(ex, force_close=True)
-        self.transport.loseConnection()
+        self.wire.close()
 
     # -- responses ----------------------------------------------------------------------
 
@@ -137,7 +145,7 @@ class UpstreamSide(protocol.Protocol):
     def on_head(self, head: Head) -> None:
         ex = self.exchange
         if ex is None or ex.finished:
-            self.transport.loseConnection()
+            self.wire.close()
             return
         c = self.client
         if ex.first_byte is None:
@@ -203,7 +211,7 @@ class UpstreamSide(protocol.Protocol):
             self.client.local_answer(ex, *self.client.dialect.failure(
                 ex.request, 502, f"gatekeep cannot mask this response: {why}", close=True),
                 error=f"masking impossible: {why}")
-            self.transport.loseConnection()
+            self.wire.close()
             return
         ex.plan = PASS_THROUGH
         ex.rechunk = self.reader.body_framing == "chunked"
@@ -246,7 +254,7 @@ class UpstreamSide(protocol.Protocol):
         _log.warn("ending a stream on {target}: {why}", target=self.client.target.name, why=why)
         ex.error = why
         self.exchange = None
-        self.transport.loseConnection()
+        self.wire.close()
         self.client.exchange_done(ex, force_close=True)
 
     def on_end(self) -> None:
@@ -352,7 +360,7 @@ class Tunnel:
         if self.readers is not None:
             self._record(data, True)
         if self.upstream.transport is not None:
-            self.upstream.transport.write(data)
+            self.upstream.wire.write(data)
 
     def from_upstream(self, data: bytes) -> None:
         self.ex.bytes_out += len(data)
@@ -369,5 +377,5 @@ class Tunnel:
         if not self.ex.finished:
             client.record_outcome(self.ex)
         if self.upstream.transport is not None:
-            self.upstream.transport.loseConnection()
-        client.transport.loseConnection()
+            self.upstream.wire.close()
+        client.wire.close()

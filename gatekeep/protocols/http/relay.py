@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
+from gatekeep import sendnow
 from gatekeep.model import Action, ClientAddress, Decision, LoginFailure, Operation, Session, SessionEnd, new_id
 from gatekeep.protocols.http import _codec as codec
 from gatekeep.protocols.http._codec import END, NEED_DATA, PAUSED, Data, Head, MessageReader, ProtocolError
@@ -181,10 +182,11 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
 
     def send(self, data: bytes) -> None:
         self.bytes_out += len(data)
-        self.transport.write(data)
+        self.wire.write(data)
 
     def connectionMade(self) -> None:
         self.valve = Valve(self.transport)
+        self.wire = sendnow.Cork(self.transport)
         self._arm_idle()
 
     def _arm_idle(self) -> None:
@@ -213,7 +215,7 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
     def close(self) -> None:
         if self.mode is not _CLOSED:
             self.mode = _CLOSED
-        self.transport.loseConnection()
+        self.wire.close()
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -223,7 +225,13 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
         if self.mode is _CLOSED:
             return
         self.reader.receive_data(data)
-        self.pump()
+        up = self.upstream
+        corked = up is not None and up.wire.hold()  # a request's head and body go upstream in one write
+        try:
+            self.pump()
+        finally:
+            if corked:
+                up.wire.release()
         if self.reader.buffered > BACKLOG and self.mode is _HTTP:
             self.valve.hold("backlog")
 
@@ -549,7 +557,7 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
                 ex.req_excerpt.add(event.payload)
         else:
             ex.body_in += n
-        self.upstream.transport.write(event.raw)
+        self.upstream.wire.write(event.raw)
 
     def request_end(self) -> None:
         ex = self.exchange
@@ -583,7 +591,7 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
     def upstream_connected(self, upstream: UpstreamSide) -> None:
         self._connecting = False
         if self.mode is _CLOSED:
-            upstream.transport.loseConnection()
+            upstream.wire.close()
             return
         if self.upstream is not None:
             self.transport.unregisterProducer()
@@ -682,7 +690,7 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
             self.tunnel.closed()
         up = self.upstream
         if up is not None and up.transport is not None:
-            up.transport.loseConnection()
+            up.wire.close()
         ex = self.exchange
         if ex is not None and ex.waiting is not None:
             ex.waiting.cancel()

@@ -19,12 +19,15 @@ scanned in hold mode, and at the next chunk otherwise.
 
 from __future__ import annotations
 
+import struct
 from typing import Callable
 
 from gatekeep.protocols.postgres._codec import MAX_MESSAGE, ProtocolError
 
 #: handler(type, body) -> replacement bytes (whole messages), or None to keep it
 Handler = Callable[[bytes, bytes], "bytes | None"]
+
+_HEADER = struct.Struct("!cI")
 
 
 class BackendStream:
@@ -49,12 +52,55 @@ class BackendStream:
 
     def feed(self, data: bytes) -> list[bytes]:
         """Return what to forward to the client now, as a list of byte strings."""
-        if not self.hold and not self._held and not (self._hdr and not self._hdr_sent):
-            self._scan(data, None)
+        if not self.hold and not self._held:
+            if not self._hdr and self._type is None:
+                self._pass(data)
+            elif not (self._hdr and not self._hdr_sent):
+                self._scan(data, None)
+            else:
+                out = []
+                self._scan(data, out)
+                return [chunk for chunk in out if chunk]
             return [data]
         out: list[bytes] = []
         self._scan(data, out)
         return [chunk for chunk in out if chunk]
+
+    def _pass(self, data: bytes) -> None:
+        """
+        :meth:`_scan` without hold mode, starting at a message boundary or inside a
+        message being skipped: the common case, kept lean (whole messages are
+        read in place, the handler gets slices of ``data``).
+        """
+        n = len(data)
+        pos = self._skip
+        if pos:
+            if pos >= n:
+                self._skip = pos - n
+                return
+            self._skip = 0
+        interesting, unpack, handler, limit = self.interesting, _HEADER.unpack_from, self._handler, self._max
+        while pos + 5 <= n:
+            mtype, length = unpack(data, pos)
+            if length < 4 or length > limit:
+                raise ProtocolError(f"server message {mtype!r} has an invalid length {length}")
+            end = pos + 1 + length
+            if end > n:
+                if mtype in interesting:
+                    self._type = mtype
+                    self._header = data[pos:pos + 5]
+                    self._body = bytearray(data[pos + 5:])
+                    self._need = end - n
+                    self._held = False
+                else:
+                    self._skip = end - n
+                return
+            if mtype in interesting:
+                handler(mtype, data[pos + 5:end])
+            pos = end
+        if pos < n:
+            self._hdr = data[pos:]
+            self._hdr_sent = True
 
     def _scan(self, data: bytes, out: list[bytes] | None) -> None:
         """

@@ -13,6 +13,7 @@ encoders raise ``ValueError`` for values that cannot be put on the wire.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -98,18 +99,38 @@ class ProtocolError(Exception):
     """Malformed bytes; the message is safe to show to a client (no data echo beyond a few bytes)."""
 
 
-@attrs.frozen
 class Message:
-    """One protocol message: a one-byte type (``b''`` for startup packets) and its body."""
+    """
+    One protocol message: a one-byte type (``b''`` for startup packets) and its body.
+    A message read from the wire keeps its wire form, so forwarding it unchanged
+    costs no re-encoding.
+    """
 
-    type: bytes
-    body: bytes
+    __slots__ = ("type", "body", "_wire")
+
+    def __init__(self, type: bytes, body: bytes, wire: bytes | None = None) -> None:
+        self.type = type
+        self.body = body
+        self._wire = wire
 
     def encode(self) -> bytes:
         """Return the wire form: type byte (if any), Int32 length, body."""
+        if self._wire is not None:
+            return self._wire
         if len(self.type) > 1:
             raise ValueError("message type must be one byte or empty")
         return self.type + _pack(_INT32, len(self.body) + 4) + self.body
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return self.type == other.type and self.body == other.body
+
+    def __hash__(self) -> int:
+        return hash((self.type, self.body))
+
+    def __repr__(self) -> str:
+        return f"Message(type={self.type!r}, body={self.body!r})"
 
 
 def _signed(length: int) -> int:
@@ -170,7 +191,8 @@ class MessageReader:
             end = pos + 1 + length
             if end > n:
                 break
-            out.append(Message(mtype, bytes(buf[pos + 5 : end])))
+            wire = bytes(buf[pos:end])
+            out.append(Message(mtype, wire[5:], wire))
             pos = end
         return out, pos
 
@@ -454,8 +476,9 @@ def parse_query(body: bytes) -> str:
     return _single_cstr(body, "Query")
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_parse(body: bytes) -> Parse:
-    """Decode a Parse body."""
+    """Decode a Parse body (clients send the same few Parse messages over and over: kept by body)."""
     cur = _Cursor(body, "Parse")
     statement, sql = cur.cstr(), cur.cstr()
     types = tuple(cur.uint32() for _ in range(cur.uint16()))
@@ -463,8 +486,7 @@ def parse_parse(body: bytes) -> Parse:
     return Parse(statement, sql, types)
 
 
-def parse_bind(body: bytes) -> Bind:
-    """Decode a Bind body."""
+def _parse_bind_checked(body: bytes) -> Bind:
     cur = _Cursor(body, "Bind")
     portal, statement = cur.cstr(), cur.cstr()
     param_formats = tuple(cur.int16() for _ in range(cur.uint16()))
@@ -472,6 +494,39 @@ def parse_bind(body: bytes) -> Bind:
     result_formats = tuple(cur.int16() for _ in range(cur.uint16()))
     cur.done()
     return Bind(portal, statement, param_formats, params, result_formats)
+
+
+def parse_bind(body: bytes) -> Bind:
+    """Decode a Bind body (read in place; anything amiss is read again step by step for a precise error)."""
+    try:
+        e1 = body.index(b"\0")
+        e2 = body.index(b"\0", e1 + 1)
+        portal, statement = body[:e1].decode("utf-8"), body[e1 + 1:e2].decode("utf-8")
+        pos = e2 + 1
+        (count,) = _UINT16.unpack_from(body, pos)
+        formats = struct.unpack_from(f"!{count}h", body, pos + 2)
+        pos += 2 + 2 * count
+        (count,) = _UINT16.unpack_from(body, pos)
+        pos += 2
+        params: list[bytes | None] = []
+        for _ in range(count):
+            (size,) = _INT32.unpack_from(body, pos)
+            pos += 4
+            if size == _NULL:
+                params.append(None)
+                continue
+            end = pos + size
+            if size < 0 or end > len(body):
+                raise ValueError
+            params.append(body[pos:end])
+            pos = end
+        (count,) = _UINT16.unpack_from(body, pos)
+        results = struct.unpack_from(f"!{count}h", body, pos + 2)
+        if pos + 2 + 2 * count != len(body):
+            raise ValueError
+    except (ValueError, struct.error):  # UnicodeDecodeError is a ValueError
+        return _parse_bind_checked(body)
+    return Bind(portal, statement, formats, tuple(params), results)
 
 
 def parse_execute(body: bytes) -> Execute:

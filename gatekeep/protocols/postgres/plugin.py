@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import attrs
@@ -50,6 +51,14 @@ def read_upstream_tls(node: Node | None) -> UpstreamTLS:
     return UpstreamTLS(mode, ca, server_name)
 
 
+@functools.cache
+def _policy() -> Any:
+    """gatekeep.protocols.postgres.policy, imported on first use (it loads the SQL parser)."""
+    from gatekeep.protocols.postgres import policy
+
+    return policy
+
+
 @implementer(IProtocolPlugin)
 class PostgresPlugin:
     name = "postgres"
@@ -62,16 +71,14 @@ class PostgresPlugin:
 
     def facts(self, operation, target):
         """What a statement does (see gatekeep.protocols.postgres.policy); None for non-SQL operations."""
-        from gatekeep.protocols.postgres.policy import SqlFacts, facts_for
-        from gatekeep.protocols.postgres.sql import Analysis
-
-        if operation.kind == "function-call":
-            return SqlFacts(Analysis(unjudgeable="a fastpath function call names its function by number"),
-                            (), target.options.upstream.user)
-        if operation.kind not in ("query", "parse"):
-            return None
-
-        return facts_for(operation.text, operation.detail, target.options.upstream.user)
+        kind = operation.kind
+        if kind == "query" or kind == "parse":
+            return _policy().facts_for(operation.text, operation.detail, target.options.upstream.user)
+        if kind == "function-call":
+            policy = _policy()
+            return policy.SqlFacts(policy.Analysis(unjudgeable="a fastpath function call names its function by number"),
+                                   (), target.options.upstream.user)
+        return None
 
     def parseTarget(self, node: Node) -> PostgresTarget:
         up = node.child("upstream")

@@ -195,6 +195,7 @@ class SqlSessionState:
     #: set once the search_path may have changed in a way gatekeep cannot follow (set_config):
     #: from then on an unqualified table name fits a pattern under any schema
     any_schema: bool = False
+    _key: tuple | None = attrs.field(default=None, init=False, eq=False, repr=False)
 
     def seed(self, search_path: str | None, options: str) -> None:
         """The search_path given at startup, as a parameter or in ``options`` (-c search_path=...)."""
@@ -220,7 +221,12 @@ class SqlSessionState:
                 self.prepared.pop(name, None)
 
     def key(self) -> tuple:
-        return ("*",) if self.any_schema else tuple(sorted(self.search_path))
+        if self.any_schema:
+            return ("*",)
+        key = self._key
+        if key is None or len(key) != len(self.search_path):  # the search_path only grows
+            key = self._key = tuple(sorted(self.search_path))
+        return key
 
 
 @attrs.frozen

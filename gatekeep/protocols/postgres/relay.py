@@ -31,6 +31,7 @@ from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gatekeep import sendnow
 from gatekeep.identity.scram import ScramAuthFailed, ScramError, ScramServer
 from gatekeep.model import Action, ClientAddress, Decision, LoginFailure, Operation, Session, SessionEnd, new_id
 from gatekeep.protocols.postgres import _codec as pg
@@ -153,7 +154,7 @@ class Frontend(protocol.Protocol):
 
     def send(self, data: bytes) -> None:
         self.bytes_out += len(data)
-        self.transport.write(data)
+        sendnow.write(self.transport, data)
 
     def fatal(self, code: str, message: str, reason: str | None = None) -> None:
         """Send a FATAL error and close: the client learns what happened in its own protocol."""
@@ -843,7 +844,7 @@ class Upstream(protocol.Protocol):
         self.error_reason = "connection closed"
 
     def send(self, data: bytes) -> None:
-        self.transport.write(data)
+        sendnow.write(self.transport, data)
 
     def connectionMade(self) -> None:
         if self.frontend.phase is Phase.CLOSED:
@@ -877,7 +878,7 @@ class Upstream(protocol.Protocol):
                 return
             for chunk in out:
                 fe.bytes_out += len(chunk)
-            fe.transport.writeSequence(out)
+            sendnow.write_many(fe.transport, out)
             if fe._notices and self.stream.at_boundary():
                 notices, fe._notices = fe._notices, []
                 fe.send(b"".join(notices))
