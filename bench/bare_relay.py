@@ -10,14 +10,24 @@ gatekeep's relay does.  No parsing, no logging per connection.
 
 It runs on the same reactor twistd would pick (epoll on Linux), in its own
 process, like gatekeep.  SIGTERM/SIGINT stop it.
+
+``--direct`` writes with gatekeep's write path (gatekeep/sendnow.py: an idle TCP
+socket is written at once instead of on the reactor's next pass), so the
+benchmarks can show how much of gatekeep's standing against the plain relay
+comes from that alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from twisted.internet import protocol
+
+#: how a chunk is written to the other side (replaced by gatekeep.sendnow.write with --direct)
+def write(transport, data: bytes) -> None:
+    transport.write(data)
 
 
 def _hostport(text: str) -> tuple[str, int]:
@@ -56,7 +66,7 @@ class ClientSide(protocol.Protocol):
         if self.peer is None:
             self.pending.append(data)
         else:
-            self.peer.transport.write(data)
+            write(self.peer.transport, data)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         if self.peer is not None and self.peer.transport is not None:
@@ -76,7 +86,7 @@ class ServerSide(protocol.Protocol):
         self.client.peer_ready(self)
 
     def dataReceived(self, data: bytes) -> None:
-        self.client.transport.write(data)
+        write(self.client.transport, data)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self.client.transport.loseConnection()
@@ -97,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", required=True, help="HOST:PORT to listen on (use 127.0.0.1)")
     parser.add_argument("--target", required=True, help="HOST:PORT to relay to")
+    parser.add_argument("--direct", action="store_true", help="write with gatekeep's write path (sendnow)")
     args = parser.parse_args(argv)
+    if args.direct:
+        global write
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from gatekeep.sendnow import write
     from twisted.internet import reactor
 
     host, port = _hostport(args.listen)

@@ -139,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         bare = start([PY, os.path.join(HERE, "bare_relay.py"), "--listen", f"127.0.0.1:{bare_port}",
                       "--target", f"127.0.0.1:{text_port}"], f"{work}/bare.log", bare_port)
         procs.append(bare)
+        bare_direct_port = free_port()
+        bare_direct = start([PY, os.path.join(HERE, "bare_relay.py"), "--listen", f"127.0.0.1:{bare_direct_port}",
+                             "--target", f"127.0.0.1:{text_port}", "--direct"], f"{work}/bare-direct.log",
+                            bare_direct_port)
+        procs.append(bare_direct)
         token, identity = make_identity("bench", ["agents"])
         gk_port, gk_mask_port = free_port(), free_port()
         config = {
@@ -165,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         peers = [
             ("direct", f"http://127.0.0.1:{text_port}/", {}, target.pid),
             ("bare-relay", f"http://127.0.0.1:{bare_port}/", {}, bare.pid),
+            ("bare-relay-direct", f"http://127.0.0.1:{bare_direct_port}/", {}, bare_direct.pid),
             ("gatekeep", f"http://127.0.0.1:{gk_port}/", auth, gk.pid),
             ("direct-json", f"http://127.0.0.1:{json_port}/", {}, json_target.pid),
             ("gatekeep-masking", f"http://127.0.0.1:{gk_mask_port}/", auth, gk.pid),

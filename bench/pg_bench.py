@@ -74,6 +74,7 @@ SLOW_SQL = "COPY (SELECT g, repeat('x', 90) FROM generate_series(1,%d) g) TO STD
 
 TARGETS = {
     "gatekeep_tps_over_bare": 0.85,       # >=, pgbench -S 8 clients (simple and extended)
+    "gatekeep_policy_tps_over_bare": 0.8,  # >=, the same with the 20-rule policy (--policy; issue 3)
     "gatekeep_added_latency_us": 150.0,   # <=, single client, simple, over direct
     "copy_gatekeep_over_direct": 2.0,     # <=
 }
@@ -355,19 +356,20 @@ def start_pgbouncer(workdir, pg_port, password, cleanup):
     return proc, port
 
 
-def start_bare_relay(workdir, pg_port, cleanup):
+def start_bare_relay(workdir, pg_port, cleanup, direct=False):
     port = free_port()
-    log = open(os.path.join(workdir, "bare_relay.log"), "ab")
+    log = open(os.path.join(workdir, "bare_relay%s.log" % ("_direct" if direct else "")), "ab")
     proc = subprocess.Popen(
         [sys.executable, os.path.join(HERE, "bare_relay.py"),
-         "--listen", "127.0.0.1:%d" % port, "--target", "127.0.0.1:%d" % pg_port],
+         "--listen", "127.0.0.1:%d" % port, "--target", "127.0.0.1:%d" % pg_port] + (["--direct"] if direct else []),
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     cleanup.add("bare relay", lambda: (stop_popen(proc), log.close()))
     wait_for_port("127.0.0.1", port, timeout=15, abort=lambda: proc.poll() is not None)
     return proc, port
 
 
-#: --policy: rules every statement is matched against (none of them fires on pgbench -S)
+#: --policy: a realistic 20-rule policy, the kind issue 3 asks to measure. pgbench -S reads are allowed by
+#: the last rule, so on a cache miss a read is matched against all twenty.
 POLICY_RULES = [
     {"name": "no-ddl", "match": {"groups": ["bench"], "statements": ["ddl", "truncate", "grant"]},
      "action": "deny"},
@@ -375,9 +377,31 @@ POLICY_RULES = [
      "action": "deny", "reason": "add a WHERE clause"},
     {"name": "no-file-functions", "match": {"functions": ["pg_read_file", "pg_ls_dir", "lo_import", "dblink*"]},
      "action": "deny"},
+    {"name": "no-server-files", "match": {"conditions": ["server_file"]}, "action": "deny"},
+    {"name": "no-copy-program", "match": {"statements": ["copy_program"]}, "action": "deny"},
+    {"name": "no-dynamic-sql", "match": {"conditions": ["dynamic_sql"]}, "action": "deny"},
+    {"name": "no-role-changes", "match": {"statements": ["set_role"]}, "action": "deny"},
+    {"name": "no-set-config", "match": {"conditions": ["set_config"]}, "action": "deny"},
+    {"name": "no-catalog-writes", "match": {"schemas": ["pg_catalog", "information_schema"],
+                                            "statements": ["insert", "update", "delete", "merge"]}, "action": "deny"},
     {"name": "branches-read-only", "match": {"tables": ["public.pgbench_branches"],
                                              "statements": ["update", "delete", "insert"]},
      "action": "deny"},
+    {"name": "billing-writes-reviewed", "match": {"schemas": ["billing"],
+                                                  "statements": ["insert", "update", "delete", "merge"]},
+     "action": "review", "review": {"approvers": ["dba"], "timeout": "10m"}},
+    {"name": "no-billing-copy-out", "match": {"schemas": ["billing"], "statements": ["copy_to"]}, "action": "deny"},
+    {"name": "no-secrets", "match": {"tables": ["*.secrets", "*.api_keys", "auth.*"]}, "action": "deny"},
+    {"name": "no-history-deletes", "match": {"tables": ["public.pgbench_history"], "statements": ["delete"]},
+     "action": "deny"},
+    {"name": "no-vacuum", "match": {"statements": ["vacuum", "checkpoint", "load"]}, "action": "deny"},
+    {"name": "no-locks", "match": {"statements": ["lock"]}, "action": "deny"},
+    {"name": "no-notify", "match": {"statements": ["notify", "listen"]}, "action": "deny"},
+    {"name": "procedures-reviewed", "match": {"statements": ["call", "do"]}, "action": "review",
+     "review": {"approvers": ["dba"]}},
+    {"name": "reporting-reads", "match": {"groups": ["reporting"], "statements": ["select"]}, "action": "allow"},
+    {"name": "public-reads", "match": {"schemas": ["public"], "statements": ["select", "explain", "show"]},
+     "action": "allow"},
 ]
 
 
@@ -833,6 +857,7 @@ def main(argv=None):
         log("starting pgbouncer, bare relay, gatekeep")
         bouncer, bouncer_port = start_pgbouncer(workdir, server.port, password, cleanup)
         bare, bare_port = start_bare_relay(workdir, server.port, cleanup)
+        bare_direct, bare_direct_port = start_bare_relay(workdir, server.port, cleanup, direct=True)
         gk, gk_port, token, store_path = start_gatekeep(workdir, server.port, password, cleanup,
                                                         os.path.abspath(args.gatekeep_src))
         peers = [
@@ -842,6 +867,8 @@ def main(argv=None):
             Peer("pgbouncer-tx", bouncer_port, SERVICE_USER, password, database=DATABASE + "_tx",
                  pid=bouncer.pid, note="pool_mode=transaction"),
             Peer("bare-relay", bare_port, SERVICE_USER, password, pid=bare.pid),
+            Peer("bare-relay-direct", bare_direct_port, SERVICE_USER, password, pid=bare_direct.pid,
+                 note="bare relay with gatekeep's write path (sendnow)"),
             Peer("gatekeep", gk_port, IDENTITY, token, pid=gk.pid, note="recording to SQLite"),
         ]
         gk_policy = None
@@ -1002,6 +1029,9 @@ def report(results):
         if per.get("gatekeep-policy"):
             summary["gatekeep_policy_tps_over_bare_" + tname.split("-")[1]] = ratio(
                 per["gatekeep-policy"]["tps"], b["tps"])
+        if per.get("bare-relay-direct"):
+            summary["gatekeep_tps_over_bare_direct_" + tname.split("-")[1]] = ratio(
+                per["gatekeep"]["tps"], per["bare-relay-direct"]["tps"])
 
     per = {n: best(rs, "latency") for n, rs in runs["select-simple-c1"].items()}
     if all(per.values()):
@@ -1073,6 +1103,11 @@ def report(results):
                t["gatekeep_tps_over_bare"], True)
     target_row("gatekeep TPS / bare relay TPS (extended)", summary.get("gatekeep_tps_over_bare_extended"),
                t["gatekeep_tps_over_bare"], True)
+    if summary.get("gatekeep_policy_tps_over_bare_simple") is not None:
+        target_row("gatekeep, 20-rule policy, TPS / bare (simple)", summary.get("gatekeep_policy_tps_over_bare_simple"),
+                   t["gatekeep_policy_tps_over_bare"], True)
+        target_row("gatekeep, 20-rule policy, TPS / bare (extended)",
+                   summary.get("gatekeep_policy_tps_over_bare_extended"), t["gatekeep_policy_tps_over_bare"], True)
     target_row("gatekeep added latency, 1 client", summary.get("gatekeep_added_latency_us"),
                t["gatekeep_added_latency_us"], False, " us")
     target_row("COPY gatekeep time / direct time", summary.get("copy_gatekeep_over_direct"),
@@ -1086,7 +1121,8 @@ def report(results):
               "gatekeep_tps_over_pgbouncer_session_simple", "gatekeep_tps_over_pgbouncer_session_extended",
               "gatekeep_policy_tps_over_bare_simple", "gatekeep_policy_tps_over_bare_extended",
               "gatekeep_policy_added_latency_us", "copy_gatekeep_policy_over_direct",
-              "bare_added_latency_us", "pgbouncer_added_latency_us", "copy_bare_over_direct"):
+              "bare_added_latency_us", "pgbouncer_added_latency_us", "copy_bare_over_direct",
+              "gatekeep_tps_over_bare_direct_simple", "gatekeep_tps_over_bare_direct_extended"):
         if summary.get(k) is not None:
             info.append([k, fmt(summary[k], 2)])
     rec = results.get("gatekeep_recorded")

@@ -78,3 +78,18 @@ class Cork:
         bytes written after ``loseConnection``, so nothing may stay held past it)."""
         self.release()
         self.transport.loseConnection()
+
+
+def no_delay(transport: Any) -> None:
+    """
+    Turn Nagle's algorithm off on a relay's TCP connection: every write is a whole
+    message or response, and a small write held back until the peer acknowledges
+    the last one stalls a pipelined client by up to a delayed-ACK period (40 ms).
+    Proxies such as pgbouncer do the same. Transports without TCP options are left alone.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:  # not a TCP socket (a UNIX socket, say)
+            pass

@@ -436,3 +436,31 @@ def test_set_config_of_role_counts_as_set_role():
     for sql in ("SELECT set_config('role', 'postgres', false)",
                 "SELECT set_config('session_authorization', 'postgres', false)"):
         assert e.decide(op(sql)).rule == "no-set-role", sql
+
+
+@pytest.mark.parametrize("text", [
+    "SELECT abalance FROM pgbench_accounts WHERE aid = 17",
+    "SELECT * FROM t WHERE name = 'x' -- comment",
+    "EXECUTE fooplan(1)",
+    "SET search_path TO billing",
+    "DO $$BEGIN PERFORM 1; END$$",
+    "not sql at all",
+])
+def test_the_quick_cache_key_is_the_facts_cache_key(text):
+    """The engine looks the decision up by the plugin's cacheKey before working out facts: it must be the
+    very key the facts carry (or None when the facts carry none)."""
+    plugin = PLUGINS["postgres"]
+    state = SqlSessionState("app_rw")
+    state.search_path.add("billing")
+    o = op(text, state=state)
+    assert plugin.cacheKey(o, target()) == plugin.facts(o, target()).cache_key
+
+
+def test_a_cached_decision_is_found_without_the_facts():
+    """The second statement of a shape is decided from the cache: same decision object, one more hit."""
+    e = engine(NO_DDL_FOR_AGENTS)
+    first = e.decide(op("SELECT abalance FROM pgbench_accounts WHERE aid = 1"))
+    second = e.decide(op("SELECT abalance FROM pgbench_accounts WHERE aid = 2"))
+    assert second is first and e.cache_hits == 1
+    denied = e.decide(op("DROP TABLE pgbench_accounts"))
+    assert denied.action is Action.DENY and denied.rule == "no-ddl-for-agents"

@@ -94,3 +94,21 @@ def test_cork_close_sends_what_it_holds_first(pair):
     cork.write(b"last words")
     cork.close()
     assert peer.recv(100) == b"last words" and calls == ["lose"]
+
+
+def test_no_delay_turns_nagle_off_on_tcp_and_leaves_other_sockets_alone(pair):
+    """A relay's TCP legs get TCP_NODELAY; a socket without TCP options is left as it is, without an error."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    try:
+        conn = tcp.Connection(server, protocol.Protocol(), MemoryReactorClock())
+        assert server.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        sendnow.no_delay(conn)
+        assert server.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        for s in (listener, client, server):
+            s.close()
+    unix, _ = pair
+    sendnow.no_delay(unix)  # an AF_UNIX socket: nothing to set, nothing raised
+    sendnow.no_delay(object())  # no TCP options at all

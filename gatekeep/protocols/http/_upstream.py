@@ -67,6 +67,7 @@ class UpstreamSide(protocol.Protocol):
     def connectionMade(self) -> None:
         self.connected = True
         self.wire = sendnow.Cork(self.transport)
+        sendnow.no_delay(self.transport)
         self.client.upstream_connected(self)
 
     def send_request(self, ex: Exchange) -> None:

@@ -187,6 +187,7 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
     def connectionMade(self) -> None:
         self.valve = Valve(self.transport)
         self.wire = sendnow.Cork(self.transport)
+        sendnow.no_delay(self.transport)
         self._arm_idle()
 
     def _arm_idle(self) -> None:

@@ -80,6 +80,13 @@ class PostgresPlugin:
                                    (), target.options.upstream.user)
         return None
 
+    def cacheKey(self, operation, target):
+        """The key ``facts(...).cache_key`` would have, without working out the facts (a cache hit needs none)."""
+        kind = operation.kind
+        if kind == "query" or kind == "parse":
+            return _policy().cache_key_for(operation.text, operation.detail)
+        return None
+
     def parseTarget(self, node: Node) -> PostgresTarget:
         up = node.child("upstream")
         upstream = Upstream(

@@ -252,6 +252,14 @@ class SqlFacts:
         return self.analysis.summary()
 
 
+def cache_key_for(text: str, state: SqlSessionState | None) -> Any:
+    """The decision cache key of a statement (as in its facts), or None when its decision must not be shared."""
+    analysis = analyze(text)
+    if analysis.executes:
+        return None
+    return (analysis.shape or text, state.key() if state is not None else ("$user", "public"))
+
+
 def facts_for(text: str, state: SqlSessionState | None, user: str) -> SqlFacts:
     analysis = analyze(text)
     search_path = state.key() if state is not None else ("$user", "public")

@@ -175,6 +175,7 @@ class Frontend(protocol.Protocol):
 
     def connectionMade(self) -> None:
         self.started = self.gateway.now()
+        sendnow.no_delay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -850,6 +851,7 @@ class Upstream(protocol.Protocol):
         if self.frontend.phase is Phase.CLOSED:
             self.transport.loseConnection()
             return
+        sendnow.no_delay(self.transport)
         if self.options.tls.enabled:
             self.state = "tls"
             self.send(pg.ssl_request())

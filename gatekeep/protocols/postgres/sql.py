@@ -436,14 +436,24 @@ PLACEHOLDER = "\0"
 _by_shape: dict[str, Analysis] = {}
 SHAPE_LIMIT = 20000
 
-#: a text without any of these is made of identifiers, keywords, numbers, operators, punctuation,
-#: white space and $n parameters only (no strings, quoted names, comments or dollar quotes)
-_LEXER_NEEDED = re.compile(r"""['"\\?\x00]|\$(?!\d)|--|/\*|\.\.|[^\x01-\x7f]""")
+#: a "$" that is not a $n parameter: a dollar quote (or a $ inside a name)
+_DOLLAR_QUOTE = re.compile(r"\$(?!\d)")
 #: a number as PostgreSQL's lexer reads one (integer, decimal, real, and the 0x1F and 1_000 forms:
 #: letters, digits and underscores right after a number belong to it, or make it an error),
 #: never digits inside an identifier, a keyword or a $n parameter
-_NUMBER = re.compile(r"(?:(?<![A-Za-z0-9_$])\d+(?:_\d+)*(?:\.(?!\.)(?:\d+(?:_\d+)*)?)?|\.\d+(?:_\d+)*)"
+_NUMBER = re.compile(r"(?=[0-9.])(?:(?<![A-Za-z0-9_$])\d+(?:_\d+)*(?:\.(?!\.)(?:\d+(?:_\d+)*)?)?|\.\d+(?:_\d+)*)"
                      r"(?:[eE][+-]?\d+(?:_\d+)*)?(?:[A-Za-z_][A-Za-z0-9_$]*)?")
+
+
+def _lexer_needed(text: str) -> bool:
+    """
+    False when the text is made of identifiers, keywords, numbers, operators,
+    punctuation, white space and $n parameters only: no strings, quoted names,
+    comments, dollar quotes, ".." or non-ASCII letters (each a C-speed search).
+    """
+    return ("'" in text or '"' in text or "\\" in text or "?" in text or "--" in text or "/*" in text
+            or ".." in text or "\0" in text or not text.isascii()
+            or ("$" in text and _DOLLAR_QUOTE.search(text) is not None))
 
 
 def shape_of(text: str) -> str | None:
@@ -452,7 +462,7 @@ def shape_of(text: str) -> str | None:
     can only hold numeric constants are done with one regular expression (the
     statements an agent sends most); anything else with PostgreSQL's own lexer.
     """
-    if _LEXER_NEEDED.search(text) is None:
+    if not _lexer_needed(text):
         return _NUMBER.sub(PLACEHOLDER, text)
     try:
         tokens = scan(text)
