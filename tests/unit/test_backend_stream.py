@@ -354,3 +354,31 @@ def test_at_boundary_tracks_partial_messages():
         states.append(s.at_boundary())
     boundaries = {e - 1 for _, e in starts(MessageReader().feed(m))}
     assert states == [i in boundaries for i in range(len(m))]
+
+
+def test_watched_messages_of_a_passing_chunk_can_wait_until_it_is_forwarded():
+    """With ``later``, feed() returns the chunk at once and hands its watched messages over only on handle()."""
+    seen = []
+    stream = BackendStream({c.COMMAND_COMPLETE, c.READY_FOR_QUERY}, lambda t, b: seen.append((t, b)))
+    chunk = (c.row_description([c.Field("a")]) + c.data_row([b"1"]) + c.command_complete("SELECT 1")
+             + c.ready_for_query("I"))
+    later = []
+    assert stream.feed(chunk, later) == [chunk]
+    assert seen == [] and [t for t, _ in later] == [c.COMMAND_COMPLETE, c.READY_FOR_QUERY]
+    stream.handle(later)
+    assert seen == [(c.COMMAND_COMPLETE, b"SELECT 1\0"), (c.READY_FOR_QUERY, b"I")]
+    # a message split over chunks is still handed over whole, after the earlier ones
+    seen.clear()
+    more = c.command_complete("SELECT 2") + c.ready_for_query("T")
+    later = []
+    assert stream.feed(more[:7], later) == [more[:7]] and later == []
+    assert stream.feed(more[7:], later) == [more[7:]]
+    stream.handle(later)
+    assert seen == [(c.COMMAND_COMPLETE, b"SELECT 2\0"), (c.READY_FOR_QUERY, b"T")]
+
+
+def test_bad_framing_is_refused_before_anything_is_forwarded():
+    """Deferring the handler does not defer the framing check: a bad length raises from feed()."""
+    stream = BackendStream({c.READY_FOR_QUERY}, lambda t, b: None)
+    with pytest.raises(ProtocolError):
+        stream.feed(c.ready_for_query("I") + b"Z\xff\xff\xff\xff", [])

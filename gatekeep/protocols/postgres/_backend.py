@@ -50,11 +50,19 @@ class BackendStream:
     def at_boundary(self) -> bool:
         return not (self._skip or self._hdr or self._type is not None)
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Return what to forward to the client now, as a list of byte strings."""
+    def feed(self, data: bytes, later: list | None = None) -> list[bytes]:
+        """
+        Return what to forward to the client now, as a list of byte strings.
+
+        With ``later``, watched messages of a chunk that passes unchanged are not
+        handed to the handler here but appended to ``later`` as (type, body): the
+        caller forwards the chunk first and calls :meth:`handle` on them after, so
+        the bookkeeping is off the client's critical path. (Framing is still checked
+        before anything is returned.)
+        """
         if not self.hold and not self._held:
             if not self._hdr and self._type is None:
-                self._pass(data)
+                self._pass(data, later)
             elif not (self._hdr and not self._hdr_sent):
                 self._scan(data, None)
             else:
@@ -66,7 +74,13 @@ class BackendStream:
         self._scan(data, out)
         return [chunk for chunk in out if chunk]
 
-    def _pass(self, data: bytes) -> None:
+    def handle(self, later: list) -> None:
+        """Give the handler the watched messages :meth:`feed` put in ``later``, in order."""
+        handler = self._handler
+        for mtype, body in later:
+            handler(mtype, body)
+
+    def _pass(self, data: bytes, later: list | None = None) -> None:
         """
         :meth:`_scan` without hold mode, starting at a message boundary or inside a
         message being skipped: the common case, kept lean (whole messages are
@@ -96,7 +110,10 @@ class BackendStream:
                     self._skip = end - n
                 return
             if mtype in interesting:
-                handler(mtype, data[pos + 5:end])
+                if later is None:
+                    handler(mtype, data[pos + 5:end])
+                else:
+                    later.append((mtype, data[pos + 5:end]))
             pos = end
         if pos < n:
             self._hdr = data[pos:]

@@ -869,18 +869,23 @@ class Upstream(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.state == "ready":
             fe = self.frontend
+            later: list = []
             try:
-                out = self.stream.feed(data)
+                out = self.stream.feed(data, later)
             except Exception as e:  # a malformed server message, or a handler that failed on one
-                _log.failure("bad data from the upstream of {target}", target=fe.target.name)
-                self.state = "failed"
-                fe.end_reason = f"upstream protocol error: {type(e).__name__}"
-                fe.fatal("08P01", f"gatekeep received an invalid message from the database of target {fe.target.name}")
-                self.transport.loseConnection()
+                self._broken(e)
                 return
             for chunk in out:
                 fe.bytes_out += len(chunk)
             sendnow.write_many(fe.transport, out)
+            if later:
+                # a chunk that passed unchanged: its CommandComplete, ReadyForQuery ... are
+                # accounted for now that the client has it
+                try:
+                    self.stream.handle(later)
+                except Exception as e:
+                    self._broken(e)
+                    return
             if fe._notices and self.stream.at_boundary():
                 notices, fe._notices = fe._notices, []
                 fe.send(b"".join(notices))
@@ -891,6 +896,15 @@ class Upstream(protocol.Protocol):
             self.fail(f"protocol error from the server: {e}")
         except LoginError as e:
             self.fail(str(e), "28000")
+
+    def _broken(self, error: Exception) -> None:
+        """A malformed server message, or a handler that failed on one: the session ends with 08P01."""
+        fe = self.frontend
+        _log.failure("bad data from the upstream of {target}", target=fe.target.name)
+        self.state = "failed"
+        fe.end_reason = f"upstream protocol error: {type(error).__name__}"
+        fe.fatal("08P01", f"gatekeep received an invalid message from the database of target {fe.target.name}")
+        self.transport.loseConnection()
 
     def _during_login(self, data: bytes) -> None:
         if self.state == "tls":
