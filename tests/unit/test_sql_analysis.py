@@ -11,9 +11,8 @@ import uuid
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pglast.parser import scan
 
-from gatekeep.protocols.postgres.sql import CONSTANTS, PLACEHOLDER, Analysis, analyze, shape_of
+from gatekeep.protocols.postgres.sql import PLACEHOLDER, Analysis, analyze, lexer_shape, shape_of
 
 
 def fresh(prefix: str = "t") -> str:
@@ -380,22 +379,6 @@ def test_shape_blanks_constants_but_not_identifiers():
     assert shape_of('SELECT "x" FROM t') == 'SELECT "x" FROM t'
 
 
-def _lexer_shape(text: str) -> str | None:
-    """The shape as PostgreSQL's lexer gives it (None if it refuses the text)."""
-    try:
-        tokens = scan(text)
-    except Exception:
-        return None
-    pieces, last = [], 0
-    for t in tokens:
-        if t.name in CONSTANTS:
-            pieces.append(text[last:t.start])
-            pieces.append(PLACEHOLDER)
-            last = t.end + 1
-    pieces.append(text[last:])
-    return "".join(pieces)
-
-
 @settings(max_examples=3000, deadline=None)
 @given(st.text(alphabet="abeEx_0159. $+-*/<>=(),;:[]", max_size=24))
 def test_the_quick_shape_is_the_lexers_shape(text):
@@ -405,7 +388,7 @@ def test_the_quick_shape_is_the_lexers_shape(text):
     makes sharing an analysis by shape safe), or the lexer refuses the text (and the
     parser will too, so nothing is shared).
     """
-    lexed = _lexer_shape(text)
+    lexed = lexer_shape(text)
     if lexed is not None:
         assert shape_of(text) == lexed
 
@@ -418,7 +401,7 @@ def test_the_quick_shape_is_the_lexers_shape(text):
 ])
 def test_quick_shapes_of_typical_statements(text):
     """The regular expression path gives the lexer's shape on statements agents send."""
-    assert shape_of(text) == _lexer_shape(text)
+    assert shape_of(text) == lexer_shape(text)
 
 
 def test_texts_that_need_the_lexer_still_get_it():

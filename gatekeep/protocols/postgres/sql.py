@@ -464,6 +464,11 @@ def shape_of(text: str) -> str | None:
     """
     if not _lexer_needed(text):
         return _NUMBER.sub(PLACEHOLDER, text)
+    return lexer_shape(text)
+
+
+def lexer_shape(text: str) -> str | None:
+    """The shape as PostgreSQL's lexer gives it; None if the lexer refuses the text."""
     try:
         tokens = scan(text)
     except Exception:
