@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import attrs
 from zope.interface import implementer
 
+from gatekeep.bounded import BoundedCache
 from gatekeep.config import ConfigError, Node
 from gatekeep.interfaces import IPolicy
 from gatekeep.model import Action, Decision, Operation
@@ -33,6 +34,8 @@ from gatekeep.model import Action, Decision, Operation
 COMMON_KEYS = ("identities", "groups", "targets")
 UNJUDGEABLE = "unjudgeable"
 CACHE_LIMIT = 20000
+#: bytes of keys the decision cache may hold (keys carry statement shapes and request targets)
+CACHE_BYTES = 64 * 1024 * 1024
 
 
 @attrs.frozen
@@ -130,7 +133,7 @@ class RuleEngine:
         self.rules = rules
         self.targets = targets
         self.plugins = plugins
-        self._cache: dict[Any, Decision] = {}
+        self._cache = BoundedCache(CACHE_LIMIT, CACHE_BYTES)
         #: decisions made and cache hits, for metrics
         self.decisions = 0
         self.cache_hits = 0
@@ -158,9 +161,7 @@ class RuleEngine:
                 return cached
         decision = self._decide(operation, facts)
         if key is not None:
-            if len(self._cache) >= CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[key] = decision
+            self._cache.put(key, decision)
         return decision
 
     def _decide(self, operation: Operation, facts: Any) -> Decision:

@@ -13,11 +13,12 @@ encoders raise ``ValueError`` for values that cannot be put on the wire.
 
 from __future__ import annotations
 
-import functools
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
+
+from gatekeep.bounded import BoundedCache
 
 # -- message types sent by the client (frontend) ---------------------------
 FE_BIND = BIND = b"B"
@@ -476,14 +477,22 @@ def parse_query(body: bytes) -> str:
     return _single_cstr(body, "Query")
 
 
-@functools.lru_cache(maxsize=1024)
+#: Parse messages decoded, by body (clients send the same few over and over); bounded, since clients choose them
+_parses = BoundedCache(1024, 8 * 1024 * 1024)
+
+
 def parse_parse(body: bytes) -> Parse:
-    """Decode a Parse body (clients send the same few Parse messages over and over: kept by body)."""
+    """Decode a Parse body."""
+    known = _parses.get(body)
+    if known is not None:
+        return known
     cur = _Cursor(body, "Parse")
     statement, sql = cur.cstr(), cur.cstr()
     types = tuple(cur.uint32() for _ in range(cur.uint16()))
     cur.done()
-    return Parse(statement, sql, types)
+    parse = Parse(statement, sql, types)
+    _parses.put(body, parse, len(body))
+    return parse
 
 
 def _parse_bind_checked(body: bytes) -> Bind:

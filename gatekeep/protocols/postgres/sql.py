@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
 from typing import Any, Iterator
 
 import attrs
 from pglast import parse_plpgsql
 from pglast.parser import ParseError, parse_sql_json, scan
+
+from gatekeep.bounded import BoundedCache
 
 #: ``(schema or None, name)``; names are as PostgreSQL folds them
 Table = tuple["str | None", str]
@@ -433,8 +434,10 @@ CONSTANTS = frozenset({"ICONST", "FCONST", "SCONST", "USCONST", "BCONST", "XCONS
 #: what a constant becomes in a shape: NUL, which no statement text can hold (the protocol ends texts
 #: with it), so a shape never meets a text that had the placeholder in it
 PLACEHOLDER = "\0"
-_by_shape: dict[str, Analysis] = {}
 SHAPE_LIMIT = 20000
+#: analyses kept by shape and by text: bounded in entries and in bytes of text (clients choose the texts)
+_by_shape = BoundedCache(SHAPE_LIMIT, 32 * 1024 * 1024)
+_by_text = BoundedCache(8192, 32 * 1024 * 1024)
 
 #: a "$" that is not a $n parameter: a dollar quote (or a $ inside a name)
 _DOLLAR_QUOTE = re.compile(r"\$(?!\d)")
@@ -489,25 +492,29 @@ def _constant_free(a: Analysis) -> bool:
             and "set_config" not in a.conditions and not a.prepares)
 
 
-@lru_cache(maxsize=8192)
 def analyze(text: str, depth: int = 0) -> Analysis:
     """
     Analyse every statement in ``text``. Never raises: what cannot be parsed is
     unjudgeable. Statements that differ only in their constants share one
     analysis (``SELECT ... WHERE id = 1`` and ``= 2``), found by the shape of
-    the text as PostgreSQL's lexer splits it.
+    the text as PostgreSQL's lexer splits it. Analyses are kept by text too
+    (a bounded cache: long texts are analysed each time).
     """
+    key = (text, depth)
+    known = _by_text.get(key)
+    if known is not None:
+        return known
     shape = shape_of(text) if depth == 0 else None
     if shape is not None:
         known = _by_shape.get(shape)
         if known is not None:
+            _by_text.put(key, known, len(text))
             return known
     result = _analyze(text, depth)
     if shape is not None and _constant_free(result):
         result = attrs.evolve(result, shape=shape)
-        if len(_by_shape) >= SHAPE_LIMIT:
-            _by_shape.clear()
-        _by_shape[shape] = result
+        _by_shape.put(shape, result, len(shape))
+    _by_text.put(key, result, len(text))
     return result
 
 
