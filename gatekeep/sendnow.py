@@ -26,8 +26,8 @@ def write(transport: Any, data: bytes) -> None:
     # only a TCP connection itself, never a wrapper (a TLS wrapper passes attribute lookups on to the
     # TCP transport under it, whose socket must only ever see ciphertext)
     if (isinstance(transport, Connection) and not transport.TLS and transport.connected
-            and not transport.disconnecting and not transport.dataBuffer and not transport._tempDataBuffer
-            and data):
+            and not transport.disconnecting and not transport._writeDisconnected
+            and not transport.dataBuffer and not transport._tempDataBuffer and data):
         sent = transport.writeSomeData(data)
         if isinstance(sent, int):
             if sent == len(data):
