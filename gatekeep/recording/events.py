@@ -48,30 +48,53 @@ def _scalar(value: Any) -> str:
     return canonical(value)
 
 
-def decision_text(d: Decision) -> str:
+class JsonMemo:
+    """
+    canonical() of the values of one batch, each encoded once: an operation's
+    request and response maps go into its ledger entry and into its row, and
+    many operations share one decision's facts. Values are kept by identity
+    (and kept alive, so an identity is not reused while the memo lives).
+    """
+
+    __slots__ = ("_texts",)
+
+    def __init__(self) -> None:
+        self._texts: dict[int, tuple[Any, str]] = {}
+
+    def __call__(self, value: Any) -> str:
+        if value is None or type(value) in (str, int, float):
+            return _scalar(value)
+        known = self._texts.get(id(value))
+        if known is None:
+            known = self._texts[id(value)] = (value, _scalar(value))
+        return known[1]
+
+
+def decision_text(d: Decision, text_of: Any = _scalar) -> str:
     """canonical() of an operation event's "decision" object."""
-    return (f'{{"action":{_scalar(d.action.value)},"facts":{_scalar(d.facts or None)},'
+    return (f'{{"action":{_scalar(d.action.value)},"facts":{text_of(d.facts or None)},'
             f'"reason":{_scalar(d.reason or None)},"rule":{_scalar(d.rule)}}}')
 
 
-def operation_text(op: Operation, decision: str, end: Outcome | None) -> str:
+def operation_text(op: Operation, decision: str, end: Outcome | None, text_of: Any = _scalar) -> str:
     """
     canonical() of an "operation" event's data (with its end merged when given),
     built directly: the writer stores thousands a second. ``decision`` is
     :func:`decision_text` of the operation's decision (the same decision is
     shared by many operations). Equal to ``canonical(data)`` by construction,
-    keys in sorted order; tests compare the two.
+    keys in sorted order; tests compare the two. ``text_of`` encodes the maps
+    (a :class:`JsonMemo` shares the work with the operation's row).
     """
     if end is not None:
         merged = (f'"end":{{"duration":{_scalar(end.duration)},"error_code":{_scalar(end.error_code)},'
                   f'"error_message":{_scalar(end.error_message)},"finished_at":{_scalar(end.finished_at)},'
-                  f'"masked":{_scalar(end.masked)},"response":{_scalar(end.extra)},"rows":{_scalar(end.rows)},'
+                  f'"masked":{text_of(end.masked)},"response":{text_of(end.extra)},"rows":{_scalar(end.rows)},'
                   f'"status":{_scalar(end.status)}}},')
     else:
         merged = ""
     return (f'{{"at":{_scalar(op.at)},"decision":{decision},{merged}"kind":{_scalar(op.kind)},'
-            f'"parameters":{_scalar(list(op.parameters) if op.parameters else None)},'
-            f'"request":{_scalar(op.extra)},"seq":{_scalar(op.seq)},"text":{_scalar(op.text)}}}')
+            f'"parameters":{text_of(op.parameters or None)},'
+            f'"request":{text_of(op.extra)},"seq":{_scalar(op.seq)},"text":{_scalar(op.text)}}}')
 
 
 def _identity(s: Session) -> dict[str, Any]:

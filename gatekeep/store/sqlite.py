@@ -18,7 +18,7 @@ from typing import Any
 from zope.interface import implementer
 
 from gatekeep.interfaces import IStore
-from gatekeep.recording.events import canonical, decision_text, event_time, operation_text, to_event
+from gatekeep.recording.events import JsonMemo, canonical, decision_text, event_time, operation_text, to_event
 from gatekeep.store import ledger
 from gatekeep.store._sql import approvals_query
 from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
@@ -218,7 +218,7 @@ class SQLiteStore:
         and its outcome in the same batch become one row.
         """
         sessions, ops, outcomes, ends, failures, streams, approvals = [], {}, [], [], [], [], []
-        facts: dict[int, tuple[Decision, str | None]] = {}
+        text_of = JsonMemo()  # the ledger entries and the operation rows share their JSON
         for event in batch:
             if isinstance(event, tuple):
                 op, decision = event
@@ -246,7 +246,7 @@ class SQLiteStore:
         tail = self._tail
         self._appended: list[ledger.Entry] = []
         try:
-            self._append_ledger(db, batch)
+            self._append_ledger(db, batch, text_of)
             if sessions:
                 db.executemany(
                     "INSERT INTO sessions (id, node, identity, groups, auth_method, target, protocol, client, tls,"
@@ -262,7 +262,7 @@ class SQLiteStore:
                     "INSERT INTO operations (session_id, seq, kind, text, parameters, at, action, rule, reason, facts,"
                     " request, finished_at, duration, status, rows, error_code, error_message, masked, response)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [self._op_row(op, d, o, facts) for op, d, o in ops.values()],
+                    [self._op_row(op, d, o, text_of) for op, d, o in ops.values()],
                 )
             if outcomes:
                 db.executemany(
@@ -320,13 +320,14 @@ class SQLiteStore:
         self._appended.append(ledger.Entry(self.node, seq, kind, session_id, at, text, prev, h))
         return h
 
-    def _append_ledger(self, db: sqlite3.Connection, batch: list[Any]) -> None:
+    def _append_ledger(self, db: sqlite3.Connection, batch: list[Any], text_of: Any = None) -> None:
         """Chain every event of the batch; an operation and its end in the same batch make one entry."""
         self._ledger_tail(db)
         ends = {(v.session_id, v.seq): i for i, v in enumerate(batch) if isinstance(v, Outcome)}
         merged: set[int] = set()
         rows: list[tuple] = []
         pending: dict[str, list[str]] = {}
+        text_of = text_of if text_of is not None else JsonMemo()
         decisions: dict[int, tuple[Decision, str]] = {}  # many operations share one (cached) decision
         for i, value in enumerate(batch):
             if i in merged:
@@ -341,9 +342,9 @@ class SQLiteStore:
                     merged.add(j)
                 known = decisions.get(id(d))
                 if known is None:
-                    known = decisions[id(d)] = (d, decision_text(d))
+                    known = decisions[id(d)] = (d, decision_text(d, text_of))
                 at = float(op.at) if isinstance(op.at, (int, float)) else 0.0
-                h = self._append_text(rows, "operation", session_id, at, operation_text(op, known[1], end))
+                h = self._append_text(rows, "operation", session_id, at, operation_text(op, known[1], end, text_of))
                 kind, data = "operation", None
             else:
                 kind, session_id, data = to_event(value)
@@ -429,20 +430,18 @@ class SQLiteStore:
         return removed
 
     @staticmethod
-    def _op_row(op: Operation, d: Decision, o: Outcome | None, facts_of: dict | None = None) -> tuple:
-        params = _json(list(op.parameters)) if op.parameters else None
-        known = facts_of.get(id(d)) if facts_of is not None else None
-        if known is None:
-            known = (d, _json(d.facts) if d.facts else None)
-            if facts_of is not None:
-                facts_of[id(d)] = known  # the decision is kept alive with it, so its id is not reused
-        facts = known[1]
+    def _op_row(op: Operation, d: Decision, o: Outcome | None, text_of: Any = None) -> tuple:
+        """The operation's row; its JSON columns are canonical JSON (``text_of`` shares them with the ledger)."""
+        if text_of is None:
+            text_of = JsonMemo()
+        params = text_of(op.parameters) if op.parameters else None
+        facts = text_of(d.facts) if d.facts else None
         head = (op.session.id, op.seq, op.kind, op.text, params, op.at, d.action.value, d.rule, d.reason or None, facts,
-                _json(op.extra) if op.extra else None)
+                text_of(op.extra) if op.extra else None)
         if o is None:
             return head + (None, None, None, None, None, None, None, None)
         return head + (o.finished_at, o.duration, o.status, o.rows, o.error_code, o.error_message,
-                       _json(o.masked) if o.masked else None, _json(o.extra) if o.extra else None)
+                       text_of(o.masked) if o.masked else None, text_of(o.extra) if o.extra else None)
 
     # -- reading ---------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gatekeep.model import Action, ClientAddress, Decision, Identity, Operation, Outcome, Session
-from gatekeep.recording.events import _operation, canonical, decision_text, operation_text, to_event
+from gatekeep.recording.events import JsonMemo, _operation, canonical, decision_text, operation_text, to_event
 
 SESSION = Session("s-1", Identity("agent-7", frozenset({"agents"}), "scram"), "prod-db", "postgres",
                   ClientAddress("127.0.0.1", 5000), False, 1795790000.25, {})
@@ -38,6 +38,10 @@ def test_operation_text_is_the_canonical_json(text, seq, at, params, extra, acti
         del tail["seq"]
         data = dict(data, end=tail)
     assert operation_text(op, decision_text(d), end) == canonical(data)
+    memo = JsonMemo()  # as the store does it: maps encoded once, shared with the row
+    assert operation_text(op, decision_text(d, memo), end, memo) == canonical(data)
+    if extra is not None:
+        assert memo(op.extra) == canonical(extra)
 
 
 def test_non_finite_numbers_are_refused_as_canonical_does():
