@@ -36,7 +36,8 @@ from gatekeep.identity.scram import ScramAuthFailed, ScramError, ScramServer
 from gatekeep.model import Action, ClientAddress, Decision, LoginFailure, Operation, Session, SessionEnd, new_id
 from gatekeep.protocols.postgres import _codec as pg
 from gatekeep.protocols.postgres._backend import BackendStream
-from gatekeep.masking import strategies
+from gatekeep.protocols.postgres._results import WATCHED as WATCHED_FOR_MASKING
+from gatekeep.protocols.postgres._results import ResultMasking
 from gatekeep.protocols.postgres import _masking
 from gatekeep.protocols.postgres._login import LoginError, UpstreamLogin
 from gatekeep.protocols.postgres._tracker import Tracker
@@ -127,18 +128,11 @@ class Frontend(protocol.Protocol):
         self._inbox: deque = deque()
         self._waiting: Deferred | None = None
         self.sql_state: SqlSessionState | None = None
-        # masking: the plan for this session, and what the relay knows of result shapes
+        # masking: the plan for this session, the columns it may need (read at login), and what the
+        # relay knows of result shapes (None without a plan)
         self.masking: Any = None
         self.catalog = _masking.Catalog()
-        self._describes: deque = deque()   # (group, kind, name) of Describe messages in flight
-        self._executes: deque = deque()    # (group, statement, result formats) of Execute messages in flight
-        self._copies: deque = deque()      # (group, columns) for COPY TO STDOUT statements in flight
-        self._statement_fields: dict[str, tuple] = {}
-        self._portal_formats: dict[str, tuple[str, tuple[int, ...]]] = {}
-        self._row_columns: list | None = None
-        self._copy_columns: list | None = None
-        #: how the server encodes text for this client (ParameterStatus client_encoding)
-        self.codec = "utf-8"
+        self.results: ResultMasking | None = None
         # NoticeResponses waiting for a message boundary of the server's stream
         self._notices: list[bytes] = []
         # the approval hold of the pending decision, if it is one (a CancelRequest withdraws it)
@@ -349,6 +343,8 @@ class Frontend(protocol.Protocol):
         except Exception:
             self.fatal("XX000", "gatekeep cannot decide the masking for this session", reason="masking failed")
             return
+        if self.masking is not None:
+            self.results = ResultMasking(self.masking, self.tracker, self.catalog)
         _log.info("session {session} for {identity} on {target} from {client}", session=self.session.id,
                   identity=identity.name, target=self.target.name, client=str(self.client))
         self.phase = Phase.UPSTREAM
@@ -381,14 +377,12 @@ class Frontend(protocol.Protocol):
         """The upstream session is up: finish the client's startup and start relaying."""
         if self.phase is Phase.CLOSED:
             return
-        if self.masking is not None:
-            self.upstream.stream.interesting |= {b"T", b"n", b"D", b"H", b"d", b"c", b"S"}
+        if self.results is not None:
+            self.upstream.stream.interesting |= WATCHED_FOR_MASKING
             self.upstream.stream.hold = True
             for message in parameter_status:
                 if message[:1] == b"S":
-                    name, value = pg.parse_parameter_status(message[5:])
-                    if name == "client_encoding":
-                        self.codec = _masking.codec_for(value)
+                    self.results.parameter_status(*pg.parse_parameter_status(message[5:]))
         self.key = self.factory.new_cancel_key(self)
         self.send(pg.auth_ok() + b"".join(parameter_status) + pg.backend_key_data(*self.key) + status)
         self.phase = Phase.READY
@@ -433,9 +427,8 @@ class Frontend(protocol.Protocol):
                     self.upstream.transport.loseConnection()
                     self.close()
                     return
-                elif t == b"D" and self.masking is not None:
-                    kind, name = pg.parse_describe_or_close(m.body)
-                    self._describes.append((self.tracker.syncs_sent + 1, kind, name))
+                elif t == b"D" and self.results is not None:
+                    self.results.described(*pg.parse_describe_or_close(m.body))
                     out.append(m.encode())
                     d = None
                 elif t == b"C":
@@ -571,8 +564,8 @@ class Frontend(protocol.Protocol):
         op = self._operation("query", text, detail=self.sql_state)
 
         def refine(decision: Decision) -> Decision:
-            if decision.action is Action.ALLOW and self.masking is not None:
-                return self._copy_masking(text, decision)
+            if decision.action is Action.ALLOW and self.results is not None:
+                return self.results.copy_decision(text, decision, self.sql_state)
             return decision
 
         def carry_out(decision: Decision) -> None:
@@ -633,23 +626,20 @@ class Frontend(protocol.Protocol):
                 _param_text(v, (formats[i] if len(formats) > 1 else (formats[0] if formats else 0)) == 1)
                 for i, v in enumerate(bind.params)
             )
-            if self.masking is not None and self.masking.detector_rules:
-                # the record keeps only masked values
-                params = tuple(p if p is None else strategies.mask_spans(self.masking.detector_rules, p)
-                               for p in params)
+            if self.results is not None:
+                params = self.results.recordable(params)  # the record keeps only masked values
             self._portals[bind.portal] = (found[0], found[1], params)
         else:
             self._portals.pop(bind.portal, None)
-        if self.masking is not None:
-            self._portal_formats[bind.portal] = (bind.statement, bind.result_formats)
+        if self.results is not None:
+            self.results.bound(bind.portal, bind.statement, bind.result_formats)
         out.append(m.encode())
 
     def on_execute(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
         execute = pg.parse_execute(m.body)
         found = self._portals.get(execute.portal)
-        if self.masking is not None:
-            statement, formats = self._portal_formats.get(execute.portal, ("", ()))
-            self._executes.append((self.tracker.syncs_sent + 1, statement, formats))
+        if self.results is not None:
+            self.results.executing(execute.portal)
         if found is None:
             # a portal gatekeep did not see bound (it failed): the server will answer with an error
             self.tracker.add(None, "execute", self.gateway.now())
@@ -674,129 +664,32 @@ class Frontend(protocol.Protocol):
 
     def from_server(self, mtype: bytes, body: bytes) -> bytes | None:
         """BackendStream's handler for the messages the relay watches."""
-        if mtype == b"D":
-            return self._mask_row(body)
+        results = self.results
         if mtype == b"C":
             self.tracker.command_complete(pg.parse_command_complete(body))
-            self._result_ended()
+            if results is not None:
+                results.result_ended()
         elif mtype == b"Z":
             self.tx_status = pg.parse_ready_for_query(body)
             now = self.gateway.now()
             for _, outcome in self.tracker.ready(now):
                 self.gateway.chain.operation_finished(outcome)
-            if self.masking is not None:
-                self._group_ended()
+            if results is not None:
+                results.group_ended()
             elif not len(self.tracker) and self.upstream is not None:
                 self.upstream.stream.hold = False
         elif mtype == b"E":
             fields = pg.parse_fields(body)
-            self._result_ended()
+            if results is not None:
+                results.result_ended()
             return self.tracker.error(fields.get("C", "XX000"), fields.get("M", ""))
         elif mtype in (b"I", b"s"):
             self.tracker.command_complete(None)
-            self._result_ended()
-        elif mtype == b"T":
-            self._row_description(pg.parse_row_description(body))
-        elif mtype == b"n":
-            self._describe_answered()
-        elif mtype == b"d":
-            if self._copy_columns is not None:
-                return _masking.mask_copy_text_row(self._copy_columns, body, self._counts(), self.codec)
-        elif mtype == b"H":
-            columns = self._copies.popleft()[1] if self._copies and \
-                self._copies[0][0] == self.tracker.syncs_seen + 1 else None
-            if columns == _masking.DETECT_ALL:
-                columns = _masking.detect_all(self.masking, int.from_bytes(body[1:3], "big"), self.codec)
-            self._copy_columns = columns
-        elif mtype == b"S":
-            name, value = pg.parse_parameter_status(body)
-            if name == "client_encoding":
-                self.codec = _masking.codec_for(value)
-        elif mtype == b"c":
-            self._copy_columns = None
+            if results is not None:
+                results.result_ended()
+        elif results is not None:
+            return results.server_message(mtype, body)
         return None
-
-    # -- masking -------------------------------------------------------------------------------
-
-    def _copy_masking(self, text: str, decision: Decision) -> Decision:
-        """COPY TO STDOUT under masking: text format of a table is masked; anything else is refused."""
-        a = analyze(text)
-        if "copy_to" not in a.kinds:
-            return decision
-        target = _masking.copy_target(text)
-        if target is None or target["query"] or target["format"] != "text":
-            return Decision(Action.DENY, "masking", "COPY TO STDOUT with masking works on a table in text format;"
-                            " use SELECT or COPY table TO STDOUT", decision.facts)
-        candidates = self.sql_state and [self.sql_state.user if s == "$user" else s
-                                         for s in sorted(self.sql_state.search_path)] or ["public"]
-        columns = self.catalog.copy_columns(self.masking, candidates, target["table"], target["columns"],
-                                            self.codec)
-        if columns == _masking.REFUSE:
-            return Decision(Action.DENY, "masking", "gatekeep cannot tell which fields of this COPY to mask (a table"
-                            " made after the session started, or masking by column name without a column list);"
-                            " use SELECT or COPY table (columns) TO STDOUT", decision.facts)
-        self._copies.append((self.tracker.syncs_sent + 1, columns))
-        return decision
-
-    def _counts(self) -> dict[str, int]:
-        head = self.tracker.current()
-        if head is None:
-            return {}
-        if head.masked is None:
-            head.masked = {}
-        return head.masked
-
-    def _row_description(self, fields: tuple) -> None:
-        if self.masking is None:
-            return
-        current = self.tracker.syncs_seen + 1
-        if self._describes and self._describes[0][0] == current:
-            _, kind, name = self._describes.popleft()
-            if kind == "S":
-                self._statement_fields[name] = fields  # the formats come with each Bind
-                return
-        self._row_columns = _masking.plan_columns(self.masking, fields, None, self.catalog, self.codec) or []
-
-    def _describe_answered(self) -> None:
-        if self._describes and self._describes[0][0] == self.tracker.syncs_seen + 1:
-            self._describes.popleft()
-
-    def _mask_row(self, body: bytes) -> bytes | None:
-        columns = self._row_columns
-        if columns is None:
-            # rows of an Execute whose portal was not described: its statement's fields, the Bind's formats
-            current = self.tracker.syncs_seen + 1
-            fields = None
-            if self._executes and self._executes[0][0] == current:
-                _, statement, formats = self._executes[0]
-                fields = self._statement_fields.get(statement)
-            if fields is None:
-                # rows gatekeep cannot name: fail closed, every value becomes NULL
-                width = (body[0] << 8) | body[1]
-                counts = self._counts()
-                counts["unknown-shape"] = counts.get("unknown-shape", 0) + 1
-                return pg.data_row([None] * width)
-            columns = self._row_columns = _masking.plan_columns(
-                self.masking, fields, formats, self.catalog, self.codec) or []
-        if not columns:
-            return None
-        return _masking.mask_data_row(columns, body, self._counts())
-
-    def _result_ended(self) -> None:
-        if self.masking is None:
-            return
-        self._row_columns = None
-        current = self.tracker.syncs_seen + 1
-        if self._executes and self._executes[0][0] == current:
-            self._executes.popleft()
-
-    def _group_ended(self) -> None:
-        seen = self.tracker.syncs_seen
-        for queue in (self._describes, self._executes, self._copies):
-            while queue and queue[0][0] <= seen:
-                queue.popleft()
-        self._row_columns = None
-        self._copy_columns = None
 
     # -- the end -----------------------------------------------------------------------------
 

@@ -1,0 +1,171 @@
+"""
+What masking needs to know of a session's results, sans-IO.
+
+With a masking plan, the relay must name the columns of every row the server
+sends back before it reaches the client. The names come from the messages
+around the rows: a RowDescription before a simple query's rows or in answer to
+a Describe, the statement described earlier for an Execute of a portal that
+was not, the table and columns of a COPY TO STDOUT. The relay tells a
+:class:`ResultMasking` what the client sent (Describe, Bind, Execute, a COPY),
+each tied to the group (Query or Sync) it belongs to, and hands it the server's
+messages; it answers with the rewritten DataRow or CopyData, or None to keep
+one. Rows gatekeep cannot name are failed closed: every value becomes NULL.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from gatekeep.masking import strategies
+from gatekeep.model import Action, Decision
+from gatekeep.protocols.postgres import _codec as pg
+from gatekeep.protocols.postgres import _masking
+from gatekeep.protocols.postgres._tracker import Tracker
+from gatekeep.protocols.postgres.sql import analyze
+
+#: the server messages masking watches, on top of what the relay watches anyway
+WATCHED = frozenset({b"T", b"n", b"D", b"H", b"d", b"c", b"S"})
+
+
+class ResultMasking:
+    def __init__(self, plan: Any, tracker: Tracker, catalog: _masking.Catalog | None = None) -> None:
+        self.plan = plan
+        self.tracker = tracker
+        #: the columns masking may need, read from the server's catalog at login
+        self.catalog = catalog if catalog is not None else _masking.Catalog()
+        #: how the server encodes text for this client (ParameterStatus client_encoding)
+        self.codec = "utf-8"
+        self._describes: deque = deque()   # (group, kind, name) of Describe messages in flight
+        self._executes: deque = deque()    # (group, statement, result formats) of Execute messages in flight
+        self._copies: deque = deque()      # (group, columns) for COPY TO STDOUT statements in flight
+        self._statement_fields: dict[str, tuple] = {}
+        self._portal_formats: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._row_columns: list | None = None
+        self._copy_columns: list | None = None
+
+    # -- what the client sent -------------------------------------------------------------
+
+    def described(self, kind: str, name: str) -> None:
+        """A Describe of a statement ("S") or a portal ("P") went to the server."""
+        self._describes.append((self.tracker.syncs_sent + 1, kind, name))
+
+    def bound(self, portal: str, statement: str, result_formats: tuple[int, ...]) -> None:
+        self._portal_formats[portal] = (statement, result_formats)
+
+    def executing(self, portal: str) -> None:
+        statement, formats = self._portal_formats.get(portal, ("", ()))
+        self._executes.append((self.tracker.syncs_sent + 1, statement, formats))
+
+    def recordable(self, params: tuple) -> tuple:
+        """Bind parameters as the record keeps them: with the plan's detectors applied."""
+        rules = self.plan.detector_rules
+        if not rules:
+            return params
+        return tuple(p if p is None else strategies.mask_spans(rules, p) for p in params)
+
+    def copy_decision(self, text: str, decision: Decision, sql_state: Any) -> Decision:
+        """COPY TO STDOUT under masking: text format of a table is masked; anything else is refused."""
+        a = analyze(text)
+        if "copy_to" not in a.kinds:
+            return decision
+        target = _masking.copy_target(text)
+        if target is None or target["query"] or target["format"] != "text":
+            return Decision(Action.DENY, "masking", "COPY TO STDOUT with masking works on a table in text format;"
+                            " use SELECT or COPY table TO STDOUT", decision.facts)
+        candidates = sql_state and [sql_state.user if s == "$user" else s
+                                    for s in sorted(sql_state.search_path)] or ["public"]
+        columns = self.catalog.copy_columns(self.plan, candidates, target["table"], target["columns"], self.codec)
+        if columns == _masking.REFUSE:
+            return Decision(Action.DENY, "masking", "gatekeep cannot tell which fields of this COPY to mask (a table"
+                            " made after the session started, or masking by column name without a column list);"
+                            " use SELECT or COPY table (columns) TO STDOUT", decision.facts)
+        self._copies.append((self.tracker.syncs_sent + 1, columns))
+        return decision
+
+    # -- what the server sends ------------------------------------------------------------
+
+    def server_message(self, mtype: bytes, body: bytes) -> bytes | None:
+        """One of the :data:`WATCHED` messages: the replacement to send, or None to keep it."""
+        if mtype == b"D":
+            return self._mask_row(body)
+        if mtype == b"T":
+            self._row_description(pg.parse_row_description(body))
+        elif mtype == b"n":
+            if self._describes and self._describes[0][0] == self.tracker.syncs_seen + 1:
+                self._describes.popleft()
+        elif mtype == b"d":
+            if self._copy_columns is not None:
+                return _masking.mask_copy_text_row(self._copy_columns, body, self._counts(), self.codec)
+        elif mtype == b"H":
+            columns = self._copies.popleft()[1] if self._copies and \
+                self._copies[0][0] == self.tracker.syncs_seen + 1 else None
+            if columns == _masking.DETECT_ALL:
+                columns = _masking.detect_all(self.plan, int.from_bytes(body[1:3], "big"), self.codec)
+            self._copy_columns = columns
+        elif mtype == b"S":
+            name, value = pg.parse_parameter_status(body)
+            self.parameter_status(name, value)
+        elif mtype == b"c":
+            self._copy_columns = None
+        return None
+
+    def parameter_status(self, name: str, value: str) -> None:
+        if name == "client_encoding":
+            self.codec = _masking.codec_for(value)
+
+    def result_ended(self) -> None:
+        """A CommandComplete, ErrorResponse, EmptyQueryResponse or PortalSuspended."""
+        self._row_columns = None
+        current = self.tracker.syncs_seen + 1
+        if self._executes and self._executes[0][0] == current:
+            self._executes.popleft()
+
+    def group_ended(self) -> None:
+        """A ReadyForQuery (after the tracker counted it)."""
+        seen = self.tracker.syncs_seen
+        for queue in (self._describes, self._executes, self._copies):
+            while queue and queue[0][0] <= seen:
+                queue.popleft()
+        self._row_columns = None
+        self._copy_columns = None
+
+    # -- rows -----------------------------------------------------------------------------
+
+    def _counts(self) -> dict[str, int]:
+        head = self.tracker.current()
+        if head is None:
+            return {}
+        if head.masked is None:
+            head.masked = {}
+        return head.masked
+
+    def _row_description(self, fields: tuple) -> None:
+        current = self.tracker.syncs_seen + 1
+        if self._describes and self._describes[0][0] == current:
+            _, kind, name = self._describes.popleft()
+            if kind == "S":
+                self._statement_fields[name] = fields  # the formats come with each Bind
+                return
+        self._row_columns = _masking.plan_columns(self.plan, fields, None, self.catalog, self.codec) or []
+
+    def _mask_row(self, body: bytes) -> bytes | None:
+        columns = self._row_columns
+        if columns is None:
+            # rows of an Execute whose portal was not described: its statement's fields, the Bind's formats
+            current = self.tracker.syncs_seen + 1
+            fields = None
+            if self._executes and self._executes[0][0] == current:
+                _, statement, formats = self._executes[0]
+                fields = self._statement_fields.get(statement)
+            if fields is None:
+                # rows gatekeep cannot name: fail closed, every value becomes NULL
+                width = (body[0] << 8) | body[1]
+                counts = self._counts()
+                counts["unknown-shape"] = counts.get("unknown-shape", 0) + 1
+                return pg.data_row([None] * width)
+            columns = self._row_columns = _masking.plan_columns(
+                self.plan, fields, formats, self.catalog, self.codec) or []
+        if not columns:
+            return None
+        return _masking.mask_data_row(columns, body, self._counts())
