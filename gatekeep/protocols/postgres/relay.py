@@ -13,7 +13,8 @@ target's credentials), READY (relaying), CLOSED.
 In READY, client messages are framed whole (they are small, and policy needs
 them whole); server messages go through :class:`BackendStream`, which forwards
 each chunk as it arrives and shows the relay only the messages that end
-operations. Each transport is registered as the other's streaming producer, so a
+operations (and, under masking, hands the rows to :class:`ResultMasking` to be
+rewritten). Each transport is registered as the other's streaming producer, so a
 slow reader pauses the other side instead of filling the gateway's memory.
 """
 
