@@ -115,6 +115,17 @@ def run(args) -> int:
                 "upstream": {"host": "127.0.0.1", "port": port, "database": "app", "user": "app_rw",
                              "password": "env:GATEKEEP_DEMO_DB_PASSWORD"},
             }],
+            "policies": [
+                {"name": "no-schema-changes", "match": {"groups": ["agents"], "statements": ["ddl", "truncate"]},
+                 "action": "deny", "reason": "agents may read and write rows, not change the schema"},
+                {"name": "no-unbounded-writes",
+                 "match": {"conditions": ["update_without_where", "delete_without_where"]},
+                 "action": "deny", "reason": "add a WHERE clause"},
+            ],
+            "masking": [
+                {"name": "pii", "match": {"targets": ["demo-db"]}, "columns": ["*.email"],
+                 "detectors": ["credit_card"], "strategy": "partial", "keep": 4},
+            ],
         }
         os.environ["GATEKEEP_DEMO_DB_PASSWORD"] = password
         config_path = work / "gatekeep.yaml"
@@ -126,6 +137,10 @@ Its service account's password stays inside gatekeep; you log in as identity "de
 Try, in another terminal:
 
   PGPASSWORD={token} psql "host=127.0.0.1 port={listen_port} user=demo dbname=app" -c "SELECT * FROM customers"
+
+(emails and card numbers come back masked), then a statement the policy refuses:
+
+  PGPASSWORD={token} psql "host=127.0.0.1 port={listen_port} user=demo dbname=app" -c "DROP TABLE customers"
 
 and see what was recorded:
 
