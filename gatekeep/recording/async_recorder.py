@@ -34,8 +34,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder
-from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
-from gatekeep.recording import RecordingUnavailable
+from gatekeep.model import Decision, Operation
+from gatekeep.recording import InOrder, RecordingUnavailable
 from gatekeep.recording.sinks import SinkFeeder
 from gatekeep.store import StoreUnavailable
 
@@ -53,7 +53,7 @@ class _Strict:
 
 
 @implementer(IRecorder)
-class AsyncRecorder:
+class AsyncRecorder(InOrder):
     def __init__(self, store: Any, reactor: Any, *, durability: str = "batched", on_failure: str = "continue",
                  interval: float = 0.02, max_batch: int = 2000, retry_delay: float = 0.1,
                  max_retry_delay: float = 2.0, sinks: list[Any] | None = None) -> None:
@@ -123,12 +123,6 @@ class AsyncRecorder:
 
     # -- IRecorder ---------------------------------------------------------------------
 
-    def sessionStarted(self, session: Session) -> None:
-        self._add(session)
-
-    def loginFailed(self, failure: LoginFailure) -> None:
-        self._add(failure)
-
     def operationStarted(self, operation: Operation, decision: Decision) -> defer.Deferred | None:
         if self.deny_on_failure and not self.healthy:
             # still recorded when the store is back: the trail shows what was refused
@@ -140,19 +134,6 @@ class AsyncRecorder:
             return d
         self._add((operation, decision))
         return None
-
-    def operationFinished(self, outcome: Outcome) -> None:
-        self._add(outcome)
-
-    def sessionEnded(self, end: SessionEnd) -> None:
-        self._add(end)
-
-    def streamData(self, event: StreamEvent) -> None:
-        self._add(event)
-
-    def record(self, value: Any) -> None:
-        """Another recordable value (an approval event), stored in order with the rest."""
-        self._add(value)
 
     def flush(self) -> defer.Deferred:
         """Fires once everything received before the call is stored (written at once, not after ``interval``)."""

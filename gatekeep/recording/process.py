@@ -38,8 +38,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder
-from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
-from gatekeep.recording import RecordingUnavailable
+from gatekeep.model import Decision, Operation
+from gatekeep.recording import InOrder, RecordingUnavailable
 from gatekeep.recording.sinks import SinkFeeder
 
 _log = Logger()
@@ -109,7 +109,7 @@ class _WriterProtocol(protocol.ProcessProtocol):
 
 
 @implementer(IRecorder)
-class ProcessRecorder:
+class ProcessRecorder(InOrder):
     def __init__(self, reactor: Any, settings: dict[str, Any], *, durability: str = "batched",
                  on_failure: str = "continue", interval: float = 0.02, sinks: list[Any] | None = None,
                  max_frame: int = 5000) -> None:
@@ -203,12 +203,6 @@ class ProcessRecorder:
         elif self._timer is None:
             self._timer = self._reactor.callLater(self._interval, self._send)
 
-    def sessionStarted(self, session: Session) -> None:
-        self._add(session)
-
-    def loginFailed(self, failure: LoginFailure) -> None:
-        self._add(failure)
-
     def operationStarted(self, operation: Operation, decision: Decision) -> Deferred | None:
         if self.deny_on_failure and not self.healthy:
             self._add((operation, decision))  # recorded when the store is back: the trail shows the refusal
@@ -221,19 +215,6 @@ class ProcessRecorder:
             return d
         self._add((operation, decision))
         return None
-
-    def operationFinished(self, outcome: Outcome) -> None:
-        self._add(outcome)
-
-    def sessionEnded(self, end: SessionEnd) -> None:
-        self._add(end)
-
-    def streamData(self, event: StreamEvent) -> None:
-        self._add(event)
-
-    def record(self, value: Any) -> None:
-        """Another recordable value (an approval event), stored in order with the rest."""
-        self._add(value)
 
     def flush(self) -> Deferred:
         d: Deferred = Deferred()

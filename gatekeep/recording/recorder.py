@@ -36,8 +36,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder, IStore
-from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
-from gatekeep.recording import RecordingUnavailable
+from gatekeep.model import Decision, Operation
+from gatekeep.recording import InOrder, RecordingUnavailable
 from gatekeep.recording.sinks import close_all, emit_all
 
 _log = Logger()
@@ -64,7 +64,7 @@ _STOP = object()
 
 
 @implementer(IRecorder)
-class ThreadedRecorder:
+class ThreadedRecorder(InOrder):
     def __init__(self, store: IStore, reactor: Any, *, max_batch: int = 5000, retry_delay: float = 0.2,
                  interval: float = 0.02, durability: str = "batched", on_failure: str = "continue",
                  sinks: list[Any] | None = None) -> None:
@@ -103,11 +103,8 @@ class ThreadedRecorder:
 
     # -- IRecorder -------------------------------------------------------------------
 
-    def sessionStarted(self, session: Session) -> None:
-        self._queue.put(session)
-
-    def loginFailed(self, failure: LoginFailure) -> None:
-        self._queue.put(failure)
+    def _add(self, value: Any) -> None:
+        self._queue.put(value)
 
     def operationStarted(self, operation: Operation, decision: Decision) -> Deferred | None:
         if self.deny_on_failure and not self.healthy:
@@ -120,19 +117,6 @@ class ThreadedRecorder:
             return d
         self._queue.put((operation, decision))
         return None
-
-    def operationFinished(self, outcome: Outcome) -> None:
-        self._queue.put(outcome)
-
-    def sessionEnded(self, end: SessionEnd) -> None:
-        self._queue.put(end)
-
-    def streamData(self, event: StreamEvent) -> None:
-        self._queue.put(event)
-
-    def record(self, value: Any) -> None:
-        """Another recordable value (an approval event), stored in order with the rest."""
-        self._queue.put(value)
 
     def flush(self) -> Deferred:
         d: Deferred = Deferred()

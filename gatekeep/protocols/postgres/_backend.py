@@ -63,13 +63,10 @@ class BackendStream:
         if not self.hold and not self._held:
             if not self._hdr and self._type is None:
                 self._pass(data, later)
-            elif not (self._hdr and not self._hdr_sent):
+                return [data]
+            if self._hdr_sent or not self._hdr:
                 self._scan(data, None)
-            else:
-                out = []
-                self._scan(data, out)
-                return [chunk for chunk in out if chunk]
-            return [data]
+                return [data]
         out: list[bytes] = []
         self._scan(data, out)
         return [chunk for chunk in out if chunk]

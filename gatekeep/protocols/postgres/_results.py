@@ -29,11 +29,11 @@ WATCHED = frozenset({b"T", b"n", b"D", b"H", b"d", b"c", b"S"})
 
 
 class ResultMasking:
-    def __init__(self, plan: Any, tracker: Tracker, catalog: _masking.Catalog | None = None) -> None:
+    def __init__(self, plan: Any, tracker: Tracker) -> None:
         self.plan = plan
         self.tracker = tracker
-        #: the columns masking may need, read from the server's catalog at login
-        self.catalog = catalog if catalog is not None else _masking.Catalog()
+        #: the columns masking may need, read from the server's catalog at login (by the relay's Upstream)
+        self.catalog = _masking.Catalog()
         #: how the server encodes text for this client (ParameterStatus client_encoding)
         self.codec = "utf-8"
         self._describes: deque = deque()   # (group, kind, name) of Describe messages in flight

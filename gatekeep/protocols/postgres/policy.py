@@ -252,17 +252,24 @@ class SqlFacts:
         return self.analysis.summary()
 
 
+DEFAULT_SEARCH_PATH = ("$user", "public")
+
+
+def _cache_key(text: str, analysis: Analysis, search_path: tuple[str, ...]) -> Any:
+    """A decision holds for every statement of the same shape under the same search_path; an EXECUTE's depends
+    on what was prepared, so it is never shared."""
+    return None if analysis.executes else (analysis.shape or text, search_path)
+
+
 def cache_key_for(text: str, state: SqlSessionState | None) -> Any:
     """The decision cache key of a statement (as in its facts), or None when its decision must not be shared."""
-    analysis = analyze(text)
-    if analysis.executes:
-        return None
-    return (analysis.shape or text, state.key() if state is not None else ("$user", "public"))
+    return _cache_key(text, analyze(text), state.key() if state is not None else DEFAULT_SEARCH_PATH)
 
 
 def facts_for(text: str, state: SqlSessionState | None, user: str) -> SqlFacts:
     analysis = analyze(text)
-    search_path = state.key() if state is not None else ("$user", "public")
+    search_path = state.key() if state is not None else DEFAULT_SEARCH_PATH
+    key = _cache_key(text, analysis, search_path)
     if analysis.executes:
         # EXECUTE is judged as what was prepared; an unknown name cannot be judged
         merged = list(analysis.units)
@@ -278,5 +285,4 @@ def facts_for(text: str, state: SqlSessionState | None, user: str) -> SqlFacts:
             conditions |= body.conditions
         analysis = attrs.evolve(analysis, units=tuple(merged), functions=frozenset(functions),
                                 conditions=frozenset(conditions), unjudgeable=unjudgeable)
-        return SqlFacts(analysis, search_path, user, None)
-    return SqlFacts(analysis, search_path, user, (analysis.shape or text, search_path))
+    return SqlFacts(analysis, search_path, user, key)

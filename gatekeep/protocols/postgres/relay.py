@@ -129,10 +129,8 @@ class Frontend(protocol.Protocol):
         self._inbox: deque = deque()
         self._waiting: Deferred | None = None
         self.sql_state: SqlSessionState | None = None
-        # masking: the plan for this session, the columns it may need (read at login), and what the
-        # relay knows of result shapes (None without a plan)
-        self.masking: Any = None
-        self.catalog = _masking.Catalog()
+        # masking: the plan for this session, the columns it may need (read at login) and what the
+        # relay knows of result shapes; None without a plan
         self.results: ResultMasking | None = None
         # NoticeResponses waiting for a message boundary of the server's stream
         self._notices: list[bytes] = []
@@ -340,12 +338,12 @@ class Frontend(protocol.Protocol):
         self.sql_state = SqlSessionState(self.target.options.upstream.user)
         self.sql_state.seed(self.parameters.get("search_path"), self.parameters.get("options", ""))
         try:
-            self.masking = self.gateway.chain.masking_plan(self.session)
+            plan = self.gateway.chain.masking_plan(self.session)
         except Exception:
             self.fatal("XX000", "gatekeep cannot decide the masking for this session", reason="masking failed")
             return
-        if self.masking is not None:
-            self.results = ResultMasking(self.masking, self.tracker, self.catalog)
+        if plan is not None:
+            self.results = ResultMasking(plan, self.tracker)
         _log.info("session {session} for {identity} on {target} from {client}", session=self.session.id,
                   identity=identity.name, target=self.target.name, client=str(self.client))
         self.phase = Phase.UPSTREAM
@@ -828,7 +826,8 @@ class Upstream(protocol.Protocol):
                 self.fail(f"{fields.get('C', '?')} {fields.get('M', '')}", "08004" if fields.get("C") != "28P01" else "28000")
                 return
             elif m.type == b"Z" and self.login.done:
-                query = _masking.catalog_query(self.frontend.masking) if self.frontend.masking else None
+                results = self.frontend.results
+                query = _masking.catalog_query(results.plan) if results is not None else None
                 if query is not None and self.state == "login":
                     # name the columns masking may need before the client gets the session
                     self.state = "catalog"
@@ -850,7 +849,7 @@ class Upstream(protocol.Protocol):
                 return
             elif self.state == "catalog":
                 if m.type == b"D":
-                    self.frontend.catalog.add_row(pg.parse_data_row(m.body))
+                    self.frontend.results.catalog.add_row(pg.parse_data_row(m.body))
                 elif m.type == b"E":
                     self._catalog_error = pg.parse_fields(m.body).get("M", "error")
                 continue

@@ -184,12 +184,7 @@ class SessionRelay(PairRelay):
         if self.denied:
             return
         if self.sftp is not None:
-            try:
-                self.sftp.from_client(data)
-            except SftpError as e:
-                self._broken(str(e))
-                return
-            self._pump_sftp()
+            self._sftp_feed(self.sftp.from_client, data)
             return
         if self.recording is not None:
             self.recording.input(data)
@@ -369,16 +364,20 @@ class SessionRelay(PairRelay):
         self._flush_client_mask()
         return self.down.send_request(kind, data, want)
 
+    def _sftp_feed(self, feed: Any, data: bytes) -> None:
+        """Give SFTP bytes to the stream (``from_client`` or ``from_server``); a broken stream ends the channel."""
+        try:
+            feed(data)
+        except SftpError as e:
+            self._broken(str(e))
+            return
+        self._pump_sftp()
+
     # -- output ----------------------------------------------------------------------
 
     def _output(self, code: int, data: bytes) -> None:
         if self.sftp is not None and code == 0:
-            try:
-                self.sftp.from_server(data)
-            except SftpError as e:
-                self._broken(str(e))
-                return
-            self._pump_sftp()
+            self._sftp_feed(self.sftp.from_server, data)
             return
         if self.recording is not None:
             self.recording.output(data)
