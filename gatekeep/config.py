@@ -118,6 +118,16 @@ class Node:
         except ValueError:
             raise ConfigError(self.sub(key), f"expected a duration such as 30s or 10m, got {_show(v)}") from None
 
+    def size(self, key: str, default: Any = _MISSING) -> Any:
+        """Bytes, from an integer or a string like ``512KiB``, ``64MiB``, ``1GiB`` (or kB, MB, GB)."""
+        v = self.raw(key, default)
+        if v is default and default is not _MISSING:
+            return v
+        try:
+            return parse_size(v)
+        except ValueError:
+            raise ConfigError(self.sub(key), f"expected a size such as 64MiB, got {_show(v)}") from None
+
     def strings(self, key: str, default: Any = _MISSING) -> Any:
         v = self.raw(key, default)
         if v is default and default is not _MISSING:
@@ -174,6 +184,23 @@ def parse_duration(value: Any) -> float:
         raise ValueError(value)
     scale = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
     return float(m.group(1)) * scale
+
+
+_SIZES = {None: 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def parse_size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(value)
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise ValueError(value)
+    return int(float(m.group(1)) * _SIZES[m.group(2).lower() if m.group(2) else None])
 
 
 # -- values -----------------------------------------------------------------
@@ -271,6 +298,8 @@ class RecordingConfig:
     interval: float = 0.02
     #: SQLite store: who writes it: a separate process (default; the relay's core stays free) or a thread
     writer: str = "process"
+    #: bytes of records not yet stored before new operations wait for the store (writer process)
+    max_backlog: int = 64 << 20
 
 
 def read_recording(node: Node | None) -> RecordingConfig:
@@ -285,7 +314,10 @@ def read_recording(node: Node | None) -> RecordingConfig:
         sinks=tuple(read_sink(n) for n in node.children("sinks", [])),
         interval=node.duration("interval", 0.02),
         writer=node.str("writer", "process", choices=("process", "thread")),
+        max_backlog=node.size("max_backlog", 64 << 20),
     )
+    if cfg.max_backlog < 1 << 20:
+        raise ConfigError(node.sub("max_backlog"), f"expected at least 1MiB, got {cfg.max_backlog} bytes")
     node.finish()
     return cfg
 

@@ -140,7 +140,7 @@ def recording_for(config: Config, reactor: Any) -> tuple[Any, Any]:
                                        interval=rec.interval, sinks=sinks)
     settings = {"path": str(config.store.path), "node": config.node, "signing_key": signer.private_pem()}
     return store, ProcessRecorder(reactor, settings, durability=rec.durability, on_failure=rec.on_failure,
-                                  interval=rec.interval, sinks=sinks)
+                                  interval=rec.interval, sinks=sinks, max_backlog=rec.max_backlog)
 
 
 def build(config: Config, reactor: Any = None) -> GatewayService:

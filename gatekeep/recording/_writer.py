@@ -8,6 +8,7 @@ carries its settings (the store's path, the node name, the signing key).
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 import time
@@ -70,6 +71,11 @@ def main() -> int:
         sys.stderr.write("recording writer: no settings\n")
         return 2
     settings = init[1]
+    if settings.get("nice"):
+        try:
+            os.nice(settings["nice"])
+        except OSError as e:  # not allowed here: the writer runs at the gateway's priority
+            sys.stderr.write(f"recording writer: cannot lower its priority: {e}\n")
     signer = ledger.load_signer(settings["signing_key"]) if settings.get("signing_key") else None
     store = SQLiteStore(settings["path"], node=settings["node"], signer=signer)
     want_entries = settings.get("want_entries", False)

@@ -18,6 +18,16 @@ and answers with the frame's id.
   ``operationStarted`` raises :class:`RecordingUnavailable`.
 - Sinks run here in the gateway process: the writer sends back the ledger
   entries it committed when sinks are configured.
+- Bounded memory: when the frames sent and not yet acknowledged reach
+  ``max_backlog`` bytes (the writer is slower than the traffic, stopped, or the
+  store is failing), ``operationStarted`` returns a Deferred, as in strict
+  mode, that fires when the backlog is back under half of it. New operations
+  wait for the store instead of the gateway's memory growing without end.
+- In batched mode the writer runs at a lower CPU priority (``WRITER_NICE``):
+  its work is never on a client's path, and on a busy machine the relay then
+  gets the core first (measured in docs/performance.md). The backlog bound
+  above is what keeps it from falling behind for good. In strict mode it keeps
+  the gateway's priority, since every operation waits for its commit.
 
 The writer is ``python -m gatekeep.recording._writer``; frames are pickles with
 a 4-byte length prefix, on the writer's stdin and stdout.
@@ -54,6 +64,12 @@ def frame(value: Any) -> bytes:
 #: the writer's stdin pipe is widened to this: a frame (20 ms of events, about 200 KB of HTTP
 #: requests with body excerpts) then goes in one write and one wake-up instead of several
 PIPE_SIZE = 1 << 20
+
+#: how much lower the writer's CPU priority is in batched mode (os.nice)
+WRITER_NICE = 10
+
+#: default bound on the bytes of frames the writer has not acknowledged yet
+MAX_BACKLOG = 64 << 20
 
 
 def _widen_pipe(transport: Any) -> None:
@@ -112,11 +128,11 @@ class _WriterProtocol(protocol.ProcessProtocol):
 class ProcessRecorder(InOrder):
     def __init__(self, reactor: Any, settings: dict[str, Any], *, durability: str = "batched",
                  on_failure: str = "continue", interval: float = 0.02, sinks: list[Any] | None = None,
-                 max_frame: int = 5000) -> None:
-        #: what the writer needs: store path, node, signing key PEM (sent on stdin, never on the command line)
-        self._settings = dict(settings, want_entries=bool(sinks))
-        self._reactor = reactor
+                 max_frame: int = 5000, max_backlog: int = MAX_BACKLOG) -> None:
         self.strict = durability == "strict"
+        #: what the writer needs: store path, node, signing key PEM (sent on stdin, never on the command line)
+        self._settings = dict(settings, want_entries=bool(sinks), nice=0 if self.strict else WRITER_NICE)
+        self._reactor = reactor
         self.deny_on_failure = on_failure == "deny"
         self._interval = interval
         self._max_frame = max_frame
@@ -126,8 +142,13 @@ class ProcessRecorder(InOrder):
         self._waiters: list[Deferred] = []
         self._timer: Any = None
         self._next_id = 0
-        #: frames sent and not yet acknowledged: id -> (events, waiters)
-        self._unacked: dict[int, tuple[list[Any], list[Deferred]]] = {}
+        #: frames sent and not yet acknowledged: id -> (events, waiters, bytes)
+        self._unacked: dict[int, tuple[list[Any], list[Deferred], int]] = {}
+        self.max_backlog = max_backlog
+        #: bytes of the frames in _unacked
+        self.backlog = 0
+        #: operations waiting for the backlog to shrink
+        self._drain: list[Deferred] = []
         self._flushes: list[tuple[int, Deferred]] = []
         self._proc: _WriterProtocol | None = None
         self._stopping = False
@@ -157,8 +178,7 @@ class ProcessRecorder(InOrder):
         proc.transport.write(frame(("init", self._settings)))
         # anything not acknowledged by a writer that died goes again, in order
         for frame_id in sorted(self._unacked):
-            events, _ = self._unacked[frame_id]
-            proc.transport.write(frame(("batch", frame_id, events)))
+            proc.transport.write(frame(("batch", frame_id, self._unacked[frame_id][0])))
         self._send()
 
     def _writer_ended(self, proc: _WriterProtocol, reason: Any) -> None:
@@ -214,7 +234,18 @@ class ProcessRecorder(InOrder):
             self._send_strict()
             return d
         self._add((operation, decision))
+        if self.backlog >= self.max_backlog:
+            return self._wait_for_drain()
         return None
+
+    def _wait_for_drain(self) -> Deferred:
+        """The operation waits (its event is already queued) until the writer has caught up."""
+        if not self._drain:
+            _log.warn("recording writer is behind ({mib:.0f} MiB not yet stored); new operations wait for it",
+                      mib=self.backlog / (1 << 20))
+        d: Deferred = Deferred()
+        self._drain.append(d)
+        return d
 
     def flush(self) -> Deferred:
         d: Deferred = Deferred()
@@ -232,7 +263,7 @@ class ProcessRecorder(InOrder):
         Group commit: a strict frame goes at once, unless one is already being
         written; what arrives meanwhile goes in the next frame, sent on its ack.
         """
-        if any(waiters for _, waiters in self._unacked.values()):
+        if any(waiters for _, waiters, _ in self._unacked.values()):
             return
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -247,15 +278,18 @@ class ProcessRecorder(InOrder):
         events, self._events = self._events, []
         waiters, self._waiters = self._waiters, []
         self._next_id += 1
-        self._unacked[self._next_id] = (events, waiters)
+        data = frame(("batch", self._next_id, events))
+        self._unacked[self._next_id] = (events, waiters, len(data))
+        self.backlog += len(data)
         if self._proc is not None:
-            self._proc.transport.write(frame(("batch", self._next_id, events)))
+            self._proc.transport.write(data)
 
     def _from_writer(self, message: tuple) -> None:
         kind = message[0]
         if kind == "ok":
             _, frame_id, entries = message
-            events, waiters = self._unacked.pop(frame_id, ([], []))
+            events, waiters, size = self._unacked.pop(frame_id, ([], [], 0))
+            self.backlog -= size
             self.batches += 1
             self.written += len(events)
             if not self.healthy:
@@ -266,6 +300,11 @@ class ProcessRecorder(InOrder):
                     w.callback(None)
             if self._waiters:
                 self._send_strict()
+            if self._drain and self.backlog < self.max_backlog // 2:
+                drained, self._drain = self._drain, []
+                _log.info("recording writer has caught up; {n} waiting operations go on", n=len(drained))
+                for d in drained:
+                    d.callback(None)
             if entries:
                 self._to_sinks(entries)
             for flush_id, d in list(self._flushes):
@@ -280,10 +319,11 @@ class ProcessRecorder(InOrder):
                 _log.error("recording store failed ({error}); keeping events and retrying", error=error)
             self.healthy = False
             if self.deny_on_failure:
-                for _, waiters in self._unacked.values():
-                    for w in waiters:
-                        if not w.called:
-                            w.errback(RecordingUnavailable(error))
+                waiting = [w for _, waiters, _ in self._unacked.values() for w in waiters] + self._drain
+                self._drain = []
+                for w in waiting:
+                    if not w.called:
+                        w.errback(RecordingUnavailable(error))
         elif kind == "dropped":
             _log.critical("recording dropped an event the store refuses: {kind}", kind=message[1])
 

@@ -2,12 +2,15 @@
 
 import os
 import signal
+import threading
 import time
 
 import psycopg
 import pytest
 
-from tests.integration.pg_gateway_helpers import client_args, pg_target, poll, show_session, upstream_env
+from tests.integration.pg_gateway_helpers import (
+    client_args, pg_target, poll, sessions_json, show_session, upstream_env,
+)
 
 
 def _writer_pids(gk):
@@ -89,3 +92,60 @@ def test_strict_mode_records_before_forwarding(gateway):
         assert session is not None
         records = show_session(gk, session["id"])["records"]
         assert any("strict-marker" in r["text"] for r in records)
+
+
+def _nice(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
+def test_writer_priority_follows_durability(gateway):
+    """Batched: the writer runs at a lower CPU priority than the relay (nice 10); strict: at the gateway's."""
+    def writer_nice_after_a_statement(gk, token):
+        # the writer sets its priority when it reads its settings; a recorded statement shows it has
+        with psycopg.connect(**client_args(gk, "db", "writer-test", token), autocommit=True) as conn:
+            conn.execute("SELECT 1")
+        poll("the statement's record", lambda: any(s["operations"] for s in sessions_json(gk)) or None)
+        [writer] = _writer_pids(gk)
+        return _nice(writer) - _nice(gk.pid)
+
+    assert writer_nice_after_a_statement(*gateway()) == 10
+    assert writer_nice_after_a_statement(*gateway({"durability": "strict"})) == 0
+
+
+def test_a_stopped_writer_makes_new_statements_wait_not_memory_grow(gateway):
+    """
+    max_backlog 1MiB and a writer stopped with SIGSTOP: statements run until 1MiB of records waits, then the next
+    one waits for the writer (the client just waits); SIGCONT and it completes, with every statement recorded.
+    """
+    gk, token = gateway({"max_backlog": "1MiB"})
+    writer = poll("the writer process", lambda: _writer_pids(gk) or None)[0]
+    filler = "x" * 20000
+    done = []
+    os.kill(writer, signal.SIGSTOP)
+    try:
+        with psycopg.connect(**client_args(gk, "db", "writer-test", token, application_name="wbacklog"),
+                             autocommit=True) as conn:
+            def run():
+                for i in range(200):
+                    conn.execute(f"SELECT '{filler}', {i}")
+                    done.append(i)
+
+            t = threading.Thread(target=run, daemon=True)
+            t.start()
+            # about 20 KB of record per statement: the bound is reached after some 50 of them
+            poll("statements to stop completing", lambda: (lambda n: n if n and time.sleep(0.5) is None
+                                                           and len(done) == n else None)(len(done)), timeout=30)
+            stalled = len(done)
+            assert 30 < stalled < 120, stalled
+            time.sleep(1.0)
+            assert len(done) == stalled and t.is_alive()
+            os.kill(writer, signal.SIGCONT)
+            t.join(60)
+            assert len(done) == 200
+    finally:
+        os.kill(writer, signal.SIGCONT)
+    session = _session_of(gk, "wbacklog")
+    records = show_session(gk, session["id"])["records"]
+    assert [r["seq"] for r in records] == list(range(1, 201))
+    assert "recording writer is behind" in gk.log_text() and "has caught up" in gk.log_text()

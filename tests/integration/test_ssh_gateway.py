@@ -525,3 +525,52 @@ def test_gateway_host_key_is_kept(gw):
     """The generated host key is stored in the state folder with mode 0600."""
     path = os.path.join(gw.gk.workdir, "ssh_host_ed25519_key")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_exec_refused_while_the_store_is_down_with_on_failure_deny(gatekeep, sshd, store_pg, store_db, store_dbs,
+                                                                   tmp_path):
+    """
+    Strict durability and on_failure deny, recording to PostgreSQL: while the store is down an ssh command is
+    refused with a message saying why and never runs; once the store is back, commands run and the refusal is in
+    the trail.
+    """
+    keygen(str(tmp_path / "bob"))
+    token, entry = make_identity("bob", ["dev"])
+    entry["ssh_keys"] = [read_pub(str(tmp_path / "bob"))]
+    kh = tmp_path / "upstream_known_hosts"
+    kh.write_text(sshd.known_hosts_line() + "\n")
+    port = free_port()
+    gk = gatekeep({
+        "node": "gk-ssh-deny", "store": store_db.store_config(),
+        "recording": {"durability": "strict", "on_failure": "deny"},
+        "identities": [entry],
+        "targets": [{"name": "box", "protocol": "ssh", "listen": tcp_listen(port),
+                     "upstream": {"host": "127.0.0.1", "port": sshd.port, "user": sshd.user,
+                                  "private_key": "file:" + sshd.client_key, "known_hosts": "file:" + str(kh)}}],
+    }, env=store_dbs.env)
+    pub = open(os.path.join(gk.workdir, "ssh_host_ed25519_key.pub")).read().split()
+    (tmp_path / "known_hosts").write_text("[127.0.0.1]:%d %s %s\n" % (port, pub[0], pub[1]))
+    opts = ["-o", "UserKnownHostsFile=%s" % (tmp_path / "known_hosts"), "-o", "StrictHostKeyChecking=yes",
+            "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes",
+            "-o", "IdentityFile=%s" % (tmp_path / "bob")]
+
+    def ssh(command):
+        return subprocess.run(["ssh", "-p", str(port)] + opts + ["bob@127.0.0.1", command], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    assert ssh("echo before").stdout.strip() == "before"
+    mark = "/tmp/gk-store-down-%d" % port
+    store_pg.stop()
+    try:
+        refused = ssh("touch %s; echo ran" % mark)
+        assert refused.returncode != 0 and "ran" not in refused.stdout
+        assert "recording is unavailable" in refused.stderr, refused.stderr
+        assert not os.path.exists(mark)
+    finally:
+        store_pg.start()
+    deadline = time.monotonic() + 20
+    while ssh("echo after").stdout.strip() != "after":
+        assert time.monotonic() < deadline, "commands do not run again once the store is back"
+        time.sleep(0.5)
+    log = gk.log_text()
+    assert "Unhandled" not in log and "Traceback" not in log

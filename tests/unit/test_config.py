@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from gatekeep.config import ConfigError, load, parse_duration, read_config
+from gatekeep.config import ConfigError, load, parse_duration, parse_size, read_config
 from gatekeep.identity.tokens import token_entry
 from gatekeep.protocols.postgres.plugin import PostgresTarget
 from gatekeep.secrets import Secret, SecretError, resolve
@@ -266,6 +266,30 @@ def test_bad_durations_are_refused(text):
     """Anything else is a ValueError."""
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+@pytest.mark.parametrize("text, size", [
+    ("64MiB", 64 << 20), ("512KiB", 512 << 10), ("1GiB", 1 << 30), ("2MB", 2_000_000), ("10kb", 10_000),
+    (" 3 mib ", 3 << 20), ("100", 100), (4096, 4096), ("100b", 100), ("1.5MiB", 3 << 19),
+])
+def test_sizes_parse(text, size):
+    """Sizes are numbers of bytes or a number with B, kB/MB/GB or KiB/MiB/GiB, in any case."""
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["big", "5 MiBs", "", "-1MiB", -1, True, "1e3", "MiB", "3TiB"])
+def test_bad_sizes_are_refused(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_recording_backlog_bound_is_read_and_checked():
+    """recording.max_backlog takes a size; less than 1MiB is refused with the key path."""
+    assert read_config(with_change("recording", {"max_backlog": "8MiB"}), Path("/etc")).recording.max_backlog == 8 << 20
+    e = error_of(with_change("recording", {"max_backlog": "100KiB"}))
+    assert str(e) == "recording.max_backlog: expected at least 1MiB, got 102400 bytes"
+    e = error_of(with_change("recording", {"max_backlog": "lots"}))
+    assert str(e) == 'recording.max_backlog: expected a size such as 64MiB, got "lots"'
 
 
 def test_bad_duration_in_config_names_the_key():

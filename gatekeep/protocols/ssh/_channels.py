@@ -292,7 +292,7 @@ class SessionRelay(PairRelay):
 
     def _main_withdrawn(self, failure: Failure, reply: Deferred) -> None:
         decision = self._withdrawn(failure)
-        self.s.operation_started(self.op, decision)
+        self.s.record_refused(self.op, decision)
         what = {"exec": f"command {self.op.text!r}", "shell": "shell", "subsystem": f"subsystem {self.op.text}"}
         self._refuse(decision, reply, f"gatekeep: {what[self.mode]} withdrawn: {decision.reason}", WITHDRAWN_STATUS,
                      "withdrawn")
@@ -300,11 +300,7 @@ class SessionRelay(PairRelay):
     # -- the main request, decided ------------------------------------------------------
 
     def _main_decided(self, decision: Decision, kind: bytes, data: bytes, reply: Deferred, detail: SshRequest) -> None:
-        started = self.s.operation_started(self.op, decision)
-        if isinstance(started, Deferred):
-            started.addBoth(lambda _: self._carry_out(decision, kind, data, reply, detail))
-        else:
-            self._carry_out(decision, kind, data, reply, detail)
+        self.after_record(self.op, decision, self._carry_out, kind, data, reply, detail)
 
     def _carry_out(self, decision: Decision, kind: bytes, data: bytes, reply: Deferred, detail: SshRequest) -> None:
         if not decision.allowed:
@@ -458,7 +454,7 @@ class SessionRelay(PairRelay):
     def _line_withdrawn(self, failure: Failure, key: bytes, op: Operation) -> None:
         """Ctrl-C (or the channel closed) while the typed line was held: it is not submitted."""
         decision = self._withdrawn(failure)
-        self.s.operation_started(op, decision)
+        self.s.record_refused(op, decision)
         now = self.s.now()
         self.s.chain.operation_finished(Outcome(self.s.session.id, op.seq, now, now - op.at, "withdrawn",
                                                 error_code="withdrawn", error_message=decision.reason))
@@ -470,7 +466,9 @@ class SessionRelay(PairRelay):
         self._line_done(key, False)
 
     def _line_decided(self, decision: Decision, key: bytes, op: Operation) -> None:
-        self.s.operation_started(op, decision)
+        self.after_record(op, decision, self._line_carry_out, key, op)
+
+    def _line_carry_out(self, decision: Decision, key: bytes, op: Operation) -> None:
         now = self.s.now()
         if decision.allowed:
             self.s.chain.operation_finished(Outcome(self.s.session.id, op.seq, now, now - op.at, "submitted"))
@@ -529,8 +527,10 @@ class SessionRelay(PairRelay):
             self._pumping = False
 
     def _sftp_decided(self, decision: Decision, p: Any) -> None:
+        self.after_record(p.ref, decision, self._sftp_carry_out, p)
+
+    def _sftp_carry_out(self, decision: Decision, p: Any) -> None:
         self._sftp_deciding = False
-        self.s.operation_started(p.ref, decision)
         if not decision.allowed:
             now = self.s.now()
             self.s.chain.operation_finished(Outcome(self.s.session.id, p.ref.seq, now, now - p.ref.at, "denied",
@@ -543,7 +543,7 @@ class SessionRelay(PairRelay):
         """The channel closed while an SFTP request was held: it never reaches the server."""
         self._sftp_deciding = False
         decision = self._withdrawn(failure)
-        self.s.operation_started(p.ref, decision)
+        self.s.record_refused(p.ref, decision)
         now = self.s.now()
         self.s.chain.operation_finished(Outcome(self.s.session.id, p.ref.seq, now, now - p.ref.at, "withdrawn",
                                                 error_code="withdrawn", error_message=decision.reason))

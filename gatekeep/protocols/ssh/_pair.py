@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.conch.ssh.common import getNS
 from twisted.conch.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from gatekeep.model import Action, Decision, Operation, Outcome
@@ -139,6 +139,25 @@ class PairRelay:
     def finished(self) -> None:
         pass
 
+    def after_record(self, op: Operation, decision: Decision, then: Any, *args: Any) -> None:
+        """
+        Record ``op`` and call ``then(decision, *args)`` with the decision to
+        carry out (a denial when recording is unavailable); when the record
+        must be stored first (strict durability, a full recording backlog),
+        once it is. ``then`` is not called if the channel ended meanwhile.
+        """
+        started = self.s.record_start(op, decision)
+        if not isinstance(started, Deferred):
+            then(started, *args)
+            return
+
+        def stored(decision: Decision) -> None:
+            if not self.done:
+                then(decision, *args)
+
+        started.addCallback(stored).addErrback(
+            lambda f: _log.failure("carrying out an operation in session {session}", f, session=self.s.session.id))
+
     def outcome(self, status: str | None, **kw: Any) -> None:
         if self.op is None:
             return
@@ -180,14 +199,16 @@ class ForwardRelay(PairRelay):
         facts = {"approval": {"id": self.holds[0].request_id, "status": "withdrawn"}} if self.holds else {}
         decision = Decision(Action.DENY, WITHDRAWN, "the client disconnected " + (
             f"while it was held for approval as request {ids}" if ids else "before the decision"), facts)
-        self.s.operation_started(self.op, decision)
+        self.s.record_refused(self.op, decision)
         self.outcome("withdrawn", error_code="withdrawn", error_message=decision.reason)
         self.done = True
 
     def _decided(self, decision: Decision) -> None:
         if decision.allowed and decision.rule is None:
             decision = Decision(Action.DENY, None, "port forwarding is denied unless a rule allows it", decision.facts)
-        self.s.operation_started(self.op, decision)
+        self.after_record(self.op, decision, self._carry_out)
+
+    def _carry_out(self, decision: Decision) -> None:
         if self.s.closed:
             return
         if not decision.allowed:

@@ -27,7 +27,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gatekeep.model import ClientAddress, Decision, LoginFailure, Operation, Session, SessionEnd, new_id
+from gatekeep.model import Action, ClientAddress, Decision, LoginFailure, Operation, Session, SessionEnd, new_id
 from gatekeep.protocols.ssh import policy as _policy
 from gatekeep.protocols.ssh._channels import SessionRelay
 from gatekeep.protocols.ssh._pair import ForwardRelay
@@ -35,8 +35,16 @@ from gatekeep.protocols.ssh._client import UpstreamError, connect_upstream
 from gatekeep.protocols.ssh._flow import Leg
 from gatekeep.protocols.ssh._hostkeys import gateway_host_key
 from gatekeep.protocols.ssh._server import ServerTransport, UserAuthServer
+from gatekeep.recording import RecordingUnavailable
 
 _log = Logger()
+
+
+def _unrecordable(decision: Decision, why: str) -> Decision:
+    """What an operation becomes when its record cannot be stored and on_failure is deny."""
+    if not decision.allowed:
+        return decision
+    return Decision(Action.DENY, "recording-unavailable", f"recording is unavailable: {why}", decision.facts)
 
 
 class Phase(enum.Enum):
@@ -344,8 +352,28 @@ class ClientSession:
         self.waiting.discard(d)
         return result
 
-    def operation_started(self, operation: Operation, decision: Decision) -> Any:
-        return self.chain.operation_started(operation, decision)
+    def record_start(self, operation: Operation, decision: Decision) -> Decision | Deferred:
+        """
+        Record an operation about to be carried out. Returns the decision to
+        carry out, or a Deferred of it when the record must be stored first
+        (strict durability, or the recorder's backlog is full). When recording
+        is unavailable and the configuration says deny, that decision is a
+        denial saying so: nothing runs unrecorded.
+        """
+        try:
+            started = self.chain.operation_started(operation, decision)
+        except RecordingUnavailable as e:
+            return _unrecordable(decision, str(e))
+        if isinstance(started, Deferred):
+            return started.addCallbacks(lambda _: decision, lambda f: _unrecordable(decision, f.getErrorMessage()))
+        return decision
+
+    def record_refused(self, operation: Operation, decision: Decision) -> None:
+        """Record an operation that is not carried out (denied or withdrawn): nothing waits for the record."""
+        try:
+            self.chain.operation_started(operation, decision)
+        except RecordingUnavailable:
+            pass  # recorded when the store is back (the recorder keeps the event)
 
     # -- the end ----------------------------------------------------------------------------
 

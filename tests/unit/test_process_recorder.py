@@ -1,0 +1,122 @@
+"""
+The writer-process recorder's bookkeeping, without a writer: frames, acknowledgements,
+the backlog bound that makes new operations wait, and the writer's priority.
+"""
+
+import time
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from gatekeep.model import Action, ClientAddress, Decision, Identity, Operation, Session, new_id
+from gatekeep.recording import RecordingUnavailable
+from gatekeep.recording.process import WRITER_NICE, FrameReader, ProcessRecorder, _WriterProtocol
+
+
+class Reactor(Clock):
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+
+    def spawnProcess(self, proto, executable, args, env=None, childFDs=None):
+        self.spawned.append(proto)
+
+
+class Pipe:
+    """The writer's stdin: what the recorder wrote, decoded into frames."""
+
+    def __init__(self):
+        self.reader = FrameReader()
+        self.frames = []
+
+    def write(self, data):
+        self.frames.extend(self.reader.feed(data))
+
+    def batches(self):
+        return [f for f in self.frames if f[0] == "batch"]
+
+
+SESSION = Session(new_id(), Identity("agent", frozenset({"agents"}), "token"), "db", "postgres",
+                  ClientAddress("127.0.0.1", 5555), False, time.time(), {})
+ALLOW = Decision(Action.ALLOW, None, "", {})
+
+
+def op(seq, size=0):
+    return Operation(SESSION, seq, "query", "SELECT '" + "x" * size + "'", time.time(), None, (), {})
+
+
+def recorder(**kw):
+    reactor = Reactor()
+    rec = ProcessRecorder(reactor, {"path": "/nonexistent", "node": "n"}, **kw)
+    rec.start()
+    proto = reactor.spawned[0]
+    assert isinstance(proto, _WriterProtocol)
+    proto.transport = pipe = Pipe()
+    rec._writer_started(proto)
+    return rec, reactor, pipe
+
+
+def ack(rec, frame_id):
+    rec._from_writer(("ok", frame_id, None))
+
+
+def test_batched_events_go_in_one_frame_and_the_backlog_counts_its_bytes():
+    rec, reactor, pipe = recorder()
+    assert pipe.frames[0][0] == "init" and pipe.frames[0][1]["nice"] == WRITER_NICE
+    assert [rec.operationStarted(op(i), ALLOW) for i in range(1, 4)] == [None, None, None]
+    assert pipe.batches() == []
+    reactor.advance(0.02)
+    [(_, frame_id, events)] = pipe.batches()
+    assert [e[0].seq for e in events] == [1, 2, 3]
+    assert rec.backlog > 0
+    ack(rec, frame_id)
+    assert rec.backlog == 0 and rec.written == 3
+
+
+def test_strict_writer_keeps_the_gateway_priority():
+    rec, reactor, pipe = recorder(durability="strict")
+    assert pipe.frames[0][1]["nice"] == 0
+
+
+def test_operations_wait_while_the_backlog_is_over_the_bound_and_go_on_when_it_drains():
+    """A writer that does not acknowledge: once max_backlog bytes wait, new operations get a Deferred."""
+    bound = 1 << 20
+    rec, reactor, pipe = recorder(max_backlog=bound, max_frame=10)
+    seq, waits = 0, []
+    while not waits:
+        seq += 1
+        assert seq < 1000, "the bound was never reached"
+        d = rec.operationStarted(op(seq, size=10_000), ALLOW)
+        if d is not None:
+            waits.append(d)
+    assert isinstance(waits[0], Deferred) and not waits[0].called
+    assert rec.backlog >= bound
+    # every operation after that waits too, and every one of them is queued for the store
+    waits += [rec.operationStarted(op(seq + i, size=10), ALLOW) for i in (1, 2)]
+    assert all(isinstance(d, Deferred) and not d.called for d in waits)
+    reactor.advance(0.02)
+    sent = [e[0].seq for _, _, events in pipe.batches() for e in events]
+    assert sent == list(range(1, seq + 3))
+    # acknowledging frames: nothing goes on until the backlog is under half the bound
+    frame_ids = [f[1] for f in pipe.batches()]
+    for frame_id in frame_ids:
+        ack(rec, frame_id)
+        if rec.backlog >= bound // 2:
+            assert not any(d.called for d in waits)
+    assert all(d.called for d in waits)
+    assert rec.operationStarted(op(seq + 3), ALLOW) is None
+
+
+def test_waiting_operations_are_refused_when_the_store_fails_and_policy_is_deny():
+    rec, reactor, pipe = recorder(max_backlog=1 << 20, max_frame=10, on_failure="deny")
+    seq, d = 0, None
+    while d is None:
+        seq += 1
+        d = rec.operationStarted(op(seq, size=10_000), ALLOW)
+    failures = []
+    d.addErrback(failures.append)
+    rec._from_writer(("failing", pipe.batches()[0][1], "OperationalError: disk I/O error"))
+    assert failures and failures[0].check(RecordingUnavailable)
+    with pytest.raises(RecordingUnavailable):
+        rec.operationStarted(op(seq + 1), ALLOW)
