@@ -298,7 +298,7 @@ class RecordingConfig:
     interval: float = 0.02
     #: SQLite store: who writes it: a separate process (default; the relay's core stays free) or a thread
     writer: str = "process"
-    #: bytes of records not yet stored before new operations wait for the store (writer process)
+    #: bytes of records kept in memory, not yet stored, before new operations wait for the store
     max_backlog: int = 64 << 20
 
 

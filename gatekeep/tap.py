@@ -132,12 +132,12 @@ def recording_for(config: Config, reactor: Any) -> tuple[Any, Any]:
                   durability=rec.durability, on_failure=rec.on_failure)
         migrate_at_start(store)
         return store, AsyncRecorder(store, reactor, durability=rec.durability, on_failure=rec.on_failure,
-                                    interval=rec.interval, sinks=sinks)
+                                    interval=rec.interval, sinks=sinks, max_backlog=rec.max_backlog)
     signer = signer_for(config)
     store = SQLiteStore(config.store.path, node=config.node, signer=signer)
     if rec.writer == "thread":
         return store, ThreadedRecorder(store, reactor, durability=rec.durability, on_failure=rec.on_failure,
-                                       interval=rec.interval, sinks=sinks)
+                                       interval=rec.interval, sinks=sinks, max_backlog=rec.max_backlog)
     settings = {"path": str(config.store.path), "node": config.node, "signing_key": signer.private_pem()}
     return store, ProcessRecorder(reactor, settings, durability=rec.durability, on_failure=rec.on_failure,
                                   interval=rec.interval, sinks=sinks, max_backlog=rec.max_backlog)

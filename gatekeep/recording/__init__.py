@@ -1,5 +1,9 @@
 """Recording: the recorder, the event schema, sinks."""
 
+from twisted.logger import Logger
+
+_log = Logger()
+
 
 class RecordingUnavailable(Exception):
     """The store cannot take records and the configuration says to deny (``recording.on_failure: deny``)."""
@@ -33,3 +37,70 @@ class InOrder:
     def record(self, value: object) -> None:
         """Another recordable value (an approval event), stored in order with the rest."""
         self._add(value)
+
+
+#: default bound on the bytes of records kept in memory and not yet stored (``recording.max_backlog``)
+MAX_BACKLOG = 64 << 20
+
+
+class Backlog:
+    """
+    Bounded memory for a recorder. ``backlog`` is the bytes of records kept and
+    not yet stored (what the store is slower than, or down for). Once it reaches
+    ``max_backlog``, each new operation gets a Deferred, as in strict durability,
+    that fires when the backlog is back under half of it: operations wait for the
+    store instead of memory growing without end. Nothing is dropped.
+
+    Single-threaded: call these from the reactor.
+    """
+
+    max_backlog: int = MAX_BACKLOG
+    backlog: int = 0
+    _drain: list | None = None
+
+    def _over_backlog(self) -> object | None:
+        """None, or the Deferred a new operation waits on while the backlog is over the bound."""
+        if self.backlog < self.max_backlog:
+            return None
+        from twisted.internet.defer import Deferred
+
+        if not self._drain:
+            self._drain = []
+            _log.warn("recording is behind the traffic ({mib:.0f} MiB not yet stored); new operations wait for it",
+                      mib=self.backlog / (1 << 20))
+        d = Deferred()
+        self._drain.append(d)
+        return d
+
+    def _stored(self, size: int) -> None:
+        """``size`` bytes of records are stored (or given up): waiting operations go on once under half the bound."""
+        self.backlog -= size
+        if self._drain and self.backlog < self.max_backlog // 2:
+            drained, self._drain = self._drain, []
+            _log.info("recording has caught up; {n} waiting operations go on", n=len(drained))
+            for d in drained:
+                if not d.called:
+                    d.callback(None)
+
+    def _refuse_waiting(self, error: str) -> None:
+        """on_failure deny and the store failing: operations waiting on the backlog are refused."""
+        drained, self._drain = self._drain or [], []
+        for d in drained:
+            if not d.called:
+                d.errback(RecordingUnavailable(error))
+
+
+def approx_size(value: object) -> int:
+    """
+    A cheap estimate of the bytes an event takes until it is stored, for
+    recorders that do not serialize events before the store does: an
+    operation's text and parameters, a stream chunk's data, plus a fixed part.
+    """
+    if type(value) is tuple:  # (operation, decision)
+        op = value[0]
+        size = 768 + len(op.text)
+        for p in op.parameters or ():
+            size += len(p) if isinstance(p, (str, bytes)) else 16
+        return size
+    data = getattr(value, "data", None)
+    return 512 + (len(data) if isinstance(data, (str, bytes)) else 0)

@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder
 from gatekeep.model import Decision, Operation
-from gatekeep.recording import InOrder, RecordingUnavailable
+from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, approx_size
 from gatekeep.recording.sinks import SinkFeeder
 from gatekeep.store import StoreUnavailable
 
@@ -53,10 +53,11 @@ class _Strict:
 
 
 @implementer(IRecorder)
-class AsyncRecorder(InOrder):
+class AsyncRecorder(InOrder, Backlog):
     def __init__(self, store: Any, reactor: Any, *, durability: str = "batched", on_failure: str = "continue",
                  interval: float = 0.02, max_batch: int = 2000, retry_delay: float = 0.1,
-                 max_retry_delay: float = 2.0, sinks: list[Any] | None = None) -> None:
+                 max_retry_delay: float = 2.0, sinks: list[Any] | None = None,
+                 max_backlog: int = MAX_BACKLOG) -> None:
         self._store = store
         self._reactor = reactor
         self.strict = durability == "strict"
@@ -65,6 +66,8 @@ class AsyncRecorder(InOrder):
         self._max_batch = max_batch
         self._retry_delay = retry_delay
         self._max_retry_delay = max_retry_delay
+        #: the backlog (gatekeep.recording.Backlog): estimated bytes (approx_size) of events not yet settled
+        self.max_backlog = max_backlog
         self._buffer: list[Any] = []
         self._timer: Any = None
         self._writing = False
@@ -133,7 +136,7 @@ class AsyncRecorder(InOrder):
             self._add(_Strict((operation, decision), d), urgent=True)
             return d
         self._add((operation, decision))
-        return None
+        return self._over_backlog()
 
     def flush(self) -> defer.Deferred:
         """Fires once everything received before the call is stored (written at once, not after ``interval``)."""
@@ -149,6 +152,7 @@ class AsyncRecorder(InOrder):
     def _add(self, item: Any, urgent: bool = False) -> None:
         self._buffer.append(item)
         self._received += 1
+        self.backlog += approx_size(item.event if isinstance(item, _Strict) else item)
         self._schedule(urgent or self.strict or len(self._buffer) >= self._max_batch)
 
     def _schedule(self, urgent: bool) -> None:
@@ -186,7 +190,7 @@ class AsyncRecorder(InOrder):
         self._to_sinks(entries)
         for w in waiters:
             _fire_once(w, None)
-        self._settle(len(batch))
+        self._settle(batch)
 
     def _failed(self, f: Failure, batch: list[Any], waiters: list[defer.Deferred], attempt: int, delay: float) -> None:
         self.failures += 1
@@ -199,6 +203,7 @@ class AsyncRecorder(InOrder):
             # strict operations waiting for this batch are refused now; their records stay queued
             for w in waiters:
                 _fire_once(w, RecordingUnavailable(self.last_error))
+            self._refuse_waiting(self.last_error)
         if attempt >= _POISON_AFTER and len(batch) > 1 and not f.check(StoreUnavailable):
             self._reactor.callLater(0, self._singly, batch, waiters, 0, [], attempt, delay)
             return
@@ -227,7 +232,7 @@ class AsyncRecorder(InOrder):
                 self.last_error = ""
             for w in waiters:
                 _fire_once(w, None)
-            self._settle(len(batch))
+            self._settle(batch)
             return
         d = defer.maybeDeferred(self._store.write, [batch[index]])
 
@@ -244,9 +249,10 @@ class AsyncRecorder(InOrder):
 
         d.addBoth(done)
 
-    def _settle(self, n: int) -> None:
-        self._settled += n
+    def _settle(self, batch: list[Any]) -> None:
+        self._settled += len(batch)
         self._writing = False
+        self._stored(sum(approx_size(e) for e in batch))
         ready = [d for mark, d in self._flushes if mark <= self._settled]
         self._flushes = [(mark, d) for mark, d in self._flushes if mark > self._settled]
         for d in ready:

@@ -49,7 +49,7 @@ from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder
 from gatekeep.model import Decision, Operation
-from gatekeep.recording import InOrder, RecordingUnavailable
+from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable
 from gatekeep.recording.sinks import SinkFeeder
 
 _log = Logger()
@@ -67,9 +67,6 @@ PIPE_SIZE = 1 << 20
 
 #: how much lower the writer's CPU priority is in batched mode (os.nice)
 WRITER_NICE = 10
-
-#: default bound on the bytes of frames the writer has not acknowledged yet
-MAX_BACKLOG = 64 << 20
 
 
 def _widen_pipe(transport: Any) -> None:
@@ -125,7 +122,7 @@ class _WriterProtocol(protocol.ProcessProtocol):
 
 
 @implementer(IRecorder)
-class ProcessRecorder(InOrder):
+class ProcessRecorder(InOrder, Backlog):
     def __init__(self, reactor: Any, settings: dict[str, Any], *, durability: str = "batched",
                  on_failure: str = "continue", interval: float = 0.02, sinks: list[Any] | None = None,
                  max_frame: int = 5000, max_backlog: int = MAX_BACKLOG) -> None:
@@ -144,11 +141,8 @@ class ProcessRecorder(InOrder):
         self._next_id = 0
         #: frames sent and not yet acknowledged: id -> (events, waiters, bytes)
         self._unacked: dict[int, tuple[list[Any], list[Deferred], int]] = {}
+        #: the backlog (gatekeep.recording.Backlog) is the bytes of the frames in _unacked
         self.max_backlog = max_backlog
-        #: bytes of the frames in _unacked
-        self.backlog = 0
-        #: operations waiting for the backlog to shrink
-        self._drain: list[Deferred] = []
         self._flushes: list[tuple[int, Deferred]] = []
         self._proc: _WriterProtocol | None = None
         self._stopping = False
@@ -234,18 +228,7 @@ class ProcessRecorder(InOrder):
             self._send_strict()
             return d
         self._add((operation, decision))
-        if self.backlog >= self.max_backlog:
-            return self._wait_for_drain()
-        return None
-
-    def _wait_for_drain(self) -> Deferred:
-        """The operation waits (its event is already queued) until the writer has caught up."""
-        if not self._drain:
-            _log.warn("recording writer is behind ({mib:.0f} MiB not yet stored); new operations wait for it",
-                      mib=self.backlog / (1 << 20))
-        d: Deferred = Deferred()
-        self._drain.append(d)
-        return d
+        return self._over_backlog()
 
     def flush(self) -> Deferred:
         d: Deferred = Deferred()
@@ -289,7 +272,6 @@ class ProcessRecorder(InOrder):
         if kind == "ok":
             _, frame_id, entries = message
             events, waiters, size = self._unacked.pop(frame_id, ([], [], 0))
-            self.backlog -= size
             self.batches += 1
             self.written += len(events)
             if not self.healthy:
@@ -300,11 +282,7 @@ class ProcessRecorder(InOrder):
                     w.callback(None)
             if self._waiters:
                 self._send_strict()
-            if self._drain and self.backlog < self.max_backlog // 2:
-                drained, self._drain = self._drain, []
-                _log.info("recording writer has caught up; {n} waiting operations go on", n=len(drained))
-                for d in drained:
-                    d.callback(None)
+            self._stored(size)
             if entries:
                 self._to_sinks(entries)
             for flush_id, d in list(self._flushes):
@@ -319,11 +297,11 @@ class ProcessRecorder(InOrder):
                 _log.error("recording store failed ({error}); keeping events and retrying", error=error)
             self.healthy = False
             if self.deny_on_failure:
-                waiting = [w for _, waiters, _ in self._unacked.values() for w in waiters] + self._drain
-                self._drain = []
-                for w in waiting:
-                    if not w.called:
-                        w.errback(RecordingUnavailable(error))
+                for _, waiters, _ in self._unacked.values():
+                    for w in waiters:
+                        if not w.called:
+                            w.errback(RecordingUnavailable(error))
+                self._refuse_waiting(error)
         elif kind == "dropped":
             _log.critical("recording dropped an event the store refuses: {kind}", kind=message[1])
 

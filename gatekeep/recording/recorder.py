@@ -37,7 +37,7 @@ from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder, IStore
 from gatekeep.model import Decision, Operation
-from gatekeep.recording import InOrder, RecordingUnavailable
+from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, approx_size
 from gatekeep.recording.sinks import close_all, emit_all
 
 _log = Logger()
@@ -64,11 +64,14 @@ _STOP = object()
 
 
 @implementer(IRecorder)
-class ThreadedRecorder(InOrder):
+class ThreadedRecorder(InOrder, Backlog):
     def __init__(self, store: IStore, reactor: Any, *, max_batch: int = 5000, retry_delay: float = 0.2,
                  interval: float = 0.02, durability: str = "batched", on_failure: str = "continue",
-                 sinks: list[Any] | None = None) -> None:
+                 sinks: list[Any] | None = None, max_backlog: int = MAX_BACKLOG) -> None:
         self.sinks = list(sinks or [])
+        #: the backlog (gatekeep.recording.Backlog): estimated bytes (approx_size) queued for the thread; it is
+        #: added to here and taken from in the reactor thread (callFromThread), so only one thread changes it
+        self.max_backlog = max_backlog
         self._store = store
         self._reactor = reactor
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -104,6 +107,7 @@ class ThreadedRecorder(InOrder):
     # -- IRecorder -------------------------------------------------------------------
 
     def _add(self, value: Any) -> None:
+        self.backlog += approx_size(value)
         self._queue.put(value)
 
     def operationStarted(self, operation: Operation, decision: Decision) -> Deferred | None:
@@ -113,10 +117,11 @@ class ThreadedRecorder(InOrder):
             raise RecordingUnavailable(self.last_error or "the store is failing")
         if self.strict:
             d: Deferred = Deferred()
+            self.backlog += approx_size((operation, decision))
             self._queue.put(_Strict((operation, decision), d))
             return d
-        self._queue.put((operation, decision))
-        return None
+        self._add((operation, decision))
+        return self._over_backlog()
 
     def flush(self) -> Deferred:
         d: Deferred = Deferred()
@@ -124,6 +129,7 @@ class ThreadedRecorder(InOrder):
             batch, waiters, _ = self._split(self._drain_now())
             self._write_all(batch, waiters)
             self._fire(waiters)
+            self._stored(sum(approx_size(e) for e in batch))
             d.callback(None)
             return d
         self._queue.put(_Flush(d))
@@ -172,6 +178,8 @@ class ThreadedRecorder(InOrder):
             self._fire(waiters)
             for f in flushes:
                 self._reactor.callFromThread(f.callback, None)
+            if batch:
+                self._reactor.callFromThread(self._stored, sum(approx_size(e) for e in batch))
         self._store.close()
         close_all(self.sinks)
 
@@ -199,6 +207,7 @@ class ThreadedRecorder(InOrder):
                     for w in waiters:
                         if not w.called:
                             self._reactor.callFromThread(_fire_once, w, RecordingUnavailable(self.last_error))
+                    self._reactor.callFromThread(self._refuse_waiting, self.last_error)
                 if attempts == 3 and len(batch) > 1 and self._write_singly(batch):
                     break
                 time.sleep(delay)

@@ -148,4 +148,4 @@ def test_a_stopped_writer_makes_new_statements_wait_not_memory_grow(gateway):
     session = _session_of(gk, "wbacklog")
     records = show_session(gk, session["id"])["records"]
     assert [r["seq"] for r in records] == list(range(1, 201))
-    assert "recording writer is behind" in gk.log_text() and "has caught up" in gk.log_text()
+    assert "recording is behind the traffic" in gk.log_text() and "recording has caught up" in gk.log_text()

@@ -248,3 +248,44 @@ def test_stop_writes_what_is_queued_and_closes_store_and_sinks():
     assert d == [None] and store.closed and sink.closed
     assert [e["id"] for e in sink.events] == [repr(FAILURE), repr(session())]
     assert sink.threads == {"gatekeep-sinks"}
+
+
+def test_operations_wait_while_the_store_is_behind_and_go_on_once_it_catches_up():
+    """
+    max_backlog: with the store down, events are kept until their estimated size reaches the bound; then each new
+    operation gets a Deferred that fires only when the store has taken enough to be under half the bound.
+    """
+    clock, store = Clock(), ScriptedStore(script=[StoreUnavailable("down")] * 3)
+    recorder = AsyncRecorder(store, clock, interval=0.02, max_backlog=1 << 20, retry_delay=1.0, max_retry_delay=1.0)
+    s = session()
+    big = "select '" + "x" * 50_000 + "'"
+    waits, seq = [], 0
+    while not waits:
+        seq += 1
+        assert seq < 100, "the bound was never reached"
+        d = recorder.operationStarted(op(s, seq, big), ALLOWED)
+        if d is not None:
+            waits.append(d)
+        clock.advance(0.02)
+    assert 15 < seq < 30  # about 1 MiB of 50 KB statements
+    waits.append(recorder.operationStarted(op(s, seq + 1, "select 1"), ALLOWED))
+    assert all(fired(d) == [] for d in waits)
+    for _ in range(10):  # the store is back: everything is stored, in order, and the waiting operations go on
+        clock.advance(1)
+    assert [e[0].seq for e in store.stored] == list(range(1, seq + 2))
+    assert all(fired(d) == [None] for d in waits) and recorder.backlog == 0
+    assert recorder.operationStarted(op(s, seq + 2), ALLOWED) is None
+
+
+def test_operations_waiting_on_the_backlog_are_refused_when_the_policy_is_deny():
+    clock, store = Clock(), ScriptedStore(script=["hold"])
+    recorder = AsyncRecorder(store, clock, on_failure="deny", max_backlog=1 << 20)
+    s = session()
+    d, seq = None, 0
+    while d is None:
+        seq += 1
+        d = recorder.operationStarted(op(s, seq, "select '" + "x" * 50_000 + "'"), ALLOWED)
+    clock.advance(0.02)
+    store.pending[0].errback(StoreUnavailable("down"))
+    [failure] = fired(d)
+    assert failure.check(RecordingUnavailable)

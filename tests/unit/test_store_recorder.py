@@ -305,3 +305,37 @@ def test_batches_respect_max_batch(tmp_path):
     recorder.stop()
     assert store.batches and max(len(b) for b in store.batches) <= 2
     assert sum(len(b) for b in store.batches) == 8
+
+
+def test_threaded_recorder_makes_operations_wait_while_the_store_is_behind(tmp_path):
+    """max_backlog with a store that does not answer: new operations wait until the thread has stored enough."""
+    gate = threading.Event()
+
+    class SlowStore(LoggingStore):
+        def write(self, batch):
+            gate.wait(10)
+            return super().write(batch)
+
+    store = SlowStore(tmp_path / "gk.db")
+    reactor = ThreadReactor()
+    recorder = ThreadedRecorder(store, reactor, max_backlog=1 << 20)
+    recorder.start()
+    try:
+        s = session()
+        recorder.sessionStarted(s)
+        waits, seq = [], 0
+        while not waits:
+            seq += 1
+            assert seq < 100, "the bound was never reached"
+            d = recorder.operationStarted(op(s, seq, "select '" + "x" * 50_000 + "'"), ALLOWED)
+            if d is not None:
+                waits.append(d)
+        assert not waits[0].called
+        gate.set()
+        while recorder.backlog >= recorder.max_backlog // 2:
+            reactor.run()
+        assert fired(waits[0])
+    finally:
+        gate.set()
+        recorder.stop()
+    assert [o[0].seq for batch in store.batches for o in batch if isinstance(o, tuple)] == list(range(1, seq + 1))
