@@ -240,6 +240,8 @@ class ServerTLS:
     client_ca: Secret | None = None
     #: gatekeep.tls.ClientIdentity: how a verified client certificate names an identity
     client_identity: Any = None
+    #: gatekeep.tls.RevocationList: the client CA's revocation lists; None: revocation is not checked
+    client_crl: Any = None
 
 
 @attrs.frozen
@@ -392,10 +394,10 @@ def read_identity(node: Node) -> IdentityConfig:
 def read_server_tls(node: Node | None) -> ServerTLS | None:
     if node is None:
         return None
-    from gatekeep.tls import check_server_tls, read_client_identity
+    from gatekeep.tls import check_server_tls, read_client_crl, read_client_identity
 
     tls = ServerTLS(node.secret("cert", strip=False), node.secret("key", strip=False), node.bool("require", False),
-                    node.secret("client_ca", None, strip=False), read_client_identity(node))
+                    node.secret("client_ca", None, strip=False), read_client_identity(node), read_client_crl(node))
     node.finish()
 
     try:

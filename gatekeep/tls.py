@@ -11,12 +11,17 @@ a certificate in the handshake (not require one). Any certificate is let
 through the handshake (the client still proves it holds the key); after it,
 :func:`certificate_login` verifies the certificate against the CA with
 pyOpenSSL and maps it to an identity with ``tls.client_identity``, so a refused
-certificate gets the protocol's own error instead of a TLS alert.
+certificate gets the protocol's own error instead of a TLS alert. With
+``tls.client_crl`` the certificate is also checked against the CA's revocation
+list (:class:`RevocationList`: read again whenever the file changes; one that
+cannot be read, or whose next update has passed, refuses every certificate).
 """
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import attrs
 from OpenSSL import SSL, crypto
@@ -135,7 +140,50 @@ class ClientCertificate:
     error: str | None = None
 
 
-def peer_certificate(transport, client_ca: Secret) -> ClientCertificate | None:
+class RevocationList:
+    """
+    ``tls.client_crl``: PEM (or DER) certificate revocation lists from the
+    client CA, in a file an operator replaces when the CA publishes a new one.
+    The file is read again when its size, time or inode change, so a revocation
+    takes effect for the next login without a restart.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._seen: tuple | None = None
+        self._crls: list = []
+
+    def load(self) -> list:
+        """The lists in the file (cryptography objects); ValueError saying why when there are none to use."""
+        from cryptography import x509
+
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            raise ValueError(f"cannot read {self.path}: {e.strerror}") from None
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if stamp != self._seen:
+            data = self.path.read_bytes()
+            blocks = re.findall(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", data, re.S)
+            try:
+                crls = [x509.load_pem_x509_crl(b) for b in blocks] if blocks else [x509.load_der_x509_crl(data)]
+            except ValueError:
+                raise ValueError(f"{self.path} does not hold a certificate revocation list (PEM or DER)") from None
+            self._crls, self._seen = crls, stamp
+        return self._crls
+
+
+def _revocation_error(e: Exception) -> str:
+    text = str(e)
+    if "revoked" in text:
+        return "the client certificate is revoked (tls.client_crl)"
+    if "CRL" in text:
+        return f"the client certificate cannot be checked for revocation ({text})"
+    return f"the client certificate does not verify against the client CA ({text})"
+
+
+def peer_certificate(transport, client_ca: Secret,
+                     crl: RevocationList | None = None) -> ClientCertificate | None:
     """The certificate the client sent in the TLS handshake, verified; None when it sent none."""
     import hashlib
 
@@ -162,11 +210,19 @@ def peer_certificate(transport, client_ca: Secret) -> ClientCertificate | None:
     store = crypto.X509Store()
     for ca in _certificates(client_ca.reveal()):
         store.add_cert(ca.original)
+    if crl is not None:
+        try:
+            for c in crl.load():
+                store.add_crl(c)
+            store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+        except ValueError as e:  # fail closed: no certificate is accepted while revocations cannot be known
+            error = f"the client certificate cannot be checked for revocation ({e})"
     chain = [c for c in (handle.get_peer_cert_chain() or []) if c.to_cryptography().public_bytes(Encoding.DER) != der]
-    try:
-        crypto.X509StoreContext(store, leaf, chain or None).verify_certificate()
-    except crypto.X509StoreContextError as e:
-        error = f"the client certificate does not verify against the client CA ({e})"
+    if error is None:
+        try:
+            crypto.X509StoreContext(store, leaf, chain or None).verify_certificate()
+        except crypto.X509StoreContextError as e:
+            error = _revocation_error(e)
     if error is None:
         try:
             usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -231,6 +287,28 @@ def read_client_identity(node) -> ClientIdentity | None:
     return ClientIdentity("map", tuple(mapping.items()))
 
 
+def read_client_crl(node) -> RevocationList | None:
+    """``tls.client_crl`` of a target: a ``file:`` path, read now so a bad one is a configuration error."""
+    from gatekeep.config import ConfigError
+
+    value = node.raw("client_crl", None)
+    if value is None:
+        return None
+    if node.value.get("client_ca") is None:
+        raise ConfigError(node.sub("client_crl"), "needs client_ca (the CA whose revocation list it is)")
+    if not isinstance(value, str) or not value.startswith("file:") or len(value) == 5:
+        raise ConfigError(node.sub("client_crl"), "expected file:PATH (a PEM or DER revocation list)")
+    path = Path(value[5:])
+    if not path.is_absolute() and node.base is not None:
+        path = node.base / path
+    crl = RevocationList(path)
+    try:
+        crl.load()
+    except ValueError as e:
+        raise ConfigError(node.sub("client_crl"), str(e)) from None
+    return crl
+
+
 @attrs.frozen
 class CertificateLogin:
     """What :func:`certificate_login` found: an identity, or the reason there is none."""
@@ -249,7 +327,7 @@ def certificate_login(transport, tls, chain, claimed: str | None = None) -> Cert
     protocol carries (PostgreSQL's), which must be the identity's name; None
     for protocols without one (HTTP).
     """
-    cert = peer_certificate(transport, tls.client_ca)
+    cert = peer_certificate(transport, tls.client_ca, getattr(tls, "client_crl", None))
     if cert is None:
         return None
     if cert.error is not None:

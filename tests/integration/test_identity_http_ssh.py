@@ -13,6 +13,7 @@ import subprocess
 import threading
 
 import pytest
+from cryptography import x509
 
 from tests.integration.pg_gateway_helpers import poll, sessions_json, show_session
 from tests.support.fake_kube import FakeKubeAPI
@@ -21,7 +22,7 @@ from tests.support.httpserver import HttpServer
 from tests.support.identities import make_identity
 from tests.support.ports import free_port
 from tests.support.sshserver import SshServer
-from tests.support.tlsfiles import make_client_certificates
+from tests.support.tlsfiles import _load, make_client_certificates, make_crl
 
 SERVICE_TOKEN = "upstream-service-token"
 REMOVED = "the identity was removed from the configuration"
@@ -38,12 +39,15 @@ def gw(gatekeep_module, tls_files, tmp_path_factory):
             "carol": {"common_name": "carol"},
             "carol-foreign": {"common_name": "carol", "ca": "other"},
             "nobody": {"common_name": "nobody"},
+            "carol-revoked": {"common_name": "carol"},
         })
+        crl_path = os.path.join(workdir, "certs", "clients.crl")
+        write_crl(tls_files, crl_path, [certs["carol-revoked"][0]])
         tokens = {}
         tokens["carol"], carol = make_identity("carol", ["ops"])
         tokens["dave"], dave = make_identity("dave", ["ops"])
         tls = {"cert": "file:" + tls_files.gateway_cert, "key": "file:" + tls_files.gateway_key,
-               "client_ca": "file:" + tls_files.ca_cert, "client_identity": "subject_cn"}
+               "client_ca": "file:" + tls_files.ca_cert, "client_identity": "subject_cn", "client_crl": "file:" + crl_path}
         config = {
             "identities": [carol, dave],
             "targets": [
@@ -57,7 +61,7 @@ def gw(gatekeep_module, tls_files, tmp_path_factory):
         }
         gk = gatekeep_module(config, env={"SERVICE_TOKEN": SERVICE_TOKEN})
         yield type("Gw", (), dict(gk=gk, http=upstream, kube=kube, certs=certs, tokens=tokens, tls=tls_files,
-                                  workdir=workdir))
+                                  workdir=workdir, crl_path=crl_path))
     finally:
         for server in (kube, upstream):
             if server is not None:
@@ -93,6 +97,7 @@ def test_curl_with_a_client_certificate_needs_no_token(gw):
 @pytest.mark.parametrize("stem,why", [
     ("carol-foreign", "does not verify against the client CA"),
     ("nobody", "which is not a configured identity"),
+    ("carol-revoked", "the client certificate is revoked"),
 ])
 def test_curl_with_a_refused_client_certificate_is_401_naming_why(gw, stem, why):
     """A certificate from another CA, or naming no identity, gets 401 JSON naming why; nothing goes upstream."""
@@ -101,6 +106,27 @@ def test_curl_with_a_refused_client_certificate_is_401_naming_why(gw, stem, why)
     assert status == "401", body
     assert why in json.loads(body)["message"]
     assert len(gw.http.requests) == before
+
+
+def write_crl(tls_files, path, revoked_cert_paths):
+    """The test CA's revocation list, revoking the certificates in those files; replaced atomically."""
+    ca_cert, ca_key = _load(tls_files.ca_cert, tls_files.ca_key)
+    revoked = [x509.load_pem_x509_certificate(open(p, "rb").read()) for p in revoked_cert_paths]
+    with open(path + ".new", "wb") as f:
+        f.write(make_crl(ca_cert, ca_key, revoked))
+    os.replace(path + ".new", path)
+
+
+def test_a_revocation_published_while_running_refuses_the_next_login(gw):
+    """The CA revokes carol's certificate and the list file is replaced: her next request is 401, no restart."""
+    assert curl(gw, cert="carol")[0] == "200"
+    write_crl(gw.tls, gw.crl_path, [gw.certs["carol-revoked"][0], gw.certs["carol"][0]])
+    try:
+        status, body = curl(gw, cert="carol")
+        assert status == "401" and "revoked" in json.loads(body)["message"], body
+    finally:
+        write_crl(gw.tls, gw.crl_path, [gw.certs["carol-revoked"][0]])
+    assert curl(gw, cert="carol")[0] == "200"
 
 
 def test_a_bearer_token_must_name_the_certificate_s_identity(gw):

@@ -273,3 +273,20 @@ def make_client_certificates(tls_files, directory, specs):
         write_key(key_path, key)
         out[stem] = (cert_path, key_path)
     return out
+
+
+def make_crl(ca_cert, ca_key, revoked=(), next_update_days=7):
+    """A PEM revocation list signed by the CA, revoking the given certificates; a negative
+    ``next_update_days`` makes one whose next update has passed."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - datetime.timedelta(days=1 if next_update_days > 0 else 30))
+        .next_update(now + datetime.timedelta(days=next_update_days))
+    )
+    for cert in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
+            .revocation_date(now - datetime.timedelta(hours=1)).build())
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -13,8 +14,8 @@ from gatekeep.config import ConfigError, Node, ServerTLS, read_server_tls
 from gatekeep.identity.tokens import StaticIdentityProvider
 from gatekeep.secrets import Secret
 from gatekeep.testing import RecordingRecorder, StaticPolicy
-from gatekeep.tls import ClientIdentity, certificate_login, peer_certificate, server_options
-from tests.support.tlsfiles import _load, make_client_leaf, make_tls_files
+from gatekeep.tls import ClientIdentity, RevocationList, certificate_login, peer_certificate, server_options
+from tests.support.tlsfiles import _load, make_client_leaf, make_crl, make_tls_files
 from tests.unit.test_access import static_identity
 
 
@@ -64,7 +65,8 @@ def chain_of(*identities):
 
 
 def tls(**kw):
-    return types.SimpleNamespace(client_ca=kw.pop("client_ca"), client_identity=kw.pop("client_identity", None))
+    return types.SimpleNamespace(client_ca=kw.pop("client_ca"), client_identity=kw.pop("client_identity", None),
+                                 client_crl=kw.pop("client_crl", None))
 
 
 def test_no_certificate_means_log_in_another_way(files):
@@ -137,3 +139,76 @@ def test_client_certificate_configuration(files):
     with pytest.raises(ConfigError) as e:
         read_server_tls(Node.of(dict(base, client_ca="file:" + files.ca_cert, client_identity="cn"), "t", None))
     assert "subject_cn" in e.value.message
+
+
+# -- revocation (tls.client_crl) -------------------------------------------------------
+
+
+def crl_file(files, path, revoked=(), ca="test", next_update_days=7):
+    ca_cert, ca_key = _load(*((files.ca_cert, files.ca_key) if ca == "test" else (files.other_ca_cert, files.other_ca_key)))
+    path.write_bytes(make_crl(ca_cert, ca_key, [c for c in revoked], next_update_days))
+    return RevocationList(path)
+
+
+def login_with(files, cert, key, crl):
+    chain = chain_of(static_identity("alice"))
+    return certificate_login(handshake(files, cert, key), tls(client_ca=secret(files.ca_cert), client_crl=crl), chain,
+                             "alice")
+
+
+def test_a_revoked_certificate_is_refused_and_others_are_not(files, tmp_path):
+    revoked, revoked_key = leaf(files, "alice")
+    good, good_key = leaf(files, "alice")
+    crl = crl_file(files, tmp_path / "clients.crl", [revoked])
+    login = login_with(files, revoked, revoked_key, crl)
+    assert login.identity is None and login.reason == "the client certificate is revoked (tls.client_crl)"
+    assert login_with(files, good, good_key, crl).identity.name == "alice"
+
+
+def test_a_replaced_revocation_list_takes_effect_at_the_next_login(files, tmp_path):
+    cert, key = leaf(files, "alice")
+    crl = crl_file(files, tmp_path / "clients.crl")
+    assert login_with(files, cert, key, crl).identity is not None
+    crl_file(files, tmp_path / "new.crl", [cert])
+    os.replace(tmp_path / "new.crl", tmp_path / "clients.crl")  # as an operator publishing a new list would
+    assert "revoked" in login_with(files, cert, key, crl).reason
+
+
+@pytest.mark.parametrize("problem, why", [
+    ("missing", "cannot be checked for revocation (cannot read"),
+    ("expired", "cannot be checked for revocation"),
+    ("other-ca", "cannot be checked for revocation"),
+    ("garbage", "does not hold a certificate revocation list"),
+])
+def test_revocation_that_cannot_be_checked_refuses_every_certificate(files, tmp_path, problem, why):
+    """Fail closed: a list that is gone, out of date, from another CA or unreadable accepts no certificate."""
+    cert, key = leaf(files, "alice")
+    path = tmp_path / "clients.crl"
+    crl = crl_file(files, path)
+    assert login_with(files, cert, key, crl).identity is not None
+    if problem == "missing":
+        path.unlink()
+    elif problem == "garbage":
+        path.write_bytes(b"not a list")
+    else:
+        crl_file(files, tmp_path / "new.crl", ca="other" if problem == "other-ca" else "test",
+                 next_update_days=-1 if problem == "expired" else 7)
+        os.replace(tmp_path / "new.crl", path)
+    login = login_with(files, cert, key, crl)
+    assert login.identity is None and why in login.reason, login.reason
+
+
+def test_client_crl_configuration(files, tmp_path):
+    base = {"cert": "file:" + files.gateway_cert, "key": "file:" + files.gateway_key, "client_ca": "file:" + files.ca_cert}
+    crl_file(files, tmp_path / "clients.crl")
+    cfg = read_server_tls(Node.of(dict(base, client_crl="file:clients.crl"), "targets[0].tls", tmp_path))
+    assert isinstance(cfg.client_crl, RevocationList) and cfg.client_crl.path == tmp_path / "clients.crl"
+    for value, message in [("clients.crl", "expected file:PATH"), ("file:nope.crl", "cannot read"),
+                           ("file:" + files.ca_cert, "does not hold a certificate revocation list")]:
+        with pytest.raises(ConfigError) as e:
+            read_server_tls(Node.of(dict(base, client_crl=value), "targets[0].tls", tmp_path))
+        assert e.value.path == "targets[0].tls.client_crl" and message in e.value.message
+    no_ca = {k: v for k, v in base.items() if k != "client_ca"}
+    with pytest.raises(ConfigError) as e:
+        read_server_tls(Node.of(dict(no_ca, client_crl="file:clients.crl"), "targets[0].tls", tmp_path))
+    assert "needs client_ca" in e.value.message
