@@ -139,8 +139,10 @@ class ProcessRecorder(InOrder, Backlog):
         self._waiters: list[Deferred] = []
         self._timer: Any = None
         self._next_id = 0
-        #: frames sent and not yet acknowledged: id -> (events, waiters, bytes)
-        self._unacked: dict[int, tuple[list[Any], list[Deferred], int]] = {}
+        #: frames sent and not yet acknowledged: id -> (frame, waiters, number of events)
+        #: (the frame's bytes, not its events: a writer that lags by seconds then costs no garbage-collector
+        #: work in the gateway, and the bytes are what is sent again to a writer that restarts)
+        self._unacked: dict[int, tuple[bytes, list[Deferred], int]] = {}
         #: the backlog (gatekeep.recording.Backlog) is the bytes of the frames in _unacked
         self.max_backlog = max_backlog
         self._flushes: list[tuple[int, Deferred]] = []
@@ -172,7 +174,7 @@ class ProcessRecorder(InOrder, Backlog):
         proc.transport.write(frame(("init", self._settings)))
         # anything not acknowledged by a writer that died goes again, in order
         for frame_id in sorted(self._unacked):
-            proc.transport.write(frame(("batch", frame_id, self._unacked[frame_id][0])))
+            proc.transport.write(self._unacked[frame_id][0])
         self._send()
 
     def _writer_ended(self, proc: _WriterProtocol, reason: Any) -> None:
@@ -262,7 +264,7 @@ class ProcessRecorder(InOrder, Backlog):
         waiters, self._waiters = self._waiters, []
         self._next_id += 1
         data = frame(("batch", self._next_id, events))
-        self._unacked[self._next_id] = (events, waiters, len(data))
+        self._unacked[self._next_id] = (data, waiters, len(events))
         self.backlog += len(data)
         if self._proc is not None:
             self._proc.transport.write(data)
@@ -271,9 +273,9 @@ class ProcessRecorder(InOrder, Backlog):
         kind = message[0]
         if kind == "ok":
             _, frame_id, entries = message
-            events, waiters, size = self._unacked.pop(frame_id, ([], [], 0))
+            data, waiters, count = self._unacked.pop(frame_id, (b"", [], 0))
             self.batches += 1
-            self.written += len(events)
+            self.written += count
             if not self.healthy:
                 _log.info("recording store is back")
             self.healthy = True
@@ -282,7 +284,7 @@ class ProcessRecorder(InOrder, Backlog):
                     w.callback(None)
             if self._waiters:
                 self._send_strict()
-            self._stored(size)
+            self._stored(len(data))
             if entries:
                 self._to_sinks(entries)
             for flush_id, d in list(self._flushes):
