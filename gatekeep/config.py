@@ -110,23 +110,20 @@ class Node:
 
     def duration(self, key: str, default: Any = _MISSING) -> Any:
         """Seconds, from a number or a string like ``500ms``, ``30s``, ``10m``, ``2h``."""
-        v = self.raw(key, default)
-        if v is default and default is not _MISSING:
-            return v
-        try:
-            return parse_duration(v)
-        except ValueError:
-            raise ConfigError(self.sub(key), f"expected a duration such as 30s or 10m, got {_show(v)}") from None
+        return self._parsed(key, default, parse_duration, "a duration such as 30s or 10m")
 
     def size(self, key: str, default: Any = _MISSING) -> Any:
         """Bytes, from an integer or a string like ``512KiB``, ``64MiB``, ``1GiB`` (or kB, MB, GB)."""
+        return self._parsed(key, default, parse_size, "a size such as 64MiB")
+
+    def _parsed(self, key: str, default: Any, parse: Any, expected: str) -> Any:
         v = self.raw(key, default)
         if v is default and default is not _MISSING:
             return v
         try:
-            return parse_size(v)
+            return parse(v)
         except ValueError:
-            raise ConfigError(self.sub(key), f"expected a size such as 64MiB, got {_show(v)}") from None
+            raise ConfigError(self.sub(key), f"expected {expected}, got {_show(v)}") from None
 
     def strings(self, key: str, default: Any = _MISSING) -> Any:
         v = self.raw(key, default)
