@@ -3,7 +3,8 @@
 No Kubernetes API server can run on the test machine, so the upstream is
 ``tests.support.fake_kube.FakeKubeAPI``: a small stand-in that serves what
 kubectl needs for these commands (discovery, pods and secrets, watch, delete,
-logs, exec over WebSocket). kubectl, gatekeep and the kubeconfig are real:
+logs, exec over WebSocket, and over SPDY/3.1 when told to refuse WebSocket).
+kubectl, gatekeep and the kubeconfig are real:
 kubectl talks HTTPS to gatekeep with a kubeconfig printed by
 ``gatekeep kubeconfig``, gatekeep talks to the fake with the service account
 token only gatekeep knows.
@@ -215,6 +216,49 @@ def test_exec_is_relayed_recorded_and_replayable(kube):
                             capture_output=True, text=True, timeout=30)
     assert replay.returncode == 0, replay.stderr
     assert replay.stdout == "hello from stdin\nsecond line\n"
+
+
+def test_exec_over_spdy_is_relayed_recorded_and_replayable(kube):
+    """
+    An API server that refuses WebSocket: kubectl falls back to SPDY/3.1. stdin reaches the pod, stdout comes
+    back, and gatekeep decodes the SPDY streams into the same recording as over WebSocket.
+    """
+    gk, api, configs, home = kube
+    api.httpd.spdy_only = True
+    try:
+        out = kubectl(kube, "alice", "exec", "-i", "web-0", "--", "cat", input="spdy stdin\nmore lines\n")
+        failed = kubectl(kube, "alice", "exec", "web-0", "--", "no-such-command")
+    finally:
+        api.httpd.spdy_only = False
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "spdy stdin\nmore lines\n"
+    assert failed.returncode == 127 and "fake: unknown command" in failed.stderr, (failed.returncode, failed.stderr)
+    upgrades = [r["headers"].get("Upgrade", "").lower() for r in api.requests if r["path"].endswith("/web-0/exec")]
+    assert upgrades[-4:] == ["websocket", "spdy/3.1", "websocket", "spdy/3.1"]
+
+    def spdy_execs(rs):
+        ops = [r for r in rs if r["text"].startswith("POST /api/v1/namespaces/default/pods/web-0/exec")
+               and r["status"] == "101" and r["finished_at"]]
+        return ops if len(ops) >= 2 else None
+
+    ops = spdy_execs(records(gk, spdy_execs))
+    assert ops, "the SPDY exec operations were not recorded"
+    recorded = {}
+    for op in ops:
+        exported = subprocess.run([GATEKEEP, "sessions", "export", op["session"], "--format", "json"], env=_env(gk),
+                                  capture_output=True, text=True, timeout=30)
+        recorded[op["session"]] = json.loads(exported.stdout)["streams"]["exec-%d" % op["seq"]]
+    cat_session = next(sid for sid, events in recorded.items() if any(e[1] == "i" for e in events))
+    cat = recorded[cat_session]
+    nope = next(events for events in recorded.values() if any("fake: unknown command" in e[2] for e in events))
+    assert "".join(e[2] for e in cat if e[1] == "i") == "spdy stdin\nmore lines\n"
+    assert "".join(e[2] for e in cat if e[1] == "o") == "spdy stdin\nmore lines\n"
+    assert any(e[1] == "m" and e[2] == "exit 0" for e in cat)
+    assert any(e[1] == "o" and "fake: unknown command" in e[2] for e in nope)
+    assert any(e[1] == "m" and e[2] == "exit 127" for e in nope)
+    replay = subprocess.run([GATEKEEP, "sessions", "replay", cat_session, "--no-wait"], env=_env(gk),
+                            capture_output=True, text=True, timeout=30)
+    assert replay.returncode == 0 and "spdy stdin\nmore lines\n" in replay.stdout, replay.stderr
 
 
 def test_exec_denied_by_namespace_rule(kube):

@@ -5,7 +5,8 @@ is not Kubernetes: it serves legacy discovery (``/api``, ``/apis``,
 ``/api/v1``, ``/version``), pods and secrets (get, list as a Table or a list,
 watch, delete with a short "Terminating" phase so ``kubectl delete`` waits on
 its watch), ``pods/log`` (``follow`` streams), and ``pods/exec`` over
-WebSocket (``v5.channel.k8s.io`` and ``v4.channel.k8s.io``): the "command" is
+WebSocket (``v5.channel.k8s.io`` and ``v4.channel.k8s.io``) or, when WebSocket
+is refused (``spdy_only``), over SPDY/3.1 (``v4.channel.k8s.io``): the "command" is
 interpreted here (``echo ARGS``, ``cat`` echoes stdin, ``env`` prints a secret
 value), nothing runs.
 
@@ -14,12 +15,13 @@ gateway injects) and records every request in ``requests``.
 """
 
 import json
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from . import websocket
+from . import spdy, websocket
 
 NOW = "2026-01-01T00:00:00Z"
 
@@ -219,9 +221,16 @@ class Handler(BaseHTTPRequestHandler):
     # -- exec over WebSocket ---------------------------------------------------------
 
     def exec(self, query):
-        if self.headers.get("Upgrade", "").lower() != "websocket":
-            # SPDY is not implemented by the fake: kubectl falls back to it only if WebSocket fails
-            self._status(400, "BadRequest", "this fake API server speaks exec over WebSocket only")
+        upgrade = self.headers.get("Upgrade", "").lower()
+        if self.server.spdy_only and upgrade == "websocket":
+            # as an API server without WebSocket support: kubectl then falls back to SPDY
+            self._status(400, "BadRequest", "this fake API server is in SPDY-only mode")
+            return
+        if upgrade == "spdy/3.1":
+            self.exec_spdy(query)
+            return
+        if upgrade != "websocket":
+            self._status(400, "BadRequest", "exec needs an upgrade to WebSocket or SPDY/3.1")
             return
         offered = [p.strip() for p in self.headers.get("Sec-WebSocket-Protocol", "").split(",")]
         chosen = next((p for p in ("v5.channel.k8s.io", "v4.channel.k8s.io") if p in offered), None)
@@ -271,6 +280,80 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
 
+    # -- exec over SPDY/3.1 (kubectl's fallback) -------------------------------------------
+
+    def exec_spdy(self, query):
+        offered = self.headers.get_all("X-Stream-Protocol-Version") or []
+        offered = [v.strip() for value in offered for v in value.split(",")]
+        if "v4.channel.k8s.io" not in offered:
+            self._status(400, "BadRequest", "v4.channel.k8s.io is the only stream protocol of this fake")
+            return
+        self.send_response(101)
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Upgrade", "SPDY/3.1")
+        self.send_header("X-Stream-Protocol-Version", "v4.channel.k8s.io")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        session = spdy.Session(self.rfile, self.wfile)
+        expected = {"error"} | {name for name in ("stdin", "stdout", "stderr")
+                                if query.get(name, ["false"])[0] == "true"}
+        if query.get("tty", ["false"])[0] == "true":
+            expected.add("resize")
+            expected.discard("stderr")
+        streams = {}
+        last = 0
+        pending = []  # data frames that arrived before every stream was open
+
+        def frame():
+            nonlocal last
+            f = session.read()
+            if f is not None and f[0] == "control" and f[1] == spdy.SYN_STREAM:
+                (stream_id,) = struct.unpack_from("!I", f[3])
+                stream_id &= 0x7FFFFFFF
+                kind = session.headers(f[3][10:]).get("streamtype")
+                streams[kind] = stream_id
+                last = max(last, stream_id)
+                session.reply(stream_id)
+            return f
+
+        while not expected <= set(streams):
+            f = frame()
+            if f is None:
+                return
+            if f[0] == "data":
+                pending.append(f)
+        command = query.get("command", [])
+
+        def out(kind, data, fin=False):
+            session.data(streams[kind], data, fin)
+
+        status = {"metadata": {}, "status": "Success"}
+        if command[:1] == ["echo"]:
+            out("stdout", (" ".join(command[1:]) + "\n").encode())
+        elif command[:1] == ["cat"]:
+            while True:
+                f = pending.pop(0) if pending else frame()
+                if f is None:
+                    break
+                if f[0] == "data" and f[1] == streams.get("stdin"):
+                    if f[3]:
+                        out("stdout", f[3])
+                    if f[2] & spdy.FIN:
+                        break
+                elif f[0] == "control" and f[1] in (spdy.RST_STREAM, spdy.GOAWAY):
+                    break
+        else:
+            out("stderr" if "stderr" in streams else "stdout", ("fake: unknown command %r\n" % (command,)).encode())
+            status = {"metadata": {}, "status": "Failure", "message": "command terminated with non-zero exit code",
+                      "reason": "NonZeroExitCode", "details": {"causes": [{"reason": "ExitCode", "message": "127"}]}}
+        out("error", json.dumps(status).encode(), fin=True)
+        for kind in ("stdout", "stderr"):
+            if kind in streams:
+                out(kind, b"", fin=True)
+        session.goaway(last)
+
+
 class FakeKubeAPI:
     """``FakeKubeAPI(token).start()``: ``.port``, ``.requests``, ``.pods``, ``.secrets``, ``.stop()``."""
 
@@ -282,6 +365,8 @@ class FakeKubeAPI:
         self.httpd.pods = set(pods)
         self.httpd.secrets = set(secrets)
         self.httpd.deleting = {}
+        #: refuse exec over WebSocket, so kubectl uses SPDY/3.1
+        self.httpd.spdy_only = False
         self.port = self.httpd.server_address[1]
 
     @property

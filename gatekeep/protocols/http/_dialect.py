@@ -139,6 +139,17 @@ class HttpDialect:
         """The name an upgraded stream is recorded under."""
         return f"ws-{seq}"
 
+    def stream_feeder(self, request: Request, response: Head, limit: int) -> Any:
+        """
+        What records an upgraded stream: an object whose ``feed(data, from_client)``
+        takes each direction's bytes as they pass and returns the pieces to record
+        (raising ValueError when the bytes are not the protocol it expected), or
+        None. By default WebSocket messages through :meth:`stream_decoder`, each
+        kept up to ``limit`` bytes.
+        """
+        decoder = self.stream_decoder(request, response)
+        return WebSocketFeed(decoder, limit) if decoder is not None else None
+
     def stream_decoder(self, request: Request, response: Head) -> Callable[[ws.Message, bool], list[StreamPiece]] | None:
         """For a WebSocket upgrade: turns messages into recorded pieces (``from_client`` tells the direction)."""
         if (request.head.index.get(b"upgrade") or b"").lower() != b"websocket":
@@ -159,6 +170,17 @@ class HttpDialect:
             return [StreamPiece(kind, text)]
 
         return decode
+
+
+class WebSocketFeed:
+    """Both directions of a WebSocket stream, read into messages for a message decoder."""
+
+    def __init__(self, decoder: Callable[[ws.Message, bool], list[StreamPiece]], limit: int) -> None:
+        self.decoder = decoder
+        self.readers = {True: ws.FrameReader(limit), False: ws.FrameReader(limit)}
+
+    def feed(self, data: bytes, from_client: bool) -> list[StreamPiece]:
+        return [piece for m in self.readers[from_client].feed(data) for piece in self.decoder(m, from_client)]
 
 
 def _mask_text(masker: JsonMasker, body: bytes, counts: dict[str, int]) -> bytes | None:

@@ -15,7 +15,6 @@ from twisted.python.failure import Failure
 from gatekeep import sendnow
 from gatekeep.model import StreamEvent
 from gatekeep.protocols.http import _codec as codec
-from gatekeep.protocols.http import _websocket as ws
 from gatekeep.protocols.http._codec import END, NEED_DATA, PAUSED, Data, Head, MessageReader, ProtocolError
 from gatekeep.protocols.http._dialect import BUFFER, LINES, PASS, PASS_THROUGH
 from gatekeep.protocols.http._exchange import Exchange, excerpt_for
@@ -310,24 +309,23 @@ class UpstreamSide(protocol.Protocol):
 class Tunnel:
     """Both connections after ``101 Switching Protocols``: bytes relayed unchanged, messages recorded."""
 
-    def __init__(self, client: Any, upstream: UpstreamSide, ex: Exchange, decoder: Any, stream: str) -> None:
+    def __init__(self, client: Any, upstream: UpstreamSide, ex: Exchange, feeder: Any, stream: str) -> None:
         self.client = client
         self.upstream = upstream
         self.ex = ex
-        self.decoder = decoder
+        #: what records the stream (the dialect's stream_feeder), None when it is not recorded
+        self.feeder = feeder
         self.stream = stream
         self.done = False
-        limit = max(client.options.record.body_limit, 4096)
-        self.readers = (ws.FrameReader(limit), ws.FrameReader(limit)) if decoder is not None else None
 
     @classmethod
     def start(cls, client: Any, upstream: UpstreamSide, ex: Exchange, head: Head) -> "Tunnel":
         from gatekeep.protocols.http.relay import Mode
 
-        decoder = None
+        feeder = None
         if client.options.record.streams:
-            decoder = client.dialect.stream_decoder(ex.request, head)
-        tunnel = cls(client, upstream, ex, decoder, client.dialect.stream_name(ex.request, ex.op.seq))
+            feeder = client.dialect.stream_feeder(ex.request, head, max(client.options.record.body_limit, 4096))
+        tunnel = cls(client, upstream, ex, feeder, client.dialect.stream_name(ex.request, ex.op.seq))
         client.mode = Mode.TUNNEL
         client.tunnel = tunnel
         upstream.tunnel = tunnel
@@ -342,14 +340,13 @@ class Tunnel:
 
     def _record(self, data: bytes, from_client: bool) -> None:
         try:
-            messages = self.readers[0 if from_client else 1].feed(data)
-        except ws.FrameError as e:
-            self.readers = None
+            pieces = self.feeder.feed(data, from_client)
+        except ValueError as e:
+            self.feeder = None
             self._event("m", f"recording stopped: {e}")
             return
-        for m in messages:
-            for piece in self.decoder(m, from_client):
-                self._event(piece.kind, piece.data)
+        for piece in pieces:
+            self._event(piece.kind, piece.data)
 
     def _event(self, kind: str, data: str) -> None:
         session = self.client.session
@@ -358,14 +355,14 @@ class Tunnel:
 
     def from_client(self, data: bytes) -> None:
         self.ex.bytes_in += len(data)
-        if self.readers is not None:
+        if self.feeder is not None:
             self._record(data, True)
         if self.upstream.transport is not None:
             self.upstream.wire.write(data)
 
     def from_upstream(self, data: bytes) -> None:
         self.ex.bytes_out += len(data)
-        if self.readers is not None:
+        if self.feeder is not None:
             self._record(data, False)
         self.client.send(data)
 

@@ -20,6 +20,7 @@ from gatekeep.protocols.http._headers import is_json
 from gatekeep.protocols.http._jsonmask import JsonMasker, dumps
 from gatekeep.protocols.http._request import Request
 from gatekeep.protocols.kubernetes._exec import channel_decoder
+from gatekeep.protocols.kubernetes._spdy import SpdyExecDecoder
 from gatekeep.protocols.kubernetes._request import RequestInfo, request_info
 from gatekeep.protocols.kubernetes._secrets import mask_secrets
 
@@ -122,14 +123,17 @@ class KubernetesDialect(HttpDialect):
         sub = request.info.subresource if request.info is not None else ""
         return f"{sub}-{seq}" if sub in ("exec", "attach", "portforward") else f"ws-{seq}"
 
+    def stream_feeder(self, request: Request, response: Head, limit: int) -> Any:
+        upgrade = (response.index.get(b"upgrade") or b"").strip().lower()
+        if request.info is not None and request.info.subresource in ("exec", "attach") and upgrade == b"spdy/3.1":
+            return SpdyExecDecoder()
+        return super().stream_feeder(request, response, limit)
+
     def stream_decoder(self, request: Request, response: Head) -> Callable[[ws.Message, bool], list[StreamPiece]] | None:
         info = request.info
         if info.subresource in ("exec", "attach"):
             protocol = (response.index.get(b"sec-websocket-protocol") or b"").decode("latin-1").strip()
-            decoder = channel_decoder(protocol)
-            if decoder is not None:
-                return decoder
-            return None  # SPDY, or an unknown protocol: relayed, not decoded
+            return channel_decoder(protocol)  # None: an unknown protocol, relayed, not decoded
         if info.subresource == "portforward":
             return None
         return super().stream_decoder(request, response)

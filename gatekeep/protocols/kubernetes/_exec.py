@@ -61,12 +61,43 @@ def _status_text(payload: bytes) -> str:
     return "error: " + str(status.get("message") or status.get("reason") or "unknown")
 
 
+class Channels:
+    """What one channel's data becomes in the recording (shared by the WebSocket and SPDY decoders)."""
+
+    def __init__(self) -> None:
+        self.text = _Text()
+
+    def pieces(self, channel: int, data: bytes) -> list[StreamPiece]:
+        if not data:
+            return []
+        if channel == STDIN:
+            return [StreamPiece("i", self.text.decode(STDIN, data))]
+        if channel in (STDOUT, STDERR):
+            return [StreamPiece("o", self.text.decode(channel, data))]
+        if channel == ERROR:
+            return [StreamPiece("m", _status_text(data))]
+        if channel == RESIZE:
+            out = []
+            for line in data.splitlines():  # SPDY's resize stream carries one JSON object a line
+                try:
+                    size = json.loads(line)
+                    out.append(StreamPiece("r", f"{int(size['Width'])}x{int(size['Height'])}"))
+                except (ValueError, KeyError, TypeError):
+                    pass
+            return out
+        return []
+
+
+#: channel numbers of the channel protocols (and of SPDY's stream types)
+STDIN, STDOUT, STDERR, ERROR, RESIZE = 0, 1, 2, 3, 4
+
+
 def channel_decoder(subprotocol: str) -> Callable[[ws.Message, bool], list[StreamPiece]] | None:
     """A decoder for one negotiated subprotocol, or None when it is not a channel protocol."""
     if subprotocol not in PROTOCOLS:
         return None
     b64 = "base64" in subprotocol
-    text = _Text()
+    channels = Channels()
 
     def decode(message: ws.Message, from_client: bool) -> list[StreamPiece]:
         if message.opcode == ws.CLOSE:
@@ -82,22 +113,8 @@ def channel_decoder(subprotocol: str) -> Callable[[ws.Message, bool], list[Strea
                 return [StreamPiece("m", "undecodable message")]
         else:
             channel, data = payload[0], payload[1:]
-        if not data:
-            return []
-        if channel == 0:
-            return [StreamPiece("i", text.decode(0, data))]
-        if channel in (1, 2):
-            return [StreamPiece("o", text.decode(channel, data))]
-        if channel == 3:
-            return [StreamPiece("m", _status_text(data))]
-        if channel == 4:
-            try:
-                size = json.loads(data)
-                return [StreamPiece("r", f"{int(size['Width'])}x{int(size['Height'])}")]
-            except (ValueError, KeyError, TypeError):
-                return []
-        if channel == 255:
+        if channel == 255 and data:
             return [StreamPiece("m", f"channel {data[0]} closed")]
-        return []
+        return channels.pieces(channel, data)
 
     return decode

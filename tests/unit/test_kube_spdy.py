@@ -1,0 +1,116 @@
+"""kubectl exec over SPDY/3.1: the pure decoder that turns both directions' frames into recorded pieces."""
+
+import hashlib
+import json
+import struct
+import zlib
+
+import pytest
+
+from gatekeep.protocols.http._dialect import StreamPiece
+from gatekeep.protocols.kubernetes._spdy import DICTIONARY, SpdyError, SpdyExecDecoder
+
+
+def test_the_header_dictionary_is_the_one_spdy_peers_use():
+    """zlib needs the byte-exact dictionary (moby/spdystream's headerDictionary: 1423 bytes, this sha256)."""
+    assert len(DICTIONARY) == 1423
+    assert hashlib.sha256(DICTIONARY).hexdigest() == "51d27341373f923f3cd88e1eb7162aeaa3723d7585ff2399201dc06498407f02"
+
+
+class Peer:
+    """Frames as one side writes them, with its own header compressor (as spdystream does)."""
+
+    def __init__(self):
+        self.deflate = zlib.compressobj(zdict=DICTIONARY)
+
+    def block(self, headers):
+        raw = struct.pack("!I", len(headers)) + b"".join(
+            struct.pack("!I", len(k)) + k.encode() + struct.pack("!I", len(v)) + v.encode() for k, v in headers.items())
+        return self.deflate.compress(raw) + self.deflate.flush(zlib.Z_SYNC_FLUSH)
+
+    @staticmethod
+    def control(kind, data, flags=0, version=3):
+        return struct.pack("!II", 0x80000000 | (version << 16) | kind, (flags << 24) | len(data)) + data
+
+    def syn_stream(self, stream_id, headers):
+        return self.control(1, struct.pack("!IIH", stream_id, 0, 0) + self.block(headers))
+
+    def syn_reply(self, stream_id):
+        return self.control(2, struct.pack("!I", stream_id) + self.block({}))
+
+    @staticmethod
+    def data(stream_id, payload, fin=False):
+        return struct.pack("!II", stream_id, ((1 if fin else 0) << 24) | len(payload)) + payload
+
+
+def session():
+    """What kubectl (client) and the API server send for `exec -it ... -- cat` with one resize."""
+    client, server = Peer(), Peer()
+    up = b"".join([
+        client.syn_stream(1, {"streamtype": "error", "port": "x"}),
+        client.syn_stream(3, {"streamtype": "stdin"}),
+        client.syn_stream(5, {"streamtype": "stdout"}),
+        client.syn_stream(7, {"streamtype": "resize"}),
+        client.data(7, b'{"Width":120,"Height":40}\n'),
+        client.control(9, struct.pack("!II", 3, 65536)),  # WINDOW_UPDATE: ignored
+        client.data(3, "héllo\n".encode()),
+        client.data(3, b"", fin=True),
+    ])
+    down = b"".join([
+        server.syn_reply(1), server.syn_reply(3), server.syn_reply(5), server.syn_reply(7),
+        server.data(5, "héllo\n".encode()),
+        server.data(1, json.dumps({"metadata": {}, "status": "Success"}).encode(), fin=True),
+        server.control(7, struct.pack("!II", 7, 0)),  # GOAWAY
+    ])
+    return up, down
+
+
+EXPECTED = [StreamPiece("r", "120x40"), StreamPiece("i", "héllo\n"), StreamPiece("o", "héllo\n"),
+            StreamPiece("m", "exit 0"), StreamPiece("m", "closed by the server")]
+
+
+def test_a_session_becomes_stdin_stdout_resize_and_exit():
+    up, down = session()
+    d = SpdyExecDecoder()
+    assert d.feed(up, True) + d.feed(down, False) == EXPECTED
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 64])
+def test_frames_split_anywhere_decode_the_same(size):
+    """Bytes arrive in any chunks: frames and UTF-8 characters cut across them come out whole."""
+    up, down = session()
+    d = SpdyExecDecoder()
+    pieces = []
+    for i in range(0, len(up), size):
+        pieces += d.feed(up[i:i + size], True)
+    for i in range(0, len(down), size):
+        pieces += d.feed(down[i:i + size], False)
+    merged = []
+    for p in pieces:  # a chunk boundary may split one frame's text in two pieces of the same kind
+        if merged and merged[-1].kind == p.kind and p.kind in "io":
+            merged[-1] = StreamPiece(p.kind, merged[-1].data + p.data)
+        else:
+            merged.append(p)
+    assert merged == EXPECTED
+
+
+def test_a_failed_command_records_its_exit_code():
+    client, server = Peer(), Peer()
+    d = SpdyExecDecoder()
+    d.feed(client.syn_stream(1, {"streamtype": "error"}) + client.syn_stream(3, {"streamtype": "stderr"}), True)
+    status = {"status": "Failure", "details": {"causes": [{"reason": "ExitCode", "message": "127"}]}}
+    out = d.feed(server.syn_reply(1) + server.syn_reply(3) + server.data(3, b"not found\n")
+                 + server.data(1, json.dumps(status).encode(), fin=True), False)
+    assert out == [StreamPiece("o", "not found\n"), StreamPiece("m", "exit 127")]
+
+
+@pytest.mark.parametrize("bad, why", [
+    (Peer.control(1, b"\x00" * 12, version=2), "SPDY version 2"),
+    (struct.pack("!II", 5, 1 << 21), "frame (at most"),
+    (Peer.control(1, struct.pack("!IIH", 1, 0, 0) + b"not zlib at all"), "does not inflate"),
+    (Peer.control(1, b"\x00\x00"), "too short"),
+])
+def test_bytes_that_are_not_spdy_are_refused_with_why(bad, why):
+    with pytest.raises(SpdyError) as e:
+        SpdyExecDecoder().feed(bad, True)
+    assert why in str(e.value)
