@@ -72,6 +72,14 @@ class Backlog:
         self._drain.append(d)
         return d
 
+    def wait_for_room(self) -> object | None:
+        """
+        None while the backlog is under the bound; else a Deferred that fires once
+        it is back under half of it. For relays that stop reading (or stop giving
+        flow-control credit) so that streamed records do not grow it further.
+        """
+        return self._over_backlog()
+
     def _stored(self, size: int) -> None:
         """``size`` bytes of records are stored (or given up): waiting operations go on once under half the bound."""
         self.backlog -= size

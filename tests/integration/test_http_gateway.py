@@ -306,3 +306,53 @@ def test_recording_of_request_and_response(gw):
     masked = gw.record(lambda r: r["text"] == "GET /json/user" and r["finished_at"])
     assert "hunter2" not in masked["response"]["response_body"] and masked["masked"]["pii"] >= 3
     assert masked["facts"] == {"method": "GET", "host": "127.0.0.1", "path": "/json/user"}
+
+
+def test_websocket_waits_for_a_stopped_recorder(gatekeep):
+    """
+    recording.max_backlog 1MiB, the writer process stopped (SIGSTOP): WebSocket messages, recorded as they pass,
+    stop flowing once 1MiB of records waits (neither side is read); SIGCONT and every echo arrives, in order.
+    """
+    import signal
+    import threading
+
+    server = HttpServer().start()
+    try:
+        token, entry = make_identity("wendy", ["dev"])
+        port = free_port()
+        gk = gatekeep({"recording": {"max_backlog": "1MiB"}, "identities": [entry],
+                       "targets": [{"name": "api", "protocol": "http", "listen": tcp_listen(port),
+                                    "upstream": {"url": "http://127.0.0.1:%d" % server.port},
+                                    "record": {"body_limit": 65536}}]})
+        [writer] = gk.writer_pids()
+        ws = websocket.Client("127.0.0.1", port, "/ws", headers=[("Authorization", "Bearer " + token)], timeout=60)
+        assert ws.status == 101
+        echoed = []
+        count, size = 200, 32 * 1024
+
+        def read():
+            for _ in range(count):
+                echoed.append(ws.recv())
+
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            sender = threading.Thread(target=lambda: [ws.send_text("%05d" % i + "x" * size) for i in range(count)],
+                                      daemon=True)
+            sender.start()
+            seen, deadline = [], time.monotonic() + 30
+            while time.monotonic() < deadline:
+                seen.append(len(echoed))
+                if len(seen) > 10 and seen[-1] == seen[-10]:
+                    break  # a second without an echo
+                time.sleep(0.1)
+            assert seen[-1] < count // 2, "messages kept flowing while the recorder was stopped: %d" % seen[-1]
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        reader.join(60)
+        assert [int(payload[6:11]) for _, payload in echoed] == list(range(count))
+        ws.close()
+        assert "recording is behind the traffic" in gk.log_text()
+    finally:
+        server.stop()

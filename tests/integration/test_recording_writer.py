@@ -14,21 +14,7 @@ from tests.integration.pg_gateway_helpers import (
 
 
 def _writer_pids(gk):
-    """The recording writer processes whose parent is the gateway process."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if ppid == gk.pid and b"gatekeep.recording._writer" in cmd:
-            pids.append(int(entry))
-    return pids
+    return gk.writer_pids()
 
 
 @pytest.fixture

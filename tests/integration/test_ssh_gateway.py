@@ -574,3 +574,57 @@ def test_exec_refused_while_the_store_is_down_with_on_failure_deny(gatekeep, ssh
         time.sleep(0.5)
     log = gk.log_text()
     assert "Unhandled" not in log and "Traceback" not in log
+
+
+def test_output_waits_for_a_stopped_recorder_and_arrives_whole(gatekeep, sshd, tmp_path):
+    """
+    recording.max_backlog 1MiB and the writer process stopped (SIGSTOP): a command's output, recorded as it flows,
+    stops flowing once 1MiB of records waits (the gateway gives the server no more window), so the gateway's memory
+    stays bounded; SIGCONT and the rest arrives, whole.
+    """
+    import signal
+
+    keygen(str(tmp_path / "erin"))
+    token, entry = make_identity("erin", ["dev"])
+    entry["ssh_keys"] = [read_pub(str(tmp_path / "erin"))]
+    kh = tmp_path / "upstream_known_hosts"
+    kh.write_text(sshd.known_hosts_line() + "\n")
+    port = free_port()
+    gk = gatekeep({
+        "recording": {"max_backlog": "1MiB"},
+        "identities": [entry],
+        "targets": [{"name": "box", "protocol": "ssh", "listen": tcp_listen(port),
+                     "upstream": {"host": "127.0.0.1", "port": sshd.port, "user": sshd.user,
+                                  "private_key": "file:" + sshd.client_key, "known_hosts": "file:" + str(kh)}}],
+    })
+    pub = open(os.path.join(gk.workdir, "ssh_host_ed25519_key.pub")).read().split()
+    (tmp_path / "known_hosts").write_text("[127.0.0.1]:%d %s %s\n" % (port, pub[0], pub[1]))
+    [writer] = gk.writer_pids()
+    out_path = tmp_path / "out"
+    total = 24 * 1024 * 1024
+    os.kill(writer, signal.SIGSTOP)
+    try:
+        with open(out_path, "wb") as out:
+            proc = subprocess.Popen(
+                ["ssh", "-p", str(port), "-o", "UserKnownHostsFile=%s" % (tmp_path / "known_hosts"),
+                 "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+                 "-o", "IdentitiesOnly=yes", "-o", "IdentityFile=%s" % (tmp_path / "erin"),
+                 "erin@127.0.0.1", "head -c %d /dev/zero | tr '\\\\0' x" % total],
+                stdout=out, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            try:
+                sizes, deadline = [], time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    sizes.append(out_path.stat().st_size)
+                    if len(sizes) > 10 and sizes[-1] == sizes[-10] > 0:
+                        break  # a second without a byte
+                    time.sleep(0.1)
+                stalled = sizes[-1]
+                assert 0 < stalled < total // 2, "output did not stop while the recorder was stopped: %d" % stalled
+                assert proc.poll() is None
+            finally:
+                os.kill(writer, signal.SIGCONT)
+            assert proc.wait(120) == 0, proc.stderr.read()
+    finally:
+        os.kill(writer, signal.SIGCONT)
+    assert out_path.stat().st_size == total
+    assert "recording is behind the traffic" in gk.log_text() and "recording has caught up" in gk.log_text()

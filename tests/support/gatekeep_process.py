@@ -260,6 +260,23 @@ class GatekeepProcess:
 
     # -- output --------------------------------------------------------------
 
+    def writer_pids(self):
+        """The recording writer processes whose parent is this gateway process."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            if ppid == self.pid and b"gatekeep.recording._writer" in cmd:
+                pids.append(int(entry))
+        return pids
+
     def log_text(self):
         """Everything the daemon has written to stdout/stderr so far."""
         try:

@@ -51,6 +51,37 @@ def reframed_head(head: Head, *, length: int | None, chunked: bool, drop_encodin
     return codec.encode_response_head(head.status, fields, head.version, head.reason)
 
 
+class Valve:
+    """Pauses reading a transport while any reason to hold it stands."""
+
+    def __init__(self, transport: Any, full: str = "upstream is full") -> None:
+        self.transport = transport
+        self.reasons: set[str] = set()
+        #: the reason held while the transport this valve produces for is full
+        self.full = full
+
+    def hold(self, reason: str) -> None:
+        if not self.reasons:
+            self.transport.pauseProducing()
+        self.reasons.add(reason)
+
+    def release(self, reason: str) -> None:
+        if reason in self.reasons:
+            self.reasons.discard(reason)
+            if not self.reasons:
+                self.transport.resumeProducing()
+
+    # IPushProducer, for the other transport's backpressure
+    def pauseProducing(self) -> None:
+        self.hold(self.full)
+
+    def resumeProducing(self) -> None:
+        self.release(self.full)
+
+    def stopProducing(self) -> None:
+        self.transport.loseConnection()
+
+
 class UpstreamSide(protocol.Protocol):
     """gatekeep's connection to the upstream server, one per client connection."""
 
@@ -66,6 +97,8 @@ class UpstreamSide(protocol.Protocol):
     def connectionMade(self) -> None:
         self.connected = True
         self.wire = sendnow.Cork(self.transport)
+        #: pauses reading the upstream while the client is full, or the recording is behind (a tunnel)
+        self.valve = Valve(self.transport, full="client is full")
         sendnow.no_delay(self.transport)
         self.client.upstream_connected(self)
 
@@ -317,6 +350,7 @@ class Tunnel:
         self.feeder = feeder
         self.stream = stream
         self.done = False
+        self.gated = False
 
     @classmethod
     def start(cls, client: Any, upstream: UpstreamSide, ex: Exchange, head: Head) -> "Tunnel":
@@ -352,6 +386,26 @@ class Tunnel:
         session = self.client.session
         if session is not None:
             self.client.chain.stream_data(StreamEvent(session.id, self.stream, self.client.gateway.now(), kind, data))
+            if not self.gated:
+                self._gate()
+
+    def _gate(self) -> None:
+        """While the recorder is behind, neither side is read: the stream waits instead of its records piling up."""
+        room = getattr(self.client.chain.recorder, "wait_for_room", None)
+        waiting = room() if room is not None else None
+        if waiting is None:
+            return
+        self.gated = True
+        valves = (self.client.valve, self.upstream.valve)
+        for valve in valves:
+            valve.hold("recording")
+
+        def caught_up(_: Any) -> None:
+            self.gated = False
+            for valve in valves:
+                valve.release("recording")
+
+        waiting.addBoth(caught_up)
 
     def from_client(self, data: bytes) -> None:
         self.ex.bytes_in += len(data)

@@ -13,11 +13,11 @@ request body streams as it arrives; the response streams back unless masking
 must see it whole. A ``101 Switching Protocols`` turns both connections into a
 byte tunnel (WebSocket messages recorded).
 
-Backpressure: the upstream transport is the client transport's producer and a
-:class:`Valve` over the client transport is the upstream transport's producer,
-so a slow reader on either side stops gatekeep reading from the other. The
-valve also holds the client while a decision or the upstream connection is
-pending, and while pipelined requests pile up.
+Backpressure: each transport is read through a :class:`Valve` that is the
+other transport's producer, so a slow reader on either side stops gatekeep
+reading from the other. The client's valve also holds the client while a
+decision or the upstream connection is pending, and while pipelined requests
+pile up; in a tunnel both are held while the recording is behind.
 
 Approvals: a request held for approval gets an interim ``102 Processing`` at
 once (``Gatekeep-Approval: ID`` and ``Gatekeep-Approval-Message``; see
@@ -47,7 +47,7 @@ from gatekeep.protocols.http._exchange import Exchange, excerpt_for, operation_e
 from gatekeep.protocols.http._headers import BadCredentials, client_credentials
 from gatekeep.protocols.http._jsonmask import JsonMasker
 from gatekeep.protocols.http._request import parse_request
-from gatekeep.protocols.http._upstream import UpstreamSide
+from gatekeep.protocols.http._upstream import UpstreamSide, Valve
 from gatekeep.recording import RecordingUnavailable
 from gatekeep.tls import certificate_login
 
@@ -112,35 +112,6 @@ _ALLOW = Action.ALLOW
 
 
 @implementer(IPushProducer)
-class Valve:
-    """Pauses reading a transport while any reason to hold it stands."""
-
-    def __init__(self, transport: Any) -> None:
-        self.transport = transport
-        self.reasons: set[str] = set()
-
-    def hold(self, reason: str) -> None:
-        if not self.reasons:
-            self.transport.pauseProducing()
-        self.reasons.add(reason)
-
-    def release(self, reason: str) -> None:
-        if reason in self.reasons:
-            self.reasons.discard(reason)
-            if not self.reasons:
-                self.transport.resumeProducing()
-
-    # IPushProducer, for the upstream transport's backpressure
-    def pauseProducing(self) -> None:
-        self.hold("upstream is full")
-
-    def resumeProducing(self) -> None:
-        self.release("upstream is full")
-
-    def stopProducing(self) -> None:
-        self.transport.loseConnection()
-
-
 class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factory.HttpRelayFactory
     """The client's connection."""
 
@@ -597,7 +568,7 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
         if self.upstream is not None:
             self.transport.unregisterProducer()
         self.upstream = upstream
-        self.transport.registerProducer(upstream.transport, True)
+        self.transport.registerProducer(upstream.valve, True)
         upstream.transport.registerProducer(self.valve, True)
         ex = self.exchange
         if self._hold == "connect":

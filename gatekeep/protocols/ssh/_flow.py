@@ -86,6 +86,28 @@ class Leg:
         self.paused = True
 
 
+class RecordingGate(Leg):
+    """
+    Paused while the recorder is behind (gatekeep.recording.Backlog): channels
+    then give no window back, so SSH output and input stop flowing, and with
+    them the stream events that record them, until the store has caught up.
+    ``room`` is the recorder's ``wait_for_room`` (None or a Deferred).
+    """
+
+    def __init__(self, room: Any) -> None:
+        super().__init__("recording")
+        self.room = room
+
+    def blocked(self) -> bool:
+        if not self.paused:
+            waiting = self.room()
+            if waiting is None:
+                return False
+            self.paused = True
+            waiting.addBoth(lambda _: self.resumeProducing())
+        return True
+
+
 class FlowConnection(_connection.SSHConnection):
     """The ``ssh-connection`` service with coupled flow control (see the module docstring)."""
 
@@ -208,6 +230,8 @@ class RelayChannel(_channel.SSHChannel):
         self.peer: RelayChannel | None = None
         #: the leg whose transport carries what this channel sends
         self.leg: Leg | None = None
+        #: closed while the recorder is behind: no window is given back (RecordingGate)
+        self.gate: RecordingGate | None = None
         self.outq: deque[list[Any]] = deque()
         #: data bytes waiting in outq
         self.queued = 0
@@ -407,12 +431,15 @@ class RelayChannel(_channel.SSHChannel):
         """
         Give window back for what was received and has left the gateway:
         everything except what the peer still has queued and ``held`` bytes the
-        handler keeps. Nothing while the peer's leg is congested.
+        handler keeps. Nothing while the peer's leg is congested, or while the
+        recording is behind (``gate``).
         """
         if self.localClosed or self.remoteClosed or self.conn is None or self not in self.conn.channelsToRemoteChannel:
             return
         peer = self.peer
         if peer is not None and peer.leg is not None and peer.leg.paused:
+            return
+        if self.gate is not None and self.gate.blocked():
             return
         consumed = self.localWindowSize - self.localWindowLeft
         credit = consumed - (peer.queued if peer is not None else 0) - held

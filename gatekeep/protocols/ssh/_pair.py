@@ -53,6 +53,7 @@ class PairRelay:
         self.down.leg = session.down_leg
         self.up = RelayChannel(self, size, name=self.up_name)
         self.up.leg = session.up_leg
+        self.down.gate = self.up.gate = getattr(session, "recording_gate", None)
         self.down.peer, self.up.peer = self.up, self.down
         self.op: Operation | None = None
         self.status: str | None = None

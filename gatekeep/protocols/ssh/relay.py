@@ -32,7 +32,7 @@ from gatekeep.protocols.ssh import policy as _policy
 from gatekeep.protocols.ssh._channels import SessionRelay
 from gatekeep.protocols.ssh._pair import ForwardRelay
 from gatekeep.protocols.ssh._client import UpstreamError, connect_upstream
-from gatekeep.protocols.ssh._flow import Leg
+from gatekeep.protocols.ssh._flow import Leg, RecordingGate
 from gatekeep.protocols.ssh._hostkeys import gateway_host_key
 from gatekeep.protocols.ssh._server import ServerTransport, UserAuthServer
 from gatekeep.recording import RecordingUnavailable
@@ -153,6 +153,8 @@ class ClientSession:
         self.waiting: set[Deferred] = set()
         self.down_leg.listeners.append(lambda: self._resumed(self.down_leg))
         self.up_leg.listeners.append(lambda: self._resumed(self.up_leg))
+        self.recording_gate = RecordingGate(getattr(self.chain.recorder, "wait_for_room", lambda: None))
+        self.recording_gate.listeners.append(self._recording_caught_up)
 
     @property
     def closed(self) -> bool:
@@ -302,6 +304,11 @@ class ClientSession:
     def note_term(self, term: str) -> None:
         if self.session is not None:
             self.session.attributes.setdefault("term", term)
+
+    def _recording_caught_up(self) -> None:
+        for relay in list(self.relays):
+            for ch in (relay.down, relay.up):
+                ch.grant(relay.held(ch))
 
     def _resumed(self, leg: Leg) -> None:
         for relay in list(self.relays):
