@@ -527,6 +527,27 @@ def test_gateway_host_key_is_kept(gw):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
+def own_gateway(gatekeep, sshd, tmp_path, user, extra, env=None):
+    """A gateway of the test's own (``extra`` merged into its configuration) for ``user`` with a fresh key:
+    returns (the gateway, the ssh argv up to the destination)."""
+    keygen(str(tmp_path / user))
+    token, entry = make_identity(user, ["dev"])
+    entry["ssh_keys"] = [read_pub(str(tmp_path / user))]
+    kh = tmp_path / "upstream_known_hosts"
+    kh.write_text(sshd.known_hosts_line() + "\n")
+    port = free_port()
+    gk = gatekeep(dict(extra, identities=[entry], targets=[
+        {"name": "box", "protocol": "ssh", "listen": tcp_listen(port),
+         "upstream": {"host": "127.0.0.1", "port": sshd.port, "user": sshd.user,
+                      "private_key": "file:" + sshd.client_key, "known_hosts": "file:" + str(kh)}}]), env=env)
+    pub = open(os.path.join(gk.workdir, "ssh_host_ed25519_key.pub")).read().split()
+    (tmp_path / "known_hosts").write_text("[127.0.0.1]:%d %s %s\n" % (port, pub[0], pub[1]))
+    argv = ["ssh", "-p", str(port), "-o", "UserKnownHostsFile=%s" % (tmp_path / "known_hosts"),
+            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+            "-o", "IdentitiesOnly=yes", "-o", "IdentityFile=%s" % (tmp_path / user), "%s@127.0.0.1" % user]
+    return gk, argv
+
+
 def test_exec_refused_while_the_store_is_down_with_on_failure_deny(gatekeep, sshd, store_pg, store_db, store_dbs,
                                                                    tmp_path):
     """
@@ -534,32 +555,15 @@ def test_exec_refused_while_the_store_is_down_with_on_failure_deny(gatekeep, ssh
     refused with a message saying why and never runs; once the store is back, commands run and the refusal is in
     the trail.
     """
-    keygen(str(tmp_path / "bob"))
-    token, entry = make_identity("bob", ["dev"])
-    entry["ssh_keys"] = [read_pub(str(tmp_path / "bob"))]
-    kh = tmp_path / "upstream_known_hosts"
-    kh.write_text(sshd.known_hosts_line() + "\n")
-    port = free_port()
-    gk = gatekeep({
+    gk, argv = own_gateway(gatekeep, sshd, tmp_path, "bob", {
         "node": "gk-ssh-deny", "store": store_db.store_config(),
-        "recording": {"durability": "strict", "on_failure": "deny"},
-        "identities": [entry],
-        "targets": [{"name": "box", "protocol": "ssh", "listen": tcp_listen(port),
-                     "upstream": {"host": "127.0.0.1", "port": sshd.port, "user": sshd.user,
-                                  "private_key": "file:" + sshd.client_key, "known_hosts": "file:" + str(kh)}}],
-    }, env=store_dbs.env)
-    pub = open(os.path.join(gk.workdir, "ssh_host_ed25519_key.pub")).read().split()
-    (tmp_path / "known_hosts").write_text("[127.0.0.1]:%d %s %s\n" % (port, pub[0], pub[1]))
-    opts = ["-o", "UserKnownHostsFile=%s" % (tmp_path / "known_hosts"), "-o", "StrictHostKeyChecking=yes",
-            "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes",
-            "-o", "IdentityFile=%s" % (tmp_path / "bob")]
+        "recording": {"durability": "strict", "on_failure": "deny"}}, env=store_dbs.env)
 
     def ssh(command):
-        return subprocess.run(["ssh", "-p", str(port)] + opts + ["bob@127.0.0.1", command], capture_output=True,
-                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+        return subprocess.run(argv + [command], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
     assert ssh("echo before").stdout.strip() == "before"
-    mark = "/tmp/gk-store-down-%d" % port
+    mark = "/tmp/gk-store-down-%d" % os.getpid()
     store_pg.stop()
     try:
         refused = ssh("touch %s; echo ran" % mark)
@@ -584,33 +588,15 @@ def test_output_waits_for_a_stopped_recorder_and_arrives_whole(gatekeep, sshd, t
     """
     import signal
 
-    keygen(str(tmp_path / "erin"))
-    token, entry = make_identity("erin", ["dev"])
-    entry["ssh_keys"] = [read_pub(str(tmp_path / "erin"))]
-    kh = tmp_path / "upstream_known_hosts"
-    kh.write_text(sshd.known_hosts_line() + "\n")
-    port = free_port()
-    gk = gatekeep({
-        "recording": {"max_backlog": "1MiB"},
-        "identities": [entry],
-        "targets": [{"name": "box", "protocol": "ssh", "listen": tcp_listen(port),
-                     "upstream": {"host": "127.0.0.1", "port": sshd.port, "user": sshd.user,
-                                  "private_key": "file:" + sshd.client_key, "known_hosts": "file:" + str(kh)}}],
-    })
-    pub = open(os.path.join(gk.workdir, "ssh_host_ed25519_key.pub")).read().split()
-    (tmp_path / "known_hosts").write_text("[127.0.0.1]:%d %s %s\n" % (port, pub[0], pub[1]))
+    gk, argv = own_gateway(gatekeep, sshd, tmp_path, "erin", {"recording": {"max_backlog": "1MiB"}})
     [writer] = gk.writer_pids()
     out_path = tmp_path / "out"
     total = 24 * 1024 * 1024
     os.kill(writer, signal.SIGSTOP)
     try:
         with open(out_path, "wb") as out:
-            proc = subprocess.Popen(
-                ["ssh", "-p", str(port), "-o", "UserKnownHostsFile=%s" % (tmp_path / "known_hosts"),
-                 "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
-                 "-o", "IdentitiesOnly=yes", "-o", "IdentityFile=%s" % (tmp_path / "erin"),
-                 "erin@127.0.0.1", "head -c %d /dev/zero | tr '\\\\0' x" % total],
-                stdout=out, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(argv + ["head -c %d /dev/zero | tr '\\\\0' x" % total],
+                                    stdout=out, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
             try:
                 sizes, deadline = [], time.monotonic() + 30
                 while time.monotonic() < deadline:
