@@ -531,7 +531,7 @@ def own_gateway(gatekeep, sshd, tmp_path, user, extra, env=None):
     """A gateway of the test's own (``extra`` merged into its configuration) for ``user`` with a fresh key:
     returns (the gateway, the ssh argv up to the destination)."""
     keygen(str(tmp_path / user))
-    token, entry = make_identity(user, ["dev"])
+    _, entry = make_identity(user, ["dev"])
     entry["ssh_keys"] = [read_pub(str(tmp_path / user))]
     kh = tmp_path / "upstream_known_hosts"
     kh.write_text(sshd.known_hosts_line() + "\n")
