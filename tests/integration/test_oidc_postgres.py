@@ -18,6 +18,7 @@ import uuid
 
 import psycopg
 import pytest
+from cryptography import x509
 
 from tests.integration.pg_gateway_helpers import (
     client_args, gatekeep_exe, gk_psql, listener_tls, pg_target, poll, sessions_json, upstream_env,
@@ -29,7 +30,7 @@ from tests.support.oidcprovider import (
     DEVICE_CLIENT, OTHER_RESOURCE, RESOURCE, OidcProvider, client_credentials_client, device_client, jwt_claims,
     signing_key,
 )
-from tests.support.tlsfiles import make_client_certificates
+from tests.support.tlsfiles import _load, make_client_certificates, make_crl
 
 SECRET = "s3cret-for-the-loopback-test-provider"
 ACCOUNTS = {"alice": {"groups": ["idp-dev", "idp-unmapped"]}}
@@ -66,11 +67,18 @@ def env(tmp_path_factory, tls_files, pg_server, gatekeep_module):
             "carol": {"common_name": "carol"},
             "carol-foreign": {"common_name": "carol", "ca": "other"},
             "nobody": {"common_name": "nobody"},
+            "carol-revoked": {"common_name": "carol"},
         })
+        ca_cert, ca_key = _load(tls_files.ca_cert, tls_files.ca_key)
+        revoked = x509.load_pem_x509_certificate(open(certs["carol-revoked"][0], "rb").read())
+        crl_path = os.path.join(workdir, "certs", "clients.crl")
+        with open(crl_path, "wb") as f:
+            f.write(make_crl(ca_cert, ca_key, [revoked]))
         tokens = {}
         tokens["carol"], carol = make_identity("carol", ["ops"])
         tokens["dave"], dave = make_identity("dave", ["ops"])
-        tls = dict(listener_tls(tls_files), client_ca="file:" + tls_files.ca_cert, client_identity="subject_cn")
+        tls = dict(listener_tls(tls_files), client_ca="file:" + tls_files.ca_cert, client_identity="subject_cn",
+                   client_crl="file:" + crl_path)
         config = {
             "identities": [carol, dave],
             "oidc": oidc_block(op),
@@ -185,9 +193,10 @@ def test_client_certificate_logs_in_without_a_password(env):
     ("carol-foreign", "carol", "does not verify against the client CA"),
     ("carol", "dave", "the client certificate is for 'carol', not 'dave'"),
     ("nobody", "nobody", "which is not a configured identity"),
+    ("carol-revoked", "carol", "the client certificate is revoked"),
 ])
 def test_client_certificates_that_do_not_fit_are_refused(env, stem, user, reason):
-    """A certificate from another CA, for another user, or for no configured identity gets FATAL 28000."""
+    """A certificate from another CA, revoked, for another user, or for no configured identity gets FATAL 28000."""
     cert, key = env.certs[stem]
     proc = psql(env, user, env.tokens.get(user), "SELECT 'should not run';", check=False, PGSSLCERT=cert,
                 PGSSLKEY=key)
