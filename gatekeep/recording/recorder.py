@@ -113,7 +113,7 @@ class ThreadedRecorder(InOrder, Backlog):
     def operationStarted(self, operation: Operation, decision: Decision) -> Deferred | None:
         if self.deny_on_failure and not self.healthy:
             # still recorded when the store is back: the trail shows what was refused and why
-            self._queue.put((operation, decision))
+            self._add((operation, decision))
             raise RecordingUnavailable(self.last_error or "the store is failing")
         if self.strict:
             d: Deferred = Deferred()

@@ -339,3 +339,6 @@ def test_threaded_recorder_makes_operations_wait_while_the_store_is_behind(tmp_p
         gate.set()
         recorder.stop()
     assert [o[0].seq for batch in store.batches for o in batch if isinstance(o, tuple)] == list(range(1, seq + 1))
+    while not reactor.calls.empty():
+        reactor.run()
+    assert recorder.backlog == 0  # what was counted in is counted out
