@@ -197,7 +197,12 @@ def _positional_reduce(cls: type) -> None:
     if "detail" in names:
         # an operation's detail is the protocol's live object (session state): never recorded, never sent
         at = names.index("detail")
-        cls.__reduce__ = lambda self: (cls, get(self)[:at] + (None,) + get(self)[at + 1:])  # type: ignore
+
+        def reduce(self: Any) -> tuple:
+            values = get(self)
+            return cls, values[:at] + (None,) + values[at + 1:]
+
+        cls.__reduce__ = reduce  # type: ignore[method-assign]
     elif len(names) == 1:
         cls.__reduce__ = lambda self: (cls, (get(self),))  # type: ignore[method-assign]
     else:
