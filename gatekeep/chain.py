@@ -267,6 +267,15 @@ class Chain:
     def stream_data(self, event: StreamEvent) -> None:
         self.recorder.streamData(event)
 
+    def recording_room(self) -> Deferred | None:
+        """
+        None while the recorder keeps up; else a Deferred that fires once it has
+        caught up (``gatekeep.recording.Backlog.wait_for_room``). Relays that
+        record streams as they flow stop reading until then.
+        """
+        room = getattr(self.recorder, "wait_for_room", None)
+        return room() if room is not None else None
+
     def record(self, value: Any) -> None:
         """Record another kind of value (an approval event): see ``IRecorder.record``."""
         record = getattr(self.recorder, "record", None)

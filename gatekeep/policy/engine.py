@@ -34,6 +34,8 @@ from gatekeep.model import Action, Decision, Operation
 COMMON_KEYS = ("identities", "groups", "targets")
 UNJUDGEABLE = "unjudgeable"
 CACHE_LIMIT = 20000
+#: facts not worked out yet (None is a plugin's answer: no facts)
+_NOT_YET = object()
 #: bytes of keys the decision cache may hold (keys carry statement shapes and request targets)
 CACHE_BYTES = 64 * 1024 * 1024
 
@@ -142,23 +144,22 @@ class RuleEngine:
         self.decisions += 1
         session = operation.session
         plugin = self.plugins.get(session.protocol)
+        target = self.targets[session.target]
+        # a plugin that can name the cache key without working out the facts: a hit needs none
         quick = getattr(plugin, "cacheKey", None)
-        if quick is not None:
-            # the plugin can name the cache key without working out the facts: a hit needs none
-            key = quick(operation, self.targets[session.target])
-            if key is not None:
-                cached = self._cache.get((session.target, session.identity.name, session.identity.groups, key))
-                if cached is not None:
-                    self.cache_hits += 1
-                    return cached
-        facts = plugin.facts(operation, self.targets[session.target]) if plugin is not None else None
-        key = getattr(facts, "cache_key", None)
+        key = quick(operation, target) if quick is not None else None
+        facts = _NOT_YET
+        if key is None and plugin is not None:
+            facts = plugin.facts(operation, target)
+            key = getattr(facts, "cache_key", None)
         if key is not None:
             key = (session.target, session.identity.name, session.identity.groups, key)
             cached = self._cache.get(key)
             if cached is not None:
                 self.cache_hits += 1
                 return cached
+        if facts is _NOT_YET:
+            facts = plugin.facts(operation, target) if plugin is not None else None
         decision = self._decide(operation, facts)
         if key is not None:
             self._cache.put(key, decision)

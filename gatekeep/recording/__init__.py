@@ -1,12 +1,20 @@
 """Recording: the recorder, the event schema, sinks."""
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+
+from gatekeep.model import Action, Decision
 
 _log = Logger()
 
 
 class RecordingUnavailable(Exception):
     """The store cannot take records and the configuration says to deny (``recording.on_failure: deny``)."""
+
+
+def unrecordable(decision: Decision, why: str) -> Decision:
+    """The denial for an operation gatekeep could not record (``recording.on_failure: deny``)."""
+    return Decision(Action.DENY, "recording-unavailable", f"recording is unavailable: {why}", decision.facts)
 
 
 class InOrder:
@@ -58,27 +66,22 @@ class Backlog:
     backlog: int = 0
     _drain: list | None = None
 
-    def _over_backlog(self) -> object | None:
-        """None, or the Deferred a new operation waits on while the backlog is over the bound."""
+    def wait_for_room(self) -> Deferred | None:
+        """
+        None while the backlog is under the bound; else a Deferred that fires once
+        it is back under half of it. A new operation waits on it; relays that
+        record streams as they flow stop reading (or giving flow-control credit)
+        until it fires.
+        """
         if self.backlog < self.max_backlog:
             return None
-        from twisted.internet.defer import Deferred
-
         if not self._drain:
             self._drain = []
             _log.warn("recording is behind the traffic ({mib:.0f} MiB not yet stored); new operations wait for it",
                       mib=self.backlog / (1 << 20))
-        d = Deferred()
+        d: Deferred = Deferred()
         self._drain.append(d)
         return d
-
-    def wait_for_room(self) -> object | None:
-        """
-        None while the backlog is under the bound; else a Deferred that fires once
-        it is back under half of it. For relays that stop reading (or stop giving
-        flow-control credit) so that streamed records do not grow it further.
-        """
-        return self._over_backlog()
 
     def _stored(self, size: int) -> None:
         """``size`` bytes of records are stored (or given up): waiting operations go on once under half the bound."""

@@ -136,7 +136,7 @@ class AsyncRecorder(InOrder, Backlog):
             self._add(_Strict((operation, decision), d), urgent=True)
             return d
         self._add((operation, decision))
-        return self._over_backlog()
+        return self.wait_for_room()
 
     def flush(self) -> defer.Deferred:
         """Fires once everything received before the call is stored (written at once, not after ``interval``)."""

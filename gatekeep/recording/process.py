@@ -230,7 +230,7 @@ class ProcessRecorder(InOrder, Backlog):
             self._send_strict()
             return d
         self._add((operation, decision))
-        return self._over_backlog()
+        return self.wait_for_room()
 
     def flush(self) -> Deferred:
         d: Deferred = Deferred()

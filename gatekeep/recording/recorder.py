@@ -121,7 +121,7 @@ class ThreadedRecorder(InOrder, Backlog):
             self._queue.put(_Strict((operation, decision), d))
             return d
         self._add((operation, decision))
-        return self._over_backlog()
+        return self.wait_for_room()
 
     def flush(self) -> Deferred:
         d: Deferred = Deferred()

@@ -9,8 +9,10 @@ import zlib
 from typing import Any
 
 from twisted.internet import protocol
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from gatekeep import sendnow
 from gatekeep.model import StreamEvent
@@ -51,6 +53,7 @@ def reframed_head(head: Head, *, length: int | None, chunked: bool, drop_encodin
     return codec.encode_response_head(head.status, fields, head.version, head.reason)
 
 
+@implementer(IPushProducer)
 class Valve:
     """Pauses reading a transport while any reason to hold it stands."""
 
@@ -391,8 +394,7 @@ class Tunnel:
 
     def _gate(self) -> None:
         """While the recorder is behind, neither side is read: the stream waits instead of its records piling up."""
-        room = getattr(self.client.chain.recorder, "wait_for_room", None)
-        waiting = room() if room is not None else None
+        waiting = self.client.chain.recording_room()
         if waiting is None:
             return
         self.gated = True

@@ -48,7 +48,7 @@ from gatekeep.protocols.http._headers import BadCredentials, client_credentials
 from gatekeep.protocols.http._jsonmask import JsonMasker
 from gatekeep.protocols.http._request import parse_request
 from gatekeep.protocols.http._upstream import UpstreamSide, Valve
-from gatekeep.recording import RecordingUnavailable
+from gatekeep.recording import RecordingUnavailable, unrecordable
 from gatekeep.tls import certificate_login
 
 _log = Logger()
@@ -92,11 +92,6 @@ def interim_response(hold: Any) -> bytes:
     ), reason=b"Processing")
 
 
-def _unrecordable(decision: Decision, why: str) -> Decision:
-    """The denial for a request gatekeep could not record (recording on_failure: deny)."""
-    return Decision(Action.DENY, "recording-unavailable", f"recording is unavailable: {why}", decision.facts)
-
-
 class Mode:
     """A client connection's mode (plain strings: compared on every event)."""
 
@@ -111,7 +106,6 @@ _UNCHECKED = object()
 _ALLOW = Action.ALLOW
 
 
-@implementer(IPushProducer)
 class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factory.HttpRelayFactory
     """The client's connection."""
 
@@ -476,12 +470,12 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
         try:
             return decision, self.chain.operation_started(ex.op, decision)
         except RecordingUnavailable as e:
-            return _unrecordable(decision, str(e)), None
+            return unrecordable(decision, str(e)), None
 
     def decided(self, decision: Any, ex: Exchange) -> None:
         decision, written = self._record_start(ex, decision)
         if isinstance(written, Deferred):
-            written.addErrback(lambda f: _unrecordable(decision, f.getErrorMessage()))
+            written.addErrback(lambda f: unrecordable(decision, f.getErrorMessage()))
             written.addCallback(lambda result: result if isinstance(result, Decision) else decision)
             self.wait(ex, written, "recording", self.carry_out, lambda result, ex: None)
             return

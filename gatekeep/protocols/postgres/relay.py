@@ -45,7 +45,7 @@ from gatekeep.protocols.postgres._tracker import Tracker
 from gatekeep.protocols.postgres.plugin import PASSED_PARAMETERS
 from gatekeep.protocols.postgres.policy import SqlSessionState, startup_options_refused
 from gatekeep.protocols.postgres.sql import analyze
-from gatekeep.recording import RecordingUnavailable
+from gatekeep.recording import RecordingUnavailable, unrecordable
 from gatekeep.tls import certificate_login, client_options, server_options
 
 _log = Logger()
@@ -84,11 +84,6 @@ def _param_text(value: bytes | None, binary: bool) -> str | None:
     if len(value) > (PARAM_LIMIT // 2 if binary else PARAM_LIMIT):
         text += f"... ({len(value)} bytes)"
     return text
-
-
-def _unrecordable(decision: Decision, why: str) -> Decision:
-    """The denial for an operation gatekeep could not record (recording on_failure: deny)."""
-    return Decision(Action.DENY, "recording-unavailable", f"recording is unavailable: {why}", decision.facts)
 
 
 def _sql_text(body: bytes) -> str:
@@ -537,11 +532,11 @@ class Frontend(protocol.Protocol):
         try:
             written = self.gateway.chain.operation_started(operation, decision)
         except RecordingUnavailable as e:
-            forward(_unrecordable(decision, str(e)))
+            forward(unrecordable(decision, str(e)))
             return None
         if isinstance(written, Deferred):
             return written.addCallbacks(lambda _: forward(decision),
-                                        lambda f: forward(_unrecordable(decision, f.getErrorMessage())))
+                                        lambda f: forward(unrecordable(decision, f.getErrorMessage())))
         forward(decision)
         return None
 

@@ -19,7 +19,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.logger import Logger
 
-from gatekeep.protocols.ssh._flow import FlowConnection, set_nodelay
+from gatekeep.protocols.ssh._flow import FlowConnection
+from gatekeep.sendnow import no_delay
 from gatekeep.protocols.ssh._hostkeys import HostKeyMismatch, HostKeyPolicy
 
 _log = Logger()
@@ -53,7 +54,7 @@ class UpstreamTransport(transport.SSHClientTransport):
         self.supportedMACs = _prefer(self.supportedMACs, FAST_MACS)
 
     def connectionMade(self) -> None:
-        set_nodelay(self.transport)
+        no_delay(self.transport)
         super().connectionMade()
 
     def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> Deferred:

@@ -34,6 +34,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
+from gatekeep.sendnow import no_delay
+
 _log = Logger()
 
 _DATA, _EXT, _REQUEST, _REPLY, _EOF, _CLOSE = range(6)
@@ -42,15 +44,6 @@ _DATA, _EXT, _REQUEST, _REPLY, _EOF, _CLOSE = range(6)
 #: fewer, larger packets, which halves the per-packet work on that leg of a bulk transfer
 MAX_PACKET = 128 * 1024
 _PENDING = object()
-
-
-def set_nodelay(transport: Any) -> None:
-    """No Nagle: SFTP and interactive traffic is many small packets, and Nagle plus delayed ACKs
-    stalls every round trip by up to 40 ms (OpenSSH sets TCP_NODELAY too)."""
-    try:
-        transport.setTcpNoDelay(True)
-    except Exception:  # not TCP (a test transport, a Unix socket)
-        pass
 
 
 @implementer(IPushProducer)
@@ -68,7 +61,7 @@ class Leg:
         self.listeners: list[Any] = []
 
     def attach(self, transport: Any) -> None:
-        set_nodelay(transport)
+        no_delay(transport)
         try:
             transport.registerProducer(self, True)
         except Exception:  # a transport without producer support: never paused
@@ -91,7 +84,7 @@ class RecordingGate(Leg):
     Paused while the recorder is behind (gatekeep.recording.Backlog): channels
     then give no window back, so SSH output and input stop flowing, and with
     them the stream events that record them, until the store has caught up.
-    ``room`` is the recorder's ``wait_for_room`` (None or a Deferred).
+    ``room`` is the chain's ``recording_room`` (None or a Deferred).
     """
 
     def __init__(self, room: Any) -> None:

@@ -19,7 +19,8 @@ from twisted.conch.ssh.common import NS, getNS
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from gatekeep.protocols.ssh._flow import FlowConnection, set_nodelay
+from gatekeep.protocols.ssh._flow import FlowConnection
+from gatekeep.sendnow import no_delay
 
 _log = Logger()
 
@@ -44,7 +45,7 @@ class ServerTransport(transport.SSHServerTransport):
     session: Any = None
 
     def connectionMade(self) -> None:
-        set_nodelay(self.transport)
+        no_delay(self.transport)
         super().connectionMade()
         self.session.client_connected(self)
 

@@ -27,7 +27,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gatekeep.model import Action, ClientAddress, Decision, LoginFailure, Operation, Session, SessionEnd, new_id
+from gatekeep.model import ClientAddress, Decision, LoginFailure, Operation, Session, SessionEnd, new_id
 from gatekeep.protocols.ssh import policy as _policy
 from gatekeep.protocols.ssh._channels import SessionRelay
 from gatekeep.protocols.ssh._pair import ForwardRelay
@@ -35,16 +35,14 @@ from gatekeep.protocols.ssh._client import UpstreamError, connect_upstream
 from gatekeep.protocols.ssh._flow import Leg, RecordingGate
 from gatekeep.protocols.ssh._hostkeys import gateway_host_key
 from gatekeep.protocols.ssh._server import ServerTransport, UserAuthServer
-from gatekeep.recording import RecordingUnavailable
+from gatekeep.recording import RecordingUnavailable, unrecordable
 
 _log = Logger()
 
 
 def _unrecordable(decision: Decision, why: str) -> Decision:
-    """What an operation becomes when its record cannot be stored and on_failure is deny."""
-    if not decision.allowed:
-        return decision
-    return Decision(Action.DENY, "recording-unavailable", f"recording is unavailable: {why}", decision.facts)
+    """What an operation becomes when its record cannot be stored and on_failure is deny (a denial stays)."""
+    return decision if not decision.allowed else unrecordable(decision, why)
 
 
 class Phase(enum.Enum):
@@ -153,7 +151,7 @@ class ClientSession:
         self.waiting: set[Deferred] = set()
         self.down_leg.listeners.append(lambda: self._resumed(self.down_leg))
         self.up_leg.listeners.append(lambda: self._resumed(self.up_leg))
-        self.recording_gate = RecordingGate(getattr(self.chain.recorder, "wait_for_room", lambda: None))
+        self.recording_gate = RecordingGate(self.chain.recording_room)
         self.recording_gate.listeners.append(self._recording_caught_up)
 
     @property
