@@ -11,10 +11,11 @@ gatekeep's relay does.  No parsing, no logging per connection.
 It runs on the same reactor twistd would pick (epoll on Linux), in its own
 process, like gatekeep.  SIGTERM/SIGINT stop it.
 
-``--direct`` writes with gatekeep's write path (gatekeep/sendnow.py: an idle TCP
-socket is written at once instead of on the reactor's next pass), so the
-benchmarks can show how much of gatekeep's standing against the plain relay
-comes from that alone.
+``--direct`` writes and dispatches as gatekeep does (gatekeep/sendnow.py: an
+idle TCP socket is written at once instead of on the reactor's next pass;
+gatekeep/dispatch.py: socket events reach the protocol without Twisted's
+per-event log context), so the benchmarks can show how much of gatekeep's
+standing against the plain relay comes from those two alone.
 """
 
 from __future__ import annotations
@@ -107,13 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", required=True, help="HOST:PORT to listen on (use 127.0.0.1)")
     parser.add_argument("--target", required=True, help="HOST:PORT to relay to")
-    parser.add_argument("--direct", action="store_true", help="write with gatekeep's write path (sendnow)")
+    parser.add_argument("--direct", action="store_true", help="write and dispatch as gatekeep does (sendnow, dispatch)")
     args = parser.parse_args(argv)
     if args.direct:
         global write
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from gatekeep.sendnow import write
     from twisted.internet import reactor
+
+    if args.direct:
+        from gatekeep import dispatch
+        dispatch.install(reactor)
 
     host, port = _hostport(args.listen)
     reactor.listenTCP(port, RelayFactory(_hostport(args.target), reactor), interface=host, backlog=128)

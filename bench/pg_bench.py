@@ -868,7 +868,7 @@ def main(argv=None):
                  pid=bouncer.pid, note="pool_mode=transaction"),
             Peer("bare-relay", bare_port, SERVICE_USER, password, pid=bare.pid),
             Peer("bare-relay-direct", bare_direct_port, SERVICE_USER, password, pid=bare_direct.pid,
-                 note="bare relay with gatekeep's write path (sendnow)"),
+                 note="bare relay with gatekeep's write path and dispatch (sendnow, dispatch)"),
             Peer("gatekeep", gk_port, IDENTITY, token, pid=gk.pid, note="recording to SQLite"),
         ]
         gk_policy = None

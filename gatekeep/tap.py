@@ -20,6 +20,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from gatekeep import dispatch
 from gatekeep.admin._wiring import add_approvals_and_admin
 from gatekeep.chain import Chain, Gateway
 from gatekeep.masking.rules import MaskingPolicy
@@ -174,6 +175,9 @@ def build(config: Config, reactor: Any = None) -> GatewayService:
 
 
 def makeService(options: Options) -> service.IService:
-    top = build(options["parsed"])
+    from twisted.internet import reactor  # the one twistd runs (installed by now, or the default)
+
+    dispatch.install(reactor)
+    top = build(options["parsed"], reactor)
     top.getServiceNamed("identities").reload_on_sighup = True
     return top
