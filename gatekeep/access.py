@@ -9,7 +9,10 @@ A session ends, with its protocol's own error and the reason recorded, when
   the login any more: the identity was removed, its groups or its token
   changed, the OIDC issuer or audience changed;
 - an identity provider reports new facts (the OIDC provider after each JWKS
-  refresh): a token whose signing key is no longer published stops validating.
+  refresh): a token whose signing key is no longer published stops validating;
+- the login presented a client certificate and the target's revocation list
+  (``tls.client_crl``) changes to name it, or can no longer vouch for it (it
+  cannot be read, or is past its next update): :class:`RevocationWatch`.
 
 Relays need do nothing new to be watched: they register a live session with
 ``gateway.sessions[session.id] = relay`` and remove it with
@@ -27,6 +30,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.application import service
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gatekeep.model import Identity
@@ -164,3 +169,79 @@ def recheck(gateway: Any) -> list[str]:
         if reason is not None and terminate(gateway, session_id, reason):
             ended.append(session_id)
     return ended
+
+
+def recheck_certificates(gateway: Any, target: str, crl: Any) -> list[str]:
+    """End the live sessions on ``target`` whose login presented a client certificate that ``crl`` (a
+    gatekeep.tls.RevocationList) no longer lets through; returns their ids."""
+    ended = []
+    table = gateway.sessions
+    now = gateway.now()
+    for session_id, relay in list(table.items()):
+        session = getattr(relay, "session", None)
+        identity = table.identity(session_id) if isinstance(table, SessionTable) else None
+        if getattr(session, "target", None) != target or identity is None or identity.grant is None:
+            continue
+        certificate = identity.grant.certificate
+        if certificate is None:
+            continue
+        reason = crl.revocation(certificate[0], certificate[1], now)
+        if reason is not None and terminate(gateway, session_id, reason):
+            ended.append(session_id)
+    return ended
+
+
+class RevocationWatch(service.Service):
+    """
+    One target's ``tls.client_crl``, watched: every ``interval`` seconds the
+    file's inode, size and time are compared with the last look; when they
+    changed, or when a list's next update came, the target's live sessions that
+    rest on a client certificate are checked against it, and those it revokes
+    (or can no longer vouch for) end as other lapsed logins do. Logins are
+    checked against the file at once (gatekeep.tls); this is for the sessions
+    already open.
+    """
+
+    def __init__(self, gateway: Any, target: str, crl: Any, interval: float = 2.0) -> None:
+        self.gateway = gateway
+        self.target = target
+        self.crl = crl
+        self.interval = interval
+        self.name = f"revocations of {target}"
+        self._stamp: tuple | None = None
+        self._due: float | None = None
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._look()
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = self.gateway.reactor
+        self._loop.start(self.interval, now=False).addErrback(
+            lambda f: _log.failure("watching the revocation list of {target} stopped", f, target=self.target))
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+    def _look(self) -> bool:
+        """Note the file's stamp and the next update; True when something changed since the last look."""
+        stamp = self.crl.stamp()
+        due = self._due is not None and self.gateway.now() >= self._due
+        changed = stamp != self._stamp or due
+        if changed:
+            self._stamp = stamp
+            upcoming = self.crl.next_update()
+            self._due = upcoming if upcoming is not None and upcoming > self.gateway.now() else None
+        return changed
+
+    def check(self) -> list[str]:
+        """Look at the file; when it changed, end the sessions it no longer lets through (their ids)."""
+        if not self._look():
+            return []
+        ended = recheck_certificates(self.gateway, self.target, self.crl)
+        if ended:
+            _log.info("revocation list of {target} changed: {n} sessions ended", target=self.target, n=len(ended))
+        return ended

@@ -36,6 +36,9 @@ class Grant:
     expires_at: float | None = None
     #: the source's own facts
     facts: Any = None
+    #: the client certificate the login presented, as (issuer in RFC 4514, serial number); None without one.
+    #: A revocation list that names it later ends the session (gatekeep.access.RevocationWatch)
+    certificate: tuple[str, int] | None = None
 
 
 @attrs.frozen

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from gatekeep import dispatch
+from gatekeep.access import RevocationWatch
 from gatekeep.admin._wiring import add_approvals_and_admin
 from gatekeep.chain import Chain, Gateway
 from gatekeep.masking.rules import MaskingPolicy
@@ -169,6 +170,9 @@ def build(config: Config, reactor: Any = None) -> GatewayService:
         svc._raiseSynchronously = True
         svc.setName(f"target:{target.name}")
         svc.setServiceParent(top)
+        crl = getattr(target.tls, "client_crl", None)
+        if crl is not None:  # sessions already open end when the list comes to revoke their certificate
+            RevocationWatch(gateway, target.name, crl).setServiceParent(top)
         _log.info("target {name} ({protocol}) listening on {listen}", name=target.name, protocol=target.protocol,
                   listen=target.listen)
     return top

@@ -27,6 +27,7 @@ import attrs
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 
+from gatekeep.model import Identity
 from gatekeep.secrets import Secret
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\s*", re.S)
@@ -138,6 +139,9 @@ class ClientCertificate:
     fingerprint: str
     #: why it is not accepted; None when it verified against the client CA
     error: str | None = None
+    #: the issuer (RFC 4514) and serial number: what a revocation list names
+    issuer: str = ""
+    serial: int | None = None
 
 
 class RevocationList:
@@ -145,13 +149,22 @@ class RevocationList:
     ``tls.client_crl``: PEM (or DER) certificate revocation lists from the
     client CA, in a file an operator replaces when the CA publishes a new one.
     The file is read again when its size, time or inode change, so a revocation
-    takes effect for the next login without a restart.
+    takes effect for the next login without a restart, and live sessions that
+    rest on a certificate it now revokes end (:class:`gatekeep.access.RevocationWatch`).
     """
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._seen: tuple | None = None
         self._crls: list = []
+
+    def stamp(self) -> tuple | None:
+        """What tells one version of the file from another (inode, size, time); None when it cannot be read."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def load(self) -> list:
         """The lists in the file (cryptography objects); ValueError saying why when there are none to use."""
@@ -172,11 +185,42 @@ class RevocationList:
             self._crls, self._seen = crls, stamp
         return self._crls
 
+    def next_update(self) -> float | None:
+        """The earliest next update of the lists (epoch seconds); None when there is none or no list to read."""
+        try:
+            times = [c.next_update_utc.timestamp() for c in self.load() if c.next_update_utc is not None]
+        except ValueError:
+            return None
+        return min(times, default=None)
+
+    def revocation(self, issuer: str, serial: int, now: float) -> str | None:
+        """
+        Why a certificate from ``issuer`` (RFC 4514) with ``serial`` may no longer be used, or None while
+        it may; the reasons are those a login gets. Fails closed as logins do: a file that cannot be read,
+        no list from the issuer, or a list past its next update is a reason.
+        """
+        try:
+            crls = [c for c in self.load() if c.issuer.rfc4514_string() == issuer]
+        except ValueError as e:
+            return f"the client certificate cannot be checked for revocation ({e})"
+        if not crls:
+            return "the client certificate cannot be checked for revocation (no list from its issuer)"
+        for crl in crls:
+            if crl.next_update_utc is not None and crl.next_update_utc.timestamp() <= now:
+                return "the client certificate cannot be checked for revocation (the list is past its next update)"
+            if crl.get_revoked_certificate_by_serial_number(serial) is not None:
+                return REVOKED
+        return None
+
+
+#: why a login or a live session ends when the client's certificate is revoked
+REVOKED = "the client certificate is revoked (tls.client_crl)"
+
 
 def _revocation_error(e: Exception) -> str:
     text = str(e)
     if "revoked" in text:
-        return "the client certificate is revoked (tls.client_crl)"
+        return REVOKED
     if "CRL" in text:
         return f"the client certificate cannot be checked for revocation ({text})"
     return f"the client certificate does not verify against the client CA ({text})"
@@ -232,7 +276,8 @@ def peer_certificate(transport, client_ca: Secret,
         except x509.ExtensionNotFound:
             pass
     return ClientCertificate(cert.subject.rfc4514_string(), str(cns[0].value) if cns else None, emails, dns_names,
-                             uris, hashlib.sha256(der).hexdigest(), error)
+                             uris, hashlib.sha256(der).hexdigest(), error, cert.issuer.rfc4514_string(),
+                             cert.serial_number)
 
 
 @attrs.frozen
@@ -340,4 +385,7 @@ def certificate_login(transport, tls, chain, claimed: str | None = None) -> Cert
     identity = chain.authenticate_certificate(name, cert.fingerprint)
     if identity is None:
         return CertificateLogin(cert, None, f"the client certificate names {name!r}, which is not a configured identity")
+    if isinstance(identity, Identity) and identity.grant is not None:
+        # the login rests on this certificate too: a revocation list that later names it ends the session
+        identity = attrs.evolve(identity, grant=attrs.evolve(identity.grant, certificate=(cert.issuer, cert.serial)))
     return CertificateLogin(cert, identity)

@@ -68,6 +68,7 @@ def env(tmp_path_factory, tls_files, pg_server, gatekeep_module):
             "carol-foreign": {"common_name": "carol", "ca": "other"},
             "nobody": {"common_name": "nobody"},
             "carol-revoked": {"common_name": "carol"},
+            "carol-later": {"common_name": "carol"},  # revoked while its session is open
         })
         ca_cert, ca_key = _load(tls_files.ca_cert, tls_files.ca_key)
         revoked = x509.load_pem_x509_certificate(open(certs["carol-revoked"][0], "rb").read())
@@ -86,7 +87,7 @@ def env(tmp_path_factory, tls_files, pg_server, gatekeep_module):
         }
         gk = gatekeep_module(config, env=upstream_env(pg_server))
         yield type("Env", (), dict(op=op, other=other, gk=gk, certs=certs, tokens=tokens, tls=tls_files,
-                                   workdir=workdir))
+                                   workdir=workdir, ca=(ca_cert, ca_key), crl_path=crl_path, revoked=[revoked]))
     finally:
         for p in started:
             p.stop()
@@ -205,6 +206,34 @@ def test_client_certificates_that_do_not_fit_are_refused(env, stem, user, reason
     rows = poll("the failed login to be recorded",
                 lambda: [r for r in sessions_json(env.gk, "--failed-logins") if reason in r["reason"]])
     assert rows[0]["claimed"] == user
+
+
+def test_an_open_session_ends_when_its_certificate_is_revoked(env):
+    """A psycopg session logged in with a certificate ends with FATAL 57P01 once a new revocation list names the
+    certificate (no restart, no reconnect needed); a session with another certificate goes on; the end is recorded."""
+    app = "revoke-" + uuid.uuid4().hex[:8]
+    later = x509.load_pem_x509_certificate(open(env.certs["carol-later"][0], "rb").read())
+
+    def connect(stem, name):
+        cert, key = env.certs[stem]
+        return psycopg.connect(**client_args(env.gk, "db", "carol", None, sslmode="verify-full", ca=env.tls.ca_cert,
+                                             sslcert=cert, sslkey=key, application_name=name))
+
+    with connect("carol-later", app) as doomed, connect("carol", app + "-kept") as kept:
+        assert doomed.execute("SELECT current_user").fetchone() == ("app_rw",)
+        assert kept.execute("SELECT 1").fetchone() == (1,)
+        new = env.crl_path + ".new"
+        with open(new, "wb") as f:
+            f.write(make_crl(*env.ca, env.revoked + [later]))
+        os.replace(new, env.crl_path)  # published atomically, as an operator would
+        env.revoked.append(later)
+        with pytest.raises(psycopg.OperationalError) as e:
+            poll("the session to be cut", lambda: doomed.execute("SELECT 1") and False, timeout=10)
+        assert "terminating connection: the client certificate is revoked (tls.client_crl)" in str(e.value)
+        assert kept.execute("SELECT 2").fetchone() == (2,)
+    session = wait_for_ended_session(env.gk, app)
+    assert session["end_reason"] == "access ended: the client certificate is revoked (tls.client_crl)"
+    assert session["auth_method"] == "certificate"
 
 
 def test_device_flow_end_to_end_with_gatekeep_login(env, tmp_path):

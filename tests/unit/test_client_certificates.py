@@ -212,3 +212,117 @@ def test_client_crl_configuration(files, tmp_path):
     with pytest.raises(ConfigError) as e:
         read_server_tls(Node.of(dict(no_ca, client_crl="file:clients.crl"), "targets[0].tls", tmp_path))
     assert "needs client_ca" in e.value.message
+
+
+# -- live sessions follow the revocation list (gatekeep.access.RevocationWatch) -------------
+
+
+def test_a_certificate_login_keeps_the_certificate_it_rests_on(files, tmp_path):
+    """The grant of a certificate login names the certificate (issuer, serial) so a later list can revoke it."""
+    cert, key = leaf(files, "alice")
+    login = login_with(files, cert, key, crl_file(files, tmp_path / "clients.crl"))
+    assert login.identity.grant.certificate == (cert.issuer.rfc4514_string(), cert.serial_number)
+    assert login.certificate.serial == cert.serial_number
+
+
+class FakeRelay:
+    def __init__(self, session):
+        self.session = session
+        self.ended = []
+
+    def terminate(self, reason):
+        self.ended.append(reason)
+        self.session_gone()
+
+    def session_gone(self):
+        pass
+
+
+def watched(files, tmp_path, crl):
+    """A gateway with four live sessions, and the watch of target db's list: alice and carol logged in with
+    certificates on db, bob with a token on db, dave with a certificate on another target."""
+    import time
+    import types
+
+    from twisted.internet.task import Clock
+
+    from gatekeep.access import RevocationWatch, SessionTable, terminate
+    from gatekeep.model import ClientAddress, Grant, Identity, Session
+
+    clock = Clock()
+    clock.advance(time.time())
+    gateway = types.SimpleNamespace(reactor=clock, now=clock.seconds)
+    gateway.sessions = SessionTable(gateway)
+    gateway.terminate = lambda session_id, reason: terminate(gateway, session_id, reason)
+    certs, relays = {}, {}
+    for name, target, with_cert in (("alice", "db", True), ("carol", "db", True), ("bob", "db", False),
+                                    ("dave", "other", True)):
+        cert, _ = leaf(files, name)
+        certs[name] = cert
+        grant = Grant("static", None, ("certificate", "00"),
+                      (cert.issuer.rfc4514_string(), cert.serial_number) if with_cert else None)
+        identity = Identity(name, frozenset(), "certificate" if with_cert else "token", grant)
+        relay = FakeRelay(Session(name + "-session", identity, target, "postgres", ClientAddress("127.0.0.1", 1),
+                                  True, clock.seconds(), {}))
+        relay.session_gone = lambda sid=relay.session.id: gateway.sessions.pop(sid, None)
+        gateway.sessions[relay.session.id] = relay
+        relays[name] = relay
+    watch = RevocationWatch(gateway, "db", crl, interval=2.0)
+    watch.startService()
+    return types.SimpleNamespace(clock=clock, gateway=gateway, certs=certs, relays=relays, watch=watch)
+
+
+def publish(files, tmp_path, revoked=(), **kw):
+    """Replace tmp_path/clients.crl atomically, as an operator publishing a new list would."""
+    crl_file(files, tmp_path / "new.crl", revoked, **kw)
+    os.replace(tmp_path / "new.crl", tmp_path / "clients.crl")
+
+
+def test_sessions_end_when_the_list_comes_to_revoke_their_certificate(files, tmp_path):
+    """Only the session whose certificate the new list names ends, with the reason logins get; a token session,
+    another target's session and the other certificate go on; an unchanged file ends nothing."""
+    w = watched(files, tmp_path, crl_file(files, tmp_path / "clients.crl"))
+    w.clock.advance(2)
+    assert all(r.ended == [] for r in w.relays.values())
+    publish(files, tmp_path, [w.certs["alice"], w.certs["dave"]])
+    w.clock.advance(2)
+    assert w.relays["alice"].ended == ["the client certificate is revoked (tls.client_crl)"]
+    assert w.relays["carol"].ended == w.relays["bob"].ended == w.relays["dave"].ended == []
+    assert set(w.gateway.sessions) == {"carol-session", "bob-session", "dave-session"}
+    w.clock.advance(10)
+    assert w.relays["carol"].ended == []
+    w.watch.stopService()
+    assert w.clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("problem, why", [
+    ("missing", "cannot be checked for revocation (cannot read"),
+    ("garbage", "does not hold a certificate revocation list"),
+    ("other-ca", "cannot be checked for revocation (no list from its issuer)"),
+])
+def test_sessions_end_when_the_list_can_no_longer_vouch_for_them(files, tmp_path, problem, why):
+    """Fail closed, as logins do: every certificate session of the target ends; the token session goes on."""
+    w = watched(files, tmp_path, crl_file(files, tmp_path / "clients.crl"))
+    path = tmp_path / "clients.crl"
+    if problem == "missing":
+        path.unlink()
+    elif problem == "garbage":
+        path.write_bytes(b"not a list")
+    else:
+        publish(files, tmp_path, ca="other")
+    w.clock.advance(2)
+    for name in ("alice", "carol"):
+        (reason,) = w.relays[name].ended
+        assert why in reason, reason
+    assert w.relays["bob"].ended == w.relays["dave"].ended == []
+
+
+def test_sessions_end_when_the_list_passes_its_next_update(files, tmp_path):
+    """A list that is not replaced before its next update stops vouching: the certificate sessions end then."""
+    w = watched(files, tmp_path, crl_file(files, tmp_path / "clients.crl", next_update_days=5 / 86400))
+    w.clock.advance(2)
+    assert w.relays["alice"].ended == []
+    w.clock.advance(4)
+    assert w.relays["alice"].ended == w.relays["carol"].ended == [
+        "the client certificate cannot be checked for revocation (the list is past its next update)"]
+    assert w.relays["bob"].ended == []
