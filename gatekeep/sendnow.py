@@ -93,3 +93,16 @@ def no_delay(transport: Any) -> None:
             set_no_delay(True)
         except Exception:  # not a TCP socket (a UNIX socket, a test transport)
             pass
+
+
+#: seconds a connection gatekeep closed has to go (its last bytes read, TLS's close_notify answered) before it is cut
+CLOSE_GRACE = 5.0
+
+
+def cut_later(reactor: Any, transport: Any, grace: float = CLOSE_GRACE) -> Any:
+    """
+    Abort ``transport`` ``grace`` seconds from now: for a connection whose close was asked for, which a client
+    that neither reads nor answers TLS's close_notify would otherwise keep open (and its session unended).
+    Cancel the returned call when the connection is lost.
+    """
+    return reactor.callLater(grace, transport.abortConnection)

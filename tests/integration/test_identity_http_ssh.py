@@ -40,6 +40,7 @@ def gw(gatekeep_module, tls_files, tmp_path_factory):
             "carol-foreign": {"common_name": "carol", "ca": "other"},
             "nobody": {"common_name": "nobody"},
             "carol-revoked": {"common_name": "carol"},
+            "carol-live": {"common_name": "carol"},  # revoked while its connection is open
         })
         crl_path = os.path.join(workdir, "certs", "clients.crl")
         write_crl(tls_files, crl_path, [certs["carol-revoked"][0]])
@@ -126,6 +127,34 @@ def test_a_revocation_published_while_running_refuses_the_next_login(gw):
         assert status == "401" and "revoked" in json.loads(body)["message"], body
     finally:
         write_crl(gw.tls, gw.crl_path, [gw.certs["carol-revoked"][0]])
+    assert curl(gw, cert="carol")[0] == "200"
+
+
+def test_a_keep_alive_connection_ends_when_its_certificate_is_revoked(gw):
+    """An open HTTPS connection logged in with a certificate is closed once a new list revokes the certificate;
+    the session's end is recorded with the reason; carol's other certificate still logs in."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=gw.tls.ca_cert)
+    context.load_cert_chain(*gw.certs["carol-live"])
+    conn = http.client.HTTPSConnection("localhost", gw.gk.ports["api"], context=context, timeout=20)
+    try:
+        conn.request("GET", "/echo/cert", headers={"User-Agent": "live-revocation"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.read()
+        (session_id,) = poll("the live session", lambda: [
+            r["id"] for r in sessions_json(gw.gk, "--target", "api")
+            if r["ended_at"] is None and r["attributes"].get("user_agent") == "live-revocation"])
+        write_crl(gw.tls, gw.crl_path, [gw.certs["carol-revoked"][0], gw.certs["carol-live"][0]])
+        ended = poll("the session to end", lambda: [
+            r for r in sessions_json(gw.gk, "--target", "api") if r["id"] == session_id and r["ended_at"]],
+            timeout=20)  # the watch looks every 2 s; a client that does not answer TLS's close is cut after 5 s
+        assert ended[0]["end_reason"] == "access ended: the client certificate is revoked (tls.client_crl)"
+        with pytest.raises((http.client.HTTPException, OSError)):  # the gateway closed the connection
+            conn.request("GET", "/echo/cert")
+            conn.getresponse()
+    finally:
+        conn.close()
     assert curl(gw, cert="carol")[0] == "200"
 
 

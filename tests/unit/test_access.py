@@ -186,6 +186,28 @@ def test_recheck_ends_sessions_no_provider_vouches_for():
     assert ended == relay.recorder.sessions[0].id
 
 
+def test_a_client_that_does_not_go_when_closed_is_cut_after_a_grace():
+    """After the FATAL, a client that neither reads nor answers TLS's close keeps the connection open only
+    CLOSE_GRACE seconds: then it is aborted (and the session's end recorded when it goes)."""
+    from twisted.internet.testing import StringTransport
+
+    from gatekeep.sendnow import CLOSE_GRACE
+
+    relay = tls_relay(Expiring(at=10_000.0))
+    client = open_session(relay)
+    frontend = client.conn.server
+    stuck = StringTransport()  # stands for a TLS transport still waiting for the client's close_notify
+    stuck.registerProducer(frontend.upstream.transport, True)
+    frontend.transport = stuck
+    relay.gateway.terminate(relay.recorder.sessions[0].id, "the token expired")
+    assert b"57P01" in stuck.value() and stuck.disconnecting and stuck.producer is None
+    assert not stuck.disconnected
+    relay.gateway.reactor.advance(CLOSE_GRACE - 0.1)
+    assert not stuck.disconnected
+    relay.gateway.reactor.advance(0.2)
+    assert stuck.disconnected
+
+
 def test_terminate_inside_a_server_message_only_closes():
     """When the server is in the middle of a message nothing can be added: the connection is closed."""
     relay = tls_relay(Expiring(at=10_000.0))

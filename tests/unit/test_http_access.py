@@ -103,3 +103,26 @@ def test_kubernetes_401_is_a_status_naming_the_reason():
     body = json.loads(data.partition(b"\r\n\r\n")[2])
     assert status == 401 and body["kind"] == "Status" and body["code"] == 401
     assert body["message"] == "Unauthorized: access ended: the token expired"
+
+
+def test_a_connection_that_does_not_go_when_closed_is_cut_after_a_grace():
+    """A client that neither reads nor answers TLS's close (its transport stays open after loseConnection) is cut
+    off CLOSE_GRACE seconds later; the upstream stops being the client transport's producer at the close."""
+    from twisted.internet.testing import StringTransport
+
+    from gatekeep.sendnow import CLOSE_GRACE
+
+    conn, up, rec, gateway = setup([OK])
+    assert conn.send(get()) == OK
+    relay = conn.server
+    assert relay.upstream is not None
+    stuck = StringTransport()  # stands for a TLS transport still waiting for the client's close_notify
+    stuck.registerProducer(relay.upstream.valve, True)
+    relay.transport = stuck
+    relay.wire.transport = stuck
+    gateway.terminate(next(iter(gateway.sessions)), "the token expired")
+    assert stuck.disconnecting and stuck.producer is None and not stuck.disconnected
+    gateway.reactor.advance(CLOSE_GRACE - 0.1)
+    assert not stuck.disconnected
+    gateway.reactor.advance(0.2)
+    assert stuck.disconnected  # abortConnection

@@ -134,6 +134,7 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
         self._again = False
         self._idle: Any = None
         self._idle_since: float | None = None
+        self._cut: Any = None
         self._connecting = False
         #: the identity a verified client certificate stands for (None: none sent, or no client_ca)
         self._certificate: Any = _UNCHECKED
@@ -181,7 +182,12 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
     def close(self) -> None:
         if self.mode is not _CLOSED:
             self.mode = _CLOSED
+        if self.upstream is not None and self.transport is not None:
+            # nothing more is relayed; and a TLS transport starts its close only once no producer is registered
+            self.transport.unregisterProducer()
         self.wire.close()
+        if self._cut is None and self.transport is not None:
+            self._cut = sendnow.cut_later(self.gateway.reactor, self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -649,9 +655,10 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.mode = _CLOSED
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
+        for timer in (self._idle, self._cut):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._idle = self._cut = None
         if self.tunnel is not None:
             self.tunnel.closed()
         up = self.upstream

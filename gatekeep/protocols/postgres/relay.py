@@ -115,6 +115,7 @@ class Frontend(protocol.Protocol):
         self.seq = 0
         self.key = (0, 0)
         self.end_reason = "client closed the connection"
+        self._cut: Any = None  # the abort of a connection closed but not gone (sendnow.cut_later)
         self.tx_status = "I"
         self._scram: ScramServer | None = None
         # extended protocol: prepared statements and portals, for records and decisions
@@ -160,6 +161,8 @@ class Frontend(protocol.Protocol):
         if self.phase is not Phase.CLOSED:
             self.phase = Phase.CLOSED
         self.transport.loseConnection()
+        if self._cut is None:
+            self._cut = sendnow.cut_later(self.gateway.reactor, self.transport)
 
     def connectionMade(self) -> None:
         self.started = self.gateway.now()
@@ -689,6 +692,8 @@ class Frontend(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.phase = Phase.CLOSED
+        if self._cut is not None and self._cut.active():
+            self._cut.cancel()
         self.factory.forget_cancel_key(self.key)
         self.withdraw("the client closed the connection")
         if self.upstream is not None and self.upstream.transport is not None:
