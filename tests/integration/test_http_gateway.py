@@ -282,12 +282,19 @@ def test_websocket_is_relayed_and_recorded(gw):
     assert ws.recv() == (1, b"echo: hello gatekeep")
     ws.send(2, b"\x01\x02\x03")
     assert ws.recv() == (2, b"\x03\x02\x01")
+    ws.send_text("pay with 4111 1111 1111 1111 today")
+    assert ws.recv() == (1, b"echo: pay with 4111 1111 1111 1111 today")  # relayed as it is
     ws.close()
     rec = gw.record(lambda r: r["text"] == "GET /ws" and r["status"] == "101" and r["finished_at"])
     exported = json.loads(gw.cli("sessions", "export", rec["session"], "--format", "json"))
     events = exported["streams"]["ws-%d" % rec["seq"]]
     assert ["i", "hello gatekeep"] in [e[1:] for e in events]
     assert ["o", "echo: hello gatekeep"] in [e[1:] for e in events]
+    # the recording keeps only the masked card (the pii rule's credit_card detector), both ways
+    assert ["i", "pay with **** today"] in [e[1:] for e in events]
+    assert ["o", "echo: pay with **** today"] in [e[1:] for e in events]
+    assert not any("4111" in e[2] for e in events)
+    assert rec["masked"] == {"pii/credit_card": 2}
 
 
 def test_recording_of_request_and_response(gw):

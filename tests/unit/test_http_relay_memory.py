@@ -182,3 +182,49 @@ def test_bad_request_is_400_and_closes():
     conn, up, rec, _ = setup([OK])
     answer = conn.send(b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in answer
+
+
+def ws_tunnel(masking, continuous):
+    """A WebSocket tunnel whose upstream sends a card number split across two messages, then closes."""
+    from gatekeep.protocols.http._dialect import WebSocketFeed
+
+    resp = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+            + ws.encode_frame(ws.TEXT, b"card 4111 1111") + ws.encode_frame(ws.TEXT, b" 1111 1111 done"))
+    conn, up, rec, gateway = setup([resp], masking=masking)
+    dialect = conn.server.dialect  # this connection's factory's own
+    plain = dialect.stream_feeder
+
+    def feeder(request, response, limit):
+        feed = plain(request, response, limit)
+        return WebSocketFeed(feed.decoder, limit, continuous=True) if continuous else feed
+
+    dialect.stream_feeder = feeder
+    answer = conn.send(get(b"/ws", extra=b"Upgrade: websocket\r\nConnection: Upgrade\r\n"))
+    conn.client.transport.loseConnection()
+    conn.flush()
+    return answer, rec
+
+
+CARDS = MaskingPolicy((MaskingRule("pii", None, None, None, detectors=("credit_card",)),))
+
+
+def test_a_continuous_stream_is_masked_across_messages_in_the_recording_only():
+    """A terminal stream (a kubectl exec) cut between two messages: the client gets the bytes unchanged, the
+    recording the card masked as if it had come whole, and the outcome counts it."""
+    answer, rec = ws_tunnel(CARDS, continuous=True)
+    assert b"4111 1111" in answer and b" 1111 1111 done" in answer
+    assert "".join(e.data for e in rec.streams if e.kind == "o") == "card **** done"
+    assert rec.outcomes[-1].masked == {"pii/credit_card": 1}
+
+
+def test_websocket_messages_are_masked_one_by_one_in_the_recording():
+    """Messages that stand on their own are masked each as it is: no card in either half, so both are kept;
+    a whole card in one message is masked."""
+    answer, rec = ws_tunnel(CARDS, continuous=False)
+    assert [e.data for e in rec.streams if e.kind == "o"] == ["card 4111 1111", " 1111 1111 done"]
+    resp = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+            + ws.encode_frame(ws.TEXT, b"card 4111 1111 1111 1111 done"))
+    conn, up, rec, _ = setup([resp], masking=CARDS)
+    answer = conn.send(get(b"/ws", extra=b"Upgrade: websocket\r\nConnection: Upgrade\r\n"))
+    assert b"4111 1111 1111 1111" in answer
+    assert [e.data for e in rec.streams if e.kind == "o"] == ["card **** done"]

@@ -1,4 +1,4 @@
-"""Masking of chunked text streams (gatekeep.protocols.ssh._masking), and recording (._recording)."""
+"""Masking of chunked text streams (gatekeep.masking.stream), and recording (._recording)."""
 
 import json
 
@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from gatekeep.cli.sessions_cmd import asciicast
 from gatekeep.masking.rules import MaskingRule
-from gatekeep.protocols.ssh._masking import StreamMasker
+from gatekeep.masking.stream import StreamMasker
 from gatekeep.protocols.ssh._recording import ChannelRecording
 
 CARDS = MaskingRule("cards", None, None, None, detectors=("credit_card", "email", "aws_access_key", "private_key"))

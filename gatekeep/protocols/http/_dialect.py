@@ -173,11 +173,17 @@ class HttpDialect:
 
 
 class WebSocketFeed:
-    """Both directions of a WebSocket stream, read into messages for a message decoder."""
+    """
+    Both directions of a WebSocket stream, read into messages for a message decoder. ``continuous``: the
+    pieces are one stream cut anywhere (a terminal's output), not messages that stand on their own; the
+    recording masks across them.
+    """
 
-    def __init__(self, decoder: Callable[[ws.Message, bool], list[StreamPiece]], limit: int) -> None:
+    def __init__(self, decoder: Callable[[ws.Message, bool], list[StreamPiece]], limit: int, *,
+                 continuous: bool = False) -> None:
         self.decoder = decoder
         self.readers = {True: ws.FrameReader(limit), False: ws.FrameReader(limit)}
+        self.continuous = continuous
 
     def feed(self, data: bytes, from_client: bool) -> list[StreamPiece]:
         return [piece for m in self.readers[from_client].feed(data) for piece in self.decoder(m, from_client)]

@@ -15,6 +15,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gatekeep import sendnow
+from gatekeep.masking.stream import StreamMasker
+from gatekeep.masking.strategies import REDACTED, mask_spans
 from gatekeep.model import StreamEvent
 from gatekeep.protocols.http import _codec as codec
 from gatekeep.protocols.http._codec import END, NEED_DATA, PAUSED, Data, Head, MessageReader, ProtocolError
@@ -343,7 +345,12 @@ class UpstreamSide(protocol.Protocol):
 
 
 class Tunnel:
-    """Both connections after ``101 Switching Protocols``: bytes relayed unchanged, messages recorded."""
+    """
+    Both connections after ``101 Switching Protocols``: bytes relayed unchanged, messages recorded.
+    The session's detector masking rules apply to what is recorded (never to the relayed bytes): each
+    message on its own, or, for a feeder whose pieces are one continuous stream (``continuous``: a
+    ``kubectl exec`` terminal), across pieces, so a value split between two is masked like a whole one.
+    """
 
     def __init__(self, client: Any, upstream: UpstreamSide, ex: Exchange, feeder: Any, stream: str) -> None:
         self.client = client
@@ -354,6 +361,10 @@ class Tunnel:
         self.stream = stream
         self.done = False
         self.gated = False
+        masker = getattr(client, "masker", None)
+        self.rules: tuple = masker.detector_rules if masker is not None else ()
+        self.maskers = {"o": StreamMasker(self.rules), "i": StreamMasker(self.rules)} \
+            if self.rules and getattr(feeder, "continuous", False) else None
 
     @classmethod
     def start(cls, client: Any, upstream: UpstreamSide, ex: Exchange, head: Head) -> "Tunnel":
@@ -385,7 +396,32 @@ class Tunnel:
         for piece in pieces:
             self._event(piece.kind, piece.data)
 
+    def _masked(self, kind: str, data: str) -> str:
+        if not self.rules:
+            return data
+        if self.maskers is not None and kind in self.maskers:
+            return self.maskers[kind].feed(data)  # what could still grow into a value waits for what follows
+        masked = mask_spans(self.rules, data, self.ex.counts)
+        return REDACTED if masked is None else masked
+
+    def _release(self) -> None:
+        """The stream ends: record what the maskers kept back, and count what they masked."""
+        if self.maskers is None:
+            return
+        for kind, masker in self.maskers.items():
+            rest = masker.flush()
+            if rest:
+                self._record_event(kind, rest)
+            for name, n in masker.counts.items():
+                self.ex.counts[name] = self.ex.counts.get(name, 0) + n
+        self.maskers = None
+
     def _event(self, kind: str, data: str) -> None:
+        data = self._masked(kind, data)
+        if data:
+            self._record_event(kind, data)
+
+    def _record_event(self, kind: str, data: str) -> None:
         session = self.client.session
         if session is not None:
             self.client.chain.stream_data(StreamEvent(session.id, self.stream, self.client.gateway.now(), kind, data))
@@ -428,6 +464,7 @@ class Tunnel:
         self.done = True
         client = self.client
         client.end_reason = "tunnel closed"
+        self._release()
         if not self.ex.finished:
             client.record_outcome(self.ex)
         if self.upstream.transport is not None:

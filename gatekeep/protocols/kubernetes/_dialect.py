@@ -15,7 +15,8 @@ import attrs
 from gatekeep.model import Decision
 from gatekeep.protocols.http import _websocket as ws
 from gatekeep.protocols.http._codec import Head, simple_response
-from gatekeep.protocols.http._dialect import BUFFER, LINES, PASS_THROUGH, BodyPlan, HttpDialect, StreamPiece
+from gatekeep.protocols.http._dialect import (BUFFER, LINES, PASS_THROUGH, BodyPlan, HttpDialect, StreamPiece,
+                                              WebSocketFeed)
 from gatekeep.protocols.http._headers import is_json
 from gatekeep.protocols.http._jsonmask import JsonMasker, dumps
 from gatekeep.protocols.http._request import Request
@@ -125,8 +126,12 @@ class KubernetesDialect(HttpDialect):
 
     def stream_feeder(self, request: Request, response: Head, limit: int) -> Any:
         upgrade = (response.index.get(b"upgrade") or b"").strip().lower()
-        if request.info is not None and request.info.subresource in ("exec", "attach") and upgrade == b"spdy/3.1":
-            return SpdyExecDecoder()
+        if request.info is not None and request.info.subresource in ("exec", "attach"):
+            if upgrade == b"spdy/3.1":
+                return SpdyExecDecoder()
+            decoder = self.stream_decoder(request, response)
+            # a terminal's output, cut anywhere: the recording masks across messages
+            return WebSocketFeed(decoder, limit, continuous=True) if decoder is not None else None
         return super().stream_feeder(request, response, limit)
 
     def stream_decoder(self, request: Request, response: Head) -> Callable[[ws.Message, bool], list[StreamPiece]] | None:

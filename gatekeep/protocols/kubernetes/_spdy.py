@@ -121,6 +121,9 @@ class _Direction:
 class SpdyExecDecoder:
     """The recording of one SPDY exec or attach session: ``feed`` each direction's bytes as they pass."""
 
+    #: the pieces are a terminal's output, cut anywhere: the recording masks across them
+    continuous = True
+
     def __init__(self, max_frame: int = 1 << 20) -> None:
         self.sides = {True: _Direction(max_frame), False: _Direction(max_frame)}
         #: stream id -> channel (from the stream's ``streamtype``)

@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from gatekeep.model import Action, Decision, Operation, Outcome
 from gatekeep.protocols.ssh import _shell
 from gatekeep.protocols.ssh._flow import RelayChannel
-from gatekeep.protocols.ssh._masking import StreamMasker
+from gatekeep.masking.stream import StreamMasker
 from gatekeep.protocols.ssh._pair import WITHDRAWN, PairRelay, denial_text
 from gatekeep.protocols.ssh._recording import ChannelRecording
 from gatekeep.protocols.ssh._sftp import SftpError, SftpStream

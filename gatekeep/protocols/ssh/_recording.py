@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from gatekeep.model import StreamEvent
 from gatekeep.masking.strategies import REDACTED, mask_spans
-from gatekeep.protocols.ssh._masking import StreamMasker
+from gatekeep.masking.stream import StreamMasker
 
 
 class ChannelRecording:

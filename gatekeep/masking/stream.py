@@ -1,5 +1,6 @@
 """
-Masking of a text stream that arrives in chunks.
+Masking of a text stream that arrives in chunks (SSH channels, recorded WebSocket and
+``kubectl exec`` streams).
 
 A value split across two chunks (``4111 1111`` then `` 1111 1111``) must be
 masked like one that arrives whole. :class:`StreamMasker` therefore keeps back
