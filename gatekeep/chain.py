@@ -78,6 +78,9 @@ class NoApprovals:
         return Decision(Action.DENY, decision.rule, "this needs an approval and no approvals service is configured",
                         decision.facts)
 
+    def withdraw(self, request_ids: Any, reason: str) -> int:
+        return 0  # nothing is ever held
+
 
 @attrs.define
 class Chain:

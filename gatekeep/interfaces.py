@@ -90,6 +90,14 @@ class IApprovals(Interface):
             withdraws the request.
         """
 
+    def withdraw(request_ids, reason):
+        """
+        Withdraw held requests, recording ``reason`` (why their client no longer
+        waits: "the client closed the connection", "access ended: ...") as
+        their resolution; their Deferreds then fail with CancelledError, as if
+        cancelled. @return: how many of them were held.
+        """
+
 
 class IApprovalStore(Interface):
     """

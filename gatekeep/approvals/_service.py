@@ -110,6 +110,8 @@ class _Held:
     decision: Decision
     deferred: Deferred | None = None
     timer: Any = None
+    #: why the client gave it up, when the relay said (see ApprovalService.withdraw)
+    withdraw_reason: str | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -337,7 +339,22 @@ class ApprovalService:
         if held is None:
             return
         held.deferred = None
-        self._resolve(held, Status.WITHDRAWN, "withdrawn: the client canceled or disconnected", self._now())
+        why = held.withdraw_reason or "the client canceled or disconnected"
+        self._resolve(held, Status.WITHDRAWN, f"withdrawn: {why}", self._now())
+
+    def withdraw(self, request_ids: Any, reason: str) -> int:
+        """
+        Withdraw held requests with ``reason`` as their resolution; their Deferreds fail as if cancelled.
+        All are marked before any is cancelled, so requests a relay waits on together (an SSH line's held
+        parts), which cancelling one cancels too, all carry the reason. Returns how many were held.
+        """
+        held = [h for h in (self._pending.get(i) for i in request_ids) if h is not None]
+        for h in held:
+            h.withdraw_reason = reason
+        for h in held:
+            if h.deferred is not None and not h.deferred.called:
+                h.deferred.cancel()  # the canceller resolves it, with the reason
+        return len(held)
 
     def shutdown(self, reason: str = "the gateway is shutting down") -> None:
         """Deny everything still held (the gateway is stopping)."""

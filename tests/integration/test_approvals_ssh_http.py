@@ -306,7 +306,7 @@ def test_ssh_disconnect_withdraws_the_request(gw, tmp_path):
         run.proc.send_signal(signal.SIGTERM)
         run.finish(timeout=10)
         r = gw.wait_status(rid, "withdrawn")
-        assert r["resolution"] == "withdrawn: the client canceled or disconnected"
+        assert r["resolution"] == "withdrawn: the client closed the channel"  # ssh closes it as it goes
         late = gw.cli("dana", "approve", rid)
         assert late.returncode == 1 and "409" in late.stderr
         assert os.path.exists(victim)
@@ -501,7 +501,7 @@ def test_http_disconnect_withdraws_the_request(gw):
         run.proc.kill()
         run.finish(timeout=10)
         r = gw.wait_status(rid, "withdrawn")
-        assert r["resolution"] == "withdrawn: the client canceled or disconnected"
+        assert r["resolution"] == "withdrawn: the client closed the connection"
         assert not any(r["path"] == "/echo/held/gone" for r in gw.api.requests)
     finally:
         run.kill()
@@ -552,7 +552,7 @@ def test_kubectl_interrupted_withdraws_the_request(gw):
         run.proc.send_signal(signal.SIGINT)
         run.finish(timeout=10)
         r = gw.wait_status(request["id"], "withdrawn")
-        assert r["resolution"] == "withdrawn: the client canceled or disconnected"
+        assert r["resolution"] == "withdrawn: the client closed the connection"
         assert "web-1" in gw.kube.pods
     finally:
         run.kill()

@@ -137,6 +137,20 @@ def test_cancel_withdraws_the_request(world):
         world.service.approve(rid, ALICE)
 
 
+def test_withdraw_records_the_reason_and_fails_the_deferred(world):
+    """withdraw(ids, reason): the request is resolved as withdrawn with that reason, the Deferred fails with
+    CancelledError, no timer is left; an unknown or already resolved request counts 0."""
+    rid, fired, d = world.held()
+    assert world.service.withdraw([rid], "access ended: the token expired") == 1
+    assert fired[0].check(CancelledError)
+    r = world.store.requests[rid]
+    assert r.status is Status.WITHDRAWN and r.resolution == "withdrawn: access ended: the token expired"
+    assert world.clock.getDelayedCalls() == []
+    assert world.service.withdraw([rid], "again") == 0
+    assert world.service.withdraw(["nope"], "x") == 0
+    assert world.store.requests[rid].resolution == "withdrawn: access ended: the token expired"
+
+
 def test_held_request_schedules_one_timer_and_nothing_else(world):
     """A held request costs one delayed call (its expiry) and no polling."""
     for i in range(50):

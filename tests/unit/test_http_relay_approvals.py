@@ -100,6 +100,26 @@ def test_disconnect_withdraws_the_request():
     assert not service.pending() and service.lookup(request.id).status is Status.WITHDRAWN
     ((op, decision),) = rec.operations
     assert decision.rule == "canceled" and decision.facts["approval"] == {"id": request.id, "status": "withdrawn"}
+    assert service.lookup(request.id).resolution == "withdrawn: the client closed the connection"
+    assert decision.reason.startswith("the client closed the connection while it was held for approval")
+    assert not up.built
+
+
+def test_access_ending_withdraws_a_held_request_with_the_reason():
+    """The session's access ends while a request is held: 401 naming the reason, and the approval request and the
+    operation's record say access ended (not that the client went away)."""
+    conn, up, rec, service = held_setup([OK])
+    conn.send(get(b"/held/1", extra=CURL))
+    (request,) = service.pending()
+    (session_id,) = list(conn.server.gateway.sessions)
+    conn.server.gateway.terminate(session_id, "the token expired")
+    conn.flush()
+    assert b"HTTP/1.1 401 " in conn.client.received and b"the token expired" in conn.client.received
+    assert service.lookup(request.id).resolution == "withdrawn: access ended: the token expired"
+    ((op, decision),) = rec.operations
+    assert decision.action is Action.DENY and decision.facts["approval"]["status"] == "withdrawn"
+    assert decision.reason.startswith("access ended: the token expired while it was held for approval")
+    assert rec.ends[0].reason == "access ended: the token expired"
     assert not up.built
 
 

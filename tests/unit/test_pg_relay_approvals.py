@@ -122,6 +122,7 @@ def test_cancel_request_withdraws_and_answers_57014(relay):
     f = fields(messages[0])
     assert (f["C"], f["M"]) == ("57014", "canceling statement due to user request")
     assert relay.store.requests[request.id].status is Status.WITHDRAWN
+    assert relay.store.requests[request.id].resolution == "withdrawn: the client canceled the statement"
     assert relay.server.cancels == []  # nothing was running upstream: nothing to cancel there
     assert relay.server.queries == [POISON]
     ((op, decision),) = relay.recorder.operations
@@ -148,9 +149,29 @@ def test_disconnect_withdraws_the_request(relay):
     relay.network.flush()
     assert relay.approvals.pending() == []
     assert relay.store.requests[request.id].status is Status.WITHDRAWN
+    assert relay.store.requests[request.id].resolution == "withdrawn: the client closed the connection"
     assert relay.recorder.ends and relay.recorder.operations[0][1].rule == "canceled"
     assert relay.gateway.reactor.getDelayedCalls() == [] or all(
         not c.active() for c in relay.gateway.reactor.getDelayedCalls())
+
+
+def test_access_ending_withdraws_a_held_statement_with_the_reason(relay):
+    """The session's access ends while a statement is held: the approval request and the statement's record say
+    access ended; the client gets the statement's error, then FATAL 57P01 naming the reason."""
+    client, _, _ = held(relay)
+    (request,) = relay.approvals.pending()
+    before = len(client.conn.client.received)
+    relay.gateway.terminate(relay.recorder.sessions[0].id, "the token expired")
+    relay.network.flush()
+    messages = client.reader.feed(client.conn.client.received[before:])
+    assert relay.store.requests[request.id].resolution == "withdrawn: access ended: the token expired"
+    ((op, decision),) = relay.recorder.operations
+    assert decision.rule == "canceled"
+    assert decision.reason.startswith("access ended: the token expired while it was held for approval")
+    f = fields(messages[-1])
+    assert (f["S"], f["C"], f["M"]) == ("FATAL", "57P01", "terminating connection: the token expired")
+    assert relay.server.queries in ([], [POISON])  # the held statement never ran
+    assert relay.recorder.ends[0].reason == "access ended: the token expired"
 
 
 def test_other_sessions_are_not_blocked_by_a_held_one(relay):

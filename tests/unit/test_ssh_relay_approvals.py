@@ -103,6 +103,20 @@ def test_cancelling_withdraws_every_held_part_and_session_end_cancels():
     assert len(failures) == 2 and not service.pending() and not s.waiting
 
 
+def test_withdrawing_with_a_reason_marks_every_held_part():
+    """The relay withdraws a line's held parts with its reason (access ended): both requests carry it, though
+    cancelling one cancels the other."""
+    s, service = client_session()
+    failures = []
+    d = s.decide(exec_op(s, "touch a; mkdir b"), lambda h: None)
+    d.addErrback(failures.append)
+    first, second = service.pending()
+    assert service.withdraw([first.id, second.id], "access ended: the token expired") == 2
+    assert failures[0].check(CancelledError) and not service.pending()
+    for r in (first, second):
+        assert service.lookup(r.id).resolution == "withdrawn: access ended: the token expired"
+
+
 def test_the_hold_notice_waits_for_window_instead_of_being_dropped():
     """With the client's window full the stderr notice is queued, and sent once the client opens its window."""
     session = SimpleNamespace(options=SimpleNamespace(window=1 << 20), down_leg=Leg("client"), up_leg=Leg("upstream"),

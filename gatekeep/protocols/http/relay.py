@@ -135,6 +135,8 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
         self._idle: Any = None
         self._idle_since: float | None = None
         self._cut: Any = None
+        #: why a request waiting for its decision was given up (recorded with it)
+        self._withdraw_reason = "the client closed the connection"
         self._connecting = False
         #: the identity a verified client certificate stands for (None: none sent, or no client_ca)
         self._certificate: Any = _UNCHECKED
@@ -436,7 +438,7 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
     def _withdrawn(self, decision: Any, ex: Exchange) -> None:
         """The client left while its request waited for a decision (a held request is withdrawn)."""
         if decision is None and ex.hold is not None:
-            decision = Decision(Action.DENY, WITHDRAWN, "the client closed the connection while it was held for "
+            decision = Decision(Action.DENY, WITHDRAWN, f"{self._withdraw_reason} while it was held for "
                                 f"approval as request {ex.hold.request_id}",
                                 {"approval": {"id": ex.hold.request_id, "status": "withdrawn"}})
         elif decision is None:
@@ -665,8 +667,8 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
         if up is not None and up.transport is not None:
             up.wire.close()
         ex = self.exchange
-        if ex is not None and ex.waiting is not None:
-            ex.waiting.cancel()
+        if ex is not None:
+            self._withdraw(ex, "the client closed the connection")
         if ex is not None and not ex.finished and ex.op is not None and ex.decision is not None:
             ex.error = ex.error or "the client closed the connection before the response ended"
             self.record_outcome(ex)
@@ -687,9 +689,18 @@ class ClientSide(protocol.Protocol):  # built by gatekeep.protocols.http._factor
                                                      detail=f"access ended: {reason}")
             if ex.waiting is None:
                 self.local_answer(ex, status, data, error=f"access ended: {reason}")
-            else:  # waiting for a decision or an approval: it is withdrawn when the connection goes
+            else:  # waiting for a decision or an approval: withdrawn, with the reason
+                self._withdraw(ex, f"access ended: {reason}")
                 self.send(data)
         self.close()
+
+    def _withdraw(self, ex: Exchange, reason: str) -> None:
+        """Stop waiting for ``ex``'s decision; a request held for approval is withdrawn with ``reason``."""
+        if ex.waiting is None or ex.waiting.called:
+            return
+        self._withdraw_reason = reason
+        if ex.hold is None or not self.chain.approvals.withdraw([ex.hold.request_id], reason):
+            ex.waiting.cancel()
 
     def end_session(self, reason: str | None = None) -> None:
         if self.session is None:

@@ -316,6 +316,7 @@ class Frontend(protocol.Protocol):
         if self.phase is Phase.CLOSED:
             return
         self.end_reason = f"access ended: {reason}"
+        self.withdraw(f"access ended: {reason}")  # a statement held for approval is given up, with the reason
         if self.upstream is not None and not self.upstream.stream.at_boundary():
             self.close()  # in the middle of a server message: nothing more can be said
             return
@@ -519,7 +520,8 @@ class Frontend(protocol.Protocol):
         if self._held is None or self._waiting is None:
             return False
         self._withdraw_reason = reason
-        self._waiting.cancel()
+        if not self.gateway.chain.approvals.withdraw([self._held.request_id], reason):
+            self._waiting.cancel()
         return True
 
     def _carry_out(self, decision: Decision, operation: Operation, forward, refine, record) -> Deferred | None:

@@ -118,8 +118,7 @@ class SessionRelay(PairRelay):
         if rest:
             self.inbox.append(("data", rest))
             self.inbox_bytes += len(rest)
-        self._withdraw_reason = "Ctrl-C"
-        self._waiting.cancel()
+        self._withdraw("Ctrl-C")
         self.down.grant(self.held(self.down))
 
     def on_ext(self, ch: RelayChannel, code: int, data: bytes) -> None:
@@ -159,8 +158,7 @@ class SessionRelay(PairRelay):
             # the client closed the channel while it waited for a decision: withdraw it now
             self.inbox.clear()
             self.inbox_bytes = 0
-            self._withdraw_reason = "the client closed the channel"
-            self._waiting.cancel()
+            self._withdraw("the client closed the channel")
 
     def _drain_inbox(self) -> None:
         while self.inbox and not self.busy:
@@ -258,6 +256,14 @@ class SessionRelay(PairRelay):
             self._waiting = d
         d.addCallbacks(self._settled, self._settled).addCallbacks(
             decided, withdrawn, callbackArgs=args, errbackArgs=errargs)
+
+    def _withdraw(self, reason: str) -> None:
+        """Give up the decision this channel waits for; requests held for approval are withdrawn with ``reason``."""
+        self._withdraw_reason = reason
+        waiting = self._waiting
+        self.s.chain.approvals.withdraw([h.request_id for h in self._holds], reason)
+        if waiting is not None and not waiting.called:
+            waiting.cancel()
 
     def _settled(self, result: Any) -> Any:
         self._waiting = None
@@ -562,8 +568,8 @@ class SessionRelay(PairRelay):
             # the client went while this channel waited for a decision: withdraw it (and drop what queued behind)
             self.inbox.clear()
             self.inbox_bytes = 0
-            self._withdraw_reason = "the client disconnected" if self.s.closed else "the client closed the channel"
-            self._waiting.cancel()
+            self._withdraw(self.s.ended_by or ("the client disconnected" if self.s.closed
+                                               else "the client closed the channel"))
         if self._echo_timer is not None and self._echo_timer.active():
             self._echo_timer.cancel()
         if self._mask_timer is not None and self._mask_timer.active():

@@ -149,6 +149,8 @@ class ClientSession:
         self._login_timer: Any = None
         #: decisions pending (held for approval): withdrawn when the client goes
         self.waiting: set[Deferred] = set()
+        #: why gatekeep ended the session (access ended), for what its channels withdraw; None: the client went
+        self.ended_by: str | None = None
         self.down_leg.listeners.append(lambda: self._resumed(self.down_leg))
         self.up_leg.listeners.append(lambda: self._resumed(self.up_leg))
         self.recording_gate = RecordingGate(self.chain.recording_room)
@@ -250,7 +252,7 @@ class ClientSession:
         """
         if self.phase is Phase.CLOSED:
             return
-        self.end_reason = f"access ended: {reason}"
+        self.end_reason = self.ended_by = f"access ended: {reason}"
         self.phase = Phase.CLOSED
         self.disconnect(_transport.DISCONNECT_BY_APPLICATION, f"gatekeep: {reason}")
         if self.upstream is not None and self.upstream.transport is not None:
