@@ -294,7 +294,8 @@ def test_ssh_session_ended_on_sighup_removal_shows_the_reason(gatekeep, tmp_path
         gk.send_signal(signal.SIGHUP)
         out, err = proc.communicate(timeout=20)
         assert proc.returncode != 0
-        assert "gatekeep: " + REMOVED in err, err
+        assert "gatekeep: access ended: " + REMOVED + "\n" in err, err  # on the command's stderr first
+        assert "gatekeep: " + REMOVED in err.split("gatekeep: access ended: ", 1)[1], err  # then the disconnect
         row = poll("frank's session to be recorded as ended",
                    lambda: next((r for r in sessions_json(gk) if r["identity"] == "frank" and r["ended_at"]), None))
         assert show_session(gk, row["id"])["end_reason"] == "access ended: " + REMOVED

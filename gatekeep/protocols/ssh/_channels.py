@@ -271,6 +271,13 @@ class SessionRelay(PairRelay):
             self._holds = []
         return result
 
+    def tell(self, text: str) -> None:
+        """A line from gatekeep on the client's stderr (and in the recording), in order with the output."""
+        data = (text + ("\r\n" if self.pty is not None else "\n")).encode("utf-8")
+        self.down.send_ext(1, data)
+        if self.recording is not None:
+            self.recording.output(data)
+
     def _on_hold(self, hold: Any) -> None:
         """Held for approval: tell the client at once on stderr, in order with what it was sent before."""
         self._holds.append(hold)

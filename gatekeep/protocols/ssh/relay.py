@@ -45,6 +45,10 @@ def _unrecordable(decision: Decision, why: str) -> Decision:
     return decision if not decision.allowed else unrecordable(decision, why)
 
 
+#: seconds between telling the channels why access ended and the disconnect
+TELL_GRACE = 0.3
+
+
 class Phase(enum.Enum):
     AUTH = "auth"
     UPSTREAM = "upstream"
@@ -151,6 +155,7 @@ class ClientSession:
         self.waiting: set[Deferred] = set()
         #: why gatekeep ended the session (access ended), for what its channels withdraw; None: the client went
         self.ended_by: str | None = None
+        self._ending: Any = None  # the disconnect, a moment after the channels were told why
         self.down_leg.listeners.append(lambda: self._resumed(self.down_leg))
         self.up_leg.listeners.append(lambda: self._resumed(self.up_leg))
         self.recording_gate = RecordingGate(self.chain.recording_room)
@@ -182,6 +187,9 @@ class ClientSession:
             self.transport.sendDisconnect(code, text.encode("utf-8"))
 
     def client_lost(self, reason: Any) -> None:
+        if self._ending is not None and self._ending.active():
+            self._ending.cancel()
+        self._ending = None
         if self.phase is not Phase.CLOSED:
             self.phase = Phase.CLOSED
             if self.upstream is not None and self.upstream.transport is not None:
@@ -247,13 +255,28 @@ class ClientSession:
 
     def terminate(self, reason: str) -> None:
         """
-        Access ended (token expired, identity removed, ...): disconnect the client with ``gatekeep: REASON``
-        (OpenSSH prints it: "Received disconnect from ...: 11: gatekeep: ..."); the reason is recorded.
+        Access ended (token expired, identity removed, ...): each session channel gets ``gatekeep: access ended:
+        REASON`` on stderr, then the client is disconnected with ``gatekeep: REASON`` (OpenSSH prints it:
+        "Received disconnect from ...: 11: gatekeep: ..."); the reason is recorded.
         """
         if self.phase is Phase.CLOSED:
             return
         self.end_reason = self.ended_by = f"access ended: {reason}"
+        told = False
+        for relay in list(self.relays):  # each terminal or command says why, before the disconnect ends them
+            tell = getattr(relay, "tell", None)
+            if tell is not None:
+                tell(f"gatekeep: {self.ended_by}")
+                told = True
         self.phase = Phase.CLOSED
+        if told:
+            # OpenSSH exits at the disconnect without writing out what it had just received: give it a moment
+            self._ending = self.gateway.reactor.callLater(TELL_GRACE, self._disconnect_now, reason)
+        else:
+            self._disconnect_now(reason)
+
+    def _disconnect_now(self, reason: str) -> None:
+        self._ending = None
         self.disconnect(_transport.DISCONNECT_BY_APPLICATION, f"gatekeep: {reason}")
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.loseConnection()
