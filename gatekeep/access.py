@@ -239,9 +239,14 @@ class RevocationWatch(service.Service):
 
     def check(self) -> list[str]:
         """Look at the file; when it changed, end the sessions it no longer lets through (their ids)."""
-        if not self._look():
+        try:
+            if not self._look():
+                return []
+            ended = recheck_certificates(self.gateway, self.target, self.crl)
+        except Exception:  # logged, and looked at again next time: the watch never stops
+            self._stamp = None
+            _log.failure("checking the sessions of {target} against its revocation list failed", target=self.target)
             return []
-        ended = recheck_certificates(self.gateway, self.target, self.crl)
         if ended:
             _log.info("revocation list of {target} changed: {n} sessions ended", target=self.target, n=len(ended))
         return ended

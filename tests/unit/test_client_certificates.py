@@ -326,3 +326,25 @@ def test_sessions_end_when_the_list_passes_its_next_update(files, tmp_path):
     assert w.relays["alice"].ended == w.relays["carol"].ended == [
         "the client certificate cannot be checked for revocation (the list is past its next update)"]
     assert w.relays["bob"].ended == []
+
+
+def test_a_failing_check_is_logged_and_tried_again(files, tmp_path):
+    """An unexpected error while checking does not stop the watch: it is logged, and the next look checks again."""
+    from twisted.logger import globalLogPublisher
+
+    crl = crl_file(files, tmp_path / "clients.crl")
+    w = watched(files, tmp_path, crl)
+    real = crl.revocation
+    crl.revocation = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
+    logged: list = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        publish(files, tmp_path, [w.certs["alice"]])
+        w.clock.advance(2)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert any(e.get("log_failure") is not None and e["log_failure"].check(RuntimeError) for e in logged)
+    assert w.relays["alice"].ended == []
+    crl.revocation = real
+    w.clock.advance(2)
+    assert w.relays["alice"].ended == ["the client certificate is revoked (tls.client_crl)"]
