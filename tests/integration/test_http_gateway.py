@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from tests.integration.pg_gateway_helpers import poll, sessions_json, show_session
 from tests.support import websocket
 from tests.support.gatekeep_process import REPO_ROOT, tcp_listen
 from tests.support.httpserver import USER, HttpServer, pattern
@@ -361,5 +362,40 @@ def test_websocket_waits_for_a_stopped_recorder(gatekeep):
         assert [int(payload[6:11]) for _, payload in echoed] == list(range(count))
         ws.close()
         assert "recording is behind the traffic" in gk.log_text()
+    finally:
+        server.stop()
+
+
+def test_an_idle_https_connection_is_closed_while_its_upstream_is_attached(gatekeep, tls_files):
+    """
+    HTTPS with idle_timeout 1s: after a keep-alive request (its upstream connection still attached) the client
+    idles; gatekeep closes the connection cleanly (TLS close_notify, then the socket) and records the end. A TLS
+    transport does not close while a producer is registered with it: the relay lets the upstream go first.
+    """
+    server = HttpServer().start()
+    try:
+        token, entry = make_identity("ivy", ["dev"])
+        port = free_port()
+        gk = gatekeep({"identities": [entry], "targets": [{
+            "name": "api", "protocol": "http", "listen": tcp_listen(port), "idle_timeout": "1s",
+            "tls": {"cert": "file:" + tls_files.gateway_cert, "key": "file:" + tls_files.gateway_key},
+            "upstream": {"url": "http://127.0.0.1:%d" % server.port}}]})
+        context = ssl.create_default_context(cafile=tls_files.ca_cert)
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False) as conn:
+                conn.sendall(b"GET /echo/idle HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer %s\r\n"
+                             b"User-Agent: idle-test\r\n\r\n" % token.encode())
+                received = b""
+                while True:
+                    # the response, then the end: TLS's close_notify makes recv return b""; a connection that could
+                    # not close is cut 5 s later without one, which raises here (ragged EOFs are not suppressed)
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    received += chunk
+        assert received.startswith(b"HTTP/1.1 200 ")
+        row = poll("the idle session's end", lambda: next(
+            (s for s in sessions_json(gk) if s["identity"] == "ivy" and s["ended_at"]), None))
+        assert show_session(gk, row["id"])["end_reason"] == "idle timeout"
     finally:
         server.stop()
