@@ -25,13 +25,17 @@ import errno
 import types
 from typing import Any
 
-from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import Logger
+
+try:
+    from twisted.internet.epollreactor import EPollReactor
+except ImportError:  # no epoll here (not Linux): nothing to replace
+    EPollReactor = None  # type: ignore[assignment,misc]
 
 _log = Logger()
 
 
-def _poll(self: EPollReactor, timeout: float | None) -> None:
+def _poll(self: Any, timeout: float | None) -> None:
     """EPollReactor.doPoll, each event dispatched straight to ``_doReadOrWrite``."""
     try:
         events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
@@ -56,7 +60,7 @@ def _poll(self: EPollReactor, timeout: float | None) -> None:
 def install(reactor: Any) -> bool:
     """Dispatch ``reactor``'s events without the per-event log context; False (and nothing changed)
     unless it is Twisted's epoll reactor itself."""
-    if type(reactor) is not EPollReactor:
+    if EPollReactor is None or type(reactor) is not EPollReactor:
         return False
     reactor.doIteration = types.MethodType(_poll, reactor)
     return True
