@@ -94,6 +94,11 @@ def add_approvals_and_admin(top: service.MultiService, config: Any, gateway: Any
                    function=lambda: getattr(recorder, "failures", 0))
     registry.gauge("gatekeep_recorder_healthy", "1 while the store takes records, 0 while it fails.",
                    function=lambda: 1 if getattr(recorder, "healthy", True) else 0)
+    registry.gauge("gatekeep_recorder_backlog_bytes", "Bytes of records kept in memory, not yet stored.",
+                   function=lambda: getattr(recorder, "backlog", 0))
+    registry.gauge("gatekeep_recorder_backlog_limit_bytes",
+                   "recording.max_backlog: at this backlog new operations wait for the store.",
+                   function=lambda: getattr(recorder, "max_backlog", 0))
 
     reviews = [r.name for r in config.policies if r.action is Action.REVIEW]
     if config.admin is None:
