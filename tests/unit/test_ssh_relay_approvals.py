@@ -130,3 +130,25 @@ def test_the_hold_notice_waits_for_window_instead_of_being_dropped():
     relay.down.addWindowBytes(4096)
     ((kind, code, data),) = conn.sent
     assert (kind, code) == ("ext", 1) and data.endswith(b"gatekeep approvals approve abcdefghjk\n")
+
+
+def test_once_access_ended_nothing_more_from_the_client_reaches_the_server():
+    """Between the notice and the disconnect (the session is closed), client data and requests are dropped,
+    while the server's output still reaches the client."""
+    from tests.unit.test_ssh_flow import FakeConn
+
+    session = SimpleNamespace(options=SimpleNamespace(window=1 << 20), down_leg=Leg("client"), up_leg=Leg("upstream"),
+                              next_channel=lambda: 0, now=lambda: 0.0, closed=False)
+    relay = SessionRelay(session, None, 3, 1 << 20, 32768)
+    down_conn, up_conn = FakeConn(), FakeConn()
+    down_conn.open(relay.down, window=1 << 20)
+    up_conn.open(relay.up, window=1 << 20)
+    relay.on_data(relay.down, b"before\n")
+    assert up_conn.sent == [("data", b"before\n")]
+    relay.tell("gatekeep: access ended: the token expired")
+    session.closed = True
+    relay.on_data(relay.down, b"rm -rf /\n")
+    assert relay.on_request(relay.down, b"exec", b"", True) is False
+    assert up_conn.sent == [("data", b"before\n")]
+    relay.on_data(relay.up, b"last output")
+    assert down_conn.sent == [("ext", 1, b"gatekeep: access ended: the token expired\n"), ("data", b"last output")]

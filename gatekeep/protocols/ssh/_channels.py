@@ -100,6 +100,8 @@ class SessionRelay(PairRelay):
             self._output(0, data)
             self.up.grant()
             return
+        if self.s.closed:
+            return  # access ended: nothing more from the client reaches the server (the disconnect follows)
         if self.busy:
             if self._holds and self.pty is not None and b"\x03" in data and self._waiting is not None:
                 self._interrupt(data)
@@ -136,6 +138,8 @@ class SessionRelay(PairRelay):
     def on_request(self, ch: RelayChannel, kind: bytes, data: bytes, want_reply: bool) -> Any:
         if ch is self.up:
             return self._upstream_request(kind, data, want_reply)
+        if self.s.closed:
+            return False
         if self.busy:
             d = Deferred()
             self.inbox.append(("request", kind, data, want_reply, d))

@@ -225,6 +225,8 @@ class ForwardRelay(PairRelay):
         self.done = True
 
     def on_data(self, ch: RelayChannel, data: bytes) -> None:
+        if ch is self.down and self.s.closed:
+            return  # access ended: nothing more from the client reaches the server
         ch.peer.send_data(data)
         ch.grant()
 
