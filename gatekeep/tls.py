@@ -158,23 +158,26 @@ class RevocationList:
         self._seen: tuple | None = None
         self._crls: list = []
 
+    def _stat(self) -> tuple:
+        """What tells one version of the file from another (inode, size, time); OSError when it cannot be read."""
+        st = os.stat(self.path)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
     def stamp(self) -> tuple | None:
-        """What tells one version of the file from another (inode, size, time); None when it cannot be read."""
+        """The file's version (see :meth:`_stat`); None when it cannot be read."""
         try:
-            st = os.stat(self.path)
+            return self._stat()
         except OSError:
             return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def load(self) -> list:
         """The lists in the file (cryptography objects); ValueError saying why when there are none to use."""
         from cryptography import x509
 
         try:
-            st = os.stat(self.path)
+            stamp = self._stat()
         except OSError as e:
             raise ValueError(f"cannot read {self.path}: {e.strerror}") from None
-        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         if stamp != self._seen:
             data = self.path.read_bytes()
             blocks = re.findall(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", data, re.S)

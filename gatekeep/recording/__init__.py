@@ -1,5 +1,7 @@
 """Recording: the recorder, the event schema, sinks."""
 
+from collections import deque
+
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -65,6 +67,8 @@ class Backlog:
     max_backlog: int = MAX_BACKLOG
     backlog: int = 0
     _drain: list | None = None
+    #: the estimated size of each event kept, oldest first (recorders that estimate: _queued, _stored_events)
+    _sizes: "deque[int] | None" = None
 
     def wait_for_room(self) -> Deferred | None:
         """
@@ -92,6 +96,19 @@ class Backlog:
             for d in drained:
                 if not d.called:
                     d.callback(None)
+
+    def _queued(self, value: object) -> None:
+        """A recorder that estimates (approx_size) notes an event it keeps, in the order it will be stored."""
+        size = approx_size(value)
+        if self._sizes is None:
+            self._sizes = deque()
+        self._sizes.append(size)
+        self.backlog += size
+
+    def _stored_events(self, count: int) -> None:
+        """The next ``count`` events noted by :meth:`_queued` are stored (or given up): their sizes come off."""
+        sizes = self._sizes
+        self._stored(sum(sizes.popleft() for _ in range(count)) if sizes else 0)
 
     def _refuse_waiting(self, error: str) -> None:
         """on_failure deny and the store failing: operations waiting on the backlog are refused."""

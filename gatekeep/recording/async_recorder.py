@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder
 from gatekeep.model import Decision, Operation
-from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, approx_size
+from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable
 from gatekeep.recording.sinks import SinkFeeder
 from gatekeep.store import StoreUnavailable
 
@@ -152,7 +152,7 @@ class AsyncRecorder(InOrder, Backlog):
     def _add(self, item: Any, urgent: bool = False) -> None:
         self._buffer.append(item)
         self._received += 1
-        self.backlog += approx_size(item.event if isinstance(item, _Strict) else item)
+        self._queued(item.event if isinstance(item, _Strict) else item)
         self._schedule(urgent or self.strict or len(self._buffer) >= self._max_batch)
 
     def _schedule(self, urgent: bool) -> None:
@@ -252,7 +252,7 @@ class AsyncRecorder(InOrder, Backlog):
     def _settle(self, batch: list[Any]) -> None:
         self._settled += len(batch)
         self._writing = False
-        self._stored(sum(approx_size(e) for e in batch))
+        self._stored_events(len(batch))  # batches are taken from the front of the buffer, in order
         ready = [d for mark, d in self._flushes if mark <= self._settled]
         self._flushes = [(mark, d) for mark, d in self._flushes if mark > self._settled]
         for d in ready:

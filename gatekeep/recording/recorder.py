@@ -37,7 +37,7 @@ from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder, IStore
 from gatekeep.model import Decision, Operation
-from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, approx_size
+from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable
 from gatekeep.recording.sinks import close_all, emit_all
 
 _log = Logger()
@@ -107,7 +107,7 @@ class ThreadedRecorder(InOrder, Backlog):
     # -- IRecorder -------------------------------------------------------------------
 
     def _add(self, value: Any) -> None:
-        self.backlog += approx_size(value)
+        self._queued(value)
         self._queue.put(value)
 
     def operationStarted(self, operation: Operation, decision: Decision) -> Deferred | None:
@@ -117,7 +117,7 @@ class ThreadedRecorder(InOrder, Backlog):
             raise RecordingUnavailable(self.last_error or "the store is failing")
         if self.strict:
             d: Deferred = Deferred()
-            self.backlog += approx_size((operation, decision))
+            self._queued((operation, decision))
             self._queue.put(_Strict((operation, decision), d))
             return d
         self._add((operation, decision))
@@ -129,7 +129,7 @@ class ThreadedRecorder(InOrder, Backlog):
             batch, waiters, _ = self._split(self._drain_now())
             self._write_all(batch, waiters)
             self._fire(waiters)
-            self._stored(sum(approx_size(e) for e in batch))
+            self._stored_events(len(batch))
             d.callback(None)
             return d
         self._queue.put(_Flush(d))
@@ -178,8 +178,8 @@ class ThreadedRecorder(InOrder, Backlog):
             self._fire(waiters)
             for f in flushes:
                 self._reactor.callFromThread(f.callback, None)
-            if batch:
-                self._reactor.callFromThread(self._stored, sum(approx_size(e) for e in batch))
+            if batch:  # the queue is first in, first out: these are the oldest events noted by _queued
+                self._reactor.callFromThread(self._stored_events, len(batch))
         self._store.close()
         close_all(self.sinks)
 

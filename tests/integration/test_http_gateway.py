@@ -156,17 +156,22 @@ def test_denial_is_403_json_naming_the_rule(gw):
     assert len(gw.plain.requests) == before + 1
 
 
+def read_to_end(sock) -> bytes:
+    """Everything the gateway sends on ``sock`` until it closes the connection."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
 def test_encoded_path_tricks_are_unjudgeable(gw):
     """/echo/%2e%2e/admin and encoded slashes are denied as unjudgeable instead of slipping past path rules."""
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
         s.sendall(("GET /echo/x/%2e%2e/admin/users HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer " +
                    gw.tokens["alice"] + "\r\nConnection: close\r\n\r\n").encode())
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = read_to_end(s)
     assert data.startswith(b"HTTP/1.1 403"), data[:200]
     assert b'"rule": "unjudgeable"' in data
 
@@ -192,12 +197,7 @@ def test_pipelined_requests_are_answered_in_order(gw):
     reqs = reqs[:-2] + "Connection: close\r\n\r\n"
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
         s.sendall(reqs.encode())
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = read_to_end(s)
     assert data.count(b"HTTP/1.1 200") == 3
     assert data.index(b"/echo/p0") < data.index(b"/echo/p1") < data.index(b"/echo/p2")
 
@@ -385,14 +385,9 @@ def test_an_idle_https_connection_is_closed_while_its_upstream_is_attached(gatek
             with context.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False) as conn:
                 conn.sendall(b"GET /echo/idle HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer %s\r\n"
                              b"User-Agent: idle-test\r\n\r\n" % token.encode())
-                received = b""
-                while True:
-                    # the response, then the end: TLS's close_notify makes recv return b""; a connection that could
-                    # not close is cut 5 s later without one, which raises here (ragged EOFs are not suppressed)
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    received += chunk
+                # the response, then the end: TLS's close_notify makes recv return b""; a connection that could
+                # not close is cut 5 s later without one, which raises here (ragged EOFs are not suppressed)
+                received = read_to_end(conn)
         assert received.startswith(b"HTTP/1.1 200 ")
         row = poll("the idle session's end", lambda: next(
             (s for s in sessions_json(gk) if s["identity"] == "ivy" and s["ended_at"]), None))

@@ -69,6 +69,21 @@ def _open(fd: int) -> bool:
         return False
 
 
+def poll_once_logging(reactor, *readers) -> list:
+    """Add each (reader, write end, bytes), write the bytes, run one poll; the log events it emitted."""
+    for reader, _, _ in readers:
+        reactor.addReader(reader)
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for _, fd, data in readers:
+            os.write(fd, data)
+        reactor.doIteration(1.0)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return events
+
+
 def test_install_only_on_the_epoll_reactor(reactor) -> None:
     assert dispatch.install(reactor) is True
     assert reactor.doIteration.__func__ is dispatch._poll
@@ -102,16 +117,7 @@ def test_an_error_in_a_protocol_is_logged_and_closes_only_that_descriptor(reacto
     seen: list = []
     (r1, w1), (r2, w2) = pipe(request), pipe(request)
     bad, good = PipeReader(r1, seen, fail=ValueError("bad bytes")), PipeReader(r2, seen)
-    reactor.addReader(bad)
-    reactor.addReader(good)
-    events: list = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        os.write(w1, b"x")
-        os.write(w2, b"y")
-        reactor.doIteration(1.0)
-    finally:
-        globalLogPublisher.removeObserver(events.append)
+    events = poll_once_logging(reactor, (bad, w1, b"x"), (good, w2, b"y"))
     assert (r2, b"y", AMBIENT) in seen
     assert len(bad.lost) == 1 and bad.lost[0].check(ValueError)  # the reactor's own handling, as before
     assert good.lost == []
@@ -126,16 +132,7 @@ def test_an_error_escaping_the_dispatch_is_logged_and_the_other_events_still_run
     # connectionLost raising escapes _doReadOrWrite: callWithLogger logged it and went on; so must we
     bad = PipeReader(r1, seen, fail=ValueError("bad bytes"), lost_fails=True)
     good = PipeReader(r2, seen)
-    reactor.addReader(bad)
-    reactor.addReader(good)
-    events: list = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        os.write(w1, b"x")
-        os.write(w2, b"y")
-        reactor.doIteration(1.0)
-    finally:
-        globalLogPublisher.removeObserver(events.append)
+    events = poll_once_logging(reactor, (bad, w1, b"x"), (good, w2, b"y"))
     assert (r2, b"y", AMBIENT) in seen
     assert any(failure_of(e) is not None and failure_of(e).check(RuntimeError) for e in events)
 

@@ -285,12 +285,8 @@ class SessionRelay(PairRelay):
     def _on_hold(self, hold: Any) -> None:
         """Held for approval: tell the client at once on stderr, in order with what it was sent before."""
         self._holds.append(hold)
-        end = "\r\n" if self.pty is not None else "\n"
         lead = "\r\n" if self._line is not None and len(self._holds) == 1 else ""  # a typed line: below it
-        data = (lead + hold.message + end).encode("utf-8")
-        self.down.send_ext(1, data)
-        if self.recording is not None:
-            self.recording.output(data)
+        self.tell(lead + hold.message)
 
     def _withdrawn(self, failure: Failure) -> Decision:
         """The decision recorded for an operation withdrawn while it waited (CancelledError only)."""
