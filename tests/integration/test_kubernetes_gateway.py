@@ -3,7 +3,8 @@
 No Kubernetes API server can run on the test machine, so the upstream is
 ``tests.support.fake_kube.FakeKubeAPI``: a small stand-in that serves what
 kubectl needs for these commands (discovery, pods and secrets, watch, delete,
-logs, exec over WebSocket, and over SPDY/3.1 when told to refuse WebSocket).
+logs, exec over WebSocket, and over SPDY/3.1 when told to refuse WebSocket,
+port-forward over SPDY/3.1).
 kubectl, gatekeep and the kubeconfig are real:
 kubectl talks HTTPS to gatekeep with a kubeconfig printed by
 ``gatekeep kubeconfig``, gatekeep talks to the fake with the service account
@@ -314,3 +315,61 @@ def test_wrong_token_is_unauthorized(kube, tmp_path):
     env = {"PATH": os.environ.get("PATH", ""), "HOME": home, "KUBECONFIG": str(bad)}
     out = subprocess.run([KUBECTL, "get", "pods"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "Unauthorized" in out.stderr, out.stderr
+
+
+def test_port_forward_connections_are_relayed_and_recorded_by_port(kube):
+    """
+    kubectl port-forward through gatekeep (over SPDY/3.1: the fake refuses the WebSocket tunnel): bytes sent to
+    the local port reach the fake pod's port 8080 and its answer comes back; a connection to a port the pod
+    refuses gets kubectl's own error. The recording names each connection, its port, any error and the bytes
+    each way.
+    """
+    import re
+    import socket
+
+    gk, api, configs, home = kube
+    local, refused_local = free_port(), free_port()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home, "KUBECONFIG": configs["alice"]}
+    proc = subprocess.Popen([KUBECTL, "port-forward", "--address", "127.0.0.1", "pod/web-0",
+                             "%d:8080" % local, "%d:9999" % refused_local],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = proc.stdout.readline() + proc.stdout.readline()
+        assert "Forwarding from 127.0.0.1:%d -> 8080" % local in ready, (ready, proc.poll())
+        with socket.create_connection(("127.0.0.1", local), timeout=10) as s:
+            s.sendall(b"hello pod")
+            got = b""
+            while len(got) < 9:
+                chunk = s.recv(100)
+                assert chunk, got
+                got += chunk
+            assert got == b"HELLO POD"
+        with socket.create_connection(("127.0.0.1", refused_local), timeout=10) as s:
+            s.settimeout(10)
+            assert s.recv(100) == b""  # kubectl closes the local connection the pod refused
+    finally:
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert "connection refused" in err, err
+    upgrades = [r["headers"].get("Upgrade", "").lower() for r in api.requests if r["path"].endswith("/web-0/portforward")]
+    assert upgrades[-2:] == ["websocket", "spdy/3.1"]
+
+    def forwarded(rs):
+        return [r for r in rs if r["text"].startswith("POST /api/v1/namespaces/default/pods/web-0/portforward")
+                and r["status"] == "101" and r["finished_at"]]
+
+    (op,) = forwarded(records(gk, forwarded))[-1:]
+    assert op["facts"]["subresource"] == "portforward" and op["facts"]["verb"] == "create"
+    exported = subprocess.run([GATEKEEP, "sessions", "export", op["session"], "--format", "json"], env=_env(gk),
+                              capture_output=True, text=True, timeout=30)
+    events = [e[2] for e in json.loads(exported.stdout)["streams"]["portforward-%d" % op["seq"]] if e[1] == "m"]
+    assert "port 8080 connection 0: opened" in events, events
+    assert "port 8080 connection 0: closed, 9 bytes to the pod, 9 from it" in events, events
+    assert "port 9999 connection 1: error: error forwarding port 9999 to pod web-0: connection refused" in events
+    assert any(re.fullmatch(r"port 9999 connection 1: (closed|reset by the \w+|ended with the session), 0 bytes to"
+                            r" the pod, 0 from it", e) for e in events), events
+    assert not any("hello" in e.lower() for e in events)  # the forwarded bytes are counted, not recorded

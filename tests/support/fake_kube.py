@@ -8,7 +8,10 @@ its watch), ``pods/log`` (``follow`` streams), and ``pods/exec`` over
 WebSocket (``v5.channel.k8s.io`` and ``v4.channel.k8s.io``) or, when WebSocket
 is refused (``spdy_only``), over SPDY/3.1 (``v4.channel.k8s.io``): the "command" is
 interpreted here (``echo ARGS``, ``cat`` echoes stdin, ``env`` prints a secret
-value), nothing runs.
+value), nothing runs. ``pods/portforward`` is served over SPDY/3.1 only (the
+WebSocket tunnel is refused, so kubectl falls back): port 8080 of every "pod"
+answers each chunk in capitals, any other port is refused on the connection's
+error stream.
 
 It requires ``Authorization: Bearer <token>`` (the service account token the
 gateway injects) and records every request in ``requests``.
@@ -32,6 +35,8 @@ RESOURCES = {
          "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]},
         {"name": "pods/exec", "singularName": "", "namespaced": True, "kind": "PodExecOptions", "verbs": ["create", "get"]},
         {"name": "pods/log", "singularName": "", "namespaced": True, "kind": "Pod", "verbs": ["get"]},
+        {"name": "pods/portforward", "singularName": "", "namespaced": True, "kind": "PodPortForwardOptions",
+         "verbs": ["create", "get"]},
         {"name": "secrets", "singularName": "secret", "namespaced": True, "kind": "Secret",
          "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]},
         {"name": "namespaces", "singularName": "namespace", "namespaced": False, "kind": "Namespace",
@@ -171,6 +176,8 @@ class Handler(BaseHTTPRequestHandler):
             self.exec(query)
         elif sub == "log":
             self.log(query)
+        elif sub == "portforward":
+            self.portforward(name)
         elif self.command == "DELETE":
             obj = self._object(make, name, ns)
             srv.deleting[name] = time.time()
@@ -280,6 +287,27 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
 
+    # -- port-forward over SPDY/3.1 ----------------------------------------------------------
+
+    def portforward(self, name):
+        if (self.headers.get("Upgrade") or "").lower() != "spdy/3.1":
+            # as an API server without the WebSocket tunnel: kubectl then falls back to SPDY
+            self._status(400, "BadRequest", "this fake API server forwards ports over SPDY/3.1 only")
+            return
+        offered = [v.strip() for value in self.headers.get_all("X-Stream-Protocol-Version") or []
+                   for v in value.split(",")]
+        if "portforward.k8s.io" not in offered:
+            self._status(400, "BadRequest", "portforward.k8s.io is the only port-forward protocol of this fake")
+            return
+        self.send_response(101)
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Upgrade", "SPDY/3.1")
+        self.send_header("X-Stream-Protocol-Version", "portforward.k8s.io")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        _portforward_over_spdy(spdy.Session(self.rfile, self.wfile), name)
+
     # -- exec over SPDY/3.1 (kubectl's fallback) -------------------------------------------
 
     def exec_spdy(self, query):
@@ -352,6 +380,41 @@ class Handler(BaseHTTPRequestHandler):
             if kind in streams:
                 out(kind, b"", fin=True)
         session.goaway(last)
+
+
+def _portforward_over_spdy(session, pod_name):
+    """Serve kubectl's forwarded connections until it goes: per connection an error and a data stream."""
+    streams = {}   # stream id -> its headers
+    errors = {}    # request id -> error stream id
+    while True:
+        f = session.read()
+        if f is None:
+            return
+        if f[0] == "control" and f[1] == spdy.SYN_STREAM:
+            (stream_id,) = struct.unpack_from("!I", f[3])
+            stream_id &= 0x7FFFFFFF
+            headers = streams[stream_id] = session.headers(f[3][10:])
+            session.reply(stream_id)
+            rid = headers.get("requestid")
+            if headers.get("streamtype") == "error":
+                errors[rid] = stream_id
+            elif headers.get("streamtype") == "data" and headers.get("port") != "8080":
+                message = "error forwarding port %s to pod %s: connection refused" % (headers.get("port"), pod_name)
+                session.data(errors[rid], message.encode(), fin=True)
+                session.data(stream_id, b"", fin=True)
+        elif f[0] == "data":
+            headers = streams.get(f[1] & 0x7FFFFFFF, {})
+            if headers.get("streamtype") != "data" or headers.get("port") != "8080":
+                continue
+            if f[3]:
+                session.data(f[1], f[3].upper())
+            if f[2] & spdy.FIN:  # the client's side ended: so does the pod's, then the error stream
+                session.data(f[1], b"", fin=True)
+                session.data(errors[headers.get("requestid")], b"", fin=True)
+        elif f[0] == "control" and f[1] == spdy.PING:
+            session.control(spdy.PING, 0, f[3])
+        elif f[0] == "control" and f[1] == spdy.GOAWAY:
+            return
 
 
 class FakeKubeAPI:

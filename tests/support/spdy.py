@@ -1,11 +1,12 @@
-"""SPDY/3.1 framing for the FAKE Kubernetes API server's exec (tests only; blocking I/O on a file object)."""
+"""SPDY/3.1 framing for the FAKE Kubernetes API server's exec and port-forward (tests only; blocking I/O on a file
+object)."""
 
 import struct
 import zlib
 
 from gatekeep.protocols.kubernetes._spdy import DICTIONARY
 
-SYN_STREAM, SYN_REPLY, RST_STREAM, GOAWAY = 1, 2, 3, 7
+SYN_STREAM, SYN_REPLY, RST_STREAM, PING, GOAWAY = 1, 2, 3, 6, 7
 FIN = 0x01
 
 
@@ -41,18 +42,18 @@ class Session:
             at += 4 + n
         return out
 
-    def _control(self, kind, flags, data):
+    def control(self, kind, flags, data):
         self.wfile.write(struct.pack("!II", 0x80030000 | kind, (flags << 24) | len(data)) + data)
         self.wfile.flush()
 
     def reply(self, stream_id):
         block = struct.pack("!I", 0)  # no headers
         compressed = self.deflate.compress(block) + self.deflate.flush(zlib.Z_SYNC_FLUSH)
-        self._control(SYN_REPLY, 0, struct.pack("!I", stream_id) + compressed)
+        self.control(SYN_REPLY, 0, struct.pack("!I", stream_id) + compressed)
 
     def data(self, stream_id, payload, fin=False):
         self.wfile.write(struct.pack("!II", stream_id, ((FIN if fin else 0) << 24) | len(payload)) + payload)
         self.wfile.flush()
 
     def goaway(self, last_stream):
-        self._control(GOAWAY, 0, struct.pack("!II", last_stream, 0))
+        self.control(GOAWAY, 0, struct.pack("!II", last_stream, 0))

@@ -228,3 +228,31 @@ def test_websocket_messages_are_masked_one_by_one_in_the_recording():
     answer = conn.send(get(b"/ws", extra=b"Upgrade: websocket\r\nConnection: Upgrade\r\n"))
     assert b"4111 1111 1111 1111" in answer
     assert [e.data for e in rec.streams if e.kind == "o"] == ["card **** done"]
+
+
+def test_what_a_stream_feeder_still_holds_is_recorded_when_the_tunnel_closes():
+    """A feeder with ``finish()`` (a port-forward's connections still open) says its last words at the end."""
+    from gatekeep.protocols.http._dialect import StreamPiece
+
+    resp = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+            + ws.encode_frame(ws.TEXT, b"welcome"))
+    conn, up, rec, _ = setup([resp])
+    finished = []
+
+    class Feeder:
+        continuous = False
+
+        def feed(self, data, from_client):
+            return [StreamPiece("m", f"{len(data)} bytes")]
+
+        def finish(self):
+            finished.append(True)
+            return [StreamPiece("m", "connection 0: ended with the session")]
+
+    conn.server.dialect.stream_feeder = lambda request, response, limit: Feeder()
+    conn.send(get(b"/ws", extra=b"Upgrade: websocket\r\nConnection: Upgrade\r\n"))
+    assert [e.data for e in rec.streams] == ["9 bytes"]
+    conn.client.transport.loseConnection()
+    conn.flush()
+    assert [e.data for e in rec.streams] == ["9 bytes", "connection 0: ended with the session"]
+    assert finished == [True]

@@ -8,7 +8,7 @@ import zlib
 import pytest
 
 from gatekeep.protocols.http._dialect import StreamPiece
-from gatekeep.protocols.kubernetes._spdy import DICTIONARY, SpdyError, SpdyExecDecoder
+from gatekeep.protocols.kubernetes._spdy import DICTIONARY, SpdyError, SpdyExecDecoder, SpdyPortForwardDecoder, TunneledSpdy
 
 
 def test_the_header_dictionary_is_the_one_spdy_peers_use():
@@ -114,3 +114,102 @@ def test_bytes_that_are_not_spdy_are_refused_with_why(bad, why):
     with pytest.raises(SpdyError) as e:
         SpdyExecDecoder().feed(bad, True)
     assert why in str(e.value)
+
+
+# -- kubectl port-forward -------------------------------------------------------------------------
+
+
+def forward_session():
+    """What kubectl and the API server send for two connections forwarded to port 5432; the second fails."""
+    client, server = Peer(), Peer()
+    up = b"".join([
+        client.syn_stream(1, {"streamtype": "error", "port": "5432", "requestid": "0"}),
+        client.syn_stream(3, {"streamtype": "data", "port": "5432", "requestid": "0"}),
+        client.data(3, b"\x00\x00\x00\x08\x04\xd2\x16\x2f"),  # an SSLRequest: binary, counted, not recorded
+        client.control(6, struct.pack("!I", 1)),  # PING: ignored
+        client.syn_stream(5, {"streamtype": "error", "port": "5432", "requestid": "1"}),
+        client.syn_stream(7, {"streamtype": "data", "port": "5432", "requestid": "1"}),
+        client.data(3, b"", fin=True),
+    ])
+    down = b"".join([
+        server.syn_reply(1), server.syn_reply(3), server.syn_reply(5), server.syn_reply(7),
+        server.data(3, b"N"),
+        server.data(5, b"error forwarding port 5432 to pod web-0: connection refused\n", fin=True),
+        server.control(3, struct.pack("!II", 7, 1)),  # RST_STREAM of the second connection's data stream
+        server.data(3, b"", fin=True),
+    ])
+    return up, down
+
+
+FORWARDED = [
+    StreamPiece("m", "port 5432 connection 0: opened"),
+    StreamPiece("m", "port 5432 connection 1: opened"),
+    StreamPiece("m", "port 5432 connection 1: error: error forwarding port 5432 to pod web-0: connection refused"),
+    StreamPiece("m", "port 5432 connection 1: reset by the server, 0 bytes to the pod, 0 from it"),
+    StreamPiece("m", "port 5432 connection 0: closed, 8 bytes to the pod, 1 from it"),
+]
+
+
+@pytest.mark.parametrize("size", [None, 1, 5, 64])
+def test_port_forward_connections_are_recorded_by_port_with_their_bytes(size):
+    """Each forwarded connection: opened, the server's error, closed (or reset) with the bytes each way."""
+    up, down = forward_session()
+    d = SpdyPortForwardDecoder()
+    step = size or max(len(up), len(down))
+    pieces = [p for i in range(0, len(up), step) for p in d.feed(up[i:i + step], True)]
+    pieces += [p for i in range(0, len(down), step) for p in d.feed(down[i:i + step], False)]
+    assert pieces == FORWARDED
+    assert d.finish() == []
+
+
+def test_connections_open_when_the_session_ends_are_closed_with_it():
+    client, server = Peer(), Peer()
+    d = SpdyPortForwardDecoder()
+    d.feed(client.syn_stream(1, {"streamtype": "error", "port": "80", "requestid": "4"})
+           + client.syn_stream(3, {"streamtype": "data", "port": "80", "requestid": "4"})
+           + client.data(3, b"GET / HTTP/1.1\r\n\r\n"), True)
+    d.feed(server.syn_reply(1) + server.syn_reply(3) + server.data(3, b"HTTP/1.1 200 OK\r\n"), False)
+    assert d.finish() == [StreamPiece("m", "port 80 connection 4: ended with the session, 18 bytes to the pod,"
+                                           " 17 from it")]
+
+
+def ws_frames(payload, mask):
+    """One WebSocket binary message (masked as a client sends it), cut into two frames."""
+    out = b""
+    for i, (part, fin) in enumerate(((payload[:3], False), (payload[3:], True))):
+        head = bytes([(0x80 if fin else 0) | (0x2 if i == 0 else 0x0)])
+        if mask:
+            key = b"\x01\x02\x03\x04"
+            body = bytes(b ^ key[j % 4] for j, b in enumerate(part))
+            out += head + bytes([0x80 | len(part)]) + key + body
+        else:
+            out += head + bytes([len(part)]) + part
+    return out
+
+
+def test_port_forward_tunneled_in_websocket_messages_decodes_the_same():
+    """kubectl 1.31+ carries the SPDY frames in WebSocket binary messages (SPDY/3.1+portforward.k8s.io)."""
+    up, down = forward_session()
+    d = TunneledSpdy(SpdyPortForwardDecoder())
+    pieces = []
+    for frame in _frames(up):
+        pieces += d.feed(ws_frames(frame, mask=True), True)
+    for frame in _frames(down):
+        pieces += d.feed(ws_frames(frame, mask=False), False)
+    assert pieces == FORWARDED
+
+
+def _frames(stream):
+    """The SPDY frames of a byte stream, one by one."""
+    out = []
+    while stream:
+        n = 8 + (struct.unpack_from("!I", stream, 4)[0] & 0xFFFFFF)
+        out.append(stream[:n])
+        stream = stream[n:]
+    return out
+
+
+def test_a_tunnel_that_is_not_binary_spdy_stops_its_recording_with_why():
+    with pytest.raises(SpdyError) as e:
+        TunneledSpdy(SpdyPortForwardDecoder()).feed(b"\x81\x02hi", False)
+    assert "not binary" in str(e.value)

@@ -143,9 +143,10 @@ class HttpDialect:
         """
         What records an upgraded stream: an object whose ``feed(data, from_client)``
         takes each direction's bytes as they pass and returns the pieces to record
-        (raising ValueError when the bytes are not the protocol it expected), or
-        None. By default WebSocket messages through :meth:`stream_decoder`, each
-        kept up to ``limit`` bytes.
+        (raising ValueError when the bytes are not the protocol it expected), and
+        optionally ``finish()``, called once when the stream ends, for the pieces
+        it still holds; or None. By default WebSocket messages through
+        :meth:`stream_decoder`, each kept up to ``limit`` bytes.
         """
         decoder = self.stream_decoder(request, response)
         return WebSocketFeed(decoder, limit) if decoder is not None else None

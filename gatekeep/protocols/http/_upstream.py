@@ -464,6 +464,10 @@ class Tunnel:
         self.done = True
         client = self.client
         client.end_reason = "tunnel closed"
+        finish = getattr(self.feeder, "finish", None)  # what the feeder still has to say (connections left open)
+        if finish is not None:
+            for piece in finish():
+                self._event(piece.kind, piece.data)
         self._release()
         if not self.ex.finished:
             client.record_outcome(self.ex)

@@ -2,7 +2,7 @@
 The Kubernetes API on the HTTP relay: requests described as the API server
 understands them, gatekeep's answers as ``Status`` objects (so kubectl prints
 ``Error from server (Forbidden): ...``), Secrets masked in every response, and
-exec/attach streams recorded by channel.
+exec/attach streams recorded by channel, port-forward connections by port.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from gatekeep.protocols.http._headers import is_json
 from gatekeep.protocols.http._jsonmask import JsonMasker, dumps
 from gatekeep.protocols.http._request import Request
 from gatekeep.protocols.kubernetes._exec import channel_decoder
-from gatekeep.protocols.kubernetes._spdy import SpdyExecDecoder
+from gatekeep.protocols.kubernetes._spdy import SpdyExecDecoder, SpdyPortForwardDecoder, TunneledSpdy
 from gatekeep.protocols.kubernetes._request import RequestInfo, request_info
 from gatekeep.protocols.kubernetes._secrets import mask_secrets
 
@@ -132,6 +132,13 @@ class KubernetesDialect(HttpDialect):
             decoder = self.stream_decoder(request, response)
             # a terminal's output, cut anywhere: the recording masks across messages
             return WebSocketFeed(decoder, limit, continuous=True) if decoder is not None else None
+        if request.info is not None and request.info.subresource == "portforward":
+            if upgrade == b"spdy/3.1":
+                return SpdyPortForwardDecoder()
+            protocol = (response.index.get(b"sec-websocket-protocol") or b"").strip().lower()
+            if upgrade == b"websocket" and protocol == b"spdy/3.1+portforward.k8s.io":
+                return TunneledSpdy(SpdyPortForwardDecoder())
+            return None  # the WebSocket channel protocol: relayed, its bytes counted, not itemized
         return super().stream_feeder(request, response, limit)
 
     def stream_decoder(self, request: Request, response: Head) -> Callable[[ws.Message, bool], list[StreamPiece]] | None:

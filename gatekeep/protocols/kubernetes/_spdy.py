@@ -1,5 +1,5 @@
 """
-``kubectl exec`` and ``attach`` over SPDY/3.1, decoded for recording, pure.
+``kubectl exec``, ``attach`` and ``port-forward`` over SPDY/3.1, decoded for recording, pure.
 
 kubectl falls back to SPDY when the API server refuses the WebSocket upgrade
 (and older clients only speak SPDY). After ``101 Switching Protocols`` with
@@ -20,6 +20,13 @@ returns what to record: stdin ``i``, stdout and stderr ``o``, resizes ``r``,
 the exit status from the error stream and the end ``m``. It never changes the
 bytes; the relay forwards them as they came. Broken framing raises
 :class:`SpdyError`; the relay then stops recording the stream and says so.
+
+``kubectl port-forward`` opens two streams per forwarded connection, named by
+their headers: ``streamtype`` ``error`` and ``data``, the pod's ``port`` and a
+``requestid`` shared by the pair. :class:`SpdyPortForwardDecoder` records each
+connection as ``m`` events, as the SSH relay records a forward: opened, any
+error the server reports, and closed with the bytes each way (the bytes
+themselves are another protocol's, usually binary: they are not recorded).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+from gatekeep.protocols.http import _websocket as ws
 from gatekeep.protocols.http._dialect import StreamPiece
 from gatekeep.protocols.kubernetes._exec import ERROR, RESIZE, STDERR, STDIN, STDOUT, Channels
 
@@ -152,3 +160,120 @@ class SpdyExecDecoder:
             elif kind == GOAWAY:
                 pieces.append(StreamPiece("m", "closed by the " + ("client" if from_client else "server")))
         return pieces
+
+
+class _Connection:
+    """One forwarded connection of a port-forward session: its port and what went each way."""
+
+    __slots__ = ("name", "sent", "received", "ended", "reported")
+
+    def __init__(self, port: str, request_id: str) -> None:
+        self.name = f"port {port} connection {request_id}"
+        self.sent = 0          # bytes from the client, to the pod
+        self.received = 0      # bytes from the pod
+        self.ended = {True: False, False: False}  # each direction's FIN
+        self.reported = False
+
+    def closed(self, why: str = "closed") -> StreamPiece:
+        self.reported = True
+        return StreamPiece("m", f"{self.name}: {why}, {self.sent} bytes to the pod, {self.received} from it")
+
+
+class SpdyPortForwardDecoder:
+    """The recording of one ``kubectl port-forward`` session over SPDY: ``feed`` each direction's bytes."""
+
+    continuous = False
+
+    def __init__(self, max_frame: int = 1 << 20) -> None:
+        self.sides = {True: _Direction(max_frame), False: _Direction(max_frame)}
+        #: stream id -> (its connection, whether it is the data stream)
+        self.streams: dict[int, tuple[_Connection, bool]] = {}
+        self.connections: dict[str, _Connection] = {}
+
+    def feed(self, data: bytes, from_client: bool) -> list[StreamPiece]:
+        side = self.sides[from_client]
+        pieces: list[StreamPiece] = []
+        for control, kind, flags, payload in side.frames(data):
+            if not control:
+                known = self.streams.get(kind & 0x7FFFFFFF)
+                if known is not None:
+                    pieces += self._data(known[0], known[1], payload, flags, from_client)
+            elif kind == SYN_STREAM:
+                if len(payload) < 10:
+                    raise SpdyError("a SYN_STREAM frame too short for its fields")
+                (stream,) = _U32.unpack_from(payload)
+                headers = side.headers(payload[10:])
+                pieces += self._open(stream & 0x7FFFFFFF, headers)
+            elif kind in (SYN_REPLY, HEADERS):
+                if len(payload) < 4:
+                    raise SpdyError("a header frame too short for its stream id")
+                side.headers(payload[4:])  # kept in step: the next block depends on this one
+            elif kind == RST_STREAM:
+                if len(payload) < 4:
+                    raise SpdyError("a RST_STREAM frame too short for its stream id")
+                (stream,) = _U32.unpack_from(payload)
+                known = self.streams.get(stream & 0x7FFFFFFF)
+                if known is not None and known[1] and not known[0].reported:
+                    pieces.append(known[0].closed("reset by the " + ("client" if from_client else "server")))
+            elif kind == GOAWAY:
+                pieces.append(StreamPiece("m", "closed by the " + ("client" if from_client else "server")))
+        return pieces
+
+    def _open(self, stream: int, headers: dict[str, str]) -> list[StreamPiece]:
+        kind = headers.get("streamtype", "")
+        if kind not in ("data", "error"):
+            return []
+        port, request_id = headers.get("port", "?"), headers.get("requestid", str(stream))
+        conn = self.connections.get(request_id)
+        pieces = []
+        if conn is None:
+            conn = self.connections[request_id] = _Connection(port, request_id)
+            pieces.append(StreamPiece("m", f"{conn.name}: opened"))
+        self.streams[stream] = (conn, kind == "data")
+        return pieces
+
+    @staticmethod
+    def _data(conn: _Connection, is_data: bool, payload: bytes, flags: int, from_client: bool) -> list[StreamPiece]:
+        if not is_data:
+            text = payload.decode("utf-8", "replace").strip()
+            return [StreamPiece("m", f"{conn.name}: error: {text}")] if text and not from_client else []
+        if from_client:
+            conn.sent += len(payload)
+        else:
+            conn.received += len(payload)
+        if flags & FLAG_FIN:
+            conn.ended[from_client] = True
+            if all(conn.ended.values()) and not conn.reported:
+                return [conn.closed()]
+        return []
+
+    def finish(self) -> list[StreamPiece]:
+        """The tunnel ended: the connections still open end with it."""
+        return [c.closed("ended with the session") for c in self.connections.values() if not c.reported]
+
+
+class TunneledSpdy:
+    """
+    SPDY carried in WebSocket binary messages (subprotocol ``SPDY/3.1+portforward.k8s.io``: kubectl 1.31 and
+    newer tunnel port-forward so): each direction's messages are the SPDY byte stream, fed to ``inner``.
+    """
+
+    def __init__(self, inner: SpdyPortForwardDecoder, max_message: int = 1 << 20) -> None:
+        self.inner = inner
+        self.readers = {True: ws.FrameReader(max_message), False: ws.FrameReader(max_message)}
+        self.continuous = inner.continuous
+
+    def feed(self, data: bytes, from_client: bool) -> list[StreamPiece]:
+        pieces: list[StreamPiece] = []
+        for message in self.readers[from_client].feed(data):
+            if message.opcode in (ws.CLOSE, ws.PING, ws.PONG):
+                continue
+            if message.opcode != ws.BINARY:
+                raise SpdyError("a tunneled SPDY stream sent a WebSocket message that is not binary")
+            if message.cut:
+                raise SpdyError(f"a WebSocket message over {self.readers[from_client].limit} bytes")
+            pieces += self.inner.feed(message.payload, from_client)
+        return pieces
+
+    def finish(self) -> list[StreamPiece]:
+        return self.inner.finish()
