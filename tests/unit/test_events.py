@@ -54,3 +54,25 @@ def test_non_finite_numbers_are_refused_as_canonical_does():
         except ValueError:
             continue
         raise AssertionError("a NaN time was encoded")
+
+
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
+                           max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=json_values)
+def test_canonical_is_sorted_compact_json(value):
+    """canonical() (the encoder made once) gives exactly what json.dumps gives with the stored settings."""
+    import json
+    assert canonical(value) == json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                          allow_nan=False)
+
+
+def test_canonical_refuses_what_json_refuses():
+    for bad in (math.inf, {"a": math.nan}, {"a": {1, 2}}, [object()]):
+        try:
+            canonical(bad)
+        except (ValueError, TypeError):
+            continue
+        raise AssertionError(f"{bad!r} was encoded")

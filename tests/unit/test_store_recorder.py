@@ -13,7 +13,7 @@ from gatekeep.model import (
     Action, ClientAddress, Decision, Identity, LoginFailure, Operation, Outcome, Session, SessionEnd,
 )
 from gatekeep.recording.recorder import ThreadedRecorder
-from gatekeep.store.sqlite import MIGRATIONS, SQLiteStore
+from gatekeep.store.sqlite import MIGRATIONS, PAGE_SIZE, SQLiteStore
 
 
 def session(sid: str = "a1b2c3", started: float = 100.0, target: str = "db", name: str = "alice") -> Session:
@@ -61,6 +61,28 @@ def test_migrations_are_idempotent(tmp_path):
     assert versions == list(range(1, len(MIGRATIONS) + 1))
     assert [s["id"] for s in second.sessions()] == ["a1b2c3"]
     second.close()
+
+
+def test_new_store_uses_large_pages_and_an_old_one_keeps_its_own(tmp_path):
+    """A new store is made with PAGE_SIZE pages; a store made with SQLite's default 4 KiB pages opens,
+    keeps them, and takes writes (the setting only applies to an empty file)."""
+    fresh = SQLiteStore(tmp_path / "new.db")
+    fresh.write([session()])
+    fresh.close()
+    assert sqlite3.connect(tmp_path / "new.db").execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE != 4096
+    old_path = tmp_path / "old.db"
+    made = sqlite3.connect(old_path)
+    made.execute("PRAGMA page_size=4096")
+    made.execute("PRAGMA journal_mode=WAL")
+    made.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    made.commit()
+    made.close()
+    old = SQLiteStore(old_path, node="gk-1")
+    s = session()
+    old.write([s, (op(s, 1), ALLOWED), outcome(s, 1)])
+    assert [r["text"] for r in old.session(s.id)["records"]] == ["select 1"]
+    old.close()
+    assert sqlite3.connect(old_path).execute("PRAGMA page_size").fetchone()[0] == 4096
 
 
 def test_readonly_store_requires_the_file(tmp_path):
