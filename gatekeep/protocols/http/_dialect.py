@@ -189,6 +189,11 @@ class WebSocketFeed:
     def feed(self, data: bytes, from_client: bool) -> list[StreamPiece]:
         return [piece for m in self.readers[from_client].feed(data) for piece in self.decoder(m, from_client)]
 
+    def finish(self) -> list[StreamPiece]:
+        """The stream ended: what the decoder still has to say, if it keeps anything."""
+        finish = getattr(self.decoder, "finish", None)
+        return finish() if finish is not None else []
+
 
 def _mask_text(masker: JsonMasker, body: bytes, counts: dict[str, int]) -> bytes | None:
     try:

@@ -21,6 +21,7 @@ from gatekeep.protocols.http._headers import is_json
 from gatekeep.protocols.http._jsonmask import JsonMasker, dumps
 from gatekeep.protocols.http._request import Request
 from gatekeep.protocols.kubernetes._exec import channel_decoder
+from gatekeep.protocols.kubernetes import _portforward
 from gatekeep.protocols.kubernetes._spdy import SpdyExecDecoder, SpdyPortForwardDecoder, TunneledSpdy
 from gatekeep.protocols.kubernetes._request import RequestInfo, request_info
 from gatekeep.protocols.kubernetes._secrets import mask_secrets
@@ -135,10 +136,15 @@ class KubernetesDialect(HttpDialect):
         if request.info is not None and request.info.subresource == "portforward":
             if upgrade == b"spdy/3.1":
                 return SpdyPortForwardDecoder()
-            protocol = (response.index.get(b"sec-websocket-protocol") or b"").strip().lower()
-            if upgrade == b"websocket" and protocol == b"spdy/3.1+portforward.k8s.io":
+            if upgrade != b"websocket":
+                return None
+            protocol = (response.index.get(b"sec-websocket-protocol") or b"").decode("latin-1").strip().lower()
+            if protocol == "spdy/3.1+portforward.k8s.io":  # kubectl 1.31+: SPDY frames in WebSocket messages
                 return TunneledSpdy(SpdyPortForwardDecoder())
-            return None  # the WebSocket channel protocol: relayed, its bytes counted, not itemized
+            if protocol in _portforward.PROTOCOLS:
+                ports = _portforward.ports_of(request.params())
+                return WebSocketFeed(_portforward.PortForwardChannels(ports, protocol), limit)
+            return None
         return super().stream_feeder(request, response, limit)
 
     def stream_decoder(self, request: Request, response: Head) -> Callable[[ws.Message, bool], list[StreamPiece]] | None:
