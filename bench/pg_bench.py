@@ -405,7 +405,7 @@ POLICY_RULES = [
 ]
 
 
-def start_gatekeep(workdir, pg_port, password, cleanup, src=REPO, name="gatekeep", policies=None):
+def start_gatekeep(workdir, pg_port, password, cleanup, src=REPO, name="gatekeep", policies=None, masking=None):
     token, entry = make_identity(IDENTITY, ["bench"])
     port = free_port()
     gkdir = os.path.join(workdir, name)
@@ -425,6 +425,8 @@ def start_gatekeep(workdir, pg_port, password, cleanup, src=REPO, name="gatekeep
     }
     if policies:
         config["policies"] = policies
+    if masking:
+        config["masking"] = masking
     gk = GatekeepProcess(config, gkdir, env={"BENCH_DB_PASSWORD": password}, pythonpath=src)
 
     def stop():
