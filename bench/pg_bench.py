@@ -977,10 +977,7 @@ def main(argv=None):
         results["finished"] = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         results["loadavg_at_end"] = os.getloadavg()
         report(results)
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=1)
-        print("\nresults written to %s" % os.path.relpath(json_path), flush=True)
+        write_results(results, json_path)
         return 0
     except KeyboardInterrupt:
         print("\ninterrupted; cleaning up", file=sys.stderr, flush=True)
@@ -990,6 +987,13 @@ def main(argv=None):
         cleanup.run()
         if args.keep:
             print("work directory kept: %s" % workdir, file=sys.stderr)
+
+
+def write_results(results, json_path):
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(results, f, indent=1)
+    print("\nresults written to %s" % os.path.relpath(json_path), flush=True)
 
 
 def best(rs, key="tps"):

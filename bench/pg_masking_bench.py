@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import signal
 import subprocess
@@ -141,10 +140,7 @@ def main(argv=None):
         results["runs"] = runs
         results["finished"] = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         report(results)
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=1)
-        print("\nresults written to %s" % os.path.relpath(json_path), flush=True)
+        B.write_results(results, json_path)
         return 0
     except KeyboardInterrupt:
         print("\ninterrupted; cleaning up", file=sys.stderr, flush=True)

@@ -126,40 +126,70 @@ class _Direction:
         return out
 
 
-class SpdyExecDecoder:
-    """The recording of one SPDY exec or attach session: ``feed`` each direction's bytes as they pass."""
-
-    #: the pieces are a terminal's output, cut anywhere: the recording masks across them
-    continuous = True
+class _SpdySession:
+    """
+    Both directions of one SPDY session, read frame by frame: subclasses say what a stream's opening
+    (its SYN_STREAM headers), its data and its reset mean for the recording.
+    """
 
     def __init__(self, max_frame: int = 1 << 20) -> None:
         self.sides = {True: _Direction(max_frame), False: _Direction(max_frame)}
-        #: stream id -> channel (from the stream's ``streamtype``)
-        self.streams: dict[int, int] = {}
-        self.channels = Channels()
 
     def feed(self, data: bytes, from_client: bool) -> list[StreamPiece]:
         side = self.sides[from_client]
         pieces: list[StreamPiece] = []
         for control, kind, flags, payload in side.frames(data):
             if not control:
-                channel = self.streams.get(kind & 0x7FFFFFFF)
-                if channel is not None:
-                    pieces += self.channels.pieces(channel, payload)
+                pieces += self.on_data(kind & 0x7FFFFFFF, flags, payload, from_client)
             elif kind == SYN_STREAM:
                 if len(payload) < 10:
                     raise SpdyError("a SYN_STREAM frame too short for its fields")
                 (stream,) = _U32.unpack_from(payload)
-                channel = _TYPES.get(side.headers(payload[10:]).get("streamtype", ""))
-                if channel is not None:
-                    self.streams[stream & 0x7FFFFFFF] = channel
+                pieces += self.on_open(stream & 0x7FFFFFFF, side.headers(payload[10:]))
             elif kind in (SYN_REPLY, HEADERS):
                 if len(payload) < 4:
                     raise SpdyError("a header frame too short for its stream id")
                 side.headers(payload[4:])  # kept in step: the next block depends on this one
+            elif kind == RST_STREAM:
+                if len(payload) < 4:
+                    raise SpdyError("a RST_STREAM frame too short for its stream id")
+                (stream,) = _U32.unpack_from(payload)
+                pieces += self.on_reset(stream & 0x7FFFFFFF, from_client)
             elif kind == GOAWAY:
                 pieces.append(StreamPiece("m", "closed by the " + ("client" if from_client else "server")))
         return pieces
+
+    def on_open(self, stream: int, headers: dict[str, str]) -> list[StreamPiece]:
+        return []
+
+    def on_data(self, stream: int, flags: int, payload: bytes, from_client: bool) -> list[StreamPiece]:
+        return []
+
+    def on_reset(self, stream: int, from_client: bool) -> list[StreamPiece]:
+        return []
+
+
+class SpdyExecDecoder(_SpdySession):
+    """The recording of one SPDY exec or attach session: ``feed`` each direction's bytes as they pass."""
+
+    #: the pieces are a terminal's output, cut anywhere: the recording masks across them
+    continuous = True
+
+    def __init__(self, max_frame: int = 1 << 20) -> None:
+        super().__init__(max_frame)
+        #: stream id -> channel (from the stream's ``streamtype``)
+        self.streams: dict[int, int] = {}
+        self.channels = Channels()
+
+    def on_open(self, stream: int, headers: dict[str, str]) -> list[StreamPiece]:
+        channel = _TYPES.get(headers.get("streamtype", ""))
+        if channel is not None:
+            self.streams[stream] = channel
+        return []
+
+    def on_data(self, stream: int, flags: int, payload: bytes, from_client: bool) -> list[StreamPiece]:
+        channel = self.streams.get(stream)
+        return self.channels.pieces(channel, payload) if channel is not None else []
 
 
 class _Connection:
@@ -179,47 +209,18 @@ class _Connection:
         return StreamPiece("m", f"{self.name}: {why}, {self.sent} bytes to the pod, {self.received} from it")
 
 
-class SpdyPortForwardDecoder:
+class SpdyPortForwardDecoder(_SpdySession):
     """The recording of one ``kubectl port-forward`` session over SPDY: ``feed`` each direction's bytes."""
 
     continuous = False
 
     def __init__(self, max_frame: int = 1 << 20) -> None:
-        self.sides = {True: _Direction(max_frame), False: _Direction(max_frame)}
+        super().__init__(max_frame)
         #: stream id -> (its connection, whether it is the data stream)
         self.streams: dict[int, tuple[_Connection, bool]] = {}
         self.connections: dict[str, _Connection] = {}
 
-    def feed(self, data: bytes, from_client: bool) -> list[StreamPiece]:
-        side = self.sides[from_client]
-        pieces: list[StreamPiece] = []
-        for control, kind, flags, payload in side.frames(data):
-            if not control:
-                known = self.streams.get(kind & 0x7FFFFFFF)
-                if known is not None:
-                    pieces += self._data(known[0], known[1], payload, flags, from_client)
-            elif kind == SYN_STREAM:
-                if len(payload) < 10:
-                    raise SpdyError("a SYN_STREAM frame too short for its fields")
-                (stream,) = _U32.unpack_from(payload)
-                headers = side.headers(payload[10:])
-                pieces += self._open(stream & 0x7FFFFFFF, headers)
-            elif kind in (SYN_REPLY, HEADERS):
-                if len(payload) < 4:
-                    raise SpdyError("a header frame too short for its stream id")
-                side.headers(payload[4:])  # kept in step: the next block depends on this one
-            elif kind == RST_STREAM:
-                if len(payload) < 4:
-                    raise SpdyError("a RST_STREAM frame too short for its stream id")
-                (stream,) = _U32.unpack_from(payload)
-                known = self.streams.get(stream & 0x7FFFFFFF)
-                if known is not None and known[1] and not known[0].reported:
-                    pieces.append(known[0].closed("reset by the " + ("client" if from_client else "server")))
-            elif kind == GOAWAY:
-                pieces.append(StreamPiece("m", "closed by the " + ("client" if from_client else "server")))
-        return pieces
-
-    def _open(self, stream: int, headers: dict[str, str]) -> list[StreamPiece]:
+    def on_open(self, stream: int, headers: dict[str, str]) -> list[StreamPiece]:
         kind = headers.get("streamtype", "")
         if kind not in ("data", "error"):
             return []
@@ -232,8 +233,11 @@ class SpdyPortForwardDecoder:
         self.streams[stream] = (conn, kind == "data")
         return pieces
 
-    @staticmethod
-    def _data(conn: _Connection, is_data: bool, payload: bytes, flags: int, from_client: bool) -> list[StreamPiece]:
+    def on_data(self, stream: int, flags: int, payload: bytes, from_client: bool) -> list[StreamPiece]:
+        known = self.streams.get(stream)
+        if known is None:
+            return []
+        conn, is_data = known
         if not is_data:
             text = payload.decode("utf-8", "replace").strip()
             return [StreamPiece("m", f"{conn.name}: error: {text}")] if text and not from_client else []
@@ -245,6 +249,12 @@ class SpdyPortForwardDecoder:
             conn.ended[from_client] = True
             if all(conn.ended.values()) and not conn.reported:
                 return [conn.closed()]
+        return []
+
+    def on_reset(self, stream: int, from_client: bool) -> list[StreamPiece]:
+        known = self.streams.get(stream)
+        if known is not None and known[1] and not known[0].reported:
+            return [known[0].closed("reset by the " + ("client" if from_client else "server"))]
         return []
 
     def finish(self) -> list[StreamPiece]:
