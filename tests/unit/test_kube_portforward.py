@@ -88,3 +88,73 @@ def test_the_base64_variant_and_a_session_that_ends_without_a_close():
 def test_a_channel_no_port_has_is_named():
     d = PortForwardChannels(["80"], "v4.channel.k8s.io")
     assert d(ws.Message(ws.BINARY, b"\x05data"), False) == [StreamPiece("m", "a message on channel 5, which no port has")]
+
+
+# -- bytes from anywhere: a decoder refuses them with a ValueError (the relay then stops recording the stream
+# and says why) and never fails otherwise -------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _feeders():
+    return [SpdyExecDecoder(), SpdyPortForwardDecoder(), TunneledSpdy(SpdyPortForwardDecoder()),
+            WebSocketFeed(PortForwardChannels(["80", "443"], "v4.channel.k8s.io"), 4096),
+            WebSocketFeed(PortForwardChannels(["80"], "v4.base64.channel.k8s.io"), 4096)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(st.tuples(st.binary(max_size=64), st.booleans()), max_size=8))
+def test_any_bytes_are_decoded_or_refused_with_a_value_error(chunks):
+    for feeder in _feeders():
+        try:
+            for data, from_client in chunks:
+                for piece in feeder.feed(data, from_client):
+                    assert piece.kind in "iorm" and isinstance(piece.data, str)
+            for piece in getattr(feeder, "finish", list)():
+                assert piece.kind == "m"
+        except ValueError:
+            pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(cut=st.integers(1, 40), noise=st.binary(min_size=1, max_size=16))
+def test_a_real_session_cut_anywhere_then_garbage_keeps_what_came_before(cut, noise):
+    """The connections recorded before bytes stop making sense are kept; the garbage is refused, not guessed."""
+    from tests.unit.test_kube_spdy import FORWARDED, forward_session
+
+    up, down = forward_session()
+    d = SpdyPortForwardDecoder()
+    pieces = []
+    for i in range(0, len(up), cut):
+        pieces += d.feed(up[i:i + cut], True)
+    for i in range(0, len(down), cut):
+        pieces += d.feed(down[i:i + cut], False)
+    assert pieces == FORWARDED
+    try:
+        d.feed(b"\x80\x02" + noise, True)  # a control frame of SPDY version 2 (then anything)
+    except ValueError as e:
+        assert "SPDY" in str(e) or "frame" in str(e)
+
+
+@settings(max_examples=300, deadline=None)
+@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=3),
+       cut=st.integers(1, 64))
+def test_a_damaged_real_session_is_decoded_or_refused_with_a_value_error(flips, cut):
+    """Real sessions with bytes changed (lengths, flags, stream ids, header blocks): never anything but a
+    ValueError, whichever decoder reads them."""
+    from tests.unit.test_kube_spdy import forward_session, session
+
+    for up, down in (forward_session(), session()):
+        data = [bytearray(up), bytearray(down)]
+        for at, xor in flips:
+            side = data[at % 2]
+            side[at % len(side)] ^= xor
+        for feeder in (SpdyExecDecoder(), SpdyPortForwardDecoder()):
+            try:
+                for side, from_client in ((data[0], True), (data[1], False)):
+                    for i in range(0, len(side), cut):
+                        for piece in feeder.feed(bytes(side[i:i + cut]), from_client):
+                            assert piece.kind in "iorm" and isinstance(piece.data, str)
+            except ValueError:
+                pass
