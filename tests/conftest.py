@@ -16,6 +16,7 @@
 
 import os
 import shutil
+import signal
 import tempfile
 
 import pytest
@@ -24,6 +25,12 @@ from tests.support import identities
 from tests.support.gatekeep_process import GatekeepProcess
 from tests.support.pgserver import PgServer
 from tests.support.tlsfiles import make_tls_files
+
+
+# Tests interrupt clients with SIGINT as Ctrl-C would. A suite started in the background by a shell runs with
+# SIGINT ignored, children inherit that, and kubectl (Go keeps an inherited SIG_IGN) would then never stop.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
