@@ -205,7 +205,6 @@ class Handler(BaseHTTPRequestHandler):
                     self._chunk(json.dumps({"type": "DELETED", "object": obj}).encode() + b"\n")
                     srv.deleting.pop(name, None)
                     (srv.pods if resource == "pods" else srv.secrets).discard(name)
-                    self._chunk(b"")
                     self.wfile.write(b"0\r\n\r\n")
                     return
             if resource == "secrets" and objects and not getattr(self, "_sent", False):

@@ -256,3 +256,23 @@ def test_what_a_stream_feeder_still_holds_is_recorded_when_the_tunnel_closes():
     conn.flush()
     assert [e.data for e in rec.streams] == ["9 bytes", "connection 0: ended with the session"]
     assert finished == [True]
+
+
+def test_bytes_an_upstream_sends_after_its_response_do_not_become_the_next_answer():
+    """An upstream that writes past the end of its response (here a stray last-chunk) breaks HTTP/1.1: gatekeep
+    closes that connection, and the client's next request gets its own connection and its real answer, not a
+    502 made of the stray bytes."""
+    conn, up, rec, _ = setup([OK + b"0\r\n\r\n", OK.replace(b"hello", b"again")])
+    shared = up.responses  # one script for every connection: the second answer is "again" wherever it is asked
+
+    def build(addr):
+        p = Upstream([])
+        p.responses = shared
+        up.built.append(p)
+        return p
+
+    up.buildProtocol = build
+    assert conn.send(get()) == OK
+    assert conn.send(get(b"/y")) == OK.replace(b"hello", b"again")
+    assert len(up.built) == 2 and up.built[1].received.startswith(b"GET /y ")
+    assert [o.status for o in rec.outcomes] == ["200", "200"]
