@@ -10,7 +10,10 @@ with such keys applies only to operations of that protocol.
 
 Before any rule, the protocol plugin describes the operation (its *facts*). An
 operation the plugin cannot judge (a statement that does not parse, SQL built at
-run time) is denied, unless the target says ``unjudgeable: allow``.
+run time) is denied, unless the target says ``unjudgeable: allow``. Facts that
+name a ``refused`` (rule, reason) are denied whatever the rules and settings
+say: what gatekeep itself cannot relay (a PostgreSQL switch to a client encoding
+it cannot read).
 
 Decisions are cached when the plugin gives the facts a cache key, so a repeated
 statement costs a dictionary lookup. A plugin with ``cacheKey(operation,
@@ -168,6 +171,9 @@ class RuleEngine:
     def _decide(self, operation: Operation, facts: Any) -> Decision:
         target = self.targets[operation.session.target]
         summary = facts.summary() if facts is not None else {}
+        refused = getattr(facts, "refused", None)
+        if refused:  # gatekeep itself cannot relay it, whatever the rules and settings say
+            return Decision(Action.DENY, refused[0], refused[1], summary)
         if facts is not None and facts.unjudgeable and getattr(target, "unjudgeable", "deny") != "allow":
             return Decision(Action.DENY, UNJUDGEABLE, facts.unjudgeable, summary)
         for rule in self.rules:

@@ -748,3 +748,81 @@ def test_text_array_with_detected_values_decodes_in_both_formats(gw):
         assert conn.execute(clean, [0]).fetchone()[0] == ["alice", "bob", "carol"]
         assert decode_text_array_binary(conn.execute(clean, [0], binary=True).pgresult.get_value(0, 0)) == \
             ["alice", "bob", "carol"]
+
+
+
+# -- client encodings -----------------------------------------------------------------------------------------
+
+ENC = "client-encoding"
+#: in SJIS 0x95 0x5C is one character; read as UTF-8 the 0x5C is a backslash that escapes the quote after it, so a
+#: reader that does not know the encoding sees one string holding the DELETE, and the server runs the DELETE
+SMUGGLED = b"SELECT E'\x95\\'; DELETE FROM billing.gkpol_probe WHERE id = 1; --'"
+
+
+def test_a_session_in_an_encoding_that_hides_backslashes_is_refused_at_login(gw):
+    """client_encoding SJIS (as libpq sends PGCLIENTENCODING) is refused before the session starts."""
+    for name in ("SJIS", "BIG5", "GBK"):
+        with pytest.raises(psycopg.OperationalError) as e:
+            gw.connect("agent", client_encoding=name)
+        assert f"client_encoding {name} is not supported" in str(e.value)
+    error = attempt(gw.connect("agent"), SMUGGLED)  # and in UTF8 the same bytes are refused, not misread
+    assert_denied_and_not_run(gw, error, ENC)
+
+
+def test_switching_to_such_an_encoding_is_denied_and_the_session_goes_on(gw):
+    with gw.connect("agent") as conn:
+        for sql in ("SET client_encoding = 'SJIS'", "SET NAMES 'big5'", 'SET "client_encoding" TO \'Shift_JIS\'',
+                    "SELECT set_config('client_encoding', 'GBK', false)",
+                    "DO $$BEGIN SET client_encoding = 'SJIS'; END$$"):
+            error = attempt(conn, sql)
+            assert error is not None and error.sqlstate == "42501", sql
+            assert error.diag.message_primary == denial_text(ENC), sql
+            assert "is not supported" in error.diag.message_detail, error.diag.message_detail
+            assert error.diag.message_hint.startswith("use client_encoding UTF8"), error.diag.message_hint
+        assert conn.execute("SHOW client_encoding").fetchone() == ("UTF8",)
+        conn.execute("SET client_encoding = 'LATIN1'")  # an ASCII-safe encoding is fine
+        assert conn.execute("SHOW client_encoding").fetchone() == ("LATIN1",)
+
+
+def test_bytes_that_are_not_valid_in_the_session_encoding_are_refused_in_both_protocols(gw):
+    with gw.connect("agent") as conn:
+        result = conn.pgconn.exec_(SMUGGLED)  # the simple protocol, as psql would send it
+        assert result.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"42501"
+        assert b"not valid UTF-8" in result.error_field(psycopg.pq.DiagnosticField.MESSAGE_DETAIL)
+        assert gw.probe_rows() == PROBE_ROWS
+        error = attempt(conn, b"SELECT E'\x95\\' AS x")  # the extended protocol: refused at Parse
+        assert error is not None and error.diag.message_primary == denial_text(ENC)
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # the session goes on
+    assert gw.probe_rows() == PROBE_ROWS
+
+
+def test_a_switch_gatekeep_could_not_see_ends_the_session(gw, pg_server):
+    """A function that switches client_encoding: the server reports it, and gatekeep ends the session."""
+    pg_server.psql("CREATE OR REPLACE FUNCTION public.gkpol_enc() RETURNS text LANGUAGE sql"
+                   " AS $$ SELECT set_config('client_encoding', 'SJIS', false) $$;")
+    try:
+        error = None
+        with gw.connect("agent") as conn:
+            try:
+                conn.execute("SELECT public.gkpol_enc()")
+                conn.execute("SELECT 1")
+            except psycopg.Error as e:
+                error = e
+        assert error is not None and "gatekeep ends this session: client_encoding SJIS is not supported" in str(error)
+    finally:
+        pg_server.psql("DROP FUNCTION IF EXISTS public.gkpol_enc();")
+
+
+def test_latin1_statements_are_read_in_latin1_in_both_protocols(gw):
+    """A LATIN1 client's non-ASCII text reaches the server as written and is recorded as the server reads it."""
+    app = "gkpol-latin1-" + marker()
+    with gw.connect("agent", client_encoding="LATIN1", application_name=app) as conn:
+        conn.pgconn.exec_(f"DELETE FROM {SCRATCH} WHERE id IN (41, 42)".encode())
+        result = conn.pgconn.exec_(f"INSERT INTO {SCRATCH} VALUES (41, 'caf\xe9 simple')".encode("latin-1"))
+        assert result.status == psycopg.pq.ExecStatus.COMMAND_OK, result.error_message
+        conn.execute(f"INSERT INTO {SCRATCH} VALUES (42, 'caf\xe9 extended')".encode("latin-1"))
+    assert gw.direct_rows(f"SELECT v FROM {SCRATCH} WHERE id IN (41, 42) ORDER BY id") == [
+        ("caf\xe9 simple",), ("caf\xe9 extended",)]
+    texts = [r["text"] for r in ended_session(gw.gk, app)["records"]]
+    assert f"INSERT INTO {SCRATCH} VALUES (41, 'caf\xe9 simple')" in texts
+    assert f"INSERT INTO {SCRATCH} VALUES (42, 'caf\xe9 extended')" in texts

@@ -464,3 +464,23 @@ def test_a_cached_decision_is_found_without_the_facts():
     assert second is first and e.cache_hits == 1
     denied = e.decide(op("DROP TABLE pgbench_accounts"))
     assert denied.action is Action.DENY and denied.rule == "no-ddl-for-agents"
+
+
+@pytest.mark.parametrize("sql", [
+    "SET client_encoding = 'SJIS'", "SET NAMES 'BIG5'", "SET client_encoding TO 'Shift_JIS'",
+    "SET U&\"client_\\0065ncoding\" TO 'gbk'", "SELECT set_config('client_encoding', 'UHC', false)",
+    "SELECT set_config('client_encoding', current_setting('x.y'), false)",
+    "DO $$BEGIN PERFORM set_config('client_encoding', 'GB18030', true); END$$",
+])
+def test_a_switch_to_an_encoding_gatekeep_cannot_read_is_refused_whatever_the_rules_say(sql):
+    """Such a switch is denied with rule client-encoding, before an allow rule, and even with unjudgeable: allow."""
+    e = engine({"name": "allow-all", "action": "allow", "match": {"groups": ["agents"]}}, unjudgeable="allow")
+    d = e.decide(op(sql))
+    assert (d.action, d.rule) == (Action.DENY, "client-encoding")
+    assert "is not supported" in d.reason or "not a constant" in d.reason
+
+
+@pytest.mark.parametrize("sql", ["SET client_encoding = 'UTF8'", "SET NAMES 'LATIN1'", "RESET client_encoding",
+                                 "SET client_encoding TO DEFAULT", "SELECT set_config('search_path', 'x', false)"])
+def test_switches_to_readable_encodings_are_left_to_the_rules(sql):
+    assert engine().decide(op(sql)).action is Action.ALLOW

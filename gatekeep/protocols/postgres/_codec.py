@@ -354,6 +354,15 @@ class _Cursor:
         except UnicodeDecodeError:
             raise self.error("invalid UTF-8") from None
 
+    def cbytes(self) -> bytes:
+        """A NUL-terminated string's bytes, not decoded."""
+        end = self.data.find(b"\0", self.pos)
+        if end < 0:
+            raise self.error("missing string terminator")
+        raw = self.data[self.pos : end]
+        self.pos = end + 1
+        return raw
+
     def byte_char(self) -> str:
         return chr(self.take(1)[0])
 
@@ -443,6 +452,8 @@ class Parse:
     statement: str
     query: str
     param_types: tuple[int, ...]
+    #: the query's bytes are not valid in the encoding they were read in (``query`` then has U+FFFD for them)
+    unreadable: bool = False
 
 
 @attrs.frozen
@@ -481,18 +492,28 @@ def parse_query(body: bytes) -> str:
 _parses = BoundedCache(1024, 8 * 1024 * 1024)
 
 
-def parse_parse(body: bytes) -> Parse:
-    """Decode a Parse body."""
-    known = _parses.get(body)
+def parse_parse(body: bytes, codec: str = "utf-8") -> Parse:
+    """Decode a Parse body; the query is read in ``codec`` (the session's client encoding)."""
+    key = body if codec == "utf-8" else (codec, body)
+    known = _parses.get(key)
     if known is not None:
         return known
     cur = _Cursor(body, "Parse")
-    statement, sql = cur.cstr(), cur.cstr()
+    statement, raw = cur.cstr(), cur.cbytes()
     types = tuple(cur.uint32() for _ in range(cur.uint16()))
     cur.done()
-    parse = Parse(statement, sql, types)
-    _parses.put(body, parse, len(body))
+    sql, unreadable = decode_sql(raw, codec)
+    parse = Parse(statement, sql, types, unreadable)
+    _parses.put(key, parse, len(body))
     return parse
+
+
+def decode_sql(raw: bytes, codec: str) -> tuple[str, bool]:
+    """Statement text in the session's encoding: (text, whether some bytes are not valid in it)."""
+    try:
+        return raw.decode(codec), False
+    except UnicodeDecodeError:
+        return raw.decode(codec, "replace"), True
 
 
 def _parse_bind_checked(body: bytes) -> Bind:

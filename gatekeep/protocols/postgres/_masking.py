@@ -27,6 +27,7 @@ import attrs
 from gatekeep.masking import strategies
 from gatekeep.masking.rules import MaskingRule, MaskPlan
 from gatekeep.protocols.postgres import _codec as pg
+from gatekeep.protocols.postgres import _encoding
 
 TEXT_TYPES = frozenset({25, 1043, 1042, 19, 705, 18, 142})  # text, varchar, bpchar, name, unknown, char, xml
 #: arrays of text types: a value detectors find anything in becomes NULL (a partial edit could break the array)
@@ -34,21 +35,11 @@ TEXT_ARRAY_TYPES = frozenset({1009, 1015, 1014, 1003, 143, 199, 3807})  # text[]
 #: whole rows (record, record[]); named row types of masked tables are found in the catalog
 RECORD_TYPES = frozenset({2249, 2287})
 
-#: PostgreSQL client encodings and the Python codecs that read them; any other
-#: (single-byte) encoding is read as latin-1, which keeps every byte as it is
-ENCODINGS = {
-    "UTF8": "utf-8", "UNICODE": "utf-8", "SQL_ASCII": "latin-1", "LATIN1": "latin-1", "LATIN9": "iso8859-15",
-    "WIN1252": "cp1252", "WIN1251": "cp1251", "SJIS": "shift_jis", "SHIFT_JIS_2004": "shift_jis_2004",
-    "EUC_JP": "euc_jp", "EUC_KR": "euc_kr", "EUC_CN": "gb2312", "GBK": "gbk", "GB18030": "gb18030",
-    "BIG5": "big5", "UHC": "cp949", "JOHAB": "johab", "KOI8R": "koi8_r", "KOI8U": "koi8_u",
-}
-
-
 def codec_for(client_encoding: str | None) -> str:
-    if not client_encoding:
-        return "utf-8"
-    return ENCODINGS.get(client_encoding.upper().replace("-", "").replace("_", "") if client_encoding.upper()
-                         .replace("-", "") not in ENCODINGS else client_encoding.upper().replace("-", ""), "latin-1")
+    """The Python codec of a client encoding (``_encoding.codec_for``)."""
+    return _encoding.codec_for(client_encoding)
+
+
 JSON_TYPES = frozenset({114, 3802})
 INT_SIZES = {21: 2, 23: 4, 20: 8}
 UUID, BYTEA, NUMERIC = 2950, 17, 1700

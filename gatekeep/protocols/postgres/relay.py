@@ -36,6 +36,7 @@ from gatekeep import sendnow
 from gatekeep.identity.scram import ScramAuthFailed, ScramError, ScramServer
 from gatekeep.model import Action, ClientAddress, Decision, LoginFailure, Operation, Session, SessionEnd, new_id
 from gatekeep.protocols.postgres import _codec as pg
+from gatekeep.protocols.postgres import _encoding
 from gatekeep.protocols.postgres._backend import BackendStream
 from gatekeep.protocols.postgres._results import WATCHED as WATCHED_FOR_MASKING
 from gatekeep.protocols.postgres._results import ResultMasking
@@ -43,7 +44,7 @@ from gatekeep.protocols.postgres import _masking
 from gatekeep.protocols.postgres._login import LoginError, UpstreamLogin
 from gatekeep.protocols.postgres._tracker import Tracker
 from gatekeep.protocols.postgres.plugin import PASSED_PARAMETERS
-from gatekeep.protocols.postgres.policy import SqlSessionState, startup_options_refused
+from gatekeep.protocols.postgres.policy import CLIENT_ENCODING, SqlSessionState, startup_options_refused
 from gatekeep.protocols.postgres.sql import analyze
 from gatekeep.recording import RecordingUnavailable, unrecordable
 from gatekeep.tls import certificate_login, client_options, server_options
@@ -58,7 +59,7 @@ POISON = "gatekeep denied this statement"
 CANCELED = "canceled"
 
 #: server messages the relay looks at while relaying
-WATCHED = {b"C", b"E", b"Z", b"I", b"s"}
+WATCHED = {b"C", b"E", b"Z", b"I", b"s", b"S"}
 
 #: record at most this much of a bind parameter
 PARAM_LIMIT = 4096
@@ -86,12 +87,13 @@ def _param_text(value: bytes | None, binary: bool) -> str | None:
     return text
 
 
-def _sql_text(body: bytes) -> str:
-    """The SQL of a Query message, for decisions and records."""
+def _sql_text(body: bytes, codec: str = "utf-8") -> tuple[str, bool]:
+    """The SQL of a Query message, for decisions and records, read in the session's client encoding:
+    (text, whether some bytes are not valid in it)."""
     end = body.find(b"\0")
     if end < 0:
         raise pg.ProtocolError("Query message without a terminating NUL")
-    return body[:end].decode("utf-8", "replace")
+    return pg.decode_sql(body[:end], codec)
 
 
 class Frontend(protocol.Protocol):
@@ -117,6 +119,8 @@ class Frontend(protocol.Protocol):
         self.end_reason = "client closed the connection"
         self._cut: Any = None  # the abort of a connection closed but not gone (sendnow.cut_later)
         self.tx_status = "I"
+        #: the Python codec of the session's client_encoding, as the server last reported it
+        self.sql_codec = "utf-8"
         self._scram: ScramServer | None = None
         # extended protocol: prepared statements and portals, for records and decisions
         self._statements: dict[str, tuple[str, Decision]] = {}
@@ -375,6 +379,11 @@ class Frontend(protocol.Protocol):
         """The upstream session is up: finish the client's startup and start relaying."""
         if self.phase is Phase.CLOSED:
             return
+        for message in parameter_status:
+            if message[:1] == b"S":
+                name, value = pg.parse_parameter_status(message[5:])
+                if name == "client_encoding" and not self.encoding_reported(value):
+                    return
         if self.results is not None:
             self.upstream.stream.interesting |= WATCHED_FOR_MASKING
             self.upstream.stream.hold = True
@@ -486,6 +495,11 @@ class Frontend(protocol.Protocol):
             # denied by an approver, or expired: the message names who and why
             return pg.error_response("42501", f"gatekeep denied this statement (rule {rule}): {decision.reason}",
                                      hint="ask an approver, or change the statement")
+        if rule == CLIENT_ENCODING:
+            return pg.error_response("42501", f"gatekeep denied this statement (rule {rule})",
+                                     detail=decision.reason or None,
+                                     hint="use client_encoding UTF8, or another encoding whose characters never "
+                                          "contain ASCII bytes")
         if rule == "recording-unavailable":
             return pg.error_response("58000", "gatekeep cannot run this statement: recording is unavailable",
                                      detail=decision.reason or None, hint="try again when the store is back")
@@ -558,8 +572,14 @@ class Frontend(protocol.Protocol):
         else:
             self._notices.append(data)
 
+    def _unreadable(self, op: Operation, forward, record=None) -> Deferred | None:
+        """A statement whose bytes are not valid in the session's client encoding: refused, not guessed at."""
+        why = (f"the statement is not valid {self.sql_codec.upper()}, the session's client encoding: gatekeep "
+               "cannot read it as the server would")
+        return self._carry_out(Decision(Action.DENY, CLIENT_ENCODING, why, {}), op, forward, None, record)
+
     def on_query(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
-        text = _sql_text(m.body)
+        text, unreadable = _sql_text(m.body, self.sql_codec)
         op = self._operation("query", text, detail=self.sql_state)
 
         def refine(decision: Decision) -> Decision:
@@ -572,6 +592,8 @@ class Frontend(protocol.Protocol):
                 self.sql_state.apply(analyze(text))
             self._group(op, m, out, decision)
 
+        if unreadable:
+            return self._unreadable(op, carry_out)
         return self._judge(op, carry_out, refine)
 
     def _group(self, op: Operation, m: pg.Message, out: list[bytes], decision: Decision) -> None:
@@ -587,7 +609,7 @@ class Frontend(protocol.Protocol):
         self.tracker.group_ends()
 
     def on_parse(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
-        parse = pg.parse_parse(m.body)
+        parse = pg.parse_parse(m.body, self.sql_codec)
         op = self._operation("parse", parse.query, detail=self.sql_state)
 
         def record(decision: Decision) -> bool:
@@ -607,6 +629,8 @@ class Frontend(protocol.Protocol):
             self.upstream.stream.hold = True
             out.append(pg.parse(parse.statement, POISON, parse.param_types))
 
+        if parse.unreadable:
+            return self._unreadable(op, carry_out, record)
         return self._judge(op, carry_out, record=record)
 
     def on_function_call(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
@@ -661,9 +685,29 @@ class Frontend(protocol.Protocol):
 
     # -- relaying: server to client ------------------------------------------------------------
 
+    def encoding_reported(self, value: str) -> bool:
+        """
+        The server says the session's client_encoding is ``value`` (at login, or after a change): statements
+        are read in it from now on. An encoding gatekeep cannot read as the server does ends the session
+        (a switch it could see, SET client_encoding, was refused before it ran). False when it ends.
+        """
+        if _encoding.is_unsafe(value):
+            _log.warn("session {session} ended: the server reports client_encoding {value}",
+                      session=self.session.id if self.session else "-", value=value)
+            self.fatal("0A000", "gatekeep ends this session: " + _encoding.refusal(value),
+                       reason=f"client_encoding {value} is not supported")
+            return False
+        self.sql_codec = _encoding.codec_for(value)
+        return True
+
     def from_server(self, mtype: bytes, body: bytes) -> bytes | None:
         """BackendStream's handler for the messages the relay watches."""
         results = self.results
+        if mtype == b"S":
+            name, value = pg.parse_parameter_status(body)
+            if name == "client_encoding":
+                self.encoding_reported(value)
+            return results.server_message(mtype, body) if results is not None else None
         if mtype == b"C":
             self.tracker.command_complete(pg.parse_command_complete(body))
             if results is not None:

@@ -24,6 +24,7 @@ from pglast import parse_plpgsql
 from pglast.parser import ParseError, parse_sql_json, scan
 
 from gatekeep.bounded import BoundedCache
+from gatekeep.protocols.postgres import _encoding
 
 #: ``(schema or None, name)``; names are as PostgreSQL folds them
 Table = tuple["str | None", str]
@@ -54,6 +55,8 @@ class Analysis:
     search_path: tuple[str, ...] | None = None
     #: why the statement cannot be judged (parse error, dynamic SQL), or None
     unjudgeable: str | None = None
+    #: why gatekeep refuses the statement whatever the rules say (a switch to a client encoding it cannot read)
+    refused: str | None = None
     #: the text with its constants blanked, when the analysis does not depend on them
     shape: str | None = None
 
@@ -125,6 +128,7 @@ class _Walker:
         self.deallocates: list[str | None] = []
         self.search_path: list[str] | None = None
         self.unjudgeable: str | None = None
+        self.refused: str | None = None
         self.depth = depth
 
     # -- generic tree helpers ---------------------------------------------------------
@@ -233,6 +237,17 @@ class _Walker:
         name = args[0].get("A_Const", {}).get("sval", {}).get("sval") if args else None
         if name is None or name.lower() in ("role", "session_authorization"):
             self.units.append(Unit("set_role", "set_config"))
+        if name is None or name.lower() == "client_encoding":
+            value = args[1].get("A_Const", {}).get("sval", {}).get("sval") if len(args) > 1 else None
+            self._client_encoding(value)
+
+    def _client_encoding(self, value: str | None) -> None:
+        """A switch of client_encoding to ``value`` (None: a value gatekeep cannot know here)."""
+        if value is None:
+            self.refused = ("a client_encoding that is not a constant: gatekeep must know the encoding to read the "
+                            "statements that follow")
+        elif _encoding.is_unsafe(value):
+            self.refused = _encoding.refusal(value)
 
     @staticmethod
     def _schema_objects(body: dict) -> set[Table]:
@@ -288,6 +303,10 @@ class _Walker:
             self.units.append(Unit("set_role", name or "all"))
             if body.get("kind") != "VAR_RESET_ALL":
                 return
+        if name == "client_encoding" and body.get("kind") == "VAR_SET_VALUE":  # also SET NAMES
+            args = body.get("args", [])
+            const = args[0].get("A_Const", {}) if len(args) == 1 else {}
+            self._client_encoding(const.get("sval", {}).get("sval"))
         if name == "search_path":
             schemas = []
             for arg in body.get("args", []):
@@ -418,11 +437,14 @@ class _Walker:
         self.executes.extend(other.executes)
         if other.unjudgeable:
             self.unjudgeable = other.unjudgeable
+        if other.refused:
+            self.refused = other.refused
 
     def result(self, statements: int) -> Analysis:
         return Analysis(statements, tuple(self.units), frozenset(self.functions), frozenset(self.conditions),
                         tuple(self.prepares), tuple(self.executes), tuple(self.deallocates),
-                        tuple(self.search_path) if self.search_path is not None else None, self.unjudgeable)
+                        tuple(self.search_path) if self.search_path is not None else None, self.unjudgeable,
+                        refused=self.refused)
 
 
 def _first_line(e: BaseException) -> str:
