@@ -826,3 +826,45 @@ def test_latin1_statements_are_read_in_latin1_in_both_protocols(gw):
     texts = [r["text"] for r in ended_session(gw.gk, app)["records"]]
     assert f"INSERT INTO {SCRATCH} VALUES (41, 'caf\xe9 simple')" in texts
     assert f"INSERT INTO {SCRATCH} VALUES (42, 'caf\xe9 extended')" in texts
+
+
+
+#: with standard_conforming_strings off the server reads 'a\' , $$ ' as one string and runs the DELETE after it;
+#: PostgreSQL's parser with the default (on) reads 'a\' and then a dollar-quoted string holding the DELETE
+HIDDEN_BY_BACKSLASH = b"SELECT 'a\\' , $$ '; DELETE FROM billing.gkpol_probe WHERE id = 1; -- $$"
+
+
+def test_turning_standard_conforming_strings_off_is_denied(gw):
+    with gw.connect("agent") as conn:
+        for sql in ("SET standard_conforming_strings = off", "SET standard_conforming_strings TO 0",
+                    "SET LOCAL standard_conforming_strings = false",
+                    "SELECT set_config('standard_conforming_strings', 'off', false)",
+                    "DO $$BEGIN SET standard_conforming_strings = off; END$$"):
+            error = attempt(conn, sql)
+            assert error is not None and error.diag.message_primary == denial_text("standard-conforming-strings"), sql
+        assert conn.execute("SHOW standard_conforming_strings").fetchone() == ("on",)
+        conn.pgconn.exec_(HIDDEN_BY_BACKSLASH)  # with the setting on, this is just a SELECT of two strings
+        conn.execute("SET standard_conforming_strings = on")
+    assert gw.probe_rows() == PROBE_ROWS
+
+
+def test_a_session_whose_strings_are_not_standard_is_refused_or_ended(gw, pg_server):
+    """Off at login (startup options) is refused; off by a path gatekeep cannot see ends the session."""
+    with pytest.raises(psycopg.OperationalError) as e:
+        gw.connect("agent", options="-c standard_conforming_strings=off")
+    assert "standard_conforming_strings off is not supported" in str(e.value)
+    pg_server.psql("CREATE OR REPLACE FUNCTION public.gkpol_scs() RETURNS text LANGUAGE sql"
+                   " AS $$ SELECT set_config('standard_conforming_strings', 'off', false) $$;")
+    error = None
+    try:
+        with gw.connect("agent") as conn:
+            try:
+                conn.execute("SELECT public.gkpol_scs()")
+                conn.pgconn.exec_(HIDDEN_BY_BACKSLASH)
+                conn.execute("SELECT 1")
+            except psycopg.Error as e:
+                error = e
+    finally:
+        pg_server.psql("DROP FUNCTION IF EXISTS public.gkpol_scs();")
+    assert error is not None and "gatekeep ends this session: standard_conforming_strings off" in str(error)
+    assert gw.probe_rows() == PROBE_ROWS

@@ -484,3 +484,19 @@ def test_a_switch_to_an_encoding_gatekeep_cannot_read_is_refused_whatever_the_ru
                                  "SET client_encoding TO DEFAULT", "SELECT set_config('search_path', 'x', false)"])
 def test_switches_to_readable_encodings_are_left_to_the_rules(sql):
     assert engine().decide(op(sql)).action is Action.ALLOW
+
+
+@pytest.mark.parametrize("sql", ["SET standard_conforming_strings = off", "SET standard_conforming_strings TO 0",
+                                 "SET LOCAL standard_conforming_strings = 'false'",
+                                 "SELECT set_config('standard_conforming_strings', 'off', false)",
+                                 "SELECT set_config($1, 'off', false)"])
+def test_turning_standard_conforming_strings_off_is_refused_whatever_the_rules_say(sql):
+    e = engine({"name": "allow-all", "action": "allow", "match": {"groups": ["agents"]}}, unjudgeable="allow")
+    d = e.decide(op(sql))
+    assert (d.action, d.rule) == (Action.DENY, "standard-conforming-strings")
+
+
+@pytest.mark.parametrize("sql", ["SET standard_conforming_strings = on", "SET standard_conforming_strings TO true",
+                                 "SET standard_conforming_strings = 1", "RESET standard_conforming_strings"])
+def test_keeping_standard_conforming_strings_on_is_left_to_the_rules(sql):
+    assert engine().decide(op(sql)).action is Action.ALLOW

@@ -1,5 +1,7 @@
 """
-Client encodings: how gatekeep reads statement text as the server will. Pure.
+Client encodings (and the other setting the server's lexer reads statements
+by, ``standard_conforming_strings``): how gatekeep reads statement text as the
+server will. Pure.
 
 The server converts every statement from the session's ``client_encoding``
 before it parses it, so gatekeep must read the bytes in that encoding too, or
@@ -75,3 +77,35 @@ def refusal(name: str) -> str:
     """Why a session in ``name`` is not relayed."""
     return (f"client_encoding {name} is not supported: its characters can contain ASCII bytes (such as a "
             f"backslash), so gatekeep could not read statements as the server does; use UTF8")
+
+
+#: the settings the server's parser reads a statement by, and the rule a change gatekeep refuses is denied by
+SETTINGS = {"client_encoding": "client-encoding", "standard_conforming_strings": "standard-conforming-strings"}
+
+#: how PostgreSQL spells "on" for a boolean setting (unique prefixes of on, true, yes, and 1)
+_ON = frozenset({"on", "true", "tru", "tr", "t", "yes", "ye", "y", "1"})
+
+SCS_REFUSED = ("standard_conforming_strings off is not supported: backslashes would then escape quotes in "
+               "every string, which gatekeep's parser (PostgreSQL's own, with the default) does not read so")
+
+
+def setting_refused(name: str, value: str | None) -> tuple[str, str] | None:
+    """(rule, reason) when a statement sets ``name`` to ``value`` (None: not a constant) and gatekeep could no
+    longer read statements as the server does; None when the change is fine."""
+    if value is None:
+        return SETTINGS[name], (f"{name} set to a value that is not a constant: gatekeep must know it to read "
+                                "the statements that follow")
+    if name == "client_encoding" and is_unsafe(value):
+        return SETTINGS[name], refusal(value)
+    if name == "standard_conforming_strings" and value.strip().lower() not in _ON:
+        return SETTINGS[name], SCS_REFUSED
+    return None
+
+
+def reported_refused(name: str, value: str) -> str | None:
+    """Why a session whose server reports ``name = value`` (ParameterStatus) cannot go on, or None."""
+    if name == "client_encoding" and is_unsafe(value):
+        return refusal(value)
+    if name == "standard_conforming_strings" and value.lower() != "on":
+        return SCS_REFUSED
+    return None

@@ -243,8 +243,7 @@ class SqlFacts:
     @property
     def refused(self) -> tuple[str, str] | None:
         """(rule, reason) when gatekeep refuses the statement whatever the rules say."""
-        why = self.analysis.refused
-        return (CLIENT_ENCODING, why) if why else None
+        return self.analysis.refused
 
     def schemas_of(self, table: Table) -> tuple[str, ...]:
         schema, _ = table
@@ -257,9 +256,6 @@ class SqlFacts:
     def summary(self) -> dict[str, Any]:
         return self.analysis.summary()
 
-
-#: the rule named when gatekeep refuses a statement for the client encoding it asks for, or is in
-CLIENT_ENCODING = "client-encoding"
 
 DEFAULT_SEARCH_PATH = ("$user", "public")
 

@@ -44,7 +44,7 @@ from gatekeep.protocols.postgres import _masking
 from gatekeep.protocols.postgres._login import LoginError, UpstreamLogin
 from gatekeep.protocols.postgres._tracker import Tracker
 from gatekeep.protocols.postgres.plugin import PASSED_PARAMETERS
-from gatekeep.protocols.postgres.policy import CLIENT_ENCODING, SqlSessionState, startup_options_refused
+from gatekeep.protocols.postgres.policy import SqlSessionState, startup_options_refused
 from gatekeep.protocols.postgres.sql import analyze
 from gatekeep.recording import RecordingUnavailable, unrecordable
 from gatekeep.tls import certificate_login, client_options, server_options
@@ -380,10 +380,8 @@ class Frontend(protocol.Protocol):
         if self.phase is Phase.CLOSED:
             return
         for message in parameter_status:
-            if message[:1] == b"S":
-                name, value = pg.parse_parameter_status(message[5:])
-                if name == "client_encoding" and not self.encoding_reported(value):
-                    return
+            if message[:1] == b"S" and not self.setting_reported(*pg.parse_parameter_status(message[5:])):
+                return
         if self.results is not None:
             self.upstream.stream.interesting |= WATCHED_FOR_MASKING
             self.upstream.stream.hold = True
@@ -495,11 +493,11 @@ class Frontend(protocol.Protocol):
             # denied by an approver, or expired: the message names who and why
             return pg.error_response("42501", f"gatekeep denied this statement (rule {rule}): {decision.reason}",
                                      hint="ask an approver, or change the statement")
-        if rule == CLIENT_ENCODING:
+        if rule in _encoding.SETTINGS.values():
             return pg.error_response("42501", f"gatekeep denied this statement (rule {rule})",
                                      detail=decision.reason or None,
-                                     hint="use client_encoding UTF8, or another encoding whose characters never "
-                                          "contain ASCII bytes")
+                                     hint="use client_encoding UTF8 (or another encoding whose characters never "
+                                          "contain ASCII bytes) and standard_conforming_strings on")
         if rule == "recording-unavailable":
             return pg.error_response("58000", "gatekeep cannot run this statement: recording is unavailable",
                                      detail=decision.reason or None, hint="try again when the store is back")
@@ -576,7 +574,8 @@ class Frontend(protocol.Protocol):
         """A statement whose bytes are not valid in the session's client encoding: refused, not guessed at."""
         why = (f"the statement is not valid {self.sql_codec.upper()}, the session's client encoding: gatekeep "
                "cannot read it as the server would")
-        return self._carry_out(Decision(Action.DENY, CLIENT_ENCODING, why, {}), op, forward, None, record)
+        return self._carry_out(Decision(Action.DENY, _encoding.SETTINGS["client_encoding"], why, {}), op, forward,
+                               None, record)
 
     def on_query(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
         text, unreadable = _sql_text(m.body, self.sql_codec)
@@ -685,28 +684,28 @@ class Frontend(protocol.Protocol):
 
     # -- relaying: server to client ------------------------------------------------------------
 
-    def encoding_reported(self, value: str) -> bool:
+    def setting_reported(self, name: str, value: str) -> bool:
         """
-        The server says the session's client_encoding is ``value`` (at login, or after a change): statements
-        are read in it from now on. An encoding gatekeep cannot read as the server does ends the session
-        (a switch it could see, SET client_encoding, was refused before it ran). False when it ends.
+        The server reports a setting (ParameterStatus, at login or after a change). Statements are read in
+        the client_encoding it names from now on. A value under which gatekeep cannot read statements as the
+        server does ends the session (a change gatekeep could see, such as SET client_encoding, was refused
+        before it ran). False when the session ends.
         """
-        if _encoding.is_unsafe(value):
-            _log.warn("session {session} ended: the server reports client_encoding {value}",
-                      session=self.session.id if self.session else "-", value=value)
-            self.fatal("0A000", "gatekeep ends this session: " + _encoding.refusal(value),
-                       reason=f"client_encoding {value} is not supported")
+        why = _encoding.reported_refused(name, value)
+        if why is not None:
+            _log.warn("session {session} ended: the server reports {name} {value}",
+                      session=self.session.id if self.session else "-", name=name, value=value)
+            self.fatal("0A000", "gatekeep ends this session: " + why, reason=f"{name} {value} is not supported")
             return False
-        self.sql_codec = _encoding.codec_for(value)
+        if name == "client_encoding":
+            self.sql_codec = _encoding.codec_for(value)
         return True
 
     def from_server(self, mtype: bytes, body: bytes) -> bytes | None:
         """BackendStream's handler for the messages the relay watches."""
         results = self.results
         if mtype == b"S":
-            name, value = pg.parse_parameter_status(body)
-            if name == "client_encoding":
-                self.encoding_reported(value)
+            self.setting_reported(*pg.parse_parameter_status(body))
             return results.server_message(mtype, body) if results is not None else None
         if mtype == b"C":
             self.tracker.command_complete(pg.parse_command_complete(body))

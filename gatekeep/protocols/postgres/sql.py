@@ -55,8 +55,9 @@ class Analysis:
     search_path: tuple[str, ...] | None = None
     #: why the statement cannot be judged (parse error, dynamic SQL), or None
     unjudgeable: str | None = None
-    #: why gatekeep refuses the statement whatever the rules say (a switch to a client encoding it cannot read)
-    refused: str | None = None
+    #: (rule, reason) when gatekeep refuses the statement whatever the rules say: a switch to a setting under
+    #: which gatekeep could no longer read statements as the server does (``_encoding.SETTINGS``)
+    refused: tuple[str, str] | None = None
     #: the text with its constants blanked, when the analysis does not depend on them
     shape: str | None = None
 
@@ -128,7 +129,7 @@ class _Walker:
         self.deallocates: list[str | None] = []
         self.search_path: list[str] | None = None
         self.unjudgeable: str | None = None
-        self.refused: str | None = None
+        self.refused: tuple[str, str] | None = None
         self.depth = depth
 
     # -- generic tree helpers ---------------------------------------------------------
@@ -237,17 +238,15 @@ class _Walker:
         name = args[0].get("A_Const", {}).get("sval", {}).get("sval") if args else None
         if name is None or name.lower() in ("role", "session_authorization"):
             self.units.append(Unit("set_role", "set_config"))
-        if name is None or name.lower() == "client_encoding":
-            value = args[1].get("A_Const", {}).get("sval", {}).get("sval") if len(args) > 1 else None
-            self._client_encoding(value)
+        for setting in _encoding.SETTINGS:
+            if name is None or name.lower() == setting:
+                self._setting(setting, _constant(args[1]) if len(args) > 1 else None)
 
-    def _client_encoding(self, value: str | None) -> None:
-        """A switch of client_encoding to ``value`` (None: a value gatekeep cannot know here)."""
-        if value is None:
-            self.refused = ("a client_encoding that is not a constant: gatekeep must know the encoding to read the "
-                            "statements that follow")
-        elif _encoding.is_unsafe(value):
-            self.refused = _encoding.refusal(value)
+    def _setting(self, name: str, value: str | None) -> None:
+        """A change of a setting the server's parser depends on to ``value`` (None: not known here)."""
+        why = _encoding.setting_refused(name, value)
+        if why is not None:
+            self.refused = why
 
     @staticmethod
     def _schema_objects(body: dict) -> set[Table]:
@@ -303,10 +302,9 @@ class _Walker:
             self.units.append(Unit("set_role", name or "all"))
             if body.get("kind") != "VAR_RESET_ALL":
                 return
-        if name == "client_encoding" and body.get("kind") == "VAR_SET_VALUE":  # also SET NAMES
+        if name in _encoding.SETTINGS and body.get("kind") == "VAR_SET_VALUE":  # SET NAMES is client_encoding
             args = body.get("args", [])
-            const = args[0].get("A_Const", {}) if len(args) == 1 else {}
-            self._client_encoding(const.get("sval", {}).get("sval"))
+            self._setting(name, _constant(args[0]) if len(args) == 1 else None)
         if name == "search_path":
             schemas = []
             for arg in body.get("args", []):
@@ -445,6 +443,22 @@ class _Walker:
                         tuple(self.prepares), tuple(self.executes), tuple(self.deallocates),
                         tuple(self.search_path) if self.search_path is not None else None, self.unjudgeable,
                         refused=self.refused)
+
+
+def _constant(node: dict) -> str | None:
+    """A constant argument as text ('off', 0, true), or None when it is not a constant."""
+    const = node.get("A_Const")
+    if not isinstance(const, dict):
+        return None
+    for key, field in (("sval", "sval"), ("ival", "ival"), ("boolval", "boolval"), ("fval", "fval")):
+        if key in const:
+            value = const[key].get(field) if isinstance(const[key], dict) else None
+            if key == "ival":
+                return str(value or 0)  # pglast leaves 0 out
+            if key == "boolval":
+                return "true" if value else "false"
+            return None if value is None else str(value)
+    return None
 
 
 def _first_line(e: BaseException) -> str:
