@@ -10,6 +10,7 @@ have seen it (its statement log is checked after a later statement of ours is lo
 from __future__ import annotations
 
 import json
+import struct
 import re
 import uuid
 from decimal import Decimal
@@ -867,4 +868,46 @@ def test_a_session_whose_strings_are_not_standard_is_refused_or_ended(gw, pg_ser
     finally:
         pg_server.psql("DROP FUNCTION IF EXISTS public.gkpol_scs();")
     assert error is not None and "gatekeep ends this session: standard_conforming_strings off" in str(error)
+    assert gw.probe_rows() == PROBE_ROWS
+
+
+def _hidden_query():
+    return b"Q" + struct.pack("!I", len(HIDDEN_BY_BACKSLASH) + 5) + HIDDEN_BY_BACKSLASH + b"\0"
+
+
+def _read_all(client):
+    """Every message until the connection ends."""
+    out = []
+    try:
+        while True:
+            out.append(client.read())
+    except (EOFError, OSError):
+        return out
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_a_statement_pipelined_behind_a_setting_change_is_not_misread(gw, pg_server, protocol):
+    """A client that sends a backslash statement right behind a call that turns standard_conforming_strings
+    off, without waiting: gatekeep does not judge it before it knows the setting the server will read it with
+    (it waits for the call's ReadyForQuery, or, inside one extended-protocol group, refuses it)."""
+    pg_server.psql("CREATE OR REPLACE FUNCTION public.gkpol_scs_pipe() RETURNS text LANGUAGE sql"
+                   " AS $$ SELECT set_config('standard_conforming_strings', 'off', false) $$;")
+    try:
+        with gw.raw("agent") as c:
+            if protocol == "simple":  # the setting changes, the server reports it: the session ends, unread
+                c.send(c.query("SELECT public.gkpol_scs_pipe()"), _hidden_query())
+                messages = _read_all(c)
+                fatal = [m[1] for m in messages if m[0] == b"E" and m[1]["S"] == "FATAL"]
+                assert fatal and "standard_conforming_strings off" in fatal[0]["M"], messages
+            else:  # one statement: gatekeep would read strings, the server would call pg_ls_dir
+                c.send(c.parse("SELECT public.gkpol_scs_pipe()"), c.bind(), c.execute(),
+                       c.parse("SELECT 'a\\' , $$ ' , pg_ls_dir('.') -- $$"), c.bind(), c.execute(), c.sync())
+                messages = c.until_ready()
+                errors = [m[1] for m in messages if m[0] == b"E"]
+                assert [e["M"] for e in errors] == [denial_text("standard-conforming-strings")], messages
+                assert "send a Sync before it" in errors[0]["D"]
+                c.send(c.query("SHOW standard_conforming_strings"))  # the refusal failed the group: rolled back
+                assert (b"D", b"\x00\x01\x00\x00\x00\x02on") in c.until_ready()
+    finally:
+        pg_server.psql("DROP FUNCTION IF EXISTS public.gkpol_scs_pipe();")
     assert gw.probe_rows() == PROBE_ROWS

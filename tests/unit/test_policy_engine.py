@@ -500,3 +500,9 @@ def test_turning_standard_conforming_strings_off_is_refused_whatever_the_rules_s
                                  "SET standard_conforming_strings = 1", "RESET standard_conforming_strings"])
 def test_keeping_standard_conforming_strings_on_is_left_to_the_rules(sql):
     assert engine().decide(op(sql)).action is Action.ALLOW
+
+
+def test_a_prepared_setting_change_is_refused_when_prepared():
+    """PREPARE p AS SELECT set_config('standard_conforming_strings', 'off', false) is refused at PREPARE."""
+    d = engine().decide(op(f"PREPARE {fresh('p')} AS SELECT set_config('standard_conforming_strings', 'off', false)"))
+    assert (d.action, d.rule) == (Action.DENY, "standard-conforming-strings")

@@ -121,6 +121,14 @@ class Frontend(protocol.Protocol):
         self.tx_status = "I"
         #: the Python codec of the session's client_encoding, as the server last reported it
         self.sql_codec = "utf-8"
+        # settings the server's lexer reads statements by may be changing (see _unsettled): groups forwarded
+        # and answered (ReadyForQuery), the group after whose answer they are known again, whether the group
+        # being forwarded may change them, and what waits for them
+        self._groups_sent = 0
+        self._groups_done = 0
+        self._settle_at = 0
+        self._group_unsettling = False
+        self._settling: list[Deferred] = []
         self._scram: ScramServer | None = None
         # extended protocol: prepared statements and portals, for records and decisions
         self._statements: dict[str, tuple[str, Decision]] = {}
@@ -423,6 +431,7 @@ class Frontend(protocol.Protocol):
                 elif t == b"S":
                     out.append(m.encode())
                     self.tracker.group_ends()
+                    self._group_sent()
                     d = None
                 elif t == b"F":
                     d = self.on_function_call(m, out)
@@ -588,9 +597,15 @@ class Frontend(protocol.Protocol):
 
         def carry_out(decision: Decision) -> None:
             if decision.action is Action.ALLOW:
-                self.sql_state.apply(analyze(text))
+                analysis = analyze(text)
+                self.sql_state.apply(analysis)
+                self._forwarding(analysis)
             self._group(op, m, out, decision)
 
+        if self._group_unsettling or self._settle_at > self._groups_done:
+            wait = self._unsettled(m.body, op, lambda: self.on_query(m, out), carry_out)
+            if wait is not False:
+                return wait
         if unreadable:
             return self._unreadable(op, carry_out)
         return self._judge(op, carry_out, refine)
@@ -606,6 +621,53 @@ class Frontend(protocol.Protocol):
             self.upstream.stream.hold = True
             out.append(pg.query(POISON))
         self.tracker.group_ends()
+        self._group_sent()
+
+    # -- settings the server reads statements by ----------------------------------------------
+    #
+    # A statement that calls a function (or DO, CALL) may change client_encoding or standard_conforming_strings
+    # on the server, which reports it only just before the group's ReadyForQuery. A statement whose reading
+    # depends on them (a backslash; in an encoding other than UTF8 a non-ASCII byte) that arrives before
+    # that answer waits for it; inside the same extended-protocol group, where no answer comes before the
+    # client's Sync, it is refused.
+
+    def _forwarding(self, analysis: Any) -> None:
+        """An allowed statement goes to the server: note whether it may change those settings."""
+        if analysis.runs_code:
+            self._group_unsettling = True
+
+    def _group_sent(self) -> None:
+        self._groups_sent += 1
+        if self._group_unsettling:
+            self._group_unsettling = False
+            self._settle_at = self._groups_sent
+
+    def _settings_known(self) -> None:
+        """A ReadyForQuery: when the groups that may have changed the settings are answered, go on."""
+        self._groups_done += 1
+        if self._settling and self._groups_done >= self._settle_at:
+            waiting, self._settling = self._settling, []
+            for d in waiting:
+                d.callback(None)
+
+    def _unsettled(self, raw: bytes, op: Operation, again, forward, record=None) -> Deferred | None | bool:
+        """
+        For a statement (``raw``, as ``op``) that reads differently under other settings: a Deferred that
+        runs ``again()`` once the settings are known, or the refusal, or False when nothing stands in the way.
+        """
+        if b"\\" not in raw and (self.sql_codec == "utf-8" or raw.isascii()):
+            return False
+        if self._group_unsettling:
+            rule = _encoding.SETTINGS["standard_conforming_strings" if b"\\" in raw else "client_encoding"]
+            why = ("it follows a function call in the same pipeline, which may change the settings the server "
+                   "reads it by (standard_conforming_strings, client_encoding): send a Sync before it")
+            return self._carry_out(Decision(Action.DENY, rule, why, {}), op, forward, None, record)
+        if self._groups_done >= self._settle_at:
+            return False
+        self.seq -= 1  # the statement is read again, as a new operation, once the settings are known
+        d: Deferred = Deferred()
+        self._settling.append(d)
+        return d.addCallback(lambda _: again() if self.phase is Phase.READY else None)
 
     def on_parse(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
         parse = pg.parse_parse(m.body, self.sql_codec)
@@ -628,6 +690,10 @@ class Frontend(protocol.Protocol):
             self.upstream.stream.hold = True
             out.append(pg.parse(parse.statement, POISON, parse.param_types))
 
+        if self._group_unsettling or self._settle_at > self._groups_done:
+            wait = self._unsettled(m.body, op, lambda: self.on_parse(m, out), carry_out, record)
+            if wait is not False:
+                return wait
         if parse.unreadable:
             return self._unreadable(op, carry_out, record)
         return self._judge(op, carry_out, record=record)
@@ -637,7 +703,13 @@ class Frontend(protocol.Protocol):
         allows unjudgeable operations)."""
         oid = int.from_bytes(m.body[0:4], "big") if len(m.body) >= 4 else 0
         op = self._operation("function-call", f"fastpath function call (function oid {oid})")
-        return self._judge(op, lambda decision: self._group(op, m, out, decision))
+
+        def carry_out(decision: Decision) -> None:
+            if decision.action is Action.ALLOW:
+                self._group_unsettling = True  # any function, set_config included
+            self._group(op, m, out, decision)
+
+        return self._judge(op, carry_out)
 
     def on_bind(self, m: pg.Message, out: list[bytes]) -> None:
         bind = pg.parse_bind(m.body)
@@ -672,6 +744,7 @@ class Frontend(protocol.Protocol):
 
         def carry_out(decision: Decision) -> None:
             if decision.action is Action.ALLOW:
+                self._forwarding(analyze(text))
                 self.tracker.add(op, "execute", self.gateway.now())
                 out.append(m.encode())
             else:
@@ -720,6 +793,7 @@ class Frontend(protocol.Protocol):
                 results.group_ended()
             elif not len(self.tracker) and self.upstream is not None:
                 self.upstream.stream.hold = False
+            self._settings_known()
         elif mtype == b"E":
             fields = pg.parse_fields(body)
             if results is not None:

@@ -58,6 +58,8 @@ class Analysis:
     #: (rule, reason) when gatekeep refuses the statement whatever the rules say: a switch to a setting under
     #: which gatekeep could no longer read statements as the server does (``_encoding.SETTINGS``)
     refused: tuple[str, str] | None = None
+    #: it calls functions or runs code (DO, CALL), which may change session settings on the server
+    runs_code: bool = False
     #: the text with its constants blanked, when the analysis does not depend on them
     shape: str | None = None
 
@@ -344,6 +346,8 @@ class _Walker:
             sub.statement(name, d)
         body_analysis = sub.result(1)
         self.prepares.append((body.get("name", ""), body_analysis))
+        if body_analysis.refused:  # refused when prepared, rather than when executed
+            self.refused = body_analysis.refused
         self.units.append(Unit("prepare"))
         # PREPARE is judged on its body too
         self.units.extend(u for u in body_analysis.units)
@@ -442,7 +446,9 @@ class _Walker:
         return Analysis(statements, tuple(self.units), frozenset(self.functions), frozenset(self.conditions),
                         tuple(self.prepares), tuple(self.executes), tuple(self.deallocates),
                         tuple(self.search_path) if self.search_path is not None else None, self.unjudgeable,
-                        refused=self.refused)
+                        refused=self.refused,
+                        runs_code=bool(self.functions or self.executes)
+                        or any(u.kind in ("do", "call") for u in self.units))
 
 
 def _constant(node: dict) -> str | None:
