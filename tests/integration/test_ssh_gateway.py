@@ -213,6 +213,23 @@ def test_exec_denied_after_unwrapping(gw, tmp_path):
     assert victim.exists()
 
 
+def test_exec_of_a_shell_that_reads_its_commands_is_refused(gw, tmp_path):
+    """ssh HOST bash with the commands on stdin (or sh -s, a brace expansion, a continued line): gatekeep cannot
+    see what would run, so it is refused (unjudgeable) and the rm in it never runs."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    args = ["ssh", "-p", str(gw.port)] + gw.opts(gw.alice_key) + ["alice@127.0.0.1"]
+    for command in ("bash", "sh -s"):
+        r = subprocess.run(args + [command], input=b"rm -f %s\n" % str(victim).encode(), capture_output=True,
+                           timeout=60)
+        assert r.returncode == 126 and b"unjudgeable" in r.stderr, (command, r.stderr)
+    r = gw.ssh("{rm,-f,%s}" % victim)
+    assert r.returncode == 126 and "unjudgeable" in r.stderr, r.stderr
+    r = gw.ssh("r\\\nm -f %s" % victim)  # the shell drops backslash-newline: this is rm, denied by no-rm
+    assert r.returncode == 126 and "denied by rule no-rm" in r.stderr, r.stderr
+    assert victim.exists()
+
+
 def test_stdin_and_eof_reach_the_command(gw):
     """Data piped into ssh reaches the remote command, and EOF ends it."""
     args = ["ssh", "-p", str(gw.port)] + gw.opts(gw.alice_key) + ["alice@127.0.0.1", "wc -c"]

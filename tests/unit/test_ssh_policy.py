@@ -167,3 +167,29 @@ def test_normalize_path():
     assert normalize_path("docs/../x.txt", "/home/a") == "/home/a/x.txt"
     assert normalize_path("/etc//ssh/./x", None) == "/etc/ssh/x"
     assert normalize_path("rel", None) == "rel"
+
+
+@pytest.mark.parametrize("line", ["rm\\\n -rf /tmp/x", "r\\\nm -rf /tmp/x", "busybox rm -rf /tmp/x",
+                                  "sh -c 'r\\\nm -rf /tmp/x'"])
+def test_the_shells_own_rewrites_do_not_hide_a_program(tmp_path, keyfile, line):
+    """A backslash-newline the shell drops, or busybox running an applet, still names rm."""
+    e = _engine(_config(tmp_path, keyfile, [{"name": "no-rm", "match": {"commands": ["rm"]}, "action": "deny"}]))
+    assert _decide(e, _op("exec", line)).rule == "no-rm"
+
+
+@pytest.mark.parametrize("line", ["{rm,-rf,/tmp/x}", "echo rm -rf /tmp/x | sh", "bash <<EOF\nrm -rf /tmp/x\nEOF",
+                                  "sh < /tmp/script", "bash /tmp/script.sh", "sh -s", ". /tmp/script",
+                                  "source /tmp/script", "sudo -s", "su", "busybox sh"])
+def test_lines_whose_commands_gatekeep_cannot_see_are_unjudgeable(tmp_path, keyfile, line):
+    """Brace expansion in the program's place, and shells reading commands from input or a file, cannot be
+    judged from an exec: denied as unjudgeable even where everything else is allowed."""
+    e = _engine(_config(tmp_path, keyfile, [{"name": "no-rm", "match": {"commands": ["rm"]}, "action": "deny"}]))
+    d = _decide(e, _op("exec", line))
+    assert d.action is Action.DENY and d.rule == "unjudgeable", (line, d)
+
+
+def test_a_typed_shell_command_that_starts_a_shell_is_judged_as_typed(tmp_path, keyfile):
+    """Typing bash in an interactive session starts a shell whose typed lines are judged in turn."""
+    e = _engine(_config(tmp_path, keyfile, []))
+    assert _decide(e, _op("shell-command", "bash")).allowed
+    assert _decide(e, _op("exec", "bash --version")).allowed

@@ -10,8 +10,12 @@ command loses its leading ``NAME=value`` assignments and its wrappers
 (``sudo``, ``env``, ``nohup``, ``timeout``, ``nice``, ``stdbuf``, ``xargs``,
 ...), and ``sh -c``/``bash -c``/``eval`` strings are parsed as command lines in
 turn. What cannot be known without running the shell (a program named by a
-variable, unbalanced quotes, nesting deeper than :data:`MAX_DEPTH`) makes the
-whole line *unjudgeable*.
+variable, a glob or brace expansion, unbalanced quotes, nesting deeper than
+:data:`MAX_DEPTH`) makes the whole line *unjudgeable*. A shell that runs
+commands it reads from its input or a file (``bash``, ``sh -s``, ``bash
+script.sh``, ``. file``, ``sudo -s``) is marked ``reads_commands``: an exec of
+one cannot be judged. Backslash-newline pairs are dropped first, as the shell
+drops them.
 
 Pure: no I/O, no reactor.
 """
@@ -77,6 +81,9 @@ class Command:
     args: tuple[str, ...] = ()
     #: wrappers that were removed, outermost first ("sudo", "env", "sh -c", ...)
     wrappers: tuple[str, ...] = ()
+    #: a shell that runs commands gatekeep does not see: from its input or a file (``bash``, ``sh -s``,
+    #: ``bash script.sh``, ``. file``, ``source file``)
+    reads_commands: bool = False
 
     @property
     def name(self) -> str:
@@ -106,6 +113,33 @@ def parse(text: str) -> CommandLine:
     except Unjudgeable as e:
         return CommandLine(text, (), str(e))
     return CommandLine(text, tuple(commands))
+
+
+def _join_continuations(text: str) -> str:
+    """Drop backslash-newline pairs, as the shell does everywhere but inside single quotes."""
+    if "\\\n" not in text:
+        return text
+    out: list[str] = []
+    i, n, quote = 0, len(text), None
+    while i < n:
+        ch = text[i]
+        if quote == "'":
+            if ch == "'":
+                quote = None
+        elif ch == "\\" and i + 1 < n:
+            if text[i + 1] == "\n":
+                i += 2
+                continue
+            out.append(text[i:i + 2])
+            i += 2
+            continue
+        elif ch in "'\"" and quote is None:
+            quote = ch
+        elif ch == '"' and quote == '"':
+            quote = None
+        out.append(ch)
+        i += 1
+    return "".join(out)
 
 
 # -- substitutions ------------------------------------------------------------------
@@ -233,7 +267,7 @@ def _simple_commands(text: str) -> list[list[str]]:
 def _parse(text: str, depth: int, wrappers: tuple[str, ...]) -> list[Command]:
     if depth > MAX_DEPTH:
         raise Unjudgeable("commands nested too deeply")
-    stripped, inner = _substitutions(text)
+    stripped, inner = _substitutions(_join_continuations(text))  # each shell level drops them again
     commands: list[Command] = []
     for sub in inner:
         commands.extend(_parse(sub, depth + 1, wrappers + ("$(...)",)))
@@ -274,7 +308,7 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
     if not words:
         return []
     program = words[0]
-    if "$" in program or "__gatekeep_substitution__" in program or any(ch in program for ch in "*?["):
+    if "$" in program or "__gatekeep_substitution__" in program or any(ch in program for ch in "*?[{"):
         raise Unjudgeable(f"the program is not known before the shell runs ({program})")
     name = posixpath.basename(program)
     if name in SHELLS:
@@ -285,21 +319,26 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
                 return _parse(words[j + 1], depth + 1, wrappers + (f"{name} -c",))
             if not w.startswith("-"):
                 break
-        return [Command(program, tuple(words[1:]), wrappers)]
+        informational = len(words) > 1 and all(w in ("--version", "--help", "-n") for w in words[1:2])
+        return [Command(program, tuple(words[1:]), wrappers, reads_commands=not informational)]
+    if name in (".", "source"):
+        return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]
+    if name == "busybox" and len(words) > 1 and not words[1].startswith("-"):
+        return _unwrap(words[1:], depth + 1, wrappers + ("busybox",))  # busybox APPLET ARGS runs APPLET
     if name == "eval":
         return _parse(" ".join(words[1:]), depth + 1, wrappers + ("eval",))
     if name in ("su",):
         for j, w in enumerate(words[1:], 1):
             if w in ("-c", "--command") and j + 1 < len(words):
                 return _parse(words[j + 1], depth + 1, wrappers + ("su -c",))
-        return [Command(program, tuple(words[1:]), wrappers)]
+        return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]  # a shell for the user
     if name in _WRAPPER_VALUE_OPTIONS:
         rest = _skip_options(words, 1, _WRAPPER_VALUE_OPTIONS[name], name)
         if name == "env":
             while rest < len(words) and _ASSIGNMENT.match(words[rest]):
                 rest += 1
         if name == "sudo" and any(w in ("-s", "-i", "--shell", "--login") for w in words[1:rest]) and rest >= len(words):
-            return [Command(program, tuple(words[1:]), wrappers)]
+            return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]  # a shell
         rest += _WRAPPER_POSITIONALS.get(name, 0)
         if rest >= len(words):
             # the wrapper alone (``env`` prints the environment, ``sudo -l`` lists rights)

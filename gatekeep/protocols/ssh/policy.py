@@ -117,6 +117,11 @@ def facts_for(operation: Operation) -> SshFacts:
         if line.unjudgeable:
             return SshFacts(req.kind, unjudgeable=line.unjudgeable)
         commands = line.commands if req.part is None else (line.commands[req.part],)
+        if req.kind == "exec":
+            for c in commands:
+                if c.reads_commands:  # a typed line is judged as typed; an exec's shell runs what it reads
+                    return SshFacts(req.kind, commands, unjudgeable=(
+                        f"{c.name} runs commands from its input or a file, which gatekeep does not see"))
         key = (req.kind, tuple((c.argv, c.wrappers) for c in commands))
         return SshFacts(req.kind, commands, cache_key=key)
     if req.sftp is not None:
