@@ -170,7 +170,9 @@ def test_normalize_path():
 
 
 @pytest.mark.parametrize("line", ["rm\\\n -rf /tmp/x", "r\\\nm -rf /tmp/x", "busybox rm -rf /tmp/x",
-                                  "sh -c 'r\\\nm -rf /tmp/x'"])
+                                  "sh -c 'r\\\nm -rf /tmp/x'", "env -S 'rm -rf /tmp/x'",
+                                  "env --split-string='rm -rf' /tmp/x", "flock /tmp/lock -c 'rm -rf /tmp/x'",
+                                  "watch -n1 'rm -rf /tmp/x'", "script -q -c 'rm -rf /tmp/x' /dev/null"])
 def test_the_shells_own_rewrites_do_not_hide_a_program(tmp_path, keyfile, line):
     """A backslash-newline the shell drops, or busybox running an applet, still names rm."""
     e = _engine(_config(tmp_path, keyfile, [{"name": "no-rm", "match": {"commands": ["rm"]}, "action": "deny"}]))
@@ -179,7 +181,7 @@ def test_the_shells_own_rewrites_do_not_hide_a_program(tmp_path, keyfile, line):
 
 @pytest.mark.parametrize("line", ["{rm,-rf,/tmp/x}", "echo rm -rf /tmp/x | sh", "bash <<EOF\nrm -rf /tmp/x\nEOF",
                                   "sh < /tmp/script", "bash /tmp/script.sh", "sh -s", ". /tmp/script",
-                                  "source /tmp/script", "sudo -s", "su", "busybox sh"])
+                                  "source /tmp/script", "sudo -s", "su", "busybox sh", "script /dev/null"])
 def test_lines_whose_commands_gatekeep_cannot_see_are_unjudgeable(tmp_path, keyfile, line):
     """Brace expansion in the program's place, and shells reading commands from input or a file, cannot be
     judged from an exec: denied as unjudgeable even where everything else is allowed."""

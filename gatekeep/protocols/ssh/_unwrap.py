@@ -8,8 +8,9 @@ A command line is split at ``;``, ``&&``, ``||``, ``|``, ``&`` and newlines;
 command substitutions (``$(...)`` and backquotes) are commands too. Each simple
 command loses its leading ``NAME=value`` assignments and its wrappers
 (``sudo``, ``env``, ``nohup``, ``timeout``, ``nice``, ``stdbuf``, ``xargs``,
-...), and ``sh -c``/``bash -c``/``eval`` strings are parsed as command lines in
-turn. What cannot be known without running the shell (a program named by a
+...), and ``sh -c``/``bash -c``/``eval`` strings, ``env -S`` strings,
+``flock -c``/``script -c`` commands and ``watch``'s joined arguments are parsed
+as command lines in turn. What cannot be known without running the shell (a program named by a
 variable, a glob or brace expansion, unbalanced quotes, nesting deeper than
 :data:`MAX_DEPTH`) makes the whole line *unjudgeable*. A shell that runs
 commands it reads from its input or a file (``bash``, ``sh -s``, ``bash
@@ -232,6 +233,13 @@ def _tokens(text: str) -> list[tuple[str, bool]]:
     return out
 
 
+def _split_words(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise Unjudgeable(f"the command line does not parse ({e})") from None
+
+
 def _simple_commands(text: str) -> list[list[str]]:
     """Split into simple commands (lists of words), dropping operators, redirections and keywords."""
     groups: list[list[str]] = [[]]
@@ -332,6 +340,31 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
             if w in ("-c", "--command") and j + 1 < len(words):
                 return _parse(words[j + 1], depth + 1, wrappers + ("su -c",))
         return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]  # a shell for the user
+    if name == "env":
+        # env -S 'CMD ARGS' (--split-string): env splits the string into the command and its arguments
+        for j, w in enumerate(words[1:], 1):
+            split = w[len("--split-string="):] if w.startswith("--split-string=") else \
+                words[j + 1] if w in ("-S", "--split-string") and j + 1 < len(words) else \
+                w[2:] if w.startswith("-S") and len(w) > 2 else None
+            if split is not None:
+                rest = j + (1 if "=" in w or len(w) > 2 and w.startswith("-S") else 2)
+                return _parse(shlex.join(_split_words(split) + words[rest:]), depth + 1, wrappers + ("env -S",))
+            if not w.startswith("-"):
+                break
+    if name in ("flock", "script"):
+        # flock LOCK -c CMD and script -c CMD run CMD with sh -c
+        for j, w in enumerate(words[1:], 1):
+            if w in ("-c", "--command") and j + 1 < len(words):
+                return _parse(words[j + 1], depth + 1, wrappers + (f"{name} -c",))
+            if w.startswith("--command="):
+                return _parse(w.partition("=")[2], depth + 1, wrappers + (f"{name} -c",))
+        if name == "script":  # without -c: an interactive shell
+            return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]
+    if name == "watch":
+        # watch runs its arguments, joined with spaces, with sh -c (unless -x/--exec)
+        rest = _skip_options(words, 1, _WRAPPER_VALUE_OPTIONS[name], name)
+        if not any(w in ("-x", "--exec") for w in words[1:rest]) and rest < len(words):
+            return _parse(" ".join(words[rest:]), depth + 1, wrappers + ("watch",))
     if name in _WRAPPER_VALUE_OPTIONS:
         rest = _skip_options(words, 1, _WRAPPER_VALUE_OPTIONS[name], name)
         if name == "env":
