@@ -172,7 +172,8 @@ def test_normalize_path():
 @pytest.mark.parametrize("line", ["rm\\\n -rf /tmp/x", "r\\\nm -rf /tmp/x", "busybox rm -rf /tmp/x",
                                   "sh -c 'r\\\nm -rf /tmp/x'", "env -S 'rm -rf /tmp/x'",
                                   "env --split-string='rm -rf' /tmp/x", "flock /tmp/lock -c 'rm -rf /tmp/x'",
-                                  "watch -n1 'rm -rf /tmp/x'", "script -q -c 'rm -rf /tmp/x' /dev/null"])
+                                  "watch -n1 'rm -rf /tmp/x'", "script -q -c 'rm -rf /tmp/x' /dev/null",
+                                  "runuser -l bob -c 'rm -rf /tmp/x'", "pkexec --user root rm -rf /tmp/x"])
 def test_the_shells_own_rewrites_do_not_hide_a_program(tmp_path, keyfile, line):
     """A backslash-newline the shell drops, or busybox running an applet, still names rm."""
     e = _engine(_config(tmp_path, keyfile, [{"name": "no-rm", "match": {"commands": ["rm"]}, "action": "deny"}]))

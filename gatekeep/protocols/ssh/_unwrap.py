@@ -59,6 +59,7 @@ _WRAPPER_VALUE_OPTIONS: dict[str, frozenset[str]] = {
     "watch": frozenset({"-n", "--interval", "-d", "--differences"}),
     "unbuffer": frozenset(),
     "runuser": frozenset({"-u", "--user", "-g", "--group", "-G", "--supp-group"}),
+    "pkexec": frozenset({"--user"}),
 }
 #: wrappers that take one positional argument before the command (timeout DURATION cmd, taskset MASK cmd, ...)
 _WRAPPER_POSITIONALS = {"timeout": 1, "taskset": 1, "chrt": 1, "flock": 1}
@@ -351,8 +352,8 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
                 return _parse(shlex.join(_split_words(split) + words[rest:]), depth + 1, wrappers + ("env -S",))
             if not w.startswith("-"):
                 break
-    if name in ("flock", "script"):
-        # flock LOCK -c CMD and script -c CMD run CMD with sh -c
+    if name in ("flock", "script", "runuser"):
+        # flock LOCK -c CMD, script -c CMD and runuser USER -c CMD run CMD with sh -c
         for j, w in enumerate(words[1:], 1):
             if w in ("-c", "--command") and j + 1 < len(words):
                 return _parse(words[j + 1], depth + 1, wrappers + (f"{name} -c",))
