@@ -59,10 +59,10 @@ def test_bad_match_keys_name_their_path():
 
 
 def test_facts_summary_and_cache_key():
-    """Facts summarise the request and cache by method, host and target."""
+    """Facts summarise the request and cache by method (and its override), host and target."""
     f = facts_for(req(b"GET /a?b=1 HTTP/1.1"))
     assert f.summary() == {"method": "GET", "host": "api.example.com", "path": "/a", "query": "b=1"}
-    assert f.cache_key == ("GET", "api.example.com", "/a?b=1")
+    assert f.cache_key == ("GET", None, "api.example.com", "/a?b=1")
 
 
 def test_rule_owner_with_mixed_keys():
@@ -73,3 +73,34 @@ def test_rule_owner_with_mixed_keys():
     assert mixed.protocol == "kubernetes"
     plain = read_rule(Node({"name": "y", "action": "deny", "match": {"paths": ["/api/*"]}}, "p", Path(".")), plugins)
     assert plain.protocol == "http"
+
+
+def _engine(policies, default_action="allow"):
+    from types import SimpleNamespace
+
+    from gatekeep.policy.engine import RuleEngine
+    rules = tuple(read_rule(Node(d, f"policies[{i}]", Path(".")), protocol_plugins()) for i, d in enumerate(policies))
+    return RuleEngine(rules, {"api": SimpleNamespace(default_action=default_action, unjudgeable="deny")},
+                      protocol_plugins())
+
+
+def _op(request):
+    from gatekeep.model import ClientAddress, Identity, Operation, Session
+    session = Session("s1", Identity("agent", frozenset({"agents"})), "api", "http", ClientAddress("127.0.0.1", 1),
+                      False, 0.0)
+    return Operation(session, 1, "http", f"{request.method} {request.target}", 0.0, request)
+
+
+@pytest.mark.parametrize("header", [b"X-HTTP-Method-Override", b"X-HTTP-Method", b"X-Method-Override"])
+def test_a_method_override_is_judged_as_well_as_the_method(header):
+    """POST with X-HTTP-Method-Override: DELETE is a DELETE to servers that honour it: a deny rule on DELETE fits;
+    an allow rule must fit both methods."""
+    r = req(b"POST /v1/users/7 HTTP/1.1", b"Host: api\r\n" + header + b": delete\r\n")
+    assert (r.method, r.method_override) == ("POST", "DELETE")
+    deny = _engine([{"name": "no-deletes", "match": {"methods": ["DELETE"]}, "action": "deny"}])
+    assert deny.decide(_op(r)).rule == "no-deletes"
+    assert deny.decide(_op(req(b"POST /v1/users/7 HTTP/1.1", b"Host: api\r\n"))).allowed
+    allow = _engine([{"name": "posts-only", "match": {"methods": ["POST"]}, "action": "allow"}], default_action="deny")
+    assert not allow.decide(_op(r)).allowed
+    assert allow.decide(_op(req(b"POST /v1/users/7 HTTP/1.1", b"Host: api\r\nX-HTTP-Method-Override: POST\r\n"))).allowed
+    assert facts_for(r).summary()["method_override"] == "DELETE"

@@ -39,6 +39,9 @@ class Request:
     #: the protocol's own description of the request (Kubernetes: verb, resource, ...)
     info: Any = None
     head: Head | None = attrs.field(default=None, eq=False, repr=False)
+    #: the method a method-override header asks for (X-HTTP-Method-Override and the like), when it differs:
+    #: servers that honour one act on it, those that do not on ``method``, so policy judges both
+    method_override: str | None = None
 
     def params(self) -> dict[str, list[str]]:
         """The query parameters (parsed on demand)."""
@@ -87,7 +90,20 @@ def parse_request(head: Head) -> Request:
     if head.version == b"1.1" and b"host" not in head.index:
         raise ProtocolError("HTTP/1.1 request without Host")
     path, problem = normalise_path(raw_path) if raw_path != "*" else ("*", None)
-    return Request(head.method.decode("ascii"), target, path, query, _host_only(host_header), problem, None, head)
+    method = head.method.decode("ascii")
+    override = None
+    for name in METHOD_OVERRIDES:
+        value = head.index.get(name)
+        if value is not None:
+            asked = value.decode("latin-1").strip().upper()
+            if asked != method:
+                override = asked
+                break
+    return Request(method, target, path, query, _host_only(host_header), problem, None, head, method_override=override)
+
+
+#: headers some frameworks (Rails, Express's method-override, Google APIs, ...) take as the request's real method
+METHOD_OVERRIDES = (b"x-http-method-override", b"x-http-method", b"x-method-override")
 
 
 def _host_only(host: str) -> str:

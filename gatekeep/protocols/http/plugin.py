@@ -226,8 +226,7 @@ class HttpPlugin:
         """What a request asks for (see gatekeep.protocols.http.policy); None for other operations."""
         if operation.kind != "http" or operation.detail is None:
             return None
-        request = operation.detail
-        return _policy().HttpFacts(request, (request.method, request.host, request.target))
+        return _policy().facts_for(operation.detail)
 
     def parseTarget(self, node: Node) -> HttpTarget:
         return read_http_target(node)

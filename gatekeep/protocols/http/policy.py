@@ -7,7 +7,9 @@ The HTTP side of policy: the facts of a request and the rule keys that match the
 Every key given must fit (an AND); within a key any glob may fit (an OR).
 ``paths`` globs match the decoded, normalised path (``*`` also crosses ``/``);
 ``query`` maps a parameter name to a glob that one of its values must fit
-(``"*"`` only asks that the parameter is present).
+(``"*"`` only asks that the parameter is present). A request with a method
+override header (``X-HTTP-Method-Override: DELETE`` on a POST) has two
+methods: a deny or review rule fits if either does, an allow rule only if both.
 """
 
 from __future__ import annotations
@@ -35,13 +37,15 @@ class HttpFacts:
     def summary(self) -> dict[str, Any]:
         r = self.request
         out = {"method": r.method, "host": r.host, "path": r.path}
+        if r.method_override:
+            out["method_override"] = r.method_override
         if r.query:
             out["query"] = r.query
         return out
 
 
 def facts_for(request: Request) -> HttpFacts:
-    return HttpFacts(request, (request.method, request.host, request.target))
+    return HttpFacts(request, (request.method, request.method_override, request.host, request.target))
 
 
 @attrs.frozen
@@ -57,9 +61,19 @@ class HttpMatch:
             return False
         return self.matches_request(request)
 
-    def matches_request(self, r: Request) -> bool:
-        if self.methods is not None and r.method not in self.methods:
+    def matches_all(self, facts: Any, operation: Any) -> bool:
+        """For allow rules: a request with a method override fits only if both of its methods do."""
+        request = getattr(facts, "request", None)
+        if request is None:
             return False
+        return self.matches_request(request, every=True)
+
+    def matches_request(self, r: Request, every: bool = False) -> bool:
+        if self.methods is not None:
+            methods = (r.method, r.method_override) if r.method_override else (r.method,)
+            fits = [m in self.methods for m in methods]
+            if not (all(fits) if every else any(fits)):
+                return False
         if self.hosts is not None and not any(fnmatchcase(r.host, p) for p in self.hosts):
             return False
         if self.paths is not None and not any(fnmatchcase(r.path, p) for p in self.paths):
