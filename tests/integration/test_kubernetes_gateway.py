@@ -172,6 +172,20 @@ def test_delete_pod_denied_with_kubectls_own_error(kube):
     assert denied[0]["rule"] == "agents-never-delete" and denied[0]["facts"]["verb"] == "delete"
 
 
+def test_impersonation_is_refused_whatever_the_rules_say(kube):
+    """kubectl --as sends Impersonate-User: the API server would act as that user with gatekeep's credentials.
+    gatekeep refuses it (kubectl's own Forbidden error) and the fake API server never sees it."""
+    gk, api, configs, home = kube
+    before = len(api.requests)
+    out = kubectl(kube, "alice", "get", "pods", "--as", "system:admin", "--as-group", "system:masters")
+    assert out.returncode != 0
+    assert out.stderr.startswith("Error from server (Forbidden):"), out.stderr
+    assert "rule impersonation" in out.stderr and "kubectl --as" in out.stderr
+    assert not any("Impersonate-User" in r["headers"] for r in api.requests[before:])
+    ok = kubectl(kube, "alice", "get", "pods", "-o", "name")  # the same request without --as goes through
+    assert ok.returncode == 0 and ok.stdout.startswith("pod/"), ok.stderr
+
+
 def test_delete_pod_allowed_waits_on_its_watch(kube):
     """kubectl delete pod by alice goes through; kubectl waits on the watch until the DELETED event."""
     gk, api, configs, home = kube

@@ -42,6 +42,16 @@ class KubernetesFacts:
     def unjudgeable(self) -> str | None:
         return self.request.unjudgeable
 
+    @property
+    def refused(self) -> tuple[str, str] | None:
+        """Impersonation headers (``kubectl --as``) are refused whatever the rules say: the API server would act
+        as someone else with the target's credentials, which gatekeep's identities and rules know nothing of."""
+        head = self.request.head
+        if head is not None and any(name.startswith(b"impersonate-") for name in head.index):
+            return IMPERSONATION, ("impersonation (Impersonate-* headers, kubectl --as) is not passed: the API "
+                                   "server would act as another user with the target's credentials")
+        return None
+
     def summary(self) -> dict[str, Any]:
         out = self.info.summary()
         out["method"] = self.request.method
@@ -49,8 +59,15 @@ class KubernetesFacts:
         return out
 
 
+#: the rule named when a request asks the API server to impersonate someone
+IMPERSONATION = "impersonation"
+
+
 def facts_for(request: Request) -> KubernetesFacts:
-    return KubernetesFacts(request, (request.method, request.host, request.target))
+    head = request.head
+    asks = tuple(sorted((k, v) for k, v in head.index.items() if k.startswith(b"impersonate-"))) \
+        if head is not None else ()
+    return KubernetesFacts(request, (request.method, request.host, request.target, asks))
 
 
 def _any(value: str, patterns: tuple[str, ...] | None) -> bool:
