@@ -28,7 +28,8 @@ def test_request_parts():
     assert req(b"GET http://other.example/x?y=1 HTTP/1.1").host == "other.example"
 
 
-@pytest.mark.parametrize("raw", ["/a/../admin", "/a/%2e%2e/admin", "/a%2fb", "/a/./b", "/a%5cb"])
+@pytest.mark.parametrize("raw", ["/a/../admin", "/a/%2e%2e/admin", "/a%2fb", "/a/./b", "/a%5cb", "/admin;x=1/secret",
+                                 "/admin%3b/secret"])
 def test_tricky_paths_are_unjudgeable(raw):
     """Dot segments and encoded separators make a request unjudgeable."""
     assert normalise_path(raw)[1] is not None

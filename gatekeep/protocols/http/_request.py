@@ -4,7 +4,8 @@ normalised), query. Pure.
 
 The path is judged in a canonical form: percent-decoded, with repeated slashes
 collapsed. A path gatekeep cannot put in one canonical form that every server
-would agree on (an encoded slash or backslash, a ``.`` or ``..`` segment, a NUL)
+would agree on (an encoded slash or backslash, a ``.`` or ``..`` segment, a NUL,
+a ``;`` that some servers take as the start of path parameters)
 makes the request *unjudgeable*: denied unless the target allows unjudgeable
 operations. The request is forwarded with its target as the client sent it.
 """
@@ -55,7 +56,8 @@ class Request:
 
 def normalise_path(raw: str) -> tuple[str, str | None]:
     """(canonical path, problem or None)."""
-    if "%" not in raw and "//" not in raw and "/." not in raw and "\\" not in raw and raw.startswith("/"):
+    if "%" not in raw and "//" not in raw and "/." not in raw and "\\" not in raw and ";" not in raw \
+            and raw.startswith("/"):
         return raw, None  # already canonical (the usual case)
     problem = None
     if _ENCODED_SEPARATOR.search(raw):
@@ -69,6 +71,8 @@ def normalise_path(raw: str) -> tuple[str, str | None]:
     segments = path.split("/")
     if "." in segments or ".." in segments:
         problem = problem or "the path has . or .. segments"
+    if ";" in path:  # /admin;x=1/secret is /admin/secret to Tomcat and Jetty, a path of its own to others
+        problem = problem or "the path has a ; (some servers drop ;parameters from path segments)"
     return path, problem
 
 
