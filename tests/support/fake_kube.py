@@ -293,36 +293,32 @@ class Handler(BaseHTTPRequestHandler):
             # as an API server without the WebSocket tunnel: kubectl then falls back to SPDY
             self._status(400, "BadRequest", "this fake API server forwards ports over SPDY/3.1 only")
             return
+        session = self._upgrade_to_spdy("portforward.k8s.io")
+        if session is not None:
+            _portforward_over_spdy(session, name)
+
+    def _upgrade_to_spdy(self, protocol):
+        """101 to SPDY/3.1 with ``protocol`` if the client offers it (else a 400): the session, or None."""
         offered = [v.strip() for value in self.headers.get_all("X-Stream-Protocol-Version") or []
                    for v in value.split(",")]
-        if "portforward.k8s.io" not in offered:
-            self._status(400, "BadRequest", "portforward.k8s.io is the only port-forward protocol of this fake")
-            return
+        if protocol not in offered:
+            self._status(400, "BadRequest", "%s is the only stream protocol of this fake here" % protocol)
+            return None
         self.send_response(101)
         self.send_header("Connection", "Upgrade")
         self.send_header("Upgrade", "SPDY/3.1")
-        self.send_header("X-Stream-Protocol-Version", "portforward.k8s.io")
+        self.send_header("X-Stream-Protocol-Version", protocol)
         self.end_headers()
         self.wfile.flush()
         self.close_connection = True
-        _portforward_over_spdy(spdy.Session(self.rfile, self.wfile), name)
+        return spdy.Session(self.rfile, self.wfile)
 
     # -- exec over SPDY/3.1 (kubectl's fallback) -------------------------------------------
 
     def exec_spdy(self, query):
-        offered = self.headers.get_all("X-Stream-Protocol-Version") or []
-        offered = [v.strip() for value in offered for v in value.split(",")]
-        if "v4.channel.k8s.io" not in offered:
-            self._status(400, "BadRequest", "v4.channel.k8s.io is the only stream protocol of this fake")
+        session = self._upgrade_to_spdy("v4.channel.k8s.io")
+        if session is None:
             return
-        self.send_response(101)
-        self.send_header("Connection", "Upgrade")
-        self.send_header("Upgrade", "SPDY/3.1")
-        self.send_header("X-Stream-Protocol-Version", "v4.channel.k8s.io")
-        self.end_headers()
-        self.wfile.flush()
-        self.close_connection = True
-        session = spdy.Session(self.rfile, self.wfile)
         expected = {"error"} | {name for name in ("stdin", "stdout", "stderr")
                                 if query.get(name, ["false"])[0] == "true"}
         if query.get("tty", ["false"])[0] == "true":

@@ -121,16 +121,11 @@ def test_any_bytes_are_decoded_or_refused_with_a_value_error(chunks):
 @given(cut=st.integers(1, 40), noise=st.binary(min_size=1, max_size=16))
 def test_a_real_session_cut_anywhere_then_garbage_keeps_what_came_before(cut, noise):
     """The connections recorded before bytes stop making sense are kept; the garbage is refused, not guessed."""
-    from tests.unit.test_kube_spdy import FORWARDED, forward_session
+    from tests.unit.test_kube_spdy import FORWARDED, feed_in_chunks, forward_session
 
     up, down = forward_session()
     d = SpdyPortForwardDecoder()
-    pieces = []
-    for i in range(0, len(up), cut):
-        pieces += d.feed(up[i:i + cut], True)
-    for i in range(0, len(down), cut):
-        pieces += d.feed(down[i:i + cut], False)
-    assert pieces == FORWARDED
+    assert feed_in_chunks(d, up, down, cut) == FORWARDED
     try:
         d.feed(b"\x80\x02" + noise, True)  # a control frame of SPDY version 2 (then anything)
     except ValueError as e:

@@ -75,16 +75,20 @@ def test_a_session_becomes_stdin_stdout_resize_and_exit():
     assert d.feed(up, True) + d.feed(down, False) == EXPECTED
 
 
+def feed_in_chunks(decoder, up, down, size):
+    """Both directions fed ``size`` bytes at a time (the client's first): the pieces, in order."""
+    pieces = []
+    for data, from_client in ((up, True), (down, False)):
+        for i in range(0, len(data), size):
+            pieces += decoder.feed(data[i:i + size], from_client)
+    return pieces
+
+
 @pytest.mark.parametrize("size", [1, 3, 7, 64])
 def test_frames_split_anywhere_decode_the_same(size):
     """Bytes arrive in any chunks: frames and UTF-8 characters cut across them come out whole."""
     up, down = session()
-    d = SpdyExecDecoder()
-    pieces = []
-    for i in range(0, len(up), size):
-        pieces += d.feed(up[i:i + size], True)
-    for i in range(0, len(down), size):
-        pieces += d.feed(down[i:i + size], False)
+    pieces = feed_in_chunks(SpdyExecDecoder(), up, down, size)
     merged = []
     for p in pieces:  # a chunk boundary may split one frame's text in two pieces of the same kind
         if merged and merged[-1].kind == p.kind and p.kind in "io":
@@ -155,10 +159,7 @@ def test_port_forward_connections_are_recorded_by_port_with_their_bytes(size):
     """Each forwarded connection: opened, the server's error, closed (or reset) with the bytes each way."""
     up, down = forward_session()
     d = SpdyPortForwardDecoder()
-    step = size or max(len(up), len(down))
-    pieces = [p for i in range(0, len(up), step) for p in d.feed(up[i:i + step], True)]
-    pieces += [p for i in range(0, len(down), step) for p in d.feed(down[i:i + step], False)]
-    assert pieces == FORWARDED
+    assert feed_in_chunks(d, up, down, size or max(len(up), len(down))) == FORWARDED
     assert d.finish() == []
 
 

@@ -344,11 +344,7 @@ class _Cursor:
         return self.unpack(_UINT32)[0]
 
     def cstr(self) -> str:
-        end = self.data.find(b"\0", self.pos)
-        if end < 0:
-            raise self.error("missing string terminator")
-        raw = self.data[self.pos : end]
-        self.pos = end + 1
+        raw = self.cbytes()
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
