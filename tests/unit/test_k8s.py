@@ -197,3 +197,15 @@ def test_exec_credential_carries_the_jwt_expiry():
     assert out["kind"] == "ExecCredential" and out["apiVersion"] == "client.authentication.k8s.io/v1"
     assert out["status"] == {"token": jwt, "expirationTimestamp": "2023-11-14T22:13:20Z"}
     assert json.loads(exec_credential("gk_opaque"))["status"] == {"token": "gk_opaque"}
+
+
+def test_front_proxy_identity_headers_never_reach_the_api_server():
+    """X-Remote-User, -Group and -Extra-* (request-header authentication) are dropped from every request."""
+    r = DIALECT.describe(parse_request(parse_head(
+        b"GET /api/v1/namespaces/d/pods HTTP/1.1\r\nHost: k\r\nX-Remote-User: system:admin\r\n"
+        b"X-Remote-Group: system:masters\r\nX-Remote-Extra-Scopes: all\r\n\r\n", REQUEST)))
+    drop, _ = DIALECT.rewrite(r, None)
+    assert {b"x-remote-user", b"x-remote-group", b"x-remote-extra-scopes"} <= drop
+    secret = DIALECT.describe(parse_request(parse_head(
+        b"GET /api/v1/namespaces/d/secrets HTTP/1.1\r\nHost: k\r\nX-Remote-User: x\r\n\r\n", REQUEST)))
+    assert b"x-remote-user" in DIALECT.rewrite(secret, None)[0]

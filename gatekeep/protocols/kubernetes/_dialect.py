@@ -67,6 +67,12 @@ class KubernetesDialect(HttpDialect):
 
     def rewrite(self, request: Request, masker: JsonMasker | None) -> tuple[frozenset[bytes], tuple]:
         drop, add = super().rewrite(request, masker)
+        if request.head is not None:
+            # X-Remote-User/-Group/-Extra-*: the identity an authenticating front proxy vouches for. An API
+            # server that trusts the target's client certificate as such a proxy would believe the client's.
+            remote = frozenset(n for n in request.head.index if n.startswith(b"x-remote-"))
+            if remote:
+                drop = drop | remote
         if not self._secrets(request):
             return drop, add
         # Secrets must come back as JSON, uncompressed: gatekeep masks them on the way
