@@ -37,3 +37,26 @@ def test_parse_reads_the_query_in_the_session_encoding_and_says_when_it_cannot()
     parse = pg.parse_parse(body)  # UTF8: 0xE9 then a quote is not UTF-8
     assert parse.unreadable and parse.query == "SELECT 'caf\ufffd'"
     assert not pg.parse_parse(b"s1\0SELECT 'caf\xc3\xa9'\0\0\0").unreadable
+
+
+def test_reading_settings_know_when_a_statement_may_be_misread():
+    """A group that runs code may change the settings: statements that depend on them are in doubt until the
+    server has answered it; other statements never are."""
+    s = _encoding.ReadingSettings()
+    assert not s.in_doubt(b"SELECT '\\'")
+    s.runs_code()  # SELECT f() in the group being sent
+    assert s.in_doubt(b"SELECT 'a\\'") and not s.in_doubt(b"SELECT 1")
+    s.group_sent()
+    assert not s.group_unsettling and s.in_doubt(b"SELECT 'a\\'")
+    fired = []
+    s.wait().addCallback(fired.append)
+    s.group_sent()  # a later group, nothing in it runs code
+    s.answered()  # the answer to the group that ran code
+    assert fired == [None] and not s.in_doubt(b"SELECT 'a\\'")
+    s.answered()
+    assert s.reported("client_encoding", "LATIN1") is None and s.codec == "latin-1"
+    assert not s.in_doubt("café".encode("latin-1"))
+    s.runs_code()
+    assert s.in_doubt("café".encode("latin-1"))  # outside UTF8, non-ASCII bytes depend on the encoding
+    assert "not supported" in s.reported("standard_conforming_strings", "off")
+    assert "not supported" in s.reported("client_encoding", "SJIS") and s.codec == "latin-1"

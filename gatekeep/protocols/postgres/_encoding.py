@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import re
 
+from twisted.internet.defer import Deferred
+
 #: client-only encodings whose multi-byte characters can contain ASCII bytes, by normalised name (PostgreSQL's
 #: own names and aliases: letters and digits only, lower case)
 UNSAFE = frozenset({
@@ -104,8 +106,60 @@ def setting_refused(name: str, value: str | None) -> tuple[str, str] | None:
 
 def reported_refused(name: str, value: str) -> str | None:
     """Why a session whose server reports ``name = value`` (ParameterStatus) cannot go on, or None."""
-    if name == "client_encoding" and is_unsafe(value):
-        return refusal(value)
-    if name == "standard_conforming_strings" and value.lower() != "on":
-        return SCS_REFUSED
-    return None
+    refused = setting_refused(name, value) if name in SETTINGS else None
+    return refused[1] if refused else None
+
+
+class ReadingSettings:
+    """
+    What one session's statements are read by, as the server last reported it, and whether that may be
+    changing. Sans-IO: the relay says when a group of messages goes out (``group_sent``), when a statement
+    in it runs code (``runs_code``: a function call, DO or CALL may change client_encoding or
+    standard_conforming_strings, and the server reports that only just before the group's ReadyForQuery),
+    and when a ReadyForQuery comes (``answered``).
+    """
+
+    def __init__(self) -> None:
+        #: the Python codec of the session's client_encoding
+        self.codec = "utf-8"
+        #: the group being sent runs code that may change the settings
+        self.group_unsettling = False
+        self._sent = 0
+        self._done = 0
+        self._settle_at = 0  # the group after whose answer the settings are known again
+        self._waiting: list[Deferred] = []
+
+    def runs_code(self) -> None:
+        self.group_unsettling = True
+
+    def group_sent(self) -> None:
+        self._sent += 1
+        if self.group_unsettling:
+            self.group_unsettling = False
+            self._settle_at = self._sent
+
+    def answered(self) -> None:
+        """A ReadyForQuery: what waits goes on once the groups that may have changed the settings are answered."""
+        self._done += 1
+        if self._waiting and self._done >= self._settle_at:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)
+
+    def in_doubt(self, raw: bytes) -> bool:
+        """Whether a statement (``raw``) reads differently under other settings while they may be changing."""
+        return (self.group_unsettling or self._settle_at > self._done) and (
+            b"\\" in raw or (self.codec != "utf-8" and not raw.isascii()))
+
+    def wait(self) -> Deferred:
+        """Fires once the groups that may have changed the settings are answered."""
+        d: Deferred = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def reported(self, name: str, value: str) -> str | None:
+        """The server reports a setting: why the session cannot go on, or None (statements are read by it)."""
+        why = reported_refused(name, value)
+        if why is None and name == "client_encoding":
+            self.codec = codec_for(value)
+        return why

@@ -27,18 +27,12 @@ import attrs
 from gatekeep.masking import strategies
 from gatekeep.masking.rules import MaskingRule, MaskPlan
 from gatekeep.protocols.postgres import _codec as pg
-from gatekeep.protocols.postgres import _encoding
 
 TEXT_TYPES = frozenset({25, 1043, 1042, 19, 705, 18, 142})  # text, varchar, bpchar, name, unknown, char, xml
 #: arrays of text types: a value detectors find anything in becomes NULL (a partial edit could break the array)
 TEXT_ARRAY_TYPES = frozenset({1009, 1015, 1014, 1003, 143, 199, 3807})  # text[], varchar[], bpchar[], name[], xml[], json[], jsonb[]
 #: whole rows (record, record[]); named row types of masked tables are found in the catalog
 RECORD_TYPES = frozenset({2249, 2287})
-
-def codec_for(client_encoding: str | None) -> str:
-    """The Python codec of a client encoding (``_encoding.codec_for``)."""
-    return _encoding.codec_for(client_encoding)
-
 
 JSON_TYPES = frozenset({114, 3802})
 INT_SIZES = {21: 2, 23: 4, 20: 8}

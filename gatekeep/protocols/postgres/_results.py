@@ -20,6 +20,7 @@ from typing import Any
 from gatekeep.masking import strategies
 from gatekeep.model import Action, Decision
 from gatekeep.protocols.postgres import _codec as pg
+from gatekeep.protocols.postgres import _encoding
 from gatekeep.protocols.postgres import _masking
 from gatekeep.protocols.postgres._tracker import Tracker
 from gatekeep.protocols.postgres.sql import analyze
@@ -112,7 +113,7 @@ class ResultMasking:
 
     def parameter_status(self, name: str, value: str) -> None:
         if name == "client_encoding":
-            self.codec = _masking.codec_for(value)
+            self.codec = _encoding.codec_for(value)
 
     def result_ended(self) -> None:
         """A CommandComplete, ErrorResponse, EmptyQueryResponse or PortalSuspended."""

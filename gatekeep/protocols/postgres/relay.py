@@ -119,20 +119,13 @@ class Frontend(protocol.Protocol):
         self.end_reason = "client closed the connection"
         self._cut: Any = None  # the abort of a connection closed but not gone (sendnow.cut_later)
         self.tx_status = "I"
-        #: the Python codec of the session's client_encoding, as the server last reported it
-        self.sql_codec = "utf-8"
-        # settings the server's lexer reads statements by may be changing (see _unsettled): groups forwarded
-        # and answered (ReadyForQuery), the group after whose answer they are known again, whether the group
-        # being forwarded may change them, and what waits for them
-        self._groups_sent = 0
-        self._groups_done = 0
-        self._settle_at = 0
-        self._group_unsettling = False
-        self._settling: list[Deferred] = []
+        #: what statements are read by (client_encoding, standard_conforming_strings), and whether it may change
+        self.settings = _encoding.ReadingSettings()
         self._scram: ScramServer | None = None
         # extended protocol: prepared statements and portals, for records and decisions
-        self._statements: dict[str, tuple[str, Decision]] = {}
-        self._portals: dict[str, tuple[str, Decision, tuple]] = {}
+        # (text, decision, whether it runs code that may change settings; see _encoding.ReadingSettings)
+        self._statements: dict[str, tuple[str, Decision, bool]] = {}
+        self._portals: dict[str, tuple[str, Decision, tuple, bool]] = {}
         # client messages waiting for a decision that is not in yet
         self._inbox: deque = deque()
         self._waiting: Deferred | None = None
@@ -431,7 +424,7 @@ class Frontend(protocol.Protocol):
                 elif t == b"S":
                     out.append(m.encode())
                     self.tracker.group_ends()
-                    self._group_sent()
+                    self.settings.group_sent()
                     d = None
                 elif t == b"F":
                     d = self.on_function_call(m, out)
@@ -581,13 +574,13 @@ class Frontend(protocol.Protocol):
 
     def _unreadable(self, op: Operation, forward, record=None) -> Deferred | None:
         """A statement whose bytes are not valid in the session's client encoding: refused, not guessed at."""
-        why = (f"the statement is not valid {self.sql_codec.upper()}, the session's client encoding: gatekeep "
+        why = (f"the statement is not valid {self.settings.codec.upper()}, the session's client encoding: gatekeep "
                "cannot read it as the server would")
         return self._carry_out(Decision(Action.DENY, _encoding.SETTINGS["client_encoding"], why, {}), op, forward,
                                None, record)
 
     def on_query(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
-        text, unreadable = _sql_text(m.body, self.sql_codec)
+        text, unreadable = _sql_text(m.body, self.settings.codec)
         op = self._operation("query", text, detail=self.sql_state)
 
         def refine(decision: Decision) -> Decision:
@@ -599,13 +592,12 @@ class Frontend(protocol.Protocol):
             if decision.action is Action.ALLOW:
                 analysis = analyze(text)
                 self.sql_state.apply(analysis)
-                self._forwarding(analysis)
+                if analysis.runs_code:
+                    self.settings.runs_code()
             self._group(op, m, out, decision)
 
-        if self._group_unsettling or self._settle_at > self._groups_done:
-            wait = self._unsettled(m.body, op, lambda: self.on_query(m, out), carry_out)
-            if wait is not False:
-                return wait
+        if self.settings.in_doubt(m.body):
+            return self._unsettled(op, lambda: self.on_query(m, out), carry_out)
         if unreadable:
             return self._unreadable(op, carry_out)
         return self._judge(op, carry_out, refine)
@@ -621,56 +613,25 @@ class Frontend(protocol.Protocol):
             self.upstream.stream.hold = True
             out.append(pg.query(POISON))
         self.tracker.group_ends()
-        self._group_sent()
+        self.settings.group_sent()
 
-    # -- settings the server reads statements by ----------------------------------------------
-    #
-    # A statement that calls a function (or DO, CALL) may change client_encoding or standard_conforming_strings
-    # on the server, which reports it only just before the group's ReadyForQuery. A statement whose reading
-    # depends on them (a backslash; in an encoding other than UTF8 a non-ASCII byte) that arrives before
-    # that answer waits for it; inside the same extended-protocol group, where no answer comes before the
-    # client's Sync, it is refused.
+    # -- settings the server reads statements by (_encoding.ReadingSettings) ----------------------------
 
-    def _forwarding(self, analysis: Any) -> None:
-        """An allowed statement goes to the server: note whether it may change those settings."""
-        if analysis.runs_code:
-            self._group_unsettling = True
-
-    def _group_sent(self) -> None:
-        self._groups_sent += 1
-        if self._group_unsettling:
-            self._group_unsettling = False
-            self._settle_at = self._groups_sent
-
-    def _settings_known(self) -> None:
-        """A ReadyForQuery: when the groups that may have changed the settings are answered, go on."""
-        self._groups_done += 1
-        if self._settling and self._groups_done >= self._settle_at:
-            waiting, self._settling = self._settling, []
-            for d in waiting:
-                d.callback(None)
-
-    def _unsettled(self, raw: bytes, op: Operation, again, forward, record=None) -> Deferred | None | bool:
+    def _unsettled(self, op: Operation, again, forward, record=None) -> Deferred | None:
         """
-        For a statement (``raw``, as ``op``) that reads differently under other settings: a Deferred that
-        runs ``again()`` once the settings are known, or the refusal, or False when nothing stands in the way.
+        A statement whose settings are in doubt: inside the group that may change them, refused; after it, a
+        Deferred that runs ``again()`` once the server has answered that group.
         """
-        if b"\\" not in raw and (self.sql_codec == "utf-8" or raw.isascii()):
-            return False
-        if self._group_unsettling:
-            rule = _encoding.SETTINGS["standard_conforming_strings" if b"\\" in raw else "client_encoding"]
+        if self.settings.group_unsettling:
+            rule = _encoding.SETTINGS["standard_conforming_strings" if "\\" in op.text else "client_encoding"]
             why = ("it follows a function call in the same pipeline, which may change the settings the server "
                    "reads it by (standard_conforming_strings, client_encoding): send a Sync before it")
             return self._carry_out(Decision(Action.DENY, rule, why, {}), op, forward, None, record)
-        if self._groups_done >= self._settle_at:
-            return False
         self.seq -= 1  # the statement is read again, as a new operation, once the settings are known
-        d: Deferred = Deferred()
-        self._settling.append(d)
-        return d.addCallback(lambda _: again() if self.phase is Phase.READY else None)
+        return self.settings.wait().addCallback(lambda _: again() if self.phase is Phase.READY else None)
 
     def on_parse(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
-        parse = pg.parse_parse(m.body, self.sql_codec)
+        parse = pg.parse_parse(m.body, self.settings.codec)
         op = self._operation("parse", parse.query, detail=self.sql_state)
 
         def record(decision: Decision) -> bool:
@@ -681,8 +642,9 @@ class Frontend(protocol.Protocol):
 
         def carry_out(decision: Decision) -> None:
             if decision.action is Action.ALLOW:
-                self.sql_state.apply(analyze(parse.query))
-                self._statements[parse.statement] = (parse.query, decision)
+                analysis = analyze(parse.query)
+                self.sql_state.apply(analysis)
+                self._statements[parse.statement] = (parse.query, decision, analysis.runs_code)
                 out.append(m.encode())
                 return
             self._statements.pop(parse.statement, None)
@@ -690,10 +652,8 @@ class Frontend(protocol.Protocol):
             self.upstream.stream.hold = True
             out.append(pg.parse(parse.statement, POISON, parse.param_types))
 
-        if self._group_unsettling or self._settle_at > self._groups_done:
-            wait = self._unsettled(m.body, op, lambda: self.on_parse(m, out), carry_out, record)
-            if wait is not False:
-                return wait
+        if self.settings.in_doubt(m.body):
+            return self._unsettled(op, lambda: self.on_parse(m, out), carry_out, record)
         if parse.unreadable:
             return self._unreadable(op, carry_out, record)
         return self._judge(op, carry_out, record=record)
@@ -706,7 +666,7 @@ class Frontend(protocol.Protocol):
 
         def carry_out(decision: Decision) -> None:
             if decision.action is Action.ALLOW:
-                self._group_unsettling = True  # any function, set_config included
+                self.settings.runs_code()  # any function, set_config included
             self._group(op, m, out, decision)
 
         return self._judge(op, carry_out)
@@ -722,7 +682,7 @@ class Frontend(protocol.Protocol):
             )
             if self.results is not None:
                 params = self.results.recordable(params)  # the record keeps only masked values
-            self._portals[bind.portal] = (found[0], found[1], params)
+            self._portals[bind.portal] = (found[0], found[1], params, found[2])
         else:
             self._portals.pop(bind.portal, None)
         if self.results is not None:
@@ -739,12 +699,13 @@ class Frontend(protocol.Protocol):
             self.tracker.add(None, "execute", self.gateway.now())
             out.append(m.encode())
             return None
-        text, decision, params = found
+        text, decision, params, runs_code = found
         op = self._operation("execute", text, params)
 
         def carry_out(decision: Decision) -> None:
             if decision.action is Action.ALLOW:
-                self._forwarding(analyze(text))
+                if runs_code:
+                    self.settings.runs_code()
                 self.tracker.add(op, "execute", self.gateway.now())
                 out.append(m.encode())
             else:
@@ -764,14 +725,12 @@ class Frontend(protocol.Protocol):
         server does ends the session (a change gatekeep could see, such as SET client_encoding, was refused
         before it ran). False when the session ends.
         """
-        why = _encoding.reported_refused(name, value)
+        why = self.settings.reported(name, value)
         if why is not None:
             _log.warn("session {session} ended: the server reports {name} {value}",
                       session=self.session.id if self.session else "-", name=name, value=value)
             self.fatal("0A000", "gatekeep ends this session: " + why, reason=f"{name} {value} is not supported")
             return False
-        if name == "client_encoding":
-            self.sql_codec = _encoding.codec_for(value)
         return True
 
     def from_server(self, mtype: bytes, body: bytes) -> bytes | None:
@@ -793,7 +752,7 @@ class Frontend(protocol.Protocol):
                 results.group_ended()
             elif not len(self.tracker) and self.upstream is not None:
                 self.upstream.stream.hold = False
-            self._settings_known()
+            self.settings.answered()
         elif mtype == b"E":
             fields = pg.parse_fields(body)
             if results is not None:

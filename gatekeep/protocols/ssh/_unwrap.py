@@ -344,14 +344,19 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
     if name == "env":
         # env -S 'CMD ARGS' (--split-string): env splits the string into the command and its arguments
         for j, w in enumerate(words[1:], 1):
-            split = w[len("--split-string="):] if w.startswith("--split-string=") else \
-                words[j + 1] if w in ("-S", "--split-string") and j + 1 < len(words) else \
-                w[2:] if w.startswith("-S") and len(w) > 2 else None
-            if split is not None:
-                rest = j + (1 if "=" in w or len(w) > 2 and w.startswith("-S") else 2)
-                return _parse(shlex.join(_split_words(split) + words[rest:]), depth + 1, wrappers + ("env -S",))
-            if not w.startswith("-"):
+            if w in ("-S", "--split-string"):
+                if j + 1 >= len(words):
+                    break
+                split, rest = words[j + 1], j + 2
+            elif w.startswith("--split-string="):
+                split, rest = w.partition("=")[2], j + 1
+            elif w.startswith("-S"):
+                split, rest = w[2:], j + 1
+            elif w.startswith("-"):
+                continue
+            else:
                 break
+            return _parse(shlex.join(_split_words(split) + words[rest:]), depth + 1, wrappers + ("env -S",))
     if name in ("flock", "script", "runuser"):
         # flock LOCK -c CMD, script -c CMD and runuser USER -c CMD run CMD with sh -c
         for j, w in enumerate(words[1:], 1):
