@@ -133,13 +133,24 @@ class Connection(txpostgres.Connection):
     A txpostgres connection that reports a server closing it (a restart, an
     idle timeout) as a lost connection instead of an unhandled error from
     ``doRead``: the reactor then calls ``connectionLost`` quietly.
+
+    Two ways the server's close shows up here: polling raises (psycopg2
+    reads the error), or polling succeeds but libpq has already dropped the
+    socket while psycopg2 does not yet count the connection as closed, so
+    ``fileno()`` is -1. txpostgres' own ``doRead`` would then hand -1 to the
+    reactor (``ValueError`` from epoll, logged as an unhandled error).
     """
 
     def doRead(self) -> Any:
         try:
-            return super().doRead()
+            txpostgres._PollingMixin.doRead(self)
         except psycopg2.Error as e:
             return neterror.ConnectionLost(describe(e))
+        self.checkForNotifies()
+        if self.fileno() < 0:  # closed, or its socket is gone
+            return neterror.ConnectionLost("the server closed the connection")
+        self.reactor.addReader(self)
+        return None
 
 
 def _cancel_quietly(raw: Any) -> None:
