@@ -5,6 +5,7 @@ from __future__ import annotations
 from gatekeep.bounded import BoundedCache, weight
 from gatekeep.policy import engine
 from gatekeep.protocols.postgres import _codec as pg
+from gatekeep.protocols.postgres import _messages
 from gatekeep.protocols.postgres import sql
 
 
@@ -47,7 +48,7 @@ def test_many_large_distinct_parse_messages_do_not_pile_up():
     for i in range(300):
         body = pg.parse(f"s{i}", "SELECT " + "1," * 20000 + str(i), ())[5:]
         assert pg.parse_parse(body).statement == f"s{i}"
-    assert pg._parses.bytes <= pg._parses.max_bytes
+    assert _messages._parses.bytes <= _messages._parses.max_bytes
 
 
 def test_the_decision_cache_is_bounded_in_bytes():

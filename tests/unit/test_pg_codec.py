@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gatekeep.protocols.postgres import _codec as c
+from gatekeep.protocols.postgres import _messages
 from gatekeep.protocols.postgres._codec import Message, MessageReader, ProtocolError, Scanner
 
 FIELDS = (
@@ -708,7 +709,7 @@ def test_quick_bind_reader_agrees_with_the_checked_one(noise, data):
                    (0, 1), (b"42", None, b"\x00\x01"), (1,))
     for body in (valid[5:], valid[5:-data.draw(st.integers(1, 8))], noise):
         try:
-            expected = c._parse_bind_checked(body)
+            expected = _messages._parse_bind_checked(body)
         except c.ProtocolError as e:
             with pytest.raises(c.ProtocolError, match=re.escape(str(e))):
                 c.parse_bind(body)
