@@ -5,10 +5,12 @@ the chain.
     psql ──► Frontend ──(chain: identity, policy, recording)──► Upstream ──► PostgreSQL
          ◄──────────── BackendStream (pass-through, tracked) ◄──
 
-Phases of a client connection, in order (:class:`Phase`): STARTUP (SSLRequest,
-GSSENCRequest, CancelRequest or StartupMessage), AUTH (SCRAM-SHA-256, or a
-cleartext token over TLS), UPSTREAM (gatekeep logs in to the server with the
-target's credentials), READY (relaying), CLOSED.
+Phases of a client connection, in order (:class:`~._startup.Phase`): STARTUP
+(SSLRequest, GSSENCRequest, CancelRequest or StartupMessage), AUTH
+(SCRAM-SHA-256, or a cleartext token over TLS), UPSTREAM (gatekeep logs in to
+the server with the target's credentials), READY (relaying), CLOSED. The first
+two are :class:`~._startup.ClientStartup`'s; the server side is
+:class:`~._upstream.Upstream`.
 
 In READY, client messages are framed whole (they are small, and policy needs
 them whole); server messages go through :class:`BackendStream`, which forwards
@@ -20,7 +22,6 @@ slow reader pauses the other side instead of filling the gateway's memory.
 
 from __future__ import annotations
 
-import enum
 import os
 import secrets as _secrets
 from collections import deque
@@ -33,21 +34,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gatekeep import sendnow
-from gatekeep.identity.scram import ScramAuthFailed, ScramError, ScramServer
-from gatekeep.model import Action, ClientAddress, Decision, LoginFailure, Operation, Session, SessionEnd, new_id
+from gatekeep.model import Action, ClientAddress, Decision, Operation, Session, SessionEnd, new_id
 from gatekeep.protocols.postgres import _codec as pg
 from gatekeep.protocols.postgres import _encoding
-from gatekeep.protocols.postgres._backend import BackendStream
 from gatekeep.protocols.postgres._results import WATCHED as WATCHED_FOR_MASKING
 from gatekeep.protocols.postgres._results import ResultMasking
-from gatekeep.protocols.postgres import _masking
-from gatekeep.protocols.postgres._login import LoginError, UpstreamLogin
+from gatekeep.protocols.postgres._startup import ClientStartup, Phase
 from gatekeep.protocols.postgres._tracker import Tracker
-from gatekeep.protocols.postgres.plugin import PASSED_PARAMETERS
-from gatekeep.protocols.postgres.policy import SqlSessionState, startup_options_refused
+from gatekeep.protocols.postgres._upstream import Upstream
+from gatekeep.protocols.postgres.policy import SqlSessionState
 from gatekeep.protocols.postgres.sql import analyze
 from gatekeep.recording import RecordingUnavailable, unrecordable
-from gatekeep.tls import certificate_login, client_options, server_options
+from gatekeep.tls import server_options
 
 _log = Logger()
 
@@ -58,21 +56,8 @@ POISON = "gatekeep denied this statement"
 #: the rule of a statement the client withdrew while it was held for approval
 CANCELED = "canceled"
 
-#: server messages the relay looks at while relaying
-WATCHED = {b"C", b"E", b"Z", b"I", b"s", b"S"}
-
 #: record at most this much of a bind parameter
 PARAM_LIMIT = 4096
-
-
-class Phase(enum.Enum):
-    STARTUP = "startup"
-    AUTH_SASL = "auth-sasl"
-    AUTH_PASSWORD = "auth-password"
-    AUTH_CHECK = "auth-check"  # the password is being checked (an identity provider may answer later)
-    UPSTREAM = "upstream"
-    READY = "ready"
-    CLOSED = "closed"
 
 
 def _param_text(value: bytes | None, binary: bool) -> str | None:
@@ -96,7 +81,7 @@ def _sql_text(body: bytes, codec: str = "utf-8") -> tuple[str, bool]:
     return pg.decode_sql(body[:end], codec)
 
 
-class Frontend(protocol.Protocol):
+class Frontend(ClientStartup, protocol.Protocol):
     """The client's connection."""
 
     def __init__(self, factory: "PostgresRelayFactory") -> None:
@@ -121,7 +106,6 @@ class Frontend(protocol.Protocol):
         self.tx_status = "I"
         #: what statements are read by (client_encoding, standard_conforming_strings), and whether it may change
         self.settings = _encoding.ReadingSettings()
-        self._scram: ScramServer | None = None
         # extended protocol: prepared statements and portals, for records and decisions
         # (text, decision, whether it runs code that may change settings; see _encoding.ReadingSettings)
         self._statements: dict[str, tuple[str, Decision, bool]] = {}
@@ -140,6 +124,10 @@ class Frontend(protocol.Protocol):
         self._withdraw_reason = "the client withdrew it"
 
     # -- plumbing ----------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
 
     @property
     def client(self) -> ClientAddress:
@@ -196,126 +184,6 @@ class Frontend(protocol.Protocol):
 
     # -- startup and authentication ------------------------------------------------------
 
-    def during_startup(self, message: pg.Message) -> None:
-        if self.phase is Phase.STARTUP:
-            self.startup_packet(pg.parse_startup(message.body))
-        elif self.phase is Phase.AUTH_SASL:
-            self.sasl_message(message)
-        elif self.phase is Phase.AUTH_PASSWORD:
-            self.password_message(message)
-        elif self.phase in (Phase.AUTH_CHECK, Phase.UPSTREAM):
-            raise pg.ProtocolError("message before authentication completed")
-
-    def startup_packet(self, packet: Any) -> None:
-        if isinstance(packet, pg.SSLRequest):
-            if self.tls or self.target.tls is None:
-                self.send(b"N")
-                return
-            if self.reader.buffered:
-                # bytes sent after SSLRequest and before the handshake are an injection attempt
-                raise pg.ProtocolError("unencrypted data after SSLRequest")
-            self.send(b"S")
-            self.transport.startTLS(self.factory.tls_options())
-            self.tls = True
-            return
-        if isinstance(packet, pg.GSSENCRequest):
-            self.send(b"N")
-            return
-        if isinstance(packet, pg.CancelRequest):
-            self.factory.cancel(packet.process_id, packet.secret_key)
-            self.phase = Phase.CLOSED
-            self.transport.loseConnection()
-            return
-        self.reader.typed = True
-        params = dict(packet.parameters)
-        self.user = params.get("user", "")
-        self.parameters = params
-        if not self.user:
-            self.fatal("28000", "no user name given: use your gatekeep identity as the user name")
-            return
-        if params.get("replication", "false").lower() not in ("false", "0", "no", "off"):
-            self.fatal("28000", "replication connections are not relayed by gatekeep")
-            return
-        if self.target.tls is not None and self.target.tls.require and not self.tls:
-            self.fatal("28000", f"target {self.target.name} requires TLS: connect with sslmode=require or stronger",
-                       reason="TLS required")
-            return
-        refused = startup_options_refused(params.get("options", ""))
-        if refused:
-            self.fatal("28000", f"gatekeep does not pass the startup option {refused!r} to the server",
-                       reason=f"startup option refused: {refused}")
-            return
-        if self.tls and self.target.tls.client_ca is not None and self.certificate_login():
-            return
-        if self.tls:
-            # over TLS every name is asked for its token in clear (checked against its hash or
-            # its SCRAM verifier, or as an OIDC token): the request never tells names apart
-            self.phase = Phase.AUTH_PASSWORD
-            self.send(pg.auth_cleartext())
-            return
-        # on plain connections, SCRAM for identities that have a verifier, and a mock
-        # exchange for every other name, so unknown names look like wrong tokens
-        found = self.gateway.chain.scram_verifier(self.user)
-        self._scram_identity = found[1] if found else None
-        self._scram = ScramServer(found[0] if found else None, username_for_mock=self.user,
-                                  mock_secret=self.gateway.secret)
-        self.phase = Phase.AUTH_SASL
-        self.send(pg.auth_sasl(["SCRAM-SHA-256"]))
-
-    def sasl_message(self, message: pg.Message) -> None:
-        if message.type != b"p":
-            raise pg.ProtocolError(f"expected a SASL response, got message type {message.type!r}")
-        assert self._scram is not None
-        try:
-            if not hasattr(self, "_sasl_started"):
-                self._sasl_started = True
-                initial = pg.parse_sasl_initial(message.body)
-                if initial.mechanism != "SCRAM-SHA-256" or initial.data is None:
-                    raise pg.ProtocolError(f"unsupported SASL mechanism {initial.mechanism!r}")
-                self.send(pg.auth_sasl_continue(self._scram.first(initial.data)))
-                return
-            final = self._scram.final(message.body)
-        except ScramAuthFailed:
-            self.login_failed("wrong token or unknown identity (SCRAM)")
-            return
-        except ScramError as e:
-            self.login_failed(f"SCRAM protocol error: {e}")
-            return
-        if self._scram_identity is None:  # the mock exchange never succeeds
-            self.login_failed("unknown identity (SCRAM)")
-            return
-        self.send(pg.auth_sasl_final(final))
-        self.authenticated(self._scram_identity)
-
-    def password_message(self, message: pg.Message) -> None:
-        if message.type != b"p":
-            raise pg.ProtocolError(f"expected a password message, got message type {message.type!r}")
-        token = pg.parse_password(message.body).decode("utf-8", "replace")
-        self.phase = Phase.AUTH_CHECK
-        self.gateway.chain.authenticate_token_async(self.user, token).addCallback(self._password_checked)
-        del token
-
-    def _password_checked(self, identity: Any) -> None:
-        if self.phase is not Phase.AUTH_CHECK:
-            return  # the client went away while an identity provider was fetching keys
-        if identity is None:
-            self.login_failed("wrong token or unknown identity (password)")
-            return
-        self.authenticated(identity)
-
-    def certificate_login(self) -> bool:
-        """A client certificate is the credential (PostgreSQL's ``cert`` method); False when none was sent."""
-        login = certificate_login(self.transport, self.target.tls, self.gateway.chain, self.user)
-        if login is None:
-            return False
-        if login.identity is None:
-            self.gateway.chain.login_failed(LoginFailure(
-                self.target.name, "postgres", self.client, self.user, login.reason, self.gateway.now()))
-            self.fatal("28000", f'certificate authentication failed for user "{self.user}"', reason=login.reason)
-            return True
-        self.authenticated(login.identity)
-        return True
-
     def terminate(self, reason: str) -> None:
         """Access ended (token expired, identity removed, ...): FATAL 57P01 with the reason, which is recorded."""
         if self.phase is Phase.CLOSED:
@@ -326,11 +194,6 @@ class Frontend(protocol.Protocol):
             self.close()  # in the middle of a server message: nothing more can be said
             return
         self.fatal("57P01", f"terminating connection: {reason}")
-
-    def login_failed(self, reason: str) -> None:
-        self.gateway.chain.login_failed(LoginFailure(
-            self.target.name, "postgres", self.client, self.user, reason, self.gateway.now()))
-        self.fatal("28P01", f'password authentication failed for user "{self.user}"', reason=reason)
 
     def authenticated(self, identity: Any) -> None:
         self.identity = identity
@@ -796,160 +659,6 @@ class Frontend(protocol.Protocol):
         self.gateway.chain.session_ended(SessionEnd(self.session.id, now, self.bytes_in, self.bytes_out,
                                                     self.end_reason))
         self.gateway.sessions.pop(self.session.id, None)
-
-
-class Upstream(protocol.Protocol):
-    """gatekeep's connection to the PostgreSQL server, as the target's service account."""
-
-    def __init__(self, frontend: Frontend) -> None:
-        self.frontend = frontend
-        self.options = frontend.target.options.upstream
-        self.reader = pg.MessageReader(typed=True)
-        self.login = UpstreamLogin(self.options.user, self.options.password)
-        self.stream = BackendStream(set(WATCHED), frontend.from_server)
-        self.state = "connecting"
-        self._parameter_status: list[bytes] = []
-        self._key = (0, 0)
-        self._catalog_error: str | None = None
-        self._ready_status = b""
-        self.error_reason = "connection closed"
-
-    def send(self, data: bytes) -> None:
-        sendnow.write(self.transport, data)
-
-    def connectionMade(self) -> None:
-        if self.frontend.phase is Phase.CLOSED:
-            self.transport.loseConnection()
-            return
-        sendnow.no_delay(self.transport)
-        if self.options.tls.enabled:
-            self.state = "tls"
-            self.send(pg.ssl_request())
-        else:
-            self.start()
-
-    def start(self) -> None:
-        self.state = "login"
-        params = {"user": self.options.user, "database": self.options.database}
-        for k, v in self.frontend.parameters.items():
-            if k in PASSED_PARAMETERS:
-                params[k] = v
-        self.send(pg.startup_message(params))
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.state == "ready":
-            fe = self.frontend
-            later: list = []
-            try:
-                out = self.stream.feed(data, later)
-            except Exception as e:  # a malformed server message, or a handler that failed on one
-                self._broken(e)
-                return
-            for chunk in out:
-                fe.bytes_out += len(chunk)
-            sendnow.write_many(fe.transport, out)
-            if later:
-                # a chunk that passed unchanged: its CommandComplete, ReadyForQuery ... are
-                # accounted for now that the client has it
-                try:
-                    self.stream.handle(later)
-                except Exception as e:
-                    self._broken(e)
-                    return
-            if fe._notices and self.stream.at_boundary():
-                notices, fe._notices = fe._notices, []
-                fe.send(b"".join(notices))
-            return
-        try:
-            self._during_login(data)
-        except pg.ProtocolError as e:
-            self.fail(f"protocol error from the server: {e}")
-        except LoginError as e:
-            self.fail(str(e), "28000")
-
-    def _broken(self, error: Exception) -> None:
-        """A malformed server message, or a handler that failed on one: the session ends with 08P01."""
-        fe = self.frontend
-        _log.failure("bad data from the upstream of {target}", target=fe.target.name)
-        self.state = "failed"
-        fe.end_reason = f"upstream protocol error: {type(error).__name__}"
-        fe.fatal("08P01", f"gatekeep received an invalid message from the database of target {fe.target.name}")
-        self.transport.loseConnection()
-
-    def _during_login(self, data: bytes) -> None:
-        if self.state == "tls":
-            answer, data = data[:1], data[1:]
-            if answer != b"S":
-                self.fail("the server does not accept TLS")
-                return
-            if data:
-                raise pg.ProtocolError("unencrypted data after the TLS answer")
-            self.transport.startTLS(client_options(self.options.tls, self.options.host))
-            self.start()
-            return
-        for m in self.reader.feed(data):
-            if m.type == b"R":
-                code, payload = pg.parse_authentication(m.body)
-                reply = self.login.on_authentication(code, payload)
-                if reply:
-                    self.send(reply)
-            elif m.type == b"S":
-                self._parameter_status.append(m.encode())
-            elif m.type == b"K":
-                self._key = pg.parse_backend_key_data(m.body)
-            elif m.type == b"N":
-                self._parameter_status.append(m.encode())
-            elif m.type == b"E" and self.state != "catalog":
-                fields = pg.parse_fields(m.body)
-                self.fail(f"{fields.get('C', '?')} {fields.get('M', '')}", "08004" if fields.get("C") != "28P01" else "28000")
-                return
-            elif m.type == b"Z" and self.login.done:
-                results = self.frontend.results
-                query = _masking.catalog_query(results.plan) if results is not None else None
-                if query is not None and self.state == "login":
-                    # name the columns masking may need before the client gets the session
-                    self.state = "catalog"
-                    self._ready_status = m.encode()
-                    self.send(pg.query(query))
-                    continue
-                if self.state == "catalog":
-                    if self._catalog_error:
-                        self.fail(f"cannot read the catalog for masking: {self._catalog_error}")
-                        return
-                    status = self._ready_status
-                else:
-                    status = m.encode()
-                self.state = "ready"
-                rest = self.reader.take_buffer()
-                self.frontend.upstream_ready(self._parameter_status, self._key, status)
-                if rest:
-                    self.dataReceived(rest)
-                return
-            elif self.state == "catalog":
-                if m.type == b"D":
-                    self.frontend.results.catalog.add_row(pg.parse_data_row(m.body))
-                elif m.type == b"E":
-                    self._catalog_error = pg.parse_fields(m.body).get("M", "error")
-                continue
-            elif m.type == b"v":
-                continue  # NegotiateProtocolVersion: the server speaks 3.0 without our extras
-            else:
-                raise pg.ProtocolError(f"unexpected message {m.type!r} during login")
-
-    def fail(self, reason: str, code: str = "08004") -> None:
-        self.state = "failed"
-        self.frontend.upstream_failed(code, reason)
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        previous, self.state = self.state, "closed"
-        if previous == "failed":
-            return
-        message = reason.getErrorMessage() if reason is not None else "closed"
-        if previous == "tls" or previous == "login":
-            self.frontend.upstream_failed("08006", f"connection closed during login ({message})")
-        else:
-            self.frontend.upstream_lost(message)
 
 
 class PostgresRelayFactory(protocol.Factory):
