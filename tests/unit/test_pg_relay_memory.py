@@ -28,6 +28,8 @@ ALICE_TOKEN = "gk_alice-token-for-the-memory-relay-tests-0123"
 SERVICE_PASSWORD = "svc-secret"
 UPSTREAM_KEY = (4242, 0xC0FFEE)
 USERS = (pg.Field("id", type_oid=23, type_size=4), pg.Field("name"))
+#: the fake server ends the session on this query, as PostgreSQL does
+TERMINATE_SELF = "SELECT pg_terminate_backend(pg_backend_pid())"
 
 
 # -- a fake PostgreSQL server ----------------------------------------------------------
@@ -107,6 +109,11 @@ class FakePostgres(protocol.Protocol):
 
     def answer(self, sql: str) -> None:
         self.factory.queries.append(sql)
+        if sql == TERMINATE_SELF:
+            self.send(pg.error_response("57P01", "terminating connection due to administrator command",
+                                        severity="FATAL"))
+            self.transport.loseConnection()
+            return
         if sql == POISON:
             self.send(pg.error_response("42601", 'syntax error at or near "gatekeep"', position="1"),
                       pg.ready_for_query("I"))
@@ -351,6 +358,32 @@ def test_terminate_closes_both_sides_and_ends_the_session(relay):
     assert client.closed and relay.server.lost == 1
     (end,) = relay.recorder.ends
     assert end.reason == "client terminated" and end.session_id == relay.recorder.sessions[0].id
+
+
+def test_the_session_end_is_recorded_when_the_server_closes_first(relay):
+    """The server ends the connection, then the client's goes: the end is recorded, and the server's
+    transport is not touched once it is gone (over TLS that raises, and the end was lost)."""
+    client, _ = logged_in(relay)
+    frontend = client.conn.server
+    upstream = frontend.upstream
+    gone: list[bool] = []
+    upstream_lost = upstream.connectionLost
+
+    def connection_lost(reason=protocol.connectionDone):
+        gone.append(True)
+        upstream_lost(reason)
+
+    def unregister_producer():
+        if gone:  # what Twisted's TLS transport does once its connection is lost
+            raise AttributeError("'Client' object has no attribute 'protocol'")
+
+    upstream.connectionLost = connection_lost
+    upstream.transport.unregisterProducer = unregister_producer
+    messages = client.send(pg.query(TERMINATE_SELF))
+    assert gone and client.closed
+    assert [fields(m)["C"] for m in messages if m.type == b"E"][-1] == "08006"
+    (end,) = relay.recorder.ends
+    assert end.session_id == relay.recorder.sessions[0].id and end.reason.startswith("upstream closed")
 
 
 # -- cancel requests -------------------------------------------------------------------

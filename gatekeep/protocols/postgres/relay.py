@@ -633,14 +633,18 @@ class Frontend(ClientStartup, protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.phase = Phase.CLOSED
-        if self._cut is not None and self._cut.active():
-            self._cut.cancel()
-        self.factory.forget_cancel_key(self.key)
-        self.withdraw("the client closed the connection")
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.unregisterProducer()
-            self.upstream.transport.loseConnection()
-        self.end_session()
+        try:
+            if self._cut is not None and self._cut.active():
+                self._cut.cancel()
+            self.factory.forget_cancel_key(self.key)
+            self.withdraw("the client closed the connection")
+            upstream = self.upstream
+            # a server connection that is already gone is left alone (a lost TLS transport raises)
+            if upstream is not None and upstream.transport is not None and upstream.state != "closed":
+                upstream.transport.unregisterProducer()
+                upstream.transport.loseConnection()
+        finally:
+            self.end_session()  # whatever happened above, the end of the session is recorded
 
     def upstream_lost(self, reason: str) -> None:
         if self.phase is Phase.READY:
