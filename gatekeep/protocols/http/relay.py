@@ -541,22 +541,24 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.mode = _CLOSED
-        for timer in (self._idle, self._cut):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._idle = self._cut = None
-        if self.tunnel is not None:
-            self.tunnel.closed()
-        up = self.upstream
-        if up is not None and up.transport is not None:
-            up.wire.close()
-        ex = self.exchange
-        if ex is not None:
-            self._withdraw(ex, "the client closed the connection")
-        if ex is not None and not ex.finished and ex.op is not None and ex.decision is not None:
-            ex.error = ex.error or "the client closed the connection before the response ended"
-            self.record_outcome(ex)
-        self.end_session()
+        try:
+            for timer in (self._idle, self._cut):
+                if timer is not None and timer.active():
+                    timer.cancel()
+            self._idle = self._cut = None
+            if self.tunnel is not None:
+                self.tunnel.closed()
+            up = self.upstream
+            if up is not None and up.transport is not None:
+                up.wire.close()
+            ex = self.exchange
+            if ex is not None:
+                self._withdraw(ex, "the client closed the connection")
+            if ex is not None and not ex.finished and ex.op is not None and ex.decision is not None:
+                ex.error = ex.error or "the client closed the connection before the response ended"
+                self.record_outcome(ex)
+        finally:
+            self.end_session()  # whatever happened above, the end of the session is recorded
 
     def terminate(self, reason: str) -> None:
         """

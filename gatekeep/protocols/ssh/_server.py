@@ -50,8 +50,10 @@ class ServerTransport(transport.SSHServerTransport):
         self.session.client_connected(self)
 
     def connectionLost(self, reason: Any = None) -> None:
-        super().connectionLost(reason)
-        self.session.client_lost(reason)
+        try:
+            super().connectionLost(reason)  # conch stops the services, and with them the channels
+        finally:
+            self.session.client_lost(reason)  # the session's end is recorded whatever that did
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         self.session.client_disconnect_message = description.decode("utf-8", "replace")
