@@ -37,8 +37,12 @@ def scram_sha256_verifier(password, salt=None, iterations=SCRAM_ITERATIONS):
 
 
 def new_token():
-    """A fresh random bearer token (URL-safe ASCII, 43 characters)."""
-    return secrets.token_urlsafe(32)
+    """A fresh random bearer token shaped like gatekeep's own: ``gk_`` and 43 URL-safe characters.
+
+    The prefix matters: a bare ``token_urlsafe`` starts with ``-`` once in 64, and a
+    command line such as ``gatekeep kubeconfig --token TOKEN`` then reads it as an option.
+    """
+    return "gk_" + secrets.token_urlsafe(32)
 
 
 def make_identity(name, groups, token=None):
