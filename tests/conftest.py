@@ -11,7 +11,9 @@
 * ``gatekeep``: factory ``gatekeep(config, env=None, timeout=20.0)`` that
   starts a ``GatekeepProcess`` in ``tmp_workdir`` and waits for its
   listeners; every process it started is stopped at teardown (SIGKILL if
-  SIGTERM is not enough) and its log tail is attached to a failing report.
+  SIGTERM is not enough) and its log tail is attached to a failing report;
+  an error the daemon logged as unhandled becomes an ``UnhandledErrorLogged``
+  warning in the report, failing test or not.
 """
 
 import os
@@ -101,6 +103,7 @@ def gatekeep(request, tmp_workdir):
                 proc.stop()
             except Exception:
                 proc.kill()
+        proc.warn_about_unhandled_errors("gatekeep[%d]" % i)
         if failed:
             request.node.add_report_section(
                 "teardown", "gatekeep[%d] log tail" % i, proc.log_tail())

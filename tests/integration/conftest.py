@@ -54,6 +54,7 @@ def gatekeep_module(request):
                 proc.stop()
             except Exception:
                 proc.kill()
+        proc.warn_about_unhandled_errors("gatekeep_module[%d] (%s)" % (i, request.module.__name__))
         if failed and reporter is not None:
             reporter.write_line("gatekeep_module[%d] (%s) kept %s; log tail:\n%s"
                                 % (i, request.module.__name__, proc.workdir, proc.log_tail(30)))

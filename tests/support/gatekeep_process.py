@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import yaml
 
@@ -288,6 +289,22 @@ class GatekeepProcess:
     def log_tail(self, lines=60):
         return "\n".join(self.log_text().splitlines()[-lines:])
 
+    def warn_about_unhandled_errors(self, name):
+        """
+        After a run: a warning in the test report for each error the daemon logged as
+        unhandled (an exception no code of gatekeep's caught). The run still passes: the
+        report is where a developer sees a race before it turns into a failing test.
+        """
+        lines = self.log_text().splitlines()
+        for i, line in enumerate(lines):
+            if "Unhandled Error" in line or "Unhandled error in Deferred" in line:
+                block = [line]
+                for x in lines[i + 1:]:
+                    if not x.startswith(("\t", " ")):
+                        break
+                    block.append(x)
+                warnings.warn(UnhandledErrorLogged("%s logged:\n%s" % (name, "\n".join(block[-12:]))), stacklevel=2)
+
     def wait_for_log(self, needle, timeout=5.0):
         """Wait until ``needle`` appears in the log; return the log text."""
         deadline = time.monotonic() + timeout
@@ -299,3 +316,7 @@ class GatekeepProcess:
                 raise TimeoutError("%r not in gatekeep log after %.1fs\n--- tail ---\n%s"
                                    % (needle, timeout, self.log_tail()))
             time.sleep(0.05)
+
+
+class UnhandledErrorLogged(UserWarning):
+    """A gatekeep daemon under test logged an unhandled error (see GatekeepProcess.warn_about_unhandled_errors)."""
