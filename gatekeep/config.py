@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +168,13 @@ class Node:
     def finish(self) -> None:
         unknown = [k for k in self.value if k not in self._used]
         if unknown:
-            raise ConfigError(self.sub(str(unknown[0])), "unknown key")
+            raise unknown_key(self.sub(str(unknown[0])), str(unknown[0]), self._used)
+
+
+def unknown_key(path: str, key: str, known: Iterable[str]) -> ConfigError:
+    """A key nobody reads: most often a typo, so the nearest key that would be read is named."""
+    near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+    return ConfigError(path, f'unknown key (did you mean "{near[0]}"?)' if near else "unknown key")
 
 
 def parse_duration(value: Any) -> float:

@@ -30,7 +30,7 @@ import attrs
 from zope.interface import implementer
 
 from gatekeep.bounded import BoundedCache
-from gatekeep.config import ConfigError, Node
+from gatekeep.config import ConfigError, Node, unknown_key
 from gatekeep.interfaces import IPolicy
 from gatekeep.model import Action, Decision, Operation
 
@@ -117,7 +117,8 @@ def read_rule(node: Node, plugins: Mapping[str, Any]) -> Rule:
         owners = {p.name for p in plugins.values() if all(k in getattr(p, "matchKeys", ()) for k in extra)} \
             or {p.name for p in plugins.values() if extra[0] in getattr(p, "matchKeys", ())}
         if not owners:
-            raise ConfigError(match.sub(extra[0]), "unknown key")
+            known = set(COMMON_KEYS).union(*(getattr(p, "matchKeys", ()) for p in plugins.values()))
+            raise unknown_key(match.sub(extra[0]), extra[0], known)
         protocol = sorted(owners)[0]
         matcher = plugins[protocol].parseMatch(match)
     match.finish()

@@ -156,17 +156,26 @@ def test_bad_listen_endpoint_is_refused():
     assert e.path == "targets[0].listen" and "tcp:15432:interface=127.0.0.1" in e.message
 
 
-@pytest.mark.parametrize("path, key", [
-    ("", "colour"),
-    ("targets[0]", "colour"),
-    ("targets[0].upstream", "passwrd"),
-    ("identities[0]", "group"),
-    ("identities[0].token", "sha265"),
+@pytest.mark.parametrize("path, key, near", [
+    ("", "colour", None),
+    ("targets[0]", "colour", None),
+    ("targets[0].upstream", "passwrd", "password"),
+    ("identities[0]", "group", "groups"),
+    ("identities[0].token", "sha265", "sha256"),
 ])
-def test_unknown_keys_are_refused(path, key):
-    """A key nobody reads (a typo) is refused with its full path."""
+def test_unknown_keys_are_refused(path, key, near):
+    """A key nobody reads is refused with its full path; a typo of a key that would be read is named."""
     e = error_of(with_change(f"{path}.{key}" if path else key, "x"))
-    assert str(e) == (f"{path}.{key}" if path else key) + ": unknown key"
+    expected = (f"{path}.{key}" if path else key) + ": unknown key"
+    assert str(e) == (expected + f' (did you mean "{near}"?)' if near else expected)
+
+
+def test_a_typo_in_a_rules_match_names_the_key_it_meant():
+    """A match key no protocol reads is refused, naming the nearest key some protocol reads."""
+    data = good()
+    data["policies"] = [{"name": "r", "match": {"statments": ["select"]}, "action": "deny"}]
+    e = error_of(data)
+    assert str(e) == 'policies[0].match.statments: unknown key (did you mean "statements"?)'
 
 
 def test_duplicate_identity_names_are_refused():

@@ -48,7 +48,7 @@ def test_store_mapping_reads_the_password_reference(monkeypatch):
     ({"url": "postgresql://gk@db/gk", "password": "literal"},
      "store.password: expected an env:NAME or file:PATH reference (literal secrets are not accepted)"),
     ({"url": "postgresql://gk@db/gk", "pool": 0}, "store.pool: expected an integer from 1 to 64, got 0"),
-    ({"url": "postgresql://gk@db/gk", "pasword": "env:X"}, "store.pasword: unknown key"),
+    ({"url": "postgresql://gk@db/gk", "pasword": "env:X"}, 'store.pasword: unknown key (did you mean "password"?)'),
     ({"url": "sqlite://gk.db", "password": "env:X"}, "store.password: unknown key"),
     ({"url": "postgresql://gk@db/gk?sslmode=sometimes"},
      "store.url: sslmode must be one of disable, allow, prefer, require, verify-ca, verify-full, got 'sometimes'"),
