@@ -182,7 +182,7 @@ class Frontend(ClientStartup, protocol.Protocol):
                   target=self.target.name, detail=detail)
         self.fatal("08P01", f"invalid frontend message: {detail}", reason=f"protocol violation: {detail}")
 
-    # -- startup and authentication ------------------------------------------------------
+    # -- the session: started once the client is known (_startup.ClientStartup), ended by access --------
 
     def terminate(self, reason: str) -> None:
         """Access ended (token expired, identity removed, ...): FATAL 57P01 with the reason, which is recorded."""
