@@ -293,6 +293,15 @@ def test_upstream_host_key_mismatch_refused(gw):
     assert r.returncode == 255
     assert "should-not-run" not in r.stdout
     assert "host key mismatch" in r.stderr and "SHA256:" in r.stderr
+    # the refused server is told once, plainly: never a Python traceback, and gatekeep reads nothing it sends
+    # after (which once ended in a second, bogus "bad packet length" disconnect)
+    deadline = time.monotonic() + 10
+    while "host key not accepted" not in gw.sshd.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sshd_log = gw.sshd.log_text()
+    assert ":9: host key not accepted [preauth]" in sshd_log
+    assert "Traceback" not in sshd_log and "Failure" not in sshd_log
+    assert "bad packet length" not in gw.gk.log_text()
 
 
 # -- interactive shell ----------------------------------------------------------------------

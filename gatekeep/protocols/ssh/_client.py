@@ -57,13 +57,34 @@ class UpstreamTransport(transport.SSHClientTransport):
         no_delay(self.transport)
         super().connectionMade()
 
+    #: set once gatekeep has refused the server: nothing it sends after is read
+    refused = False
+
     def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> Deferred:
         try:
             self.check.check(hostKey)
         except HostKeyMismatch as e:
             self.problem = str(e)
-            return defer.fail(e)
+            self.refuse(transport.DISCONNECT_HOST_KEY_NOT_VERIFIABLE, b"host key not accepted")
+            # never fires: conch's own errback would send a second DISCONNECT whose text is a Python
+            # traceback, and go on reading what the refused server sent after its key exchange reply
+            return Deferred()
         return defer.succeed(True)
+
+    def refuse(self, code: int, description: bytes) -> None:
+        """One DISCONNECT with a plain reason, then close; what the server sends after that is not read."""
+        if self.refused:
+            return
+        self.refused = True
+        self.sendDisconnect(code, description)
+
+    def getPacket(self) -> bytes | None:
+        if self.refused:
+            # the key exchange was cut short: what follows (NEWKEYS, packets under the new keys) would be read
+            # with the old keys and end in a bogus "bad packet length" disconnect
+            self.buf = b""
+            return None
+        return super().getPacket()
 
     def connectionSecure(self) -> None:
         self.connection = UpstreamConnection(self.session)
