@@ -14,9 +14,25 @@ class RecordingUnavailable(Exception):
     """The store cannot take records and the configuration says to deny (``recording.on_failure: deny``)."""
 
 
+#: the rule named by the denial of an operation gatekeep could not record
+UNRECORDABLE = "recording-unavailable"
+
+#: what the client is told; the store's own error (its host, user, driver message) is the operator's:
+#: it goes into the record (``facts.recording_error``) and the log, never to the client
+UNRECORDABLE_REASON = "recording is unavailable: the store cannot take records now"
+
+
 def unrecordable(decision: Decision, why: str) -> Decision:
     """The denial for an operation gatekeep could not record (``recording.on_failure: deny``)."""
-    return Decision(Action.DENY, "recording-unavailable", f"recording is unavailable: {why}", decision.facts)
+    return Decision(Action.DENY, UNRECORDABLE, UNRECORDABLE_REASON, dict(decision.facts or {}, recording_error=why))
+
+
+def as_refused(decision: Decision, why: str) -> Decision:
+    """
+    What the trail keeps for an operation refused because the store is failing: the refusal, not the
+    decision it was refused despite (an operation the policy denied keeps its denial).
+    """
+    return decision if decision.action is Action.DENY else unrecordable(decision, why)
 
 
 class InOrder:

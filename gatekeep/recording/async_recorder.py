@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder
 from gatekeep.model import Decision, Operation
-from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable
+from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, as_refused
 from gatekeep.recording.sinks import SinkFeeder
 from gatekeep.store import StoreUnavailable
 
@@ -128,9 +128,10 @@ class AsyncRecorder(InOrder, Backlog):
 
     def operationStarted(self, operation: Operation, decision: Decision) -> defer.Deferred | None:
         if self.deny_on_failure and not self.healthy:
-            # still recorded when the store is back: the trail shows what was refused
-            self._add((operation, decision))
-            raise RecordingUnavailable(self.last_error or "the store is failing")
+            why = self.last_error or "the store is failing"
+            # recorded when the store is back: the trail shows the refusal and the store's error
+            self._add((operation, as_refused(decision, why)))
+            raise RecordingUnavailable(why)
         if self.strict:
             d: defer.Deferred = defer.Deferred()
             self._add(_Strict((operation, decision), d), urgent=True)

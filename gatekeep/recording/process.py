@@ -49,7 +49,7 @@ from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder
 from gatekeep.model import Decision, Operation
-from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable
+from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, as_refused
 from gatekeep.recording.sinks import SinkFeeder
 
 _log = Logger()
@@ -221,8 +221,10 @@ class ProcessRecorder(InOrder, Backlog):
 
     def operationStarted(self, operation: Operation, decision: Decision) -> Deferred | None:
         if self.deny_on_failure and not self.healthy:
-            self._add((operation, decision))  # recorded when the store is back: the trail shows the refusal
-            raise RecordingUnavailable(self.last_error or "the store is failing")
+            why = self.last_error or "the store is failing"
+            # recorded when the store is back: the trail shows the refusal and the store's error
+            self._add((operation, as_refused(decision, why)))
+            raise RecordingUnavailable(why)
         if self.strict:
             d: Deferred = Deferred()
             self._events.append((operation, decision))

@@ -37,7 +37,7 @@ from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder, IStore
 from gatekeep.model import Decision, Operation
-from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable
+from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, as_refused
 from gatekeep.recording.sinks import close_all, emit_all
 
 _log = Logger()
@@ -112,9 +112,10 @@ class ThreadedRecorder(InOrder, Backlog):
 
     def operationStarted(self, operation: Operation, decision: Decision) -> Deferred | None:
         if self.deny_on_failure and not self.healthy:
-            # still recorded when the store is back: the trail shows what was refused and why
-            self._add((operation, decision))
-            raise RecordingUnavailable(self.last_error or "the store is failing")
+            why = self.last_error or "the store is failing"
+            # recorded when the store is back: the trail shows the refusal and the store's error
+            self._add((operation, as_refused(decision, why)))
+            raise RecordingUnavailable(why)
         if self.strict:
             d: Deferred = Deferred()
             self._queued((operation, decision))

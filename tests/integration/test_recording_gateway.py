@@ -29,15 +29,19 @@ def gateway_config(node, store_db, pg_server, recording, token_entry):
     }
 
 
-def recorded_texts(store_db):
+def recorded_records(store_db):
     store = PostgresStore(store_db.connect, "reader")
     try:
-        texts = []
+        records = []
         for s in store.sessions(limit=100000):
-            texts.extend(r["text"] for r in store.session(s["id"])["records"])
-        return texts
+            records.extend(store.session(s["id"])["records"])
+        return records
     finally:
         store.close()
+
+
+def recorded_texts(store_db):
+    return [r["text"] for r in recorded_records(store_db)]
 
 
 def test_strict_mode_survives_sigkill_with_a_record_of_every_executed_statement(
@@ -97,6 +101,8 @@ def test_on_failure_deny_refuses_statements_while_the_store_is_down(gatekeep, pg
         assert refused.returncode != 0
         assert "58000" in refused.stderr and "recording is unavailable" in refused.stderr, refused.stderr
         assert "while down" not in refused.stdout
+        # the store's own error (driver, host, user) is the operator's, not the client's
+        assert "OperationalError" not in refused.stderr and "refused" not in refused.stderr.split("DETAIL")[-1]
     finally:
         store_pg.start()
 
@@ -106,6 +112,9 @@ def test_on_failure_deny_refuses_statements_while_the_store_is_down(gatekeep, pg
     poll("statements to run again once the store is back", works, timeout=20, interval=0.5)
     poll("the refused statement to reach the trail",
          lambda: "SELECT 'while down';" in recorded_texts(store_db), timeout=10)
+    (refusal,) = [r for r in recorded_records(store_db) if r["text"] == "SELECT 'while down';"]
+    assert (refusal["action"], refusal["rule"]) == ("deny", "recording-unavailable")
+    assert "OperationalError" in refusal["facts"]["recording_error"]  # the trail says what failed
     log = gk.log_text()
     assert "recording store failed" in log and store_dbs.password not in log  # the store is named, never its password
     assert "Unhandled" not in log and "Traceback" not in log  # a server that went away is an error logged, not a crash

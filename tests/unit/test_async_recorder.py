@@ -9,7 +9,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from gatekeep.interfaces import IRecorder
-from gatekeep.model import SessionEnd
+from gatekeep.model import Action, SessionEnd
 from gatekeep.recording import RecordingUnavailable
 from gatekeep.recording.async_recorder import AsyncRecorder
 from gatekeep.store import StoreUnavailable
@@ -184,7 +184,15 @@ def test_deny_refuses_new_operations_while_the_store_fails_and_resumes():
     third = fired(recorder.operationStarted(op(s, 3), ALLOWED))
     clock.advance(0)
     assert third == [None]
-    assert [e for e in store.stored if isinstance(e, tuple)] == [(op(s, i), ALLOWED) for i in (1, 2, 3)]
+    stored = [e for e in store.stored if isinstance(e, tuple)]
+    assert [o for o, _ in stored] == [op(s, i) for i in (1, 2, 3)]
+    assert stored[0][1] == ALLOWED and stored[2][1] == ALLOWED
+    # the operation refused while the store was down is in the trail as that refusal, with the store's error;
+    # the reason (what the client is told) does not carry the store's error
+    refusal = stored[1][1]
+    assert (refusal.action, refusal.rule) == (Action.DENY, "recording-unavailable")
+    assert "connection refused" in refusal.facts["recording_error"] and refusal.facts["tables"] == ["users"]
+    assert "connection refused" not in refusal.reason
 
 
 def test_continue_keeps_strict_operations_waiting():

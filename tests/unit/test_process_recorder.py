@@ -120,3 +120,8 @@ def test_waiting_operations_are_refused_when_the_store_fails_and_policy_is_deny(
     assert failures and failures[0].check(RecordingUnavailable)
     with pytest.raises(RecordingUnavailable):
         rec.operationStarted(op(seq + 1), ALLOW)
+    # kept for the store, as the refusal it was, with the store's error (which the client is not told)
+    refused, decision = rec._events[-1]
+    assert refused.seq == seq + 1 and (decision.action.value, decision.rule) == ("deny", "recording-unavailable")
+    assert decision.facts["recording_error"] == "OperationalError: disk I/O error"
+    assert "disk I/O" not in decision.reason

@@ -46,7 +46,7 @@ from gatekeep.protocols.http._jsonmask import JsonMasker
 from gatekeep.protocols.http._login import ClientLogin
 from gatekeep.protocols.http._request import parse_request
 from gatekeep.protocols.http._upstream import UpstreamSide, Valve
-from gatekeep.recording import RecordingUnavailable, unrecordable
+from gatekeep.recording import UNRECORDABLE, RecordingUnavailable, as_refused
 
 _log = Logger()
 
@@ -362,12 +362,12 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
         try:
             return decision, self.chain.operation_started(ex.op, decision)
         except RecordingUnavailable as e:
-            return unrecordable(decision, str(e)), None
+            return as_refused(decision, str(e)), None
 
     def decided(self, decision: Any, ex: Exchange) -> None:
         decision, written = self._record_start(ex, decision)
         if isinstance(written, Deferred):
-            written.addErrback(lambda f: unrecordable(decision, f.getErrorMessage()))
+            written.addErrback(lambda f: as_refused(decision, f.getErrorMessage()))
             written.addCallback(lambda result: result if isinstance(result, Decision) else decision)
             self.wait(ex, written, "recording", self.carry_out, lambda result, ex: None)
             return
@@ -376,10 +376,10 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
     def carry_out(self, decision: Any, ex: Exchange) -> None:
         ex.decision = decision
         if decision.action is not _ALLOW:
-            if decision.rule == "recording-unavailable":
+            if decision.rule == UNRECORDABLE:
                 self.local_answer(ex, *self.dialect.failure(
                     ex.request, 503, "gatekeep cannot carry out this request: recording is unavailable",
-                    close=self._must_close(ex)), error=decision.reason)
+                    close=self._must_close(ex)), error=decision.facts.get("recording_error") or decision.reason)
                 return
             self.local_answer(ex, *self.dialect.denied(ex.request, decision, close=self._must_close(ex)),
                               error=f"denied by rule {decision.rule or 'default'}")

@@ -44,7 +44,7 @@ from gatekeep.protocols.postgres._tracker import Tracker
 from gatekeep.protocols.postgres._upstream import Upstream
 from gatekeep.protocols.postgres.policy import SqlSessionState
 from gatekeep.protocols.postgres.sql import analyze
-from gatekeep.recording import RecordingUnavailable, unrecordable
+from gatekeep.recording import UNRECORDABLE, RecordingUnavailable, as_refused
 from gatekeep.tls import server_options
 
 _log = Logger()
@@ -363,7 +363,7 @@ class Frontend(ClientStartup, protocol.Protocol):
                                      detail=decision.reason or None,
                                      hint="use client_encoding UTF8 (or another encoding whose characters never "
                                           "contain ASCII bytes) and standard_conforming_strings on")
-        if rule == "recording-unavailable":
+        if rule == UNRECORDABLE:
             return pg.error_response("58000", "gatekeep cannot run this statement: recording is unavailable",
                                      detail=decision.reason or None, hint="try again when the store is back")
         return pg.error_response(
@@ -414,11 +414,11 @@ class Frontend(ClientStartup, protocol.Protocol):
         try:
             written = self.gateway.chain.operation_started(operation, decision)
         except RecordingUnavailable as e:
-            forward(unrecordable(decision, str(e)))
+            forward(as_refused(decision, str(e)))
             return None
         if isinstance(written, Deferred):
             return written.addCallbacks(lambda _: forward(decision),
-                                        lambda f: forward(unrecordable(decision, f.getErrorMessage())))
+                                        lambda f: forward(as_refused(decision, f.getErrorMessage())))
         forward(decision)
         return None
 

@@ -35,14 +35,9 @@ from gatekeep.protocols.ssh._client import UpstreamError, connect_upstream
 from gatekeep.protocols.ssh._flow import Leg, RecordingGate
 from gatekeep.protocols.ssh._hostkeys import gateway_host_key
 from gatekeep.protocols.ssh._server import ServerTransport, UserAuthServer
-from gatekeep.recording import RecordingUnavailable, unrecordable
+from gatekeep.recording import RecordingUnavailable, as_refused
 
 _log = Logger()
-
-
-def _unrecordable(decision: Decision, why: str) -> Decision:
-    """What an operation becomes when its record cannot be stored and on_failure is deny (a denial stays)."""
-    return decision if not decision.allowed else unrecordable(decision, why)
 
 
 #: seconds between telling the channels why access ended and the disconnect
@@ -393,9 +388,9 @@ class ClientSession:
         try:
             started = self.chain.operation_started(operation, decision)
         except RecordingUnavailable as e:
-            return _unrecordable(decision, str(e))
+            return as_refused(decision, str(e))
         if isinstance(started, Deferred):
-            return started.addCallbacks(lambda _: decision, lambda f: _unrecordable(decision, f.getErrorMessage()))
+            return started.addCallbacks(lambda _: decision, lambda f: as_refused(decision, f.getErrorMessage()))
         return decision
 
     def record_refused(self, operation: Operation, decision: Decision) -> None:
