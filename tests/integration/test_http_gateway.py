@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from gatekeep.store.postgres import PostgresStore
 from tests.integration.pg_gateway_helpers import poll, sessions_json, show_session
 from tests.support import websocket
 from tests.support.gatekeep_process import REPO_ROOT, tcp_listen
@@ -392,5 +393,63 @@ def test_an_idle_https_connection_is_closed_while_its_upstream_is_attached(gatek
         row = poll("the idle session's end", lambda: next(
             (s for s in sessions_json(gk) if s["identity"] == "ivy" and s["ended_at"]), None))
         assert show_session(gk, row["id"])["end_reason"] == "idle timeout"
+    finally:
+        server.stop()
+
+
+def test_requests_get_503_while_the_store_is_down_with_on_failure_deny(gatekeep, store_pg, store_db, store_dbs):
+    """
+    Strict durability and on_failure deny, recording to PostgreSQL: while the store is down a request gets 503
+    saying recording is unavailable (not the store's error) and never reaches the upstream; once the store is
+    back, requests go through and the refusal is in the trail, as a refusal, with the store's error.
+    """
+    server = HttpServer().start()
+    try:
+        token, entry = make_identity("dora", ["dev"])
+        port = free_port()
+        gk = gatekeep({"node": "gk-http-deny", "store": store_db.store_config(),
+                       "recording": {"durability": "strict", "on_failure": "deny"}, "identities": [entry],
+                       "targets": [{"name": "api", "protocol": "http", "listen": tcp_listen(port),
+                                    "upstream": {"url": "http://127.0.0.1:%d" % server.port}}]},
+                      env=store_dbs.env)
+
+        def get(path):
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            c.request("GET", path, headers={"Authorization": "Bearer " + token})
+            r = c.getresponse()
+            body = r.read()
+            c.close()
+            return r.status, body
+
+        assert get("/echo/before")[0] == 200
+        store_pg.stop()
+        try:
+            status, body = get("/echo/while-down")
+            assert status == 503
+            message = json.loads(body)["message"]
+            assert "recording is unavailable" in message
+            assert "OperationalError" not in body.decode() and "refused" not in body.decode()
+            assert "/echo/while-down" not in [r["path"] for r in server.requests]
+        finally:
+            store_pg.start()
+        poll("requests to go through again once the store is back", lambda: get("/echo/after")[0] == 200,
+             timeout=20, interval=0.5)
+        store = PostgresStore(store_db.connect, "reader")
+        try:
+            def refusal():
+                for s in store.sessions(limit=1000):
+                    for r in store.session(s["id"])["records"]:
+                        if r["text"].startswith("GET /echo/while-down"):
+                            return r
+                return None
+
+            r = poll("the refused request to reach the trail", refusal, timeout=10)
+        finally:
+            store.close()
+        assert (r["action"], r["rule"]) == ("deny", "recording-unavailable")
+        assert r["facts"]["recording_error"]  # the store's error, for the operator
+        log = gk.log_text()
+        assert "recording store failed" in log and store_dbs.password not in log
+        assert "Unhandled" not in log and "Traceback" not in log
     finally:
         server.stop()
