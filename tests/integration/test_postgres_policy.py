@@ -97,6 +97,11 @@ KINDS = [
                         "WHEN NOT MATCHED THEN INSERT VALUES (v.id, 'm')"], None),
     ("merge-billing", "agent", [f"MERGE INTO {PROBE} p USING (VALUES (1)) v(id) ON p.id = v.id "
                                 "WHEN MATCHED THEN DELETE"], "agents-read-only-on-billing"),
+    # a MERGE is also what its WHEN clauses do: a rule on delete (not naming merge) refuses one that deletes
+    ("merge-delete-ops", "ops", [f"MERGE INTO {PROBE} p USING (VALUES (1)) v(id) ON p.id = v.id "
+                                 "WHEN MATCHED THEN DELETE"], "ops-never-delete-billing"),
+    ("merge-update-ops", "ops", [f"MERGE INTO {PROBE} p USING (VALUES (1)) v(id) ON p.id = v.id "
+                                 "WHEN MATCHED THEN UPDATE SET v = p.v"], None),
     ("ddl-create-agent", "agent", ["CREATE TABLE gkpol_agent_t (a int)"], "no-ddl-for-agents"),
     ("ddl-drop-agent", "agent", [f"DROP TABLE {PROBE}"], "no-ddl-for-agents"),
     ("ddl-alter-agent", "agent", [f"ALTER TABLE {SCRATCH} ADD COLUMN x int"], "no-ddl-for-agents"),

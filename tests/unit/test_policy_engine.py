@@ -506,3 +506,26 @@ def test_a_prepared_setting_change_is_refused_when_prepared():
     """PREPARE p AS SELECT set_config('standard_conforming_strings', 'off', false) is refused at PREPARE."""
     d = engine().decide(op(f"PREPARE {fresh('p')} AS SELECT set_config('standard_conforming_strings', 'off', false)"))
     assert (d.action, d.rule) == (Action.DENY, "standard-conforming-strings")
+
+
+def test_a_merge_is_judged_by_what_it_does():
+    """A rule on delete (or select) sees a MERGE that deletes from (or reads) its tables; an allow rule naming only
+    merge does not let through the delete a MERGE also does."""
+    t = fresh("merge_t")
+    deletes = f"MERGE INTO billing.{t} b USING public.src s ON b.id = s.id WHEN MATCHED THEN DELETE"
+    updates = f"MERGE INTO billing.{t} b USING public.src s ON b.id = s.id WHEN MATCHED THEN UPDATE SET v = 1"
+    e = engine({"name": "no-deletes-on-billing", "action": "deny",
+                "match": {"tables": ["billing.*"], "statements": ["delete"]}},
+               {"name": "no-reads-of-secrets", "action": "deny",
+                "match": {"tables": ["secret.*"], "statements": ["select"]}})
+    assert e.decide(op(deletes)).rule == "no-deletes-on-billing"
+    assert e.decide(op(updates)).action is Action.ALLOW
+    reads = f"MERGE INTO public.{t} p USING secret.keys k ON p.id = k.id WHEN NOT MATCHED THEN INSERT VALUES (k.id)"
+    assert e.decide(op(reads)).rule == "no-reads-of-secrets"
+    strict = engine({"name": "merges-only", "action": "allow", "match": {"statements": ["merge", "select"]}},
+                    default_action="deny")
+    assert strict.decide(op(updates.replace(t, t + "_2"))).action is Action.DENY
+    both = engine({"name": "merges-that-update", "action": "allow",
+                   "match": {"statements": ["merge", "update:merge", "select"]}}, default_action="deny")
+    assert both.decide(op(updates.replace(t, t + "_3"))).rule == "merges-that-update"
+    assert both.decide(op(deletes.replace(t, t + "_4"))).action is Action.DENY

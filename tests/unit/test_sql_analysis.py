@@ -451,3 +451,20 @@ def test_explain_analyze_given_as_a_string_constant_is_not_shared_by_shape():
     on = analyze(f"EXPLAIN (ANALYZE 'on') DELETE FROM billing.{t}")
     assert "delete" not in off.kinds
     assert "delete" in on.kinds, "EXPLAIN (ANALYZE 'on') DELETE reused the analysis of ANALYZE 'off'"
+
+
+def test_merge_is_also_each_action_its_when_clauses_take_and_a_read_of_its_source():
+    """MERGE deletes, updates or inserts into its target as its WHEN clauses say (sub-kind merge) and reads its
+    source table, as PostgreSQL's privilege checks have it; DO NOTHING adds nothing, a CTE source is no table."""
+    target, source = fresh("m"), fresh("src")
+    a = analyze(f"MERGE INTO billing.{target} t USING audit.{source} s ON t.id = s.id "
+                "WHEN MATCHED AND s.gone THEN DELETE WHEN MATCHED THEN UPDATE SET v = s.v "
+                "WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.v) WHEN NOT MATCHED BY SOURCE THEN DO NOTHING")
+    assert units(a) == {("merge", None), ("delete", "merge"), ("update", "merge"), ("insert", "merge"),
+                        ("select", "merge")}
+    for kind in ("delete", "update", "insert"):
+        assert unit_tables(a, kind) == {("billing", target)}
+    assert unit_tables(a, "select") == {("audit", source)}
+    b = analyze(f"WITH s AS (SELECT 1 AS id) MERGE INTO {target} t USING s ON t.id = s.id WHEN MATCHED THEN DELETE")
+    assert ("delete", "merge") in units(b) and ("select", "merge") not in units(b)
+    assert (None, "s") not in b.tables

@@ -231,6 +231,26 @@ class _Walker:
         if name in ("UpdateStmt", "DeleteStmt") and d.get("whereClause") is None:
             self.conditions.add(f"{kind}_without_where")
         self.units.append(Unit(kind, None, self._tables(d, ctes)))
+        if name == "MergeStmt":
+            self._merge_actions(d, ctes)
+
+    def _merge_actions(self, d: dict, ctes: frozenset[str]) -> None:
+        """
+        MERGE does to its target what its WHEN clauses say (PostgreSQL asks for the same privileges) and reads
+        its source: each is a part of its own, of sub-kind ``merge``, so that rules on ``delete``, ``update``,
+        ``insert`` and ``select`` see a MERGE that deletes, updates, inserts or reads.
+        """
+        target = self._tables({"relation": d.get("relation")}, ctes)
+        actions = {"CMD_DELETE": "delete", "CMD_UPDATE": "update", "CMD_INSERT": "insert"}
+        for clause in d.get("mergeWhenClauses") or ():
+            action = actions.get(clause.get("MergeWhenClause", {}).get("commandType"))
+            if action is not None:
+                self.units.append(Unit(action, "merge", target))
+        source = d.get("sourceRelation")
+        if isinstance(source, dict) and "RangeVar" in source:  # a subquery source is a SELECT found on its own
+            read = frozenset(t for t in self._tables(source) if not (t[0] is None and t[1] in ctes))  # not a CTE
+            if read:
+                self.units.append(Unit("select", "merge", read))
 
     def _set_config(self, call: dict) -> None:
         """set_config(name, value, local): a role switch or a search_path change when the name says so
