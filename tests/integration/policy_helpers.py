@@ -81,8 +81,8 @@ POLICIES = [
                "statements": ["insert", "update", "delete", "merge", "copy_from", "lock"]}},
     {"name": "no-unbounded-writes", "action": "deny",
      "match": {"conditions": ["update_without_where", "delete_without_where"]}},
-    {"name": "ops-never-delete-billing", "action": "deny",
-     "match": {"groups": ["ops"], "tables": ["billing.*"], "statements": ["delete"]}},
+    {"name": "ops-never-change-billing-rows", "action": "deny",
+     "match": {"groups": ["ops"], "tables": ["billing.*"], "statements": ["delete", "update"]}},
 ]
 
 MASKING = [

@@ -97,11 +97,18 @@ KINDS = [
                         "WHEN NOT MATCHED THEN INSERT VALUES (v.id, 'm')"], None),
     ("merge-billing", "agent", [f"MERGE INTO {PROBE} p USING (VALUES (1)) v(id) ON p.id = v.id "
                                 "WHEN MATCHED THEN DELETE"], "agents-read-only-on-billing"),
-    # a MERGE is also what its WHEN clauses do: a rule on delete (not naming merge) refuses one that deletes
+    # a statement is also what it does besides its kind: a MERGE what its WHEN clauses do, an INSERT ... ON
+    # CONFLICT DO UPDATE an update, a SELECT ... FOR UPDATE a lock (rules on delete, update, lock see them)
     ("merge-delete-ops", "ops", [f"MERGE INTO {PROBE} p USING (VALUES (1)) v(id) ON p.id = v.id "
-                                 "WHEN MATCHED THEN DELETE"], "ops-never-delete-billing"),
-    ("merge-update-ops", "ops", [f"MERGE INTO {PROBE} p USING (VALUES (1)) v(id) ON p.id = v.id "
-                                 "WHEN MATCHED THEN UPDATE SET v = p.v"], None),
+                                 "WHEN MATCHED THEN DELETE"], "ops-never-change-billing-rows"),
+    ("merge-insert-ops", "ops", [f"MERGE INTO {PROBE} p USING (VALUES (1)) v(id) ON p.id = v.id "
+                                 "WHEN NOT MATCHED THEN INSERT VALUES (v.id, 'm')"], None),
+    ("upsert-ops", "ops", [f"INSERT INTO {PROBE} VALUES (1, 'pwned') ON CONFLICT (id) DO UPDATE SET v = 'pwned'"],
+     "ops-never-change-billing-rows"),
+    ("upsert-nothing-ops", "ops", [f"INSERT INTO {PROBE} VALUES (1, 'x') ON CONFLICT (id) DO NOTHING"], None),
+    ("select-for-update-billing", "agent", ["BEGIN", f"SELECT * FROM {PROBE} WHERE id = 1 FOR UPDATE"],
+     "agents-read-only-on-billing"),
+    ("select-for-share-public", "agent", ["BEGIN", f"SELECT * FROM {SCRATCH} FOR SHARE", "COMMIT"], None),
     ("ddl-create-agent", "agent", ["CREATE TABLE gkpol_agent_t (a int)"], "no-ddl-for-agents"),
     ("ddl-drop-agent", "agent", [f"DROP TABLE {PROBE}"], "no-ddl-for-agents"),
     ("ddl-alter-agent", "agent", [f"ALTER TABLE {SCRATCH} ADD COLUMN x int"], "no-ddl-for-agents"),

@@ -529,3 +529,18 @@ def test_a_merge_is_judged_by_what_it_does():
                    "match": {"statements": ["merge", "update:merge", "select"]}}, default_action="deny")
     assert both.decide(op(updates.replace(t, t + "_3"))).rule == "merges-that-update"
     assert both.decide(op(deletes.replace(t, t + "_4"))).action is Action.DENY
+
+
+def test_upserts_and_row_locks_are_judged_by_what_they_do():
+    """A rule on update sees INSERT ... ON CONFLICT DO UPDATE; a read-only rule listing lock sees FOR UPDATE."""
+    t = fresh("upsert_t")
+    e = engine({"name": "no-updates-on-billing", "action": "deny",
+                "match": {"tables": ["billing.*"], "statements": ["update"]}},
+               AGENTS_READ_ONLY_ON_BILLING | {"match": dict(AGENTS_READ_ONLY_ON_BILLING["match"],
+                                                            statements=["insert", "delete", "lock"])})
+    assert e.decide(op(f"INSERT INTO billing.{t} VALUES (1) ON CONFLICT (id) DO UPDATE SET v = 2")).rule == \
+        "no-updates-on-billing"
+    assert e.decide(op(f"INSERT INTO public.{t} VALUES (1) ON CONFLICT (id) DO UPDATE SET v = 2")).action is \
+        Action.ALLOW
+    assert e.decide(op(f"SELECT * FROM billing.{t} FOR UPDATE")).rule == "agents-read-only-on-billing"
+    assert e.decide(op(f"SELECT * FROM billing.{t}")).action is Action.ALLOW

@@ -468,3 +468,23 @@ def test_merge_is_also_each_action_its_when_clauses_take_and_a_read_of_its_sourc
     b = analyze(f"WITH s AS (SELECT 1 AS id) MERGE INTO {target} t USING s ON t.id = s.id WHEN MATCHED THEN DELETE")
     assert ("delete", "merge") in units(b) and ("select", "merge") not in units(b)
     assert (None, "s") not in b.tables
+
+
+def test_upsert_that_updates_is_also_an_update():
+    """INSERT ... ON CONFLICT DO UPDATE also updates its target (sub-kind on_conflict); DO NOTHING does not."""
+    t = fresh("ups")
+    a = analyze(f"INSERT INTO billing.{t} VALUES (1, 'a') ON CONFLICT (id) DO UPDATE SET v = excluded.v")
+    assert ("update", "on_conflict") in units(a) and unit_tables(a, "update") == {("billing", t)}
+    b = analyze(f"INSERT INTO billing.{t} VALUES (1, 'a') ON CONFLICT DO NOTHING")
+    assert "update" not in kinds(b)
+
+
+def test_row_locking_select_is_also_a_lock_of_what_it_reads():
+    """SELECT ... FOR UPDATE (or SHARE) also locks the rows it reads: a lock unit of sub-kind rows; the names
+    after OF are the query's own (aliases), not tables."""
+    t = fresh("locked")
+    a = analyze(f"SELECT * FROM billing.{t} b JOIN public.other o USING (id) FOR UPDATE OF b")
+    assert ("lock", "rows") in units(a)
+    assert unit_tables(a, "lock") == {("billing", t), ("public", "other")}
+    assert (None, "b") not in a.tables
+    assert "lock" not in kinds(analyze(f"SELECT * FROM billing.{t} WHERE id = 2"))

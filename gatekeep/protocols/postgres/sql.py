@@ -177,7 +177,7 @@ class _Walker:
                 if not (schema is None and rel in scope and not target):
                     found.add((schema, rel))
             for k, v in value.items():
-                if isinstance(v, (dict, list)):
+                if isinstance(v, (dict, list)) and k != "lockedRels":  # FOR UPDATE OF names aliases, not tables
                     stack.append((v, scope, k == "relation"))
         return frozenset(found)
 
@@ -230,9 +230,16 @@ class _Walker:
         kind = SIMPLE_KINDS[name]
         if name in ("UpdateStmt", "DeleteStmt") and d.get("whereClause") is None:
             self.conditions.add(f"{kind}_without_where")
-        self.units.append(Unit(kind, None, self._tables(d, ctes)))
+        tables = self._tables(d, ctes)
+        self.units.append(Unit(kind, None, tables))
         if name == "MergeStmt":
             self._merge_actions(d, ctes)
+        elif name == "InsertStmt" and (d.get("onConflictClause") or {}).get("action") == "ONCONFLICT_UPDATE":
+            # INSERT ... ON CONFLICT DO UPDATE updates the rows it collides with (PostgreSQL asks for UPDATE)
+            self.units.append(Unit("update", "on_conflict", self._tables({"relation": d.get("relation")}, ctes)))
+        elif name == "SelectStmt" and d.get("lockingClause"):
+            # FOR UPDATE / NO KEY UPDATE / SHARE / KEY SHARE locks the rows it reads (PostgreSQL asks for UPDATE)
+            self.units.append(Unit("lock", "rows", tables))
 
     def _merge_actions(self, d: dict, ctes: frozenset[str]) -> None:
         """
