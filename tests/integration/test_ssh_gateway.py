@@ -213,6 +213,18 @@ def test_exec_denied_after_unwrapping(gw, tmp_path):
     assert victim.exists()
 
 
+def test_exec_lines_split_where_the_shell_splits_them(gw, tmp_path):
+    """rm on a line of its own, after a comment, or behind find -exec, trap or a quoted ';' is seen and denied:
+    the real sshd's shell would have run it."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    for line in ("ls /\nrm -f %s", "ls / # just looking\nrm -f %s", "find / -maxdepth 0 -exec true {} ';' -exec rm -f %s ';'",
+                 "trap 'rm -f %s' EXIT; true"):
+        r = gw.ssh(line % victim)
+        assert r.returncode == 126 and "denied by rule no-rm" in r.stderr, (line, r.stderr)
+        assert victim.exists(), line
+
+
 def test_exec_of_a_shell_that_reads_its_commands_is_refused(gw, tmp_path):
     """ssh HOST bash with the commands on stdin (or sh -s, a brace expansion, a continued line): gatekeep cannot
     see what would run, so it is refused (unjudgeable) and the rm in it never runs."""

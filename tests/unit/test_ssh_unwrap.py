@@ -40,6 +40,34 @@ def test_lists_and_pipelines_are_split():
         ("ls",), ("grep", "a"), ("cat", "a b"), ("echo", "done")]
 
 
+def test_newlines_end_commands_and_comments_end_at_the_newline():
+    """A newline ends a command as ';' does (outside quotes); a comment runs to the end of its line, and the
+    command on the next line still counts; a '#' inside a word is no comment."""
+    assert argvs("ls\nrm -f x") == [("ls",), ("rm", "-f", "x")]
+    assert argvs("ls\r\nrm x") == [("ls",), ("rm", "x")]
+    assert argvs("ls -l # don't worry\nrm -f x") == [("ls", "-l"), ("rm", "-f", "x")]
+    assert argvs("ls #; rm x") == [("ls",)]
+    assert argvs("echo 'a\nb'; echo a#b $# \\#c \"#d\"") == [("echo", "a\nb"), ("echo", "a#b", "$#", "#c", "#d")]
+    assert argvs("for f in a b\ndo\n rm $f\ndone") == [("rm", "$f")]
+
+
+def test_quoted_or_escaped_punctuation_is_a_word():
+    """';' and \\; are words (find's end of -exec), not the end of a command; ';' outside quotes still is."""
+    assert argvs("echo 'a;b' \"c|d\" e\\&f; rm x") == [("echo", "a;b", "c|d", "e&f"), ("rm", "x")]
+    assert parse("echo \ue001").unjudgeable is not None
+
+
+def test_find_exec_and_trap_run_commands():
+    """find -exec/-execdir/-ok/-okdir CMD ... ; runs CMD; trap 'CMD' SIGNAL runs CMD later; at reads commands."""
+    assert [c.name for c in parse("find . -exec true {} ';' -execdir rm {} \\; -ok ls {} +").commands] == [
+        "find", "true", "rm", "ls"]
+    assert parse("find . -exec rm {} \\;").commands[1].wrappers == ("find -exec",)
+    assert parse("find . -exec {} \\;").unjudgeable is not None  # runs what it finds
+    assert [c.name for c in parse("trap 'rm -f /tmp/x' EXIT; true").commands] == ["trap", "rm", "true"]
+    assert [c.name for c in parse("trap - EXIT").commands] == ["trap"]
+    assert parse("at now + 1 minute").commands[0].reads_commands
+
+
 def test_command_substitutions_are_commands():
     """$(...), backquotes and process substitutions run commands of their own."""
     names = [c.name for c in parse("echo $(rm -rf /) `shutdown` > /tmp/o; diff <(ls a) b").commands]

@@ -219,19 +219,96 @@ def _substitutions(text: str) -> tuple[str, list[str]]:
 # -- splitting ----------------------------------------------------------------------
 
 
+#: characters that end a word outside quotes; a newline ends a command as ``;`` does
+_PUNCTUATION = ";&|()<>\n"
+
+
+#: stand-ins (Unicode private use) for punctuation that is quoted or escaped, so that the lexer, which cannot
+#: tell ``;`` from ``';'`` or ``\\;``, reads them as word characters; put back in the words it returns
+_STAND_IN = {c: chr(0xE000 + i) for i, c in enumerate(_PUNCTUATION)}
+_PUT_BACK = str.maketrans({v: k for k, v in _STAND_IN.items()})
+
+
+def _protect_quoted(text: str) -> str:
+    """Quoted or backslash-escaped punctuation as stand-ins (``find -exec rm {} ';'`` ends at a word, not a list)."""
+    if any(ch in text for ch in _STAND_IN.values()):
+        raise Unjudgeable("the command line holds characters gatekeep keeps for itself (U+E000..)")
+    out: list[str] = []
+    i, n, quote = 0, len(text), None
+    while i < n:
+        c = text[i]
+        if quote is not None:
+            if c == quote:
+                quote = None
+            elif quote == '"' and c == "\\" and i + 1 < n:
+                out.append(text[i:i + 2])
+                i += 2
+                continue
+            out.append(_STAND_IN.get(c, c) if c != "\n" else c)
+        elif c == "\\" and i + 1 < n:
+            out.append(c + _STAND_IN.get(text[i + 1], text[i + 1]))
+            i += 2
+            continue
+        else:
+            if c in "'\"":
+                quote = c
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def _tokens(text: str) -> list[tuple[str, bool]]:
-    """Shell words and operators: (token, is_operator)."""
-    lexer = shlex.shlex(text.replace("\r", "\n"), posix=True, punctuation_chars=";&|()<>")
+    """Shell words and operators: (token, is_operator). Comments are gone already (:func:`_strip_comments`)."""
+    lexer = shlex.shlex(_protect_quoted(text.replace("\r", "\n")), posix=True, punctuation_chars=_PUNCTUATION)
     lexer.whitespace = " \t"
     lexer.whitespace_split = True
-    lexer.commenters = "#"
+    lexer.commenters = ""
     out = []
     try:
         for tok in lexer:
-            out.append((tok, tok in _OPERATORS or (tok and set(tok) <= set(";&|()<>"))))
+            is_op = tok in _OPERATORS or bool(tok and set(tok) <= set(_PUNCTUATION))
+            out.append((tok if is_op else tok.translate(_PUT_BACK), is_op))
     except ValueError as e:
         raise Unjudgeable(f"the command line does not parse ({e})") from None
     return out
+
+
+def _strip_comments(text: str) -> str:
+    """
+    Drop comments as the shell does: a ``#`` that begins a word, outside quotes, to the end of its line (the
+    newline stays: it still ends the command before it). A ``#`` inside a word (``a#b``, ``$#``) is not one.
+    """
+    if "#" not in text:
+        return text
+    out: list[str] = []
+    i, n, quote, word_start = 0, len(text), None, True
+    while i < n:
+        c = text[i]
+        if quote == "'":
+            quote = None if c == "'" else quote
+        elif quote == '"':
+            if c == "\\" and i + 1 < n:
+                out.append(text[i:i + 2])
+                i += 2
+                continue
+            quote = None if c == '"' else quote
+        elif c == "\\" and i + 1 < n:
+            out.append(text[i:i + 2])
+            i += 2
+            word_start = False
+            continue
+        elif c in "'\"":
+            quote = c
+        elif c == "#" and word_start:
+            end = text.find("\n", i)
+            if end < 0:
+                break
+            i = end
+            continue
+        out.append(c)
+        word_start = quote is None and c in " \t\r\n;&|()<>"
+        i += 1
+    return "".join(out)
 
 
 def _split_words(text: str) -> list[str]:
@@ -276,7 +353,8 @@ def _simple_commands(text: str) -> list[list[str]]:
 def _parse(text: str, depth: int, wrappers: tuple[str, ...]) -> list[Command]:
     if depth > MAX_DEPTH:
         raise Unjudgeable("commands nested too deeply")
-    stripped, inner = _substitutions(_join_continuations(text))  # each shell level drops them again
+    # each shell level drops continuations and comments again
+    stripped, inner = _substitutions(_strip_comments(_join_continuations(text)))
     commands: list[Command] = []
     for sub in inner:
         commands.extend(_parse(sub, depth + 1, wrappers + ("$(...)",)))
@@ -336,6 +414,27 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
         return _unwrap(words[1:], depth + 1, wrappers + ("busybox",))  # busybox APPLET ARGS runs APPLET
     if name == "eval":
         return _parse(" ".join(words[1:]), depth + 1, wrappers + ("eval",))
+    if name == "trap":
+        # trap 'CMD' SIGNAL...: the shell runs CMD later, as eval would
+        rest = [w for w in words[1:] if w != "--"]
+        if len(rest) >= 2 and not rest[0].startswith("-"):
+            return [Command(program, tuple(words[1:]), wrappers),
+                    *_parse(rest[0], depth + 1, wrappers + ("trap",))]
+    if name == "find":
+        # find ... -exec CMD ARGS ; (or +), -execdir, -ok, -okdir: find runs CMD for what it finds
+        found = [Command(program, tuple(words[1:]), wrappers)]
+        j = 1
+        while j < len(words):
+            if words[j] in ("-exec", "-execdir", "-ok", "-okdir"):
+                end = j + 1
+                while end < len(words) and words[end] not in (";", "+"):
+                    end += 1
+                found.extend(_unwrap(words[j + 1:end], depth + 1, wrappers + (f"find {words[j]}",)))
+                j = end
+            j += 1
+        return found
+    if name in ("at", "batch"):
+        return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]  # commands from input or -f
     if name in ("su",):
         for j, w in enumerate(words[1:], 1):
             if w in ("-c", "--command") and j + 1 < len(words):
