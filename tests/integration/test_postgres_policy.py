@@ -737,6 +737,58 @@ def test_whole_row_reference_does_not_reveal_masked_columns(gw):
                 assert email.encode() not in raw and ssn.encode() not in raw
 
 
+DERIVED_FORMS = [
+    "SELECT lower(email) FROM users",
+    "SELECT email || '' FROM users",
+    "SELECT format('%s', email) FROM users",
+    "SELECT CASE WHEN id > 0 THEN ssn END FROM users",
+    "SELECT string_agg(email, ',') FROM users",
+    "SELECT array_agg(email) FROM users",
+    "SELECT row_to_json(u) FROM users u",
+    "SELECT to_jsonb(u.*) FROM users u",
+    "SELECT json_agg(u) FROM users u",
+    "SELECT u::text FROM users u",
+    "SELECT json_build_object('e', email, 's', ssn) FROM users",
+    "SELECT (SELECT email FROM users ORDER BY id LIMIT 1)",
+    "SELECT e FROM (SELECT upper(email) AS e FROM users) s",
+    "SELECT email FROM users UNION ALL SELECT 'x'",
+    "WITH c AS (SELECT ssn || '' AS x FROM users) SELECT x FROM c",
+]
+
+
+@pytest.mark.parametrize("sql", DERIVED_FORMS)
+def test_values_computed_from_masked_columns_are_masked(gw, sql):
+    """A result computed from a masked column (a function of it, an aggregate, a whole row as JSON or text, a
+    subquery, a UNION) has no table column the server can name; in the results of a statement that reads a masked
+    column its computed columns are masked ("****", NULL for arrays), in both protocols and both formats."""
+    with gw.connect("agent") as conn:
+        for binary in (False, True):
+            for prepare in (False, True):
+                cur = conn.execute(sql, binary=binary, prepare=prepare)
+                res = cur.pgresult
+                raw = b"".join(res.get_value(r, c) or b"" for r in range(res.ntuples) for c in range(res.nfields))
+                for _, _, email, ssn in USERS_ROWS:
+                    assert email.encode() not in raw and ssn.encode() not in raw, (sql, binary, prepare, raw)
+        out = gw.psql(sql + ";\n")
+        assert out.returncode == 0, out.stderr
+        for _, _, email, ssn in USERS_ROWS:
+            assert email not in out.stdout and ssn not in out.stdout, (sql, out.stdout)
+        conn.execute(f"PREPARE gkpol_derived AS {sql}")
+        rows = conn.execute("EXECUTE gkpol_derived").fetchall()
+        conn.execute("DEALLOCATE gkpol_derived")
+        assert not any(email in str(rows) or ssn in str(rows) for _, _, email, ssn in USERS_ROWS), (sql, rows)
+
+
+def test_computed_values_of_statements_without_masked_columns_are_untouched(gw):
+    """Computed values of a statement that reads no masked column, and numbers computed from one, come back as
+    they are."""
+    with gw.connect("agent") as conn:
+        assert conn.execute("SELECT upper(name), length(name) FROM users ORDER BY id").fetchall() == [
+            (name.upper(), len(name)) for _, name, _, _ in USERS_ROWS]
+        assert conn.execute("SELECT count(*), max(length(email)) FROM users WHERE email LIKE '%@%'").fetchone() == (
+            len(USERS_ROWS), max(len(e) for _, _, e, _ in USERS_ROWS))
+
+
 def test_copy_of_a_table_created_in_the_session_is_masked(gw):
     """A temp table copied from users (unknown to the session's catalog) is masked by SELECT and its COPY is refused."""
     with gw.connect("dev") as conn:

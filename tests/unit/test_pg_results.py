@@ -78,3 +78,53 @@ def test_client_encoding_follows_the_server():
     _, results = fresh()
     results.server_message(b"S", pg.parameter_status("client_encoding", "LATIN1")[5:])
     assert results.codec != "utf-8"
+
+
+def _computed(name="lower", type_oid=TEXT):
+    return pg.Field(name, type_oid=type_oid)  # no table column: the server computed it
+
+
+def test_computed_columns_of_a_query_reading_a_masked_column_are_masked():
+    """A Query that reads a column a rule masks: its computed text columns are masked as "derived" (numbers stay);
+    a Query that reads none keeps its computed columns."""
+    from gatekeep.protocols.postgres.sql import analyze
+
+    tracker, results = fresh()
+    results.query_sent(analyze("SELECT lower(email), length(email) FROM users"), None)
+    tracker.add(None, "query", 0.0)
+    p = tracker._pending[0]
+    tracker.group_ends()
+    results.server_message(b"T", pg.row_description((_computed(), _computed("length", INT4)))[5:])
+    masked = results.server_message(b"D", pg.data_row([b"ada@example.com", b"15"])[5:])
+    assert list(values(masked)) == [b"****", b"15"] and p.masked == {"derived": 1}
+    results.result_ended()
+    tracker.ready(0.0)
+    results.group_ended()
+
+    results.query_sent(analyze("SELECT upper(name) FROM users"), None)
+    tracker.add(None, "query", 0.0)
+    tracker.group_ends()
+    results.server_message(b"T", pg.row_description((_computed("upper"),))[5:])
+    assert results.server_message(b"D", pg.data_row([b"ADA"])[5:]) is None
+
+
+def test_whole_rows_prepared_statements_and_cursors_count_as_derived():
+    """A whole row as a value, an EXECUTE of a statement that reads a masked column (or one gatekeep did not see
+    prepared) and a FETCH make computed columns derived; a Parse's portals carry its verdict."""
+    from gatekeep.protocols.postgres.policy import SqlSessionState
+    from gatekeep.protocols.postgres.sql import analyze
+
+    _, results = fresh()
+    state = SqlSessionState("app")
+    assert results.derives(analyze("SELECT row_to_json(u) FROM users u"), state)
+    assert not results.derives(analyze("SELECT upper(name) FROM users"), state)
+    state.apply(analyze("PREPARE leak AS SELECT lower(email) FROM users"))
+    assert results.derives(analyze("EXECUTE leak"), state)
+    assert results.derives(analyze("EXECUTE never_prepared"), state)
+    assert results.derives(analyze("FETCH 10 FROM c"), state)
+    results.parsed("s1", analyze("SELECT name || '' FROM users"), state)
+    results.parsed("s2", analyze("SELECT email || '' FROM users"), state)
+    assert results._derived_for("s1") is False and results._derived_for("s2") is True
+    assert results._derived_for("not-parsed") is True
+    nothing = ResultMasking(MaskPlan((MaskingRule("cards", None, None, None, detectors=("credit_card",)),)), Tracker())
+    assert not nothing.derives(analyze("SELECT row_to_json(u) FROM users u"), state)  # no column or name rules

@@ -488,3 +488,17 @@ def test_row_locking_select_is_also_a_lock_of_what_it_reads():
     assert unit_tables(a, "lock") == {("billing", t), ("public", "other")}
     assert (None, "b") not in a.tables
     assert "lock" not in kinds(analyze(f"SELECT * FROM billing.{t} WHERE id = 2"))
+
+
+def test_column_references_and_whole_rows_are_collected():
+    """Every column a statement refers to (lower case), and whether it uses a whole row as a value: a table or
+    alias named as a value, or t.* inside an expression; a plain SELECT * is neither."""
+    t = fresh("cols")
+    a = analyze(f'SELECT lower("Email"), u.id FROM {t} u WHERE u.ssn IS NOT NULL')
+    assert a.column_refs == {"email", "id", "ssn"} and not a.whole_row
+    assert analyze(f"SELECT row_to_json(u) FROM {t} u").whole_row
+    assert analyze(f"SELECT to_jsonb(x.*) FROM {t} x").whole_row
+    assert analyze(f"SELECT json_agg(s) FROM (SELECT * FROM {t}) s").whole_row
+    assert not analyze(f"SELECT * FROM {t}").whole_row
+    body = dict(analyze(f"PREPARE p_{t} AS SELECT upper(email) FROM {t}").prepares)[f"p_{t}"]
+    assert body.column_refs == {"email"}

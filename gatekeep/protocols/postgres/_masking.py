@@ -126,10 +126,22 @@ def _whole(rule: MaskingRule, value: bytes, type_oid: int, binary: bool, codec: 
 #: what a whole row of a masked table becomes: NULL (its text would show every column)
 WHOLE_ROW = MaskingRule("whole-row", None, None, None, strategy="null")
 
+#: what a computed column becomes in the results of a statement that reads a masked column or a whole row
+#: (``lower(email)``, ``row_to_json(u)``, ``string_agg(email, ',')``, a UNION): the server names no table
+#: column for it, so the column's own rule cannot be found. Text and JSON become "****", other types NULL.
+DERIVED = MaskingRule("derived", None, None, None, strategy="redact")
+
+#: computed types that cannot carry a masked column's text: truth values, numbers, times
+SAFE_COMPUTED = frozenset({16, 20, 21, 23, 26, 700, 701, 790, 1082, 1083, 1114, 1184, 1186, 1266, 1700})
+
 
 def plan_columns(plan: MaskPlan, fields: Sequence[pg.Field], formats: Sequence[int] | None,
-                 catalog: "Catalog | dict", codec: str = "utf-8") -> list[Column | None] | None:
-    """Per-column masking for a row shape, or None when no column needs it."""
+                 catalog: "Catalog | dict", codec: str = "utf-8", derived: bool = False) -> list[Column | None] | None:
+    """
+    Per-column masking for a row shape, or None when no column needs it. ``derived``: the statement reads a
+    column a rule masks (or a whole row) in a way that may compute results from it: its computed columns
+    (no table column named by the server) are masked with :data:`DERIVED` unless of a :data:`SAFE_COMPUTED` type.
+    """
     detect = plan.detector_rules
     columns = catalog.columns if isinstance(catalog, Catalog) else catalog
     masked_rows = catalog.masked_row_types(plan) if isinstance(catalog, Catalog) else frozenset()
@@ -152,6 +164,8 @@ def plan_columns(plan: MaskPlan, fields: Sequence[pg.Field], formats: Sequence[i
                 rule = plan.column_name_fallback(f.name)
         if rule is None:
             rule = plan.name_rule(f.name)
+        if rule is None and derived and not f.table_oid and f.type_oid not in SAFE_COMPUTED:
+            rule = DERIVED
         if rule is None and not detect:
             out.append(None)
             continue

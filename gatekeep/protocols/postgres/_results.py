@@ -15,6 +15,7 @@ one. Rows gatekeep cannot name are failed closed: every value becomes NULL.
 from __future__ import annotations
 
 from collections import deque
+from fnmatch import fnmatchcase
 from typing import Any
 
 from gatekeep.masking import strategies
@@ -44,6 +45,12 @@ class ResultMasking:
         self._portal_formats: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._row_columns: list | None = None
         self._copy_columns: list | None = None
+        #: globs of the column names a rule masks (by table column or by name): a statement that refers to one
+        #: may compute results from it (see _masking.DERIVED)
+        self._masked_names = tuple(sorted({g.column.lower() for r in plan.rules for g in r.columns}
+                                          | {n.lower() for r in plan.rules for n in r.names}))
+        self._query_derived: deque = deque()  # (group, derived) of the Query messages in flight
+        self._statement_derived: dict[str, bool] = {}  # prepared statement name -> derived
 
     # -- what the client sent -------------------------------------------------------------
 
@@ -57,6 +64,43 @@ class ResultMasking:
     def executing(self, portal: str) -> None:
         statement, formats = self._portal_formats.get(portal, ("", ()))
         self._executes.append((self.tracker.syncs_sent + 1, statement, formats))
+
+    def derives(self, analysis: Any, sql_state: Any) -> bool:
+        """
+        Whether computed results of a statement may carry a masked value: it refers to a column whose name a
+        rule masks, or to a whole row; an EXECUTE as what it runs; a FETCH (from a cursor gatekeep did not
+        follow) and a statement gatekeep could not judge always.
+        """
+        if not self._masked_names:
+            return False
+        if analysis.whole_row or analysis.unjudgeable or "fetch" in analysis.kinds:
+            return True
+        refs = set(analysis.column_refs)
+        for name in analysis.executes:
+            body = sql_state.prepared.get(name) if sql_state is not None else None
+            if body is None:
+                return True
+            if body.whole_row:
+                return True
+            refs |= body.column_refs
+        return any(fnmatchcase(ref, pattern) for ref in refs for pattern in self._masked_names)
+
+    def query_sent(self, analysis: Any, sql_state: Any) -> None:
+        """A Query is going to the server (allowed): its results are named by its RowDescriptions."""
+        self._query_derived.append((self.tracker.syncs_sent + 1, self.derives(analysis, sql_state)))
+
+    def parsed(self, statement: str, analysis: Any, sql_state: Any) -> None:
+        """A Parse is going to the server (allowed): results of its portals come from this statement."""
+        self._statement_derived[statement] = self.derives(analysis, sql_state)
+
+    def _derived_for(self, statement: str | None) -> bool:
+        if statement is not None:
+            return self._statement_derived.get(statement, True)
+        current = self.tracker.syncs_seen + 1
+        for group, derived in self._query_derived:
+            if group == current:
+                return derived
+        return True  # results of nothing gatekeep saw sent: as if derived
 
     def recordable(self, params: tuple) -> tuple:
         """Bind parameters as the record keeps them: with the plan's detectors applied."""
@@ -125,7 +169,7 @@ class ResultMasking:
     def group_ended(self) -> None:
         """A ReadyForQuery (after the tracker counted it)."""
         seen = self.tracker.syncs_seen
-        for queue in (self._describes, self._executes, self._copies):
+        for queue in (self._describes, self._executes, self._copies, self._query_derived):
             while queue and queue[0][0] <= seen:
                 queue.popleft()
         self._row_columns = None
@@ -143,12 +187,15 @@ class ResultMasking:
 
     def _row_description(self, fields: tuple) -> None:
         current = self.tracker.syncs_seen + 1
+        statement = None
         if self._describes and self._describes[0][0] == current:
             _, kind, name = self._describes.popleft()
             if kind == "S":
                 self._statement_fields[name] = fields  # the formats come with each Bind
                 return
-        self._row_columns = _masking.plan_columns(self.plan, fields, None, self.catalog, self.codec) or []
+            statement = self._portal_formats.get(name, ("",))[0]  # a portal: its statement's
+        self._row_columns = _masking.plan_columns(self.plan, fields, None, self.catalog, self.codec,
+                                                  self._derived_for(statement)) or []
 
     def _mask_row(self, body: bytes) -> bytes | None:
         columns = self._row_columns
@@ -166,7 +213,7 @@ class ResultMasking:
                 counts["unknown-shape"] = counts.get("unknown-shape", 0) + 1
                 return pg.data_row([None] * width)
             columns = self._row_columns = _masking.plan_columns(
-                self.plan, fields, formats, self.catalog, self.codec) or []
+                self.plan, fields, formats, self.catalog, self.codec, self._derived_for(statement)) or []
         if not columns:
             return None
         return _masking.mask_data_row(columns, body, self._counts())

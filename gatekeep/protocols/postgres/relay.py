@@ -457,6 +457,8 @@ class Frontend(ClientStartup, protocol.Protocol):
                 self.sql_state.apply(analysis)
                 if analysis.runs_code:
                     self.settings.runs_code()
+                if self.results is not None:
+                    self.results.query_sent(analysis, self.sql_state)
             self._group(op, m, out, decision)
 
         if self.settings.in_doubt(m.body):
@@ -508,6 +510,8 @@ class Frontend(ClientStartup, protocol.Protocol):
                 analysis = analyze(parse.query)
                 self.sql_state.apply(analysis)
                 self._statements[parse.statement] = (parse.query, decision, analysis.runs_code)
+                if self.results is not None:
+                    self.results.parsed(parse.statement, analysis, self.sql_state)
                 out.append(m.encode())
                 return
             self._statements.pop(parse.statement, None)

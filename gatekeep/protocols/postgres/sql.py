@@ -62,6 +62,10 @@ class Analysis:
     runs_code: bool = False
     #: the text with its constants blanked, when the analysis does not depend on them
     shape: str | None = None
+    #: names of the columns the statement refers to anywhere (lower case; masking of computed results)
+    column_refs: frozenset[str] = frozenset()
+    #: it uses a whole row of a table as a value (``row_to_json(u)``, ``u::text``, ``json_agg(t.*)``)
+    whole_row: bool = False
 
     @property
     def kinds(self) -> frozenset[str]:
@@ -132,6 +136,8 @@ class _Walker:
         self.search_path: list[str] | None = None
         self.unjudgeable: str | None = None
         self.refused: tuple[str, str] | None = None
+        self.column_refs: set[str] = set()
+        self.whole_row = False
         self.depth = depth
 
     # -- generic tree helpers ---------------------------------------------------------
@@ -200,7 +206,16 @@ class _Walker:
             self._prepare(body)
             return
         # units for every data-modifying or reading statement nested anywhere
+        relations: set[str] = set(ctes)
+        single_refs: set[str] = set()
         for name, d in self._nodes({node: body}):
+            if name == "ColumnRef":
+                self._column_ref(d, single_refs)
+            elif name in ("RangeVar", "RangeSubselect", "RangeFunction"):
+                alias = (d.get("alias") or {}).get("aliasname")
+                for n in (alias, d.get("relname")):
+                    if isinstance(n, str):
+                        relations.add(n.lower())
             if name in STATEMENT_NODES:
                 self._dml(name, d, ctes)
             elif "funcname" in d and isinstance(d["funcname"], list):
@@ -209,6 +224,8 @@ class _Walker:
                 self.functions.add(fname)
                 if parts and parts[-1].lower() == "set_config":
                     self._set_config(d)
+        if single_refs & relations:
+            self.whole_row = True  # a table or alias used as a value: its whole row
         if node == "CreateTableAsStmt" or (node == "SelectStmt" and body.get("intoClause")):
             into = body.get("into") or body.get("intoClause") or {}
             self.units.append(Unit("ddl", "create_table_as", self._tables(into, ctes)))
@@ -225,6 +242,22 @@ class _Walker:
             return
         self.units.append(Unit(kind or "other", None if kind else _snake(node.removesuffix("Stmt")),
                                self._tables(body, ctes)))
+
+    def _column_ref(self, d: dict, single_refs: set[str]) -> None:
+        """A column reference: its column's name, or a whole row (``t.*`` as a value, or a bare table name)."""
+        fields = d.get("fields") or []
+        if not fields:
+            return
+        last = fields[-1]
+        if "A_Star" in last:
+            if len(fields) > 1:
+                self.whole_row = True
+            return
+        value = last.get("String", {}).get("sval")
+        if isinstance(value, str):
+            self.column_refs.add(value.lower())
+            if len(fields) == 1:
+                single_refs.add(value.lower())
 
     def _dml(self, name: str, d: dict, ctes: frozenset[str]) -> None:
         kind = SIMPLE_KINDS[name]
@@ -460,6 +493,8 @@ class _Walker:
             return None
 
     def _merge(self, other: Analysis) -> None:
+        self.column_refs |= other.column_refs
+        self.whole_row = self.whole_row or other.whole_row
         self.units.extend(other.units)
         self.functions |= other.functions
         self.conditions |= other.conditions
@@ -475,7 +510,8 @@ class _Walker:
                         tuple(self.search_path) if self.search_path is not None else None, self.unjudgeable,
                         refused=self.refused,
                         runs_code=bool(self.functions or self.executes)
-                        or any(u.kind in ("do", "call") for u in self.units))
+                        or any(u.kind in ("do", "call") for u in self.units),
+                        column_refs=frozenset(self.column_refs), whole_row=self.whole_row)
 
 
 def _constant(node: dict) -> str | None:
