@@ -779,6 +779,39 @@ def test_values_computed_from_masked_columns_are_masked(gw, sql):
         assert not any(email in str(rows) or ssn in str(rows) for _, _, email, ssn in USERS_ROWS), (sql, rows)
 
 
+def test_errors_and_notices_about_masked_columns_quote_no_masked_value(gw):
+    """An error or notice of a statement that reads a masked column (a failed cast quotes the value, RAISE prints
+    it) reaches the client, and the record, without the value; errors of other statements keep their text."""
+    app = "gkpol-err-" + marker()
+    notices = []
+
+    def clean(text):
+        return not any(email in text or ssn in text for _, _, email, ssn in USERS_ROWS)
+
+    with gw.connect("agent", application_name=app) as conn:
+        conn.add_notice_handler(lambda d: notices.append(f"{d.message_primary} {d.message_detail} {d.context}"))
+        for sql, error in (("SELECT email::int FROM users ORDER BY id", pgerr.InvalidTextRepresentation),
+                           ("SELECT ssn::int FROM users ORDER BY id", pgerr.InvalidTextRepresentation),
+                           ("DO $$BEGIN RAISE EXCEPTION '%', (SELECT email FROM users ORDER BY id LIMIT 1); END$$",
+                            pgerr.RaiseException)):
+            for prepare in (False, True):
+                with pytest.raises(error) as e:
+                    conn.execute(sql, prepare=prepare)
+                d = e.value.diag
+                assert clean(f"{d.message_primary} {d.message_detail} {d.context}"), (sql, d.message_primary)
+        assert e.value.diag.message_primary == "****"
+        conn.execute("DO $$BEGIN RAISE NOTICE 'found %', (SELECT ssn FROM users ORDER BY id LIMIT 1); END$$")
+        assert notices and all(clean(n) for n in notices), notices
+        with pytest.raises(pgerr.InvalidTextRepresentation) as e:
+            conn.execute("SELECT name::int FROM users ORDER BY id")
+        assert e.value.diag.message_primary == 'invalid input syntax for type integer: "alice"'
+    out = gw.psql("SELECT email::int FROM users ORDER BY id;\n")
+    assert "22P02" in out.stderr and clean(out.stderr), out.stderr
+    records = ended_session(gw.gk, app)["records"]
+    assert records[0]["error_code"] == "22P02" and records[0]["masked"] == {"derived": 1}
+    assert all(clean(json.dumps(r)) for r in records)
+
+
 def test_computed_values_of_statements_without_masked_columns_are_untouched(gw):
     """Computed values of a statement that reads no masked column, and numbers computed from one, come back as
     they are."""

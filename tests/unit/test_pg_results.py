@@ -128,3 +128,24 @@ def test_whole_rows_prepared_statements_and_cursors_count_as_derived():
     assert results._derived_for("not-parsed") is True
     nothing = ResultMasking(MaskPlan((MaskingRule("cards", None, None, None, detectors=("credit_card",)),)), Tracker())
     assert not nothing.derives(analyze("SELECT row_to_json(u) FROM users u"), state)  # no column or name rules
+
+
+def test_messages_about_a_masked_column_quote_no_value():
+    """Errors and notices of a statement that reads a masked column: quoted values, the detail and the context are
+    masked (the whole text of a notice or a raised exception); those of other statements pass; detectors apply."""
+    from gatekeep.protocols.postgres._masking import MASKED_DETAIL, mask_message_fields
+
+    counts: dict = {}
+    error = {"S": "ERROR", "V": "ERROR", "C": "22P02", "M": 'invalid input syntax for type integer: "ada@x.io"',
+             "D": "Failing row contains (1, ada@x.io).", "W": "SQL function f", "q": "SELECT ada", "p": "3"}
+    out = mask_message_fields(error, (), True, False, counts)
+    assert out["M"] == 'invalid input syntax for type integer: "****"' and out["C"] == "22P02"
+    assert out["D"] == MASKED_DETAIL and out["W"] == MASKED_DETAIL and "q" not in out and "p" not in out
+    assert counts == {"derived": 1}
+    raised = {"S": "ERROR", "V": "ERROR", "C": "P0001", "M": "ada@x.io"}
+    assert mask_message_fields(raised, (), True, True, {})["M"] == "****"
+    assert mask_message_fields({"S": "ERROR", "C": "22012", "M": "division by zero"}, (), True, False, {}) is None
+    assert mask_message_fields(error, (), False, False, {}) is None
+    cards = (MaskingRule("cards", None, None, None, detectors=("credit_card",)),)
+    out = mask_message_fields({"S": "NOTICE", "C": "00000", "M": "card 4111 1111 1111 1111"}, cards, False, False, {})
+    assert "4111 1111 1111 1111" not in out["M"]

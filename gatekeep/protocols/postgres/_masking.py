@@ -18,6 +18,7 @@ Rows with nothing to mask pass through untouched.
 from __future__ import annotations
 
 import json
+import re
 import struct
 import uuid
 from typing import Any, Sequence
@@ -176,6 +177,50 @@ def plan_columns(plan: MaskPlan, fields: Sequence[pg.Field], formats: Sequence[i
         out.append(Column(rule, detect, f.type_oid, fmt == 1, codec))
         any_masked = True
     return out if any_masked else None
+
+
+_QUOTED = re.compile(r'"[^"]*"')
+#: what replaces the detail and context of an error or notice about a statement that reads a masked column
+MASKED_DETAIL = "(masked by gatekeep: the statement reads a masked column)"
+
+
+def mask_message_fields(fields: dict[str, str], detect: tuple[MaskingRule, ...], derived: bool, whole: bool,
+                        counts: dict[str, int]) -> dict[str, str] | None:
+    """
+    The fields of an ErrorResponse or NoticeResponse with what could quote a masked value masked, or None when
+    nothing changed. Detectors apply to the message, detail, hint and context of every one. For a statement
+    that reads a masked column (``derived``) the server's message may quote a value (``invalid input syntax for
+    type integer: "alice@example.com"``): its quoted parts become ``"****"`` (the whole message with ``whole``:
+    a notice, or an error raised by code, whose text is whatever the code made of its data), and the detail,
+    context and internal query, which quote rows and values, are replaced.
+    """
+    out = dict(fields)
+    changed = False
+    if derived:
+        message = out.get("M")
+        if message is not None:
+            new = "****" if whole else _QUOTED.sub('"****"', message)
+            if new != message:
+                out["M"] = new
+                changed = True
+        for code in ("D", "W"):
+            if code in out:
+                out[code] = MASKED_DETAIL
+                changed = True
+        if out.pop("q", None) is not None:
+            out.pop("p", None)
+            changed = True
+        if changed:
+            counts[DERIVED.name] = counts.get(DERIVED.name, 0) + 1
+    if detect:
+        for code in ("M", "D", "H", "W"):
+            value = out.get(code)
+            if value:
+                masked = strategies.mask_spans(detect, value, counts)
+                if masked is not value:
+                    out[code] = "****" if masked is None else masked
+                    changed = True
+    return out if changed else None
 
 
 def mask_data_row(columns: list[Column | None], body: bytes, counts: dict[str, int]) -> bytes | None:

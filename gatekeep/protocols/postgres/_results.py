@@ -27,7 +27,7 @@ from gatekeep.protocols.postgres._tracker import Tracker
 from gatekeep.protocols.postgres.sql import analyze
 
 #: the server messages masking watches, on top of what the relay watches anyway
-WATCHED = frozenset({b"T", b"n", b"D", b"H", b"d", b"c", b"S"})
+WATCHED = frozenset({b"T", b"n", b"D", b"H", b"d", b"c", b"S", b"N"})
 
 
 class ResultMasking:
@@ -49,8 +49,9 @@ class ResultMasking:
         #: may compute results from it (see _masking.DERIVED)
         self._masked_names = tuple(sorted({g.column.lower() for r in plan.rules for g in r.columns}
                                           | {n.lower() for r in plan.rules for n in r.names}))
-        self._query_derived: deque = deque()  # (group, derived) of the Query messages in flight
+        self._query_derived: deque = deque()  # (group, derived, runs code) of the Query messages in flight
         self._statement_derived: dict[str, bool] = {}  # prepared statement name -> derived
+        self._statement_code: dict[str, bool] = {}  # prepared statement name -> runs code
 
     # -- what the client sent -------------------------------------------------------------
 
@@ -87,20 +88,51 @@ class ResultMasking:
 
     def query_sent(self, analysis: Any, sql_state: Any) -> None:
         """A Query is going to the server (allowed): its results are named by its RowDescriptions."""
-        self._query_derived.append((self.tracker.syncs_sent + 1, self.derives(analysis, sql_state)))
+        self._query_derived.append((self.tracker.syncs_sent + 1, self.derives(analysis, sql_state),
+                                    analysis.runs_code))
 
     def parsed(self, statement: str, analysis: Any, sql_state: Any) -> None:
         """A Parse is going to the server (allowed): results of its portals come from this statement."""
         self._statement_derived[statement] = self.derives(analysis, sql_state)
+        self._statement_code[statement] = analysis.runs_code
 
     def _derived_for(self, statement: str | None) -> bool:
         if statement is not None:
             return self._statement_derived.get(statement, True)
         current = self.tracker.syncs_seen + 1
-        for group, derived in self._query_derived:
+        for group, derived, _ in self._query_derived:
             if group == current:
                 return derived
         return True  # results of nothing gatekeep saw sent: as if derived
+
+    def _running(self) -> tuple[bool, bool]:
+        """(derived, runs code) of the statement whose messages arrive now; (False, False) when none is known."""
+        current = self.tracker.syncs_seen + 1
+        if self._executes and self._executes[0][0] == current:
+            statement = self._executes[0][1]
+            return self._statement_derived.get(statement, True), self._statement_code.get(statement, True)
+        for group, derived, code in self._query_derived:
+            if group == current:
+                return derived, code
+        return False, False
+
+    def message(self, mtype: bytes, body: bytes) -> bytes | None:
+        """An ErrorResponse (``E``) or NoticeResponse (``N``): the replacement that quotes no masked value, or None
+        (see :func:`_masking.mask_message_fields`). Call it before :meth:`result_ended`."""
+        derived, code = self._running()
+        detect = self.plan.detector_rules
+        if not derived and not detect:
+            return None
+        try:
+            fields = pg.parse_fields(body)
+        except pg.ProtocolError:
+            return pg.fields_message(mtype, {"S": "ERROR" if mtype == b"E" else "NOTICE", "C": "XX000",
+                                             "M": "gatekeep masked a message it could not read"})
+        severity = fields.get("V", fields.get("S", ""))
+        whole = mtype == b"N" or (code and (fields.get("C", "").startswith("P0") or severity not in
+                                            ("ERROR", "FATAL", "PANIC")))
+        masked = _masking.mask_message_fields(fields, detect, derived, bool(whole), self._counts())
+        return None if masked is None else pg.fields_message(mtype, masked)
 
     def recordable(self, params: tuple) -> tuple:
         """Bind parameters as the record keeps them: with the plan's detectors applied."""
@@ -151,6 +183,8 @@ class ResultMasking:
         elif mtype == b"S":
             name, value = pg.parse_parameter_status(body)
             self.parameter_status(name, value)
+        elif mtype == b"N":
+            return self.message(mtype, body)
         elif mtype == b"c":
             self._copy_columns = None
         return None

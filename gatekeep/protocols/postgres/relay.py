@@ -622,9 +622,14 @@ class Frontend(ClientStartup, protocol.Protocol):
             self.settings.answered()
         elif mtype == b"E":
             fields = pg.parse_fields(body)
+            masked = None
             if results is not None:
+                masked = results.message(mtype, body)  # before result_ended: the statement is still known
                 results.result_ended()
-            return self.tracker.error(fields.get("C", "XX000"), fields.get("M", ""))
+            if masked is not None:
+                fields = pg.parse_fields(masked[5:])  # the record keeps what the client gets
+            denial = self.tracker.error(fields.get("C", "XX000"), fields.get("M", ""))
+            return denial if denial is not None else masked
         elif mtype in (b"I", b"s"):
             self.tracker.command_complete(None)
             if results is not None:
