@@ -255,6 +255,30 @@ def test_json_masking_keys_paths_detectors_and_length(gw):
         assert int(length[0].split(b":")[1]) == len(body)
 
 
+def test_json_the_upstream_does_not_label_as_json_is_masked_too(gw):
+    """JSON labelled text/plain or with no Content-Type is masked as JSON; newline-delimited JSON is masked line by
+    line as it streams."""
+    for path in ("/json/as-text", "/json/untyped"):
+        r, body = gw.request("GET", path)
+        doc = json.loads(body)
+        assert doc["user"]["password"] == "****" and doc["user"]["email"] == "****", (path, body)
+        assert doc["user"]["name"] == USER["user"]["name"]
+    r, body = gw.request("GET", "/ndjson?n=3")
+    lines = [json.loads(line) for line in body.splitlines()]
+    assert [d["seq"] for d in lines] == [0, 1, 2]
+    assert all(d["user"]["password"] == "****" and d["user"]["email"] == "****" for d in lines), body
+    assert b"hunter2" not in body and b"ann@example.com" not in body
+    # each line reaches the client as it is sent, not when the feed ends
+    c = gw.conn()
+    c.request("GET", "/ndjson?n=2&delay=1.5", headers=gw.auth())
+    started = time.monotonic()
+    resp = c.getresponse()
+    first = resp.fp.readline()  # the chunk size line
+    first = resp.fp.readline()
+    assert json.loads(first)["seq"] == 0 and b"hunter2" not in first and time.monotonic() - started < 1.4
+    c.close()
+
+
 def test_text_passes_through_unless_mask_text(gw):
     """Non-JSON bodies pass unchanged on a plain target; on a mask_text target the detectors apply."""
     r, body = gw.request("GET", "/text")

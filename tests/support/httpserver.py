@@ -74,7 +74,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, status, body, ctype="application/json", chunked=False, extra=()):
         self.send_response(status)
-        self.send_header("Content-Type", ctype)
+        if ctype is not None:
+            self.send_header("Content-Type", ctype)
         for k, v in extra:
             self.send_header(k, v)
         if chunked:
@@ -102,6 +103,22 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, body)
         elif url.path == "/json/user":
             self._send(200, json.dumps(USER).encode(), chunked="chunked" in query)
+        elif url.path == "/json/as-text":  # JSON an upstream labels text/plain
+            self._send(200, json.dumps(USER).encode(), "text/plain")
+        elif url.path == "/json/untyped":  # JSON without a Content-Type
+            self._send(200, json.dumps(USER).encode(), None)
+        elif url.path == "/ndjson":  # newline-delimited JSON, one document per chunk, as a feed sends them
+            n, delay = int(query.get("n", ["3"])[0]), float(query.get("delay", ["0"])[0])
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(n):
+                line = json.dumps({"seq": i, "user": USER["user"]}).encode() + b"\n"
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.flush()
+                time.sleep(delay)
+            self.wfile.write(b"0\r\n\r\n")
         elif url.path == "/text":
             self._send(200, b"write to ann@example.com about card 4111 1111 1111 1111\n", "text/plain")
         elif url.path == "/stream":

@@ -17,13 +17,14 @@ import attrs
 from gatekeep.model import Decision
 from gatekeep.protocols.http import _websocket as ws
 from gatekeep.protocols.http._codec import Head, simple_response
-from gatekeep.protocols.http._headers import is_json, is_text
+from gatekeep.protocols.http._headers import is_json, is_json_lines, is_text, media_type
 from gatekeep.protocols.http._jsonmask import JsonMasker
 from gatekeep.protocols.http._request import Request
 
 PASS = "pass"
 BUFFER = "buffer"
 LINES = "lines"
+SNIFF = "sniff"
 
 
 @attrs.frozen
@@ -35,7 +36,10 @@ class BodyPlan:
     - ``buffer``: gather it (up to the target's ``max_body``), then send
       ``transform(body, counts)`` (None: unchanged) with a fixed Content-Length;
     - ``lines``: a stream of newline-separated JSON documents (a watch): each
-      line is sent through ``transform`` as soon as it is whole, re-chunked.
+      line is sent through ``transform`` as soon as it is whole, re-chunked;
+    - ``sniff``: a body that may be JSON though not labelled so: held until its
+      first byte that is not white space; ``{`` or ``[`` makes it ``buffer``,
+      anything else ``pass`` (a text stream keeps streaming).
 
     ``required``: when the body is over ``max_body`` (or cannot be read), the
     response fails closed with 502 instead of passing through unmasked.
@@ -113,21 +117,37 @@ class HttpDialect:
         if masker is None or not masker.active:
             return PASS_THROUGH
         ctype = head.index.get(b"content-type")
+        if not masker.key_rules and not masker.detector_rules:
+            return PASS_THROUGH
+
+        def transform(body: bytes, counts: dict[str, int]) -> bytes | None:
+            if not body.strip():
+                return None
+            try:
+                return masker.mask_body(body, counts)
+            except ValueError:
+                if masker.key_rules:
+                    raise
+                return _mask_text(masker, body, counts)
+
         if is_json(ctype):
-            if not masker.key_rules and not masker.detector_rules:
-                return PASS_THROUGH
-
-            def transform(body: bytes, counts: dict[str, int]) -> bytes | None:
-                if not body.strip():
-                    return None
-                try:
-                    return masker.mask_body(body, counts)
-                except ValueError:
-                    if masker.key_rules:
-                        raise
-                    return _mask_text(masker, body, counts)
-
             return BodyPlan(BUFFER, transform, required=True, why="JSON body under masking rules")
+        if is_json_lines(ctype):
+            return BodyPlan(LINES, transform, required=True, why="JSON lines under masking rules")
+        if masker.key_rules and (ctype is None or media_type(ctype) == "text/plain"):
+            # JSON an upstream did not label as JSON: masked as JSON when it parses as JSON
+            def sniffed(body: bytes, counts: dict[str, int]) -> bytes | None:
+                if body.lstrip()[:1] in (b"{", b"["):
+                    try:
+                        return masker.mask_body(body, counts)
+                    except ValueError:
+                        pass
+                return _mask_text(masker, body, counts) if mask_text and masker.detector_rules else None
+
+            # compressed, or text the detectors read anyway: read it all; else tell by its first byte
+            whole = head.index.get(b"content-encoding") or (mask_text and masker.detector_rules)
+            kind = BUFFER if whole else SNIFF
+            return BodyPlan(kind, sniffed, required=True, why="a body that may be JSON under masking rules")
         if mask_text and masker.detector_rules and is_text(ctype):
             return BodyPlan(BUFFER, lambda body, counts: _mask_text(masker, body, counts), required=True,
                             why="text body under masking detectors")

@@ -123,6 +123,15 @@ def is_json(content_type: bytes | None) -> bool:
     return mt == "application/json" or mt.endswith("+json") or mt == "text/json"
 
 
+#: newline-delimited JSON (one document per line): streamed APIs, log and event feeds
+JSON_LINES_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl",
+                              "application/x-jsonlines", "application/jsonlines", "application/json-lines"})
+
+
+def is_json_lines(content_type: bytes | None) -> bool:
+    return media_type(content_type) in JSON_LINES_TYPES
+
+
 TEXT_TYPES = frozenset({"application/xml", "application/javascript", "application/x-www-form-urlencoded",
                         "application/yaml", "application/x-yaml", "application/x-ndjson", "application/graphql"})
 

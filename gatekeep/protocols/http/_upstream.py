@@ -8,6 +8,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+import attrs
 from twisted.internet import protocol
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -20,7 +21,7 @@ from gatekeep.masking.strategies import REDACTED, mask_spans
 from gatekeep.model import StreamEvent
 from gatekeep.protocols.http import _codec as codec
 from gatekeep.protocols.http._codec import END, NEED_DATA, PAUSED, Data, Head, MessageReader, ProtocolError
-from gatekeep.protocols.http._dialect import BUFFER, LINES, PASS, PASS_THROUGH
+from gatekeep.protocols.http._dialect import BUFFER, LINES, PASS, PASS_THROUGH, SNIFF
 from gatekeep.protocols.http._exchange import Exchange, excerpt_for
 
 _log = Logger()
@@ -164,7 +165,7 @@ class UpstreamSide(protocol.Protocol):
         ex = self.exchange
         self.exchange = None
         if ex is not None and not ex.finished:
-            if ex.response is None or (ex.plan.kind == BUFFER and not ex.rechunk):
+            if ex.response is None or (ex.plan.kind in (BUFFER, SNIFF) and not ex.rechunk):
                 ex.response = None
                 self.client.local_answer(ex, *self.client.dialect.failure(
                     ex.request, 502, "gatekeep received an invalid response from the upstream", close=True),
@@ -210,6 +211,8 @@ class UpstreamSide(protocol.Protocol):
             if length is not None and length > c.options.max_body:
                 self.give_up(ex, f"the body ({length} bytes) is over max_body")
             return
+        if plan.kind == SNIFF:
+            return  # the head goes once the body's first byte tells what it is (sniff)
         if plan.kind == LINES:
             ex.chunked_out = ex.head.version == b"1.1"
             if not ex.chunked_out:
@@ -235,8 +238,36 @@ class UpstreamSide(protocol.Protocol):
             ex.buffered += len(event.payload)
             if ex.buffered > self.client.options.max_body:
                 self.give_up(ex, f"the body is over max_body ({self.client.options.max_body} bytes)")
+        elif kind == SNIFF:
+            ex.buffer.append(event.payload)
+            ex.buffered += len(event.payload)
+            self.sniff(ex)
         else:
             self.lines(ex, event.payload)
+
+    def sniff(self, ex: Exchange) -> None:
+        """A body that may be JSON: masked whole if its first byte that is not white space opens JSON, else
+        passed on as it comes (see ``SNIFF``)."""
+        for piece in ex.buffer:
+            first = piece.lstrip()[:1]
+            if first:
+                break
+        else:
+            if ex.buffered > self.client.options.max_body:
+                self.give_up(ex, f"the body is over max_body ({self.client.options.max_body} bytes)")
+            return  # only white space so far
+        length = self.reader.body_length
+        if first in (b"{", b"["):
+            ex.plan = attrs.evolve(ex.plan, kind=BUFFER)
+            if (length is not None and length > self.client.options.max_body) or \
+                    ex.buffered > self.client.options.max_body:
+                self.give_up(ex, "the body is over max_body")
+            return
+        if ex.resp_excerpt is not None:
+            for piece in ex.buffer:
+                ex.resp_excerpt.add(piece)
+        ex.plan = attrs.evolve(ex.plan, kind=BUFFER, required=False)
+        self.give_up(ex, "not JSON")  # not required: the head and what came so far go on, then the rest as it comes
 
     def give_up(self, ex: Exchange, why: str) -> None:
         """A body too big to mask: fail closed when masking is required, else pass it on."""
@@ -298,7 +329,7 @@ class UpstreamSide(protocol.Protocol):
     def on_end(self) -> None:
         ex = self.exchange
         kind = ex.plan.kind
-        if kind == BUFFER:
+        if kind in (BUFFER, SNIFF):  # a sniffed body that ended before showing a byte: as a buffered one
             if not self.finish_buffer(ex):
                 return
         elif kind == LINES:
