@@ -91,6 +91,20 @@ class Handler(BaseHTTPRequestHandler):
             if self.command != "HEAD":
                 self.wfile.write(body)
 
+    def _stream_lines(self, ctype, query, default_delay, line_of):
+        """A chunked response of ``n`` lines (query ``n``, default 3), one chunk each, ``delay`` seconds apart."""
+        n, delay = int(query.get("n", ["3"])[0]), float(query.get("delay", [default_delay])[0])
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for i in range(n):
+            line = line_of(i)
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+            self.wfile.flush()
+            time.sleep(delay)
+        self.wfile.write(b"0\r\n\r\n")
+
     def handle_any(self):
         url = urlsplit(self.path)
         query = parse_qs(url.query)
@@ -108,31 +122,12 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path == "/json/untyped":  # JSON without a Content-Type
             self._send(200, json.dumps(USER).encode(), None)
         elif url.path == "/ndjson":  # newline-delimited JSON, one document per chunk, as a feed sends them
-            n, delay = int(query.get("n", ["3"])[0]), float(query.get("delay", ["0"])[0])
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-ndjson")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            for i in range(n):
-                line = json.dumps({"seq": i, "user": USER["user"]}).encode() + b"\n"
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
-                self.wfile.flush()
-                time.sleep(delay)
-            self.wfile.write(b"0\r\n\r\n")
+            self._stream_lines("application/x-ndjson", query, "0",
+                               lambda i: json.dumps({"seq": i, "user": USER["user"]}).encode() + b"\n")
         elif url.path == "/text":
             self._send(200, b"write to ann@example.com about card 4111 1111 1111 1111\n", "text/plain")
         elif url.path == "/stream":
-            n, delay = int(query.get("n", ["3"])[0]), float(query.get("delay", ["0.2"])[0])
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            for i in range(n):
-                line = b"tick %d %.3f\n" % (i, time.time())
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
-                self.wfile.flush()
-                time.sleep(delay)
-            self.wfile.write(b"0\r\n\r\n")
+            self._stream_lines("text/plain", query, "0.2", lambda i: b"tick %d %.3f\n" % (i, time.time()))
         elif url.path == "/big":
             data = pattern(int(query["size"][0]))
             self.send_response(200)
