@@ -548,6 +548,23 @@ def test_copy_users_to_stdout_is_masked_psql(gw):
     _check_users([(int(a), b, c, d) for a, b, c, d in rows])
 
 
+@pytest.mark.parametrize("options, delimiter, header", [
+    ("WITH (DELIMITER ',')", ",", False),
+    ("DELIMITER '|'", "|", False),
+    ("WITH (FORMAT text, HEADER true, NULL 'nil')", "\t", True),
+])
+def test_copy_with_its_own_delimiter_or_header_is_masked(gw, options, delimiter, header):
+    """A text COPY with another DELIMITER, a HEADER or a NULL string is masked field by field as well (the
+    delimiter once split no field: every value passed), with psql; the header line is left as it is."""
+    out = gw.psql(f"COPY users TO STDOUT {options};\n", check=True)
+    lines = out.stdout.splitlines()
+    if header:
+        assert lines.pop(0).split(delimiter) == ["id", "name", "email", "ssn"]
+    rows = [line.split(delimiter) for line in lines]
+    assert len(rows) == 3 and all(len(r) == 4 for r in rows), out.stdout
+    _check_users([(int(a), b, c, d) for a, b, c, d in rows])
+
+
 def test_copy_to_stdout_is_masked_psycopg(gw):
     """COPY users with a column list via psycopg is masked in the listed order; COPY of an unmasked table is untouched."""
     with gw.connect("agent") as conn:
@@ -574,7 +591,8 @@ def test_copy_runs_detectors_on_tables_without_masked_columns(gw):
     "COPY users TO STDOUT WITH (FORMAT csv)",
     "COPY users TO STDOUT WITH (FORMAT binary)",
     "COPY users TO STDOUT CSV",
-], ids=["query", "csv", "binary", "csv-legacy"])
+    "COPY users TO STDOUT WITH (ENCODING 'LATIN1')",
+], ids=["query", "csv", "binary", "csv-legacy", "encoding"])
 def test_copy_forms_that_cannot_be_masked_are_refused(gw, sql):
     """With masking on, COPY of a query or in csv/binary format is denied (rule masking), with psql and psycopg."""
     out = gw.psql(sql + ";\n")

@@ -730,6 +730,22 @@ def test_copy_row_masks_columns_and_detectors_and_keeps_the_rest():
     assert counts == {"email": 1, "ssn": 1, "cards/credit_card": 1}
 
 
+def test_copy_row_with_its_own_delimiter_and_null_string():
+    """DELIMITER ',' splits at commas but not at an escaped one; a masked value holding the delimiter is escaped;
+    the NULL string stays NULL."""
+    from gatekeep.protocols.postgres._masking import CopyLayout, copy_target
+
+    plan = MaskPlan((rule("email", columns=["*.email"]), rule("cards", detectors_=("credit_card",))))
+    cols = copy_catalog(USERS).copy_columns(plan, ["public"], (None, "users"), ["name", "email", "notes"])
+    layout = CopyLayout(delimiter=",", null="nil")
+    out = mask_copy_text_row(cols, b"smith\\, al,al@example.com,card 4111111111111111\n", {}, layout=layout)
+    assert out[5:] == b"smith\\, al,****,card ****\n"
+    assert mask_copy_text_row(cols, b"al,nil,nil\n", {}, layout=layout) is None
+    target = copy_target("COPY users (email) TO STDOUT WITH (DELIMITER ';', NULL 'nil', HEADER)")
+    assert target["layout"] == CopyLayout(";", "nil", True) and target["other_options"] == []
+    assert copy_target("COPY users TO STDOUT WITH (ENCODING 'LATIN1')")["other_options"] == ["encoding"]
+
+
 def test_copy_row_with_nothing_to_mask_is_untouched():
     """A COPY row with no rule-matched column and no detector hit returns None (sent as is)."""
     plan = MaskPlan((rule("cards", detectors_=("credit_card",)),))

@@ -273,29 +273,49 @@ def _copy_unescape(field: str) -> str:
     return "".join(out)
 
 
-def _copy_escape(value: str) -> str:
-    return (value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r"))
+def _copy_escape(value: str, delimiter: str = "\t") -> str:
+    out = value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return out.replace(delimiter, "\\" + delimiter) if delimiter not in "\t\\" else out
+
+
+def _copy_split(line: str, delimiter: str) -> list[str]:
+    """A text-format COPY line's fields: split at the delimiter, but not at one a backslash escapes."""
+    if "\\" not in line:
+        return line.split(delimiter)
+    fields, start, i, n = [], 0, 0, len(line)
+    while i < n:
+        c = line[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == delimiter:
+            fields.append(line[start:i])
+            start = i + 1
+        i += 1
+    fields.append(line[start:])
+    return fields
 
 
 def mask_copy_text_row(columns: list[Column | None], data: bytes, counts: dict[str, int],
-                       codec: str = "utf-8") -> bytes | None:
+                       codec: str = "utf-8", layout: "CopyLayout | None" = None) -> bytes | None:
     """One COPY text-format row (a CopyData body) masked; None when nothing changed."""
+    layout = layout or CopyLayout()
     line = data.decode(codec, "replace")
     newline = line.endswith("\n")
-    fields = (line[:-1] if newline else line).split("\t")
+    fields = _copy_split(line[:-1] if newline else line, layout.delimiter)
     changed = False
     for i, col in enumerate(columns):
-        if col is None or i >= len(fields) or fields[i] == "\\N":
+        if col is None or i >= len(fields) or fields[i] == layout.null:
             continue
         raw = _copy_unescape(fields[i]).encode(codec, "replace")
         new = Column(col.rule, col.detect, col.type_oid, False, codec).apply(raw, counts)
         if new is False:
             continue
-        fields[i] = "\\N" if new is None else _copy_escape(new.decode(codec, "replace"))
+        fields[i] = layout.null if new is None else _copy_escape(new.decode(codec, "replace"), layout.delimiter)
         changed = True
     if not changed:
         return None
-    return pg.copy_data(("\t".join(fields) + ("\n" if newline else "")).encode(codec, "replace"))
+    return pg.copy_data((layout.delimiter.join(fields) + ("\n" if newline else "")).encode(codec, "replace"))
 
 
 def glob_regex(patterns: Sequence[str]) -> str:
@@ -434,12 +454,24 @@ def copy_target(text: str) -> dict[str, Any] | None:
     if c.get("is_from"):
         return None
     fmt = "text"
+    layout = CopyLayout()
+    others = []
     for o in c.get("options", []):
         d = o.get("DefElem", {})
-        if d.get("defname") == "format":
-            fmt = str(d.get("arg", {}).get("String", {}).get("sval", "text")).lower()
-        elif d.get("defname") in ("csv", "binary"):
-            fmt = d["defname"]
+        name, arg = d.get("defname"), d.get("arg", {})
+        value = arg.get("String", {}).get("sval") if isinstance(arg, dict) else None
+        if name == "format":
+            fmt = str(value or "text").lower()
+        elif name in ("csv", "binary"):
+            fmt = name
+        elif name == "delimiter" and isinstance(value, str):
+            layout = attrs.evolve(layout, delimiter=value)
+        elif name == "null" and isinstance(value, str):
+            layout = attrs.evolve(layout, null=value)
+        elif name == "header":
+            layout = attrs.evolve(layout, header=_truthy(arg))
+        else:
+            others.append(str(name))
     rel = c.get("relation")
     names = [a.get("String", {}).get("sval") for a in c.get("attlist", [])] or None
     return {
@@ -447,4 +479,28 @@ def copy_target(text: str) -> dict[str, Any] | None:
         "table": (rel.get("schemaname"), rel.get("relname")) if rel else None,
         "columns": names,
         "format": fmt,
+        "layout": layout,
+        #: options masking does not follow (ENCODING changes the bytes; the CSV ones do not apply to text)
+        "other_options": others,
     }
+
+
+@attrs.frozen
+class CopyLayout:
+    """How a text-format COPY lays out its rows: DELIMITER, NULL and HEADER."""
+
+    delimiter: str = "\t"
+    null: str = "\\N"
+    header: bool = False
+
+
+def _truthy(arg: Any) -> bool:
+    """A COPY boolean option's value (HEADER alone means true)."""
+    if not isinstance(arg, dict) or not arg:
+        return True
+    if "Boolean" in arg:
+        return bool(arg["Boolean"].get("boolval"))
+    if "Integer" in arg:
+        return bool(arg["Integer"].get("ival"))
+    value = str(arg.get("String", {}).get("sval", "true")).lower()
+    return value not in ("false", "off", "0", "no")

@@ -40,11 +40,13 @@ class ResultMasking:
         self.codec = "utf-8"
         self._describes: deque = deque()   # (group, kind, name) of Describe messages in flight
         self._executes: deque = deque()    # (group, statement, result formats) of Execute messages in flight
-        self._copies: deque = deque()      # (group, columns) for COPY TO STDOUT statements in flight
+        self._copies: deque = deque()      # (group, columns, layout) for COPY TO STDOUT statements in flight
         self._statement_fields: dict[str, tuple] = {}
         self._portal_formats: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._row_columns: list | None = None
         self._copy_columns: list | None = None
+        self._copy_layout: _masking.CopyLayout | None = None
+        self._copy_header = False
         #: globs of the column names a rule masks (by table column or by name): a statement that refers to one
         #: may compute results from it (see _masking.DERIVED)
         self._masked_names = tuple(sorted({g.column.lower() for r in plan.rules for g in r.columns}
@@ -147,9 +149,10 @@ class ResultMasking:
         if "copy_to" not in a.kinds:
             return decision
         target = _masking.copy_target(text)
-        if target is None or target["query"] or target["format"] != "text":
-            return Decision(Action.DENY, "masking", "COPY TO STDOUT with masking works on a table in text format;"
-                            " use SELECT or COPY table TO STDOUT", decision.facts)
+        if target is None or target["query"] or target["format"] != "text" or target["other_options"]:
+            return Decision(Action.DENY, "masking", "COPY TO STDOUT with masking works on a table in text format"
+                            " (DELIMITER, NULL and HEADER allowed); use SELECT or COPY table TO STDOUT",
+                            decision.facts)
         candidates = sql_state and [sql_state.user if s == "$user" else s
                                     for s in sorted(sql_state.search_path)] or ["public"]
         columns = self.catalog.copy_columns(self.plan, candidates, target["table"], target["columns"], self.codec)
@@ -157,7 +160,7 @@ class ResultMasking:
             return Decision(Action.DENY, "masking", "gatekeep cannot tell which fields of this COPY to mask (a table"
                             " made after the session started, or masking by column name without a column list);"
                             " use SELECT or COPY table (columns) TO STDOUT", decision.facts)
-        self._copies.append((self.tracker.syncs_sent + 1, columns))
+        self._copies.append((self.tracker.syncs_sent + 1, columns, target["layout"]))
         return decision
 
     # -- what the server sends ------------------------------------------------------------
@@ -173,13 +176,20 @@ class ResultMasking:
                 self._describes.popleft()
         elif mtype == b"d":
             if self._copy_columns is not None:
-                return _masking.mask_copy_text_row(self._copy_columns, body, self._counts(), self.codec)
+                if self._copy_header:
+                    self._copy_header = False  # the column names, not a row
+                    return None
+                return _masking.mask_copy_text_row(self._copy_columns, body, self._counts(), self.codec,
+                                                   self._copy_layout)
         elif mtype == b"H":
-            columns = self._copies.popleft()[1] if self._copies and \
-                self._copies[0][0] == self.tracker.syncs_seen + 1 else None
+            columns, layout = None, None
+            if self._copies and self._copies[0][0] == self.tracker.syncs_seen + 1:
+                _, columns, layout = self._copies.popleft()
             if columns == _masking.DETECT_ALL:
                 columns = _masking.detect_all(self.plan, int.from_bytes(body[1:3], "big"), self.codec)
             self._copy_columns = columns
+            self._copy_layout = layout
+            self._copy_header = layout is not None and layout.header
         elif mtype == b"S":
             name, value = pg.parse_parameter_status(body)
             self.parameter_status(name, value)
