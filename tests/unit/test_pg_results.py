@@ -149,3 +149,26 @@ def test_messages_about_a_masked_column_quote_no_value():
     cards = (MaskingRule("cards", None, None, None, detectors=("credit_card",)),)
     out = mask_message_fields({"S": "NOTICE", "C": "00000", "M": "card 4111 1111 1111 1111"}, cards, False, False, {})
     assert "4111 1111 1111 1111" not in out["M"]
+
+
+def test_writes_of_values_read_from_a_masked_column_are_refused():
+    """A statement that would move a masked column's value into a table, a setting or a notification is denied
+    with rule masking; writes and reads that do not refer to one, and a plain SELECT of it, keep their decision."""
+    from gatekeep.protocols.postgres.policy import SqlSessionState
+    from gatekeep.protocols.postgres.sql import analyze
+
+    _, results = fresh()
+    state = SqlSessionState("app")
+    allow = Decision(Action.ALLOW, None, "", {"kinds": ["insert"]})
+    for sql in ("INSERT INTO log SELECT email FROM users", "UPDATE t SET v = email FROM users",
+                "CREATE TABLE t AS SELECT email FROM users", "SELECT set_config('x', email, false) FROM users",
+                "SELECT pg_catalog.pg_notify('c', email) FROM users", "DO $$BEGIN PERFORM email FROM users; END$$",
+                "PREPARE mv AS INSERT INTO log SELECT email FROM users"):
+        d = results.decision(sql, allow, state)
+        assert (d.action, d.rule) == (Action.DENY, "masking"), sql
+        assert d.facts == allow.facts
+    for sql in ("INSERT INTO log VALUES (1)", "UPDATE users SET name = upper(name)", "SELECT email FROM users",
+                "SELECT set_config('x', name, false) FROM users"):
+        assert results.decision(sql, allow, state) is allow, sql
+    state.apply(analyze("PREPARE later AS INSERT INTO log SELECT email FROM users"))
+    assert results.decision("EXECUTE later", allow, state).rule == "masking"

@@ -26,6 +26,12 @@ from gatekeep.protocols.postgres import _masking
 from gatekeep.protocols.postgres._tracker import Tracker
 from gatekeep.protocols.postgres.sql import analyze
 
+#: statement kinds that put values somewhere a later statement reads them from
+_WRITES = frozenset({"insert", "update", "merge", "ddl", "do", "call"})
+#: functions that keep or send a value where masking does not see it
+_KEEPERS = ("set_config", "pg_notify", "dblink*", "lo_from_bytea", "lo_put", "lo_export", "lo_import",
+            "pg_file_write", "pg_logical_emit_message", "txid_*")
+
 #: the server messages masking watches, on top of what the relay watches anyway
 WATCHED = frozenset({b"T", b"n", b"D", b"H", b"d", b"c", b"S", b"N"})
 
@@ -142,6 +148,31 @@ class ResultMasking:
         if not rules:
             return params
         return tuple(p if p is None else strategies.mask_spans(rules, p) for p in params)
+
+    def decision(self, text: str, decision: Decision, sql_state: Any) -> Decision:
+        """
+        What masking makes of an allowed statement: a COPY it cannot mask is refused (:meth:`copy_decision`), and
+        so is one that would put a value read from a masked column where masking no longer sees it — a write
+        (INSERT ... SELECT, UPDATE ... SET x = email, CREATE TABLE AS, a view, DO, CALL) or a function that keeps
+        or sends it (``set_config``, ``pg_notify``, ``dblink``, large objects) — since a later read of that place
+        would return it in clear.
+        """
+        decision = self.copy_decision(text, decision, sql_state)
+        if decision.action is not Action.ALLOW or not self._masked_names:
+            return decision
+        a = analyze(text)
+        kinds, functions = set(a.kinds), set(a.functions)
+        for name in a.executes:
+            body = sql_state.prepared.get(name) if sql_state is not None else None
+            if body is not None:
+                kinds |= body.kinds
+                functions |= body.functions
+        moves = kinds & _WRITES or any(fnmatchcase(f.rpartition(".")[2], p) for f in functions for p in _KEEPERS)
+        if moves and "fetch" not in kinds and self.derives(a, sql_state):
+            return Decision(Action.DENY, "masking", "the statement would put values of a masked column where"
+                            " masking does not see them (a table, a setting, a notification); read them with"
+                            " SELECT", decision.facts)
+        return decision
 
     def copy_decision(self, text: str, decision: Decision, sql_state: Any) -> Decision:
         """COPY TO STDOUT under masking: text format of a table is masked; anything else is refused."""

@@ -448,7 +448,7 @@ class Frontend(ClientStartup, protocol.Protocol):
 
         def refine(decision: Decision) -> Decision:
             if decision.action is Action.ALLOW and self.results is not None:
-                return self.results.copy_decision(text, decision, self.sql_state)
+                return self.results.decision(text, decision, self.sql_state)
             return decision
 
         def carry_out(decision: Decision) -> None:
@@ -519,11 +519,16 @@ class Frontend(ClientStartup, protocol.Protocol):
             self.upstream.stream.hold = True
             out.append(pg.parse(parse.statement, POISON, parse.param_types))
 
+        def refine(decision: Decision) -> Decision:
+            if decision.action is Action.ALLOW and self.results is not None:
+                return self.results.decision(parse.query, decision, self.sql_state)
+            return decision
+
         if self.settings.in_doubt(m.body):
             return self._unsettled(op, lambda: self.on_parse(m, out), carry_out, record)
         if parse.unreadable:
             return self._unreadable(op, carry_out, record)
-        return self._judge(op, carry_out, record=record)
+        return self._judge(op, carry_out, refine, record)
 
     def on_function_call(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
         """A fastpath FunctionCall names a function by OID: policy cannot judge it (denied unless the target

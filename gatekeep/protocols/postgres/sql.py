@@ -413,6 +413,8 @@ class _Walker:
         self.units.extend(u for u in body_analysis.units)
         self.functions |= body_analysis.functions
         self.conditions |= body_analysis.conditions
+        self.column_refs |= body_analysis.column_refs
+        self.whole_row = self.whole_row or body_analysis.whole_row
         if body_analysis.unjudgeable:
             self.unjudgeable = body_analysis.unjudgeable
 
