@@ -27,6 +27,18 @@ def unrecordable(decision: Decision, why: str) -> Decision:
     return Decision(Action.DENY, UNRECORDABLE, UNRECORDABLE_REASON, dict(decision.facts or {}, recording_error=why))
 
 
+def refuse_in_batch(batch: list, why: str) -> None:
+    """
+    Strict operations refused because their batch could not be stored (``on_failure: deny``): the batch, kept
+    to be written when the store is back, holds them as the refusals they became (:func:`as_refused`).
+    """
+    from gatekeep.model import Operation
+
+    for i, event in enumerate(batch):
+        if isinstance(event, tuple) and len(event) == 2 and isinstance(event[0], Operation):
+            batch[i] = (event[0], as_refused(event[1], why))
+
+
 def as_refused(decision: Decision, why: str) -> Decision:
     """
     What the trail keeps for an operation refused because the store is failing: the refusal, not the

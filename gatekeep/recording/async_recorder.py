@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder
 from gatekeep.model import Decision, Operation
-from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, as_refused
+from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, as_refused, refuse_in_batch
 from gatekeep.recording.sinks import SinkFeeder
 from gatekeep.store import StoreUnavailable
 
@@ -201,7 +201,9 @@ class AsyncRecorder(InOrder, Backlog):
             _log.error("recording store failed ({error}); keeping {n} events and retrying", error=self.last_error,
                        n=len(batch))
         if self.deny_on_failure:
-            # strict operations waiting for this batch are refused now; their records stay queued
+            # strict operations waiting for this batch are refused now; their records stay queued, as refusals
+            if self.strict and any(not w.called for w in waiters):
+                refuse_in_batch(batch, self.last_error)
             for w in waiters:
                 _fire_once(w, RecordingUnavailable(self.last_error))
             self._refuse_waiting(self.last_error)

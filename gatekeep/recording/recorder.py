@@ -37,7 +37,7 @@ from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder, IStore
 from gatekeep.model import Decision, Operation
-from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, as_refused
+from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, as_refused, refuse_in_batch
 from gatekeep.recording.sinks import close_all, emit_all
 
 _log = Logger()
@@ -204,7 +204,10 @@ class ThreadedRecorder(InOrder, Backlog):
                     _log.error("recording store failed ({error}); keeping {n} events and retrying",
                                error=self.last_error, n=len(batch))
                 if self.deny_on_failure:
-                    # strict operations waiting for this batch are refused now; their records stay queued
+                    # strict operations waiting for this batch are refused now; their records stay queued, as
+                    # refusals
+                    if self.strict and any(not w.called for w in waiters):
+                        refuse_in_batch(batch, self.last_error)
                     for w in waiters:
                         if not w.called:
                             self._reactor.callFromThread(_fire_once, w, RecordingUnavailable(self.last_error))

@@ -268,15 +268,18 @@ def test_json_the_upstream_does_not_label_as_json_is_masked_too(gw):
     assert [d["seq"] for d in lines] == [0, 1, 2]
     assert all(d["user"]["password"] == "****" and d["user"]["email"] == "****" for d in lines), body
     assert b"hunter2" not in body and b"ann@example.com" not in body
-    # each line reaches the client as it is sent, not when the feed ends
-    c = gw.conn()
-    c.request("GET", "/ndjson?n=2&delay=1.5", headers=gw.auth())
-    started = time.monotonic()
-    resp = c.getresponse()
-    first = resp.fp.readline()  # the chunk size line
-    first = resp.fp.readline()
-    assert json.loads(first)["seq"] == 0 and b"hunter2" not in first and time.monotonic() - started < 1.4
-    c.close()
+    # each line reaches the client as it is sent, not when the feed ends: JSON lines, and a text stream that
+    # starts like JSON (a JSON log labelled text/plain)
+    for path in ("/ndjson?n=2&delay=1.5", "/json/log?n=2&delay=1.5"):
+        c = gw.conn()
+        c.request("GET", path, headers=gw.auth())
+        started = time.monotonic()
+        resp = c.getresponse()
+        resp.fp.readline()  # the chunk size line
+        first = resp.fp.readline()
+        assert json.loads(first)["seq"] == 0 and b"hunter2" not in first, (path, first)
+        assert time.monotonic() - started < 1.4, path
+        c.close()
 
 
 def test_text_passes_through_unless_mask_text(gw):

@@ -124,6 +124,9 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path == "/ndjson":  # newline-delimited JSON, one document per chunk, as a feed sends them
             self._stream_lines("application/x-ndjson", query, "0",
                                lambda i: json.dumps({"seq": i, "user": USER["user"]}).encode() + b"\n")
+        elif url.path == "/json/log":  # JSON lines labelled text/plain, streamed (a log feed)
+            self._stream_lines("text/plain", query, "0",
+                               lambda i: json.dumps({"seq": i, "password": "hunter2"}).encode() + b"\n")
         elif url.path == "/text":
             self._send(200, b"write to ann@example.com about card 4111 1111 1111 1111\n", "text/plain")
         elif url.path == "/stream":

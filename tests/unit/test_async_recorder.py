@@ -180,13 +180,14 @@ def test_deny_refuses_new_operations_while_the_store_fails_and_resumes():
         recorder.operationStarted(op(s, 2), ALLOWED)
     clock.advance(0.5)  # the retry goes in: the store is back
     assert recorder.healthy
-    assert store.stored[:2] == [s, (op(s, 1), ALLOWED)]
+    assert store.stored[0] == s and store.stored[1][0] == op(s, 1)
+    assert store.stored[1][1].rule == "recording-unavailable"  # refused when its write failed: kept as refused
     third = fired(recorder.operationStarted(op(s, 3), ALLOWED))
     clock.advance(0)
     assert third == [None]
     stored = [e for e in store.stored if isinstance(e, tuple)]
     assert [o for o, _ in stored] == [op(s, i) for i in (1, 2, 3)]
-    assert stored[0][1] == ALLOWED and stored[2][1] == ALLOWED
+    assert stored[0][1].rule == "recording-unavailable" and stored[2][1] == ALLOWED
     # the operation refused while the store was down is in the trail as that refusal, with the store's error;
     # the reason (what the client is told) does not carry the store's error
     refusal = stored[1][1]

@@ -135,14 +135,13 @@ class HttpDialect:
         if is_json_lines(ctype):
             return BodyPlan(LINES, transform, required=True, why="JSON lines under masking rules")
         if masker.key_rules and (ctype is None or media_type(ctype) == "text/plain"):
-            # JSON an upstream did not label as JSON: masked as JSON when it parses as JSON
+            # JSON an upstream did not label as JSON: masked as JSON where it parses as JSON (the whole body, or
+            # each line of JSON lines); what does not parse is text, as labelled
             def sniffed(body: bytes, counts: dict[str, int]) -> bytes | None:
-                if body.lstrip()[:1] in (b"{", b"["):
-                    try:
-                        return masker.mask_body(body, counts)
-                    except ValueError:
-                        pass
-                return _mask_text(masker, body, counts) if mask_text and masker.detector_rules else None
+                new = _mask_json_where_it_parses(masker, body, counts)
+                if mask_text and masker.detector_rules:
+                    return _mask_text(masker, new if new is not None else body, counts) or new
+                return new
 
             # compressed, or text the detectors read anyway: read it all; else tell by its first byte
             whole = head.index.get(b"content-encoding") or (mask_text and masker.detector_rules)
@@ -213,6 +212,27 @@ class WebSocketFeed:
         """The stream ended: what the decoder still has to say, if it keeps anything."""
         finish = getattr(self.decoder, "finish", None)
         return finish() if finish is not None else []
+
+
+def _mask_json_where_it_parses(masker: JsonMasker, body: bytes, counts: dict[str, int]) -> bytes | None:
+    """The body masked as one JSON document, else line by line where a line is one; None when nothing changed."""
+    if body.lstrip()[:1] in (b"{", b"["):
+        try:
+            return masker.mask_body(body, counts)
+        except ValueError:
+            pass
+    if b"\n" not in body.strip():
+        return None
+    lines, changed = body.split(b"\n"), False
+    for i, line in enumerate(lines):
+        if line.lstrip()[:1] in (b"{", b"["):
+            try:
+                new = masker.mask_body(line, counts)
+            except ValueError:
+                continue
+            if new is not None:
+                lines[i], changed = new, True
+    return b"\n".join(lines) if changed else None
 
 
 def _mask_text(masker: JsonMasker, body: bytes, counts: dict[str, int]) -> bytes | None:

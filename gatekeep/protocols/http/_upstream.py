@@ -214,10 +214,7 @@ class UpstreamSide(protocol.Protocol):
         if plan.kind == SNIFF:
             return  # the head goes once the body's first byte tells what it is (sniff)
         if plan.kind == LINES:
-            ex.chunked_out = ex.head.version == b"1.1"
-            if not ex.chunked_out:
-                ex.close_after = True
-            self.out(ex, reframed_head(head, length=None, chunked=ex.chunked_out, drop_encoding=False))
+            self.start_lines(ex, head)
             return
         self.out(ex, head.raw)
 
@@ -245,6 +242,13 @@ class UpstreamSide(protocol.Protocol):
         else:
             self.lines(ex, event.payload)
 
+    def start_lines(self, ex: Exchange, head: Head) -> None:
+        """Send the head of a body masked line by line (re-chunked, or until close for an HTTP/1.0 client)."""
+        ex.chunked_out = ex.head.version == b"1.1"
+        if not ex.chunked_out:
+            ex.close_after = True
+        self.out(ex, reframed_head(head, length=None, chunked=ex.chunked_out, drop_encoding=False))
+
     def sniff(self, ex: Exchange) -> None:
         """A body that may be JSON: masked whole if its first byte that is not white space opens JSON, else
         passed on as it comes (see ``SNIFF``)."""
@@ -258,6 +262,13 @@ class UpstreamSide(protocol.Protocol):
             return  # only white space so far
         length = self.reader.body_length
         if first in (b"{", b"["):
+            if self.reader.body_framing != "length":
+                # a stream (chunked, or until close) that starts like JSON: JSON lines, masked as they come
+                ex.plan = attrs.evolve(ex.plan, kind=LINES)
+                self.start_lines(ex, ex.response)
+                data, ex.buffer, ex.buffered = b"".join(ex.buffer), [], 0
+                self.lines(ex, data)
+                return
             ex.plan = attrs.evolve(ex.plan, kind=BUFFER)
             if (length is not None and length > self.client.options.max_body) or \
                     ex.buffered > self.client.options.max_body:
