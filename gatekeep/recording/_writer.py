@@ -37,15 +37,25 @@ def send(out: BinaryIO, message: Any) -> None:
     out.flush()
 
 
-def write_with_retries(store: Any, frame_id: int, events: list[Any], out: BinaryIO) -> list[Any]:
-    """Store the events; keep trying while the store fails (nothing is dropped but poison)."""
+def write_with_retries(store: Any, frame_id: int, events: list[Any], out: BinaryIO,
+                       refuse_strict: bool = False) -> list[Any]:
+    """
+    Store the events; keep trying while the store fails (nothing is dropped but poison). With
+    ``refuse_strict`` (strict durability and on_failure deny) the gateway refuses the frame's operations when
+    told it is failing: from then on they are kept as those refusals.
+    """
+    from gatekeep.recording import refuse_in_batch
+
     delay, attempts = 0.2, 0
     while True:
         try:
             return list(store.write(events))
         except Exception as e:
             attempts += 1
-            send(out, ("failing", frame_id, f"{type(e).__name__}: {str(e)[:200]}"))
+            error = f"{type(e).__name__}: {str(e)[:200]}"
+            if refuse_strict and attempts == 1:
+                refuse_in_batch(events, error)
+            send(out, ("failing", frame_id, error))
             if attempts == 3 and len(events) > 1:
                 written, failed = [], []
                 for event in events:
@@ -85,7 +95,7 @@ def main() -> int:
             break
         if message[0] == "batch":
             _, frame_id, events = message
-            entries = write_with_retries(store, frame_id, events, stdout)
+            entries = write_with_retries(store, frame_id, events, stdout, settings.get("refuse_strict", False))
             send(stdout, ("ok", frame_id, [e.export() for e in entries] if want_entries else None))
     store.close()
     return 0

@@ -128,9 +128,10 @@ class ProcessRecorder(InOrder, Backlog):
                  max_frame: int = 5000, max_backlog: int = MAX_BACKLOG) -> None:
         self.strict = durability == "strict"
         #: what the writer needs: store path, node, signing key PEM (sent on stdin, never on the command line)
-        self._settings = dict(settings, want_entries=bool(sinks), nice=0 if self.strict else WRITER_NICE)
-        self._reactor = reactor
         self.deny_on_failure = on_failure == "deny"
+        self._settings = dict(settings, want_entries=bool(sinks), nice=0 if self.strict else WRITER_NICE,
+                              refuse_strict=self.strict and self.deny_on_failure)
+        self._reactor = reactor
         self._interval = interval
         self._max_frame = max_frame
         #: committed entries go to the sinks from their own thread, never the reactor's

@@ -125,3 +125,36 @@ def test_waiting_operations_are_refused_when_the_store_fails_and_policy_is_deny(
     assert refused.seq == seq + 1 and (decision.action.value, decision.rule) == ("deny", "recording-unavailable")
     assert decision.facts["recording_error"] == "OperationalError: disk I/O error"
     assert "disk I/O" not in decision.reason
+
+
+def test_the_writer_keeps_strict_operations_it_failed_to_store_as_refusals(monkeypatch):
+    """Strict durability with on_failure deny: when a frame fails, the gateway refuses its operations, and the
+    writer keeps them as those refusals for when the store is back; without it they keep their decision."""
+    import io
+
+    from gatekeep.recording import _writer
+
+    monkeypatch.setattr(_writer.time, "sleep", lambda s: None)
+
+    class FlakyStore:
+        def __init__(self):
+            self.calls, self.stored = 0, []
+
+        def write(self, events):
+            self.calls += 1
+            if self.calls == 1:
+                raise OSError("disk I/O error")
+            self.stored.extend(events)
+            return []
+
+    for refuse, rule in ((True, "recording-unavailable"), (False, None)):
+        store, out = FlakyStore(), io.BytesIO()
+        _writer.write_with_retries(store, 1, [(op(1), ALLOW)], out, refuse)
+        (stored,) = store.stored
+        assert stored[0].seq == 1 and stored[1].rule == rule
+        if refuse:
+            assert stored[1].facts["recording_error"] == "OSError: disk I/O error"
+        assert FrameReader().feed(out.getvalue())[0][:2] == ("failing", 1)
+    rec, _, _ = recorder(on_failure="deny", durability="strict")
+    assert rec._settings["refuse_strict"] is True
+    assert recorder(on_failure="deny")[0]._settings["refuse_strict"] is False
