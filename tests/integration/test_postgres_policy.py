@@ -854,7 +854,11 @@ def test_statements_that_would_move_masked_values_out_of_sight_are_refused(gw, s
             assert conn.execute("SELECT 1").fetchone() == (1,)
         gw.assert_never_reached_server(f"gkpol:{m}", pos)
     with gw.connect("dev") as conn:
-        run(conn, "UPDATE users SET name = upper(name) WHERE id = 0")  # no masked column: it runs
+        run(conn, "UPDATE users SET name = upper(name) WHERE id = 0")  # writes no masked column: it runs
+        # a masked column in WHERE or RETURNING writes nothing: it runs, and what it returns is masked
+        rows = conn.execute("UPDATE users SET name = name WHERE email LIKE %s RETURNING email, lower(ssn)",
+                            ["%@example.com"]).fetchall()
+        assert len(rows) == len(USERS_ROWS) and all(r[0] == "****.com" and r[1] == "****" for r in rows), rows
 
 
 def test_computed_values_of_statements_without_masked_columns_are_untouched(gw):

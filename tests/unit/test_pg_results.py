@@ -168,7 +168,9 @@ def test_writes_of_values_read_from_a_masked_column_are_refused():
         assert (d.action, d.rule) == (Action.DENY, "masking"), sql
         assert d.facts == allow.facts
     for sql in ("INSERT INTO log VALUES (1)", "UPDATE users SET name = upper(name)", "SELECT email FROM users",
-                "SELECT set_config('x', name, false) FROM users"):
+                "SELECT set_config('x', name, false) FROM users",
+                "UPDATE users SET status = 'x' WHERE email = 'a@b.c' RETURNING ssn",
+                "DELETE FROM users WHERE email LIKE '%@old.example' RETURNING id"):
         assert results.decision(sql, allow, state) is allow, sql
     state.apply(analyze("PREPARE later AS INSERT INTO log SELECT email FROM users"))
     assert results.decision("EXECUTE later", allow, state).rule == "masking"

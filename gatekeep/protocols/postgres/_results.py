@@ -26,8 +26,6 @@ from gatekeep.protocols.postgres import _masking
 from gatekeep.protocols.postgres._tracker import Tracker
 from gatekeep.protocols.postgres.sql import analyze
 
-#: statement kinds that put values somewhere a later statement reads them from
-_WRITES = frozenset({"insert", "update", "merge", "ddl", "do", "call"})
 #: functions that keep or send a value where masking does not see it
 _KEEPERS = ("set_config", "pg_notify", "dblink*", "lo_from_bytea", "lo_put", "lo_export", "lo_import",
             "pg_file_write", "pg_logical_emit_message", "txid_*")
@@ -92,6 +90,10 @@ class ResultMasking:
             if body.whole_row:
                 return True
             refs |= body.column_refs
+        return self._masked(refs)
+
+    def _masked(self, refs: Any) -> bool:
+        """Whether any of these column names is one a rule masks."""
         return any(fnmatchcase(ref, pattern) for ref in refs for pattern in self._masked_names)
 
     def query_sent(self, analysis: Any, sql_state: Any) -> None:
@@ -152,23 +154,29 @@ class ResultMasking:
     def decision(self, text: str, decision: Decision, sql_state: Any) -> Decision:
         """
         What masking makes of an allowed statement: a COPY it cannot mask is refused (:meth:`copy_decision`), and
-        so is one that would put a value read from a masked column where masking no longer sees it — a write
-        (INSERT ... SELECT, UPDATE ... SET x = email, CREATE TABLE AS, a view, DO, CALL) or a function that keeps
-        or sends it (``set_config``, ``pg_notify``, ``dblink``, large objects) — since a later read of that place
-        would return it in clear.
+        so is one that would put a value read from a masked column where masking no longer sees it — a write of
+        one (INSERT ... SELECT email, UPDATE ... SET x = email, MERGE, CREATE TABLE AS, a view; a WHERE or a
+        RETURNING that reads one writes nothing), or code (DO, CALL, ``set_config``, ``pg_notify``, ``dblink``,
+        large objects) in a statement that reads one — since a later read of that place would return it in clear.
         """
         decision = self.copy_decision(text, decision, sql_state)
         if decision.action is not Action.ALLOW or not self._masked_names:
             return decision
         a = analyze(text)
         kinds, functions = set(a.kinds), set(a.functions)
+        written, written_row = set(a.written_refs), a.written_whole_row
         for name in a.executes:
             body = sql_state.prepared.get(name) if sql_state is not None else None
             if body is not None:
                 kinds |= body.kinds
                 functions |= body.functions
-        moves = kinds & _WRITES or any(fnmatchcase(f.rpartition(".")[2], p) for f in functions for p in _KEEPERS)
-        if moves and "fetch" not in kinds and self.derives(a, sql_state):
+                written |= body.written_refs
+                written_row = written_row or body.written_whole_row
+        # what it writes is read from a masked column; or code (DO, CALL, a function that keeps or sends a value)
+        # runs in a statement that reads one
+        writes_masked = written_row or self._masked(written)
+        runs = kinds & {"do", "call"} or any(fnmatchcase(f.rpartition(".")[2], p) for f in functions for p in _KEEPERS)
+        if writes_masked or (runs and self.derives(a, sql_state)):
             return Decision(Action.DENY, "masking", "the statement would put values of a masked column where"
                             " masking does not see them (a table, a setting, a notification); read them with"
                             " SELECT", decision.facts)

@@ -66,6 +66,10 @@ class Analysis:
     column_refs: frozenset[str] = frozenset()
     #: it uses a whole row of a table as a value (``row_to_json(u)``, ``u::text``, ``json_agg(t.*)``)
     whole_row: bool = False
+    #: the column names (and whether a whole row) among the values it writes: an UPDATE's SET, an INSERT's
+    #: source, MERGE's actions, CREATE TABLE AS and a view's query (not a WHERE or a RETURNING)
+    written_refs: frozenset[str] = frozenset()
+    written_whole_row: bool = False
 
     @property
     def kinds(self) -> frozenset[str]:
@@ -138,6 +142,8 @@ class _Walker:
         self.refused: tuple[str, str] | None = None
         self.column_refs: set[str] = set()
         self.whole_row = False
+        self.written_refs: set[str] = set()
+        self.written_whole_row = False
         self.depth = depth
 
     # -- generic tree helpers ---------------------------------------------------------
@@ -226,6 +232,7 @@ class _Walker:
                     self._set_config(d)
         if single_refs & relations:
             self.whole_row = True  # a table or alias used as a value: its whole row
+        self._written(node, body, relations)
         if node == "CreateTableAsStmt" or (node == "SelectStmt" and body.get("intoClause")):
             into = body.get("into") or body.get("intoClause") or {}
             self.units.append(Unit("ddl", "create_table_as", self._tables(into, ctes)))
@@ -242,6 +249,44 @@ class _Walker:
             return
         self.units.append(Unit(kind or "other", None if kind else _snake(node.removesuffix("Stmt")),
                                self._tables(body, ctes)))
+
+    def _written(self, node: str, body: dict, relations: set[str]) -> None:
+        """The column references among the values the statement writes (see ``Analysis.written_refs``)."""
+        parts: list[Any] = []
+        for name, d in self._nodes({node: body}):
+            if name == "UpdateStmt":
+                parts.append(d.get("targetList"))
+            elif name == "InsertStmt":
+                parts.append(d.get("selectStmt"))
+            elif name == "MergeStmt":
+                for clause in d.get("mergeWhenClauses") or ():
+                    w = clause.get("MergeWhenClause", {})
+                    parts += [w.get("targetList"), w.get("values")]
+        if node in ("CreateTableAsStmt", "ViewStmt"):
+            parts.append(body.get("query"))
+        elif node == "SelectStmt" and body.get("intoClause"):
+            parts.append({"SelectStmt": body})
+        for part in parts:
+            if not part:
+                continue
+            singles: set[str] = set()
+            for name, d in self._nodes(part):
+                if name == "ColumnRef":
+                    fields = d.get("fields") or []
+                    if fields and "A_Star" in fields[-1]:
+                        self.written_whole_row = self.written_whole_row or len(fields) > 1
+                    elif fields:
+                        value = fields[-1].get("String", {}).get("sval")
+                        if isinstance(value, str):
+                            self.written_refs.add(value.lower())
+                            if len(fields) == 1:
+                                singles.add(value.lower())
+                elif name == "SelectStmt" and any("A_Star" in (t.get("ResTarget", {}).get("val", {})
+                                                               .get("ColumnRef", {}).get("fields") or [{}])[-1]
+                                                   for t in d.get("targetList") or ()):
+                    self.written_whole_row = True  # SELECT * written somewhere: every column of what it reads
+            if singles & relations:
+                self.written_whole_row = True
 
     def _column_ref(self, d: dict, single_refs: set[str]) -> None:
         """A column reference: its column's name, or a whole row (``t.*`` as a value, or a bare table name)."""
@@ -415,6 +460,8 @@ class _Walker:
         self.conditions |= body_analysis.conditions
         self.column_refs |= body_analysis.column_refs
         self.whole_row = self.whole_row or body_analysis.whole_row
+        self.written_refs |= body_analysis.written_refs
+        self.written_whole_row = self.written_whole_row or body_analysis.written_whole_row
         if body_analysis.unjudgeable:
             self.unjudgeable = body_analysis.unjudgeable
 
@@ -497,6 +544,8 @@ class _Walker:
     def _merge(self, other: Analysis) -> None:
         self.column_refs |= other.column_refs
         self.whole_row = self.whole_row or other.whole_row
+        self.written_refs |= other.written_refs
+        self.written_whole_row = self.written_whole_row or other.written_whole_row
         self.units.extend(other.units)
         self.functions |= other.functions
         self.conditions |= other.conditions
@@ -513,7 +562,8 @@ class _Walker:
                         refused=self.refused,
                         runs_code=bool(self.functions or self.executes)
                         or any(u.kind in ("do", "call") for u in self.units),
-                        column_refs=frozenset(self.column_refs), whole_row=self.whole_row)
+                        column_refs=frozenset(self.column_refs), whole_row=self.whole_row,
+                        written_refs=frozenset(self.written_refs), written_whole_row=self.written_whole_row)
 
 
 def _constant(node: dict) -> str | None:
