@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Any
+
+import attrs
 
 from gatekeep.masking import detectors
 from gatekeep.masking.rules import MaskingRule
@@ -66,3 +69,36 @@ def mask_spans(rules: tuple[MaskingRule, ...], value: str, counts: dict[str, int
         pieces.append(out[last:])
         out = "".join(pieces)
     return out
+
+
+def recordable(rules: tuple[MaskingRule, ...], operation: Any, decision: Any) -> tuple[Any, Any]:
+    """
+    An operation and its decision as the record keeps them: the session's detector rules applied to the
+    operation's text (SQL, a command line, a request target), to the strings of its protocol facts and to the
+    decision's facts (a request's query, a command's arguments), as they are to bind parameters and to what
+    comes back, so that the store never holds what masking would hide. The same objects when nothing matched.
+    """
+    if not rules:
+        return operation, decision
+    text = _masked(rules, operation.text)
+    extra = _masked(rules, operation.extra) if operation.extra else operation.extra
+    if text is not operation.text or extra is not operation.extra:
+        operation = attrs.evolve(operation, text=text, extra=extra)
+    facts = _masked(rules, decision.facts) if decision.facts else decision.facts
+    if facts is not decision.facts:
+        decision = attrs.evolve(decision, facts=facts)
+    return operation, decision
+
+
+def _masked(rules: tuple[MaskingRule, ...], value: Any) -> Any:
+    """``value`` with detector hits masked in every string inside it; the same object when nothing changed."""
+    if isinstance(value, str):
+        out = mask_spans(rules, value)
+        return REDACTED if out is None else out
+    if isinstance(value, dict):
+        items = {k: _masked(rules, v) for k, v in value.items()}
+        return value if all(items[k] is value[k] for k in value) else items
+    if isinstance(value, (list, tuple)):
+        seq = [_masked(rules, v) for v in value]
+        return value if all(a is b for a, b in zip(seq, value)) else type(value)(seq)
+    return value

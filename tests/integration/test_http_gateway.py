@@ -344,6 +344,14 @@ def test_recording_of_request_and_response(gw):
     assert masked["facts"] == {"method": "GET", "host": "127.0.0.1", "path": "/json/user"}
 
 
+def test_recorded_request_target_is_masked_too(gw):
+    """A card number in the URL reaches the upstream as sent; the record's text, URL and facts hold it masked."""
+    gw.request("GET", "/echo/pay?card=4111111111111111")
+    assert gw.plain.requests[-1]["path"] == "/echo/pay?card=4111111111111111"
+    rec = gw.record(lambda r: r["text"].startswith("GET /echo/pay") and r["finished_at"])
+    assert "4111111111111111" not in json.dumps(rec) and rec["text"] == "GET /echo/pay?card=****", rec["text"]
+
+
 def test_websocket_waits_for_a_stopped_recorder(gatekeep):
     """
     recording.max_backlog 1MiB, the writer process stopped (SIGSTOP): WebSocket messages, recorded as they pass,

@@ -635,6 +635,17 @@ def test_recording_holds_decisions_masked_counts_and_no_secret(gw):
         assert secret.encode() not in data, f"{secret!r} is in the store"
 
 
+def test_recording_keeps_literals_in_the_sql_text_masked(gw):
+    """A card number written into the statement's text: the server gets it as sent, the record holds it masked."""
+    card = "5500 0000 0000 0004"
+    app = "gkpol-lit-" + marker()
+    with gw.connect("agent", application_name=app) as conn:
+        assert conn.execute(f"SELECT length('{card}')").fetchone() == (len(card),)
+    (rec,) = ended_session(gw.gk, app)["records"]
+    assert rec["text"] == "SELECT length('****')"
+    assert card.encode() not in store_bytes(gw.gk)
+
+
 def test_recording_keeps_bind_parameters_masked(gw):
     """A bind parameter carrying a card number is recorded masked, like the results it produced."""
     app = "gkpol-rec-" + marker()

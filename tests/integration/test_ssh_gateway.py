@@ -413,6 +413,16 @@ def test_recorded_output_masked_across_chunks(gw, tmp_path):
     assert CARD not in text and "1111 1111" not in text and "****" in text
 
 
+def test_recorded_command_line_is_masked_too(gw):
+    """A card number in the command line itself: it runs as sent, and the record's text and argv are masked."""
+    before = gw.ids()
+    r = gw.ssh("echo paid with %s" % CARD)
+    assert r.stdout == "paid with %s\n" % CARD
+    s = gw.wait_session(before)
+    (rec,) = [o for o in s["records"] if o["kind"] == "exec"]
+    assert CARD not in json.dumps(rec) and rec["text"] == "echo paid with ****", rec
+
+
 # -- file transfer --------------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gatekeep import sendnow
+from gatekeep.masking import strategies
 from gatekeep.model import Action, ClientAddress, Decision, Operation, Session, SessionEnd
 from gatekeep.protocols.http import _codec as codec
 from gatekeep.protocols.http._codec import END, NEED_DATA, PAUSED, Data, Head, MessageReader, ProtocolError
@@ -359,8 +360,11 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
 
     def _record_start(self, ex: Exchange, decision: Any) -> Any:
         """Record the operation; returns (decision, Deferred or None for a strict recording)."""
+        op, recorded = ex.op, decision
+        if self.masker is not None:
+            op, recorded = strategies.recordable(self.masker.detector_rules, op, decision)
         try:
-            return decision, self.chain.operation_started(ex.op, decision)
+            return decision, self.chain.operation_started(op, recorded)
         except RecordingUnavailable as e:
             return as_refused(decision, str(e)), None
 

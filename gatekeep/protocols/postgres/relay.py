@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gatekeep import sendnow
+from gatekeep.masking import strategies
 from gatekeep.model import Action, ClientAddress, Decision, Operation, Session, SessionEnd, new_id
 from gatekeep.protocols.postgres import _codec as pg
 from gatekeep.protocols.postgres import _encoding
@@ -411,8 +412,11 @@ class Frontend(ClientStartup, protocol.Protocol):
 
     def _record(self, operation: Operation, decision: Decision, forward) -> Deferred | None:
         """Record the operation; with strict durability, forward only once it is stored."""
+        recorded, recorded_decision = operation, decision
+        if self.results is not None:
+            recorded, recorded_decision = strategies.recordable(self.results.plan.detector_rules, operation, decision)
         try:
-            written = self.gateway.chain.operation_started(operation, decision)
+            written = self.gateway.chain.operation_started(recorded, recorded_decision)
         except RecordingUnavailable as e:
             forward(as_refused(decision, str(e)))
             return None

@@ -27,6 +27,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gatekeep.masking import strategies
 from gatekeep.model import ClientAddress, Decision, LoginFailure, Operation, Session, SessionEnd, new_id
 from gatekeep.protocols.ssh import policy as _policy
 from gatekeep.protocols.ssh._channels import SessionRelay
@@ -386,7 +387,7 @@ class ClientSession:
         denial saying so: nothing runs unrecorded.
         """
         try:
-            started = self.chain.operation_started(operation, decision)
+            started = self.chain.operation_started(*strategies.recordable(self.detector_rules, operation, decision))
         except RecordingUnavailable as e:
             return as_refused(decision, str(e))
         if isinstance(started, Deferred):
@@ -396,7 +397,7 @@ class ClientSession:
     def record_refused(self, operation: Operation, decision: Decision) -> None:
         """Record an operation that is not carried out (denied or withdrawn): nothing waits for the record."""
         try:
-            self.chain.operation_started(operation, decision)
+            self.chain.operation_started(*strategies.recordable(self.detector_rules, operation, decision))
         except RecordingUnavailable:
             pass  # recorded when the store is back (the recorder keeps the event)
 
