@@ -337,6 +337,9 @@ def test_recording_of_request_and_response(gw):
     assert rec["status"] == "200" and rec["duration"] > 0
     assert resp["request_bytes"] > 0 and resp["response_bytes"] > 0
     assert '"body_size": 29' in resp["response_body"]
+    assert gw.plain.requests[-1]["body_size"] == 29  # the upstream got the body as sent
+    # the request body is recorded masked by the same rules as a response: its password key
+    assert "pw-in-request" not in json.dumps(rec) and json.loads(resp["request_body"]) == {"password": "****"}
     assert "upstream-service-token" not in json.dumps(req)
     assert req.get("headers", {}).get("content-type") == "application/json"
     masked = gw.record(lambda r: r["text"] == "GET /json/user" and r["finished_at"])

@@ -11,9 +11,13 @@ kubectl talks HTTPS to gatekeep with a kubeconfig printed by
 token only gatekeep knows.
 """
 
+import base64
+import http.client
 import json
 import os
+import ssl
 import subprocess
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -157,6 +161,37 @@ def test_list_and_watch_secrets_are_masked(kube):
     assert json.loads(out.stdout)["items"][0]["data"]["password"] == "KioqKg=="
     out = kubectl(kube, "alice", "get", "secrets", "--watch", "--output-watch-events", "-o", "json", timeout=30)
     assert "czNjcjN0" not in out.stdout and '"KioqKg=="' in out.stdout, out.stdout + out.stderr
+
+
+def test_a_secret_created_through_gatekeep_is_recorded_masked(kube):
+    """A Secret created with a JSON body (as API clients other than kubectl send it; kubectl sends protobuf, which
+    is not text and so not recorded): the API server gets the values, the client's answer and the record hold them
+    masked (the request body of a write on Secrets is masked as its response is)."""
+    gk, api, configs, home = kube
+    config = yaml.safe_load(open(configs["alice"]))
+    server = config["clusters"][0]["cluster"]
+    token = config["users"][0]["user"]["token"]
+    ctx = ssl.create_default_context(cadata=base64.b64decode(server["certificate-authority-data"]).decode())
+    url = urlsplit(server["server"])
+    conn = http.client.HTTPSConnection(url.hostname, url.port, context=ctx, timeout=30)
+    body = json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "gk-new"},
+                       "data": {"token": "dDBwczNjcjN0LXY0bHVl"}})  # base64 of t0ps3cr3t-v4lue
+    conn.request("POST", "/api/v1/namespaces/default/secrets", body=body,
+                 headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    answer = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 201 and answer["data"] == {"token": "KioqKg=="}
+    sent = [r for r in api.requests if r["method"] == "POST" and r["path"].endswith("/secrets")]
+    assert sent and "dDBwczNjcjN0LXY0bHVl" in sent[-1]["body"]  # the server got the value
+
+    def created(rs):
+        return [r for r in rs if r["text"].startswith("POST ") and r["text"].split("?")[0].endswith("/secrets")
+                and r["finished_at"]]
+
+    (rec,) = created(records(gk, created))[-1:]
+    assert "dDBwczNjcjN0LXY0bHVl" not in json.dumps(rec)
+    assert json.loads(rec["response"]["request_body"])["data"] == {"token": "KioqKg=="}
 
 
 def test_delete_pod_denied_with_kubectls_own_error(kube):

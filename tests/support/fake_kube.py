@@ -144,6 +144,12 @@ class Handler(BaseHTTPRequestHandler):
             self._status(404, "NotFound", "the server could not find the requested resource")
             return
         make = pod if resource == "pods" else secret
+        if name is None and self.command == "POST":  # create: kept by name, answered as sent (as the server does)
+            obj = json.loads(srv.requests[-1]["body"] or "{}")
+            store.add(obj.get("metadata", {}).get("name", "unnamed"))
+            obj.setdefault("metadata", {}).update(namespace=ns, resourceVersion="21", uid="uid-created")
+            self._json(201, obj)
+            return
         if name is None:
             watch = query.get("watch", [""])[0] in ("true", "1")
             selected = sorted(store)

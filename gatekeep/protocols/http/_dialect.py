@@ -152,6 +152,11 @@ class HttpDialect:
                             why="text body under masking detectors")
         return PASS_THROUGH
 
+    def recorded_request_body(self, request: Request, excerpt: Any, total: int, masker: JsonMasker | None,
+                              counts: dict[str, int]) -> str:
+        """What the record keeps of a request body's excerpt: masked as a response body would be."""
+        return recorded_request_body(excerpt, total, masker, counts)
+
     # -- upgraded streams -------------------------------------------------------------------
 
     def stream_name(self, request: Request, seq: int) -> str:
@@ -212,6 +217,29 @@ class WebSocketFeed:
         """The stream ended: what the decoder still has to say, if it keeps anything."""
         finish = getattr(self.decoder, "finish", None)
         return finish() if finish is not None else []
+
+
+#: what the record keeps of a request body masking cannot read whole (JSON cut at the record's limit)
+UNREADABLE_BODY = "[not recorded: a JSON body over record.body_limit, which masking cannot read whole]"
+
+
+def recorded_request_body(excerpt: Any, total: int, masker: Any, counts: dict[str, int]) -> str:
+    """
+    The request body as the record keeps it: masked by the session's rules as a response body is (JSON by keys
+    and detectors, other text by detectors). The client's body reaches the upstream as sent.
+    """
+    text = excerpt.text(total)
+    if masker is None or not masker.active:
+        return text
+    if text.lstrip()[:1] in ("{", "["):
+        if total > excerpt.kept:
+            return UNREADABLE_BODY if masker.key_rules else masker.mask_text(text, counts)
+        try:
+            new = masker.mask_body(text.encode("utf-8"), counts)
+        except ValueError:
+            return masker.mask_text(text, counts)
+        return text if new is None else new.decode("utf-8", "replace")
+    return masker.mask_text(text, counts)
 
 
 def _mask_json_where_it_parses(masker: JsonMasker, body: bytes, counts: dict[str, int]) -> bytes | None:

@@ -5,7 +5,7 @@ made of them. Pure: no transports here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from gatekeep.model import Operation, Outcome
 from gatekeep.protocols.http._codec import Head
@@ -120,14 +120,15 @@ def operation_extra(ex: Exchange, scheme: str, secret: frozenset[str], more: dic
     return extra
 
 
-def outcome_for(ex: Exchange, session_id: str, now: float, secret: frozenset[str]) -> Outcome:
+def outcome_for(ex: Exchange, session_id: str, now: float, secret: frozenset[str],
+                request_body: Callable[[Exchange], str] | None = None) -> Outcome:
     extra: dict[str, Any] = {"request_bytes": ex.bytes_in, "response_bytes": ex.bytes_out}
     if ex.response is not None:
         extra["headers"] = recorded_headers(ex.response.headers, secret)
     if ex.first_byte is not None:
         extra["first_byte"] = round(ex.first_byte - ex.started, 6)
     if ex.req_excerpt is not None and ex.body_in:
-        extra["request_body"] = ex.req_excerpt.text(ex.body_in)
+        extra["request_body"] = request_body(ex) if request_body is not None else ex.req_excerpt.text(ex.body_in)
     if ex.resp_excerpt is not None and ex.body_out:
         extra["response_body"] = ex.resp_excerpt.text(ex.body_out)
     if ex.plan.kind != "pass":

@@ -358,6 +358,10 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
             return False
         return setting is True or interim_understood(ex.head.index.get(b"user-agent"))
 
+    def _recorded_request_body(self, ex: Exchange) -> str:
+        """The request body's excerpt as the record keeps it (see ``HttpDialect.recorded_request_body``)."""
+        return self.dialect.recorded_request_body(ex.request, ex.req_excerpt, ex.body_in, self.masker, ex.counts)
+
     def _record_start(self, ex: Exchange, decision: Any) -> Any:
         """Record the operation; returns (decision, Deferred or None for a strict recording)."""
         op, recorded = ex.op, decision
@@ -541,7 +545,8 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
         ex.finished = True
         if self.session is None or ex.op is None:
             return
-        self.chain.operation_finished(outcome_for(ex, self.session.id, self.gateway.now(), self.factory.secret_headers))
+        self.chain.operation_finished(outcome_for(ex, self.session.id, self.gateway.now(), self.factory.secret_headers,
+                                                  self._recorded_request_body))
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.mode = _CLOSED

@@ -26,6 +26,9 @@ from gatekeep.protocols.kubernetes._spdy import SpdyExecDecoder, SpdyPortForward
 from gatekeep.protocols.kubernetes._request import RequestInfo, request_info
 from gatekeep.protocols.kubernetes._secrets import mask_secrets
 
+#: what the record keeps of a request body on Secrets that gatekeep cannot mask (cut short, a JSON patch)
+NOT_RECORDED_SECRET = "[not recorded: a request body on Secrets that gatekeep cannot mask]"
+
 _REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed",
             431: "RequestEntityTooLarge", 500: "InternalError", 501: "BadRequest", 502: "InternalError",
             503: "ServiceUnavailable", 504: "Timeout", 505: "BadRequest"}
@@ -124,6 +127,24 @@ class KubernetesDialect(HttpDialect):
         if watch:
             return BodyPlan(LINES, _body_masker(mask_secrets, user), required=True, why="Secret watch events")
         return BodyPlan(BUFFER, _body_masker(mask_secrets, user), required=True, why="Secret data")
+
+    def recorded_request_body(self, request: Request, excerpt: Any, total: int, masker: JsonMasker | None,
+                              counts: dict[str, int]) -> str:
+        """A request that carries a Secret (create, update, apply, patch) is recorded with its values masked, as
+        a response is; one gatekeep cannot read whole (cut at the record's limit, a JSON patch) is not recorded."""
+        if not self._secrets(request):
+            return super().recorded_request_body(request, excerpt, total, masker, counts)
+        text = excerpt.text(total)
+        try:
+            value = json.loads(text) if total <= excerpt.kept else None
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            return NOT_RECORDED_SECRET
+        new = mask_secrets(value, counts)
+        if masker is not None and masker.active:
+            new = masker.mask(new, counts)
+        return text if new is value else json.dumps(new, separators=(",", ":"))
 
     # -- upgraded streams -------------------------------------------------------------------
 
