@@ -313,6 +313,8 @@ def test_websocket_is_relayed_and_recorded(gw):
     assert ws.recv() == (2, b"\x03\x02\x01")
     ws.send_text("pay with 4111 1111 1111 1111 today")
     assert ws.recv() == (1, b"echo: pay with 4111 1111 1111 1111 today")  # relayed as it is
+    ws.send_text('{"user": "ann", "password": "hunter2"}')  # a JSON message: the session's keys apply
+    assert ws.recv() == (1, b'echo: {"user": "ann", "password": "hunter2"}')
     ws.close()
     rec = gw.record(lambda r: r["text"] == "GET /ws" and r["status"] == "101" and r["finished_at"])
     exported = json.loads(gw.cli("sessions", "export", rec["session"], "--format", "json"))
@@ -323,7 +325,10 @@ def test_websocket_is_relayed_and_recorded(gw):
     assert ["i", "pay with **** today"] in [e[1:] for e in events]
     assert ["o", "echo: pay with **** today"] in [e[1:] for e in events]
     assert not any("4111" in e[2] for e in events)
-    assert rec["masked"] == {"pii/credit_card": 2}
+    assert ["i", '{"password":"****","user":"ann"}'] in [e[1:] for e in events] or \
+        ["i", '{"user":"ann","password":"****"}'] in [e[1:] for e in events], events
+    assert not any("hunter2" in e[2] for e in events if e[1] == "i")
+    assert rec["masked"]["pii/credit_card"] == 2 and rec["masked"]["pii"] == 1
 
 
 def test_recording_of_request_and_response(gw):

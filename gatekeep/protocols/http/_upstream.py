@@ -439,10 +439,19 @@ class Tunnel:
             self._event(piece.kind, piece.data)
 
     def _masked(self, kind: str, data: str) -> str:
-        if not self.rules:
-            return data
         if self.maskers is not None and kind in self.maskers:
             return self.maskers[kind].feed(data)  # what could still grow into a value waits for what follows
+        masker = getattr(self.client, "masker", None)
+        if kind in ("i", "o") and masker is not None and masker.key_rules and data.lstrip()[:1] in ("{", "["):
+            # a JSON message: masked by the session's keys too, as a JSON body is
+            try:
+                new = masker.mask_body(data.encode("utf-8"), self.ex.counts)
+            except ValueError:
+                pass
+            else:
+                return data if new is None else new.decode("utf-8", "replace")
+        if not self.rules:
+            return data
         masked = mask_spans(self.rules, data, self.ex.counts)
         return REDACTED if masked is None else masked
 
