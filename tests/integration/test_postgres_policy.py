@@ -872,6 +872,14 @@ def test_statements_that_would_move_masked_values_out_of_sight_are_refused(gw, s
         assert len(rows) == len(USERS_ROWS) and all(r[0] == "****.com" and r[1] == "****" for r in rows), rows
 
 
+def test_notification_payloads_get_the_detectors(gw):
+    """A NOTIFY payload reaches a listening psql with the session's detectors applied."""
+    out = gw.psql("LISTEN gkpol_ch;\nNOTIFY gkpol_ch, 'paid with 4111 1111 1111 1111';\nSELECT 1;\n")
+    assert out.returncode == 0, out.stderr
+    assert 'Asynchronous notification "gkpol_ch" with payload "paid with ****"' in out.stdout + out.stderr, out.stdout
+    assert "4111" not in out.stdout + out.stderr
+
+
 def test_computed_values_of_statements_without_masked_columns_are_untouched(gw):
     """Computed values of a statement that reads no masked column, and numbers computed from one, come back as
     they are."""

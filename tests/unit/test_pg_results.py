@@ -174,3 +174,13 @@ def test_writes_of_values_read_from_a_masked_column_are_refused():
         assert results.decision(sql, allow, state) is allow, sql
     state.apply(analyze("PREPARE later AS INSERT INTO log SELECT email FROM users"))
     assert results.decision("EXECUTE later", allow, state).rule == "masking"
+
+
+def test_notification_payloads_get_the_detectors():
+    """A NOTIFY payload (from any session, or a trigger) reaches the client with the detectors applied."""
+    tracker = Tracker()
+    results = ResultMasking(MaskPlan((MaskingRule("cards", None, None, None, detectors=("credit_card",)),)), tracker)
+    out = results.server_message(b"A", pg.notification(42, "orders", "paid with 4111 1111 1111 1111")[5:])
+    n = pg.parse_notification(out[5:])
+    assert (n.process_id, n.channel) == (42, "orders") and "4111" not in n.payload and "****" in n.payload
+    assert results.server_message(b"A", pg.notification(42, "orders", "nothing here")[5:]) is None

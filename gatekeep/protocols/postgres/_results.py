@@ -31,7 +31,7 @@ _KEEPERS = ("set_config", "pg_notify", "dblink*", "lo_from_bytea", "lo_put", "lo
             "pg_file_write", "pg_logical_emit_message", "txid_*")
 
 #: the server messages masking watches, on top of what the relay watches anyway
-WATCHED = frozenset({b"T", b"n", b"D", b"H", b"d", b"c", b"S", b"N"})
+WATCHED = frozenset({b"T", b"n", b"D", b"H", b"d", b"c", b"S", b"N", b"A"})
 
 
 class ResultMasking:
@@ -125,6 +125,17 @@ class ResultMasking:
             if group == current:
                 return derived, code
         return False, False
+
+    def notification(self, body: bytes) -> bytes | None:
+        """A NotificationResponse (NOTIFY, from any session or trigger): its payload with the detectors applied."""
+        detect = self.plan.detector_rules
+        if not detect:
+            return None
+        n = pg.parse_notification(body)
+        payload = strategies.mask_spans(detect, n.payload, self._counts())
+        if payload is n.payload:
+            return None
+        return pg.notification(n.process_id, n.channel, strategies.REDACTED if payload is None else payload)
 
     def message(self, mtype: bytes, body: bytes) -> bytes | None:
         """An ErrorResponse (``E``) or NoticeResponse (``N``): the replacement that quotes no masked value, or None
@@ -234,6 +245,8 @@ class ResultMasking:
             self.parameter_status(name, value)
         elif mtype == b"N":
             return self.message(mtype, body)
+        elif mtype == b"A":
+            return self.notification(body)
         elif mtype == b"c":
             self._copy_columns = None
         return None
