@@ -154,6 +154,9 @@ def test_denial_is_403_json_naming_the_rule(gw):
     assert r.status == 403 and json.loads(body)["rule"] == "no-dry-run-off"
     r, body = gw.request("GET", "/echo/q?dry_run=true")
     assert r.status == 200
+    # a URL override header (IIS, Symfony) names the path those servers act on: judged too
+    r, body = gw.request("GET", "/echo/public", headers={"X-Original-URL": "/echo/admin/users"})
+    assert r.status == 403 and json.loads(body)["rule"] == "no-admin"
     assert len(gw.plain.requests) == before + 1
 
 

@@ -60,10 +60,10 @@ def test_bad_match_keys_name_their_path():
 
 
 def test_facts_summary_and_cache_key():
-    """Facts summarise the request and cache by method (and its override), host and target."""
+    """Facts summarise the request and cache by method (and its override), host, target (and a path override)."""
     f = facts_for(req(b"GET /a?b=1 HTTP/1.1"))
     assert f.summary() == {"method": "GET", "host": "api.example.com", "path": "/a", "query": "b=1"}
-    assert f.cache_key == ("GET", None, "api.example.com", "/a?b=1")
+    assert f.cache_key == ("GET", None, "api.example.com", "/a?b=1", None)
 
 
 def test_rule_owner_with_mixed_keys():
@@ -105,3 +105,21 @@ def test_a_method_override_is_judged_as_well_as_the_method(header):
     assert not allow.decide(_op(r)).allowed
     assert allow.decide(_op(req(b"POST /v1/users/7 HTTP/1.1", b"Host: api\r\nX-HTTP-Method-Override: POST\r\n"))).allowed
     assert facts_for(r).summary()["method_override"] == "DELETE"
+
+
+@pytest.mark.parametrize("header", [b"X-Original-URL", b"X-Rewrite-URL", b"X-Override-URL"])
+def test_a_path_override_is_judged_as_well_as_the_path(header):
+    """GET /public with X-Original-URL: /admin/users is /admin/users to servers that honour it (IIS, Symfony): a
+    deny rule on /admin/* fits; an allow rule must fit both paths; an override gatekeep cannot judge is
+    unjudgeable."""
+    r = req(b"GET /public HTTP/1.1", b"Host: api\r\n" + header + b": /admin/%75sers?x=1\r\n")
+    assert (r.path, r.path_override) == ("/public", "/admin/users")
+    deny = _engine([{"name": "no-admin", "match": {"paths": ["/admin/*"]}, "action": "deny"}])
+    assert deny.decide(_op(r)).rule == "no-admin"
+    assert deny.decide(_op(req(b"GET /public HTTP/1.1", b"Host: api\r\n"))).allowed
+    allow = _engine([{"name": "public", "match": {"paths": ["/public"]}, "action": "allow"}], default_action="deny")
+    assert not allow.decide(_op(r)).allowed
+    assert allow.decide(_op(req(b"GET /public HTTP/1.1", b"Host: api\r\n" + header + b": /public\r\n"))).allowed
+    assert facts_for(r).summary()["path_override"] == "/admin/users"
+    odd = req(b"GET /public HTTP/1.1", b"Host: api\r\n" + header + b": /a/../admin\r\n")
+    assert odd.unjudgeable is not None

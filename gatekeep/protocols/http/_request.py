@@ -43,6 +43,9 @@ class Request:
     #: the method a method-override header asks for (X-HTTP-Method-Override and the like), when it differs:
     #: servers that honour one act on it, those that do not on ``method``, so policy judges both
     method_override: str | None = None
+    #: the path a URL-override header asks for (X-Original-URL and the like), decoded and normalised, when it
+    #: differs: as with the method, servers that honour one act on it, so policy judges both paths
+    path_override: str | None = None
 
     def params(self) -> dict[str, list[str]]:
         """The query parameters (parsed on demand)."""
@@ -103,11 +106,26 @@ def parse_request(head: Head) -> Request:
             if asked != method:
                 override = asked
                 break
-    return Request(method, target, path, query, _host_only(host_header), problem, None, head, method_override=override)
+    path_override = None
+    for name in PATH_OVERRIDES:
+        value = head.index.get(name)
+        if value is not None:
+            raw = value.decode("latin-1").strip()
+            if raw.lower().startswith(("http://", "https://")):
+                raw = urlsplit(raw).path or "/"
+            other, other_problem = normalise_path(raw.partition("?")[0].partition("#")[0] or "/")
+            if other != path:
+                path_override = other
+                problem = problem or (other_problem and f"{name.decode()}: {other_problem}")
+            break
+    return Request(method, target, path, query, _host_only(host_header), problem, None, head, method_override=override,
+                   path_override=path_override)
 
 
 #: headers some frameworks (Rails, Express's method-override, Google APIs, ...) take as the request's real method
 METHOD_OVERRIDES = (b"x-http-method-override", b"x-http-method", b"x-method-override")
+#: headers some servers (IIS URL Rewrite, Symfony, Laravel, Zend) take as the request's real path
+PATH_OVERRIDES = (b"x-original-url", b"x-rewrite-url", b"x-override-url")
 
 
 def _host_only(host: str) -> str:

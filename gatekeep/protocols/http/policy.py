@@ -39,13 +39,16 @@ class HttpFacts:
         out = {"method": r.method, "host": r.host, "path": r.path}
         if r.method_override:
             out["method_override"] = r.method_override
+        if r.path_override:
+            out["path_override"] = r.path_override
         if r.query:
             out["query"] = r.query
         return out
 
 
 def facts_for(request: Request) -> HttpFacts:
-    return HttpFacts(request, (request.method, request.method_override, request.host, request.target))
+    return HttpFacts(request, (request.method, request.method_override, request.host, request.target,
+                               request.path_override))
 
 
 @attrs.frozen
@@ -62,7 +65,8 @@ class HttpMatch:
         return self.matches_request(request)
 
     def matches_all(self, facts: Any, operation: Any) -> bool:
-        """For allow rules: a request with a method override fits only if both of its methods do."""
+        """For allow rules: a request with a method or path override fits only if both of its methods (paths)
+        do."""
         request = getattr(facts, "request", None)
         if request is None:
             return False
@@ -76,8 +80,11 @@ class HttpMatch:
                 return False
         if self.hosts is not None and not any(fnmatchcase(r.host, p) for p in self.hosts):
             return False
-        if self.paths is not None and not any(fnmatchcase(r.path, p) for p in self.paths):
-            return False
+        if self.paths is not None:
+            paths = (r.path, r.path_override) if r.path_override else (r.path,)
+            fits = [any(fnmatchcase(path, p) for p in self.paths) for path in paths]
+            if not (all(fits) if every else any(fits)):
+                return False
         if self.query is not None:
             params = r.params()
             for name, pattern in self.query:
