@@ -123,3 +123,11 @@ def test_a_path_override_is_judged_as_well_as_the_path(header):
     assert facts_for(r).summary()["path_override"] == "/admin/users"
     odd = req(b"GET /public HTTP/1.1", b"Host: api\r\n" + header + b": /a/../admin\r\n")
     assert odd.unjudgeable is not None
+
+
+def test_query_parameter_names_match_without_case():
+    """?DRY_RUN=false is ?dry_run=false to servers that read names without case: a rule on dry_run fits it."""
+    deny = _engine([{"name": "no-dry-run-off", "match": {"query": {"dry_run": "false"}}, "action": "deny"}])
+    for target in (b"/x?DRY_RUN=false", b"/x?Dry_Run=false&dry_run=true", b"/x?dry%5Frun=false"):
+        assert deny.decide(_op(req(b"GET " + target + b" HTTP/1.1", b"Host: api\r\n"))).rule == "no-dry-run-off"
+    assert deny.decide(_op(req(b"GET /x?dry_run=true HTTP/1.1", b"Host: api\r\n"))).allowed

@@ -86,9 +86,12 @@ class HttpMatch:
             if not (all(fits) if every else any(fits)):
                 return False
         if self.query is not None:
-            params = r.params()
+            # names compared without case: ASP.NET, IIS and others read ?DRY_RUN= as ?dry_run=
+            params: dict[str, list[str]] = {}
+            for key, values in r.params().items():
+                params.setdefault(key.lower(), []).extend(values)
             for name, pattern in self.query:
-                if not any(fnmatchcase(v, pattern) for v in params.get(name, ())):
+                if not any(fnmatchcase(v, pattern) for v in params.get(name.lower(), ())):
                     return False
         return True
 
