@@ -131,3 +131,13 @@ def test_query_parameter_names_match_without_case():
     for target in (b"/x?DRY_RUN=false", b"/x?Dry_Run=false&dry_run=true", b"/x?dry%5Frun=false"):
         assert deny.decide(_op(req(b"GET " + target + b" HTTP/1.1", b"Host: api\r\n"))).rule == "no-dry-run-off"
     assert deny.decide(_op(req(b"GET /x?dry_run=true HTTP/1.1", b"Host: api\r\n"))).allowed
+
+
+def test_an_allow_rule_on_a_query_parameter_must_fit_every_value():
+    """?mode=read&mode=write: a deny rule on mode=write fits; an allow rule on mode=read does not (a server that
+    takes the last value sees a write)."""
+    allow = _engine([{"name": "reads", "match": {"query": {"mode": "read"}}, "action": "allow"}], default_action="deny")
+    assert allow.decide(_op(req(b"GET /x?mode=read HTTP/1.1", b"Host: api\r\n"))).allowed
+    assert not allow.decide(_op(req(b"GET /x?mode=read&MODE=write HTTP/1.1", b"Host: api\r\n"))).allowed
+    deny = _engine([{"name": "no-writes", "match": {"query": {"mode": "write"}}, "action": "deny"}])
+    assert deny.decide(_op(req(b"GET /x?mode=read&mode=write HTTP/1.1", b"Host: api\r\n"))).rule == "no-writes"

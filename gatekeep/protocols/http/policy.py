@@ -91,7 +91,11 @@ class HttpMatch:
             for key, values in r.params().items():
                 params.setdefault(key.lower(), []).extend(values)
             for name, pattern in self.query:
-                if not any(fnmatchcase(v, pattern) for v in params.get(name.lower(), ())):
+                values = params.get(name.lower(), ())
+                # a deny or review rule fits when any value does; an allow rule only when every value does
+                # (?mode=read&mode=write is a write to a server that takes the last one)
+                fits = [fnmatchcase(v, pattern) for v in values]
+                if not fits or not (all(fits) if every else any(fits)):
                     return False
         return True
 
