@@ -43,16 +43,39 @@ class ApprovalsService(service.Service):
 class ClusterService(service.Service):
     """Listens for approvals given on other nodes (PostgreSQL store only)."""
 
-    def __init__(self, cluster: Any) -> None:
+    def __init__(self, cluster: Any, store: Any, retry: float = 2.0) -> None:
         self.cluster = cluster
+        self.store = store
+        self.retry = retry
+        self._pending: Any = None
 
     def startService(self) -> None:
         super().startService()
         self.cluster.notifier.start()
-        self.cluster.start()
+        self._load_key()
+
+    def _load_key(self) -> None:
+        # the messages are signed with the store's cluster key: listen once it is read (the store may be down)
+        self._pending = None
+        if not self.running:
+            return
+
+        def loaded(key: bytes) -> None:
+            if self.running:
+                self.cluster.start(key)
+
+        def failed(f: Any) -> None:
+            _log.warn("cannot read the store's cluster key ({error}); approvals given on other nodes reach "
+                      "this one once it can; retrying in {retry} s", error=f.getErrorMessage(), retry=self.retry)
+            if self.running:
+                self._pending = self.cluster.reactor.callLater(self.retry, self._load_key)
+
+        self.store.cluster_key().addCallbacks(loaded, failed)
 
     def stopService(self) -> Any:
         super().stopService()
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
         self.cluster.stop()
         return self.cluster.notifier.stop()
 
@@ -85,7 +108,7 @@ def add_approvals_and_admin(top: service.MultiService, config: Any, gateway: Any
         from gatekeep.store.notify import notifier_for
 
         approvals.cluster = ApprovalCluster(approvals, notifier_for(store, reactor), reactor, config.node)
-        ClusterService(approvals.cluster).setServiceParent(top)
+        ClusterService(approvals.cluster, store).setServiceParent(top)
 
     recorder = chain.recorder
     registry.gauge("gatekeep_recorder_events_written_total", "Events the recorder has stored.",

@@ -152,6 +152,18 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (request_id, approver, verdict)
     );
     """,
+    # 6: the key the nodes sign their approval messages with (gatekeep/approvals/_cluster.py): any role
+    # that can connect to this database can send a NOTIFY, only gatekeep's role can read this table.
+    # gen_random_uuid() draws from PostgreSQL's strong random source (two of them: 244 random bits).
+    """
+    CREATE TABLE cluster_secret (
+        id integer PRIMARY KEY CHECK (id = 1),
+        key bytea NOT NULL
+    );
+    REVOKE ALL ON cluster_secret FROM PUBLIC;
+    INSERT INTO cluster_secret (id, key)
+        VALUES (1, decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'));
+    """,
 ]
 
 

@@ -301,6 +301,15 @@ class PostgresStore:
                 })
         return entries
 
+    def cluster_key(self) -> defer.Deferred:
+        """The key this store's nodes sign approval messages with (``gatekeep/approvals/_cluster.py``)."""
+
+        def plan() -> Plan:
+            rows = yield Q("SELECT key FROM cluster_secret WHERE id = 1")
+            return bytes(rows[0][0])
+
+        return self.start().addCallback(lambda _: self._pool_().run_plan(plan, timeout=self.write_timeout))
+
     # -- plans used by writes ----------------------------------------------------------
 
     def _tail_plan(self) -> Plan:

@@ -153,6 +153,15 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (request_id, approver, verdict)
     );
     """,
+    # 6: the key nodes sharing a PostgreSQL store sign approval messages with; a SQLite store has one
+    # node and never reads it (kept so that migration N is the same change in both stores)
+    """
+    CREATE TABLE cluster_secret (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        key BLOB NOT NULL
+    );
+    INSERT INTO cluster_secret (id, key) VALUES (1, randomblob(32));
+    """,
 ]
 
 

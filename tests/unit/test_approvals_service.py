@@ -315,3 +315,29 @@ def test_notify_failure_does_not_lose_the_hold(world):
     (r,) = world.service.pending()
     world.service.approve(r.id, ALICE)
     assert fired[0].action is Action.ALLOW
+
+
+def test_cluster_service_listens_once_it_has_read_the_store_key_and_retries_while_it_cannot():
+    """The cluster's messages are signed with the store's key: until the key is read it does not listen."""
+    from twisted.internet import defer
+
+    from gatekeep.admin._wiring import ClusterService
+    from gatekeep.approvals._cluster import ApprovalCluster
+    from gatekeep.store.notify import MemoryNotifier
+
+    reactor = MemoryReactorClock()
+    answers = [defer.fail(ConnectionRefusedError("store down")), defer.succeed(b"k" * 32)]
+
+    class Store:
+        def cluster_key(self):
+            return answers.pop(0)
+
+    notifier = MemoryNotifier(reactor)
+    cluster = ApprovalCluster(ApprovalService(reactor, {}.get, MemoryApprovalStore()), notifier, reactor, "gk-a")
+    svc = ClusterService(cluster, Store(), retry=2.0)
+    svc.startService()
+    assert cluster._subscription is None and cluster.key is None and len(answers) == 1
+    reactor.advance(2.0)
+    assert cluster.key == b"k" * 32 and cluster._subscription is not None and answers == []
+    svc.stopService()
+    assert cluster._subscription is None and reactor.getDelayedCalls() == []
