@@ -531,6 +531,32 @@ def _unique(items: tuple, key: str) -> None:
         seen.add(item.name)
 
 
+def _refuse_duplicate_keys(node: Any, path: str = "", seen_nodes: set[int] | None = None) -> None:
+    """
+    YAML keeps the last of two equal keys in one mapping without a word: a
+    rule pasted twice, or an ``action: deny`` edited below into ``action: allow``,
+    would load as whichever came last. Refuse it, naming the key path.
+    """
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias to a node already checked (or a recursive one)
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            here = f"{path}.{name}" if path else str(name)
+            if name is not None and key.tag != "tag:yaml.org,2002:merge":
+                if name in lines:
+                    raise ConfigError(here, f"appears twice in one mapping (lines {lines[name]} and "
+                                            f"{key.start_mark.line + 1}): keep one")
+                lines[name] = key.start_mark.line + 1
+            _refuse_duplicate_keys(value, here, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{path}[{i}]", seen_nodes)
+
+
 def load(path: str | Path, plugins: dict[str, Any] | None = None) -> Config:
     p = Path(path)
     try:
@@ -538,7 +564,13 @@ def load(path: str | Path, plugins: dict[str, Any] | None = None) -> Config:
     except OSError as e:
         raise ConfigError("", f"cannot read {p}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            _refuse_duplicate_keys(node)
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

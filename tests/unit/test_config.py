@@ -320,6 +320,36 @@ def test_bad_yaml_reports_line_and_column(tmp_path):
     assert "line 3, column 4" in str(info.value)
 
 
+@pytest.mark.parametrize("text, path, lines", [
+    ("targets:\n  - name: db\n    protocol: postgres\n    listen: tcp:15432\n    default_action: deny\n"
+     "    upstream: {host: h, database: d, user: u, password: 'file:pg'}\n    default_action: allow\n",
+     "targets[0].default_action", (5, 7)),
+    ("policies:\n  - name: no-drops\n    match: {statements: [ddl], statements: [select]}\n    action: deny\n",
+     "policies[0].match.statements", (3, 3)),
+    ("identities:\n  - name: agent-7\n    groups: [readonly]\n    groups: [dba]\n", "identities[0].groups", (3, 4)),
+])
+def test_a_key_given_twice_in_one_mapping_is_refused_with_its_path(tmp_path, text, path, lines):
+    """YAML keeps the last of two equal keys silently (an edited 'default_action: allow' below a 'deny' won)."""
+    (tmp_path / "pg").write_text(PG_PASSWORD)
+    conf = tmp_path / "gatekeep.yaml"
+    conf.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load(conf)
+    assert str(info.value) == f"{path}: appears twice in one mapping (lines {lines[0]} and {lines[1]}): keep one"
+
+
+def test_anchors_and_merge_keys_still_load(tmp_path):
+    """A merge key and aliases are not duplicates: the mapping they build is checked as written."""
+    (tmp_path / "pg").write_text(PG_PASSWORD)
+    conf = tmp_path / "gatekeep.yaml"
+    conf.write_text("targets:\n  - name: a\n    protocol: postgres\n    listen: tcp:15432\n"
+                    "    upstream: &up {host: h, database: d, user: u, password: 'file:pg'}\n"
+                    "  - name: b\n    protocol: postgres\n    listen: tcp:15433\n"
+                    "    upstream: {<<: *up, database: other}\n")
+    config = load(conf)
+    assert [t.options.upstream.database for t in config.targets] == ["d", "other"]
+
+
 def test_unreadable_file_is_reported(tmp_path):
     """A configuration file that cannot be read is reported with its path."""
     with pytest.raises(ConfigError) as info:
