@@ -151,6 +151,23 @@ class Node:
                 raise ConfigError(self.sub(key), "expected an env:NAME or file:PATH reference (literal secrets are not accepted)") from None
             raise ConfigError(self.sub(key), str(e)) from None
 
+    def url(self, key: str = "url") -> Any:
+        """
+        An http(s) URL that may hold a secret (a token in its path or query, a
+        password before the host): an ``env:``/``file:`` reference (a Secret) or a
+        literal (a str). Errors never show a referenced URL.
+        """
+        raw = self.raw(key)
+        if isinstance(raw, str) and raw.startswith(("env:", "file:")):
+            value: Any = self.secret(key)
+            shown = value.reveal().strip().decode("ascii", "replace")
+        else:
+            value = shown = self.str(key)
+        if not shown.startswith(("http://", "https://")):
+            where = "the URL" if value is shown else f"the URL in {raw}"
+            raise ConfigError(self.sub(key), f"expected an http:// or https:// URL ({where} is not one)")
+        return value
+
     def child(self, key: str, default: Any = _MISSING) -> Any:
         v = self.raw(key, default)
         if v is default and default is not _MISSING:

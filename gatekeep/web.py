@@ -49,3 +49,26 @@ def discard_body(response: Any) -> Deferred:
     done: Deferred = Deferred()
     response.deliverBody(_Discard(done))
     return done
+
+
+def url_bytes(url: Any) -> bytes:
+    """A URL given as a str or as a config Secret (``env:``/``file:``), as bytes."""
+    reveal = getattr(url, "reveal", None)
+    return reveal().strip() if reveal is not None else str(url).encode("ascii")
+
+
+def url_where(url: Any) -> str:
+    """
+    What a log line may say of a URL: scheme, host and port only. The path and
+    query may be its secret (a Slack or Sumo Logic webhook, ``?dd-api-key=``), and
+    so may the user and password before the host.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url_bytes(url).decode("ascii", "replace"))
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    host = parts.hostname or "?"
+    return f"{parts.scheme}://{'[' + host + ']' if ':' in host else host}{port}"

@@ -30,26 +30,13 @@ class ApprovalsConfig:
     approve_command: str = APPROVE_COMMAND
 
 
-def _url(node: Node) -> Any:
-    raw = node.raw("url")
-    if isinstance(raw, str) and (raw.startswith("env:") or raw.startswith("file:")):
-        secret = node.secret("url")
-        shown = secret.reveal().strip().decode("ascii", "replace")
-    else:
-        secret = shown = node.str("url")
-    if not shown.startswith(("http://", "https://")):
-        where = "the URL" if secret is shown else f"the URL in {raw}"
-        raise ConfigError(node.sub("url"), f"expected an http:// or https:// URL ({where} is not one)")
-    return secret
-
-
 def read_approvals(node: Node | None) -> ApprovalsConfig:
     if node is None:
         return ApprovalsConfig()
     webhook = None
     hook = node.child("webhook", None)
     if hook is not None:
-        webhook = WebhookConfig(_url(hook), hook.duration("timeout", 5.0), hook.int("retries", 3, low=0, high=20))
+        webhook = WebhookConfig(hook.url("url"), hook.duration("timeout", 5.0), hook.int("retries", 3, low=0, high=20))
         hook.finish()
     command = node.str("approve_command", APPROVE_COMMAND)
     if "{id}" not in command:

@@ -20,7 +20,7 @@ from twisted.internet.defer import DeferredSemaphore
 from twisted.logger import Logger
 
 from gatekeep.approvals._model import ApprovalRequest, Status
-from gatekeep.web import BytesProducer
+from gatekeep.web import BytesProducer, url_bytes, url_where
 
 _log = Logger()
 
@@ -93,16 +93,12 @@ class WebhookNotifier:
         self.dropped = 0
 
     def _url_bytes(self) -> bytes:
-        reveal = getattr(self._url, "reveal", None)
-        return reveal().strip() if reveal is not None else str(self._url).encode("ascii")
+        return url_bytes(self._url)
 
     @property
     def where(self) -> str:
-        """The URL without its path (the path of a Slack webhook URL is its secret)."""
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(self._url_bytes().decode("ascii", "replace"))
-        return f"{parts.scheme}://{parts.netloc}"
+        """The URL's scheme, host and port (the path of a Slack webhook URL is its secret)."""
+        return url_where(self._url)
 
     def requested(self, r: ApprovalRequest) -> None:
         self._send(payload("approval.requested", r, self.approve_command), r.id)

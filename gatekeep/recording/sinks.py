@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import socket
 import threading
 import time
@@ -21,7 +22,7 @@ import attrs
 from twisted.logger import Logger
 
 from gatekeep.config import ConfigError, Node
-from gatekeep.web import discard_body
+from gatekeep.web import discard_body, url_bytes, url_where
 
 _log = Logger()
 
@@ -30,12 +31,14 @@ _log = Logger()
 class SinkConfig:
     type: str
     path: str | None = None
-    url: str | None = None
+    #: a str, or a config Secret when given as env:/file: (its path or query may be a token)
+    url: Any = None
     address: str | None = None
     transport: str = "udp"
     batch: int = 100
     interval: float = 1.0
     retries: int = 5
+    #: (name, value) pairs sent with every POST; a value may be a Secret (env:/file:)
     headers: tuple = ()
 
 
@@ -48,13 +51,45 @@ def read_sink(node: Node) -> SinkConfig:
         cfg = SinkConfig(kind, address=node.str("address", "127.0.0.1:514"),
                          transport=node.str("transport", "udp", choices=("udp", "tcp")))
     else:
-        url = node.str("url")
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(node.sub("url"), f"expected an http:// or https:// URL, got \"{url}\"")
-        cfg = SinkConfig(kind, url=url, batch=node.int("batch", 100, low=1, high=10000),
-                         interval=node.duration("interval", 1.0), retries=node.int("retries", 5, low=0, high=100))
+        cfg = SinkConfig(kind, url=node.url("url"), batch=node.int("batch", 100, low=1, high=10000),
+                         interval=node.duration("interval", 1.0), retries=node.int("retries", 5, low=0, high=100),
+                         headers=_headers(node.child("headers", None)))
     node.finish()
     return cfg
+
+
+def _headers(node: Node | None) -> tuple:
+    """``headers: {Authorization: env:SIEM_AUTH, X-Source: gatekeep}``: values that are references stay secret."""
+    if node is None:
+        return ()
+    if not isinstance(node.value, dict):
+        raise ConfigError(node.path, "expected a mapping of header names to values")
+    pairs = []
+    for name in node.value:
+        if not isinstance(name, str) or not _TOKEN.match(name) or name.lower() in _FRAMING_HEADERS:
+            raise ConfigError(node.path, f"expected header names other than {', '.join(sorted(_FRAMING_HEADERS))}, "
+                                         f"got {name!r}")
+        raw = node.raw(name)
+        if isinstance(raw, str) and raw.startswith(("env:", "file:")):
+            value: Any = node.secret(name)
+        elif _CREDENTIAL.search(name):
+            raise ConfigError(node.sub(name), "expected an env:NAME or file:PATH reference: this header carries a "
+                                              "credential (literal secrets are not accepted)")
+        else:
+            value = node.str(name)
+        try:
+            text = url_bytes(value).decode("ascii")
+        except UnicodeError:
+            text = "\n"
+        if any(c in text for c in "\r\n\0"):
+            raise ConfigError(node.sub(name), "expected a header value of printable ASCII on one line")
+        pairs.append((name, value))
+    return tuple(pairs)
+
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_CREDENTIAL = re.compile(r"auth|token|key|secret|passw|cookie|signature", re.I)
+_FRAMING_HEADERS = frozenset({"content-length", "content-type", "host", "transfer-encoding", "connection"})
 
 
 def build_sinks(configs: tuple[SinkConfig, ...], reactor: Any, node: str) -> list[Any]:
@@ -65,7 +100,8 @@ def build_sinks(configs: tuple[SinkConfig, ...], reactor: Any, node: str) -> lis
         elif c.type == "syslog":
             sinks.append(SyslogSink(c.address, c.transport, node))
         else:
-            sinks.append(WebhookSink(c.url, reactor, batch=c.batch, interval=c.interval, retries=c.retries))
+            sinks.append(WebhookSink(c.url, reactor, batch=c.batch, interval=c.interval, retries=c.retries,
+                                     headers=c.headers))
     return sinks
 
 
@@ -148,8 +184,11 @@ class WebhookSink:
     on each event's ``id``.
     """
 
-    def __init__(self, url: str, reactor: Any, *, batch: int = 100, interval: float = 1.0, retries: int = 5) -> None:
+    def __init__(self, url: Any, reactor: Any, *, batch: int = 100, interval: float = 1.0, retries: int = 5,
+                 headers: tuple = ()) -> None:
         self.url = url
+        self.where = url_where(url)
+        self._headers = headers
         self._reactor = reactor
         self._batch = batch
         self._interval = interval
@@ -185,8 +224,10 @@ class WebhookSink:
         from gatekeep.web import BytesProducer
 
         body = json.dumps({"events": batch}, ensure_ascii=False).encode("utf-8")
-        d = Agent(self._reactor).request(b"POST", self.url.encode("ascii"),
-                                         Headers({b"content-type": [b"application/json"]}), BytesProducer(body))
+        headers = Headers({b"content-type": [b"application/json"]})
+        for name, value in self._headers:
+            headers.addRawHeader(name.encode("ascii"), url_bytes(value))
+        d = Agent(self._reactor).request(b"POST", url_bytes(self.url), headers, BytesProducer(body))
 
         def done(response: Any) -> Any:
             if not 200 <= response.code < 300:
@@ -199,7 +240,7 @@ class WebhookSink:
                 self._reactor.callLater(min(2 ** attempt * 0.5, 30), self._post, batch, attempt + 1)
             else:
                 self.failed += len(batch)
-                _log.error("webhook sink {url} lost {n} events after {tries} tries: {error}", url=self.url,
+                _log.error("webhook sink {url} lost {n} events after {tries} tries: {error}", url=self.where,
                            n=len(batch), tries=attempt + 1, error=f.getErrorMessage())
 
         d.addCallbacks(done, failed).addErrback(failed)

@@ -26,12 +26,15 @@ class Webhook:
 
     def __init__(self):
         self.posts = []  # (status, ids)
+        self.paths = []  # (request target, Authorization header)
+        self.fail_with = 0
         hook = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                status = 500 if not hook.posts else 200
+                hook.paths.append((self.path, self.headers.get("authorization")))
+                status = hook.fail_with or (500 if not hook.posts else 200)
                 hook.posts.append((status, [e["id"] for e in body["events"]]))
                 self.send_response(status)
                 self.send_header("content-length", "0")
@@ -109,3 +112,48 @@ def test_sinks_get_every_committed_event_with_stable_ids(kind, request, tmp_path
         rt.call(recorder.stop)
     lines = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert lines == [e.export() for e in entries]
+
+
+def test_webhook_sink_url_and_headers_are_secrets_and_a_failure_logs_only_the_host(tmp_path, reactor_thread, webhook,
+                                                                                  monkeypatch):
+    """
+    A SIEM webhook URL often carries its token (a path token, ?api-key=): it may be an env:/file: reference, its
+    headers (Authorization) too, and when a batch is lost the log names only scheme://host:port.
+    """
+    from pathlib import Path
+
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from gatekeep.config import ConfigError, Node
+    from gatekeep.recording.sinks import build_sinks, read_sink
+
+    port = webhook.url.split(":")[2].split("/")[0]
+    monkeypatch.setenv("GK_SIEM_URL", f"http://127.0.0.1:{port}/receiver/v1/ZaVn-PATH-TOKEN?api-key=QUERY-TOKEN")
+    monkeypatch.setenv("GK_SIEM_AUTH", "Splunk HEADER-TOKEN")
+    node = Node.of({"type": "webhook", "url": "env:GK_SIEM_URL", "retries": 0, "batch": 1,
+                    "headers": {"Authorization": "env:GK_SIEM_AUTH", "X-Source": "gatekeep"}},
+                   "recording.sinks[0]", Path(tmp_path))
+    config = read_sink(node)
+    assert "TOKEN" not in repr(config)
+    with pytest.raises(ConfigError) as refused:
+        read_sink(Node.of({"type": "webhook", "url": webhook.url, "headers": {"X-Api-Key": "LITERAL-TOKEN"}},
+                          "recording.sinks[0]", Path(tmp_path)))
+    assert "LITERAL-TOKEN" not in str(refused.value) and "literal secrets are not accepted" in str(refused.value)
+
+    sink, = build_sinks((config,), reactor_thread.reactor, "gk")
+    lines = []
+    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        webhook.fail_with = 503
+        sink.emit([{"id": "gk:1"}])
+        poll("the sink to give the batch up", lambda: sink.failed == 1, timeout=10)
+        webhook.fail_with = 0
+        sink.emit([{"id": "gk:2"}])
+        poll("the sink to deliver the next batch", lambda: sink.sent == 1, timeout=10)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert webhook.paths[-1] == ("/receiver/v1/ZaVn-PATH-TOKEN?api-key=QUERY-TOKEN", "Splunk HEADER-TOKEN")
+    lost = [line for line in lines if "lost 1 events" in line]
+    assert lost == [f"webhook sink http://127.0.0.1:{port} lost 1 events after 1 tries: HTTP 503"]
+    assert not [line for line in lines if "TOKEN" in line]

@@ -193,3 +193,15 @@ def test_chain_counts_sessions_logins_decisions_and_operations():
 
     chain.session_ended(SessionEnd("s1", 1.0, 0, 0, "done"))
     assert m.active.value() == 0
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://hooks.slack.com/services/T0/B0/SECRET", "https://hooks.slack.com"),
+    ("https://user:SECRET@siem.example:8443/in?token=SECRET", "https://siem.example:8443"),
+    ("http://[::1]:9000/SECRET", "http://[::1]:9000"),
+])
+def test_a_webhook_url_is_logged_by_scheme_host_and_port_only(url, shown):
+    """The path, query and user part of a webhook URL may be its credential: logs show none of them."""
+    from gatekeep.web import url_where
+
+    assert url_where(url) == shown
