@@ -448,6 +448,15 @@ class ApprovalService:
         now = self._now()
         return [g for g in self._grants.values() if g.until > now]
 
+    def _still_granted(self, r: ApprovalRequest, now: float) -> float | None:
+        """Until when a window an earlier run granted stays open under the rule as configured now, or None."""
+        if r.grant_until is None or r.grant_until <= now or r.resolved_at is None:
+            return None
+        review = self._reviews(r.rule)
+        if review is None or review.window is None or r.approvals_needed < review.approvals:
+            return None
+        return min(r.grant_until, r.resolved_at + review.window)
+
     def recover(self) -> None:
         """At start: close what a previous run left pending; reopen window grants still open."""
         from gatekeep.approvals._store import RESTARTED
@@ -457,12 +466,19 @@ class ApprovalService:
         for r in stale:
             r = attrs.evolve(r, status=Status.WITHDRAWN, resolved_at=now, resolution=RESTARTED)
             self._save(Status.WITHDRAWN.value, r, now)
+        dropped = 0
         for r in grants:
-            if r.grant_until is not None and r.grant_until > now:
-                key = (r.identity, r.target, r.rule)
-                current = self._grants.get(key)
-                if current is None or current.until < r.grant_until:
-                    self._grants[key] = Grant(r.identity, r.target, r.rule, r.grant_until, r.id, tuple(r.approved_by))
+            until = self._still_granted(r, now)
+            if until is None:
+                dropped += r.grant_until is not None and r.grant_until > now
+                continue
+            key = (r.identity, r.target, r.rule)
+            current = self._grants.get(key)
+            if current is None or current.until < until:
+                self._grants[key] = Grant(r.identity, r.target, r.rule, until, r.id, tuple(r.approved_by))
+        if dropped:
+            _log.warn("approvals: {n} window grants of an earlier run not reopened: their rule is gone, no longer "
+                      "grants a window, or now needs more approvers", n=dropped)
         if stale or grants:
             _log.info("approvals: {n} requests of an earlier run closed, {g} window grants still open",
                       n=len(stale), g=len(self.grants()))

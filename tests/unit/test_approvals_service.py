@@ -289,6 +289,26 @@ def test_recover_withdraws_stale_and_reopens_grants(world):
     assert isinstance(allowed, Decision) and allowed.action is Action.ALLOW
 
 
+@pytest.mark.parametrize("now_configured, reopened_until", [
+    (Review(approvers=("dba",), timeout=60.0, window=1800.0), 1000.0 + 1800.0),   # as granted
+    (Review(approvers=("dba",), timeout=60.0, window=300.0), 1000.0 + 300.0),     # window shortened since
+    (Review(approvers=("dba",), timeout=60.0), None),                             # now grant: once
+    (Review(approvers=("dba",), timeout=60.0, window=1800.0, approvals=2), None),  # now needs two approvers
+    (None, None),                                                                 # rule removed
+])
+def test_recover_reopens_a_window_only_as_the_rule_now_allows(world, now_configured, reopened_until):
+    """A window granted before a restart comes back under the rule as configured now, never longer or looser."""
+    win, _, _ = world.held(operation(seq=2), review("window"))
+    world.service.approve(win, ALICE)
+    assert world.store.requests[win].grant_until == 1000.0 + 1800.0
+    world.clock.advance(60.0)
+    fresh = ApprovalService(world.clock, {"window": now_configured}.get, world.store, node="gk-1")
+    fresh.recover()
+    assert [g.until for g in fresh.grants()] == ([] if reopened_until is None else [reopened_until])
+    held = fresh.hold(operation(seq=3), review("window"), lambda hold: None)
+    assert isinstance(held, Decision) == (reopened_until is not None)
+
+
 def test_metrics_count_requests_outcomes_and_held(world):
     """The registry counts requests by outcome, the held gauge follows, and waits are observed."""
     rid, _, _ = world.held()

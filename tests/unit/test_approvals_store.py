@@ -9,6 +9,7 @@ from twisted.internet.testing import MemoryReactorClock
 from gatekeep.approvals import (APPROVE, ApprovalEvent, ApprovalRequest, ApprovalService, ApproverDecision,
                                 SQLiteApprovalStore, Status)
 from gatekeep.model import ClientAddress, Identity, Session
+from gatekeep.policy.engine import Review
 from gatekeep.store.sqlite import SQLiteStore
 
 SESSION = Session("sess-1", Identity("agent-7", frozenset({"agents"})), "db", "postgres",
@@ -77,7 +78,8 @@ def test_restart_recovery_through_the_service(store):
     clock = MemoryReactorClock()
     clock.advance(10.0)
     written = []
-    service = ApprovalService(clock, lambda name: None, SQLiteApprovalStore(store, written.append, clock), node="gk-1")
+    reviews = {"deletes": Review(approvers=("dba",), window=600.0)}
+    service = ApprovalService(clock, reviews.get, SQLiteApprovalStore(store, written.append, clock), node="gk-1")
     service.recover()
     ((event,),) = [[e for e in written if e.request.id == "aaaaaaaaaa"]]
     assert event.change == "withdrawn" and event.request.status is Status.WITHDRAWN
