@@ -23,8 +23,10 @@ def register(sub) -> None:
     v = s.add_parser("verify", help="check the hash chains, session seals and tables; name the first tampered record")
     add_store_arguments(v)
     v.add_argument("--public-key", action="append",
+                   metavar="[NODE=]PATH",
                    help="PEM public (or private) Ed25519 key to check seals with (default: the gateway's signing "
-                        "key); repeat it for a store several nodes write to, each with its own key")
+                        "key); repeat it for a store several nodes write to, each as NODE=PATH so that a node's "
+                        "seals must be made with its own key")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=verify)
     e = s.add_parser("export", help="write the recorded events as JSON lines (docs/events.md)")
@@ -72,11 +74,14 @@ def _key_file(args) -> Path | None:
 
 def verify(args) -> int:
     store = open_store(args)
-    paths = [Path(p) for p in args.public_key] if args.public_key else [_key_file(args)]
-    keys = []
-    for path in paths:
+    given: list[tuple[str | None, Path | None]] = []
+    for arg in args.public_key or []:
+        node, _, path = arg.rpartition("=") if "=" in arg and not Path(arg).exists() else ("", "", arg)
+        given.append((node or None, Path(path)))
+    keys: dict[str | None, list] = {}
+    for node, path in given or [(None, _key_file(args))]:
         if path is not None and path.exists():
-            keys.append(ledger.load_public_key(path.read_bytes()))
+            keys.setdefault(node, []).append(ledger.load_public_key(path.read_bytes()))
         elif args.public_key:
             sys.stderr.write(f"gatekeep: no key at {path}\n")
             return 2

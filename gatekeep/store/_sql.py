@@ -18,3 +18,32 @@ def approvals_query(status: str | None, limit: int, session_id: str | None, olde
         sql += " WHERE " + " AND ".join(where)
     sql += f" ORDER BY created_at {'ASC' if oldest_first else 'DESC'} LIMIT {mark}"
     return sql, (*args, limit)
+
+
+#: what ``audit verify`` reads of each query table to check it against the ledger: its columns, and the
+#: key that orders (and pages) the rows. Every column a person or a SIEM reads is here.
+AUDIT_TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "sessions": (("id", "node", "identity", "groups", "auth_method", "target", "protocol", "client", "tls",
+                  "attributes", "started_at", "ended_at", "bytes_from_client", "bytes_to_client", "end_reason"),
+                 ("id",)),
+    "operations": (("session_id", "seq", "kind", "text", "parameters", "at", "action", "rule", "reason", "facts",
+                    "request", "finished_at", "duration", "status", "rows", "error_code", "error_message", "masked",
+                    "response"),
+                   ("session_id", "seq")),
+    "stream_events": (("session_id", "stream", "at", "kind", "data", "id"), ("id",)),
+    "login_failures": (("node", "at", "target", "protocol", "client", "claimed", "reason", "id"), ("id",)),
+}
+
+
+def audit_query(table: str, mark: str, after: tuple | None = None, limit: int | None = None) -> tuple[str, tuple]:
+    """The rows of ``table`` that :data:`AUDIT_TABLES` names, in key order, after ``after`` (a key) when given."""
+    columns, key = AUDIT_TABLES[table]
+    sql = f"SELECT {', '.join(columns)} FROM {table}"
+    args: tuple = ()
+    if after is not None:
+        sql += f" WHERE ({', '.join(key)}) > ({', '.join([mark] * len(key))})"
+        args = tuple(after)
+    sql += f" ORDER BY {', '.join(key)}"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    return sql, args

@@ -41,7 +41,7 @@ from zope.interface import implementer
 from gatekeep.interfaces import IStore
 from gatekeep.model import SessionEnd
 from gatekeep.recording.events import canonical, event_time, to_event
-from gatekeep.store._sql import approvals_query
+from gatekeep.store._sql import AUDIT_TABLES, approvals_query, audit_query
 from gatekeep.store import StoreUnavailable, ledger
 from gatekeep.store._pgdriver import Pool, SyncConnections, connect_kwargs, describe, is_unavailable
 from gatekeep.store._pgschema import MIGRATIONS, Plan, Q, migrate_plan, version_plan
@@ -429,29 +429,17 @@ class PostgresStore:
                        " ORDER BY seq DESC LIMIT 1", (node,))
         return dict(zip(CHECKPOINT_COLUMNS, rows[0])) if rows else None
 
-    def operation_rows(self) -> Iterator[tuple]:
-        """(session_id, seq, text, action, rule) of every operation row, for audits."""
-        after = ("", -1)
+    def audit_rows(self, table: str) -> Iterator[tuple]:
+        """The rows of a query table, as :data:`gatekeep.store._sql.AUDIT_TABLES` names them, for audits."""
+        columns, key = AUDIT_TABLES[table]
+        key_at = [columns.index(k) for k in key]
+        after = None
         while True:
-            rows = self._sync.run(self._rows_plan(
-                "SELECT session_id, seq, text, action, rule FROM operations WHERE (session_id, seq) > (%s, %s)"
-                " ORDER BY session_id, seq LIMIT %s", (*after, _PAGE)))
+            rows = self._sync.run(self._rows_plan(*audit_query(table, "%s", after, _PAGE)))
             yield from rows
             if len(rows) < _PAGE:
                 return
-            after = (rows[-1][0], rows[-1][1])
-
-    def session_rows(self) -> Iterator[tuple]:
-        """(id, identity, target, client) of every session row, for audits."""
-        after = ""
-        while True:
-            rows = self._sync.run(self._rows_plan(
-                "SELECT id, identity, target, client FROM sessions WHERE id > %s ORDER BY id LIMIT %s",
-                (after, _PAGE)))
-            yield from rows
-            if len(rows) < _PAGE:
-                return
-            after = rows[-1][0]
+            after = tuple(rows[-1][i] for i in key_at)
 
     @staticmethod
     def _rows_plan(sql: str, args: tuple) -> Plan:

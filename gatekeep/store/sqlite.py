@@ -13,14 +13,14 @@ import json
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from zope.interface import implementer
 
 from gatekeep.interfaces import IStore
 from gatekeep.recording.events import JsonMemo, canonical, decision_text, event_time, operation_text, to_event
 from gatekeep.store import ledger
-from gatekeep.store._sql import approvals_query
+from gatekeep.store._sql import approvals_query, audit_query
 from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
 
 MIGRATIONS: list[str] = [
@@ -543,14 +543,10 @@ class SQLiteStore:
             out.setdefault(r["stream"], []).append((r["at"], r["kind"], r["data"]))
         return out
 
-    def operation_rows(self):
-        """(session_id, seq, text, action, rule) of every operation row, for audits."""
-        yield from self._db().execute("SELECT session_id, seq, text, action, rule FROM operations"
-                                      " ORDER BY session_id, seq")
-
-    def session_rows(self):
-        """(id, identity, target, client) of every session row, for audits."""
-        yield from self._db().execute("SELECT id, identity, target, client FROM sessions ORDER BY id")
+    def audit_rows(self, table: str) -> Iterator[tuple]:
+        """The rows of a query table, as :data:`gatekeep.store._sql.AUDIT_TABLES` names them, for audits."""
+        sql, args = audit_query(table, "?")
+        yield from (tuple(r) for r in self._db().execute(sql, args))
 
     @contextlib.contextmanager
     def snapshot(self):

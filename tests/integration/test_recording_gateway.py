@@ -142,11 +142,17 @@ def test_two_nodes_one_store(gatekeep, pg_server, store_db, store_dbs):
             ("gk-a", "via-a"), ("gk-a", "via-a2"), ("gk-b", "via-b")]
         keys = [os.path.join(gk.workdir, "signing_key.pem") for gk in (a, b)]
         verified = gk_cli("audit", "verify", "--json", "--config", b.config_path,
-                          "--public-key", keys[0], "--public-key", keys[1])
+                          "--public-key", "gk-a=" + keys[0], "--public-key", "gk-b=" + keys[1])
         report = json.loads(verified.stdout)
         assert verified.returncode == 0 and report["ok"], verified.stdout + verified.stderr
         assert sorted(report["nodes"]) == ["gk-a", "gk-b"] and report["sessions_sealed"] == 3
         assert report["key_checked"] is True
+        # each node's seals must be made with its own key: the keys given the other way round do not verify
+        swapped = gk_cli("audit", "verify", "--json", "--config", b.config_path,
+                         "--public-key", "gk-a=" + keys[1], "--public-key", "gk-b=" + keys[0])
+        problems = json.loads(swapped.stdout)["problems"]
+        assert swapped.returncode == 1 and len(problems) == 3
+        assert all("its seal's signature is made with node gk-" in p for p in problems), problems
     finally:
         for k in store_dbs.env:
             os.environ.pop(k, None)

@@ -252,7 +252,50 @@ def test_verify_catches_edited_and_deleted_table_rows(backend, signer):
     backend.sql("UPDATE operations SET action = 'allow' WHERE session_id = 'a1b2c3' AND seq = 2")
     backend.sql("DELETE FROM sessions WHERE id = 'a1b2c3'")
     assert audit.verify(store, signer.public).problems == [
-        "operation a1b2c3#2: its row in operations was edited", "session a1b2c3: its row was deleted from sessions"]
+        "operation a1b2c3#2: its row in operations was edited (action)",
+        "session a1b2c3: its row was deleted from sessions"]
+
+
+TABLE_TAMPERING = {
+    "a recorded keystroke rewritten": (
+        "UPDATE stream_events SET data = '$ ls' WHERE session_id = 'a1b2c3'",
+        ["stream event of session a1b2c3 at 101.5 (tty, o): its row in stream_events was edited or has no record "
+         "in the ledger (1 row)",
+         "stream event of session a1b2c3 at 101.5 (tty, o): its row was edited or deleted from stream_events (1 row)"]),
+    "an outcome and the reason changed": (
+        "UPDATE operations SET status = 'SELECT 0', error_code = '42501', reason = 'forged' WHERE seq = 1",
+        ["operation a1b2c3#1: its row in operations was edited (reason, status, error_code)"]),
+    "facts and parameters changed": (
+        "UPDATE operations SET facts = '{\"tables\":[\"other\"]}', parameters = '[\"x\"]' WHERE seq = 1",
+        ["operation a1b2c3#1: its row in operations was edited (parameters, facts)"]),
+    "a session's groups, end and bytes changed": (
+        "UPDATE sessions SET groups = '[\"readonly\"]', end_reason = 'timeout', bytes_to_client = 0",
+        ["session a1b2c3: its row in sessions was edited (groups, bytes_to_client, end_reason)"]),
+    "a session made up": (
+        "INSERT INTO sessions (id, node, identity, groups, auth_method, target, protocol, client, tls, attributes,"
+        " started_at) SELECT 'zz9999', node, 'bob', groups, auth_method, target, protocol, client, tls, attributes,"
+        " started_at FROM sessions",
+        ["session zz9999: its row in sessions has no record in the ledger (inserted)"]),
+    "an operation made up": (
+        "INSERT INTO operations (session_id, seq, kind, text, at, action) VALUES ('a1b2c3', 3, 'query', 'select 2',"
+        " 102.0, 'allow')",
+        ["operation a1b2c3#3: its row in operations has no record in the ledger (inserted)"]),
+    "a failed login deleted": (
+        "DELETE FROM login_failures",
+        ["failed login at 50.0 on node gk-1 (target db, client 10.0.0.9:40000): its row was edited or deleted "
+         "from login_failures (1 row)"]),
+}
+
+
+@pytest.mark.parametrize("how", sorted(TABLE_TAMPERING))
+def test_verify_checks_every_column_of_the_query_tables(backend, signer, how):
+    """What sessions show, replay and the admin API read (every column, streams, failed logins) must match the ledger."""
+    store = backend.open(signer=signer)
+    a_session_with_records(backend, store)
+    assert audit.verify(store, signer.public).ok
+    statement, problems = TABLE_TAMPERING[how]
+    backend.sql(statement)
+    assert audit.verify(store, signer.public).problems == problems
 
 
 # -- several nodes, retention --------------------------------------------------------------
@@ -275,6 +318,40 @@ def test_two_nodes_one_store(backend):
         "session b0 (node gk-b): its seal's signature is forged or made with another key")
     assert audit.verify(a, [k1.public, k3.public]).problems[0] == (
         f"session b0 (node gk-b): its seal's signature is made with key {k2.key_id}, which was not given")
+    assert audit.verify(a, {"gk-a": k1.public, "gk-b": k2.public}).ok
+
+
+def test_one_nodes_key_cannot_reseal_another_nodes_sessions(backend):
+    """
+    With database access and node A's private key, node B's session is rewritten, its chain recomputed and
+    re-sealed with A's key: keys given per node (--public-key gk-b=B.pem) refuse that seal.
+    """
+    ka, kb = (ledger.Signer(Ed25519PrivateKey.generate()) for _ in range(2))
+    a, b = backend.open("gk-a", ka), backend.open("gk-b", kb)
+    backend.write(a, [session("a1")])
+    backend.write(a, [SessionEnd("a1", 50.0, 0, 0, "done")])
+    s = session("b1")
+    backend.write(b, [s, (op(s, 1, "drop table billing"), ALLOWED), outcome(s, 1)])
+    backend.write(b, [SessionEnd("b1", 300.0, 0, 0, "done")])
+    prev, hashes = ledger.GENESIS, {}
+    for e in list(a.ledger_entries("gk-b")):
+        data = e.data.replace("drop table billing", "select 1")
+        if e.kind == "seal":
+            d = json.loads(data)
+            d["digest"] = ledger.session_digest(e.session_id, hashes[e.session_id])
+            d["key_id"] = ka.key_id
+            d["signature"] = ka.sign(ledger.seal_message("gk-b", e.session_id, d["digest"]))
+            data = ledger.canonical(d)
+        h = ledger.entry_hash(prev, e.node, e.seq, e.kind, e.session_id, e.at, data)
+        if e.kind != "seal" and e.session_id:
+            hashes.setdefault(e.session_id, []).append(h)
+        backend.sql("UPDATE ledger SET data = ?, prev = ?, hash = ? WHERE node = 'gk-b' AND seq = ?",
+                    (data, prev, h, e.seq))
+        prev = h
+    backend.sql("UPDATE operations SET text = 'select 1' WHERE session_id = 'b1'")
+    assert audit.verify(a, [ka.public, kb.public]).ok  # keys not bound to nodes: what a chain alone can say
+    assert audit.verify(a, {"gk-a": ka.public, "gk-b": kb.public}).problems == [
+        "session b1 (node gk-b): its seal's signature is made with node gk-a's key, not node gk-b's"]
 
 
 def test_prune_leaves_a_checkpoint_and_the_rest_verifies(backend, signer):

@@ -126,6 +126,8 @@ class GatekeepProcess:
         self.log_path = os.path.join(self.workdir, "gatekeep.log")
         self.process = None
         self._log_file = None
+        #: check the store with audit verify after a clean stop (check_store)
+        self.verify_store = True
 
     # -- info ----------------------------------------------------------------
 
@@ -235,7 +237,33 @@ class GatekeepProcess:
                     "gatekeep did not exit within %.1fs of SIGTERM; killed\n"
                     "--- log tail ---\n%s" % (timeout, self.log_tail()))
         self._close_log()
+        if self.verify_store:
+            self.check_store()
         return self.process.returncode
+
+    def check_store(self):
+        """
+        ``gatekeep audit verify`` of the SQLite store this gateway wrote (after a clean stop): the ledger and
+        every query table must agree, whatever the tests did through it. Tests that tamper with the store on
+        purpose set ``verify_store = False``.
+        """
+        from pathlib import Path
+
+        from gatekeep import audit
+        from gatekeep.config import read_store
+        from gatekeep.store.sqlite import SQLiteStore
+
+        cfg = read_store(self.config.get("store"), Path(self.workdir))
+        if cfg.kind != "sqlite" or cfg.path is None or not cfg.path.exists():
+            return
+        store = SQLiteStore(cfg.path, readonly=True)
+        try:
+            report = audit.verify(store, None)
+        finally:
+            store.close()
+        if not report.ok:
+            raise GatekeepProcessError("the store %s does not verify after the gateway stopped:\n  %s"
+                                       % (cfg.path, "\n  ".join(report.problems[:20])))
 
     def kill(self):
         """SIGKILL and reap.  Returns the exit code (-9 unless already dead)."""
