@@ -782,6 +782,14 @@ DERIVED_FORMS = [
     "SELECT e FROM (SELECT upper(email) AS e FROM users) s",
     "SELECT email FROM users UNION ALL SELECT 'x'",
     "WITH c AS (SELECT ssn || '' AS x FROM users) SELECT x FROM c",
+    # a * whose columns no table names any more, columns renamed by an alias list, SQL run from text
+    "SELECT * FROM users UNION SELECT * FROM users",
+    "WITH RECURSIVE r AS (SELECT * FROM users UNION ALL SELECT * FROM r WHERE false) SELECT * FROM r",
+    "SELECT * FROM users a NATURAL FULL JOIN users b",
+    "SELECT * FROM users a FULL JOIN users b USING (id, name, email, ssn)",
+    "SELECT lower(c), d || '' FROM users AS t(a, b, c, d)",
+    "SELECT query_to_xml('SELECT * FROM users', true, false, '')",
+    "SELECT word FROM ts_stat('SELECT to_tsvector(''simple'', email) FROM users')",
 ]
 
 
@@ -850,6 +858,11 @@ def test_errors_and_notices_about_masked_columns_quote_no_masked_value(gw):
     "SELECT set_config('gkpol.v', email, false) /*gkpol:{m}*/ FROM users",
     "SELECT pg_notify('gkpol', email) /*gkpol:{m}*/ FROM users",
     "PREPARE gkpol_move /*gkpol:{m}*/ AS INSERT INTO public.gkpol_scratch SELECT id + 200, ssn FROM users",
+    "INSERT INTO public.gkpol_scratch SELECT a + 300, c /*gkpol:{m}*/ FROM users AS t(a, b, c)",
+    "WITH x AS (SELECT id, email AS e FROM users) INSERT INTO public.gkpol_scratch SELECT id + 400, e /*gkpol:{m}*/ FROM x",
+    "UPDATE public.gkpol_scratch SET v = s.e /*gkpol:{m}*/ FROM (SELECT email AS e FROM users LIMIT 1) s WHERE id = 1",
+    "SELECT set_config('gkpol.v', c, false) /*gkpol:{m}*/ FROM users AS t(a, b, c)",
+    "DO $$DECLARE r record; BEGIN FOR r IN SELECT * FROM users LOOP RAISE NOTICE '%', r; END LOOP; END$$ /*gkpol:{m}*/",
 ])
 def test_statements_that_would_move_masked_values_out_of_sight_are_refused(gw, sql):
     """Under masking, a statement that writes a value read from a masked column into a table, a view, a setting
@@ -881,13 +894,55 @@ def test_notification_payloads_get_the_detectors(gw):
 
 
 def test_computed_values_of_statements_without_masked_columns_are_untouched(gw):
-    """Computed values of a statement that reads no masked column, and numbers computed from one, come back as
-    they are."""
+    """Computed values of a statement that reads no masked column come back as they are, and so do numbers and
+    truth values of one whose masked column only chooses rows (a WHERE) or is only compared; a number computed
+    from one in the select list (ascii(substr(email, i, 1)) spells it out) is NULL."""
     with gw.connect("agent") as conn:
         assert conn.execute("SELECT upper(name), length(name) FROM users ORDER BY id").fetchall() == [
             (name.upper(), len(name)) for _, name, _, _ in USERS_ROWS]
-        assert conn.execute("SELECT count(*), max(length(email)) FROM users WHERE email LIKE '%@%'").fetchone() == (
-            len(USERS_ROWS), max(len(e) for _, _, e, _ in USERS_ROWS))
+        assert conn.execute("SELECT count(*) FROM users WHERE email LIKE '%@%'").fetchone() == (len(USERS_ROWS),)
+        assert conn.execute("SELECT email LIKE '%@%' FROM users").fetchall() == [(True,)] * len(USERS_ROWS)
+        for binary in (False, True):
+            assert conn.execute("SELECT max(length(email)), replace(ssn, '-', '')::int8 FROM users GROUP BY ssn",
+                                binary=binary).fetchall() == [(None, None)] * len(USERS_ROWS)
+            assert conn.execute("SELECT ascii(substr(email, i, 1)) FROM users, generate_series(1, 5) i WHERE id = 1",
+                                binary=binary).fetchall() == [(None,)] * 5
+        # a * over tables without a masked column: a UNION, a join with USING, an alias list are untouched
+        plain = conn.execute(f"SELECT * FROM {PLAIN} ORDER BY id").fetchall()
+        assert conn.execute(f"SELECT * FROM {PLAIN} UNION SELECT * FROM {PLAIN} ORDER BY id").fetchall() == plain
+        assert conn.execute(f"SELECT upper(l) FROM {PLAIN} AS p(i, l) ORDER BY i").fetchall() == conn.execute(
+            f"SELECT upper(label) FROM {PLAIN} ORDER BY id").fetchall()
+
+
+def test_planner_statistics_and_constraint_details_quote_no_masked_value(gw):
+    """pg_stats holds samples of every column (ANALYZE users, then histogram_bounds lists the emails): reading it
+    is refused under masking. A constraint error's detail quotes the failing row or key: masked."""
+    with gw.connect("dev") as conn:
+        run(conn, "ANALYZE users")
+        with pytest.raises(pgerr.InsufficientPrivilege) as e:
+            conn.execute("SELECT histogram_bounds::text FROM pg_stats WHERE tablename = 'users'")
+        assert_denied(e.value, "masking")
+        conn.execute("CREATE TEMP TABLE gkpol_keys (e text PRIMARY KEY)")
+        for sql in ("UPDATE users SET name = NULL WHERE id = 1",
+                    "INSERT INTO gkpol_keys SELECT lower(email) FROM users UNION ALL SELECT lower(email) FROM users"):
+            with pytest.raises(psycopg.Error) as e:
+                conn.execute(sql)
+            d = e.value.diag
+            text = f"{d.message_primary} {d.message_detail}"
+            assert all(v not in text for _, _, em, ssn in USERS_ROWS for v in (em, ssn)), text
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_detectors_search_rows_and_other_types(gw):
+    """A whole row of a table without column rules, a tsvector, a range of text: the detectors search their text
+    and a value with a card number in it becomes NULL (the type's own syntax could not survive an edit)."""
+    with gw.connect("agent") as conn:
+        for binary in (False, True):
+            rows = conn.execute("SELECT i, to_tsvector('simple', card) FROM billing.invoices i ORDER BY id",
+                                binary=binary).pgresult
+            raw = b"".join(rows.get_value(r, c) or b"" for r in range(rows.ntuples) for c in range(rows.nfields))
+            assert all(card.encode() not in raw for *_, card in INVOICES_ROWS), raw
+        assert conn.execute("SELECT i.id FROM billing.invoices i ORDER BY id").fetchall()[0] == (1,)
 
 
 def test_copy_of_a_table_created_in_the_session_is_masked(gw):
@@ -1081,3 +1136,26 @@ def test_a_statement_pipelined_behind_a_setting_change_is_not_misread(gw, pg_ser
     finally:
         pg_server.psql("DROP FUNCTION IF EXISTS public.gkpol_scs_pipe();")
     assert gw.probe_rows() == PROBE_ROWS
+
+
+def test_a_statement_parsed_again_is_never_masked_by_its_earlier_description(gw):
+    """Extended protocol, raw messages: a statement described as 'SELECT name', then parsed again under the same
+    name (the unnamed one, or a named one after Close) as 'SELECT email' and executed without a Describe. The old
+    description would name the email column 'name' and leave it in clear; its rows come back masked or NULL."""
+    from tests.integration.policy_helpers import _cstr, _msg
+
+    def describe(name):
+        return _msg(b"D", b"S" + _cstr(name))
+
+    with gw.raw("agent") as c:
+        c.send(c.parse("SELECT name FROM users ORDER BY id"), describe(""), c.sync())
+        c.until_ready()
+        c.send(c.parse("SELECT email FROM users ORDER BY id"), c.bind(), c.execute(), c.sync())
+        unnamed = [b for t, b in c.until_ready() if t == b"D"]
+        c.send(c.parse("SELECT name FROM users ORDER BY id", "s1"), describe("s1"), c.sync())
+        c.until_ready()
+        c.send(_msg(b"C", b"S" + _cstr("s1")), c.parse("SELECT email FROM users ORDER BY id", "s1"),
+               c.bind(statement="s1"), c.execute(), c.sync())
+        named = [b for t, b in c.until_ready() if t == b"D"]
+    assert len(unnamed) == len(named) == len(USERS_ROWS)
+    assert all(email.encode() not in b"".join(unnamed + named) for _, _, email, _ in USERS_ROWS), unnamed + named

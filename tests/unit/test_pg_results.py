@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gatekeep.masking.rules import MaskingRule, MaskPlan
 from gatekeep.model import Action, Decision
 from gatekeep.protocols.postgres import _codec as pg
+from gatekeep.protocols.postgres._masking import VALUES
 from gatekeep.protocols.postgres._results import ResultMasking
 from gatekeep.protocols.postgres._tracker import Tracker
 
-TEXT, INT4 = 25, 23
+TEXT, INT4, BOOL = 25, 23, 16
 #: mask any column named "email" (a name rule: no catalog needed)
 PLAN = MaskPlan((MaskingRule("pii", None, None, None, (), ("email",), (), (), "redact", 4, b"k" * 32),))
-FIELDS = (pg.Field("id", type_oid=INT4, type_size=4), pg.Field("email", type_oid=TEXT))
+#: columns of a table (the server names its OID and column number)
+FIELDS = (pg.Field("id", table_oid=16384, column=1, type_oid=INT4, type_size=4),
+          pg.Field("email", table_oid=16384, column=2, type_oid=TEXT))
 
 
 def fresh():
@@ -40,7 +45,10 @@ def test_rows_after_a_row_description_are_masked_and_counted():
 def test_an_execute_of_a_statement_described_earlier_uses_its_fields():
     """Extended protocol: Describe S, then (another group) Bind + Execute without a Describe: the statement's
     fields name the rows."""
+    from gatekeep.protocols.postgres.sql import analyze
+
     tracker, results = fresh()
+    results.parsed("s1", analyze("SELECT id, email FROM users"), None)
     results.described("S", "s1")
     tracker.group_ends()
     results.server_message(b"T", pg.row_description(FIELDS)[5:])  # the answer to Describe S
@@ -51,7 +59,48 @@ def test_an_execute_of_a_statement_described_earlier_uses_its_fields():
     tracker.add(None, "execute", 0.0)
     tracker.group_ends()
     masked = results.server_message(b"D", pg.data_row([b"2", b"bob@example.com"])[5:])
-    assert values(masked)[1] != b"bob@example.com"
+    assert list(values(masked)) == [b"2", b"****"]
+
+
+def test_fields_described_for_one_parse_never_name_the_rows_of_the_next():
+    """The unnamed statement described as 'SELECT id, name', then parsed again as 'SELECT id, email' and executed
+    without a Describe: the old fields would leave the email in clear; the rows fail closed instead."""
+    from gatekeep.protocols.postgres.sql import analyze
+
+    tracker, results = fresh()
+    results.parsed("", analyze("SELECT id, name FROM users"), None)
+    results.described("S", "")
+    tracker.group_ends()
+    results.server_message(b"T", pg.row_description((FIELDS[0], pg.Field("name", type_oid=TEXT)))[5:])
+    tracker.ready(0.0)
+    results.group_ended()
+    results.parsed("", analyze("SELECT id, email FROM users"), None)
+    results.bound("", "", (0,))
+    results.executing("")
+    tracker.add(None, "execute", 0.0)
+    tracker.group_ends()
+    masked = results.server_message(b"D", pg.data_row([b"2", b"bob@example.com"])[5:])
+    assert list(values(masked)) == [None, None] and tracker._pending[0].masked == {"unknown-shape": 1}
+
+
+def test_a_portal_keeps_the_verdict_of_the_parse_it_was_bound_to():
+    """Pipelined: Parse '' (lower(email)), Bind, Execute, Parse '' (a harmless text), Bind, Execute, Sync. The
+    first portal's computed rows are still masked as derived when they arrive after the second Parse."""
+    from gatekeep.protocols.postgres.sql import analyze
+
+    tracker, results = fresh()
+    results.parsed("", analyze("SELECT lower(email) FROM users"), None)
+    results.bound("p1", "", (0,))
+    results.described("P", "p1")
+    results.executing("p1")
+    results.parsed("", analyze("SELECT upper(name) FROM users"), None)
+    results.bound("p2", "", (0,))
+    results.executing("p2")
+    tracker.add(None, "execute", 0.0)
+    tracker.group_ends()
+    results.server_message(b"T", pg.row_description((_computed(),))[5:])  # the answer to Describe P p1
+    masked = results.server_message(b"D", pg.data_row([b"ada@example.com"])[5:])
+    assert list(values(masked)) == [b"****"]
 
 
 def test_rows_that_cannot_be_named_fail_closed():
@@ -90,13 +139,26 @@ def test_computed_columns_of_a_query_reading_a_masked_column_are_masked():
     from gatekeep.protocols.postgres.sql import analyze
 
     tracker, results = fresh()
-    results.query_sent(analyze("SELECT lower(email), length(email) FROM users"), None)
+    results.query_sent(analyze("SELECT lower(email), ascii(substr(email, 1, 1)), email LIKE 'a%' FROM users"), None)
     tracker.add(None, "query", 0.0)
     p = tracker._pending[0]
     tracker.group_ends()
-    results.server_message(b"T", pg.row_description((_computed(), _computed("length", INT4)))[5:])
-    masked = results.server_message(b"D", pg.data_row([b"ada@example.com", b"15"])[5:])
-    assert list(values(masked)) == [b"****", b"15"] and p.masked == {"derived": 1}
+    results.server_message(b"T", pg.row_description((_computed(), _computed("ascii", INT4),
+                                                     _computed("like", BOOL)))[5:])
+    masked = results.server_message(b"D", pg.data_row([b"ada@example.com", b"97", b"t"])[5:])
+    # numbers computed from it spell it out (one character at a time): only truth values stay
+    assert list(values(masked)) == [b"****", None, b"t"] and p.masked == {"derived": 2}
+    results.result_ended()
+    tracker.ready(0.0)
+    results.group_ended()
+
+    # a masked column that only chooses rows: computed numbers stay, computed text is still masked
+    results.query_sent(analyze("SELECT count(*), max(name) FROM users WHERE email LIKE '%@x.io'"), None)
+    tracker.add(None, "query", 0.0)
+    tracker.group_ends()
+    results.server_message(b"T", pg.row_description((_computed("count", INT4), _computed("max")))[5:])
+    masked = results.server_message(b"D", pg.data_row([b"3", b"ada"])[5:])
+    assert list(values(masked)) == [b"3", b"****"]
     results.result_ended()
     tracker.ready(0.0)
     results.group_ended()
@@ -124,8 +186,9 @@ def test_whole_rows_prepared_statements_and_cursors_count_as_derived():
     assert results.derives(analyze("FETCH 10 FROM c"), state)
     results.parsed("s1", analyze("SELECT name || '' FROM users"), state)
     results.parsed("s2", analyze("SELECT email || '' FROM users"), state)
-    assert results._derived_for("s1") is False and results._derived_for("s2") is True
-    assert results._derived_for("not-parsed") is True
+    parses = results._statements
+    assert results._derived_for(parses["s1"], True) == 0 and results._derived_for(parses["s2"], True) == VALUES
+    assert results._derived_for(parses.get("not-parsed"), True) == VALUES
     nothing = ResultMasking(MaskPlan((MaskingRule("cards", None, None, None, detectors=("credit_card",)),)), Tracker())
     assert not nothing.derives(analyze("SELECT row_to_json(u) FROM users u"), state)  # no column or name rules
 
@@ -174,6 +237,41 @@ def test_writes_of_values_read_from_a_masked_column_are_refused():
         assert results.decision(sql, allow, state) is allow, sql
     state.apply(analyze("PREPARE later AS INSERT INTO log SELECT email FROM users"))
     assert results.decision("EXECUTE later", allow, state).rule == "masking"
+
+
+@pytest.mark.parametrize("sql", [
+    "WITH x AS (SELECT email AS e FROM users) INSERT INTO log SELECT e FROM x",
+    "WITH a AS (SELECT email AS e FROM users), b AS (SELECT e AS f FROM a) INSERT INTO log SELECT f FROM b",
+    "UPDATE t SET v = s.c FROM users AS s(a, b, c)",
+    "INSERT INTO log SELECT a, c FROM users AS t(a, b, c)",
+    "UPDATE t SET v = s.e FROM (SELECT email AS e FROM users) s",
+    "UPDATE t SET v = s.e FROM t2 JOIN (SELECT id, email AS e FROM users) s ON s.id = t2.id",
+    "INSERT INTO log SELECT * FROM users UNION SELECT * FROM users",
+    "INSERT INTO log SELECT * FROM users a NATURAL JOIN users b",
+    "MERGE INTO t USING (SELECT id, email AS e FROM users) s ON t.id = s.id WHEN MATCHED THEN UPDATE SET v = s.e",
+    "SELECT set_config('gk.x', c, false) FROM users AS t(a, b, c)",
+])
+def test_writes_of_masked_values_under_other_names_are_refused(sql):
+    """A masked column renamed by a CTE, an alias list, a FROM subquery of an UPDATE or MERGE, or hidden in a *
+    of a set operation or join, is still a masked value written somewhere: refused with rule masking."""
+    from gatekeep.protocols.postgres.policy import SqlSessionState
+
+    _, results = fresh()
+    d = results.decision(sql, Decision(Action.ALLOW, None, "", {}), SqlSessionState("app"))
+    assert (d.action, d.rule) == (Action.DENY, "masking")
+
+
+@pytest.mark.parametrize("sql", [
+    "UPDATE t SET v = 1 FROM users u JOIN x ON x.email = u.email WHERE t.id = u.id",
+    "WITH ids AS (SELECT id FROM users WHERE email LIKE '%x') UPDATE t SET v = 1 WHERE id IN (SELECT id FROM ids)",
+    "INSERT INTO log SELECT id, name FROM users WHERE email IS NOT NULL",
+])
+def test_masked_columns_that_only_choose_rows_do_not_refuse_a_write(sql):
+    from gatekeep.protocols.postgres.policy import SqlSessionState
+
+    _, results = fresh()
+    allow = Decision(Action.ALLOW, None, "", {})
+    assert results.decision(sql, allow, SqlSessionState("app")) is allow
 
 
 def test_notification_payloads_get_the_detectors():

@@ -491,14 +491,27 @@ def test_row_locking_select_is_also_a_lock_of_what_it_reads():
 
 
 def test_column_references_and_whole_rows_are_collected():
-    """Every column a statement refers to (lower case), and whether it uses a whole row as a value: a table or
-    alias named as a value, or t.* inside an expression; a plain SELECT * is neither."""
+    """Every column a statement refers to (lower case), and whether it reads values it does not name by column: a
+    table or alias named as a value, t.* or *, columns renamed by an alias list or merged by NATURAL or USING (a
+    UNION of SELECT * returns a masked column under no table column), SQL given as text to query_to_xml."""
     t = fresh("cols")
     a = analyze(f'SELECT lower("Email"), u.id FROM {t} u WHERE u.ssn IS NOT NULL')
     assert a.column_refs == {"email", "id", "ssn"} and not a.whole_row
     assert analyze(f"SELECT row_to_json(u) FROM {t} u").whole_row
     assert analyze(f"SELECT to_jsonb(x.*) FROM {t} x").whole_row
     assert analyze(f"SELECT json_agg(s) FROM (SELECT * FROM {t}) s").whole_row
-    assert not analyze(f"SELECT * FROM {t}").whole_row
+    for sql in (f"SELECT * FROM {t}", f"SELECT * FROM {t} UNION SELECT * FROM {t}",
+                f"SELECT lower(c) FROM {t} AS x(a, b, c)", f"SELECT upper(x) FROM (SELECT email FROM {t}) s(x)",
+                f"SELECT * FROM {t} a NATURAL FULL JOIN {t} b", f"SELECT * FROM {t} a FULL JOIN {t} b USING (id)",
+                f"WITH r(a, b) AS (SELECT id, email FROM {t}) SELECT b || '' FROM r",
+                f"DO $$DECLARE r record; BEGIN FOR r IN SELECT * FROM {t} LOOP RAISE NOTICE '%', r; END LOOP; END$$"):
+        assert analyze(sql).star and not analyze(sql).whole_row, sql
+    for sql in (f"SELECT query_to_xml('SELECT * FROM {t}', true, false, '')",
+                f"SELECT word FROM ts_stat('SELECT to_tsvector(email) FROM {t}')"):
+        assert analyze(sql).whole_row, sql
+    a = analyze(f"SELECT count(*), upper(name) FROM {t} JOIN x ON x.id = {t}.id WHERE email > ''")
+    assert not (a.whole_row or a.star or a.projected_star) and a.projected_refs == {"name"}
+    a = analyze(f"UPDATE {t} SET v = 1 RETURNING ascii(ssn), {t}.*")
+    assert a.projected_refs == {"ssn"} and a.projected_whole_row
     body = dict(analyze(f"PREPARE p_{t} AS SELECT upper(email) FROM {t}").prepares)[f"p_{t}"]
     assert body.column_refs == {"email"}

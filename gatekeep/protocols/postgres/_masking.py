@@ -32,6 +32,13 @@ from gatekeep.protocols.postgres import _codec as pg
 TEXT_TYPES = frozenset({25, 1043, 1042, 19, 705, 18, 142})  # text, varchar, bpchar, name, unknown, char, xml
 #: arrays of text types: a value detectors find anything in becomes NULL (a partial edit could break the array)
 TEXT_ARRAY_TYPES = frozenset({1009, 1015, 1014, 1003, 143, 199, 3807})  # text[], varchar[], bpchar[], name[], xml[], json[], jsonb[]
+#: types detectors do not search: numbers (a Luhn-valid 16-digit id is not a card number), truth values,
+#: times, bytea, uuid, network addresses, and arrays of those. Every other type is searched (its text, or
+#: the bytes of its binary form): rows, tsvector, hstore, citext, ranges, arrays of rows ...
+UNSCANNED = frozenset({16, 20, 21, 23, 26, 700, 701, 790, 1082, 1083, 1114, 1184, 1186, 1266, 1700,
+                       17, 2950, 869, 650, 829, 774,
+                       1000, 1005, 1007, 1016, 1021, 1022, 1231, 1028, 1182, 1115, 1185, 1183, 1187, 1270, 2951,
+                       1001, 1041, 651})
 #: whole rows (record, record[]); named row types of masked tables are found in the catalog
 RECORD_TYPES = frozenset({2249, 2287})
 
@@ -82,7 +89,11 @@ class Column:
                 masked = _json_safe(text, masked)
             out = masked.encode(self.codec, "replace")
             return (b"\x01" + out) if (self.binary and self.type_oid == 3802) else out
-        return False
+        # any other type (a row, tsvector, hstore, citext, a range, an array of rows): its text, or the text
+        # inside its binary form, is searched; a value detectors find anything in becomes NULL, since an
+        # edit could break the type's own syntax
+        text = value.decode(self.codec, "replace")
+        return None if strategies.mask_spans(self.detect, text, counts) is not text else False
 
 
 def _json_safe(original: str, masked: str) -> str:
@@ -135,13 +146,21 @@ DERIVED = MaskingRule("derived", None, None, None, strategy="redact")
 #: computed types that cannot carry a masked column's text: truth values, numbers, times
 SAFE_COMPUTED = frozenset({16, 20, 21, 23, 26, 700, 701, 790, 1082, 1083, 1114, 1184, 1186, 1266, 1700})
 
+#: how much of a statement's computed results is masked as DERIVED (``derived`` of :func:`plan_columns`):
+#: TEXT: every computed column but those of a SAFE_COMPUTED type (it refers to a masked column, say in a
+#: WHERE, so a computed text may quote it); VALUES: every computed column but truth values (it returns
+#: values computed from one: numbers and times can spell it out too, ``ascii(substr(email, i, 1))``)
+TEXT, VALUES = 1, 2
+BOOL = 16
+
 
 def plan_columns(plan: MaskPlan, fields: Sequence[pg.Field], formats: Sequence[int] | None,
-                 catalog: "Catalog | dict", codec: str = "utf-8", derived: bool = False) -> list[Column | None] | None:
+                 catalog: "Catalog | dict", codec: str = "utf-8", derived: int = 0) -> list[Column | None] | None:
     """
     Per-column masking for a row shape, or None when no column needs it. ``derived``: the statement reads a
     column a rule masks (or a whole row) in a way that may compute results from it: its computed columns
-    (no table column named by the server) are masked with :data:`DERIVED` unless of a :data:`SAFE_COMPUTED` type.
+    (no table column named by the server) are masked with :data:`DERIVED`, but for those of a
+    :data:`SAFE_COMPUTED` type (``derived`` :data:`TEXT`) or truth values (:data:`VALUES`).
     """
     detect = plan.detector_rules
     columns = catalog.columns if isinstance(catalog, Catalog) else catalog
@@ -165,13 +184,13 @@ def plan_columns(plan: MaskPlan, fields: Sequence[pg.Field], formats: Sequence[i
                 rule = plan.column_name_fallback(f.name)
         if rule is None:
             rule = plan.name_rule(f.name)
-        if rule is None and derived and not f.table_oid and f.type_oid not in SAFE_COMPUTED:
+        if rule is None and derived and not f.table_oid and (
+                f.type_oid != BOOL if derived >= VALUES else f.type_oid not in SAFE_COMPUTED):
             rule = DERIVED
         if rule is None and not detect:
             out.append(None)
             continue
-        if rule is None and f.type_oid not in TEXT_TYPES and f.type_oid not in JSON_TYPES \
-                and f.type_oid not in TEXT_ARRAY_TYPES:
+        if rule is None and f.type_oid in UNSCANNED:
             out.append(None)
             continue
         out.append(Column(rule, detect, f.type_oid, fmt == 1, codec))
@@ -374,6 +393,8 @@ class Catalog:
     #: every relation when the session started: (schema, table) -> row type oid
     relations: dict[tuple[str, str], int] = attrs.field(factory=dict)
     _masked_rows: frozenset[int] | None = None
+    _masked_tables: frozenset[tuple[str, str]] | None = None
+    _names: tuple[frozenset[str], frozenset[str]] | None = None
 
     def add_row(self, values: Sequence[bytes | None]) -> None:
         oid, attnum, schema, table, column, type_oid = (v.decode("utf-8") if v is not None else "" for v in values)
@@ -382,6 +403,31 @@ class Catalog:
             return
         self.columns[(int(oid), int(attnum))] = (schema, table, column)
         self.tables.setdefault((schema, table), []).append((column, int(type_oid)))
+
+    def masked_tables(self, plan: MaskPlan) -> frozenset[tuple[str, str]]:
+        """(schema, relation) of the tables and views with a column the plan masks."""
+        if self._masked_tables is None:
+            self._masked_tables = frozenset(t for t, cols in self.tables.items()
+                                            if any(plan.column_rule(t[0], t[1], c) for c, _ in cols))
+        return self._masked_tables
+
+    def reads_masked(self, plan: MaskPlan, tables: Any) -> bool:
+        """
+        Whether any of ``tables`` ((schema or None, name) as a statement names
+        them) may have a column the plan masks: one that has, or one the catalog
+        did not know when the session started (made since, a system catalog).
+        """
+        masked = self.masked_tables(plan)
+        if self._names is None:
+            self._names = (frozenset(t[1] for t in masked), frozenset(t[1] for t in self.relations))
+        masked_names, known_names = self._names
+        for schema, name in tables:
+            if schema is not None:
+                if (schema, name) in masked or (schema, name) not in self.relations:
+                    return True
+            elif name in masked_names or name not in known_names:
+                return True
+        return False
 
     def masked_row_types(self, plan: MaskPlan) -> frozenset[int]:
         """Row types of tables with a column the plan masks: a whole row of one is masked as a whole."""
@@ -412,7 +458,7 @@ class Catalog:
                 for col in order:
                     rule = plan.column_rule(s, name, col) or plan.name_rule(col)
                     oid = types.get(col, 25)
-                    if rule is None and (not detect or oid not in TEXT_TYPES | JSON_TYPES | TEXT_ARRAY_TYPES):
+                    if rule is None and (not detect or oid in UNSCANNED):
                         out.append(None)
                     else:
                         out.append(Column(rule, detect, oid, False, codec))

@@ -18,6 +18,8 @@ from collections import deque
 from fnmatch import fnmatchcase
 from typing import Any
 
+import attrs
+
 from gatekeep.masking import strategies
 from gatekeep.model import Action, Decision
 from gatekeep.protocols.postgres import _codec as pg
@@ -30,8 +32,26 @@ from gatekeep.protocols.postgres.sql import analyze
 _KEEPERS = ("set_config", "pg_notify", "dblink*", "lo_from_bytea", "lo_put", "lo_export", "lo_import",
             "pg_file_write", "pg_logical_emit_message", "txid_*")
 
+#: views and catalogs of the planner's statistics: samples of every column's values (``ANALYZE users`` then
+#: ``SELECT histogram_bounds FROM pg_stats`` lists emails)
+STATISTICS = frozenset({"pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext",
+                        "pg_statistic_ext_data"})
+
+#: details of constraint errors that quote a row or a key: ``Failing row contains (1, null, ada@x.io)``,
+#: ``Key (email)=(ada@x.io) already exists``
+_ROW_DETAILS = ("Failing row contains", "Key (")
+
 #: the server messages masking watches, on top of what the relay watches anyway
 WATCHED = frozenset({b"T", b"n", b"D", b"H", b"d", b"c", b"S", b"N", b"A"})
+
+
+@attrs.frozen(eq=False)
+class _Parsed:
+    """One Parse of a statement name (compared by identity): how its results may be derived, whether it runs code."""
+
+    number: int
+    derived: int
+    code: bool
 
 
 class ResultMasking:
@@ -42,11 +62,12 @@ class ResultMasking:
         self.catalog = _masking.Catalog()
         #: how the server encodes text for this client (ParameterStatus client_encoding)
         self.codec = "utf-8"
-        self._describes: deque = deque()   # (group, kind, name) of Describe messages in flight
-        self._executes: deque = deque()    # (group, statement, result formats) of Execute messages in flight
+        self._describes: deque = deque()   # (group, kind, name, statement parse) of Describe messages in flight
+        self._executes: deque = deque()    # (group, statement, result formats, its Parse) of Executes in flight
         self._copies: deque = deque()      # (group, columns, layout) for COPY TO STDOUT statements in flight
         self._statement_fields: dict[str, tuple] = {}
-        self._portal_formats: dict[str, tuple[str, tuple[int, ...]]] = {}
+        #: portal -> (statement, result formats, the statement's Parse as it was bound: a _Parsed or None)
+        self._portal_formats: dict[str, tuple[str, tuple[int, ...], Any]] = {}
         self._row_columns: list | None = None
         self._copy_columns: list | None = None
         self._copy_layout: _masking.CopyLayout | None = None
@@ -56,41 +77,64 @@ class ResultMasking:
         self._masked_names = tuple(sorted({g.column.lower() for r in plan.rules for g in r.columns}
                                           | {n.lower() for r in plan.rules for n in r.names}))
         self._query_derived: deque = deque()  # (group, derived, runs code) of the Query messages in flight
-        self._statement_derived: dict[str, bool] = {}  # prepared statement name -> derived
-        self._statement_code: dict[str, bool] = {}  # prepared statement name -> runs code
+        #: statement name -> its latest Parse. A name is parsed again (the unnamed statement at each Parse, a
+        #: named one after Close) while portals and Describes of the earlier one are still in flight: each of
+        #: those keeps the Parse it was sent after, and fields described for one Parse never name another's rows
+        self._statements: dict[str, _Parsed] = {}
+        self._parses = 0
 
     # -- what the client sent -------------------------------------------------------------
 
     def described(self, kind: str, name: str) -> None:
         """A Describe of a statement ("S") or a portal ("P") went to the server."""
-        self._describes.append((self.tracker.syncs_sent + 1, kind, name))
+        self._describes.append((self.tracker.syncs_sent + 1, kind, name,
+                                self._statements.get(name) if kind == "S" else None))
+
+    def closed(self, kind: str, name: str) -> None:
+        """A Close of a statement ("S") or a portal ("P") went to the server."""
+        if kind == "S":
+            self._statements.pop(name, None)
+            self._statement_fields.pop(name, None)
+        else:
+            self._portal_formats.pop(name, None)
 
     def bound(self, portal: str, statement: str, result_formats: tuple[int, ...]) -> None:
-        self._portal_formats[portal] = (statement, result_formats)
+        self._portal_formats[portal] = (statement, result_formats, self._statements.get(statement))
 
     def executing(self, portal: str) -> None:
-        statement, formats = self._portal_formats.get(portal, ("", ()))
-        self._executes.append((self.tracker.syncs_sent + 1, statement, formats))
+        statement, formats, parse = self._portal_formats.get(portal, ("", (), None))
+        self._executes.append((self.tracker.syncs_sent + 1, statement, formats, parse))
 
-    def derives(self, analysis: Any, sql_state: Any) -> bool:
+    def derives(self, analysis: Any, sql_state: Any) -> int:
         """
-        Whether computed results of a statement may carry a masked value: it refers to a column whose name a
-        rule masks, or to a whole row; an EXECUTE as what it runs; a FETCH (from a cursor gatekeep did not
-        follow) and a statement gatekeep could not judge always.
+        Whether computed results of a statement may carry a masked value, and which: :data:`_masking.VALUES`
+        when it returns something computed from a column a rule masks (``ascii(substr(email, i, 1))``
+        spells it out as numbers), or a whole row, or a ``*`` over a table with a masked column; else
+        :data:`_masking.TEXT` when it refers to one anywhere (a WHERE); else 0. An EXECUTE counts as what it
+        runs; a FETCH (from a cursor gatekeep did not follow) and a statement gatekeep could not judge, always.
         """
         if not self._masked_names:
-            return False
-        if analysis.whole_row or analysis.unjudgeable or "fetch" in analysis.kinds:
-            return True
-        refs = set(analysis.column_refs)
+            return 0
+        if analysis.unjudgeable or "fetch" in analysis.kinds:
+            return _masking.VALUES
+        bodies = [analysis]
         for name in analysis.executes:
             body = sql_state.prepared.get(name) if sql_state is not None else None
             if body is None:
-                return True
-            if body.whole_row:
-                return True
-            refs |= body.column_refs
-        return self._masked(refs)
+                return _masking.VALUES
+            bodies.append(body)
+        level = 0
+        for a in bodies:
+            star = (a.star or a.projected_star) and self._reads_masked(a)
+            if a.projected_whole_row or self._masked(a.projected_refs) or (a.projected_star and star):
+                return _masking.VALUES
+            if a.whole_row or star or self._masked(a.column_refs):
+                level = _masking.TEXT
+        return level
+
+    def _reads_masked(self, analysis: Any) -> bool:
+        """Whether the statement reads a table with a column the plan masks (or one masking does not know)."""
+        return self.catalog.reads_masked(self.plan, analysis.tables)
 
     def _masked(self, refs: Any) -> bool:
         """Whether any of these column names is one a rule masks."""
@@ -103,24 +147,25 @@ class ResultMasking:
 
     def parsed(self, statement: str, analysis: Any, sql_state: Any) -> None:
         """A Parse is going to the server (allowed): results of its portals come from this statement."""
-        self._statement_derived[statement] = self.derives(analysis, sql_state)
-        self._statement_code[statement] = analysis.runs_code
+        self._parses += 1
+        self._statements[statement] = _Parsed(self._parses, self.derives(analysis, sql_state), analysis.runs_code)
 
-    def _derived_for(self, statement: str | None) -> bool:
-        if statement is not None:
-            return self._statement_derived.get(statement, True)
+    def _derived_for(self, parse: "_Parsed | None", extended: bool) -> int:
+        """How results may be derived: of a Parse (extended protocol; unknown: all), or of the Query now."""
+        if extended:
+            return _masking.VALUES if parse is None else parse.derived
         current = self.tracker.syncs_seen + 1
         for group, derived, _ in self._query_derived:
             if group == current:
                 return derived
-        return True  # results of nothing gatekeep saw sent: as if derived
+        return _masking.VALUES  # results of nothing gatekeep saw sent: as if derived
 
     def _running(self) -> tuple[bool, bool]:
         """(derived, runs code) of the statement whose messages arrive now; (False, False) when none is known."""
         current = self.tracker.syncs_seen + 1
         if self._executes and self._executes[0][0] == current:
-            statement = self._executes[0][1]
-            return self._statement_derived.get(statement, True), self._statement_code.get(statement, True)
+            parse = self._executes[0][3]
+            return (True, True) if parse is None else (parse.derived, parse.code)
         for group, derived, code in self._query_derived:
             if group == current:
                 return derived, code
@@ -142,16 +187,20 @@ class ResultMasking:
         (see :func:`_masking.mask_message_fields`). Call it before :meth:`result_ended`."""
         derived, code = self._running()
         detect = self.plan.detector_rules
-        if not derived and not detect:
+        if not derived and not detect and not self._masked_names:
             return None
         try:
             fields = pg.parse_fields(body)
         except pg.ProtocolError:
             return pg.fields_message(mtype, {"S": "ERROR" if mtype == b"E" else "NOTICE", "C": "XX000",
                                              "M": "gatekeep masked a message it could not read"})
+        if not derived and self._masked_names and fields.get("D", "").startswith(_ROW_DETAILS):
+            derived = _masking.TEXT  # a constraint's detail quotes the row or key, masked columns and all
         severity = fields.get("V", fields.get("S", ""))
         whole = mtype == b"N" or (code and (fields.get("C", "").startswith("P0") or severity not in
                                             ("ERROR", "FATAL", "PANIC")))
+        if not derived and not detect:
+            return None
         masked = _masking.mask_message_fields(fields, detect, derived, bool(whole), self._counts())
         return None if masked is None else pg.fields_message(mtype, masked)
 
@@ -174,17 +223,22 @@ class ResultMasking:
         if decision.action is not Action.ALLOW or not self._masked_names:
             return decision
         a = analyze(text)
-        kinds, functions = set(a.kinds), set(a.functions)
-        written, written_row = set(a.written_refs), a.written_whole_row
+        kinds, functions, tables = set(a.kinds), set(a.functions), set(a.tables)
+        written, written_row = set(a.written_refs), a.written_whole_row or (a.written_star and self._reads_masked(a))
         for name in a.executes:
             body = sql_state.prepared.get(name) if sql_state is not None else None
             if body is not None:
                 kinds |= body.kinds
                 functions |= body.functions
+                tables |= body.tables
                 written |= body.written_refs
-                written_row = written_row or body.written_whole_row
+                written_row = written_row or body.written_whole_row or (body.written_star
+                                                                        and self._reads_masked(body))
         # what it writes is read from a masked column; or code (DO, CALL, a function that keeps or sends a value)
         # runs in a statement that reads one
+        if any(t[1] in STATISTICS for t in tables):
+            return Decision(Action.DENY, "masking", "the planner's statistics hold sample values of every column"
+                            " (pg_stats.most_common_vals, histogram_bounds), masked ones too", decision.facts)
         writes_masked = written_row or self._masked(written)
         runs = kinds & {"do", "call"} or any(fnmatchcase(f.rpartition(".")[2], p) for f in functions for p in _KEEPERS)
         if writes_masked or (runs and self.derives(a, sql_state)):
@@ -284,14 +338,16 @@ class ResultMasking:
     def _row_description(self, fields: tuple) -> None:
         current = self.tracker.syncs_seen + 1
         statement = None
+        parse, extended = None, False
         if self._describes and self._describes[0][0] == current:
-            _, kind, name = self._describes.popleft()
+            _, kind, name, parse = self._describes.popleft()
             if kind == "S":
-                self._statement_fields[name] = fields  # the formats come with each Bind
+                if parse is not None:
+                    self._statement_fields[name] = (parse, fields)  # the formats come with each Bind
                 return
-            statement = self._portal_formats.get(name, ("",))[0]  # a portal: its statement's
+            parse, extended = self._portal_formats.get(name, ("", (), None))[2], True  # a portal: its statement's
         self._row_columns = _masking.plan_columns(self.plan, fields, None, self.catalog, self.codec,
-                                                  self._derived_for(statement)) or []
+                                                  self._derived_for(parse, extended)) or []
 
     def _mask_row(self, body: bytes) -> bytes | None:
         columns = self._row_columns
@@ -299,9 +355,12 @@ class ResultMasking:
             # rows of an Execute whose portal was not described: its statement's fields, the Bind's formats
             current = self.tracker.syncs_seen + 1
             fields = None
+            parse = None
             if self._executes and self._executes[0][0] == current:
-                _, statement, formats = self._executes[0]
-                fields = self._statement_fields.get(statement)
+                _, statement, formats, parse = self._executes[0]
+                described = self._statement_fields.get(statement)
+                if described is not None and parse is not None and described[0] is parse:
+                    fields = described[1]  # described after the very Parse this portal was bound to
             if fields is None:
                 # rows gatekeep cannot name: fail closed, every value becomes NULL
                 width = (body[0] << 8) | body[1]
@@ -309,7 +368,7 @@ class ResultMasking:
                 counts["unknown-shape"] = counts.get("unknown-shape", 0) + 1
                 return pg.data_row([None] * width)
             columns = self._row_columns = _masking.plan_columns(
-                self.plan, fields, formats, self.catalog, self.codec, self._derived_for(statement)) or []
+                self.plan, fields, formats, self.catalog, self.codec, self._derived_for(parse, True)) or []
         if not columns:
             return None
         return _masking.mask_data_row(columns, body, self._counts())

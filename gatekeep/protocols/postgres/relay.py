@@ -305,6 +305,8 @@ class Frontend(ClientStartup, protocol.Protocol):
                 elif t == b"C":
                     kind, name = pg.parse_describe_or_close(m.body)
                     (self._statements if kind == "S" else self._portals).pop(name, None)
+                    if self.results is not None:
+                        self.results.closed(kind, name)
                     out.append(m.encode())
                     d = None
                 else:

@@ -64,12 +64,25 @@ class Analysis:
     shape: str | None = None
     #: names of the columns the statement refers to anywhere (lower case; masking of computed results)
     column_refs: frozenset[str] = frozenset()
-    #: it uses a whole row of a table as a value (``row_to_json(u)``, ``u::text``, ``json_agg(t.*)``)
+    #: it uses a whole row of a table as a value (``row_to_json(u)``, ``u::text``, ``json_agg(t.*)``), or
+    #: gives SQL as text to a function that runs it (``query_to_xml``, ``ts_stat``)
     whole_row: bool = False
+    #: it reads columns under names that are not their table's: a ``*`` (a UNION of ``SELECT *`` returns a
+    #: column under no table), an alias list (``users AS t(a, b, c)``), NATURAL or USING; masking counts
+    #: it when the statement reads a table with a masked column
+    star: bool = False
     #: the column names (and whether a whole row) among the values it writes: an UPDATE's SET, an INSERT's
     #: source, MERGE's actions, CREATE TABLE AS and a view's query (not a WHERE or a RETURNING)
     written_refs: frozenset[str] = frozenset()
     written_whole_row: bool = False
+    #: the column names (and whether a whole row or a ``*``) among the values it returns: target lists and
+    #: RETURNING, not a WHERE; a number computed there from a masked column (``ascii(substr(email, i, 1))``)
+    #: can spell the value out, one computed in a WHERE only chooses rows
+    projected_refs: frozenset[str] = frozenset()
+    projected_whole_row: bool = False
+    projected_star: bool = False
+    #: a ``*`` or renamed columns among the values it writes (counted as :attr:`star` is)
+    written_star: bool = False
 
     @property
     def kinds(self) -> frozenset[str]:
@@ -127,6 +140,59 @@ def _ddl_subkind(node: str, body: dict) -> str:
     return _snake(base)
 
 
+#: functions that run SQL given to them as text (their results are computed from what that SQL reads)
+SQL_TEXT_FUNCTIONS = frozenset({
+    "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "cursor_to_xml", "cursor_to_xmlschema",
+    "table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema", "schema_to_xml", "schema_to_xmlschema",
+    "schema_to_xml_and_xmlschema", "database_to_xml", "database_to_xmlschema", "database_to_xml_and_xmlschema",
+    "ts_stat",
+})
+
+
+def _renames(name: str | None, d: dict) -> bool:
+    """A node that renames or merges columns: a join with NATURAL or USING, a CTE with a column list."""
+    if name == "JoinExpr":
+        return bool(d.get("isNatural") or d.get("usingClause"))
+    return name == "CommonTableExpr" and bool(d.get("aliascolnames"))
+
+
+def _sources(items: Any) -> list:
+    """
+    The FROM items an UPDATE or a MERGE takes values from, without their join
+    conditions (which only choose rows): subqueries, functions, and tables
+    (whose alias lists count as renaming).
+    """
+    out: list = []
+    stack = list(items or ())
+    while stack:
+        item = stack.pop()
+        if not isinstance(item, dict):
+            continue
+        join = item.get("JoinExpr")
+        sub = item.get("RangeSubselect")
+        if join is not None:
+            if _renames("JoinExpr", join):
+                out.append({"JoinExpr": {"isNatural": join.get("isNatural"), "usingClause": join.get("usingClause")}})
+            stack += [join.get("larg"), join.get("rarg")]
+        elif sub is not None:
+            out += [{"RangeSubselect": {"alias": sub.get("alias")}}, sub.get("subquery")]
+        else:
+            out.append(item)
+    return out
+
+
+def _projected(select: dict) -> list:
+    """
+    What a SELECT (a written part, a CTE, a FROM subquery) gives as values: its
+    target list, its FROM items and VALUES lists, each arm of a set operation;
+    not its WHERE, GROUP BY, HAVING or ORDER BY, which only choose rows.
+    """
+    body = select.get("SelectStmt", select)
+    if body.get("op") not in (None, "SETOP_NONE"):
+        return [{"SelectStmt": body.get("larg") or {}}, {"SelectStmt": body.get("rarg") or {}}]
+    return [body.get("targetList"), _sources(body.get("fromClause")), body.get("valuesLists")]
+
+
 class _Walker:
     """Walks one parse tree and collects units, functions and conditions."""
 
@@ -144,6 +210,9 @@ class _Walker:
         self.whole_row = False
         self.written_refs: set[str] = set()
         self.written_whole_row = False
+        self.projected_refs: set[str] = set()
+        self.projected_whole_row = False
+        self.star = self.projected_star = self.written_star = False
         self.depth = depth
 
     # -- generic tree helpers ---------------------------------------------------------
@@ -214,6 +283,7 @@ class _Walker:
         # units for every data-modifying or reading statement nested anywhere
         relations: set[str] = set(ctes)
         single_refs: set[str] = set()
+        projected_singles: set[str] = set()
         for name, d in self._nodes({node: body}):
             if name == "ColumnRef":
                 self._column_ref(d, single_refs)
@@ -222,6 +292,15 @@ class _Walker:
                 for n in (alias, d.get("relname")):
                     if isinstance(n, str):
                         relations.add(n.lower())
+                if (d.get("alias") or {}).get("colnames"):
+                    self.star = True  # columns renamed: a rule's column names no longer show
+            elif _renames(name, d):
+                self.star = True
+            if d.get("targetList") and name not in ("UpdateStmt", "MergeWhenClause"):  # not SET lists
+                self._projected(d["targetList"], projected_singles)
+            returning = d.get("returningList") or (d.get("returningClause") or {}).get("exprs")
+            if returning:
+                self._projected(returning, projected_singles)
             if name in STATEMENT_NODES:
                 self._dml(name, d, ctes)
             elif "funcname" in d and isinstance(d["funcname"], list):
@@ -232,6 +311,10 @@ class _Walker:
                     self._set_config(d)
         if single_refs & relations:
             self.whole_row = True  # a table or alias used as a value: its whole row
+        if projected_singles & relations:
+            self.projected_whole_row = True
+        if any(f.rpartition(".")[2] in SQL_TEXT_FUNCTIONS for f in self.functions):
+            self.whole_row = True  # it runs SQL given as text: what that reads is not in this tree
         self._written(node, body, relations)
         if node == "CreateTableAsStmt" or (node == "SelectStmt" and body.get("intoClause")):
             into = body.get("into") or body.get("intoClause") or {}
@@ -251,14 +334,22 @@ class _Walker:
                                self._tables(body, ctes)))
 
     def _written(self, node: str, body: dict, relations: set[str]) -> None:
-        """The column references among the values the statement writes (see ``Analysis.written_refs``)."""
+        """
+        The column references among the values the statement writes (see
+        ``Analysis.written_refs``): an UPDATE's SET and the FROM items it reads
+        them from, an INSERT's source, MERGE's actions and source, CREATE TABLE
+        AS, a view; with the CTEs these read, however deep. Values it cannot
+        name by column (``*``, a whole row, an alias list, NATURAL or USING)
+        count as a whole row.
+        """
         parts: list[Any] = []
         for name, d in self._nodes({node: body}):
             if name == "UpdateStmt":
-                parts.append(d.get("targetList"))
+                parts += [d.get("targetList"), _sources(d.get("fromClause"))]
             elif name == "InsertStmt":
                 parts.append(d.get("selectStmt"))
             elif name == "MergeStmt":
+                parts.append(_sources([d.get("sourceRelation")]))
                 for clause in d.get("mergeWhenClauses") or ():
                     w = clause.get("MergeWhenClause", {})
                     parts += [w.get("targetList"), w.get("values")]
@@ -266,27 +357,73 @@ class _Walker:
             parts.append(body.get("query"))
         elif node == "SelectStmt" and body.get("intoClause"):
             parts.append({"SelectStmt": body})
-        for part in parts:
+        parts = [p for p in parts if p]
+        if not parts:
+            return
+        ctes = {}
+        for name, d in self._nodes({node: body}):
+            if name == "CommonTableExpr" and isinstance(d.get("ctename"), str):
+                ctes[d["ctename"].lower()] = d.get("ctequery")
+        seen: set[str] = set()
+        while parts:
+            part = parts.pop()
             if not part:
+                continue
+            if isinstance(part, dict) and ("SelectStmt" in part or "targetList" in part or "valuesLists" in part):
+                parts += _projected(part)
                 continue
             singles: set[str] = set()
             for name, d in self._nodes(part):
                 if name == "ColumnRef":
                     fields = d.get("fields") or []
                     if fields and "A_Star" in fields[-1]:
-                        self.written_whole_row = self.written_whole_row or len(fields) > 1
+                        if len(fields) > 1:
+                            self.written_whole_row = True
+                        else:
+                            self.written_star = True
                     elif fields:
                         value = fields[-1].get("String", {}).get("sval")
                         if isinstance(value, str):
                             self.written_refs.add(value.lower())
                             if len(fields) == 1:
                                 singles.add(value.lower())
-                elif name == "SelectStmt" and any("A_Star" in (t.get("ResTarget", {}).get("val", {})
-                                                               .get("ColumnRef", {}).get("fields") or [{}])[-1]
-                                                   for t in d.get("targetList") or ()):
-                    self.written_whole_row = True  # SELECT * written somewhere: every column of what it reads
+                    named = [f.get("String", {}).get("sval") for f in fields[:-1]]
+                    used = {n.lower() for n in named if isinstance(n, str)}
+                elif name == "RangeVar":
+                    used = {d["relname"].lower()} if isinstance(d.get("relname"), str) else set()
+                    if (d.get("alias") or {}).get("colnames"):
+                        self.written_star = True
+                else:
+                    used = set()
+                    if name in ("RangeSubselect", "RangeFunction") and (d.get("alias") or {}).get("colnames") \
+                            or _renames(name, d):
+                        self.written_star = True
+                for cte in used & ctes.keys() - seen:  # a CTE it reads: what that CTE reads is written too
+                    seen.add(cte)
+                    parts.append(ctes[cte])
             if singles & relations:
                 self.written_whole_row = True
+
+    def _projected(self, targets: Any, singles: set[str]) -> None:
+        """The column references (or a ``*``, a whole row, SQL run from text) among values a statement returns."""
+        for name, d in self._nodes(targets):
+            if name == "ColumnRef":
+                fields = d.get("fields") or []
+                if fields and "A_Star" in fields[-1]:
+                    if len(fields) > 1:
+                        self.projected_whole_row = True
+                    else:
+                        self.projected_star = True
+                elif fields:
+                    value = fields[-1].get("String", {}).get("sval")
+                    if isinstance(value, str):
+                        self.projected_refs.add(value.lower())
+                        if len(fields) == 1:
+                            singles.add(value.lower())
+            elif "funcname" in d and isinstance(d["funcname"], list):
+                last = (d["funcname"][-1].get("String", {}).get("sval") or "").lower()
+                if last in SQL_TEXT_FUNCTIONS:
+                    self.projected_whole_row = True
 
     def _column_ref(self, d: dict, single_refs: set[str]) -> None:
         """A column reference: its column's name, or a whole row (``t.*`` as a value, or a bare table name)."""
@@ -295,8 +432,12 @@ class _Walker:
             return
         last = fields[-1]
         if "A_Star" in last:
+            # t.* as a value is a whole row; a bare * expands to columns that a set operation, a join's
+            # USING or a renaming subquery may no longer name by their table's column
             if len(fields) > 1:
                 self.whole_row = True
+            else:
+                self.star = True
             return
         value = last.get("String", {}).get("sval")
         if isinstance(value, str):
@@ -462,6 +603,11 @@ class _Walker:
         self.whole_row = self.whole_row or body_analysis.whole_row
         self.written_refs |= body_analysis.written_refs
         self.written_whole_row = self.written_whole_row or body_analysis.written_whole_row
+        self.projected_refs |= body_analysis.projected_refs
+        self.projected_whole_row = self.projected_whole_row or body_analysis.projected_whole_row
+        self.star = self.star or body_analysis.star
+        self.projected_star = self.projected_star or body_analysis.projected_star
+        self.written_star = self.written_star or body_analysis.written_star
         if body_analysis.unjudgeable:
             self.unjudgeable = body_analysis.unjudgeable
 
@@ -546,6 +692,11 @@ class _Walker:
         self.whole_row = self.whole_row or other.whole_row
         self.written_refs |= other.written_refs
         self.written_whole_row = self.written_whole_row or other.written_whole_row
+        self.projected_refs |= other.projected_refs
+        self.projected_whole_row = self.projected_whole_row or other.projected_whole_row
+        self.star = self.star or other.star
+        self.projected_star = self.projected_star or other.projected_star
+        self.written_star = self.written_star or other.written_star
         self.units.extend(other.units)
         self.functions |= other.functions
         self.conditions |= other.conditions
@@ -563,7 +714,10 @@ class _Walker:
                         runs_code=bool(self.functions or self.executes)
                         or any(u.kind in ("do", "call") for u in self.units),
                         column_refs=frozenset(self.column_refs), whole_row=self.whole_row,
-                        written_refs=frozenset(self.written_refs), written_whole_row=self.written_whole_row)
+                        written_refs=frozenset(self.written_refs), written_whole_row=self.written_whole_row,
+                        projected_refs=frozenset(self.projected_refs),
+                        projected_whole_row=self.projected_whole_row, star=self.star,
+                        projected_star=self.projected_star, written_star=self.written_star)
 
 
 def _constant(node: dict) -> str | None:
