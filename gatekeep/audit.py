@@ -226,38 +226,10 @@ def _cross_check(store: Any, report: Report, expected: _Expected, pruned_at: flo
     def pruned(at: Any) -> bool:
         return pruned_at is not None and isinstance(at, (int, float)) and at <= pruned_at
 
-    columns = AUDIT_TABLES["operations"][0]
-    for row in store.audit_rows("operations"):
-        session_id, seq, at = row[0], row[1], row[columns.index("at")]
-        want = expected.operations.pop((session_id, seq), None)
-        if want is None:
-            if not pruned(at):
-                report.problems.append(f"operation {session_id}#{seq}: its row in operations has no record in the "
-                                       "ledger (inserted)")
-            continue
-        wrong = _differing(want, columns, row, stored)
-        if wrong:
-            report.problems.append(f"operation {session_id}#{seq}: its row in operations was edited "
-                                   f"({', '.join(wrong)})")
-    for (session_id, seq), want in expected.operations.items():
-        if "text" in want:
-            report.problems.append(f"operation {session_id}#{seq}: its row was deleted from operations")
-
-    columns = AUDIT_TABLES["sessions"][0]
-    for row in store.audit_rows("sessions"):
-        session_id, started_at = row[0], row[columns.index("started_at")]
-        want = expected.sessions.pop(session_id, None)
-        if want is None or "identity" not in want and not pruned(started_at):
-            if not pruned(started_at):
-                report.problems.append(f"session {session_id}: its row in sessions has no record in the ledger "
-                                       "(inserted)")
-            continue
-        wrong = _differing(want, columns, row, stored)
-        if wrong:
-            report.problems.append(f"session {session_id}: its row in sessions was edited ({', '.join(wrong)})")
-    for session_id, want in expected.sessions.items():
-        if "identity" in want:
-            report.problems.append(f"session {session_id}: its row was deleted from sessions")
+    _rows(report, store, "operations", expected.operations, lambda row: (row[0], row[1]), "at", "text",
+          lambda key: f"operation {key[0]}#{key[1]}", pruned, stored)
+    _rows(report, store, "sessions", expected.sessions, lambda row: row[0], "started_at", "identity",
+          lambda key: f"session {key}", pruned, stored)
 
     for table, want, what, ats in (("stream_events", expected.streams, "stream event", 2),
                                    ("login_failures", expected.failures, "failed login", 1)):
@@ -271,6 +243,33 @@ def _cross_check(store: Any, report: Report, expected: _Expected, pruned_at: flo
         for key, n in (want - rows).items():
             report.problems.append(f"{what} {_name(table, key)}: its row was edited or deleted from {table} "
                                    f"({n} row{'s' if n > 1 else ''})")
+
+
+def _rows(report: Report, store: Any, table: str, expected: dict, key_of: Any, time_column: str, started: str,
+          name: Any, pruned: Any, stored: Any) -> None:
+    """
+    One row per key (an operation, a session): each must match its ledger
+    entries column by column; one with none is inserted (unless older than a
+    pruning checkpoint); an entry with no row was deleted. ``started`` is a
+    column only the first entry gives (a row without it was pruned at its start).
+    """
+    from gatekeep.store._sql import AUDIT_TABLES
+
+    columns = AUDIT_TABLES[table][0]
+    at = columns.index(time_column)
+    for row in store.audit_rows(table):
+        key = key_of(row)
+        want = expected.pop(key, None)
+        if want is None or started not in want and not pruned(row[at]):
+            if not pruned(row[at]):
+                report.problems.append(f"{name(key)}: its row in {table} has no record in the ledger (inserted)")
+            continue
+        wrong = _differing(want, columns, row, stored)
+        if wrong:
+            report.problems.append(f"{name(key)}: its row in {table} was edited ({', '.join(wrong)})")
+    for key, want in expected.items():
+        if started in want:
+            report.problems.append(f"{name(key)}: its row was deleted from {table}")
 
 
 def _name(table: str, key: tuple) -> str:

@@ -139,35 +139,29 @@ def test_computed_columns_of_a_query_reading_a_masked_column_are_masked():
     from gatekeep.protocols.postgres.sql import analyze
 
     tracker, results = fresh()
-    results.query_sent(analyze("SELECT lower(email), ascii(substr(email, 1, 1)), email LIKE 'a%' FROM users"), None)
-    tracker.add(None, "query", 0.0)
-    p = tracker._pending[0]
-    tracker.group_ends()
-    results.server_message(b"T", pg.row_description((_computed(), _computed("ascii", INT4),
-                                                     _computed("like", BOOL)))[5:])
-    masked = results.server_message(b"D", pg.data_row([b"ada@example.com", b"97", b"t"])[5:])
+
+    def one_row(sql, fields, row):
+        """The masked values of one row of a simple query's results (None: the row passed untouched)."""
+        results.query_sent(analyze(sql), None)
+        tracker.add(None, "query", 0.0)
+        pending = tracker._pending[0]
+        tracker.group_ends()
+        results.server_message(b"T", pg.row_description(fields)[5:])
+        masked = results.server_message(b"D", pg.data_row(row)[5:])
+        results.result_ended()
+        tracker.ready(0.0)
+        results.group_ended()
+        return (None if masked is None else list(values(masked))), pending.masked
+
     # numbers computed from it spell it out (one character at a time): only truth values stay
-    assert list(values(masked)) == [b"****", None, b"t"] and p.masked == {"derived": 2}
-    results.result_ended()
-    tracker.ready(0.0)
-    results.group_ended()
-
+    assert one_row("SELECT lower(email), ascii(substr(email, 1, 1)), email LIKE 'a%' FROM users",
+                   (_computed(), _computed("ascii", INT4), _computed("like", BOOL)),
+                   [b"ada@example.com", b"97", b"t"]) == ([b"****", None, b"t"], {"derived": 2})
     # a masked column that only chooses rows: computed numbers stay, computed text is still masked
-    results.query_sent(analyze("SELECT count(*), max(name) FROM users WHERE email LIKE '%@x.io'"), None)
-    tracker.add(None, "query", 0.0)
-    tracker.group_ends()
-    results.server_message(b"T", pg.row_description((_computed("count", INT4), _computed("max")))[5:])
-    masked = results.server_message(b"D", pg.data_row([b"3", b"ada"])[5:])
-    assert list(values(masked)) == [b"3", b"****"]
-    results.result_ended()
-    tracker.ready(0.0)
-    results.group_ended()
-
-    results.query_sent(analyze("SELECT upper(name) FROM users"), None)
-    tracker.add(None, "query", 0.0)
-    tracker.group_ends()
-    results.server_message(b"T", pg.row_description((_computed("upper"),))[5:])
-    assert results.server_message(b"D", pg.data_row([b"ADA"])[5:]) is None
+    assert one_row("SELECT count(*), max(name) FROM users WHERE email LIKE '%@x.io'",
+                   (_computed("count", INT4), _computed("max")), [b"3", b"ada"]) == ([b"3", b"****"],
+                                                                                    {"derived": 1})
+    assert one_row("SELECT upper(name) FROM users", (_computed("upper"),), [b"ADA"]) == (None, None)
 
 
 def test_whole_rows_prepared_statements_and_cursors_count_as_derived():

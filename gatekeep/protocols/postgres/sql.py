@@ -149,6 +149,25 @@ SQL_TEXT_FUNCTIONS = frozenset({
 })
 
 
+def _collect(fields: list, refs: set[str], singles: set[str]) -> str:
+    """
+    A ColumnRef's fields: "row" for ``t.*``, "star" for ``*``, else "column"
+    with its name added to ``refs`` (and to ``singles`` when unqualified, as a
+    bare table name used as a value looks), or "" for none.
+    """
+    if not fields:
+        return ""
+    if "A_Star" in fields[-1]:
+        return "row" if len(fields) > 1 else "star"
+    value = fields[-1].get("String", {}).get("sval")
+    if not isinstance(value, str):
+        return ""
+    refs.add(value.lower())
+    if len(fields) == 1:
+        singles.add(value.lower())
+    return "column"
+
+
 def _renames(name: str | None, d: dict) -> bool:
     """A node that renames or merges columns: a join with NATURAL or USING, a CTE with a column list."""
     if name == "JoinExpr":
@@ -376,17 +395,9 @@ class _Walker:
             for name, d in self._nodes(part):
                 if name == "ColumnRef":
                     fields = d.get("fields") or []
-                    if fields and "A_Star" in fields[-1]:
-                        if len(fields) > 1:
-                            self.written_whole_row = True
-                        else:
-                            self.written_star = True
-                    elif fields:
-                        value = fields[-1].get("String", {}).get("sval")
-                        if isinstance(value, str):
-                            self.written_refs.add(value.lower())
-                            if len(fields) == 1:
-                                singles.add(value.lower())
+                    kind = _collect(fields, self.written_refs, singles)
+                    self.written_whole_row = self.written_whole_row or kind == "row"
+                    self.written_star = self.written_star or kind == "star"
                     named = [f.get("String", {}).get("sval") for f in fields[:-1]]
                     used = {n.lower() for n in named if isinstance(n, str)}
                 elif name == "RangeVar":
@@ -408,18 +419,9 @@ class _Walker:
         """The column references (or a ``*``, a whole row, SQL run from text) among values a statement returns."""
         for name, d in self._nodes(targets):
             if name == "ColumnRef":
-                fields = d.get("fields") or []
-                if fields and "A_Star" in fields[-1]:
-                    if len(fields) > 1:
-                        self.projected_whole_row = True
-                    else:
-                        self.projected_star = True
-                elif fields:
-                    value = fields[-1].get("String", {}).get("sval")
-                    if isinstance(value, str):
-                        self.projected_refs.add(value.lower())
-                        if len(fields) == 1:
-                            singles.add(value.lower())
+                kind = _collect(d.get("fields") or [], self.projected_refs, singles)
+                self.projected_whole_row = self.projected_whole_row or kind == "row"
+                self.projected_star = self.projected_star or kind == "star"
             elif "funcname" in d and isinstance(d["funcname"], list):
                 last = (d["funcname"][-1].get("String", {}).get("sval") or "").lower()
                 if last in SQL_TEXT_FUNCTIONS:
@@ -427,23 +429,11 @@ class _Walker:
 
     def _column_ref(self, d: dict, single_refs: set[str]) -> None:
         """A column reference: its column's name, or a whole row (``t.*`` as a value, or a bare table name)."""
-        fields = d.get("fields") or []
-        if not fields:
-            return
-        last = fields[-1]
-        if "A_Star" in last:
-            # t.* as a value is a whole row; a bare * expands to columns that a set operation, a join's
-            # USING or a renaming subquery may no longer name by their table's column
-            if len(fields) > 1:
-                self.whole_row = True
-            else:
-                self.star = True
-            return
-        value = last.get("String", {}).get("sval")
-        if isinstance(value, str):
-            self.column_refs.add(value.lower())
-            if len(fields) == 1:
-                single_refs.add(value.lower())
+        kind = _collect(d.get("fields") or [], self.column_refs, single_refs)
+        # t.* as a value is a whole row; a bare * expands to columns that a set operation, a join's
+        # USING or a renaming subquery may no longer name by their table's column
+        self.whole_row = self.whole_row or kind == "row"
+        self.star = self.star or kind == "star"
 
     def _dml(self, name: str, d: dict, ctes: frozenset[str]) -> None:
         kind = SIMPLE_KINDS[name]
