@@ -114,6 +114,54 @@ def test_wrapper_alone_is_the_program():
     assert argvs("sudo -l") == [("sudo", "-l")]
 
 
+def test_ansi_c_quoting_is_read_as_bash_reads_it():
+    """$'\'' is one quote character, not the start of a quoted string: what follows it runs (bash ran rm after
+    echo $'\'' ; while gatekeep read the rest of the line as one quoted word), and $'\x72m' names rm."""
+    assert argvs("echo $'\\'' ; rm -rf /tmp/x # '") == [("echo", "'"), ("rm", "-rf", "/tmp/x")]
+    assert ("rm", "-rf", "/tmp/x") in argvs("echo $'\\'' $(rm -rf /tmp/x) \\'")
+    assert argvs("$'\\x72m' -rf /x") == [("rm", "-rf", "/x")]
+    assert argvs("echo $'a\\tb' \"$'not ansi'\"") == [("echo", "a\tb", "$'not ansi'")]
+    assert parse("echo $'unclosed").unjudgeable
+
+
+def test_here_document_bodies_are_data():
+    """A here-document's lines are not shell text (a quote in one body does not pair with one in the next and hide
+    the commands between); a body the shell expands may not run substitutions; one never closed is unjudgeable."""
+    assert argvs("cat <<A\n'\nA\nrm -rf /tmp/x\ncat <<B\n'\nB\n") == [("cat",), ("rm", "-rf", "/tmp/x"), ("cat",)]
+    assert argvs("cat <<'EOF' > f\n$(rm x) `rm y`\nEOF\nls") == [("cat",), ("ls",)]
+    assert argvs("cat <<-EOF\n\tdata; rm\n\tEOF\necho done") == [("cat",), ("echo", "done")]
+    assert argvs("cat <<< 'x'; ls") == [("cat",), ("ls",)]
+    for text in ("cat <<EOF\nhello $(rm x)\nEOF", "cat <<EOF\nrm -rf /tmp/x\n"):
+        assert parse(text).unjudgeable, text
+
+
+def test_strings_bash_runs_later_are_judged():
+    """Substitutions in a quoted string that bash may evaluate later (an array subscript of printf -v, test -v or
+    $((x)), PS4), alias values; hash -p, enable -f, mapfile -C and ${x@P} make a line unjudgeable."""
+    assert ("rm", "-rf", "/x") in argvs("printf -v 'a[$(rm -rf /x)]' %s x")
+    assert ("rm", "-rf", "/x") in argvs("PS4='$(rm -rf /x)'; set -x; true")
+    assert ("rm",) in argvs("shopt -s expand_aliases\nalias ls=rm\nls -rf /x")
+    for text in ("hash -p /bin/rm ls; ls -rf /x", "enable -f ./evil.so evil", "echo a | mapfile -C 'rm x; :' -c1",
+                 "x='$(rm -rf /x)'; echo ${x@P}"):
+        assert parse(text).unjudgeable, text
+
+
+def test_grouped_short_options_and_optional_values():
+    """sudo -nu root rm is rm (not a program named root); a shell asked for in a group (sudo -iu, sudo -Es, doas -s,
+    a bare pkexec) reads commands; xargs -l/-e/-i take only an attached value; a wrapper with nothing to wrap under
+    xargs runs what its input says."""
+    assert argvs("sudo -nu root rm -rf /x") == [("rm", "-rf", "/x")]
+    assert argvs("env -iu X rm -rf /x") == [("rm", "-rf", "/x")]
+    assert argvs("timeout -vs KILL 5 rm -rf /x") == [("rm", "-rf", "/x")]
+    for text in ("sudo -iu root", "sudo -Es", "doas -s", "pkexec"):
+        (cmd,) = parse(text).commands
+        assert cmd.reads_commands, text
+    assert argvs("echo /x | xargs -l rm") == [("echo", "/x"), ("rm",)]
+    assert argvs("echo | xargs -e rm -rf /x") == [("echo",), ("rm", "-rf", "/x")]
+    assert parse("echo rm -rf /x | xargs env").unjudgeable
+    assert parse("echo rm -rf /x | xargs timeout 5").unjudgeable
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.sampled_from(list("abc -;|&$()'\"`\\<>=*\n")), max_size=40))
 def test_never_raises(text):

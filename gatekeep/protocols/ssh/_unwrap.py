@@ -54,7 +54,8 @@ _WRAPPER_VALUE_OPTIONS: dict[str, frozenset[str]] = {
     "chrt": frozenset(),
     "taskset": frozenset(),
     "flock": frozenset({"-w", "--wait", "--timeout", "-E", "--conflict-exit-code"}),
-    "xargs": frozenset({"-a", "--arg-file", "-d", "--delimiter", "-E", "-e", "-I", "-i", "-L", "-l", "-n",
+    # (GNU's -e, -i and -l take an optional value only when attached: -eEND, -i{}, -l2)
+    "xargs": frozenset({"-a", "--arg-file", "-d", "--delimiter", "-E", "-I", "-L", "-n",
                         "--max-args", "-P", "--max-procs", "-s", "--max-chars", "--process-slot-var"}),
     "watch": frozenset({"-n", "--interval", "-d", "--differences"}),
     "unbuffer": frozenset(),
@@ -117,6 +118,167 @@ def parse(text: str) -> CommandLine:
     return CommandLine(text, tuple(commands))
 
 
+#: ANSI-C escapes of ``$'...'`` that stand for one character
+_ANSI_ESCAPES = {"a": "\a", "b": "\b", "e": "\x1b", "E": "\x1b", "f": "\f", "n": "\n", "r": "\r", "t": "\t",
+                 "v": "\v", "\\": "\\", "'": "'", '"': '"', "?": "?"}
+_ANSI_NUMBER = {"x": (re.compile(r"[0-9A-Fa-f]{1,2}"), 16), "u": (re.compile(r"[0-9A-Fa-f]{1,4}"), 16),
+                "U": (re.compile(r"[0-9A-Fa-f]{1,8}"), 16)}
+_OCTAL = re.compile(r"[0-7]{1,3}")
+
+
+def _ansi_c(text: str, i: int) -> tuple[str, int]:
+    """The text of ``$'...'`` whose body starts at ``i``, its escapes decoded as bash does; and where it ends."""
+    out: list[str] = []
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "'":
+            decoded = "".join(out)
+            if "\x00" in decoded:
+                raise Unjudgeable("a NUL in $'...' (bash cuts the string there)")
+            return decoded, i + 1
+        if c == "\\" and i + 1 < n:
+            e = text[i + 1]
+            if e in _ANSI_ESCAPES:
+                out.append(_ANSI_ESCAPES[e])
+                i += 2
+                continue
+            number = _ANSI_NUMBER.get(e)
+            m = number[0].match(text, i + 2) if number else _OCTAL.match(text, i + 1) if e in "01234567" else None
+            if m is not None:
+                code = int(m.group(), number[1] if number else 8)
+                out.append(chr(code & 0xFF) if number is None else chr(min(code, 0x10FFFF)))
+                i = m.end()
+                continue
+            if e == "c" and i + 2 < n:
+                out.append(chr(ord(text[i + 2]) & 0x1F))
+                i += 3
+                continue
+            out.append(text[i:i + 2])  # an escape bash does not know stays as written
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    raise Unjudgeable("unbalanced $' in the command line")
+
+
+def _single_quoted(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def _normalize(text: str) -> str:
+    """
+    What the shell reads before it splits words, in a form the scanners below
+    follow: each ``$'...'`` (ANSI-C quoting: ``$'\''`` is one quote character,
+    not the start of a quoted string) becomes the single-quoted text it stands
+    for, and here-document bodies are cut out (their lines are data: a quote in
+    one must not pair with a quote in the next). A body the shell expands
+    (its delimiter unquoted) that holds a command substitution, or one that is
+    never closed, makes the line unjudgeable.
+    """
+    if "$'" not in text and "<<" not in text:
+        return text
+    out: list[str] = []
+    pending: list[tuple[str, bool, bool]] = []  # here-documents whose bodies follow this line
+    i, n, quote, word_start = 0, len(text), None, True
+    while i < n:
+        c = text[i]
+        if quote is not None:
+            if quote == '"' and c == "\\" and i + 1 < n:
+                out.append(text[i:i + 2])
+                i += 2
+                continue
+            if c == quote:
+                quote = None
+            out.append(c)
+            i += 1
+            continue
+        if c == "\\" and i + 1 < n:
+            out.append(text[i:i + 2])
+            i += 2
+            word_start = False
+            continue
+        if c == "$" and text.startswith("'", i + 1):
+            decoded, i = _ansi_c(text, i + 2)
+            out.append(_single_quoted(decoded))
+            word_start = False
+            continue
+        if c in "'\"":
+            quote = c
+        elif c == "#" and word_start:
+            end = text.find("\n", i)
+            end = n if end < 0 else end
+            out.append(text[i:end])
+            i = end
+            continue
+        elif c == "<" and text.startswith("<<", i) and not text.startswith("<<<", i):
+            j = i + 2
+            strip = j < n and text[j] == "-"
+            j += strip
+            while j < n and text[j] in " \t":
+                j += 1
+            word, quoted, j = _delimiter(text, j)
+            pending.append((word, strip, not quoted))
+            out.append(text[i:j])
+            i, word_start = j, False
+            continue
+        elif c == "\n" and pending:
+            out.append(c)
+            i = _skip_bodies(text, i + 1, pending)
+            pending, word_start = [], True
+            continue
+        out.append(c)
+        word_start = c in " \t\r\n;&|()<>"
+        i += 1
+    return "".join(out)
+
+
+def _delimiter(text: str, j: int) -> tuple[str, bool, int]:
+    """A here-document's delimiter word at ``j``: its text without quotes, whether any part was quoted, its end."""
+    word: list[str] = []
+    quoted, n = False, len(text)
+    while j < n and text[j] not in " \t\n;&|()<>":
+        ch = text[j]
+        if ch in "'\"":
+            end = text.find(ch, j + 1)
+            if end < 0:
+                raise Unjudgeable("unbalanced quote in a here-document delimiter")
+            word.append(text[j + 1:end])
+            quoted, j = True, end + 1
+        elif ch == "\\" and j + 1 < n:
+            word.append(text[j + 1])
+            quoted, j = True, j + 2
+        elif ch == "$" and text.startswith("'", j + 1):
+            decoded, j = _ansi_c(text, j + 2)
+            word.append(decoded)
+            quoted = True
+        else:
+            word.append(ch)
+            j += 1
+    if not word:
+        raise Unjudgeable("a here-document without a delimiter")
+    return "".join(word), quoted, j
+
+
+def _skip_bodies(text: str, i: int, pending: list[tuple[str, bool, bool]]) -> int:
+    """Skip the bodies of ``pending`` here-documents starting at ``i``; where the next command line starts."""
+    n = len(text)
+    for delim, strip, expands in pending:
+        body: list[str] = []
+        while True:
+            if i >= n:
+                raise Unjudgeable(f"here-document {delim!r} is not closed")
+            end = text.find("\n", i)
+            end = n if end < 0 else end
+            line, i = text[i:end], end + 1
+            if (line.lstrip("\t") if strip else line) == delim:
+                break
+            body.append(line)
+        if expands and any(s in line for line in body for s in ("$(", "`", "@P")):
+            raise Unjudgeable("a here-document that runs command substitutions")
+    return min(i, n)
+
+
 def _join_continuations(text: str) -> str:
     """Drop backslash-newline pairs, as the shell does everywhere but inside single quotes."""
     if "\\\n" not in text:
@@ -154,12 +316,18 @@ def _substitutions(text: str) -> tuple[str, list[str]]:
     inner: list[str] = []
     i, n = 0, len(text)
     quote = None
+    start = 0
     while i < n:
         c = text[i]
         if quote == "'":
             out.append(c)
             if c == "'":
                 quote = None
+                quoted = text[start:i]
+                if "$(" in quoted or "`" in quoted:
+                    # a string bash may run later (an array subscript in printf -v, test -v or $((x)), an alias,
+                    # PS4): its substitutions count as commands of the line
+                    inner.extend(_substitutions(quoted)[1])
             i += 1
             continue
         if c == "\\" and i + 1 < n:
@@ -168,6 +336,7 @@ def _substitutions(text: str) -> tuple[str, list[str]]:
             continue
         if c == "'" and quote is None:
             quote = "'"
+            start = i + 1
             out.append(c)
             i += 1
             continue
@@ -353,8 +522,10 @@ def _simple_commands(text: str) -> list[list[str]]:
 def _parse(text: str, depth: int, wrappers: tuple[str, ...]) -> list[Command]:
     if depth > MAX_DEPTH:
         raise Unjudgeable("commands nested too deeply")
-    # each shell level drops continuations and comments again
-    stripped, inner = _substitutions(_strip_comments(_join_continuations(text)))
+    if "@P}" in text:
+        raise Unjudgeable("prompt expansion (${...@P}) runs what a variable holds")
+    # each shell level reads $'...' and here-documents, drops continuations and comments again
+    stripped, inner = _substitutions(_strip_comments(_join_continuations(_normalize(text))))
     commands: list[Command] = []
     for sub in inner:
         commands.extend(_parse(sub, depth + 1, wrappers + ("$(...)",)))
@@ -366,7 +537,13 @@ def _parse(text: str, depth: int, wrappers: tuple[str, ...]) -> list[Command]:
 # -- unwrapping ---------------------------------------------------------------------
 
 
-def _skip_options(words: list[str], i: int, value_options: frozenset[str], name: str) -> int:
+def _skip_options(words: list[str], i: int, value_options: frozenset[str], name: str,
+                  letters: set[str] | None = None) -> int:
+    """
+    Where a wrapper's options end. Short options may be grouped (``sudo -nu root``, ``timeout -vs KILL``): a
+    letter that takes a value takes the rest of its group, or the next word when it is the last letter
+    (``-uroot`` and ``--user=root`` carry theirs). ``letters`` collects the short option letters given.
+    """
     while i < len(words):
         w = words[i]
         if w == "--":
@@ -382,8 +559,15 @@ def _skip_options(words: list[str], i: int, value_options: frozenset[str], name:
         if w in value_options:
             i += 2
             continue
-        # "-uroot" and "--user=root" carry their value
         i += 1
+        if w.startswith("--"):
+            continue
+        for k, letter in enumerate(w[1:], 1):
+            if letters is not None:
+                letters.add(letter)
+            if f"-{letter}" in value_options:
+                i += k == len(w) - 1  # the last letter: its value is the next word
+                break
     return i
 
 
@@ -433,6 +617,18 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
                 j = end
             j += 1
         return found
+    if name == "alias":
+        # alias NAME=VALUE: VALUE runs wherever NAME is used later (shopt -s expand_aliases)
+        found = [Command(program, tuple(words[1:]), wrappers)]
+        for w in words[1:]:
+            if "=" in w and not w.startswith("-"):
+                found.extend(_parse(w.partition("=")[2], depth + 1, wrappers + ("alias",)))
+        return found
+    if name == "hash" and any(w.startswith("-") and "p" in w for w in words[1:]) \
+            or name == "enable" and any(w.startswith("-") and "f" in w for w in words[1:]):
+        raise Unjudgeable(f"{name} makes a name run another program")
+    if name in ("mapfile", "readarray") and any(w.startswith("-") and "C" in w for w in words[1:]):
+        raise Unjudgeable(f"{name} -C runs a callback for its input")
     if name in ("at", "batch"):
         return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]  # commands from input or -f
     if name in ("su",):
@@ -471,14 +667,20 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
         if not any(w in ("-x", "--exec") for w in words[1:rest]) and rest < len(words):
             return _parse(" ".join(words[rest:]), depth + 1, wrappers + ("watch",))
     if name in _WRAPPER_VALUE_OPTIONS:
-        rest = _skip_options(words, 1, _WRAPPER_VALUE_OPTIONS[name], name)
+        letters: set[str] = set()
+        rest = _skip_options(words, 1, _WRAPPER_VALUE_OPTIONS[name], name, letters)
         if name == "env":
             while rest < len(words) and _ASSIGNMENT.match(words[rest]):
                 rest += 1
-        if name == "sudo" and any(w in ("-s", "-i", "--shell", "--login") for w in words[1:rest]) and rest >= len(words):
+        shell = (name == "sudo" and (letters & {"s", "i"} or {"--shell", "--login"} & set(words[1:rest]))
+                 or name == "doas" and "s" in letters or name == "pkexec")
+        if shell and rest >= len(words):
             return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]  # a shell
         rest += _WRAPPER_POSITIONALS.get(name, 0)
         if rest >= len(words):
+            if "xargs" in wrappers:
+                # under xargs the command comes from its input (echo rm -rf /x | xargs env)
+                raise Unjudgeable(f"{name} under xargs runs a command read from the input")
             # the wrapper alone (``env`` prints the environment, ``sudo -l`` lists rights)
             return [Command(program, tuple(words[1:]), wrappers)]
         return _unwrap(words[rest:], depth + 1, wrappers + (name,))
