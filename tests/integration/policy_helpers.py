@@ -175,9 +175,9 @@ class Gateway:
                         password=self.tokens[user], sslmode="disable", check=check, timeout=60,
                         extra_args=extra, extra_env=env)
 
-    def raw(self, user="agent"):
+    def raw(self, user="agent", application_name="gkpol-raw"):
         client = RawPg(self.port)
-        client.login(user, self.tokens[user])
+        client.login(user, self.tokens[user], application_name)
         return client
 
     # -- the server itself --
@@ -358,9 +358,9 @@ class RawPg:
                 return out
         raise AssertionError("no ReadyForQuery within %d messages" % limit)
 
-    def login(self, user, token):
+    def login(self, user, token, application_name="gkpol-raw"):
         params = b"".join(_cstr(k) + _cstr(v) for k, v in
-                          {"user": user, "database": "app", "application_name": "gkpol-raw"}.items())
+                          {"user": user, "database": "app", "application_name": application_name}.items())
         body = struct.pack("!I", 196608) + params + b"\0"
         self.sock.sendall(struct.pack("!I", len(body) + 4) + body)
         mtype, body = self.read()

@@ -515,3 +515,31 @@ def test_column_references_and_whole_rows_are_collected():
     assert a.projected_refs == {"ssn"} and a.projected_whole_row
     body = dict(analyze(f"PREPARE p_{t} AS SELECT upper(email) FROM {t}").prepares)[f"p_{t}"]
     assert body.column_refs == {"email"}
+
+
+def test_statements_that_change_settings_in_other_ways():
+    """A write to pg_settings runs set_config for each row (any setting: search_path, role, how strings are read);
+    DISCARD ALL resets the role and drops prepared statements; a SET search_path in a DO block holds after it; a
+    PL/pgSQL assignment is split where the lexer splits it (x = ':=' || f() calls f)."""
+    a = analyze("UPDATE pg_settings SET setting = 'billing, public' WHERE name = 'search_path'")
+    assert "set_config" in a.functions and "set_config" in a.conditions and "set_role" in kinds(a)
+    assert a.refused is not None  # standard_conforming_strings could change with it
+    assert analyze("UPDATE public.pg_settings SET v = 1").refused is None  # a table of one's own of that name
+    a = analyze("DISCARD ALL")
+    assert "set_role" in kinds(a) and a.deallocates == (None,)
+    assert analyze("DO $$BEGIN SET search_path = billing, public; END$$").search_path == ("billing", "public")
+    a = analyze("DO $q$DECLARE x text; BEGIN x = ':=' || set_config($a$role$a$, $a$admin$a$, false) || '--'; END$q$")
+    assert "set_config" in a.functions and "set_role" in kinds(a)
+    a = analyze("DO $$DECLARE a int[]; BEGIN a[(SELECT count(*) FROM pg_read_file('/etc/passwd'))] := 1; END$$")
+    assert "pg_read_file" in a.functions
+
+
+def test_the_search_path_set_in_the_same_string_judges_its_statements():
+    """SET search_path = billing; DELETE FROM t (one string): t is judged under billing too."""
+    from gatekeep.protocols.postgres.policy import SqlSessionState, facts_for
+
+    state = SqlSessionState("app")
+    facts = facts_for("SET search_path = billing, public; DELETE FROM t", state, "app")
+    assert "billing" in facts.schemas_of((None, "t"))
+    assert facts_for("SELECT set_config('search_path', 'x', false); DELETE FROM t", state, "app").search_path == ("*",)
+    assert "billing" not in facts_for("DELETE FROM t", state, "app").schemas_of((None, "t"))

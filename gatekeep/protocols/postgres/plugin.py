@@ -51,6 +51,10 @@ def read_upstream_tls(node: Node | None) -> UpstreamTLS:
     return UpstreamTLS(mode, ca, server_name)
 
 
+#: operations whose text is SQL: a Query, a Parse, and an Execute judged again (see the relay's on_execute)
+_SQL_KINDS = frozenset({"query", "parse", "execute"})
+
+
 @functools.cache
 def _policy() -> Any:
     """gatekeep.protocols.postgres.policy, imported on first use (it loads the SQL parser)."""
@@ -72,7 +76,7 @@ class PostgresPlugin:
     def facts(self, operation, target):
         """What a statement does (see gatekeep.protocols.postgres.policy); None for non-SQL operations."""
         kind = operation.kind
-        if kind == "query" or kind == "parse":
+        if kind in _SQL_KINDS:
             return _policy().facts_for(operation.text, operation.detail, target.options.upstream.user)
         if kind == "function-call":
             policy = _policy()
@@ -83,7 +87,7 @@ class PostgresPlugin:
     def cacheKey(self, operation, target):
         """The key ``facts(...).cache_key`` would have, without working out the facts (a cache hit needs none)."""
         kind = operation.kind
-        if kind == "query" or kind == "parse":
+        if kind in _SQL_KINDS:
             return _policy().cache_key_for(operation.text, operation.detail)
         return None
 

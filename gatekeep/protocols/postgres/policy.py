@@ -266,14 +266,29 @@ def _cache_key(text: str, analysis: Analysis, search_path: tuple[str, ...]) -> A
     return None if analysis.executes else (analysis.shape or text, search_path)
 
 
+def _judged_under(analysis: Analysis, state: SqlSessionState | None) -> tuple[str, ...]:
+    """
+    The search_path a statement is judged under: the session's, widened by what
+    the statement itself sets (``SET search_path = billing; DELETE FROM t`` in
+    one string, a ``SET`` in a DO block), or any schema when it calls set_config.
+    """
+    search_path = state.key() if state is not None else DEFAULT_SEARCH_PATH
+    if "set_config" in analysis.conditions:
+        return ("*",)
+    if analysis.search_path is not None and search_path != ("*",):
+        return tuple(sorted(set(search_path) | set(analysis.search_path)))
+    return search_path
+
+
 def cache_key_for(text: str, state: SqlSessionState | None) -> Any:
     """The decision cache key of a statement (as in its facts), or None when its decision must not be shared."""
-    return _cache_key(text, analyze(text), state.key() if state is not None else DEFAULT_SEARCH_PATH)
+    analysis = analyze(text)
+    return _cache_key(text, analysis, _judged_under(analysis, state))
 
 
 def facts_for(text: str, state: SqlSessionState | None, user: str) -> SqlFacts:
     analysis = analyze(text)
-    search_path = state.key() if state is not None else DEFAULT_SEARCH_PATH
+    search_path = _judged_under(analysis, state)
     key = _cache_key(text, analysis, search_path)
     if analysis.executes:
         # EXECUTE is judged as what was prepared; an unknown name cannot be judged

@@ -56,6 +56,14 @@ POISON = "gatekeep denied this statement"
 
 #: the rule of a statement the client withdrew while it was held for approval
 CANCELED = "canceled"
+#: a statement name no Parse gave (see on_bind)
+_UNSEEN = object()
+
+
+def _quote_ident(name: str) -> str:
+    """A statement name as an SQL identifier (what EXECUTE would name it by)."""
+    return '"' + name.replace('"', '""') + '"'
+
 
 #: record at most this much of a bind parameter
 PARAM_LIMIT = 4096
@@ -109,8 +117,11 @@ class Frontend(ClientStartup, protocol.Protocol):
         self.settings = _encoding.ReadingSettings()
         # extended protocol: prepared statements and portals, for records and decisions
         # (text, decision, whether it runs code that may change settings; see _encoding.ReadingSettings)
-        self._statements: dict[str, tuple[str, Decision, bool]] = {}
-        self._portals: dict[str, tuple[str, Decision, tuple, bool]] = {}
+        #: statement name -> (text, decision, runs code, the search_path key it was judged under), or None for a
+        #: Parse gatekeep refused (the server fails what follows it)
+        self._statements: dict[str, tuple[str, Decision, bool, Any] | None] = {}
+        #: portal -> (text, decision or None when it must be judged at Execute, params, runs code, judged key)
+        self._portals: dict[str, tuple[str, Decision | None, tuple, bool, Any]] = {}
         # client messages waiting for a decision that is not in yet
         self._inbox: deque = deque()
         self._waiting: Deferred | None = None
@@ -515,12 +526,13 @@ class Frontend(ClientStartup, protocol.Protocol):
             if decision.action is Action.ALLOW:
                 analysis = analyze(parse.query)
                 self.sql_state.apply(analysis)
-                self._statements[parse.statement] = (parse.query, decision, analysis.runs_code)
+                self._statements[parse.statement] = (parse.query, decision, analysis.runs_code,
+                                                     self.sql_state.key())
                 if self.results is not None:
                     self.results.parsed(parse.statement, analysis, self.sql_state)
                 out.append(m.encode())
                 return
-            self._statements.pop(parse.statement, None)
+            self._statements[parse.statement] = None
             self.tracker.add(op, "execute", self.gateway.now(), denial=self._denial(decision))
             self.upstream.stream.hold = True
             out.append(pg.parse(parse.statement, POISON, parse.param_types))
@@ -551,8 +563,12 @@ class Frontend(ClientStartup, protocol.Protocol):
 
     def on_bind(self, m: pg.Message, out: list[bytes]) -> None:
         bind = pg.parse_bind(m.body)
-        found = self._statements.get(bind.statement)
-        if found is not None:
+        found = self._statements.get(bind.statement, _UNSEEN)
+        if found is _UNSEEN and bind.statement:
+            # a statement no Parse made: one a SQL PREPARE made (judged as EXECUTE of it, under the search_path
+            # of now), or one gatekeep never saw (unjudgeable): judged at its Execute, and recorded
+            found = (f"EXECUTE {_quote_ident(bind.statement)}", None, True, None)
+        if found is not None and found is not _UNSEEN:
             formats = bind.param_formats
             params = tuple(
                 _param_text(v, (formats[i] if len(formats) > 1 else (formats[0] if formats else 0)) == 1)
@@ -560,7 +576,7 @@ class Frontend(ClientStartup, protocol.Protocol):
             )
             if self.results is not None:
                 params = self.results.recordable(params)  # the record keeps only masked values
-            self._portals[bind.portal] = (found[0], found[1], params, found[2])
+            self._portals[bind.portal] = (found[0], found[1], params, found[2], found[3])
         else:
             self._portals.pop(bind.portal, None)
         if self.results is not None:
@@ -577,8 +593,8 @@ class Frontend(ClientStartup, protocol.Protocol):
             self.tracker.add(None, "execute", self.gateway.now())
             out.append(m.encode())
             return None
-        text, decision, params, runs_code = found
-        op = self._operation("execute", text, params)
+        text, decision, params, runs_code, judged_under = found
+        op = self._operation("execute", text, params, detail=self.sql_state)
 
         def carry_out(decision: Decision) -> None:
             if decision.action is Action.ALLOW:
@@ -587,11 +603,21 @@ class Frontend(ClientStartup, protocol.Protocol):
                 self.tracker.add(op, "execute", self.gateway.now())
                 out.append(m.encode())
             else:
-                # recording is unavailable: the server is told to fail this pipeline at a stand-in
+                # refused (recording unavailable, or judged again now): the server fails this pipeline at a stand-in
                 self.tracker.add(op, "execute", self.gateway.now(), denial=self._denial(decision))
                 self.upstream.stream.hold = True
                 out.append(pg.parse("", POISON, ()) + pg.bind("", "", (), (), ()) + pg.execute(""))
 
+        if decision is None or judged_under != self.sql_state.key():
+            # judged again: the server resolves names at each execution by the search_path of then (a SET
+            # search_path since the Parse), and a statement a SQL PREPARE made is judged as its EXECUTE
+
+            def refine(decision: Decision) -> Decision:
+                if decision.action is Action.ALLOW and self.results is not None:
+                    return self.results.decision(text, decision, self.sql_state)
+                return decision
+
+            return self._judge(op, carry_out, refine)
         return self._record(op, decision, carry_out)
 
     # -- relaying: server to client ------------------------------------------------------------

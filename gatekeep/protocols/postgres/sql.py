@@ -168,6 +168,33 @@ def _collect(fields: list, refs: set[str], singles: set[str]) -> str:
     return "column"
 
 
+def _assignment(text: str) -> tuple[list[str], str] | None:
+    """
+    A PL/pgSQL assignment split as PostgreSQL's lexer splits it: the target's
+    subscript expressions and the value, at the first ``:=`` or ``=`` outside
+    brackets (``x = ':=' || f()`` assigns ``':=' || f()``, not ``' || f()``).
+    None when there is no such operator.
+    """
+    try:
+        tokens = scan(text)
+    except Exception:  # pglast raises ParseError for what it cannot lex
+        return None
+    depth, subscripts, opened = 0, [], None
+    for t in tokens:
+        if t.name in ("ASCII_91", "ASCII_40"):
+            depth += 1
+            if depth == 1 and t.name == "ASCII_91":
+                opened = t.end + 1
+        elif t.name in ("ASCII_93", "ASCII_41"):
+            depth -= 1
+            if depth == 0 and t.name == "ASCII_93" and opened is not None:
+                subscripts.append(text[opened:t.start])
+                opened = None
+        elif depth == 0 and t.name in ("COLON_EQUALS", "ASCII_61"):
+            return subscripts, text[t.end + 1:]
+    return None
+
+
 def _renames(name: str | None, d: dict) -> bool:
     """A node that renames or merges columns: a join with NATURAL or USING, a CTE with a column list."""
     if name == "JoinExpr":
@@ -441,6 +468,13 @@ class _Walker:
             self.conditions.add(f"{kind}_without_where")
         tables = self._tables(d, ctes)
         self.units.append(Unit(kind, None, tables))
+        target = (d.get("relation") or {}).get("relname")
+        if name != "SelectStmt" and isinstance(target, str) and target.lower() == "pg_settings" \
+                and (d.get("relation") or {}).get("schemaname") in (None, "pg_catalog"):
+            # pg_settings' rules call set_config for each row written: any setting may change (search_path,
+            # role, standard_conforming_strings ...), as set_config with a name gatekeep cannot read
+            self.functions.add("set_config")
+            self._set_config({"args": []})
         if name == "MergeStmt":
             self._merge_actions(d, ctes)
         elif name == "InsertStmt" and (d.get("onConflictClause") or {}).get("action") == "ONCONFLICT_UPDATE":
@@ -553,6 +587,13 @@ class _Walker:
             self.search_path = schemas
         self.units.append(Unit("set", name or None))
 
+    def _stmt_DiscardStmt(self, body: dict, ctes: frozenset[str]) -> None:
+        # DISCARD ALL resets the session as RESET ALL does (a role set since login among it)
+        self.units.append(Unit("set", "discard"))
+        if body.get("target") == "DISCARD_ALL":
+            self.units.append(Unit("set_role", "discard_all"))
+            self.deallocates.append(None)  # and deallocates every prepared statement
+
     def _stmt_VariableShowStmt(self, body: dict, ctes: frozenset[str]) -> None:
         self.units.append(Unit("show", (body.get("name") or "").lower() or None))
 
@@ -656,11 +697,14 @@ class _Walker:
                 self._merge(analyze(text, self.depth + 1))
             elif name == "PLpgSQL_expr":
                 query, mode = d.get("query", ""), d.get("parseMode", 0)
-                if mode == 3:  # assignment "target := expression"
-                    _, sep, rhs = query.partition(":=")
-                    if not sep:
-                        _, sep, rhs = query.partition("=")
-                    query, mode = rhs, 2
+                if mode == 3:  # assignment "target := expression" (or "="): split where the lexer says
+                    parts = _assignment(query)
+                    if parts is None:
+                        self.unjudgeable = "a PL/pgSQL assignment gatekeep cannot split"
+                        continue
+                    subscripts, query, mode = parts[0], parts[1], 2
+                    for expr in subscripts:  # a[f(x)] := ...: the subscript runs too
+                        self._merge(analyze(f"SELECT {expr}", self.depth + 1))
                 text = query if mode == 0 else f"SELECT {query}"
                 self._merge(analyze(text, self.depth + 1))
 
@@ -678,6 +722,10 @@ class _Walker:
             return None
 
     def _merge(self, other: Analysis) -> None:
+        if other.search_path is not None:  # SET search_path inside a DO block holds after it
+            self.search_path = [*(self.search_path or []), *other.search_path]
+        self.prepares.extend(other.prepares)
+        self.deallocates.extend(other.deallocates)
         self.column_refs |= other.column_refs
         self.whole_row = self.whole_row or other.whole_row
         self.written_refs |= other.written_refs
