@@ -25,6 +25,7 @@ from zope.interface import implementer
 from gatekeep import access
 from gatekeep.access import SessionTable
 from gatekeep.interfaces import IApprovals, IIdentityProvider, IMasking, IPolicy, IRecorder
+from gatekeep.masking import strategies
 from gatekeep.metrics import GatewayMetrics
 from gatekeep.model import (Action, Decision, Identity, LoginFailure, Operation, Outcome, Session, SessionEnd,
                             StreamEvent)
@@ -219,11 +220,28 @@ class Chain:
         if decision.action is not Action.REVIEW:
             return decision
         try:
-            return self.approvals.hold(operation, decision, notify)
+            held, shown = self._for_approvers(operation, decision)
+            return self.approvals.hold(held, shown, notify)
         except Exception as e:
             _log.failure("approvals failed on {kind} in session {session}", kind=operation.kind,
                          session=operation.session.id)
             return _fail_closed(f"the approval could not be requested ({type(e).__name__})")
+
+    def _for_approvers(self, operation: Operation, decision: Decision) -> tuple[Operation, Decision]:
+        """
+        The operation as an approval request keeps and shows it (in the store, the admin API, the webhook to a
+        chat): with the session's masking detectors applied to its text, parameters and facts, as its record is.
+        """
+        plan = self.masking_plan(operation.session)
+        rules = getattr(plan, "detector_rules", ()) if plan is not None else ()
+        if not rules:
+            return operation, decision
+        operation, decision = strategies.recordable(rules, operation, decision)
+        if operation.parameters:
+            params = strategies.masked(rules, tuple(operation.parameters))
+            if params is not operation.parameters:
+                operation = attrs.evolve(operation, parameters=params)
+        return operation, decision
 
     @staticmethod
     def _check(result: Any) -> Decision:

@@ -90,6 +90,12 @@ def recordable(rules: tuple[MaskingRule, ...], operation: Any, decision: Any) ->
     return operation, decision
 
 
+def masked(rules: tuple[MaskingRule, ...], value: Any) -> Any:
+    """``value`` (a string, or a dict, list or tuple of them) with detector hits masked; the same object when
+    nothing changed."""
+    return _masked(rules, value)
+
+
 def _masked(rules: tuple[MaskingRule, ...], value: Any) -> Any:
     """``value`` with detector hits masked in every string inside it; the same object when nothing changed."""
     if isinstance(value, str):

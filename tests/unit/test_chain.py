@@ -168,3 +168,29 @@ def test_default_action_policy_through_the_chain():
 def test_allow_constant_is_allowed():
     """model.ALLOW is an allowing decision with no rule."""
     assert ALLOW.allowed and ALLOW.rule is None
+
+
+def test_an_approval_request_keeps_the_operation_masked_as_its_record_does():
+    """A statement held for approval is kept (store, admin API, webhook to a chat) with the session's detectors
+    applied to its text and parameters, as its record is; the relay still forwards what the client sent."""
+    from gatekeep.approvals import ApprovalService, MemoryApprovalStore
+    from gatekeep.masking.rules import MaskingRule, MaskPlan
+    from gatekeep.policy.engine import Review
+
+    class Cards:
+        def planFor(self, session):
+            return MaskPlan((MaskingRule("cards", None, None, None, detectors=("credit_card",)),))
+
+    review = Decision(Action.REVIEW, "needs-dba", "", {"literal": "4111 1111 1111 1111"})
+    gw = make_gateway(policy=StaticPolicy(review), masking=Cards())
+    store = MemoryApprovalStore()
+    gw.chain.approvals = ApprovalService(gw.reactor, {"needs-dba": Review(approvers=("dba",))}.get, store)
+    session = Session("s1", Identity("agent-7"), "db", "postgres", ClientAddress("127.0.0.1", 1), False, 0.0)
+    op = Operation(session, 1, "query", "INSERT INTO paid VALUES ('4111 1111 1111 1111', $1)", 0.0, None,
+                   ("5500 0055 5555 5559",))
+    held = gw.chain.decide(op, notify=lambda hold: None)
+    assert isinstance(held, Deferred)
+    (request,) = store.requests.values()
+    kept = repr((request.text, request.parameters, request.facts))
+    assert "4111 1111 1111 1111" not in kept and "5500 0055 5555 5559" not in kept
+    assert request.text.startswith("INSERT INTO paid VALUES (") and op.text.endswith("$1)")
