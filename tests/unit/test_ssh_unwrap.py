@@ -49,6 +49,10 @@ def test_newlines_end_commands_and_comments_end_at_the_newline():
     assert argvs("ls #; rm x") == [("ls",)]
     assert argvs("echo 'a\nb'; echo a#b $# \\#c \"#d\"") == [("echo", "a\nb"), ("echo", "a#b", "$#", "#c", "#d")]
     assert argvs("for f in a b\ndo\n rm $f\ndone") == [("rm", "$f")]
+    # a backslash at the end of a comment continues nothing: bash runs the next line (it deleted the file)
+    assert argvs("ls # \\\nrm -rf /x") == [("ls",), ("rm", "-rf", "/x")]
+    # a backslash-newline joins first: x# is a word, not a comment, and what follows it runs
+    assert argvs("echo x\\\n# ; rm -rf /") == [("echo", "x#"), ("rm", "-rf", "/")]
 
 
 def test_quoted_or_escaped_punctuation_is_a_word():

@@ -169,14 +169,14 @@ def _single_quoted(text: str) -> str:
 def _normalize(text: str) -> str:
     """
     What the shell reads before it splits words, in a form the scanners below
-    follow: each ``$'...'`` (ANSI-C quoting: ``$'\''`` is one quote character,
+    follow: comments dropped, each ``$'...'`` (ANSI-C quoting: ``$'\''`` is one quote character,
     not the start of a quoted string) becomes the single-quoted text it stands
     for, and here-document bodies are cut out (their lines are data: a quote in
     one must not pair with a quote in the next). A body the shell expands
     (its delimiter unquoted) that holds a command substitution, or one that is
     never closed, makes the line unjudgeable.
     """
-    if "$'" not in text and "<<" not in text:
+    if "$'" not in text and "<<" not in text and "#" not in text:
         return text
     out: list[str] = []
     pending: list[tuple[str, bool, bool]] = []  # here-documents whose bodies follow this line
@@ -206,10 +206,11 @@ def _normalize(text: str) -> str:
         if c in "'\"":
             quote = c
         elif c == "#" and word_start:
+            # a comment (a # that begins a word, outside quotes; a#b and $# are none) to the end of its line:
+            # dropped, the newline kept (it still ends the command before it); a backslash at its end continues
+            # nothing (bash runs the next line's command)
             end = text.find("\n", i)
-            end = n if end < 0 else end
-            out.append(text[i:end])
-            i = end
+            i = n if end < 0 else end
             continue
         elif c == "<" and text.startswith("<<", i) and not text.startswith("<<<", i):
             j = i + 2
@@ -427,7 +428,7 @@ def _protect_quoted(text: str) -> str:
 
 
 def _tokens(text: str) -> list[tuple[str, bool]]:
-    """Shell words and operators: (token, is_operator). Comments are gone already (:func:`_strip_comments`)."""
+    """Shell words and operators: (token, is_operator). Comments are gone already (:func:`_normalize`)."""
     lexer = shlex.shlex(_protect_quoted(text.replace("\r", "\n")), posix=True, punctuation_chars=_PUNCTUATION)
     lexer.whitespace = " \t"
     lexer.whitespace_split = True
@@ -440,44 +441,6 @@ def _tokens(text: str) -> list[tuple[str, bool]]:
     except ValueError as e:
         raise Unjudgeable(f"the command line does not parse ({e})") from None
     return out
-
-
-def _strip_comments(text: str) -> str:
-    """
-    Drop comments as the shell does: a ``#`` that begins a word, outside quotes, to the end of its line (the
-    newline stays: it still ends the command before it). A ``#`` inside a word (``a#b``, ``$#``) is not one.
-    """
-    if "#" not in text:
-        return text
-    out: list[str] = []
-    i, n, quote, word_start = 0, len(text), None, True
-    while i < n:
-        c = text[i]
-        if quote == "'":
-            quote = None if c == "'" else quote
-        elif quote == '"':
-            if c == "\\" and i + 1 < n:
-                out.append(text[i:i + 2])
-                i += 2
-                continue
-            quote = None if c == '"' else quote
-        elif c == "\\" and i + 1 < n:
-            out.append(text[i:i + 2])
-            i += 2
-            word_start = False
-            continue
-        elif c in "'\"":
-            quote = c
-        elif c == "#" and word_start:
-            end = text.find("\n", i)
-            if end < 0:
-                break
-            i = end
-            continue
-        out.append(c)
-        word_start = quote is None and c in " \t\r\n;&|()<>"
-        i += 1
-    return "".join(out)
 
 
 def _split_words(text: str) -> list[str]:
@@ -525,7 +488,7 @@ def _parse(text: str, depth: int, wrappers: tuple[str, ...]) -> list[Command]:
     if "@P}" in text:
         raise Unjudgeable("prompt expansion (${...@P}) runs what a variable holds")
     # each shell level reads $'...' and here-documents, drops continuations and comments again
-    stripped, inner = _substitutions(_strip_comments(_join_continuations(_normalize(text))))
+    stripped, inner = _substitutions(_join_continuations(_normalize(text)))
     commands: list[Command] = []
     for sub in inner:
         commands.extend(_parse(sub, depth + 1, wrappers + ("$(...)",)))
