@@ -47,6 +47,13 @@ def denied(conn, sql):
     return e.value.diag.message_primary
 
 
+def refused(raw, *messages):
+    """Send a pipeline that gatekeep refuses: an ErrorResponse, then ReadyForQuery (the session goes on)."""
+    raw.send(*messages)
+    answers = raw.until_ready()
+    assert [t for t, _ in answers if t == b"E"] and answers[-1][0] == b"Z", answers
+
+
 def test_a_search_path_set_earlier_in_the_same_string_is_followed(gw):
     with gw.connect() as conn:
         assert "agents-read-only-on-billing" in denied(conn, f"SET search_path = billing, public; {UNQUALIFIED}")
@@ -89,9 +96,7 @@ def test_a_parsed_statement_is_judged_again_when_the_search_path_changed(gw):
         assert r.until_ready()[-1][0] == b"Z"
         r.send(r.query("SET search_path = billing, public"))
         r.until_ready()
-        r.send(r.bind("", "s1"), r.execute(""), r.sync())
-        answers = r.until_ready()
-        assert [t for t, _ in answers if t == b"E"] and answers[-1][0] == b"Z"
+        refused(r, r.bind("", "s1"), r.execute(""), r.sync())
         r.send(r.query("SELECT 1"))
         assert any(t == b"D" for t, _ in r.until_ready())
 
@@ -105,9 +110,7 @@ def test_a_sql_prepared_statement_run_by_bind_is_judged_and_recorded(gw):
         r.until_ready()
         r.send(r.query("SET search_path = billing, public"))
         r.until_ready()
-        r.send(r.bind("", "p1"), r.execute(""), r.sync())
-        answers = r.until_ready()
-        assert [t for t, _ in answers if t == b"E"] and answers[-1][0] == b"Z"
+        refused(r, r.bind("", "p1"), r.execute(""), r.sync())
         r.send(r.query("PREPARE d1 AS SELECT $1::int"))
         r.until_ready()
         for n in (1, 2):
