@@ -161,6 +161,21 @@ def test_list_and_watch_secrets_are_masked(kube):
     assert json.loads(out.stdout)["items"][0]["data"]["password"] == "KioqKg=="
     out = kubectl(kube, "alice", "get", "secrets", "--watch", "--output-watch-events", "-o", "json", timeout=30)
     assert "czNjcjN0" not in out.stdout and '"KioqKg=="' in out.stdout, out.stdout + out.stderr
+    assert "s3cr3t" not in out.stdout
+
+
+def test_get_secrets_table_does_not_carry_the_last_applied_secret(kube):
+    """Plain kubectl get secrets asks for a Table whose rows carry each Secret's metadata (PartialObjectMetadata,
+    the API server's default): the last-applied annotation in it, which holds the applied Secret, comes masked.
+    kubectl -v=10 prints the response bodies it got; -o yaml (a list) and watch events are masked too."""
+    out = kubectl(kube, "alice", "get", "secrets", "-v=10")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[:2] == ["NAME", "TYPE"] and "db-creds" in out.stdout
+    assert "PartialObjectMetadata" in out.stderr and "last-applied-configuration" in out.stderr  # the body is shown
+    assert "s3cr3t" not in out.stderr and "s3cr3t" not in out.stdout
+    for args in (("-o", "yaml"), ("--watch", "--output-watch-events", "-o", "yaml")):
+        out = kubectl(kube, "alice", "get", "secrets", *args, timeout=30)
+        assert "db-creds" in out.stdout and "s3cr3t" not in out.stdout, out.stdout + out.stderr
 
 
 def test_a_secret_created_through_gatekeep_is_recorded_masked(kube):

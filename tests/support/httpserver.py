@@ -116,7 +116,14 @@ class Handler(BaseHTTPRequestHandler):
                                "body_size": size, "body_sha256": digest}).encode()
             self._send(200, body)
         elif url.path == "/json/user":
-            self._send(200, json.dumps(USER).encode(), chunked="chunked" in query)
+            body = json.dumps(USER).encode()
+            ranged = self.headers.get("Range", "")
+            if ranged.startswith("bytes=") and "," not in ranged:  # one byte range, as static file servers do
+                first, _, last = ranged[6:].partition("-")
+                first, last = int(first), min(int(last or len(body) - 1), len(body) - 1)
+                self._send(206, body[first:last + 1], extra=(("Content-Range", "bytes %d-%d/%d" % (first, last, len(body))),))
+            else:
+                self._send(200, body, chunked="chunked" in query)
         elif url.path == "/json/as-text":  # JSON an upstream labels text/plain
             self._send(200, json.dumps(USER).encode(), "text/plain")
         elif url.path == "/json/untyped":  # JSON without a Content-Type

@@ -172,3 +172,42 @@ def test_encoders():
     assert c.encode_request_head(b"GET", b"/", [(b"Host", b"a")]) == b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
     assert c.encode_chunk(b"abc") == b"3\r\nabc\r\n" and c.encode_chunk(b"") == b""
     assert c.simple_response(403, b"{}").startswith(b"HTTP/1.1 403 Forbidden\r\n")
+
+
+def _chunked(body):
+    r = MessageReader(c.REQUEST)
+    r.decode = True
+    r.receive_data(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+    out = [r.next_event()]
+    while out[-1] is not END:
+        e = r.next_event()
+        if e is NEED_DATA:
+            break
+        out.append(e)
+    return out
+
+
+@pytest.mark.parametrize("body", [
+    # a bare LF ends the trailer section for a lenient peer: what follows would be a request of its own
+    b"0\r\n\nPOST /admin/notes HTTP/1.1\r\nHost: x\r\nContent-Length: 84\r\n\r\n",
+    b"2;\nxx\r\nab\r\n0\r\n\r\n",              # a bare LF in a chunk extension
+    b"2\rxx\r\nab\r\n0\r\n\r\n",               # a bare CR after the size
+    b"2;a=b c\r\nab\r\n0\r\n\r\n",             # an extension value that is neither token nor quoted string
+    b"2;\r\nab\r\n0\r\n\r\n",                  # an extension without a name
+    b" 2\r\nab\r\n0\r\n\r\n",                  # white space before the size
+    b"0\r\nX-T: a\rb\r\n\r\n",                 # a bare CR in a trailer field
+    b"0\r\n folded\r\n\r\n",                   # obs-fold in the trailers
+    b"0\r\nno colon\r\n\r\n",                  # a trailer line that is no field
+])
+def test_chunk_lines_outside_the_grammar_are_refused(body):
+    """Chunk-size and trailer lines are checked against RFC 9112's grammar: a bare CR or LF, a malformed chunk
+    extension or trailer field is a 400, not bytes passed on for a lenient upstream to frame differently."""
+    with pytest.raises(ProtocolError) as e:
+        _chunked(body)
+    assert e.value.status == 400
+
+
+def test_chunk_extensions_and_trailers_in_the_grammar_are_read():
+    """Extensions (tokens, quoted strings with escapes, white space around ; and =) and trailer fields are fine."""
+    evs = _chunked(b'5 ; a = b ;c="x\\"; y"\r\nhello\r\n6;d\r\n world\r\n0\r\nX-Trailer: y z\r\n\r\n')
+    assert payload_of(evs) == b"hello world" and evs[-1] is END

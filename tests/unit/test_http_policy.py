@@ -25,7 +25,34 @@ def test_request_parts():
     r = req(b"GET /v1//users/%41?limit=5 HTTP/1.1")
     assert (r.method, r.path, r.query, r.host) == ("GET", "/v1/users/A", "limit=5", "api.example.com")
     assert r.unjudgeable is None
-    assert req(b"GET http://other.example/x?y=1 HTTP/1.1").host == "other.example"
+
+
+def test_absolute_form_is_read_in_origin_form_and_must_agree_with_host():
+    """An absolute-form target is judged and forwarded as its path and query; one whose authority is not the
+    Host field's is refused (400), so the host judged is the host the upstream routes by."""
+    r = req(b"GET HTTP://Api.example.com:8443/x?y=1 HTTP/1.1")
+    assert (r.target, r.path, r.query, r.host) == ("/x?y=1", "/x", "y=1", "api.example.com")
+    assert req(b"GET http://api.example.com:8443 HTTP/1.1").target == "/"
+    with pytest.raises(ProtocolError, match="authority"):
+        req(b"GET http://other.example/x?y=1 HTTP/1.1")
+    with pytest.raises(ProtocolError, match="authority"):
+        req(b"GET http://www.example/ HTTP/1.1", headers=b"Host: admin.example\r\n")
+
+
+@pytest.mark.parametrize("headers", [b"Host: www.example\r\nHost: admin.example\r\n", b"Host: www.example, admin.example\r\n",
+                                     b"Host: a b\r\n", b"Host: user@admin.example\r\n"])
+def test_one_host_only(headers):
+    """Two Host fields, or a Host value that is not one host (a list, a space, userinfo), are refused with 400:
+    a rule on hosts would judge one and the upstream route by another."""
+    with pytest.raises(ProtocolError) as e:
+        req(b"GET / HTTP/1.1", headers=headers)
+    assert e.value.status == 400
+
+
+def test_a_fragment_in_the_target_is_refused():
+    """``GET /public#/../admin`` is refused: the judged path would end at the #, some servers' would not."""
+    with pytest.raises(ProtocolError, match="fragment"):
+        req(b"GET /public#/../admin/users HTTP/1.1")
 
 
 @pytest.mark.parametrize("raw", ["/a/../admin", "/a/%2e%2e/admin", "/a%2fb", "/a/./b", "/a%5cb", "/admin;x=1/secret",

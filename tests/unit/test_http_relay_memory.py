@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 
@@ -276,3 +278,175 @@ def test_bytes_an_upstream_sends_after_its_response_do_not_become_the_next_answe
     assert conn.send(get(b"/y")) == OK.replace(b"hello", b"again")
     assert len(up.built) == 2 and up.built[1].received.startswith(b"GET /y ")
     assert [o.status for o in rec.outcomes] == ["200", "200"]
+
+
+def post(path, body, ctype=b"application/json", extra=b""):
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: gw.example\r\nAuthorization: Bearer " + TOKEN.encode() +
+            b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: %d\r\n" % len(body) + extra + b"\r\n" + body)
+
+
+KEYS = MaskingPolicy((MaskingRule("secrets", None, None, None, keys=("password", "*_token")),))
+
+
+def test_a_chunked_request_body_goes_upstream_re_chunked():
+    """gatekeep forwards a chunked body's payload in chunks of its own: no chunk extensions, no trailers, so the
+    upstream cannot frame the body other than gatekeep did."""
+    conn, up, rec, _ = setup([OK])
+    body = b'5;ext="x;y"\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n'
+    answer = conn.send(b"POST /c HTTP/1.1\r\nHost: gw.example\r\nAuthorization: Bearer " + TOKEN.encode() +
+                       b"\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+    assert answer == OK
+    sent = up.built[0].received.partition(b"\r\n\r\n")[2]
+    assert sent == b"b\r\nhello world\r\n0\r\n\r\n"
+
+
+def test_a_request_smuggled_through_a_bare_lf_in_the_trailers_is_refused():
+    """``0\\r\\n\\nPOST /admin ...``: a lenient upstream would end the body at the bare LF and run the rest as a
+    request never judged; gatekeep answers 400, closes, and nothing of it reaches the upstream."""
+    conn, up, rec, _ = setup([OK, OK])
+    smuggled = b"POST /admin/notes HTTP/1.1\r\nHost: x\r\nContent-Length: 84\r\n\r\n"
+    answer = conn.send(b"POST /v1/ok HTTP/1.1\r\nHost: gw.example\r\nAuthorization: Bearer " + TOKEN.encode() +
+                       b"\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\n" + smuggled)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in answer
+    assert b"/admin" not in b"".join(p.received for p in up.built)
+    assert [op.text for op, _ in rec.operations] == ["POST /v1/ok"] and rec.outcomes[0].status == "400"
+
+
+RANGED = json.dumps({"user": {"name": "ann", "password": "hunter2"}}).encode()
+
+
+def test_range_requests_under_masking_get_the_whole_masked_body():
+    """Under masking rules a Range (and If-Range) is taken off the request: a byte range holding just a masked
+    value would be valid JSON without its key. The client gets the whole body, masked, with 200."""
+    resp = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(RANGED) + RANGED
+    conn, up, rec, _ = setup([resp], masking=KEYS)
+    answer = conn.send(get(b"/u", extra=b"Range: bytes=34-42\r\nIf-Range: \"e1\"\r\n"))
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"hunter2" not in answer and b'"password":"****"' in answer
+    sent = up.built[0].received.lower()
+    assert b"\r\nrange:" not in sent and b"\r\nif-range:" not in sent
+
+
+@pytest.mark.parametrize("resp", [
+    b"HTTP/1.1 206 Partial Content\r\nContent-Type: application/json\r\nContent-Range: bytes 34-42/47\r\n"
+    b"Content-Length: 9\r\n\r\n\"hunter2\"",
+    b"HTTP/1.1 200 OK\r\nContent-Type: multipart/byteranges; boundary=XX\r\nContent-Length: 32\r\n\r\n"
+    b"--XX\r\n\r\n\"hunter2\"\r\n--XX--\r\n\r\n",
+])
+def test_a_partial_response_under_masking_fails_closed(resp):
+    """A 206 or multipart/byteranges answer (an upstream that ranges anyway) is refused with 502 under masking."""
+    conn, up, rec, _ = setup([resp], masking=KEYS)
+    answer = conn.send(get(b"/u"))
+    assert answer.startswith(b"HTTP/1.1 502 ") and b"hunter2" not in answer
+    assert "partial response" in rec.outcomes[0].error_message
+
+
+def test_an_absolute_form_target_goes_upstream_in_origin_form_under_the_base_path():
+    """``GET http://gw.example/v1/users``: the upstream gets ``/tenant-a/v1/users`` (origin form, the upstream's
+    base path first), never the absolute URI that an RFC-compliant upstream would route by."""
+    ids = MemoryIdentityProvider(iterations=1)
+    ids.add("alice", TOKEN, ["dev"])
+    gateway = make_gateway(identities=ids, policy=StaticPolicy(), recorder=RecordingRecorder())
+    options = HttpTarget(HttpUpstream("http", "api.internal", 8080, base_path="/tenant-a"),
+                         UpstreamCredentials("bearer", Secret("env:X", b"upstream-secret")))
+    factory = HttpPlugin().makeFactory(make_target("api", "http", options), gateway)
+    conn = connect_in_memory(factory, gateway.reactor)
+    up = UpstreamFactory([OK, OK])
+    endpoint = conn.network.endpoint(up)
+    factory.upstream_endpoint = lambda: endpoint
+    assert conn.send(b"GET http://gw.example/v1/users?x=1 HTTP/1.1\r\nHost: gw.example\r\nAuthorization: Bearer "
+                     + TOKEN.encode() + b"\r\n\r\n") == OK
+    assert up.built[0].received.startswith(b"GET /tenant-a/v1/users?x=1 HTTP/1.1\r\n")
+    answer = conn.send(b"GET http://hr.internal/tenant-b/v1/users HTTP/1.1\r\nHost: gw.example\r\n"
+                       b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"hr.internal" not in up.built[0].received
+
+
+def test_an_upgrade_other_than_websocket_is_taken_off_and_a_101_to_it_refused():
+    """``Upgrade: h2c`` is not relayed (a tunnel of HTTP/2 requests gatekeep never judges): the request goes on
+    without it, and an upstream that switches anyway gets its client a 502, nothing tunnelled."""
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    conn, up, rec, _ = setup([switch])
+    answer = conn.send(get(b"/public", extra=b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                                              b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"))
+    assert answer.startswith(b"HTTP/1.1 502 ")
+    sent = up.built[0].received.lower()
+    assert b"upgrade" not in sent and b"http2-settings" not in sent
+    conn.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert b"PRI *" not in up.built[0].received
+
+
+def test_a_101_to_another_protocol_than_asked_is_refused():
+    """A WebSocket upgrade answered with a switch to something else fails with 502."""
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    conn, up, rec, _ = setup([switch])
+    answer = conn.send(get(b"/ws", extra=b"Upgrade: websocket\r\nConnection: Upgrade\r\n"))
+    assert answer.startswith(b"HTTP/1.1 502 ") and conn.server.mode != "tunnel"
+
+
+PII = MaskingPolicy((MaskingRule("pii", None, None, None, detectors=("email", "credit_card")),))
+
+
+@pytest.mark.parametrize("ctype, body", [
+    (b"application/json", b'{"name":"Jos\xe9","email":"bob@example.com","card":"4111 1111 1111 1111"}'),
+    (b"application/json; charset=iso-8859-1", b'{"name":"Jos\xe9","email":"bob@example.com"}'),
+    (b"text/plain", b"Jos\xe9 bob@example.com"),
+])
+def test_detectors_mask_bodies_that_are_not_utf8(ctype, body):
+    """A body in another charset (declared, or bytes that are not UTF-8) is read in it (latin-1 failing all
+    else) and masked, the rest of its bytes kept: never passed unmasked."""
+    resp = b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    conn, up, rec, _ = setup([resp], masking=PII, mask_text=True)
+    answer = conn.send(get())
+    out = answer.partition(b"\r\n\r\n")[2]
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"bob@example.com" not in out and b"4111" not in out
+    assert "Jos\xe9" in out.decode("latin-1") or "Jos\\u00e9" in out.decode("latin-1")
+
+
+def test_a_latin1_json_body_is_masked_by_keys():
+    """JSON with charset=iso-8859-1 is read in it and masked by keys, written back in it."""
+    body = b'{"name":"Jos\xe9","password":"hunter2"}'
+    resp = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=iso-8859-1\r\nContent-Length: %d\r\n\r\n"
+            % len(body) + body)
+    conn, up, rec, _ = setup([resp], masking=KEYS)
+    out = conn.send(get()).partition(b"\r\n\r\n")[2]
+    assert json.loads(out.decode("latin-1")) == {"name": "Jos\xe9", "password": "****"}
+
+
+def test_a_deeply_nested_request_body_is_recorded_as_unreadable_and_the_session_goes_on():
+    """``[`` x 1500 under a key rule: the walk's RecursionError does not escape; the outcome is recorded, the
+    body not, and the next request on the connection is answered."""
+    deep = b"[" * 1500 + b"]" * 1500
+    conn, up, rec, _ = setup([OK, OK], masking=KEYS)
+    assert conn.send(post(b"/deep", deep)) == OK
+    assert conn.send(get(b"/next")) == OK
+    assert len(rec.outcomes) == 2 and "not recorded" in rec.outcomes[0].extra["request_body"]
+    assert deep in up.built[0].received
+
+
+def test_keys_mask_form_bodies_and_query_parameters_in_the_record():
+    """A login form's password and a query's tokens are recorded masked (body, text, URL, facts); the upstream
+    gets the request as sent."""
+    conn, up, rec, _ = setup([OK, OK], masking=KEYS)
+    form = b"username=ann&password=hunter2&user%5Bpassword%5D=x2"
+    conn.send(post(b"/login", form, b"application/x-www-form-urlencoded"))
+    conn.send(get(b"/v1/x?refresh_token=r3fr3sh&password=hunter2&page=2"))
+    assert rec.outcomes[0].extra["request_body"] == "username=ann&password=****&user%5Bpassword%5D=****"
+    (op, decision) = rec.operations[1]
+    assert op.text == "GET /v1/x?refresh_token=****&password=****&page=2"
+    assert op.extra["url"].endswith("/v1/x?refresh_token=****&password=****&page=2")
+    assert "r3fr3sh" not in json.dumps(decision.facts or {}) and "hunter2" not in json.dumps(decision.facts or {})
+    sent = b"".join(p.received for p in up.built)
+    assert form in sent and b"refresh_token=r3fr3sh&password=hunter2" in sent
+
+
+def test_a_deeply_nested_websocket_message_is_not_recorded_and_the_tunnel_goes_on():
+    """A JSON message too deep for the key walk is recorded as not recorded; the tunnel keeps relaying."""
+    resp = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    conn, up, rec, _ = setup([resp], masking=KEYS)
+    conn.send(get(b"/ws", extra=b"Upgrade: websocket\r\nConnection: Upgrade\r\n"))
+    deep = ws.encode_frame(ws.TEXT, b"[" * 1500 + b"]" * 1500, mask=b"abcd")
+    after = ws.encode_frame(ws.TEXT, b'{"password":"hunter2"}', mask=b"abcd")
+    conn.send(deep + after)
+    assert up.built[0].received.endswith(deep + after)
+    assert [e.data for e in rec.streams] == ["[not recorded: a JSON message masking cannot read]",
+                                             '{"password":"****"}']

@@ -209,3 +209,76 @@ def test_front_proxy_identity_headers_never_reach_the_api_server():
     secret = DIALECT.describe(parse_request(parse_head(
         b"GET /api/v1/namespaces/d/secrets HTTP/1.1\r\nHost: k\r\nX-Remote-User: x\r\n\r\n", REQUEST)))
     assert b"x-remote-user" in DIALECT.rewrite(secret, None)[0]
+
+
+APPLIED = json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"},
+                      "data": {"password": "aHVudGVyMg=="}})
+META = {"name": "db", "namespace": "default",
+        "annotations": {"kubectl.kubernetes.io/last-applied-configuration": APPLIED, "team": "a"}}
+POM = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": META}
+
+
+@pytest.mark.parametrize("accept, doc", [
+    (b"application/json;as=Table;v=v1;g=meta.k8s.io",  # kubectl get secrets: includeObject=Metadata by default
+     {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "columnDefinitions": [], "rows": [{"cells": ["db"], "object": POM}]}),
+    (b"application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1", POM),
+    (b"application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1",
+     {"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": {}, "items": [POM]}),
+    (b"application/json", {"type": "ADDED", "object": POM}),
+])
+def test_partial_object_metadata_of_secrets_is_masked(accept, doc):
+    """A Secret's metadata alone (a Table row's default object, as=PartialObjectMetadata[List], a watch of them)
+    carries the last-applied annotation, which holds the Secret's data: it is masked as a Secret's, other
+    annotations kept."""
+    r = DIALECT.describe(parse_request(parse_head(
+        b"GET /api/v1/namespaces/default/secrets HTTP/1.1\r\nHost: k\r\nAccept: " + accept + b"\r\n\r\n", REQUEST)))
+    head = parse_head(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n", RESPONSE)
+    out = DIALECT.body_plan(r, head, None, False).transform(json.dumps(doc).encode(), {})
+    assert out is not None and b"aHVudGVyMg==" not in out
+    text = json.dumps(json.loads(out))
+    assert "KioqKg==" in text and '"team": "a"' in text
+
+
+@pytest.mark.parametrize("query", ["watch=true", "watch=1", "watch=", "watch", "watch=yes", "watch=on", "watch=TRUE",
+                                   "watch=true&watch=0"])
+def test_watch_is_read_as_the_api_server_reads_it(query):
+    """Any first value of watch but 0 or false is a watch, as the API server reads it (?watch=, ?watch=yes)."""
+    assert request_info("GET", "/api/v1/namespaces/default/secrets", query).verb == "watch"
+
+
+@pytest.mark.parametrize("query", ["", "watch=0", "watch=false", "watch=False", "watch=0&watch=true"])
+def test_watch_false(query):
+    """0 or false (any case), or no watch at all, is a list."""
+    assert request_info("GET", "/api/v1/namespaces/default/secrets", query).verb == "list"
+
+
+def test_a_range_on_secrets_is_not_asked_and_a_partial_answer_refused():
+    """A Secret is never sent in byte ranges: Range is taken off, and a 206 fails closed."""
+    r = DIALECT.describe(parse_request(parse_head(
+        b"GET /api/v1/namespaces/d/secrets/s HTTP/1.1\r\nHost: k\r\nRange: bytes=10-20\r\n\r\n", REQUEST)))
+    drop, add = DIALECT.rewrite(r, None)
+    assert b"range" in drop and b"if-range" in drop
+    partial = parse_head(b"HTTP/1.1 206 Partial Content\r\nContent-Type: application/json\r\n"
+                         b"Content-Range: bytes 10-20/100\r\nContent-Length: 2\r\n\r\n", RESPONSE)
+    assert DIALECT.body_plan(r, partial, None, False).kind == "refuse"
+
+
+def test_kubernetes_relays_spdy_and_websocket_upgrades_only():
+    """exec and port-forward upgrade to WebSocket or SPDY/3.1; any other Upgrade is taken off the request."""
+    assert DIALECT.relays_upgrade(b"SPDY/3.1") and DIALECT.relays_upgrade(b"websocket")
+    r = DIALECT.describe(parse_request(parse_head(
+        b"GET /api/v1/namespaces/d/pods HTTP/1.1\r\nHost: k\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n", REQUEST)))
+    drop, add = DIALECT.rewrite(r, None)
+    assert {b"upgrade", b"connection"} <= drop and not any(n.lower() == b"connection" for n, _ in add)
+
+
+def test_a_deeply_nested_secret_request_body_is_not_recorded():
+    """A body on Secrets too deep to walk is not recorded (rather than the walk's error ending the session)."""
+    from gatekeep.protocols.http._exchange import Excerpt
+    from gatekeep.protocols.kubernetes._dialect import NOT_RECORDED_SECRET
+
+    r = request(b"POST", b"/api/v1/namespaces/d/secrets")
+    excerpt = Excerpt(1 << 16)
+    deep = b'{"data":' + b"[" * 1500 + b"]" * 1500 + b"}"
+    excerpt.add(deep)
+    assert DIALECT.recorded_request_body(r, excerpt, len(deep), None, {}) == NOT_RECORDED_SECRET

@@ -10,7 +10,10 @@ handed out as the bytes that arrived, chunk framing included, so a relay that
 changes nothing forwards them without re-encoding or copying: when a received
 chunk lies wholly inside a body it is the very object that was received.
 With ``decode`` set, each :class:`Data` also carries the body's payload (chunk
-framing removed), for masking and recording.
+framing removed), for masking and recording. Chunk-size and trailer lines are
+checked against RFC 9112's grammar (no bare CR or LF, chunk extensions and
+trailer fields well formed): a peer that a lenient server would frame
+differently is refused.
 
 One reader reads one direction: requests (``role=REQUEST``) or responses
 (``role=RESPONSE``; tell it each request's method with :meth:`expect`, since a
@@ -21,6 +24,8 @@ that followed the head.
 """
 
 from __future__ import annotations
+
+import re
 
 import attrs
 import httptools
@@ -182,7 +187,14 @@ _FRAMING_NAMES = ("length", "chunked", "close")
 
 # chunked decoding phases
 _SIZE, _DATA, _DATA_END, _TRAILER, _FINISHED = range(5)
-_HEX = frozenset(b"0123456789abcdefABCDEF")
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+#: RFC 9112 7.1.1: chunk-size [ chunk-ext ], the extensions' names tokens and their values tokens or quoted
+#: strings (trailing white space before the CRLF is tolerated: gatekeep re-frames request bodies anyway)
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*" + _TCHAR + rb"+(?:[ \t]*=[ \t]*(?:" + _TCHAR
+    + rb'+|"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"))?)*[ \t]*')
+#: RFC 9112 7.1.2 / RFC 9110 5.5: a trailer field line (no obs-fold, no CR, LF or NUL in the value)
+_TRAILER_LINE = re.compile(_TCHAR + rb"+:[\t \x21-\x7e\x80-\xff]*")
 
 
 class MessageReader:
@@ -396,14 +408,18 @@ class MessageReader:
                     break
                 line = buf[pos:eol]
                 pos = eol + 2
+                # a bare CR or LF in a line is refused: a lenient peer would end the line there and read what
+                # follows (a smuggled request) as a message of its own
                 if phase == _SIZE:
-                    size = line.split(b";", 1)[0].strip(b" \t")
-                    if not size or len(size) > 16 or not _HEX.issuperset(size):
-                        raise ProtocolError("invalid chunk size")
-                    self._remaining = int(size, 16)
+                    m = _CHUNK_LINE.fullmatch(line)
+                    if m is None:
+                        raise ProtocolError("invalid chunk-size line")
+                    self._remaining = int(m.group(1), 16)
                     phase = _DATA if self._remaining else _TRAILER
                 elif not line:
                     phase = _FINISHED
+                elif _TRAILER_LINE.fullmatch(line) is None:
+                    raise ProtocolError("invalid trailer field line")
             else:  # _DATA_END
                 if n - pos < 2:
                     break

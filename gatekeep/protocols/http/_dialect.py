@@ -9,6 +9,7 @@ methods are pure: values in, values out.
 
 from __future__ import annotations
 
+import codecs
 import json
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ PASS = "pass"
 BUFFER = "buffer"
 LINES = "lines"
 SNIFF = "sniff"
+REFUSE = "refuse"
 
 
 @attrs.frozen
@@ -39,7 +41,9 @@ class BodyPlan:
       line is sent through ``transform`` as soon as it is whole, re-chunked;
     - ``sniff``: a body that may be JSON though not labelled so: held until its
       first byte that is not white space; ``{`` or ``[`` makes it ``buffer``,
-      anything else ``pass`` (a text stream keeps streaming).
+      anything else ``pass`` (a text stream keeps streaming);
+    - ``refuse``: gatekeep cannot mask what this response is (a 206 byte range of a body under masking
+      rules): it fails closed with 502 as soon as its head comes (``why`` says why).
 
     ``required``: when the body is over ``max_body`` (or cannot be read), the
     response fails closed with 502 instead of passing through unmasked.
@@ -52,6 +56,14 @@ class BodyPlan:
 
 
 PASS_THROUGH = BodyPlan()
+PARTIAL = BodyPlan(REFUSE, required=True, why="a partial response (206, byte ranges) under masking")
+#: request fields that ask for part of a body, dropped when masking applies to the response
+RANGE_FIELDS = frozenset({b"range", b"if-range"})
+
+
+def is_partial(head: Head) -> bool:
+    """A response that is a byte range (or several) of a body: ``206``, or ``multipart/byteranges``."""
+    return head.status == 206 or media_type(head.index.get(b"content-type")) == "multipart/byteranges"
 
 
 @attrs.frozen
@@ -70,6 +82,14 @@ def _error_body(status: int, error: str, message: str, **more: Any) -> bytes:
 
 class HttpDialect:
     protocol = "http"
+    #: the protocols a request may upgrade to (lower case): any other ``Upgrade`` is taken off the request, and a
+    #: ``101`` to anything but the protocol asked for fails with 502 (an ``h2c`` tunnel would carry requests
+    #: gatekeep never sees)
+    upgrades = frozenset({b"websocket"})
+
+    def relays_upgrade(self, upgrade: bytes | None) -> bool:
+        """Whether a request's ``Upgrade`` (as :attr:`Head.upgrade` gives it) is one gatekeep relays."""
+        return upgrade is not None and upgrade.strip().lower() in self.upgrades
 
     # -- requests -----------------------------------------------------------------------
 
@@ -83,10 +103,21 @@ class HttpDialect:
 
     def rewrite(self, request: Request, masker: JsonMasker | None) -> tuple[frozenset[bytes], tuple]:
         """Extra header names to drop and fields to add on the way upstream."""
+        drop: frozenset[bytes] = frozenset()
+        add: tuple = ()
         if masker is not None and masker.active:
-            # bodies gatekeep must read come uncompressed
-            return frozenset({b"accept-encoding"}), ((b"Accept-Encoding", b"identity"),)
-        return frozenset(), ()
+            # bodies gatekeep must read come uncompressed, and whole: a byte range of a body is no document
+            # masking can read (a slice holding just a masked value is valid JSON without the key)
+            drop, add = RANGE_FIELDS | {b"accept-encoding"}, ((b"Accept-Encoding", b"identity"),)
+        head = request.head
+        if head is not None and b"upgrade" in head.index and not self.relays_upgrade(head.upgrade):
+            # an upgrade gatekeep does not relay (h2c, ...) is taken off: the request goes on as a plain one
+            drop = drop | {b"upgrade", b"http2-settings", b"connection"}
+            kept = [t.strip() for t in (head.index.get(b"connection") or b"").split(b",")
+                    if t.strip() and t.strip().lower() not in (b"upgrade", b"http2-settings")]
+            if kept:
+                add = add + ((b"Connection", b", ".join(kept)),)
+        return drop, add
 
     # -- gatekeep's own answers -------------------------------------------------------------
 
@@ -119,16 +150,19 @@ class HttpDialect:
         ctype = head.index.get(b"content-type")
         if not masker.key_rules and not masker.detector_rules:
             return PASS_THROUGH
+        if is_partial(head):
+            return PARTIAL
+        charset = _charset(ctype)
 
         def transform(body: bytes, counts: dict[str, int]) -> bytes | None:
             if not body.strip():
                 return None
             try:
-                return masker.mask_body(body, counts)
+                return masker.mask_body(body, counts, charset=charset)
             except ValueError:
                 if masker.key_rules:
                     raise
-                return _mask_text(masker, body, counts)
+                return _mask_text(masker, body, counts, charset)
 
         if is_json(ctype):
             return BodyPlan(BUFFER, transform, required=True, why="JSON body under masking rules")
@@ -140,7 +174,7 @@ class HttpDialect:
             def sniffed(body: bytes, counts: dict[str, int]) -> bytes | None:
                 new = _mask_json_where_it_parses(masker, body, counts)
                 if mask_text and masker.detector_rules:
-                    return _mask_text(masker, new if new is not None else body, counts) or new
+                    return _mask_text(masker, new if new is not None else body, counts, charset) or new
                 return new
 
             # compressed, or text the detectors read anyway: read it all; else tell by its first byte
@@ -148,14 +182,15 @@ class HttpDialect:
             kind = BUFFER if whole else SNIFF
             return BodyPlan(kind, sniffed, required=True, why="a body that may be JSON under masking rules")
         if mask_text and masker.detector_rules and is_text(ctype):
-            return BodyPlan(BUFFER, lambda body, counts: _mask_text(masker, body, counts), required=True,
+            return BodyPlan(BUFFER, lambda body, counts: _mask_text(masker, body, counts, charset), required=True,
                             why="text body under masking detectors")
         return PASS_THROUGH
 
     def recorded_request_body(self, request: Request, excerpt: Any, total: int, masker: JsonMasker | None,
                               counts: dict[str, int]) -> str:
         """What the record keeps of a request body's excerpt: masked as a response body would be."""
-        return recorded_request_body(excerpt, total, masker, counts)
+        ctype = request.head.index.get(b"content-type") if request.head is not None else None
+        return recorded_request_body(excerpt, total, masker, counts, ctype)
 
     # -- upgraded streams -------------------------------------------------------------------
 
@@ -223,10 +258,18 @@ class WebSocketFeed:
 UNREADABLE_BODY = "[not recorded: a JSON body over record.body_limit, which masking cannot read whole]"
 
 
-def recorded_request_body(excerpt: Any, total: int, masker: Any, counts: dict[str, int]) -> str:
+#: what the record keeps of a JSON body nested too deeply for masking to walk
+TOO_DEEP_BODY = "[not recorded: a JSON body nested too deeply for masking to read]"
+#: what the record keeps of a form body cut at the record's limit, under key rules
+UNREADABLE_FORM = "[not recorded: a form body over record.body_limit, which masking cannot read whole]"
+
+
+def recorded_request_body(excerpt: Any, total: int, masker: Any, counts: dict[str, int],
+                          content_type: bytes | None = None) -> str:
     """
     The request body as the record keeps it: masked by the session's rules as a response body is (JSON by keys
-    and detectors, other text by detectors). The client's body reaches the upstream as sent.
+    and detectors, a form by keys on its field names and detectors, other text by detectors). The client's body
+    reaches the upstream as sent.
     """
     text = excerpt.text(total)
     if masker is None or not masker.active:
@@ -236,9 +279,17 @@ def recorded_request_body(excerpt: Any, total: int, masker: Any, counts: dict[st
             return UNREADABLE_BODY if masker.key_rules else masker.mask_text(text, counts)
         try:
             new = masker.mask_body(text.encode("utf-8"), counts)
+        except RecursionError:
+            return TOO_DEEP_BODY
         except ValueError:
             return masker.mask_text(text, counts)
+        except Exception:  # whatever the walk met: not recorded rather than recorded unmasked
+            return TOO_DEEP_BODY
         return text if new is None else new.decode("utf-8", "replace")
+    if masker.key_rules and media_type(content_type) == "application/x-www-form-urlencoded":
+        if total > excerpt.kept:
+            return UNREADABLE_FORM
+        text = masker.mask_form(text, counts)
     return masker.mask_text(text, counts)
 
 
@@ -263,10 +314,61 @@ def _mask_json_where_it_parses(masker: JsonMasker, body: bytes, counts: dict[str
     return b"\n".join(lines) if changed else None
 
 
-def _mask_text(masker: JsonMasker, body: bytes, counts: dict[str, int]) -> bytes | None:
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
+def recordable_query(masker: JsonMasker | None, operation: Any, decision: Any,
+                     counts: dict[str, int]) -> tuple[Any, Any]:
+    """
+    An operation and its decision as the record keeps them: the session's key rules applied to the query
+    parameters (``?password=...&refresh_token=...``) in the operation's text, its recorded URL and the decision's
+    facts, as they are to a form body. Policy judged the request as sent; the upstream gets it as sent.
+    """
+    query = getattr(operation.detail, "query", "")
+    if masker is None or not masker.key_rules or not query:
+        return operation, decision
+    masked = masker.mask_form(query, counts)
+    if masked is query or masked == query:
+        return operation, decision
+    old, new = "?" + query, "?" + masked
+    extra = operation.extra
+    if extra and isinstance(extra.get("url"), str):
+        extra = dict(extra, url=extra["url"].replace(old, new, 1))
+    operation = attrs.evolve(operation, text=operation.text.replace(old, new, 1), extra=extra)
+    facts = decision.facts if decision is not None else None
+    if facts and facts.get("query") == query:
+        decision = attrs.evolve(decision, facts=dict(facts, query=masked))
+    return operation, decision
+
+
+def _charset(content_type: bytes | None) -> str | None:
+    """The ``charset`` parameter of a Content-Type, lower case, when it names one Python knows; else None."""
+    if not content_type:
         return None
+    for param in content_type.split(b";")[1:]:
+        name, _, value = param.partition(b"=")
+        if name.strip().lower() == b"charset":
+            charset = value.strip().strip(b'"').decode("latin-1").lower()
+            try:
+                return codecs.lookup(charset).name
+            except LookupError:
+                return None
+    return None
+
+
+def _mask_text(masker: JsonMasker, body: bytes, counts: dict[str, int], charset: str | None = None) -> bytes | None:
+    """
+    Detectors over a text body read in its declared charset (else UTF-8; bytes that are not UTF-8 are read as
+    latin-1, where every byte is a character, so nothing goes unread), written back in the same charset. None
+    when nothing changed; ValueError when the masked text cannot be written back (the body fails closed).
+    """
+    encoding = charset or "utf-8"
+    try:
+        text = body.decode(encoding)
+    except UnicodeDecodeError:
+        encoding = "latin-1"
+        text = body.decode(encoding)
     masked = masker.mask_text(text, counts)
-    return None if masked is text else masked.encode("utf-8")
+    if masked is text:
+        return None
+    try:
+        return masked.encode(encoding)
+    except UnicodeEncodeError:
+        raise ValueError(f"the masked body cannot be written in {encoding}") from None

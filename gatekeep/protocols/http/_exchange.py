@@ -59,6 +59,7 @@ class Exchange:
         "discarded", "close_after", "bytes_in", "bytes_out", "status", "response", "plan", "req_excerpt",
         "resp_excerpt", "body_in", "body_out", "buffer", "buffered", "lines", "rechunk", "counts", "error",
         "upgrade", "first_byte", "head_bytes", "attempts", "finished", "chunked_out", "waiting", "hold",
+        "chunked_in",
     )
 
     def __init__(self, head: Head, now: float) -> None:
@@ -91,6 +92,9 @@ class Exchange:
         self.rechunk = False
         #: the response goes to the client chunked by gatekeep
         self.chunked_out = False
+        #: the request body is chunked: it goes upstream re-chunked by gatekeep (its payload in clean chunks,
+        #: no chunk extensions, no trailers), so the upstream cannot frame it other than gatekeep did
+        self.chunked_in = False
         self.counts: dict[str, int] = {}
         self.error: str | None = None
         self.upgrade: bytes | None = head.upgrade

@@ -20,6 +20,7 @@ import json
 import re
 from fnmatch import fnmatchcase
 from typing import Any, Callable
+from urllib.parse import quote_plus, unquote_plus
 
 import attrs
 
@@ -170,13 +171,40 @@ class JsonMasker:
 
     # -- bodies ---------------------------------------------------------------------
 
+    def mask_form(self, text: str, counts: dict[str, int]) -> str:
+        """
+        Key rules over ``name=value&...`` (a query string, an ``application/x-www-form-urlencoded`` body): the
+        value of a field whose name a rule's key names (or globs; ``user[password]`` is also ``password``, and a
+        JSON path ``$.name`` fits a top-level field) is masked whole, the rest kept as it was.
+        """
+        if not self.key_rules or "=" not in text:
+            return text
+        out, changed = [], False
+        for field in text.split("&"):
+            name, sep, value = field.partition("=")
+            if sep:
+                key = unquote_plus(name)
+                inner = key.rstrip("]").rpartition("[")[2] if key.endswith("]") else key
+                rule = self._rule_for(key, (key,) if self.uses_paths else None) or \
+                    (self._rule_for(inner, (inner,) if self.uses_paths else None) if inner != key else None)
+                if rule is not None:
+                    counts[rule.name] = counts.get(rule.name, 0) + 1
+                    masked = mask_text(rule, unquote_plus(value))
+                    field = name + "=" + (quote_plus(masked, safe="*") if masked is not None else "")
+                    changed = True
+            out.append(field)
+        return "&".join(out) if changed else text
+
     def mask_body(self, body: bytes, counts: dict[str, int],
-                  extra: Callable[[Any, dict[str, int]], Any] | None = None) -> bytes | None:
+                  extra: Callable[[Any, dict[str, int]], Any] | None = None, charset: str | None = None) -> bytes | None:
         """
-        Mask a JSON body. Returns new bytes, or None when nothing changed.
-        Raises ValueError when the body is not JSON.
+        Mask a JSON body (in ``charset`` when one is declared, else as JSON's own encodings). Returns new bytes,
+        or None when nothing changed. Raises ValueError when the body is not JSON.
         """
-        value = json.loads(body)
+        if charset not in (None, "utf-8"):
+            value = json.loads(body.decode(charset))
+        else:
+            value = json.loads(body)
         new = value
         if extra is not None:
             new = extra(new, counts)
@@ -184,6 +212,9 @@ class JsonMasker:
             new = self.mask(new, counts)
         if new is value:
             return None
+        if charset not in (None, "utf-8"):
+            # ASCII with \u escapes: written back in any charset that has ASCII
+            return json.dumps(new, separators=(",", ":")).encode(charset)
         return dumps(new)
 
 

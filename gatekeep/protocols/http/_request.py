@@ -7,7 +7,8 @@ collapsed. A path gatekeep cannot put in one canonical form that every server
 would agree on (an encoded slash or backslash, a ``.`` or ``..`` segment, a NUL,
 a ``;`` that some servers take as the start of path parameters)
 makes the request *unjudgeable*: denied unless the target allows unjudgeable
-operations. The request is forwarded with its target as the client sent it.
+operations. The request is forwarded with its target as the client sent it (an absolute-form
+target in origin form, after checking its authority is the Host).
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from gatekeep.protocols.http._codec import Head, ProtocolError
 
 _SLASHES = re.compile(r"/{2,}")
 _ENCODED_SEPARATOR = re.compile(r"%(?:2f|5c|00)", re.I)
+#: a Host field value: the bytes Go's net/http accepts (reg-name, IP literal, port), nothing else (no comma, space)
+_HOST = re.compile(r"[A-Za-z0-9!$%&'()*+\-.:;=\[\]_~]*")
 
 
 @attrs.frozen
 class Request:
     method: str
-    #: the request target as sent (origin form: path and query)
+    #: the request target in origin form (path and query): as sent, or taken from an absolute-form target;
+    #: this is what goes upstream
     target: str
     #: decoded, normalised path
     path: str
@@ -79,22 +83,46 @@ def normalise_path(raw: str) -> tuple[str, str | None]:
     return path, problem
 
 
+def _origin_form(target: str) -> tuple[str, str]:
+    """(authority, origin form) of an absolute-form target: ``http://h:1/p?q`` -> ("h:1", "/p?q")."""
+    rest = target.partition("://")[2]
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    authority, origin = rest[:cut], rest[cut:]
+    if not origin.startswith("/"):
+        origin = "/" + origin
+    return authority, origin
+
+
 def parse_request(head: Head) -> Request:
-    """The Request of a head; ProtocolError for a target that is not origin or absolute form."""
+    """
+    The Request of a head; ProtocolError (400) for a target that is not origin or absolute form, a target with a
+    fragment (``#``), more than one Host field or a Host that is not one, and an absolute-form target whose
+    authority is not the Host field's. An absolute-form target is judged, recorded and forwarded in origin form.
+    """
     target = head.target.decode("latin-1")
-    host_header = head.index.get(b"host", b"").decode("latin-1")
+    if "#" in target:
+        # clients never send a fragment; servers differ on where the path ends if one comes
+        raise ProtocolError("request target with a fragment (#)")
+    hosts = [v for n, v in head.headers if n.lower() == b"host"]
+    if len(hosts) > 1:
+        raise ProtocolError("more than one Host header field")
+    host_header = hosts[0].decode("latin-1").strip() if hosts else ""
+    if not _HOST.fullmatch(host_header):
+        raise ProtocolError("invalid Host header field")
     if target.startswith("/"):
         raw_path, _, query = target.partition("?")
-        raw_path = raw_path.partition("#")[0]
     elif target.lower().startswith(("http://", "https://")):
-        parts = urlsplit(target)
-        raw_path, query = parts.path or "/", parts.query
-        host_header = parts.netloc or host_header
+        authority, target = _origin_form(target)
+        if authority.lower() != host_header.lower():
+            # RFC 9112 3.2.2 would have the target's authority win over Host; gatekeep refuses the disagreement
+            # instead, so what is judged and what the upstream routes by are one and the same
+            raise ProtocolError("the absolute-form target's authority is not the Host header field's")
+        raw_path, _, query = target.partition("?")
     elif target == "*" and head.method == b"OPTIONS":
         raw_path, query = "*", ""
     else:
         raise ProtocolError("request target must be a path or an absolute URL")
-    if head.version == b"1.1" and b"host" not in head.index:
+    if head.version == b"1.1" and not hosts:
         raise ProtocolError("HTTP/1.1 request without Host")
     path, problem = normalise_path(raw_path) if raw_path != "*" else ("*", None)
     method = head.method.decode("ascii")

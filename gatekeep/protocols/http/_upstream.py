@@ -21,7 +21,7 @@ from gatekeep.masking.strategies import REDACTED, mask_spans
 from gatekeep.model import StreamEvent
 from gatekeep.protocols.http import _codec as codec
 from gatekeep.protocols.http._codec import END, NEED_DATA, PAUSED, Data, Head, MessageReader, ProtocolError
-from gatekeep.protocols.http._dialect import BUFFER, LINES, PASS, PASS_THROUGH, SNIFF
+from gatekeep.protocols.http._dialect import BUFFER, LINES, PASS, PASS_THROUGH, REFUSE, SNIFF
 from gatekeep.protocols.http._exchange import Exchange, excerpt_for
 
 _log = Logger()
@@ -193,12 +193,15 @@ class UpstreamSide(protocol.Protocol):
         if status < 200 and status != 101:
             self.out(ex, head.raw)
             return
+        if status == 101:
+            offered = (head.index.get(b"upgrade") or b"").strip().lower()
+            if ex.upgrade is None or offered != ex.upgrade.strip().lower():
+                # only the upgrade asked for, and relayed (see HttpDialect.upgrades), becomes a tunnel
+                self.broken("101 Switching Protocols to a protocol gatekeep did not ask for")
+                return
         ex.response = head
         ex.status = status
         if status == 101:
-            if ex.upgrade is None:
-                self.broken("101 Switching Protocols without an upgrade request")
-                return
             self.out(ex, head.raw)
             Tunnel.start(c, self, ex, head)
             return
@@ -206,6 +209,9 @@ class UpstreamSide(protocol.Protocol):
         ex.plan = plan
         ex.resp_excerpt = excerpt_for(head, c.options.record.body_limit)
         self.reader.decode = plan.kind != PASS or ex.resp_excerpt is not None
+        if plan.kind == REFUSE:
+            self.give_up(ex, plan.why)
+            return
         if plan.kind == BUFFER:
             length = self.reader.body_length
             if length is not None and length > c.options.max_body:
@@ -448,6 +454,8 @@ class Tunnel:
                 new = masker.mask_body(data.encode("utf-8"), self.ex.counts)
             except ValueError:
                 pass
+            except Exception:  # nested too deeply to walk (RecursionError), ...: not recorded, the stream goes on
+                return "[not recorded: a JSON message masking cannot read]"
             else:
                 return data if new is None else new.decode("utf-8", "replace")
         if not self.rules:

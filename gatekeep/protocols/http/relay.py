@@ -42,6 +42,7 @@ from gatekeep.masking import strategies
 from gatekeep.model import Action, ClientAddress, Decision, Operation, Session, SessionEnd
 from gatekeep.protocols.http import _codec as codec
 from gatekeep.protocols.http._codec import END, NEED_DATA, PAUSED, Data, Head, MessageReader, ProtocolError
+from gatekeep.protocols.http._dialect import recordable_query
 from gatekeep.protocols.http._exchange import Exchange, excerpt_for, operation_extra, outcome_for
 from gatekeep.protocols.http._jsonmask import JsonMasker
 from gatekeep.protocols.http._login import ClientLogin
@@ -247,10 +248,15 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
             self.bad_request(e)
             return
         ex.request = request
+        if not self.dialect.relays_upgrade(ex.upgrade):
+            ex.upgrade = None  # taken off the request (see HttpDialect.rewrite): a 101 to it fails
         limit = self.options.record.body_limit
         if limit and (self.reader.body_framing != "length" or (self.reader.body_length or 0) > 0):
             ex.req_excerpt = excerpt_for(head, limit)
             self.reader.decode = ex.req_excerpt is not None
+        if self.reader.body_framing == "chunked":
+            ex.chunked_in = True
+            self.reader.decode = True
         self.login(ex)
 
     def bad_request(self, error: ProtocolError) -> None:
@@ -366,7 +372,8 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
         """Record the operation; returns (decision, Deferred or None for a strict recording)."""
         op, recorded = ex.op, decision
         if self.masker is not None:
-            op, recorded = strategies.recordable(self.masker.detector_rules, op, decision)
+            op, recorded = recordable_query(self.masker, op, recorded, ex.counts)
+            op, recorded = strategies.recordable(self.masker.detector_rules, op, recorded)
         try:
             return decision, self.chain.operation_started(op, recorded)
         except RecordingUnavailable as e:
@@ -393,7 +400,9 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
                               error=f"denied by rule {decision.rule or 'default'}")
             return
         drop, add = self.dialect.rewrite(ex.request, self.masker)
-        ex.head_bytes = self.factory.rewriter.head(ex.head, drop=drop, add=add)
+        # origin form always (an absolute-form target's path, the upstream's base path before it)
+        ex.head_bytes = self.factory.rewriter.head(ex.head, target=ex.request.target.encode("latin-1"), drop=drop,
+                                                   add=add)
         self.forward(ex)
 
     def forward(self, ex: Exchange) -> None:
@@ -423,11 +432,17 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
                 ex.req_excerpt.add(event.payload)
         else:
             ex.body_in += n
+        if ex.chunked_in:
+            if event.payload:
+                self.upstream.wire.write(codec.encode_chunk(event.payload))
+            return
         self.upstream.wire.write(event.raw)
 
     def request_end(self) -> None:
         ex = self.exchange
         ex.request_done = True
+        if ex.chunked_in and not ex.discard and self.upstream is not None:
+            self.upstream.wire.write(codec.LAST_CHUNK)  # the client's trailers, if any, are not passed on
         if ex.response_done:
             self.exchange_done(ex)
 

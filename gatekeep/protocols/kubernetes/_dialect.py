@@ -15,8 +15,8 @@ import attrs
 from gatekeep.model import Decision
 from gatekeep.protocols.http import _websocket as ws
 from gatekeep.protocols.http._codec import Head, simple_response
-from gatekeep.protocols.http._dialect import (BUFFER, LINES, PASS_THROUGH, BodyPlan, HttpDialect, StreamPiece,
-                                              WebSocketFeed)
+from gatekeep.protocols.http._dialect import (BUFFER, LINES, PARTIAL, PASS_THROUGH, RANGE_FIELDS, BodyPlan,
+                                              HttpDialect, StreamPiece, WebSocketFeed, is_partial)
 from gatekeep.protocols.http._headers import is_json
 from gatekeep.protocols.http._jsonmask import JsonMasker, dumps
 from gatekeep.protocols.http._request import Request
@@ -52,6 +52,8 @@ def status(code: int, message: str, info: RequestInfo | None = None, reason: str
 
 class KubernetesDialect(HttpDialect):
     protocol = "kubernetes"
+    #: exec, attach and port-forward: WebSocket, or SPDY/3.1 (kubectl's fallback)
+    upgrades = frozenset({b"websocket", b"spdy/3.1"})
 
     def __init__(self, options: Any) -> None:
         self.mask_secrets = getattr(options, "mask_secrets", True)
@@ -82,7 +84,7 @@ class KubernetesDialect(HttpDialect):
         accept = request.head.index.get(b"accept", b"application/json")
         ranges = [r.strip() for r in accept.split(b",") if r.strip() and not any(o in r for o in _OPAQUE)]
         add = tuple(f for f in add if f[0].lower() != b"accept-encoding")
-        return drop | {b"accept", b"accept-encoding"}, add + (
+        return drop | RANGE_FIELDS | {b"accept", b"accept-encoding"}, add + (
             (b"Accept", b", ".join(ranges) or b"application/json"), (b"Accept-Encoding", b"identity"))
 
     # -- gatekeep's own answers -------------------------------------------------------------
@@ -115,6 +117,8 @@ class KubernetesDialect(HttpDialect):
             return PASS_THROUGH
         ctype = head.index.get(b"content-type")
         user = masker if masker is not None and masker.active else None
+        if is_partial(head) and (user is not None or self._secrets(request)):
+            return PARTIAL
         watch = request.info.verb == "watch" and is_json(ctype)
         if not self._secrets(request):
             if watch and user is not None:
@@ -137,14 +141,14 @@ class KubernetesDialect(HttpDialect):
         text = excerpt.text(total)
         try:
             value = json.loads(text) if total <= excerpt.kept else None
-        except ValueError:
-            value = None
-        if not isinstance(value, dict):
+            if not isinstance(value, dict):
+                return NOT_RECORDED_SECRET
+            new = mask_secrets(value, counts)
+            if masker is not None and masker.active:
+                new = masker.mask(new, counts)
+            return text if new is value else json.dumps(new, separators=(",", ":"))
+        except Exception:  # not JSON, or nested too deeply to walk (RecursionError): not recorded
             return NOT_RECORDED_SECRET
-        new = mask_secrets(value, counts)
-        if masker is not None and masker.active:
-            new = masker.mask(new, counts)
-        return text if new is value else json.dumps(new, separators=(",", ":"))
 
     # -- upgraded streams -------------------------------------------------------------------
 

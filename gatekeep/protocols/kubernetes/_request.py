@@ -95,7 +95,7 @@ def request_info(method: str, path: str, query: str) -> RequestInfo:
         # /api/v1/namespaces/NAME[/status]: the namespace object itself
         name = namespace
     params = parse_qs(query, keep_blank_values=True) if query else {}
-    watch = watch_prefix or any(v.lower() in ("true", "1") for v in params.get("watch", ()))
+    watch = watch_prefix or _true(params.get("watch"))
     if verb == "get" and not name:
         verb = "list"
     if verb == "list" and watch:
@@ -108,3 +108,11 @@ def request_info(method: str, path: str, query: str) -> RequestInfo:
         # exec, attach and portforward over WebSocket are authorized as create, like POST (SPDY)
         verb = "create"
     return RequestInfo(True, verb, group, version, resource, subresource, namespace, name, prefix)
+
+
+def _true(values: list[str] | None) -> bool:
+    """A boolean query parameter as the API server reads it: its first value, false only for ``0`` or ``false``
+    (any case), so ``?watch``, ``?watch=`` and ``?watch=yes`` are all true."""
+    if not values:
+        return False
+    return values[0] != "0" and values[0].lower() != "false"

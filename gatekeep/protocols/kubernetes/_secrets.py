@@ -9,8 +9,11 @@ the Secret as it was applied, is masked the same way. Found in:
 - a Secret (``kind: Secret``), as returned by get, create, update, patch, delete;
 - a SecretList's ``items`` (the items carry no ``kind``) and any list's items
   whose kind is Secret;
-- a Table's ``rows[].object`` (``application/json;as=Table``, with
-  ``includeObject=Object``);
+- a Table's ``rows[].object`` (``application/json;as=Table``: a Secret with
+  ``includeObject=Object``, else the default ``PartialObjectMetadata``);
+- ``PartialObjectMetadata`` and its lists (``as=PartialObjectMetadata[List]``),
+  and any other object in a response about Secrets: its last-applied
+  annotation masked as a Secret's;
 - a watch event ``{"type": ..., "object": {...}}``.
 """
 
@@ -42,15 +45,18 @@ def mask_secret(obj: dict, counts: dict[str, int]) -> dict:
                 out = dict(obj)
             out[key] = {k: masked for k in values}
             _count(counts, len(values))
+    return mask_last_applied(obj if out is None else out, counts)
+
+
+def mask_last_applied(obj: dict, counts: dict[str, int]) -> dict:
+    """A copy of an object with its last-applied annotation masked as a Secret (the same object without one)."""
     meta = obj.get("metadata")
     if isinstance(meta, dict):
         annotations = meta.get("annotations")
         if isinstance(annotations, dict) and LAST_APPLIED in annotations:
-            if out is None:
-                out = dict(obj)
-            out["metadata"] = dict(meta, annotations=dict(annotations, **{
-                LAST_APPLIED: _mask_last_applied(annotations[LAST_APPLIED], counts)}))
-    return obj if out is None else out
+            return dict(obj, metadata=dict(meta, annotations=dict(annotations, **{
+                LAST_APPLIED: _mask_last_applied(annotations[LAST_APPLIED], counts)})))
+    return obj
 
 
 def _mask_last_applied(text: Any, counts: dict[str, int]) -> str:
@@ -66,7 +72,12 @@ def _mask_last_applied(text: Any, counts: dict[str, int]) -> str:
 
 
 def mask_secrets(value: Any, counts: dict[str, int]) -> Any:
-    """Mask every Secret in a decoded API response (object, list, table or watch event)."""
+    """
+    Mask every Secret in a decoded API response about Secrets (object, list, table or watch event). Any other
+    object in it is a view of a Secret too (``PartialObjectMetadata``: a Table row's default object, or asked
+    for with ``as=PartialObjectMetadata[List]``): its last-applied annotation, which holds the Secret as it was
+    applied, is masked as a Secret's is.
+    """
     if not isinstance(value, dict):
         return value
     kind = value.get("kind")
@@ -98,7 +109,11 @@ def mask_secrets(value: Any, counts: dict[str, int]) -> Any:
         return value if new is value["object"] else dict(value, object=new)
     items = value.get("items")
     if isinstance(items, list):
-        new_items = [mask_secrets(i, counts) for i in items]
+        # a list (PartialObjectMetadataList, a List of any kind): items with no kind are the list's own kind
+        new_items = [mask_secrets(i, counts) if isinstance(i, dict) and i.get("kind") else
+                     mask_secret(i, counts) if isinstance(i, dict) else i for i in items]
         if any(a is not b for a, b in zip(new_items, items)):
             return dict(value, items=new_items)
-    return value
+        return value
+    # any other object (PartialObjectMetadata, ...): its last-applied annotation
+    return mask_last_applied(value, counts)
