@@ -450,3 +450,39 @@ def test_a_deeply_nested_websocket_message_is_not_recorded_and_the_tunnel_goes_o
     assert up.built[0].received.endswith(deep + after)
     assert [e.data for e in rec.streams] == ["[not recorded: a JSON message masking cannot read]",
                                              '{"password":"****"}']
+
+
+class ClosesOnSecond(Upstream):
+    """Answers the first request, then closes the keep-alive connection when the second arrives (a server that
+    had just timed the connection out)."""
+
+    def dataReceived(self, data):
+        if self.responses is not None and self.received:
+            self.received += data
+            self.transport.loseConnection()
+            return
+        super().dataReceived(data)
+
+
+def test_an_empty_chunked_request_retried_on_a_new_connection_ends_its_body():
+    """An idempotent request whose keep-alive connection the server had just closed is sent once more on a new
+    one; an empty chunked body goes with its last chunk, or the server would wait for it forever."""
+    conn, up, rec, _ = setup([OK, OK])
+    first = ClosesOnSecond([OK])
+    factory = up
+    built = iter([first])
+    original = factory.buildProtocol
+
+    def build(addr):
+        p = next(built, None)
+        if p is None:
+            return original(addr)
+        factory.built.append(p)
+        return p
+    factory.buildProtocol = build
+    assert conn.send(get()) == OK
+    answer = conn.send(get(b"/y", extra=b"Transfer-Encoding: chunked\r\n") + b"0\r\n\r\n")
+    assert len(factory.built) == 2, factory.built
+    retried = factory.built[1].received
+    assert retried.startswith(b"GET /y HTTP/1.1\r\n") and retried.endswith(b"\r\n\r\n0\r\n\r\n"), retried
+    assert answer == OK

@@ -114,6 +114,10 @@ class UpstreamSide(protocol.Protocol):
         self.reused = self.requests > 1
         self.reader.expect(ex.head.method)
         self.wire.write(ex.head_bytes)
+        if ex.chunked_in and ex.request_done:
+            # sent again on a new connection (an idempotent request, retried only with an empty body): the
+            # body's last chunk went to the closed one
+            self.wire.write(codec.LAST_CHUNK)
 
     def dataReceived(self, data: bytes) -> None:
         if self.tunnel is not None:
