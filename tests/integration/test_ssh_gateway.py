@@ -334,16 +334,26 @@ def _wait_screen(name, needle, timeout=15.0):
         time.sleep(0.1)
 
 
-def test_interactive_shell_denied_typed_command_and_replay(gw, tmp_path):
-    """A pty shell through tmux: commands run, a typed rm is not submitted, and the recording replays and exports."""
-    victim = tmp_path / "victim"
-    victim.write_text("keep me")
-    name = "gk-ssh-%d" % os.getpid()
+def _shell_in_tmux(gw, name):
+    """alice's pty shell through the gateway in tmux session ``name``, at its prompt; the session ids before it."""
     cmd = " ".join(["ssh", "-tt", "-p", str(gw.port)] + gw.opts(gw.alice_key) + ["alice@127.0.0.1"])
     before = gw.ids()
     _tmux("new-session", "-d", "-s", name, "-x", "100", "-y", "30", cmd)
     try:
         _wait_screen(name, "#" if os.geteuid() == 0 else "$")
+    except BaseException:
+        _tmux("kill-session", "-t", name, check=False)
+        raise
+    return before
+
+
+def test_interactive_shell_denied_typed_command_and_replay(gw, tmp_path):
+    """A pty shell through tmux: commands run, a typed rm is not submitted, and the recording replays and exports."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    name = "gk-ssh-%d" % os.getpid()
+    before = _shell_in_tmux(gw, name)
+    try:
         _tmux("send-keys", "-t", name, "echo shell-$((6*7))", "Enter")
         _wait_screen(name, "shell-42")
         _tmux("send-keys", "-t", name, "rm -f %s" % victim, "Enter")
@@ -423,6 +433,52 @@ def test_recorded_command_line_is_masked_too(gw):
     assert CARD not in json.dumps(rec) and rec["text"] == "echo paid with ****", rec
 
 
+def test_exec_that_only_starts_with_scp_is_recorded(gw, tmp_path):
+    """`scp -V; echo paid with CARD` is not a file transfer: its output is recorded (masked) like any exec."""
+    before = gw.ids()
+    r = gw.ssh("scp -V 2>/dev/null; echo paid with '%s'" % CARD)
+    assert r.stdout == "paid with %s\n" % CARD
+    s = gw.wait_session(before)
+    cast = tmp_path / "scp-first.cast"
+    assert gw.cli("sessions", "export", s["id"], "-o", str(cast)).returncode == 0
+    events = [json.loads(line) for line in cast.read_text().splitlines()[1:]]
+    out = "".join(e[2] for e in events if e[1] == "o")
+    assert "paid with ****" in out and CARD not in out
+
+
+def test_echo_off_input_is_not_recorded(gw, tmp_path):
+    """In a pty shell, what is typed at `read -s` (echo off, a prompt of any wording) and at a `Password:`
+    prompt is recorded as its length only, and is never judged as a typed command; ordinary lines are recorded
+    as typed."""
+    name = "gk-ssh-pw-%d" % os.getpid()
+    before = _shell_in_tmux(gw, name)
+    try:
+        # (the prompts are spelt so that the echoed command line does not show them)
+        _tmux("send-keys", "-t", name, "x=Ent; read -s -p \"${x}er it: \" v; echo got-${#v}", "Enter")
+        _wait_screen(name, "Enter it:")
+        _tmux("send-keys", "-t", name, "-l", "Tr0ub4dor&3")
+        _tmux("send-keys", "-t", name, "Enter")
+        _wait_screen(name, "got-11")
+        _tmux("send-keys", "-t", name, "y=Passw; read -s -p \"${y}ord: \" w; echo pw-${#w}", "Enter")
+        _wait_screen(name, "Password:")
+        _tmux("send-keys", "-t", name, "-l", "rm -rf hunter2")
+        _tmux("send-keys", "-t", name, "Enter")
+        _wait_screen(name, "pw-14")
+        _tmux("send-keys", "-t", name, "exit", "Enter")
+        s = gw.wait_session(before)
+    finally:
+        _tmux("kill-session", "-t", name, check=False)
+    cast = tmp_path / "pw.cast"
+    assert gw.cli("sessions", "export", s["id"], "-o", str(cast)).returncode == 0
+    events = [json.loads(line) for line in cast.read_text().splitlines()[1:]]
+    typed = "".join(e[2] for e in events if e[1] == "i")
+    assert "Tr0ub4dor" not in typed and "hunter2" not in typed, typed
+    assert "[input not echoed: 11 bytes]" in typed and "[input typed at a password prompt: 14 bytes]" in typed
+    assert "echo got-${#v}" in typed and "exit\r" in typed
+    assert "Tr0ub4dor" not in json.dumps(s) and "hunter2" not in json.dumps(s)
+    assert not [o for o in s["records"] if o["kind"] == "shell-command" and o["action"] != "allow"]
+
+
 # -- file transfer --------------------------------------------------------------------------
 
 
@@ -499,10 +555,10 @@ def test_sftp_denied_paths(gw, tmp_path):
 # -- port forwarding --------------------------------------------------------------------------
 
 
-def _forward(gw, target_port):
-    """Start ``ssh -N -L`` to 127.0.0.1:target_port; return (process, local port)."""
+def _forward(gw, target_port, host="127.0.0.1"):
+    """Start ``ssh -N -L`` to host:target_port; return (process, local port)."""
     local = free_port()
-    proc = subprocess.Popen(["ssh", "-N", "-p", str(gw.port), "-L", "127.0.0.1:%d:127.0.0.1:%d" % (local, target_port)]
+    proc = subprocess.Popen(["ssh", "-N", "-p", str(gw.port), "-L", "127.0.0.1:%d:%s:%d" % (local, host, target_port)]
                             + gw.opts(gw.alice_key) + ["alice@127.0.0.1"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 15
@@ -548,6 +604,25 @@ def _stop(proc):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+
+
+def test_port_forward_judged_and_sent_in_its_canonical_spelling(gw, echo_port):
+    """A forward to 2130706433 (the number sshd's resolver reads as 127.0.0.1) is judged as 127.0.0.1 (the
+    echo-forward rule allows it) and the server is asked for 127.0.0.1, so the data reaches what was judged;
+    the record keeps the client's spelling."""
+    before = gw.ids()
+    proc, local = _forward(gw, echo_port, host="2130706433")
+    try:
+        payload = os.urandom(5000)
+        assert _exchange(local, payload) == payload
+    finally:
+        _stop(proc)
+    s = gw.wait_session(before)
+    forwards = [o for o in s["records"] if o["kind"] == "forward"]  # (the probe that waits for -L is one too)
+    assert forwards
+    for fwd in forwards:
+        assert fwd["action"] == "allow" and fwd["rule"] == "echo-forward"
+        assert fwd["text"] == "127.0.0.1:%d" % echo_port and "2130706433" in json.dumps(fwd)
 
 
 def test_port_forward_denied_by_default(gw, sshd):

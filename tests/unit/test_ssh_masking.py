@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -100,3 +101,68 @@ def test_recorded_events_export_as_asciicast_v2():
     assert header["version"] == 2 and (header["width"], header["height"]) == (90, 20)
     assert [json.loads(line) for line in lines[1:]] == [[0.0, "r", "90x20"], [0.5, "o", "hello\r\n"],
                                                         [1.25, "i", "q"]]
+
+
+def _typed(events):
+    return "".join(e.data for e in events if e.kind == "i")
+
+
+@pytest.mark.parametrize("prompt", [b"[sudo] password for deploy: ", b"Password: ", b"Enter passphrase for key '/k': ",
+                                    b"Password for 'https://git.example.com': ", b"Enter PIN: "])
+def test_input_after_a_password_prompt_is_a_placeholder(prompt):
+    """After output ending in a password prompt, the next typed line is recorded as its length only (with or
+    without a terminal), and what follows is recorded again."""
+    for terminal in (False, True):
+        events = []
+        rec = ChannelRecording("s", "channel-0", events.append, lambda: 0.0, (CARDS,), terminal=terminal)
+        rec.output(b"$ ")
+        rec.input(b"sudo -k true\r")
+        rec.output(b"sudo -k true\r\n" + prompt)
+        for ch in b"Tr0ub4dor&3\r":
+            rec.input(bytes([ch]))
+        rec.output(b"\r\n$ ")
+        rec.input(b"ls\r")
+        rec.output(b"ls\r\n")
+        rec.close()
+        assert _typed(events) == "sudo -k true\r[input typed at a password prompt: 11 bytes]\rls\r", (prompt, terminal)
+
+
+def terminal_recording():
+    """A channel's recording with a terminal, and the events it writes."""
+    events = []
+    return events, ChannelRecording("s", "channel-0", events.append, lambda: 0.0, terminal=True)
+
+
+def test_keys_that_are_not_echoed_as_typed_and_full_screen_programs_are_recorded():
+    """Arrow keys, Tab and keys typed in a full-screen program (alternate screen) are recorded as typed."""
+    events, rec = terminal_recording()
+    rec.output(b"$ ")
+    rec.input(b"\x1b[A\t")
+    rec.output(b"vim x\x1b[?1049h")
+    rec.input(b"jjdd:wq\r")
+    rec.output(b"\x1b[?1049l$ ")
+    rec.input(b"echo a\recho b\r")  # typed ahead in one go: each line's echo comes in its time
+    rec.output(b"echo a\r\na\r\n$ echo b\r\nb\r\n$ ")
+    rec.close()
+    assert _typed(events) == "\x1b[A\tjjdd:wq\recho a\recho b\r"
+
+
+def test_a_line_still_waiting_for_its_echo_at_the_end_is_not_recorded():
+    """Typed bytes whose echo never came before the channel closed are recorded as their length only."""
+    events, rec = terminal_recording()
+    rec.input(b"hunter2")
+    rec.close()
+    assert _typed(events) == "[input not echoed: 7 bytes]"
+
+
+def test_a_secret_typed_ahead_of_its_prompt_is_not_recorded():
+    """A line typed (not echoed) before the password prompt came is what the program reads at the prompt: it is
+    replaced by a placeholder when the prompt appears, and the next line is recorded as typed."""
+    events, rec = terminal_recording()
+    rec.input(b"hunter2\r")
+    rec.output(b"Password: ")
+    rec.output(b"\r\n$ ")
+    rec.input(b"exit\r")
+    rec.output(b"exit\r\n")
+    rec.close()
+    assert _typed(events) == "[input typed at a password prompt: 7 bytes]\rexit\r"

@@ -196,3 +196,62 @@ def test_a_typed_shell_command_that_starts_a_shell_is_judged_as_typed(tmp_path, 
     e = _engine(_config(tmp_path, keyfile, []))
     assert _decide(e, _op("shell-command", "bash")).allowed
     assert _decide(e, _op("exec", "bash --version")).allowed
+
+
+def test_an_allow_rule_must_fit_both_paths_of_a_rename(tmp_path, keyfile):
+    """Default deny, writes and renames allowed under /srv/uploads/**: a rename (or link) out of the folder is
+    denied; a deny rule fits when either path does."""
+    e = _engine(_config(tmp_path, keyfile, [
+        {"name": "no-etc", "match": {"sftp": {"operations": ["rename", "symlink"], "paths": ["/etc/**"]}},
+         "action": "deny"},
+        {"name": "uploads", "match": {"sftp": {"operations": ["write", "rename", "link", "symlink"],
+                                               "paths": ["/srv/uploads/**"]}}, "action": "allow"}],
+        default_action="deny"))
+
+    def sftp(op, a, b=None):
+        r = SftpRequest(op, a, b)
+        return _decide(e, _op("sftp", r.text(), SshRequest("sftp", sftp=r)))
+
+    out = sftp("rename", "/srv/uploads/evil", "/var/spool/cron/evil")
+    assert not out.allowed and out.rule is None
+    assert not sftp("link", "/srv/uploads/a", "/home/x/a").allowed
+    assert sftp("rename", "/srv/uploads/a", "/srv/uploads/b").rule == "uploads"
+    assert sftp("rename", "/srv/uploads/a", "/etc/cron.d/a").rule == "no-etc"
+    assert sftp("symlink", "/etc/shadow", "/srv/uploads/s").rule == "no-etc"
+
+
+def test_a_relative_sftp_path_is_unjudgeable(tmp_path, keyfile):
+    """A path still relative (the starting folder could not be learnt) is refused as unjudgeable, whatever the
+    rules say."""
+    e = _engine(_config(tmp_path, keyfile, [
+        {"name": "etc", "match": {"sftp": {"paths": ["/etc/**"]}}, "action": "deny"}]))
+    r = SftpRequest("remove", "../../etc/cron.d/backup")
+    out = _decide(e, _op("sftp", r.text(), SshRequest("sftp", sftp=r)))
+    assert not out.allowed and out.rule == "unjudgeable" and "relative" in out.reason
+
+
+@pytest.mark.parametrize("host", ["169.254.169.254", "2852039166", "0xa9fea9fe", "169.254.43518",
+                                  "0251.0376.0251.0376", "0xA9.0xFE.0xA9.0xFE", "::ffff:169.254.169.254",
+                                  "0:0:0:0:0:FFFF:A9FE:A9FE", "METADATA.internal.", "metadata.internal..",
+                                  "fd00:0:0::0001"])
+def test_forward_hosts_are_judged_in_one_spelling(tmp_path, keyfile, host):
+    """Numeric IPv4 forms the server's resolver reads as 169.254.169.254, IPv4-mapped IPv6, IPv6 written out, a
+    name in capitals or with a trailing dot: each fits the deny rule written in the plain form."""
+    e = _engine(_config(tmp_path, keyfile, [
+        {"name": "no-metadata", "match": {"forwards": ["169.254.169.254:*", "metadata.internal:*", "fd00::1:*"]},
+         "action": "deny"},
+        {"name": "any", "match": {"forwards": ["*:*"]}, "action": "allow"}]))
+    out = _decide(e, _op("forward", f"{host}:80", SshRequest("forward", forward=(host, 80))))
+    assert out.rule == "no-metadata", out
+
+
+def test_canonical_host():
+    """The canonical form: dotted quad, compressed IPv6, lower-case names without a trailing dot."""
+    from gatekeep.protocols.ssh.policy import canonical_host
+
+    assert canonical_host("2130706433") == "127.0.0.1"
+    assert canonical_host("0x7f.1") == "127.0.0.1"
+    assert canonical_host("::FFFF:7F00:1") == "127.0.0.1"
+    assert canonical_host("0:0:0:0:0:0:0:1") == "::1"
+    assert canonical_host("Db.Internal.") == "db.internal"
+    assert canonical_host("db1.internal") == "db1.internal"

@@ -22,6 +22,9 @@ def req(kind, rid, body=b""):
 
 
 INIT = pkt(sftp.INIT, struct.pack(">L", 3))
+VERSION = pkt(sftp.VERSION, struct.pack(">L", 3))
+#: gatekeep's own REALPATH "." (sent after the server's VERSION)
+HOME_ASK = req(sftp.REALPATH, sftp.HOME_ID, ns("."))
 ATTRS0 = struct.pack(">L", 0)
 
 
@@ -98,7 +101,9 @@ def test_split_input_gives_the_same_bytes(step):
     feed(s, server[:-len(status(3, 0)) - len(data_reply(2, b"d" * 5000))], "s", step)
     feed(s, client[len(INIT) + len(open_(1, "/data/f", 1)):], "c", step)
     feed(s, server[-len(status(3, 0)) - len(data_reply(2, b"d" * 5000)):], "s", step)
-    assert s.take_to_server() == client
+    # gatekeep asks for the starting folder itself once the server's VERSION has passed
+    head = len(INIT) + len(open_(1, "/data/f", 1))
+    assert s.take_to_server() == client[:head] + HOME_ASK + client[head:]
     assert s.take_to_client() == server
     (closed,) = [f for f in s.take_finished() if f.status == "closed"]
     assert closed.extra == {"bytes_read": 5000, "bytes_written": 0}
@@ -168,3 +173,57 @@ def test_fsetstat_names_the_file_of_its_handle():
     s.from_server(handle_reply(1, b"hh"))
     s.from_client(req(sftp.FSETSTAT, 2, ns(b"hh") + ATTRS0))
     assert (s.pending[0].request.op, s.pending[0].request.path) == ("setstat", "/srv/f")
+
+
+def name_reply(rid, path):
+    return req(sftp.NAME, rid, struct.pack(">L", 1) + ns(path) + ns(path) + ATTRS0)
+
+
+@pytest.mark.parametrize("step", [1, 5, 4096])
+def test_relative_path_waits_for_the_starting_folder_gatekeep_asks_for(step):
+    """A client that never sends `realpath .`: after VERSION gatekeep asks the server itself, holds REMOVE
+    ../../etc/cron.d/backup until the answer, and judges it as /etc/cron.d/backup; the client never sees the
+    answer to gatekeep's question."""
+    s = SftpStream()
+    feed(s, INIT, "c", step)
+    feed(s, VERSION, "s", step)
+    assert s.take_to_server() == INIT + HOME_ASK
+    assert s.take_to_client() == VERSION
+    feed(s, req(sftp.REMOVE, 1, ns("../../etc/cron.d/backup")) + req(sftp.STAT, 2, ns("/")), "c", step)
+    assert not s.pending and s.take_to_server() == b"" and s.held_bytes > 0
+    feed(s, name_reply(sftp.HOME_ID, "/home/deploy"), "s", step)
+    assert s.take_to_client() == b""
+    assert [(p.request.op, p.request.path) for p in s.pending] == [("remove", "/etc/cron.d/backup")]
+    decide_all(s, allow=lambda p: False)
+    assert s.take_to_server() == req(sftp.STAT, 2, ns("/"))
+
+
+def test_absolute_paths_do_not_wait_for_the_starting_folder():
+    """Requests with absolute paths are judged at once, before gatekeep's question is answered."""
+    s = SftpStream()
+    s.from_client(INIT)
+    s.from_server(VERSION)
+    s.from_client(req(sftp.MKDIR, 1, ns("/tmp/d") + ATTRS0))
+    assert [p.request.path for p in s.pending] == ["/tmp/d"]
+
+
+def test_starting_folder_unknown_leaves_the_path_relative_for_policy_to_refuse():
+    """The server refuses gatekeep's REALPATH: the held request goes on with its path relative (policy
+    refuses it as unjudgeable), and the refusal is not passed to the client."""
+    s = SftpStream()
+    s.from_client(INIT)
+    s.from_server(VERSION)
+    s.take_to_client()
+    s.from_client(req(sftp.REMOVE, 1, ns("x")))
+    s.from_server(status(sftp.HOME_ID, sftp.FX_FAILURE))
+    assert s.take_to_client() == b"" and s.home_state == "failed"
+    assert [p.request.path for p in s.pending] == ["x"]
+
+
+def test_the_request_id_gatekeep_uses_is_refused_while_its_question_is_out():
+    """A client request with gatekeep's own request id, while gatekeep waits for its answer, ends the stream."""
+    s = SftpStream()
+    s.from_client(INIT)
+    s.from_server(VERSION)
+    with pytest.raises(SftpError):
+        s.from_client(req(sftp.STAT, sftp.HOME_ID, ns("/")))

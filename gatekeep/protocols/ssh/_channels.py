@@ -52,12 +52,43 @@ _log = Logger()
 DENIED_STATUS = 126
 #: the exit status of an exec or shell the user withdrew with Ctrl-C while it was held (as for SIGINT)
 WITHDRAWN_STATUS = 130
-#: programs whose exec carries file data, not a terminal stream: sizes are recorded, not bytes
-BINARY_PROGRAMS = frozenset({"scp", "rsync", "sftp-server", "internal-sftp", "git-upload-pack", "git-receive-pack"})
+#: programs whose exec carries file data, not a terminal stream, and the argument that puts them in that mode
+#: (None: any arguments): sizes are recorded, not bytes (see :func:`transfer_kind`)
+TRANSFER_PROGRAMS: dict[str, tuple[str, ...] | None] = {
+    "scp": ("-t", "-f"), "rsync": ("--server",),
+    "git-upload-pack": None, "git-receive-pack": None, "git-upload-archive": None}
+#: programs whose exec speaks SFTP (``sftp -s /usr/lib/openssh/sftp-server``): followed like the subsystem
+SFTP_PROGRAMS = frozenset({"sftp-server", "internal-sftp"})
+#: wrappers a transfer may run under (``rsync --rsync-path="sudo rsync"``); their output is the program's
+TRANSFER_WRAPPERS = frozenset({"sudo", "doas", "env", "nice", "ionice", "nohup", "timeout", "stdbuf", "command",
+                               "exec", "setsid", "taskset", "runuser", "sh", "bash", "dash", "zsh", "ksh"})
 #: quiet time after the last echo before a typed line is read off the screen
 ECHO_QUIET = 0.05
 #: how long client-visible masking may keep back the end of a quiet stream
 MASK_FLUSH = 0.05
+
+
+def transfer_kind(line: Any) -> str | None:
+    """
+    ``"transfer"`` when an exec line is exactly one real file transfer (``scp -t``/``scp -f``,
+    ``rsync --server``, ``git-upload-pack``/``git-receive-pack``/``git-upload-archive``), ``"sftp"`` when it is
+    exactly one SFTP server, else None: any other line, even one that starts with ``scp``
+    (``scp -V; echo ...``), is a terminal stream, recorded and masked like any exec.
+    """
+    if line is None or line.unjudgeable or len(line.commands) != 1:
+        return None
+    c = line.commands[0]
+    if not all(w.split()[0] in TRANSFER_WRAPPERS for w in c.wrappers):
+        return None
+    if c.name in SFTP_PROGRAMS:
+        return "sftp"
+    if c.name not in TRANSFER_PROGRAMS:
+        return None
+    modes = TRANSFER_PROGRAMS[c.name]
+    options = c.args[:c.args.index("--")] if "--" in c.args else c.args
+    if modes is not None and not any(m in options for m in modes):
+        return None
+    return "transfer"
 
 
 class SessionRelay(PairRelay):
@@ -350,12 +381,16 @@ class SessionRelay(PairRelay):
         if self.mode == "subsystem" and detail.subsystem == "sftp":
             self.sftp = SftpStream()
             return
-        if self.mode == "exec" and detail.line is not None and detail.line.commands and \
-                detail.line.commands[0].name in BINARY_PROGRAMS:
+        kind = transfer_kind(detail.line) if self.mode == "exec" else None
+        if kind == "sftp":
+            self.sftp = SftpStream()
+            return
+        if kind == "transfer":
             return  # file data: sizes only
         rules = s.detector_rules
         self.recording = ChannelRecording(s.session.id, self.stream, s.chain.stream_data, s.now, rules,
-                                          record_input=s.options.record_input, limit=s.options.max_recorded_bytes)
+                                          record_input=s.options.record_input, limit=s.options.max_recorded_bytes,
+                                          terminal=self.pty is not None)
         cols, rows = (self.pty[1], self.pty[2]) if self.pty is not None else (80, 24)
         self.recording.marker(f"{self.mode} {self.op.text}" if self.mode != "shell" else "shell")
         if self.pty is not None:

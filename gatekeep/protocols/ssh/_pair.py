@@ -13,14 +13,14 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from twisted.conch.ssh.common import getNS
+from twisted.conch.ssh.common import NS, getNS
 from twisted.conch.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from gatekeep.model import Action, Decision, Operation, Outcome
 from gatekeep.protocols.ssh._flow import RelayChannel
-from gatekeep.protocols.ssh.policy import SshRequest
+from gatekeep.protocols.ssh.policy import SshRequest, canonical_host
 
 _log = Logger()
 
@@ -173,19 +173,24 @@ class ForwardRelay(PairRelay):
 
     def __init__(self, session: Any, conn: Any, remote_id: int, window: int, max_packet: int, data: bytes) -> None:
         super().__init__(session, conn, remote_id, window, max_packet)
-        host, rest = getNS(data)
-        (port,) = struct.unpack(">L", rest[:4])
-        orig, rest = getNS(rest[4:])
-        self.data = data
-        self.host = host.decode("utf-8", "replace")
+        host, after = getNS(data)
+        (port,) = struct.unpack(">L", after[:4])
+        orig, rest = getNS(after[4:])
+        #: the host as the client spelt it; ``host`` is its canonical form, judged and sent upstream, so the
+        #: server connects to the address that was judged (see :func:`canonical_host`)
+        self.requested = host.decode("utf-8", "replace")
+        self.host = canonical_host(self.requested)
+        self.data = NS(self.host.encode("utf-8")) + after
         self.port = port
         self.originator = f"{orig.decode('utf-8', 'replace')}:{struct.unpack('>L', rest[:4])[0] if len(rest) >= 4 else 0}"
         self.holds: list[Any] = []
 
     def start(self) -> None:
+        extra = {"host": self.host, "port": self.port, "originator": self.originator}
+        if self.requested != self.host:
+            extra["requested_host"] = self.requested
         self.op = self.s.operation("forward", f"{self.host}:{self.port}",
-                                   SshRequest("forward", forward=(self.host.lower(), self.port)),
-                                   {"host": self.host, "port": self.port, "originator": self.originator})
+                                   SshRequest("forward", forward=(self.host, self.port)), extra)
         self.s.decide(self.op, self._on_hold).addCallbacks(self._decided, self._withdrawn)
 
     def _on_hold(self, hold: Any) -> None:

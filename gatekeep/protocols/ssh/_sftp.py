@@ -12,6 +12,13 @@ the client sends after one waits with it, so requests reach the server in
 order. A denied request is answered with ``SSH_FX_PERMISSION_DENIED`` and never
 reaches the server.
 
+Relative paths are made absolute against the session's starting folder,
+which gatekeep asks the server for itself: once the server's VERSION has
+passed, it sends its own ``REALPATH "."`` (request id :data:`HOME_ID`) and
+keeps the reply from the client. A judged request with a relative path waits
+(with everything after it) until that folder is known; if the server cannot
+say, the path stays relative and policy refuses it as unjudgeable.
+
 Only the heads of the two bulk packets (WRITE and DATA) are read; their
 payload is passed on as it arrives, so a transfer costs a header parse per
 packet. Judged requests end up in ``finished`` with their status and, for
@@ -42,6 +49,8 @@ PF_READ, PF_WRITE, PF_APPEND, PF_CREAT, PF_TRUNC, PF_EXCL = 1, 2, 4, 8, 16, 32
 
 #: the largest non-bulk packet gatekeep frames whole
 MAX_PACKET = 1024 * 1024
+#: the request id of gatekeep's own ``REALPATH "."`` (a client's request with this id while it is out is refused)
+HOME_ID = 0xFFFFFFFF
 
 
 class SftpError(ValueError):
@@ -114,6 +123,10 @@ class SftpStream:
         self._realpath_dot: set[int] = set()
         self._closing: dict[int, OpenFile] = {}
         self._undecided = 0
+        #: the starting folder: "unknown" (not asked yet), "asking", "known" or "failed"
+        self.home_state = "unknown"
+        self._waiting_home = False  # client bytes are held until the starting folder is known
+        self._version_seen = False
 
     # -- client -> server -------------------------------------------------------------
 
@@ -160,11 +173,19 @@ class SftpStream:
                 out.append(packet)
                 self._crest = 4 + length - len(packet)
                 continue
+            if self._home_missing(kind, packet):
+                # a relative path before the starting folder is known: it and everything after wait for it
+                rest = data[i:]
+                self._held = [packet, rest] if rest else [packet]
+                self._waiting_home = True
+                return
             if self._client_packet(kind, packet):
                 # judged: everything after waits for the decision
                 rest = data[i:]
                 self._held = [rest] if rest else []
                 return
+        if self.home_state == "unknown" and self._version_seen:
+            self._ask_home()
 
     @staticmethod
     def _need_client(head: bytes) -> int:
@@ -190,7 +211,7 @@ class SftpStream:
         (rid,) = struct.unpack_from(">L", head, 5)
         if kind == DATA:
             return min(13, 4 + length)
-        if kind in (STATUS, HANDLE) or (kind == NAME and rid in self._realpath_dot):
+        if kind in (STATUS, HANDLE) or (kind == NAME and (rid in self._realpath_dot or rid == HOME_ID)):
             if length > MAX_PACKET:
                 raise SftpError(f"server packet of {length} bytes")
             return 4 + length
@@ -204,12 +225,62 @@ class SftpStream:
             if f is not None:
                 f.written += dlen
 
+    def _home_missing(self, kind: int, p: bytes) -> bool:
+        """A judged request naming a relative path while the starting folder is still to come."""
+        if self.home is not None or self.home_state == "failed" or kind == INIT:
+            return False
+        if kind in (OPEN, REMOVE, MKDIR, RMDIR, SETSTAT, OPENDIR):
+            paths = [_ns(p, 9)[0]]
+        elif kind in (RENAME, SYMLINK):
+            a, off = _ns(p, 9)
+            paths = [a, _ns(p, off)[0]]
+        elif kind == EXTENDED:
+            name, off = _ns(p, 9)
+            if name in (b"posix-rename@openssh.com", b"hardlink@openssh.com"):
+                a, off = _ns(p, off)
+                paths = [a, _ns(p, off)[0]]
+            elif name == b"lsetstat@openssh.com":
+                paths = [_ns(p, off)[0]]
+            else:
+                return False
+        else:
+            return False
+        return any(not path.startswith(b"/") for path in paths)
+
+    def _ask_home(self) -> None:
+        """Send gatekeep's own ``REALPATH "."`` (at a packet boundary of the client's stream)."""
+        if self._crest:
+            return  # in the middle of a WRITE's data: asked once it has passed (see _client)
+        self.home_state = "asking"
+        body = struct.pack(">BL", REALPATH, HOME_ID) + struct.pack(">L", 1) + b"."
+        self.to_server.append(struct.pack(">L", len(body)) + body)
+
+    def _home_settled(self) -> None:
+        """The starting folder is known (or cannot be): requests that waited for it go on."""
+        if self.home_state != "failed":
+            self.home_state = "known"
+        if not self._waiting_home:
+            return
+        self._waiting_home = False
+        self._release_held()
+
+    def _release_held(self) -> None:
+        """Go on with the client's bytes held behind a request; those after another request that waits stay held."""
+        held, self._held = self._held, None
+        for chunk in held or ():
+            if self._held is not None:
+                self._held.append(chunk)
+            else:
+                self._client(chunk)
+
     def _client_packet(self, kind: int, p: bytes) -> bool:
         """Pass on or hold one whole client packet; True when it waits for a decision."""
         if kind == INIT:
             self.to_server.append(p)
             return False
         (rid,) = struct.unpack_from(">L", p, 5)
+        if rid == HOME_ID and self.home_state == "asking":
+            raise SftpError(f"the client used request id {HOME_ID}, which gatekeep is using")
         req: SftpRequest | None = None
         if kind == OPEN:
             path, off = _ns(p, 9)
@@ -276,12 +347,7 @@ class SftpStream:
         else:
             self._to_client(status_packet(pending.id, FX_PERMISSION_DENIED, message or "denied by gatekeep"))
             self.finished.append(Finished(pending, False, "denied", {}))
-        held, self._held = self._held, None
-        for chunk in held or ():
-            if self._held is not None:
-                self._held.append(chunk)
-            else:
-                self._client(chunk)
+        self._release_held()
 
     # -- server -> client ---------------------------------------------------------------
 
@@ -312,14 +378,33 @@ class SftpStream:
             packet = head
             length, kind = struct.unpack_from(">LB", head)
             rid = struct.unpack_from(">L", head, 5)[0] if len(head) >= 9 else 0
+            if kind in (NAME, STATUS) and rid == HOME_ID and self.home_state == "asking":
+                self._own_reply(kind, packet)  # gatekeep's own question: the client never sees the answer
+                self._flush_inject()
+                continue
             self._server_packet(kind, rid, packet, length)
             out.append(packet)
             self._srest = 4 + length - len(packet)
             if not self._srest:
                 self._flush_inject()
 
+    def _own_reply(self, kind: int, p: bytes) -> None:
+        name = b""
+        if kind == NAME and struct.unpack_from(">L", p, 9)[0] >= 1:
+            name, _ = _ns(p, 13)
+        if name.startswith(b"/"):
+            if self.home is None:
+                self.home = _text(name)
+        elif self.home is None:
+            self.home_state = "failed"  # relative paths stay relative: policy refuses them
+        self._home_settled()
+
     def _server_packet(self, kind: int, rid: int, p: bytes, length: int) -> None:
-        if kind == DATA:
+        if kind == VERSION:
+            self._version_seen = True
+            if self.home_state == "unknown" and self.home is None:
+                self._ask_home()
+        elif kind == DATA:
             f = self._reads.pop(rid, None)
             if f is not None and len(p) >= 13:
                 f.read += struct.unpack_from(">L", p, 9)[0]
@@ -345,6 +430,8 @@ class SftpStream:
                 name, _ = _ns(p, 13)
                 if name.startswith(b"/"):
                     self.home = _text(name)
+                    if self._waiting_home:
+                        self._home_settled()
 
     def _to_client(self, packet: bytes) -> None:
         if self._srest or self._shead:

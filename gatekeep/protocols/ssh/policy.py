@@ -20,15 +20,21 @@ argument, or all of them joined with spaces, fits a glob, and ``wrappers``
 when the command was run through one of them (``sudo``, ``env``, ``sh -c``).
 
 Every key of a rule must fit; a key about something the operation does not
-have (``commands`` for an SFTP request) does not fit.
+have (``commands`` for an SFTP request) does not fit. A deny or review rule's
+``sftp.paths`` fits when any path of the request does, an allow rule's only
+when every path does (both paths of a rename, link or symlink). An SFTP path
+still relative (the starting folder unknown) makes the request unjudgeable.
+A forward's host is judged in its canonical spelling (:func:`canonical_host`).
 
 Pure: no I/O, no reactor.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import posixpath
 import re
+import socket
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -125,9 +131,14 @@ def facts_for(operation: Operation) -> SshFacts:
         key = (req.kind, tuple((c.argv, c.wrappers) for c in commands))
         return SshFacts(req.kind, commands, cache_key=key)
     if req.sftp is not None:
+        relative = next((p for p in req.sftp.paths if not p.startswith("/")), None)
+        if relative is not None:  # the server would resolve it against a folder gatekeep does not know
+            return SshFacts("sftp", sftp=req.sftp, unjudgeable=(
+                f"the SFTP path {relative!r} is relative and the session's starting folder is unknown"))
         return SshFacts("sftp", sftp=req.sftp, cache_key=("sftp", req.sftp))
     if req.forward is not None:
-        return SshFacts("forward", forward=req.forward, cache_key=("forward", req.forward))
+        forward = (canonical_host(req.forward[0]), req.forward[1])
+        return SshFacts("forward", forward=forward, cache_key=("forward", forward))
     return SshFacts(req.kind, subsystem=req.subsystem, cache_key=(req.kind, req.subsystem))
 
 
@@ -210,12 +221,21 @@ class SshMatch:
     forwards: tuple[str, ...] | None = None
 
     def matches(self, facts: SshFacts | None, operation: Any) -> bool:
+        """For deny and review rules: fits when any command, any path of the operation does."""
+        return self._matches(facts, any)
+
+    def matches_all(self, facts: SshFacts | None, operation: Any) -> bool:
+        """For allow rules: fits only when every command and every path of the operation does (both paths of
+        a rename, link or symlink)."""
+        return self._matches(facts, all)
+
+    def _matches(self, facts: SshFacts | None, each: Any) -> bool:
         if not isinstance(facts, SshFacts):
             return False
         if self.kinds is not None and not _glob(facts.kind, self.kinds):
             return False
         if self.commands is not None or self.args is not None or self.wrappers is not None:
-            if not facts.commands or not any(self._command(c) for c in facts.commands):
+            if not facts.commands or not each(self._command(c) for c in facts.commands):
                 return False
         if self.subsystems is not None and (facts.subsystem is None or not _glob(facts.subsystem, self.subsystems)):
             return False
@@ -225,13 +245,13 @@ class SshMatch:
                 return False
             if self.sftp_operations is not None and s.op not in self.sftp_operations:
                 return False
-            if self.sftp_paths is not None and not any(_path_glob(p, self.sftp_paths) for p in s.paths):
+            if self.sftp_paths is not None and not each(_path_glob(p, self.sftp_paths) for p in s.paths):
                 return False
         if self.forwards is not None:
             if facts.forward is None:
                 return False
             host, port = facts.forward
-            if not _glob(f"{host.lower()}:{port}", self.forwards):
+            if not _glob(f"{canonical_host(host)}:{port}", self.forwards):
                 return False
         return True
 
@@ -282,3 +302,28 @@ def normalize_path(path: str, home: str | None) -> str:
         if path.startswith("//"):
             path = "/" + path.lstrip("/")
     return path
+
+
+def canonical_host(host: str) -> str:
+    """
+    A forward's host as policy judges it and as gatekeep asks the server to connect to: one spelling per
+    address. Numeric IPv4 forms that the server's resolver (glibc ``getaddrinfo``, ``inet_aton``) accepts
+    (``2852039166``, ``0xa9fea9fe``, ``169.254.43518``, ``0251.0376.0251.0376``) become the dotted quad,
+    IPv6 addresses their compressed form, an IPv4-mapped IPv6 address (``::ffff:169.254.169.254``) the IPv4
+    address; names are lower-cased and lose their trailing dots (``metadata.internal.``).
+    """
+    text = host.strip().lower()
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        address = None
+    if address is None and ":" not in text and text and text[0].isdigit():
+        try:
+            address = ipaddress.IPv4Address(socket.inet_aton(text))
+        except (OSError, ValueError):
+            address = None
+    if address is None:
+        return text.rstrip(".") or text
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
