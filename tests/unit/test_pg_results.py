@@ -276,3 +276,15 @@ def test_notification_payloads_get_the_detectors():
     n = pg.parse_notification(out[5:])
     assert (n.process_id, n.channel) == (42, "orders") and "4111" not in n.payload and "****" in n.payload
     assert results.server_message(b"A", pg.notification(42, "orders", "nothing here")[5:]) is None
+
+
+def test_a_copy_out_gatekeep_did_not_see_sent_fails_closed():
+    """A CopyOutResponse no COPY gatekeep judged stands for (it lost track of the pipeline): every field NULL."""
+    import struct
+
+    tracker, results = fresh()
+    tracker.add(None, "query", 0.0)
+    tracker.group_ends()
+    assert results.server_message(b"H", struct.pack("!bhhh", 0, 2, 0, 0)) is None
+    row = results.server_message(b"d", b"1\tada@example.com\n")
+    assert row is not None and b"ada@example.com" not in row and row.endswith(b"\\N\t\\N\n")

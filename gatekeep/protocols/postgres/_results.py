@@ -98,6 +98,13 @@ class ResultMasking:
         else:
             self._portal_formats.pop(name, None)
 
+    def restore(self, name: str, parse: "_Parsed | None") -> None:
+        """A Parse or Close of ``name`` failed at the server: the statement it had (``parse``; None: none) stays."""
+        if parse is None:
+            self._statements.pop(name, None)
+        else:
+            self._statements[name] = parse
+
     def bound(self, portal: str, statement: str, result_formats: tuple[int, ...]) -> None:
         self._portal_formats[portal] = (statement, result_formats, self._statements.get(statement))
 
@@ -287,10 +294,16 @@ class ResultMasking:
                                                    self._copy_layout)
         elif mtype == b"H":
             columns, layout = None, None
+            width = int.from_bytes(body[1:3], "big")
             if self._copies and self._copies[0][0] == self.tracker.syncs_seen + 1:
                 _, columns, layout = self._copies.popleft()
+            else:
+                # a COPY gatekeep did not see sent (it lost track of the pipeline): fail closed, every field NULL
+                columns = [_masking.Column(_masking.WHOLE_ROW, (), 25, False, self.codec)] * width
+                counts = self._counts()
+                counts["unknown-shape"] = counts.get("unknown-shape", 0) + 1
             if columns == _masking.DETECT_ALL:
-                columns = _masking.detect_all(self.plan, int.from_bytes(body[1:3], "big"), self.codec)
+                columns = _masking.detect_all(self.plan, width, self.codec)
             self._copy_columns = columns
             self._copy_layout = layout
             self._copy_header = layout is not None and layout.header

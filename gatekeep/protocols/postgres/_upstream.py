@@ -24,8 +24,9 @@ from gatekeep.tls import client_options
 
 _log = Logger()
 
-#: server messages the relay looks at while relaying
-WATCHED = {b"C", b"E", b"Z", b"I", b"s", b"S"}
+#: server messages the relay looks at while relaying (ParseComplete and CloseComplete: a statement change took
+#: effect)
+WATCHED = {b"C", b"E", b"Z", b"I", b"s", b"S", b"1", b"3"}
 
 
 class Upstream(protocol.Protocol):

@@ -122,6 +122,14 @@ class Frontend(ClientStartup, protocol.Protocol):
         self._statements: dict[str, tuple[str, Decision, bool, Any] | None] = {}
         #: portal -> (text, decision or None when it must be judged at Execute, params, runs code, judged key)
         self._portals: dict[str, tuple[str, Decision | None, tuple, bool, Any]] = {}
+        #: statement changes (a Parse, a Close) sent but not yet confirmed by the server (ParseComplete,
+        #: CloseComplete): (group, name, what gatekeep held before, what masking held before). An error in the
+        #: group undoes those left: the server refused or skipped them and keeps the statement it had
+        self._unconfirmed: deque = deque()
+        #: statement name -> the group whose Parse of it gatekeep refused (a Bind of it there is skipped too)
+        self._refused_parses: dict[str, int] = {}
+        #: portals whose last Bind named a statement the server will not have (it fails)
+        self._failed_binds: set[str] = set()
         # client messages waiting for a decision that is not in yet
         self._inbox: deque = deque()
         self._waiting: Deferred | None = None
@@ -315,6 +323,8 @@ class Frontend(ClientStartup, protocol.Protocol):
                     d = None
                 elif t == b"C":
                     kind, name = pg.parse_describe_or_close(m.body)
+                    if kind == "S":
+                        self._changing(name)
                     (self._statements if kind == "S" else self._portals).pop(name, None)
                     if self.results is not None:
                         self.results.closed(kind, name)
@@ -472,6 +482,11 @@ class Frontend(ClientStartup, protocol.Protocol):
             if decision.action is Action.ALLOW:
                 analysis = analyze(text)
                 self.sql_state.apply(analysis)
+                for name in analysis.deallocates:  # DEALLOCATE and DISCARD ALL drop protocol-level statements too
+                    for statement in (list(self._statements) if name is None else [name]):
+                        self._statements.pop(statement, None)
+                        if self.results is not None:
+                            self.results.closed("S", statement)
                 if analysis.runs_code:
                     self.settings.runs_code()
                 if self.results is not None:
@@ -526,13 +541,15 @@ class Frontend(ClientStartup, protocol.Protocol):
             if decision.action is Action.ALLOW:
                 analysis = analyze(parse.query)
                 self.sql_state.apply(analysis)
+                self._changing(parse.statement)
                 self._statements[parse.statement] = (parse.query, decision, analysis.runs_code,
                                                      self.sql_state.key())
                 if self.results is not None:
                     self.results.parsed(parse.statement, analysis, self.sql_state)
                 out.append(m.encode())
                 return
-            self._statements[parse.statement] = None
+            # the stand-in fails at the server, which keeps the statement it had under this name
+            self._refused_parses[parse.statement] = self.tracker.syncs_sent + 1
             self.tracker.add(op, "execute", self.gateway.now(), denial=self._denial(decision))
             self.upstream.stream.hold = True
             out.append(pg.parse(parse.statement, POISON, parse.param_types))
@@ -547,6 +564,31 @@ class Frontend(ClientStartup, protocol.Protocol):
         if parse.unreadable:
             return self._unreadable(op, carry_out, record)
         return self._judge(op, carry_out, refine, record)
+
+    def _changing(self, name: str) -> None:
+        """A Parse or a Close of statement ``name`` is about to be sent: keep what it replaces until confirmed."""
+        before = self.results._statements.get(name) if self.results is not None else None
+        self._unconfirmed.append((self.tracker.syncs_sent + 1, name, self._statements.get(name, _UNSEEN), before))
+
+    def _confirmed(self) -> None:
+        """ParseComplete or CloseComplete: the oldest statement change took effect."""
+        if self._unconfirmed:
+            self._unconfirmed.popleft()
+
+    def _undo_unconfirmed(self) -> None:
+        """An error in the group being answered: its changes not yet confirmed did not happen at the server."""
+        group = self.tracker.syncs_seen + 1
+        undo = [u for u in self._unconfirmed if u[0] == group]
+        if not undo:
+            return
+        self._unconfirmed = deque(u for u in self._unconfirmed if u[0] != group)
+        for _, name, before, masked_before in reversed(undo):
+            if before is _UNSEEN:
+                self._statements.pop(name, None)
+            else:
+                self._statements[name] = before
+            if self.results is not None:
+                self.results.restore(name, masked_before)
 
     def on_function_call(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
         """A fastpath FunctionCall names a function by OID: policy cannot judge it (denied unless the target
@@ -564,7 +606,9 @@ class Frontend(ClientStartup, protocol.Protocol):
     def on_bind(self, m: pg.Message, out: list[bytes]) -> None:
         bind = pg.parse_bind(m.body)
         found = self._statements.get(bind.statement, _UNSEEN)
-        if found is _UNSEEN and bind.statement:
+        if self._refused_parses.get(bind.statement) == self.tracker.syncs_sent + 1:
+            found = None  # after a Parse gatekeep refused in this pipeline: the server skips it
+        elif found is _UNSEEN and bind.statement:
             # a statement no Parse made: one a SQL PREPARE made (judged as EXECUTE of it, under the search_path
             # of now), or one gatekeep never saw (unjudgeable): judged at its Execute, and recorded
             found = (f"EXECUTE {_quote_ident(bind.statement)}", None, True, None)
@@ -577,8 +621,10 @@ class Frontend(ClientStartup, protocol.Protocol):
             if self.results is not None:
                 params = self.results.recordable(params)  # the record keeps only masked values
             self._portals[bind.portal] = (found[0], found[1], params, found[2], found[3])
+            self._failed_binds.discard(bind.portal)
         else:
             self._portals.pop(bind.portal, None)
+            self._failed_binds.add(bind.portal)
         if self.results is not None:
             self.results.bound(bind.portal, bind.statement, bind.result_formats)
         out.append(m.encode())
@@ -588,11 +634,14 @@ class Frontend(ClientStartup, protocol.Protocol):
         found = self._portals.get(execute.portal)
         if self.results is not None:
             self.results.executing(execute.portal)
-        if found is None:
-            # a portal gatekeep did not see bound (it failed): the server will answer with an error
+        if found is None and (not execute.portal or execute.portal in self._failed_binds):
+            # a portal gatekeep did not see bound (its Bind failed): the server will answer with an error
             self.tracker.add(None, "execute", self.gateway.now())
             out.append(m.encode())
             return None
+        if found is None:
+            # a portal no Bind made: a cursor a SQL DECLARE opened; judged and recorded as the FETCH it is
+            found = (f"FETCH ALL FROM {_quote_ident(execute.portal)}", None, (), True, None)
         text, decision, params, runs_code, judged_under = found
         op = self._operation("execute", text, params, detail=self.sql_state)
 
@@ -657,7 +706,12 @@ class Frontend(ClientStartup, protocol.Protocol):
             elif not len(self.tracker) and self.upstream is not None:
                 self.upstream.stream.hold = False
             self.settings.answered()
+        elif mtype == b"1" or mtype == b"3":
+            self._confirmed()
+            return None
         elif mtype == b"E":
+            if self._unconfirmed:
+                self._undo_unconfirmed()
             fields = pg.parse_fields(body)
             masked = None
             if results is not None:

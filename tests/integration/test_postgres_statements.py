@@ -1,9 +1,10 @@
 """
-The schemas a statement's unqualified names resolve to, end to end: the real gatekeep process, real psycopg and
-raw protocol messages, the real server. ``billing.gkpol_probe`` is protected from agents by a rule on
-``billing.*``; ``public.gkpol_probe`` (empty) makes the unqualified name valid under the default search_path, so a
-statement that reaches the billing table through a changed search_path is the attack each test tries. The billing
-rows must all still be there afterwards.
+What a statement name, a portal and a search_path stand for at the server, followed end to end: the real gatekeep
+process, real psycopg and raw protocol messages, the real server. ``billing.gkpol_probe`` is protected from
+agents by a rule on ``billing.*``; ``public.gkpol_probe`` (empty) makes the unqualified name valid under the
+default search_path, so a statement that reaches the billing table through a changed search_path, or through a
+statement the server holds that gatekeep did not think it held, is the attack each test tries. The billing rows
+must all still be there afterwards.
 """
 
 from __future__ import annotations
@@ -122,3 +123,52 @@ def test_a_sql_prepared_statement_run_by_bind_is_judged_and_recorded(gw):
     executes = [(r["text"], r["action"], r["parameters"]) for r in records if r["text"].startswith("EXECUTE")]
     assert executes == [('EXECUTE "p1"', "deny", None), ('EXECUTE "d1"', "allow", ["1"]),
                         ('EXECUTE "d1"', "allow", ["2"]), ('EXECUTE "never_prepared"', "deny", None)], executes
+
+
+def test_a_parse_the_server_refuses_or_skips_leaves_the_statement_it_had(gw):
+    """PREPARE s1 (allowed under public), SET search_path = billing, then a Parse of s1 that the server refuses
+    (it exists) and a Bind + Execute of s1: the server runs its s1 (the DELETE), so gatekeep judges that, not the
+    refused Parse's text. A Parse skipped after an error in its pipeline leaves the unnamed statement as it was:
+    its rows are masked by what it reads."""
+    app = "gkst-" + marker()
+    with gw.raw(application_name=app) as r:
+        r.send(r.query("PREPARE s1 AS DELETE FROM gkpol_probe WHERE id = 1"))
+        r.until_ready()
+        r.send(r.query("SET search_path = billing, public"))
+        r.until_ready()
+        refused(r, r.parse("SELECT 1", "s1"), r.sync())
+        refused(r, r.bind("", "s1"), r.execute(""), r.sync())
+        r.send(r.parse("SELECT upper(email) AS e FROM public.users ORDER BY id"), r.sync())
+        r.until_ready()
+        refused(r, r.parse("SELECT * FROM no_such_table", "bad"), r.parse("SELECT 'harmless' AS e"), r.sync())
+        r.send(r.bind(), r.describe_portal(), r.execute(), r.sync())
+        rows = [body for t, body in r.until_ready() if t == b"D"]
+    assert len(rows) == 3 and all(b"@" not in row and b"EXAMPLE" not in row for row in rows), rows
+    records = ended_session(gw.gk, app)["records"]
+    assert ('EXECUTE "s1"', "deny") in [(x["text"], x["action"]) for x in records]
+    assert all(x["text"] != "SELECT 1" or x["status"] is None for x in records)
+
+
+def test_deallocate_and_a_sql_cursor_are_followed(gw):
+    """DEALLOCATE drops a protocol-level statement too: a Bind of the name a SQL PREPARE then took is judged and
+    masked as that; an Execute of a cursor a SQL DECLARE opened is judged and recorded as its FETCH."""
+    app = "gkst-" + marker()
+    with gw.raw(application_name=app) as r:
+        r.send(r.parse("SELECT 'harmless' AS e", "s1"), r.sync())
+        r.until_ready()
+        r.send(r.query("DEALLOCATE s1"))
+        r.until_ready()
+        r.send(r.query("PREPARE s1 AS SELECT upper(email) AS e FROM public.users ORDER BY id"))
+        r.until_ready()
+        r.send(r.bind("", "s1"), r.describe_portal(), r.execute(), r.sync())
+        rows = [body for t, body in r.until_ready() if t == b"D"]
+        assert len(rows) == 3 and all(b"EXAMPLE" not in row for row in rows), rows
+        r.send(r.query("BEGIN"), r.query("DECLARE cur CURSOR FOR SELECT id FROM public.users ORDER BY id"))
+        r.until_ready()
+        r.until_ready()
+        r.send(r.describe_portal("cur"), r.execute("cur"), r.sync(), r.query("COMMIT"))
+        fetched = [body for t, body in r.until_ready() if t == b"D"]
+        r.until_ready()
+    assert len(fetched) == 3
+    records = [(x["text"], x["action"], x["status"]) for x in ended_session(gw.gk, app)["records"]]
+    assert ('EXECUTE "s1"', "allow", "SELECT 3") in records and ('FETCH ALL FROM "cur"', "allow", "SELECT 3") in records
