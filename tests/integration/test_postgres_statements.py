@@ -55,6 +55,15 @@ def refused(raw, *messages):
     assert [t for t, _ in answers if t == b"E"] and answers[-1][0] == b"Z", answers
 
 
+def prepared_then_billing(raw, name):
+    """PREPARE ``name`` AS the unqualified DELETE (allowed: it names public's table), then SET search_path =
+    billing, public (from now on the server resolves it to the billing table)."""
+    raw.send(raw.query(f"PREPARE {name} AS {UNQUALIFIED}"))
+    raw.until_ready()
+    raw.send(raw.query("SET search_path = billing, public"))
+    raw.until_ready()
+
+
 def test_a_search_path_set_earlier_in_the_same_string_is_followed(gw):
     with gw.connect() as conn:
         assert "agents-read-only-on-billing" in denied(conn, f"SET search_path = billing, public; {UNQUALIFIED}")
@@ -107,10 +116,7 @@ def test_a_sql_prepared_statement_run_by_bind_is_judged_and_recorded(gw):
     search_path of then) and recorded, each execution with its parameters."""
     app = "gksp-" + marker()
     with gw.raw(application_name=app) as r:
-        r.send(r.query("PREPARE p1 AS DELETE FROM gkpol_probe WHERE id = 1"))
-        r.until_ready()
-        r.send(r.query("SET search_path = billing, public"))
-        r.until_ready()
+        prepared_then_billing(r, "p1")
         refused(r, r.bind("", "p1"), r.execute(""), r.sync())
         r.send(r.query("PREPARE d1 AS SELECT $1::int"))
         r.until_ready()
@@ -132,10 +138,7 @@ def test_a_parse_the_server_refuses_or_skips_leaves_the_statement_it_had(gw):
     its rows are masked by what it reads."""
     app = "gkst-" + marker()
     with gw.raw(application_name=app) as r:
-        r.send(r.query("PREPARE s1 AS DELETE FROM gkpol_probe WHERE id = 1"))
-        r.until_ready()
-        r.send(r.query("SET search_path = billing, public"))
-        r.until_ready()
+        prepared_then_billing(r, "s1")
         refused(r, r.parse("SELECT 1", "s1"), r.sync())
         refused(r, r.bind("", "s1"), r.execute(""), r.sync())
         r.send(r.parse("SELECT upper(email) AS e FROM public.users ORDER BY id"), r.sync())
