@@ -103,12 +103,11 @@ def parse_request(head: Head) -> Request:
     if "#" in target:
         # clients never send a fragment; servers differ on where the path ends if one comes
         raise ProtocolError("request target with a fragment (#)")
-    hosts = [v for n, v in head.headers if n.lower() == b"host"]
-    if len(hosts) > 1:
-        raise ProtocolError("more than one Host header field")
-    host_header = hosts[0].decode("latin-1").strip() if hosts else ""
+    host = head.index.get(b"host")  # several Host fields come joined with ", "
+    host_header = host.decode("latin-1").strip() if host is not None else ""
     if not _HOST.fullmatch(host_header):
-        raise ProtocolError("invalid Host header field")
+        raise ProtocolError("more than one Host header field" if b", " in (host or b"")
+                            else "invalid Host header field")
     if target.startswith("/"):
         raw_path, _, query = target.partition("?")
     elif target.lower().startswith(("http://", "https://")):
@@ -122,7 +121,7 @@ def parse_request(head: Head) -> Request:
         raw_path, query = "*", ""
     else:
         raise ProtocolError("request target must be a path or an absolute URL")
-    if head.version == b"1.1" and not hosts:
+    if head.version == b"1.1" and host is None:
         raise ProtocolError("HTTP/1.1 request without Host")
     path, problem = normalise_path(raw_path) if raw_path != "*" else ("*", None)
     method = head.method.decode("ascii")
