@@ -49,7 +49,6 @@ WATCHED = frozenset({b"T", b"n", b"D", b"H", b"d", b"c", b"S", b"N", b"A"})
 class _Parsed:
     """One Parse of a statement name (compared by identity): how its results may be derived, whether it runs code."""
 
-    number: int
     derived: int
     code: bool
 
@@ -81,7 +80,6 @@ class ResultMasking:
         #: named one after Close) while portals and Describes of the earlier one are still in flight: each of
         #: those keeps the Parse it was sent after, and fields described for one Parse never name another's rows
         self._statements: dict[str, _Parsed] = {}
-        self._parses = 0
 
     # -- what the client sent -------------------------------------------------------------
 
@@ -97,6 +95,10 @@ class ResultMasking:
             self._statement_fields.pop(name, None)
         else:
             self._portal_formats.pop(name, None)
+
+    def parse_of(self, name: str) -> "_Parsed | None":
+        """The Parse statement ``name`` stands for now (see :meth:`restore`)."""
+        return self._statements.get(name)
 
     def restore(self, name: str, parse: "_Parsed | None") -> None:
         """A Parse or Close of ``name`` failed at the server: the statement it had (``parse``; None: none) stays."""
@@ -154,8 +156,7 @@ class ResultMasking:
 
     def parsed(self, statement: str, analysis: Any, sql_state: Any) -> None:
         """A Parse is going to the server (allowed): results of its portals come from this statement."""
-        self._parses += 1
-        self._statements[statement] = _Parsed(self._parses, self.derives(analysis, sql_state), analysis.runs_code)
+        self._statements[statement] = _Parsed(self.derives(analysis, sql_state), analysis.runs_code)
 
     def _derived_for(self, parse: "_Parsed | None", extended: bool) -> int:
         """How results may be derived: of a Parse (extended protocol; unknown: all), or of the Query now."""
@@ -300,8 +301,7 @@ class ResultMasking:
             else:
                 # a COPY gatekeep did not see sent (it lost track of the pipeline): fail closed, every field NULL
                 columns = [_masking.Column(_masking.WHOLE_ROW, (), 25, False, self.codec)] * width
-                counts = self._counts()
-                counts["unknown-shape"] = counts.get("unknown-shape", 0) + 1
+                self._count_unknown_shape()
             if columns == _masking.DETECT_ALL:
                 columns = _masking.detect_all(self.plan, width, self.codec)
             self._copy_columns = columns
@@ -362,6 +362,11 @@ class ResultMasking:
         self._row_columns = _masking.plan_columns(self.plan, fields, None, self.catalog, self.codec,
                                                   self._derived_for(parse, extended)) or []
 
+    def _count_unknown_shape(self) -> None:
+        """Rows (or COPY output) gatekeep could not tie to columns, all NULL: counted as such."""
+        counts = self._counts()
+        counts["unknown-shape"] = counts.get("unknown-shape", 0) + 1
+
     def _mask_row(self, body: bytes) -> bytes | None:
         columns = self._row_columns
         if columns is None:
@@ -376,10 +381,8 @@ class ResultMasking:
                     fields = described[1]  # described after the very Parse this portal was bound to
             if fields is None:
                 # rows gatekeep cannot name: fail closed, every value becomes NULL
-                width = (body[0] << 8) | body[1]
-                counts = self._counts()
-                counts["unknown-shape"] = counts.get("unknown-shape", 0) + 1
-                return pg.data_row([None] * width)
+                self._count_unknown_shape()
+                return pg.data_row([None] * ((body[0] << 8) | body[1]))
             columns = self._row_columns = _masking.plan_columns(
                 self.plan, fields, formats, self.catalog, self.codec, self._derived_for(parse, True)) or []
         if not columns:

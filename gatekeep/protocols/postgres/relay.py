@@ -56,9 +56,6 @@ POISON = "gatekeep denied this statement"
 
 #: the rule of a statement the client withdrew while it was held for approval
 CANCELED = "canceled"
-#: a statement name no Parse gave (see on_bind)
-_UNSEEN = object()
-
 
 def _quote_ident(name: str) -> str:
     """A statement name as an SQL identifier (what EXECUTE would name it by)."""
@@ -117,9 +114,8 @@ class Frontend(ClientStartup, protocol.Protocol):
         self.settings = _encoding.ReadingSettings()
         # extended protocol: prepared statements and portals, for records and decisions
         # (text, decision, whether it runs code that may change settings; see _encoding.ReadingSettings)
-        #: statement name -> (text, decision, runs code, the search_path key it was judged under), or None for a
-        #: Parse gatekeep refused (the server fails what follows it)
-        self._statements: dict[str, tuple[str, Decision, bool, Any] | None] = {}
+        #: statement name -> (text, decision, runs code, the search_path key it was judged under)
+        self._statements: dict[str, tuple[str, Decision, bool, Any]] = {}
         #: portal -> (text, decision or None when it must be judged at Execute, params, runs code, judged key)
         self._portals: dict[str, tuple[str, Decision | None, tuple, bool, Any]] = {}
         #: statement changes (a Parse, a Close) sent but not yet confirmed by the server (ParseComplete,
@@ -473,11 +469,6 @@ class Frontend(ClientStartup, protocol.Protocol):
         text, unreadable = _sql_text(m.body, self.settings.codec)
         op = self._operation("query", text, detail=self.sql_state)
 
-        def refine(decision: Decision) -> Decision:
-            if decision.action is Action.ALLOW and self.results is not None:
-                return self.results.decision(text, decision, self.sql_state)
-            return decision
-
         def carry_out(decision: Decision) -> None:
             if decision.action is Action.ALLOW:
                 analysis = analyze(text)
@@ -497,7 +488,7 @@ class Frontend(ClientStartup, protocol.Protocol):
             return self._unsettled(op, lambda: self.on_query(m, out), carry_out)
         if unreadable:
             return self._unreadable(op, carry_out)
-        return self._judge(op, carry_out, refine)
+        return self._judge(op, carry_out, self._refine_for(text))
 
     def _group(self, op: Operation, m: pg.Message, out: list[bytes], decision: Decision) -> None:
         """A message that ends a group (Query, FunctionCall): forward it, or a stand-in that fails and its denial."""
@@ -554,21 +545,29 @@ class Frontend(ClientStartup, protocol.Protocol):
             self.upstream.stream.hold = True
             out.append(pg.parse(parse.statement, POISON, parse.param_types))
 
-        def refine(decision: Decision) -> Decision:
-            if decision.action is Action.ALLOW and self.results is not None:
-                return self.results.decision(parse.query, decision, self.sql_state)
-            return decision
-
         if self.settings.in_doubt(m.body):
             return self._unsettled(op, lambda: self.on_parse(m, out), carry_out, record)
         if parse.unreadable:
             return self._unreadable(op, carry_out, record)
-        return self._judge(op, carry_out, refine, record)
+        return self._judge(op, carry_out, self._refine_for(parse.query), record)
+
+    def _refine_for(self, text: str) -> Any:
+        """``refine`` for a statement's decision: what masking makes of an allowed one (ResultMasking.decision)."""
+        results = self.results
+        if results is None:
+            return None
+
+        def refine(decision: Decision) -> Decision:
+            if decision.action is Action.ALLOW:
+                return results.decision(text, decision, self.sql_state)
+            return decision
+
+        return refine
 
     def _changing(self, name: str) -> None:
         """A Parse or a Close of statement ``name`` is about to be sent: keep what it replaces until confirmed."""
-        before = self.results._statements.get(name) if self.results is not None else None
-        self._unconfirmed.append((self.tracker.syncs_sent + 1, name, self._statements.get(name, _UNSEEN), before))
+        before = self.results.parse_of(name) if self.results is not None else None
+        self._unconfirmed.append((self.tracker.syncs_sent + 1, name, self._statements.get(name), before))
 
     def _confirmed(self) -> None:
         """ParseComplete or CloseComplete: the oldest statement change took effect."""
@@ -583,7 +582,7 @@ class Frontend(ClientStartup, protocol.Protocol):
             return
         self._unconfirmed = deque(u for u in self._unconfirmed if u[0] != group)
         for _, name, before, masked_before in reversed(undo):
-            if before is _UNSEEN:
+            if before is None:
                 self._statements.pop(name, None)
             else:
                 self._statements[name] = before
@@ -605,14 +604,14 @@ class Frontend(ClientStartup, protocol.Protocol):
 
     def on_bind(self, m: pg.Message, out: list[bytes]) -> None:
         bind = pg.parse_bind(m.body)
-        found = self._statements.get(bind.statement, _UNSEEN)
+        found = self._statements.get(bind.statement)
         if self._refused_parses.get(bind.statement) == self.tracker.syncs_sent + 1:
             found = None  # after a Parse gatekeep refused in this pipeline: the server skips it
-        elif found is _UNSEEN and bind.statement:
+        elif found is None and bind.statement:
             # a statement no Parse made: one a SQL PREPARE made (judged as EXECUTE of it, under the search_path
             # of now), or one gatekeep never saw (unjudgeable): judged at its Execute, and recorded
             found = (f"EXECUTE {_quote_ident(bind.statement)}", None, True, None)
-        if found is not None and found is not _UNSEEN:
+        if found is not None:
             formats = bind.param_formats
             params = tuple(
                 _param_text(v, (formats[i] if len(formats) > 1 else (formats[0] if formats else 0)) == 1)
@@ -660,13 +659,7 @@ class Frontend(ClientStartup, protocol.Protocol):
         if decision is None or judged_under != self.sql_state.key():
             # judged again: the server resolves names at each execution by the search_path of then (a SET
             # search_path since the Parse), and a statement a SQL PREPARE made is judged as its EXECUTE
-
-            def refine(decision: Decision) -> Decision:
-                if decision.action is Action.ALLOW and self.results is not None:
-                    return self.results.decision(text, decision, self.sql_state)
-                return decision
-
-            return self._judge(op, carry_out, refine)
+            return self._judge(op, carry_out, self._refine_for(text))
         return self._record(op, decision, carry_out)
 
     # -- relaying: server to client ------------------------------------------------------------

@@ -389,8 +389,11 @@ class _Walker:
         count as a whole row.
         """
         parts: list[Any] = []
+        ctes: dict[str, Any] = {}
         for name, d in self._nodes({node: body}):
-            if name == "UpdateStmt":
+            if name == "CommonTableExpr" and isinstance(d.get("ctename"), str):
+                ctes[d["ctename"].lower()] = d.get("ctequery")
+            elif name == "UpdateStmt":
                 parts += [d.get("targetList"), _sources(d.get("fromClause"))]
             elif name == "InsertStmt":
                 parts.append(d.get("selectStmt"))
@@ -403,13 +406,6 @@ class _Walker:
             parts.append(body.get("query"))
         elif node == "SelectStmt" and body.get("intoClause"):
             parts.append({"SelectStmt": body})
-        parts = [p for p in parts if p]
-        if not parts:
-            return
-        ctes = {}
-        for name, d in self._nodes({node: body}):
-            if name == "CommonTableExpr" and isinstance(d.get("ctename"), str):
-                ctes[d["ctename"].lower()] = d.get("ctequery")
         seen: set[str] = set()
         while parts:
             part = parts.pop()
