@@ -20,6 +20,9 @@ from typing import Any, Iterable
 
 from twisted.internet.tcp import Connection
 
+#: what Twisted's writeSomeData hands the socket at most per call
+_SEND_LIMIT = Connection.SEND_LIMIT
+
 
 def write(transport: Any, data: bytes) -> None:
     """Write ``data`` to ``transport`` now if it can take it, else queue it as ``transport.write`` does."""
@@ -28,7 +31,15 @@ def write(transport: Any, data: bytes) -> None:
     if (isinstance(transport, Connection) and not transport.TLS and transport.connected
             and not transport.disconnecting and not transport._writeDisconnected
             and not transport.dataBuffer and not transport._tempDataBuffer and data):
-        sent = transport.writeSomeData(data)
+        if len(data) <= _SEND_LIMIT:
+            # what writeSomeData does, without its slice view and retry wrapper (Python retries EINTR itself)
+            try:
+                sent = transport.socket.send(data)
+            except OSError:
+                # EAGAIN: the kernel takes nothing now; any other error: doWrite meets it again and closes
+                sent = 0
+        else:
+            sent = transport.writeSomeData(data)
         if isinstance(sent, int):
             if sent == len(data):
                 return

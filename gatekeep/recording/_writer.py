@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, BinaryIO
 
-from gatekeep.recording.process import frame
+from gatekeep.recording.process import frame, unpack_events
 
 _LEN = struct.Struct("!I")
 
@@ -89,12 +89,14 @@ def main() -> int:
     signer = ledger.load_signer(settings["signing_key"]) if settings.get("signing_key") else None
     store = SQLiteStore(settings["path"], node=settings["node"], signer=signer)
     want_entries = settings.get("want_entries", False)
+    store.keep_entries = want_entries  # the committed entries are only sent back for sinks
     while True:
         message = read_frame(stdin)
         if message is None:
             break
         if message[0] == "batch":
-            _, frame_id, events = message
+            _, frame_id, packed = message
+            events = unpack_events(packed)
             entries = write_with_retries(store, frame_id, events, stdout, settings.get("refuse_strict", False))
             send(stdout, ("ok", frame_id, [e.export() for e in entries] if want_entries else None))
     store.close()

@@ -9,9 +9,10 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from gatekeep.model import Action, ClientAddress, Decision, Identity, Operation, Session, new_id
+from gatekeep.model import Action, ClientAddress, Decision, Identity, Operation, Outcome, Session, SessionEnd, new_id
 from gatekeep.recording import RecordingUnavailable
-from gatekeep.recording.process import WRITER_NICE, FrameReader, ProcessRecorder, _WriterProtocol
+from gatekeep.recording.process import (WRITER_NICE, FrameReader, ProcessRecorder, _WriterProtocol, frame,
+                                        pack_events, unpack_events)
 
 
 class Reactor(Clock):
@@ -34,7 +35,8 @@ class Pipe:
         self.frames.extend(self.reader.feed(data))
 
     def batches(self):
-        return [f for f in self.frames if f[0] == "batch"]
+        """The batch frames, their events as the writer reads them."""
+        return [(f[0], f[1], unpack_events(f[2])) for f in self.frames if f[0] == "batch"]
 
 
 SESSION = Session(new_id(), Identity("agent", frozenset({"agents"}), "token"), "db", "postgres",
@@ -158,3 +160,22 @@ def test_the_writer_keeps_strict_operations_it_failed_to_store_as_refusals(monke
     rec, _, _ = recorder(on_failure="deny", durability="strict")
     assert rec._settings["refuse_strict"] is True
     assert recorder(on_failure="deny")[0]._settings["refuse_strict"] is False
+
+
+def test_events_cross_to_the_writer_whole_and_without_the_protocol_state():
+    """Operations and outcomes travel as tuples of their fields; the writer gets equal values back (an
+    operation's detail, the relay's live state, is never sent), and the other events unchanged."""
+    live = object()  # not picklable as part of a record: it must not be sent
+    operation = Operation(SESSION, 7, "execute", "SELECT $1", 1.5, live, ("42", None), {"portal": "p"})
+    decision = Decision(Action.DENY, "no-reads", "denied", {"tables": ["t"]})
+    outcome = Outcome(SESSION.id, 7, 2.0, 0.5, "SELECT 1", 1, "42501", "denied", {"email": 2}, {"x": 1})
+    end = SessionEnd(SESSION.id, 3.0, 10, 20, "client closed")
+    [(kind, frame_id, events)] = FrameReader().feed(frame(("batch", 1, pack_events(
+        [SESSION, (operation, decision), outcome, end]))))
+    back = unpack_events(events)
+    assert back[0] == SESSION and back[3] == end and back[2] == outcome
+    sent_op, sent_decision = back[1]
+    assert sent_decision == decision
+    assert sent_op.detail is None
+    assert (sent_op.session, sent_op.seq, sent_op.kind, sent_op.text, sent_op.at, sent_op.parameters,
+            sent_op.extra) == (SESSION, 7, "execute", "SELECT $1", 1.5, ("42", None), {"portal": "p"})

@@ -6,6 +6,7 @@ import queue
 import sqlite3
 import threading
 
+import attrs
 import pytest
 
 from gatekeep.interfaces import IRecorder, IStore
@@ -107,6 +108,25 @@ def test_operation_and_outcome_in_one_batch_become_one_row(store):
     assert (record["action"], record["rule"], record["reason"], record["facts"]) == (
         "allow", "r-allow", "ok", {"tables": ["users"]})
     assert (record["status"], record["rows"], record["duration"], record["finished_at"]) == ("SELECT 3", 3, 0.5, 101.5)
+
+
+def test_every_kind_of_operation_row_stores_every_column(store):
+    """Operations that ended in the batch go in with a shorter INSERT (no request, error or masking columns);
+    each kind reads back exactly as the full row would have been written."""
+    s = session()
+    plain = Decision(Action.ALLOW, None, "", {})
+    cases = [
+        ((op(s, 1), plain), outcome(s, 1)),  # ended, no parameters, no facts
+        ((op(s, 2, "select $1", ("42", None)), ALLOWED), outcome(s, 2)),  # ended, with parameters and facts
+        ((op(s, 3), ALLOWED), outcome(s, 3, "SELECT 0", 0, error=("42501", "denied"))),  # ended with an error
+        ((op(s, 4), ALLOWED), Outcome(s.id, 4, 105.0, 0.5, "SELECT 2", 2, None, None, {"email": 2}, {"a": 1})),
+        ((attrs.evolve(op(s, 5), extra={"method": "GET"}), DENIED), outcome(s, 5)),  # a request map
+        ((op(s, 6), ALLOWED), None),  # not ended yet
+    ]
+    store.write([s] + [e for pair in cases for e in pair if e is not None])
+    stored = {r[1]: r for r in store.audit_rows("operations")}
+    for (operation, decision), end in cases:
+        assert stored[operation.seq] == SQLiteStore._op_row(operation, decision, end), operation.seq
 
 
 def test_outcome_in_a_later_batch_updates_the_record(store):

@@ -168,14 +168,19 @@ def parse_head(raw: bytes, role: str) -> Head:
         raise ProtocolError("unknown request method", 501) from None
     except httptools.HttpParserError as e:
         raise ProtocolError(f"malformed HTTP head: {e}") from None
-    version = parser.get_http_version().encode("ascii")
-    if version not in (b"1.1", b"1.0"):
-        raise ProtocolError(f"unsupported HTTP version {version.decode()}", 505)
+    version = _VERSIONS.get(parser.get_http_version())
+    if version is None:
+        raise ProtocolError(f"unsupported HTTP version {parser.get_http_version()}", 505)
     headers = tuple(c.headers)
     index = _index(c.headers)
+    # positional: attrs' __init__ takes them faster than keywords (two heads per request)
     if role == REQUEST:
-        return Head(raw, headers, version, method=parser.get_method(), target=c.target, index=index)
-    return Head(raw, headers, version, status=parser.get_status_code(), reason=c.reason, index=index)
+        return Head(raw, headers, version, parser.get_method(), c.target, 0, b"", index)
+    return Head(raw, headers, version, b"", b"", parser.get_status_code(), c.reason, index)
+
+
+#: the versions gatekeep reads, as llhttp names them -> as heads keep them
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
 
 # reader states and body framings: plain ints, since enum member lookups cost on every event
@@ -210,6 +215,9 @@ class MessageReader:
         self._state = _HEAD
         self._scan_from = 0
         self._framing = _LENGTH
+        #: how the current message's body is delimited: "length", "chunked" or "close" (a plain attribute, not a
+        #: property: the relay asks on every message)
+        self.body_framing = "length"
         self._remaining = 0
         self._chunk = _SIZE
         self._method = b"GET"
@@ -263,6 +271,8 @@ class MessageReader:
                 return self._chunked_body()
             return self._close_body()
         if state == _HEAD:
+            if not self._buf and not self._eof:
+                return NEED_DATA  # between messages: asked once more after each one
             return self._head()
         if state == _CLOSED:
             return CLOSED
@@ -337,11 +347,6 @@ class MessageReader:
             self._start_body(_UNTIL_CLOSE, 0)
 
     @property
-    def body_framing(self) -> str:
-        """How the current message's body is delimited: length, chunked or close."""
-        return _FRAMING_NAMES[self._framing]
-
-    @property
     def body_length(self) -> int | None:
         """The declared length of the current body, when it has one."""
         return self._remaining if self._framing == _LENGTH else None
@@ -349,6 +354,7 @@ class MessageReader:
     def _start_body(self, framing: int, length: int) -> None:
         self._state = _BODY
         self._framing = framing
+        self.body_framing = _FRAMING_NAMES[framing]
         self._remaining = length
         self._chunk = _SIZE
 

@@ -35,7 +35,8 @@ class Excerpt:
         return self.kept >= self.limit
 
     def text(self, total: int) -> str:
-        text = b"".join(self.parts).decode("utf-8", "replace")
+        parts = self.parts
+        text = (parts[0] if len(parts) == 1 else b"".join(parts)).decode("utf-8", "replace")
         if total > self.kept:
             text += f"... ({total} bytes)"
         return text
@@ -137,7 +138,12 @@ def outcome_for(ex: Exchange, session_id: str, now: float, secret: frozenset[str
         extra["response_body"] = ex.resp_excerpt.text(ex.body_out)
     if ex.plan.kind != "pass":
         extra["body_plan"] = ex.plan.kind
-    status = str(ex.status) if ex.status else None
+    status = (_STATUS_TEXT.get(ex.status) or str(ex.status)) if ex.status else None
     return Outcome(session_id, ex.op.seq, now, now - ex.started, status=status,
-                   error_code=str(ex.status) if ex.error and ex.status else None, error_message=ex.error,
+                   error_code=status if ex.error and ex.status else None, error_message=ex.error,
                    masked=dict(ex.counts) if ex.counts else None, extra=extra)
+
+
+#: the usual statuses as recorded
+_STATUS_TEXT = {status: str(status) for status in (200, 201, 202, 204, 206, 301, 302, 304, 400, 401, 403, 404, 409,
+                                                   500, 502, 503, 504)}

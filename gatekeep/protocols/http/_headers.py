@@ -11,7 +11,7 @@ from typing import Iterable
 
 import attrs
 
-from gatekeep.protocols.http._codec import Head, encode_request_head
+from gatekeep.protocols.http._codec import Head
 
 REDACTED = "[redacted]"
 
@@ -60,11 +60,25 @@ def client_credentials(head: Head) -> ClientCredentials | None:
     raise BadCredentials("expected Authorization: Bearer TOKEN or Basic")
 
 
+#: field names as sent -> as recorded (lower-case text): the same few names come in every message (names up to
+#: _CACHED_NAME bytes; emptied when full, so what peers send cannot grow it)
+_RECORDED_NAMES: dict[bytes, str] = {}
+_RECORDED_NAMES_MAX = 1024
+_CACHED_NAME = 64
+
+
 def recorded_headers(headers: Iterable[tuple[bytes, bytes]], secret: frozenset[str]) -> dict[str, str]:
     """Header fields for a record: lower-case names, values of secret fields replaced."""
     out: dict[str, str] = {}
+    keys = _RECORDED_NAMES
     for name, value in headers:
-        key = name.decode("latin-1").lower()
+        key = keys.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
+            if len(name) <= _CACHED_NAME:
+                if len(keys) >= _RECORDED_NAMES_MAX:
+                    keys.clear()
+                keys[name] = key
         text = REDACTED if key in secret else value.decode("latin-1")
         if key in out:
             out[key] = out[key] + ", " + text
@@ -89,26 +103,38 @@ class RequestRewriter:
     #: a path prefix from the upstream URL
     prefix: bytes = b""
 
+    #: names skipped from the client's fields: ``drop``, and ``host`` when gatekeep sets the Host
+    _skip: frozenset[bytes] = attrs.field(init=False, repr=False, eq=False)
+    #: ``add`` encoded once (fields as encode_request_head writes them)
+    _added: bytes = attrs.field(init=False, repr=False, eq=False)
+
+    @_skip.default
+    def _skip_default(self) -> frozenset[bytes]:
+        return self.drop | {b"host"} if self.host is not None else self.drop
+
+    @_added.default
+    def _added_default(self) -> bytes:
+        return b"".join(name + b": " + value + b"\r\n" for name, value in self.add)
+
     def head(self, head: Head, *, target: bytes | None = None, drop: frozenset[bytes] = frozenset(),
              add: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
-        skip = self.drop | drop if drop else self.drop
-        host = self.host
-        fields = []
-        for name, value in head.headers:
-            lower = name.lower()
-            if lower in skip:
-                continue
-            if lower == b"host" and host is not None:
-                continue
-            fields.append((name, value))
-        if host is not None:
-            fields.insert(0, (b"Host", host))
-        fields.extend(self.add)
-        fields.extend(add)
+        """The head as encode_request_head writes it: Host first (when set), the client's fields that are not
+        dropped, ``self.add``, ``add``. Written in one pass, without building the fields list first."""
+        skip = self._skip | drop if drop else self._skip
         path = target if target is not None else head.target
         if self.prefix and path.startswith(b"/"):
             path = self.prefix + path
-        return encode_request_head(head.method, path, fields, head.version)
+        parts = [head.method, b" ", path, b" HTTP/", head.version, b"\r\n"]
+        if self.host is not None:
+            parts += (b"Host: ", self.host, b"\r\n")
+        for name, value in head.headers:
+            if name.lower() not in skip:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(self._added)
+        for name, value in add:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
 
 
 def media_type(value: bytes | None) -> str:
@@ -137,5 +163,19 @@ TEXT_TYPES = frozenset({"application/xml", "application/javascript", "applicatio
 
 
 def is_text(content_type: bytes | None) -> bool:
-    mt = media_type(content_type)
-    return mt.startswith("text/") or mt in TEXT_TYPES or mt.endswith("+xml") or is_json(content_type)
+    known = _TEXT.get(content_type)
+    if known is None:
+        mt = media_type(content_type)
+        known = mt.startswith("text/") or mt in TEXT_TYPES or mt.endswith("+xml") or is_json(content_type)
+        if content_type is None or len(content_type) <= _CACHED_TYPE:
+            if len(_TEXT) >= _TEXT_MAX:
+                _TEXT.clear()
+            _TEXT[content_type] = known
+    return known
+
+
+#: Content-Type values lately seen -> whether they are text (every response asks): values up to _CACHED_TYPE
+#: bytes, emptied when full
+_TEXT: dict[bytes | None, bool] = {}
+_TEXT_MAX = 256
+_CACHED_TYPE = 128

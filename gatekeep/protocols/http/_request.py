@@ -51,6 +51,12 @@ class Request:
     #: differs: as with the method, servers that honour one act on it, so policy judges both paths
     path_override: str | None = None
 
+    def described(self, info: Any) -> "Request":
+        """This request with the protocol's description: ``attrs.evolve(self, info=info)`` without its generic
+        cost (every field named here, positionally; a test checks it against evolve)."""
+        return Request(self.method, self.target, self.path, self.query, self.host, self.unjudgeable, info, self.head,
+                       self.method_override, self.path_override)
+
     def params(self) -> dict[str, list[str]]:
         """The query parameters (parsed on demand)."""
         return parse_qs(self.query, keep_blank_values=True)
@@ -104,10 +110,7 @@ def parse_request(head: Head) -> Request:
         # clients never send a fragment; servers differ on where the path ends if one comes
         raise ProtocolError("request target with a fragment (#)")
     host = head.index.get(b"host")  # several Host fields come joined with ", "
-    host_header = host.decode("latin-1").strip() if host is not None else ""
-    if not _HOST.fullmatch(host_header):
-        raise ProtocolError("more than one Host header field" if b", " in (host or b"")
-                            else "invalid Host header field")
+    host_header, host_only = _host(host)
     if target.startswith("/"):
         raw_path, _, query = target.partition("?")
     elif target.lower().startswith(("http://", "https://")):
@@ -125,34 +128,59 @@ def parse_request(head: Head) -> Request:
         raise ProtocolError("HTTP/1.1 request without Host")
     path, problem = normalise_path(raw_path) if raw_path != "*" else ("*", None)
     method = head.method.decode("ascii")
-    override = None
-    for name in METHOD_OVERRIDES:
-        value = head.index.get(name)
-        if value is not None:
-            asked = value.decode("latin-1").strip().upper()
-            if asked != method:
-                override = asked
+    override = path_override = None
+    if not _OVERRIDES.isdisjoint(head.index):  # the usual request has none: one look instead of six
+        for name in METHOD_OVERRIDES:
+            value = head.index.get(name)
+            if value is not None:
+                asked = value.decode("latin-1").strip().upper()
+                if asked != method:
+                    override = asked
+                    break
+        for name in PATH_OVERRIDES:
+            value = head.index.get(name)
+            if value is not None:
+                raw = value.decode("latin-1").strip()
+                if raw.lower().startswith(("http://", "https://")):
+                    raw = urlsplit(raw).path or "/"
+                other, other_problem = normalise_path(raw.partition("?")[0].partition("#")[0] or "/")
+                if other != path:
+                    path_override = other
+                    problem = problem or (other_problem and f"{name.decode()}: {other_problem}")
                 break
-    path_override = None
-    for name in PATH_OVERRIDES:
-        value = head.index.get(name)
-        if value is not None:
-            raw = value.decode("latin-1").strip()
-            if raw.lower().startswith(("http://", "https://")):
-                raw = urlsplit(raw).path or "/"
-            other, other_problem = normalise_path(raw.partition("?")[0].partition("#")[0] or "/")
-            if other != path:
-                path_override = other
-                problem = problem or (other_problem and f"{name.decode()}: {other_problem}")
-            break
-    return Request(method, target, path, query, _host_only(host_header), problem, None, head, method_override=override,
-                   path_override=path_override)
+    # positional: attrs' __init__ of a frozen class takes them faster than keywords
+    return Request(method, target, path, query, host_only, problem, None, head, override, path_override)
+
+
+#: Host field values lately seen -> (the value as text, the host alone): a client sends the same one on every
+#: request, and checking and splitting it each time costs more than a look-up (values up to _CACHED_HOST bytes,
+#: emptied when full, so what clients send cannot grow it)
+_HOSTS: dict[bytes, tuple[str, str]] = {}
+_HOSTS_MAX = 1024
+_CACHED_HOST = 300
+
+
+def _host(host: bytes | None) -> tuple[str, str]:
+    """(the Host field value as text, the host alone: lower case, no port); ProtocolError when it is not one."""
+    known = _HOSTS.get(host) if host is not None else ("", "")
+    if known is not None:
+        return known
+    host_header = host.decode("latin-1").strip()
+    if not _HOST.fullmatch(host_header):
+        raise ProtocolError("more than one Host header field" if b", " in host else "invalid Host header field")
+    known = (host_header, _host_only(host_header))
+    if len(host) <= _CACHED_HOST:
+        if len(_HOSTS) >= _HOSTS_MAX:
+            _HOSTS.clear()
+        _HOSTS[host] = known
+    return known
 
 
 #: headers some frameworks (Rails, Express's method-override, Google APIs, ...) take as the request's real method
 METHOD_OVERRIDES = (b"x-http-method-override", b"x-http-method", b"x-method-override")
 #: headers some servers (IIS URL Rewrite, Symfony, Laravel, Zend) take as the request's real path
 PATH_OVERRIDES = (b"x-original-url", b"x-rewrite-url", b"x-override-url")
+_OVERRIDES = frozenset(METHOD_OVERRIDES + PATH_OVERRIDES)
 
 
 def _host_only(host: str) -> str:

@@ -157,9 +157,6 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
         if self._idle is None and self.options.idle_timeout:
             self._idle = self.gateway.reactor.callLater(self.options.idle_timeout, self._idle_check)
 
-    def _disarm_idle(self) -> None:
-        self._idle_since = None
-
     def _idle_check(self) -> None:
         self._idle = None
         if self.mode is not _HTTP:
@@ -240,7 +237,7 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
     # -- requests -------------------------------------------------------------------
 
     def request_head(self, head: Head) -> None:
-        self._disarm_idle()
+        self._idle_since = None  # busy (see _arm_idle)
         ex = self.exchange = Exchange(head, self.gateway.now())
         try:
             request = self.dialect.describe(parse_request(head))
@@ -248,15 +245,17 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
             self.bad_request(e)
             return
         ex.request = request
-        if not self.dialect.relays_upgrade(ex.upgrade):
+        if ex.upgrade is not None and not self.dialect.relays_upgrade(ex.upgrade):
             ex.upgrade = None  # taken off the request (see HttpDialect.rewrite): a 101 to it fails
         limit = self.options.record.body_limit
-        if limit and (self.reader.body_framing != "length" or (self.reader.body_length or 0) > 0):
+        reader = self.reader
+        framing = reader.body_framing
+        if limit and (framing != "length" or (reader.body_length or 0) > 0):
             ex.req_excerpt = excerpt_for(head, limit)
-            self.reader.decode = ex.req_excerpt is not None
-        if self.reader.body_framing == "chunked":
+            reader.decode = ex.req_excerpt is not None
+        if framing == "chunked":
             ex.chunked_in = True
-            self.reader.decode = True
+            reader.decode = True
         self.login(ex)
 
     def bad_request(self, error: ProtocolError) -> None:
@@ -289,7 +288,8 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
                           extra=operation_extra(ex, self.factory.scheme, self.factory.secret_headers,
                                                 self.dialect.request_extra(request)))
         decision = self.chain.decide(ex.op, notify=self.on_hold)
-        if isinstance(decision, Deferred):
+        # Deferred is an ABC (typing's Awaitable): isinstance on it costs, so a Decision is told apart first
+        if decision.__class__ is not Decision and isinstance(decision, Deferred):
             if ex.hold is not None:
                 # held for approval, maybe for minutes: keep reading, so a client that goes away is noticed
                 self.wait(ex, decision, "approval", self.decided, self._withdrawn, read=True)
@@ -381,7 +381,7 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
 
     def decided(self, decision: Any, ex: Exchange) -> None:
         decision, written = self._record_start(ex, decision)
-        if isinstance(written, Deferred):
+        if written is not None and isinstance(written, Deferred):
             written.addErrback(lambda f: as_refused(decision, f.getErrorMessage()))
             written.addCallback(lambda result: result if isinstance(result, Decision) else decision)
             self.wait(ex, written, "recording", self.carry_out, lambda result, ex: None)

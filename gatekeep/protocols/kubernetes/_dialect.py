@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-import attrs
-
 from gatekeep.model import Decision
 from gatekeep.protocols.http import _websocket as ws
 from gatekeep.protocols.http._codec import Head, simple_response
@@ -61,7 +59,7 @@ class KubernetesDialect(HttpDialect):
     # -- requests -----------------------------------------------------------------------
 
     def describe(self, request: Request) -> Request:
-        return attrs.evolve(request, info=request_info(request.method, request.path, request.query))
+        return request.described(request_info(request.method, request.path, request.query))
 
     def request_extra(self, request: Request) -> dict[str, Any]:
         return {"kubernetes": request.info.summary()}

@@ -94,7 +94,8 @@ def request_info(method: str, path: str, query: str) -> RequestInfo:
     if resource == "namespaces" and namespace and len(rest) <= 3 and rest[0] == "namespaces":
         # /api/v1/namespaces/NAME[/status]: the namespace object itself
         name = namespace
-    params = parse_qs(query, keep_blank_values=True) if query else {}
+    # the query is parsed only when it may name watch (percent-encoded, a name can spell it without the letters)
+    params = parse_qs(query, keep_blank_values=True) if query and ("watch" in query or "%" in query) else {}
     watch = watch_prefix or _true(params.get("watch"))
     if verb == "get" and not name:
         verb = "list"

@@ -16,7 +16,7 @@ import attrs
 from gatekeep.bounded import BoundedCache
 from gatekeep.protocols.postgres._wire import (
     CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, SSL_REQUEST_CODE, TEXT_OID, TRANSACTION_STATUSES, ProtocolError,
-    _Cursor, _FIELD_TAIL, _INT32, _NULL, _TWO_UINT32, _UINT16, _single_cstr,
+    _Cursor, _FIELD_TAIL, _INT16, _INT32, _NULL, _TWO_UINT32, _UINT16, _single_cstr,
 )
 
 __all__ = [
@@ -168,6 +168,15 @@ def _parse_bind_checked(body: bytes) -> Bind:
     return Bind(portal, statement, param_formats, params, result_formats)
 
 
+def _int16s(body: bytes, pos: int, count: int) -> tuple[int, ...]:
+    """``count`` Int16 values at ``pos`` (drivers send none or one format code: those without a format string)."""
+    if count == 0:
+        return ()
+    if count == 1:
+        return _INT16.unpack_from(body, pos)
+    return struct.unpack_from(f"!{count}h", body, pos)
+
+
 def parse_bind(body: bytes) -> Bind:
     """Decode a Bind body (read in place; anything amiss is read again step by step for a precise error)."""
     try:
@@ -176,7 +185,7 @@ def parse_bind(body: bytes) -> Bind:
         portal, statement = body[:e1].decode("utf-8"), body[e1 + 1:e2].decode("utf-8")
         pos = e2 + 1
         (count,) = _UINT16.unpack_from(body, pos)
-        formats = struct.unpack_from(f"!{count}h", body, pos + 2)
+        formats = _int16s(body, pos + 2, count)
         pos += 2 + 2 * count
         (count,) = _UINT16.unpack_from(body, pos)
         pos += 2
@@ -193,7 +202,7 @@ def parse_bind(body: bytes) -> Bind:
             params.append(body[pos:end])
             pos = end
         (count,) = _UINT16.unpack_from(body, pos)
-        results = struct.unpack_from(f"!{count}h", body, pos + 2)
+        results = _int16s(body, pos + 2, count)
         if pos + 2 + 2 * count != len(body):
             raise ValueError
     except (ValueError, struct.error):  # UnicodeDecodeError is a ValueError
@@ -202,7 +211,13 @@ def parse_bind(body: bytes) -> Bind:
 
 
 def parse_execute(body: bytes) -> Execute:
-    """Decode an Execute body."""
+    """Decode an Execute body (read in place; anything amiss is read again step by step for a precise error)."""
+    end = body.find(b"\0")
+    if end >= 0 and len(body) == end + 5:
+        try:
+            return Execute(body[:end].decode("utf-8"), _INT32.unpack_from(body, end + 1)[0])
+        except UnicodeDecodeError:
+            pass
     cur = _Cursor(body, "Execute")
     portal = cur.cstr()
     max_rows = cur.int32()

@@ -184,6 +184,13 @@ class MessageReader:
     def feed(self, data: bytes) -> list[Message]:
         """Add ``data`` and return the messages completed by it, in order."""
         buf = self._buf
+        if not buf and self.typed and type(data) is bytes:
+            # nothing held back: frame the chunk in place (a chunk that is one whole message is not even
+            # copied); only an incomplete tail is kept
+            messages, pos = self._frame_typed(data)
+            if pos < len(data):
+                buf += data[pos:]
+            return messages
         buf += data
         if self.typed:
             messages, pos = self._frame_typed(buf)
@@ -193,18 +200,19 @@ class MessageReader:
             del buf[:pos]
         return messages
 
-    def _frame_typed(self, buf: bytearray) -> tuple[list[Message], int]:
+    def _frame_typed(self, buf: bytes | bytearray) -> tuple[list[Message], int]:
         out: list[Message] = []
+        append, unpack, copy = out.append, _HEADER.unpack_from, type(buf) is not bytes
         pos, n, limit = 0, len(buf), self.max_length
         while n - pos >= 5:
-            mtype, length = _HEADER.unpack_from(buf, pos)
+            mtype, length = unpack(buf, pos)
             if not 4 <= length <= limit:
                 raise _bad_length(mtype, length)
             end = pos + 1 + length
             if end > n:
                 break
-            wire = bytes(buf[pos:end])
-            out.append(Message(mtype, wire[5:], wire))
+            wire = bytes(buf[pos:end]) if copy else buf[pos:end]
+            append(Message(mtype, wire[5:], wire))
             pos = end
         return out, pos
 
@@ -388,6 +396,12 @@ class _Cursor:
 
 
 def _single_cstr(body: bytes, what: str) -> str:
+    end = body.find(b"\0")
+    if 0 <= end == len(body) - 1:  # the well-formed case in place (the cursor below names what is wrong otherwise)
+        try:
+            return body[:end].decode("utf-8")
+        except UnicodeDecodeError:
+            pass
     cur = _Cursor(body, what)
     value = cur.cstr()
     cur.done()

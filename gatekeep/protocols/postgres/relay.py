@@ -50,6 +50,10 @@ from gatekeep.tls import server_options
 
 _log = Logger()
 
+# enum members as plain names: ``Phase.READY`` is a lookup through the enum's class on every use, and the
+# relay asks these on every message
+_READY, _CLOSED, _ALLOW = Phase.READY, Phase.CLOSED, Action.ALLOW
+
 #: a statement that fails at parse time without touching anything: sent instead
 #: of a denied one, so the server's transaction state matches what the client is told
 POISON = "gatekeep denied this statement"
@@ -143,7 +147,7 @@ class Frontend(ClientStartup, protocol.Protocol):
 
     @property
     def closed(self) -> bool:
-        return self.phase is Phase.CLOSED
+        return self.phase is _CLOSED
 
     @property
     def client(self) -> ClientAddress:
@@ -156,7 +160,7 @@ class Frontend(ClientStartup, protocol.Protocol):
 
     def fatal(self, code: str, message: str, reason: str | None = None) -> None:
         """Send a FATAL error and close: the client learns what happened in its own protocol."""
-        if self.phase is Phase.CLOSED:
+        if self.phase is _CLOSED:
             return
         self.send(pg.error_response(code, message, severity="FATAL"))
         if reason:
@@ -164,10 +168,10 @@ class Frontend(ClientStartup, protocol.Protocol):
         self.close()
 
     def close(self) -> None:
-        if self.phase is Phase.READY:
+        if self.phase is _READY:
             # a TLS transport does not close while a producer is registered with it
             self.transport.unregisterProducer()
-        if self.phase is not Phase.CLOSED:
+        if self.phase is not _CLOSED:
             self.phase = Phase.CLOSED
         self.transport.loseConnection()
         if self._cut is None:
@@ -181,14 +185,14 @@ class Frontend(ClientStartup, protocol.Protocol):
         self.bytes_in += len(data)
         try:
             messages = self.reader.feed(data)
-            while self.phase is not Phase.READY and messages:
+            while self.phase is not _READY and messages:
                 # startup packets come one at a time; what follows may need the typed reader
                 for message in messages:
-                    if self.phase is Phase.CLOSED:
+                    if self.phase is _CLOSED:
                         return
                     self.during_startup(message)
-                messages = self.reader.feed(b"") if self.reader.buffered and self.phase is not Phase.CLOSED else []
-            if self.phase is Phase.READY and messages:
+                messages = self.reader.feed(b"") if self.reader.buffered and self.phase is not _CLOSED else []
+            if self.phase is _READY and messages:
                 self.from_client(messages)
         except pg.ProtocolError as e:
             self.protocol_violation(str(e))
@@ -202,7 +206,7 @@ class Frontend(ClientStartup, protocol.Protocol):
 
     def terminate(self, reason: str) -> None:
         """Access ended (token expired, identity removed, ...): FATAL 57P01 with the reason, which is recorded."""
-        if self.phase is Phase.CLOSED:
+        if self.phase is _CLOSED:
             return
         self.end_reason = f"access ended: {reason}"
         self.withdraw(f"access ended: {reason}")  # a statement held for approval is given up, with the reason
@@ -257,7 +261,7 @@ class Frontend(ClientStartup, protocol.Protocol):
 
     def upstream_ready(self, parameter_status: list[bytes], key: tuple[int, int], status: bytes) -> None:
         """The upstream session is up: finish the client's startup and start relaying."""
-        if self.phase is Phase.CLOSED:
+        if self.phase is _CLOSED:
             return
         for message in parameter_status:
             if message[:1] == b"S" and not self.setting_reported(*pg.parse_parameter_status(message[5:])):
@@ -287,7 +291,7 @@ class Frontend(ClientStartup, protocol.Protocol):
         queue = deque(messages)
         while queue:
             m = queue.popleft()
-            if self.phase is not Phase.READY or self.upstream is None:
+            if self.phase is not _READY or self.upstream is None:
                 return
             t = m.type
             try:
@@ -305,6 +309,11 @@ class Frontend(ClientStartup, protocol.Protocol):
                     self.tracker.group_ends()
                     self.settings.group_sent()
                     d = None
+                elif t == b"D":
+                    if self.results is not None:
+                        self.results.described(*pg.parse_describe_or_close(m.body))
+                    out.append(m.encode())
+                    d = None
                 elif t == b"F":
                     d = self.on_function_call(m, out)
                 elif t == b"X":
@@ -313,10 +322,6 @@ class Frontend(ClientStartup, protocol.Protocol):
                     self.upstream.transport.loseConnection()
                     self.close()
                     return
-                elif t == b"D" and self.results is not None:
-                    self.results.described(*pg.parse_describe_or_close(m.body))
-                    out.append(m.encode())
-                    d = None
                 elif t == b"C":
                     kind, name = pg.parse_describe_or_close(m.body)
                     if kind == "S":
@@ -354,7 +359,7 @@ class Frontend(ClientStartup, protocol.Protocol):
                          session=self.session.id if self.session else "-")
             self.fatal("XX000", "gatekeep could not decide on this statement", reason="decision failed")
             return None
-        if self.phase is not Phase.READY or self.upstream is None:
+        if self.phase is not _READY or self.upstream is None:
             return None
         if out:
             self.upstream.send(b"".join(out))
@@ -400,7 +405,7 @@ class Frontend(ClientStartup, protocol.Protocol):
         Returns a Deferred while a decision or a strict recording is pending.
         """
         decision = self.gateway.chain.decide(operation, notify=self.on_hold)
-        if isinstance(decision, Deferred):
+        if not isinstance(decision, Decision):  # a Deferred (checked this way round: see Chain.decide)
             return decision.addBoth(self._released).addCallback(self._carry_out, operation, forward, refine, record)
         return self._carry_out(decision, operation, forward, refine, record)
 
@@ -439,7 +444,7 @@ class Frontend(ClientStartup, protocol.Protocol):
         except RecordingUnavailable as e:
             forward(as_refused(decision, str(e)))
             return None
-        if isinstance(written, Deferred):
+        if written is not None and isinstance(written, Deferred):  # strict durability, or a full backlog
             return written.addCallbacks(lambda _: forward(decision),
                                         lambda f: forward(as_refused(decision, f.getErrorMessage())))
         forward(decision)
@@ -470,7 +475,7 @@ class Frontend(ClientStartup, protocol.Protocol):
         op = self._operation("query", text, detail=self.sql_state)
 
         def carry_out(decision: Decision) -> None:
-            if decision.action is Action.ALLOW:
+            if decision.action is _ALLOW:
                 analysis = analyze(text)
                 self.sql_state.apply(analysis)
                 for name in analysis.deallocates:  # DEALLOCATE and DISCARD ALL drop protocol-level statements too
@@ -493,7 +498,7 @@ class Frontend(ClientStartup, protocol.Protocol):
     def _group(self, op: Operation, m: pg.Message, out: list[bytes], decision: Decision) -> None:
         """A message that ends a group (Query, FunctionCall): forward it, or a stand-in that fails and its denial."""
         now = self.gateway.now()
-        if decision.action is Action.ALLOW:
+        if decision.action is _ALLOW:
             self.tracker.add(op, "query", now)
             out.append(m.encode())
         else:
@@ -516,20 +521,20 @@ class Frontend(ClientStartup, protocol.Protocol):
                    "reads it by (standard_conforming_strings, client_encoding): send a Sync before it")
             return self._carry_out(Decision(Action.DENY, rule, why, {}), op, forward, None, record)
         self.seq -= 1  # the statement is read again, as a new operation, once the settings are known
-        return self.settings.wait().addCallback(lambda _: again() if self.phase is Phase.READY else None)
+        return self.settings.wait().addCallback(lambda _: again() if self.phase is _READY else None)
 
     def on_parse(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
         parse = pg.parse_parse(m.body, self.settings.codec)
         op = self._operation("parse", parse.query, detail=self.sql_state)
 
         def record(decision: Decision) -> bool:
-            if decision.action is Action.ALLOW:
+            if decision.action is _ALLOW:
                 self.seq -= 1  # an allowed Parse is recorded with its executions, not on its own
                 return False
             return True
 
         def carry_out(decision: Decision) -> None:
-            if decision.action is Action.ALLOW:
+            if decision.action is _ALLOW:
                 analysis = analyze(parse.query)
                 self.sql_state.apply(analysis)
                 self._changing(parse.statement)
@@ -558,7 +563,7 @@ class Frontend(ClientStartup, protocol.Protocol):
             return None
 
         def refine(decision: Decision) -> Decision:
-            if decision.action is Action.ALLOW:
+            if decision.action is _ALLOW:
                 return results.decision(text, decision, self.sql_state)
             return decision
 
@@ -596,7 +601,7 @@ class Frontend(ClientStartup, protocol.Protocol):
         op = self._operation("function-call", f"fastpath function call (function oid {oid})")
 
         def carry_out(decision: Decision) -> None:
-            if decision.action is Action.ALLOW:
+            if decision.action is _ALLOW:
                 self.settings.runs_code()  # any function, set_config included
             self._group(op, m, out, decision)
 
@@ -645,7 +650,7 @@ class Frontend(ClientStartup, protocol.Protocol):
         op = self._operation("execute", text, params, detail=self.sql_state)
 
         def carry_out(decision: Decision) -> None:
-            if decision.action is Action.ALLOW:
+            if decision.action is _ALLOW:
                 if runs_code:
                     self.settings.runs_code()
                 self.tracker.add(op, "execute", self.gateway.now())
@@ -740,10 +745,10 @@ class Frontend(ClientStartup, protocol.Protocol):
             self.end_session()  # whatever happened above, the end of the session is recorded
 
     def upstream_lost(self, reason: str) -> None:
-        if self.phase is Phase.READY:
+        if self.phase is _READY:
             self.end_reason = f"upstream closed: {reason}"
             self.fatal("08006", f"the database of target {self.target.name} closed the connection")
-        elif self.phase is not Phase.CLOSED:
+        elif self.phase is not _CLOSED:
             self.upstream_failed("08006", f"connection closed during login: {reason}")
 
     def end_session(self) -> None:

@@ -783,6 +783,9 @@ SHAPE_LIMIT = 20000
 #: analyses kept by shape and by text: bounded in entries and in bytes of text (clients choose the texts)
 _by_shape = BoundedCache(SHAPE_LIMIT, 32 * 1024 * 1024)
 _by_text = BoundedCache(8192, 32 * 1024 * 1024)
+#: the last text analysed (the same str object), its depth and analysis: a statement is asked about twice in a
+#: row (its decision's cache key, then what it changes once allowed), the second time without hashing it
+_last: tuple = (None, 0, None)
 
 #: a "$" that is not a $n parameter: a dollar quote (or a $ inside a name)
 _DOLLAR_QUOTE = re.compile(r"\$(?!\d)")
@@ -845,21 +848,28 @@ def analyze(text: str, depth: int = 0) -> Analysis:
     the text as PostgreSQL's lexer splits it. Analyses are kept by text too
     (a bounded cache: long texts are analysed each time).
     """
+    global _last
+    last = _last
+    if last[0] is text and last[1] == depth:  # the relay and its policy ask about one text in a row
+        return last[2]
     key = (text, depth)
     known = _by_text.get(key)
     if known is not None:
+        _last = (text, depth, known)
         return known
     shape = shape_of(text) if depth == 0 else None
     if shape is not None:
         known = _by_shape.get(shape)
         if known is not None:
             _by_text.put(key, known, len(text))
+            _last = (text, depth, known)
             return known
     result = _analyze(text, depth)
     if shape is not None and _constant_free(result):
         result = attrs.evolve(result, shape=shape)
         _by_shape.put(shape, result, len(shape))
     _by_text.put(key, result, len(text))
+    _last = (text, depth, result)
     return result
 
 
