@@ -171,16 +171,23 @@ MIGRATIONS: list[str] = [
 #: (docs/performance.md) and change nothing measurable for small (PostgreSQL) records.
 PAGE_SIZE = 16384
 
-#: an operation's row, and the row of one that ended in the same batch without the columns rarely set
-#: (SQLiteStore._op_rows), with and without bind parameters
+#: an operation's row
 _OPERATION_INSERT = ("INSERT INTO operations (session_id, seq, kind, text, parameters, at, action, rule, reason, facts,"
                      " request, finished_at, duration, status, rows, error_code, error_message, masked, response)"
                      " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
-_ENDED_OPERATION_INSERT = ("INSERT INTO operations (session_id, seq, kind, text, parameters, at, action, rule, reason,"
-                           " facts, finished_at, duration, status, rows) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
-_ENDED_OPERATION_INSERT_NO_PARAMETERS = (
-    "INSERT INTO operations (session_id, seq, kind, text, at, action, rule, reason, facts, finished_at, duration,"
-    " status, rows) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)")
+
+
+def _ended_operation_insert(parameters: bool, request: bool, response: bool) -> str:
+    columns = ("session_id", "seq", "kind", "text", "at", "action", "rule", "reason", "facts", "finished_at",
+               "duration", "status", "rows") + ("parameters",) * parameters + ("request",) * request \
+        + ("response",) * response
+    return f"INSERT INTO operations ({', '.join(columns)}) VALUES ({','.join('?' * len(columns))})"
+
+
+#: the row of an operation that ended in the same batch without an error or masking (SQLiteStore._op_rows),
+#: by whether it has bind parameters, a request map and a response map
+_ENDED_OPERATION_INSERTS = {(p, q, r): _ended_operation_insert(p, q, r)
+                            for p in (False, True) for q in (False, True) for r in (False, True)}
 
 
 def _json(value: Any) -> str:
@@ -462,23 +469,22 @@ class SQLiteStore:
     def _op_rows(cls, ops: Iterable[tuple[Operation, Decision, Outcome | None]], text_of: Any) -> dict[str, list]:
         """
         The rows of operations, by the INSERT that takes them. An operation that ended in the same batch
-        without an error, masking, or request and response maps (most statements) is inserted naming only
-        the columns it has: SQLite binding the NULLs of the others costs about a third of such a row's insert.
+        without an error or masking (most) is inserted naming only the columns it has: SQLite binding the
+        NULLs of the others costs about a third of a short row's insert.
         """
         rows: dict[str, list] = {}
         for op, d, o in ops:
-            if (o is not None and not op.extra and o.error_code is None and o.error_message is None
-                    and not o.masked and not o.extra):
-                facts = text_of(d.facts) if d.facts else None
-                if op.parameters:
-                    row = (op.session.id, op.seq, op.kind, op.text, text_of(op.parameters), op.at,
-                           d.action._value_, d.rule, d.reason or None, facts, o.finished_at, o.duration, o.status,
-                           o.rows)
-                    sql = _ENDED_OPERATION_INSERT
-                else:
-                    row = (op.session.id, op.seq, op.kind, op.text, op.at, d.action._value_, d.rule,
-                           d.reason or None, facts, o.finished_at, o.duration, o.status, o.rows)
-                    sql = _ENDED_OPERATION_INSERT_NO_PARAMETERS
+            if o is not None and o.error_code is None and o.error_message is None and not o.masked:
+                params, request, response = op.parameters, op.extra, o.extra
+                row = (op.session.id, op.seq, op.kind, op.text, op.at, d.action._value_, d.rule, d.reason or None,
+                       text_of(d.facts) if d.facts else None, o.finished_at, o.duration, o.status, o.rows)
+                if params:
+                    row += (text_of(params),)
+                if request:
+                    row += (text_of(request),)
+                if response:
+                    row += (text_of(response),)
+                sql = _ENDED_OPERATION_INSERTS[bool(params), bool(request), bool(response)]
             else:
                 row, sql = cls._op_row(op, d, o, text_of), _OPERATION_INSERT
             rows.setdefault(sql, []).append(row)

@@ -111,8 +111,8 @@ def test_operation_and_outcome_in_one_batch_become_one_row(store):
 
 
 def test_every_kind_of_operation_row_stores_every_column(store):
-    """Operations that ended in the batch go in with a shorter INSERT (no request, error or masking columns);
-    each kind reads back exactly as the full row would have been written."""
+    """Operations that ended in the batch without an error or masking go in with an INSERT naming only the
+    columns they have; each kind reads back exactly as the full row would have been written."""
     s = session()
     plain = Decision(Action.ALLOW, None, "", {})
     cases = [
@@ -122,6 +122,9 @@ def test_every_kind_of_operation_row_stores_every_column(store):
         ((op(s, 4), ALLOWED), Outcome(s.id, 4, 105.0, 0.5, "SELECT 2", 2, None, None, {"email": 2}, {"a": 1})),
         ((attrs.evolve(op(s, 5), extra={"method": "GET"}), DENIED), outcome(s, 5)),  # a request map
         ((op(s, 6), ALLOWED), None),  # not ended yet
+        ((op(s, 7), ALLOWED), Outcome(s.id, 7, 107.0, 0.5, "200", None, None, None, None, {"headers": {}})),
+        ((attrs.evolve(op(s, 8, "select $1", ("x",)), extra={"url": "/"}), plain),
+         Outcome(s.id, 8, 108.0, 0.5, "200", None, None, None, None, {"response_body": "ok"})),
     ]
     store.write([s] + [e for pair in cases for e in pair if e is not None])
     stored = {r[1]: r for r in store.audit_rows("operations")}
