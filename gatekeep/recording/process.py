@@ -276,14 +276,6 @@ class ProcessRecorder(InOrder, Backlog):
         self._add((operation, decision))
         return None if self.backlog < self.max_backlog else self.wait_for_room()
 
-    def operationFinished(self, outcome: Any) -> None:
-        # InOrder's, without its call to _add: one of these for every statement
-        self._events.append(outcome)
-        if len(self._events) >= self._max_frame:
-            self._send()
-        elif self._timer is None:
-            self._timer = self._reactor.callLater(self._interval, self._send)
-
     def flush(self) -> Deferred:
         d: Deferred = Deferred()
         self._send()
