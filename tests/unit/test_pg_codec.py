@@ -390,9 +390,12 @@ def test_parse_round_trip(statement: str, sql: str, types: list[int]) -> None:
     assert c.parse_parse(message.body) == c.Parse(statement, sql, tuple(types))
 
 
-@given(NAMES, NAMES, st.lists(INT16, max_size=5), st.lists(VALUES, max_size=8), st.lists(INT16, max_size=5))
-def test_bind_round_trip(portal: str, statement: str, pformats: list, params: list, rformats: list) -> None:
+@given(NAMES, NAMES, st.lists(INT16, max_size=8), st.lists(VALUES, max_size=8), st.lists(INT16, max_size=5),
+       st.integers(0, 2))
+def test_bind_round_trip(portal: str, statement: str, codes: list, params: list, rformats: list, how: int) -> None:
     """bind() output parses back to the same portal, statement, formats and values (NULLs included)."""
+    # no parameter format, one for all, or one for each parameter
+    pformats = [] if how == 0 else codes[:1] if how == 1 else (codes + [0] * len(params))[:len(params)]
     message = single(c.bind(portal, statement, pformats, params, rformats))
     assert message.type == c.BIND
     assert c.parse_bind(message.body) == c.Bind(portal, statement, tuple(pformats), tuple(params), tuple(rformats))
@@ -688,6 +691,18 @@ def test_encoders_reject_unencodable_values(call) -> None:
     """Encoders raise ValueError for NULs in strings and values the wire format cannot carry."""
     with pytest.raises(ValueError):
         call()
+
+
+@pytest.mark.parametrize(("formats", "params"), [((0, 1), (b"1",)), ((0, 0, 0), (b"1", b"2")), ((1, 1), ())])
+def test_bind_with_a_format_count_that_fits_no_parameter_count_is_refused(formats, params) -> None:
+    """Parameter format codes come one per parameter, one for all, or none: any other count is malformed
+    (PostgreSQL refuses it too), in the quick reader and the checked one alike."""
+    body = single(c.bind("", "", formats, params, ())).body
+    expected = f"{len(formats)} parameter formats but {len(params)} parameters"
+    with pytest.raises(ProtocolError, match=expected):
+        c.parse_bind(body)
+    with pytest.raises(ProtocolError, match=expected):
+        _messages._parse_bind_checked(body)
 
 
 @settings(max_examples=50)

@@ -329,7 +329,9 @@ def test_after_a_denial_results_pass_unchanged_again(relay):
     assert [o.status for o in relay.recorder.outcomes] == [None, "SELECT 2"]
 
 
-@pytest.mark.parametrize("garbage", [b"Q\x00\x00\x00\x02", b"Q\x00\x00\x00\x06ab"], ids=["bad-length", "no-nul"])
+@pytest.mark.parametrize("garbage", [b"Q\x00\x00\x00\x02", b"Q\x00\x00\x00\x06ab",
+                                     pg.bind("", "", (0, 0), (b"1", b"2", b"3"), ())],
+                         ids=["bad-length", "no-nul", "bind-format-count"])
 def test_malformed_client_message_is_a_fatal_08P01(relay, garbage):
     """A malformed message from a logged-in client ends with FATAL 08P01, both connections closed."""
     client, _ = logged_in(relay)

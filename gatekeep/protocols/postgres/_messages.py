@@ -165,6 +165,9 @@ def _parse_bind_checked(body: bytes) -> Bind:
     params = tuple(cur.sized() for _ in range(cur.uint16()))
     result_formats = tuple(cur.int16() for _ in range(cur.uint16()))
     cur.done()
+    if len(param_formats) > 1 and len(param_formats) != len(params):
+        # a format code per parameter, or one for all, or none (PostgreSQL refuses anything else)
+        raise cur.error(f"{len(param_formats)} parameter formats but {len(params)} parameters")
     return Bind(portal, statement, param_formats, params, result_formats)
 
 
@@ -203,7 +206,7 @@ def parse_bind(body: bytes) -> Bind:
             pos = end
         (count,) = _UINT16.unpack_from(body, pos)
         results = _int16s(body, pos + 2, count)
-        if pos + 2 + 2 * count != len(body):
+        if pos + 2 + 2 * count != len(body) or 1 < len(formats) != len(params):
             raise ValueError
     except (ValueError, struct.error):  # UnicodeDecodeError is a ValueError
         return _parse_bind_checked(body)

@@ -618,10 +618,11 @@ class Frontend(ClientStartup, protocol.Protocol):
             found = (f"EXECUTE {_quote_ident(bind.statement)}", None, True, None)
         if found is not None:
             formats = bind.param_formats
-            params = tuple(
-                _param_text(v, (formats[i] if len(formats) > 1 else (formats[0] if formats else 0)) == 1)
-                for i, v in enumerate(bind.params)
-            )
+            if len(formats) > 1:  # a format per parameter
+                params = tuple(_param_text(v, formats[i] == 1) for i, v in enumerate(bind.params))
+            else:  # none (all text) or one for all
+                binary = bool(formats) and formats[0] == 1
+                params = tuple([_param_text(v, binary) for v in bind.params])
             if self.results is not None:
                 params = self.results.recordable(params)  # the record keeps only masked values
             self._portals[bind.portal] = (found[0], found[1], params, found[2], found[3])
