@@ -5,6 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import protocol
 
 from gatekeep.identity.scram import ScramClient, ScramServer, make_verifier, md5_password
@@ -342,6 +344,30 @@ def test_malformed_client_message_is_a_fatal_08P01(relay, garbage):
     assert relay.server.lost == 1
     assert relay.recorder.ends[0].reason.startswith("protocol violation")
     assert relay.server.queries == []
+
+
+#: well-formed extended-protocol messages the property below breaks
+_EXTENDED = [pg.parse("s1", "SELECT $1", (23,)), pg.bind("p1", "s1", (0,), (b"1",), (0,)),
+             pg.bind("p1", "s1", (0, 1), (b"1", b"\x00\x02"), (0, 1)), pg.execute("p1", 5),
+             pg.describe("S", "s1"), pg.close("P", "p1")]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_any_broken_extended_message_is_relayed_or_a_fatal_08P01(data):
+    """A logged-in client's Parse, Bind, Execute, Describe, Close, FunctionCall or Flush with a body cut,
+    stretched or replaced: the relay either passes it on or ends the session with FATAL 08P01, and never
+    fails inside (an exception here would be a dropped connection without a word to the client)."""
+    relay = make_relay()
+    client, _ = logged_in(relay)
+    mtype = data.draw(st.sampled_from([b"P", b"B", b"E", b"D", b"C", b"F", b"H"]))
+    base = bytearray(data.draw(st.sampled_from(_EXTENDED))[5:])
+    cut = data.draw(st.integers(0, len(base)))
+    body = bytes(base[:cut]) + data.draw(st.binary(max_size=12))
+    messages = client.send(mtype + len(body + b"1234").to_bytes(4, "big") + body + pg.sync())
+    errors = [fields(m) for m in messages if m.type == b"E"]
+    if client.closed:
+        assert errors and (errors[-1]["S"], errors[-1]["C"]) == ("FATAL", "08P01")
 
 
 def test_malformed_startup_packet_is_a_fatal_08P01(relay):
