@@ -406,6 +406,10 @@ class RawPg:
         return _msg(b"D", b"P" + _cstr(portal))
 
     @staticmethod
+    def close_portal(portal=""):
+        return _msg(b"C", b"P" + _cstr(portal))
+
+    @staticmethod
     def execute(portal=""):
         return _msg(b"E", _cstr(portal) + struct.pack("!i", 0))
 

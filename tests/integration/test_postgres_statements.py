@@ -152,6 +152,19 @@ def test_a_parse_the_server_refuses_or_skips_leaves_the_statement_it_had(gw):
     assert all(x["text"] != "SELECT 1" or x["status"] is None for x in records)
 
 
+def test_a_portal_close_before_a_refused_parse_keeps_their_confirmations_apart(gw):
+    """A Close of a portal is confirmed with a CloseComplete, as a statement change is: taken as the
+    confirmation of the Parse after it (which the server refuses), it made gatekeep believe s1 was that
+    Parse's harmless text, and s1's DELETE then ran on the billing table unjudged."""
+    app = "gkst-" + marker()
+    with gw.raw(application_name=app) as r:
+        prepared_then_billing(r, "s1")
+        refused(r, r.close_portal("no-such-portal"), r.parse("SELECT 1", "s1"), r.sync())
+        refused(r, r.bind("", "s1"), r.execute(""), r.sync())
+    records = ended_session(gw.gk, app)["records"]
+    assert ('EXECUTE "s1"', "deny") in [(x["text"], x["action"]) for x in records]
+
+
 def test_deallocate_and_a_sql_cursor_are_followed(gw):
     """DEALLOCATE drops a protocol-level statement too: a Bind of the name a SQL PREPARE then took is judged and
     masked as that; an Execute of a cursor a SQL DECLARE opened is judged and recorded as its FETCH."""

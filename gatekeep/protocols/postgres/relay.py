@@ -324,8 +324,7 @@ class Frontend(ClientStartup, protocol.Protocol):
                     return
                 elif t == b"C":
                     kind, name = pg.parse_describe_or_close(m.body)
-                    if kind == "S":
-                        self._changing(name)
+                    self._changing(name if kind == "S" else None)  # a portal's Close is confirmed too
                     (self._statements if kind == "S" else self._portals).pop(name, None)
                     if self.results is not None:
                         self.results.closed(kind, name)
@@ -569,8 +568,15 @@ class Frontend(ClientStartup, protocol.Protocol):
 
         return refine
 
-    def _changing(self, name: str) -> None:
-        """A Parse or a Close of statement ``name`` is about to be sent: keep what it replaces until confirmed."""
+    def _changing(self, name: str | None) -> None:
+        """
+        A Parse or a Close of statement ``name`` is about to be sent: keep what it replaces until confirmed.
+        A portal's Close (``name`` None) changes no statement, but the server confirms it the same way
+        (CloseComplete), so it holds its place in the order of confirmations.
+        """
+        if name is None:
+            self._unconfirmed.append((self.tracker.syncs_sent + 1, None, None, None))
+            return
         before = self.results.parse_of(name) if self.results is not None else None
         self._unconfirmed.append((self.tracker.syncs_sent + 1, name, self._statements.get(name), before))
 
@@ -587,6 +593,8 @@ class Frontend(ClientStartup, protocol.Protocol):
             return
         self._unconfirmed = deque(u for u in self._unconfirmed if u[0] != group)
         for _, name, before, masked_before in reversed(undo):
+            if name is None:
+                continue
             if before is None:
                 self._statements.pop(name, None)
             else:
