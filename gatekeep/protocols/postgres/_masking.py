@@ -30,15 +30,14 @@ from gatekeep.masking.rules import MaskingRule, MaskPlan
 from gatekeep.protocols.postgres import _codec as pg
 
 TEXT_TYPES = frozenset({25, 1043, 1042, 19, 705, 18, 142})  # text, varchar, bpchar, name, unknown, char, xml
-#: arrays of text types: a value detectors find anything in becomes NULL (a partial edit could break the array)
-TEXT_ARRAY_TYPES = frozenset({1009, 1015, 1014, 1003, 143, 199, 3807})  # text[], varchar[], bpchar[], name[], xml[], json[], jsonb[]
+#: computed types that cannot carry a masked column's text: truth values, numbers, times
+SAFE_COMPUTED = frozenset({16, 20, 21, 23, 26, 700, 701, 790, 1082, 1083, 1114, 1184, 1186, 1266, 1700})
 #: types detectors do not search: numbers (a Luhn-valid 16-digit id is not a card number), truth values,
 #: times, bytea, uuid, network addresses, and arrays of those. Every other type is searched (its text, or
-#: the bytes of its binary form): rows, tsvector, hstore, citext, ranges, arrays of rows ...
-UNSCANNED = frozenset({16, 20, 21, 23, 26, 700, 701, 790, 1082, 1083, 1114, 1184, 1186, 1266, 1700,
-                       17, 2950, 869, 650, 829, 774,
-                       1000, 1005, 1007, 1016, 1021, 1022, 1231, 1028, 1182, 1115, 1185, 1183, 1187, 1270, 2951,
-                       1001, 1041, 651})
+#: the bytes of its binary form): arrays of text, rows, tsvector, hstore, citext, ranges, arrays of rows ...
+UNSCANNED = SAFE_COMPUTED | frozenset({17, 2950, 869, 650, 829, 774,
+                                       1000, 1005, 1007, 1016, 1021, 1022, 1231, 1028, 1182, 1115, 1185, 1183,
+                                       1187, 1270, 2951, 1001, 1041, 651})
 #: whole rows (record, record[]); named row types of masked tables are found in the catalog
 RECORD_TYPES = frozenset({2249, 2287})
 
@@ -69,17 +68,13 @@ class Column:
             return _whole(rule, value, self.type_oid, self.binary, self.codec)
         if not self.detect:
             return False
-        if self.type_oid in TEXT_ARRAY_TYPES:
-            text = value.decode(self.codec, "replace")
-            return None if strategies.mask_spans(self.detect, text, counts) is not text else False
         if self.type_oid in TEXT_TYPES or self.type_oid in JSON_TYPES:
             raw = value[1:] if (self.binary and self.type_oid == 3802) else value
             try:
                 text = raw.decode(self.codec)
             except UnicodeDecodeError:
-                text = raw.decode(self.codec, "replace")
                 # bytes the encoding cannot read: only a NULL is certain to stay decodable
-                return None if strategies.mask_spans(self.detect, text, counts) is not text else False
+                return self._null_on_a_find(raw, counts)
             masked = strategies.mask_spans(self.detect, text, counts)
             if masked is text:
                 return False
@@ -89,9 +84,13 @@ class Column:
                 masked = _json_safe(text, masked)
             out = masked.encode(self.codec, "replace")
             return (b"\x01" + out) if (self.binary and self.type_oid == 3802) else out
-        # any other type (a row, tsvector, hstore, citext, a range, an array of rows): its text, or the text
-        # inside its binary form, is searched; a value detectors find anything in becomes NULL, since an
-        # edit could break the type's own syntax
+        # any other type (an array, a row, tsvector, hstore, citext, a range): its text, or the text inside its
+        # binary form, is searched; a value detectors find anything in becomes NULL, since an edit could break
+        # the type's own syntax
+        return self._null_on_a_find(value, counts)
+
+    def _null_on_a_find(self, value: bytes, counts: dict[str, int]) -> None | bool:
+        """None (NULL) when the detectors find anything in the value read as text, else False (unchanged)."""
         text = value.decode(self.codec, "replace")
         return None if strategies.mask_spans(self.detect, text, counts) is not text else False
 
@@ -142,9 +141,6 @@ WHOLE_ROW = MaskingRule("whole-row", None, None, None, strategy="null")
 #: (``lower(email)``, ``row_to_json(u)``, ``string_agg(email, ',')``, a UNION): the server names no table
 #: column for it, so the column's own rule cannot be found. Text and JSON become "****", other types NULL.
 DERIVED = MaskingRule("derived", None, None, None, strategy="redact")
-
-#: computed types that cannot carry a masked column's text: truth values, numbers, times
-SAFE_COMPUTED = frozenset({16, 20, 21, 23, 26, 700, 701, 790, 1082, 1083, 1114, 1184, 1186, 1266, 1700})
 
 #: how much of a statement's computed results is masked as DERIVED (``derived`` of :func:`plan_columns`):
 #: TEXT: every computed column but those of a SAFE_COMPUTED type (it refers to a masked column, say in a
@@ -432,9 +428,7 @@ class Catalog:
     def masked_row_types(self, plan: MaskPlan) -> frozenset[int]:
         """Row types of tables with a column the plan masks: a whole row of one is masked as a whole."""
         if self._masked_rows is None:
-            self._masked_rows = frozenset(
-                self.relations[t] for t, cols in self.tables.items() if t in self.relations
-                and any(plan.column_rule(t[0], t[1], c) for c, _ in cols))
+            self._masked_rows = frozenset(self.relations[t] for t in self.masked_tables(plan) if t in self.relations)
         return self._masked_rows
 
     def copy_columns(self, plan: MaskPlan, schema_candidates: Sequence[str], table: tuple[str | None, str],

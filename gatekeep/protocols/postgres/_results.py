@@ -350,7 +350,6 @@ class ResultMasking:
 
     def _row_description(self, fields: tuple) -> None:
         current = self.tracker.syncs_seen + 1
-        statement = None
         parse, extended = None, False
         if self._describes and self._describes[0][0] == current:
             _, kind, name, parse = self._describes.popleft()

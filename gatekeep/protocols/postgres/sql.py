@@ -619,24 +619,10 @@ class _Walker:
             sub.statement(name, d)
         body_analysis = sub.result(1)
         self.prepares.append((body.get("name", ""), body_analysis))
-        if body_analysis.refused:  # refused when prepared, rather than when executed
-            self.refused = body_analysis.refused
         self.units.append(Unit("prepare"))
-        # PREPARE is judged on its body too
-        self.units.extend(u for u in body_analysis.units)
-        self.functions |= body_analysis.functions
-        self.conditions |= body_analysis.conditions
-        self.column_refs |= body_analysis.column_refs
-        self.whole_row = self.whole_row or body_analysis.whole_row
-        self.written_refs |= body_analysis.written_refs
-        self.written_whole_row = self.written_whole_row or body_analysis.written_whole_row
-        self.projected_refs |= body_analysis.projected_refs
-        self.projected_whole_row = self.projected_whole_row or body_analysis.projected_whole_row
-        self.star = self.star or body_analysis.star
-        self.projected_star = self.projected_star or body_analysis.projected_star
-        self.written_star = self.written_star or body_analysis.written_star
-        if body_analysis.unjudgeable:
-            self.unjudgeable = body_analysis.unjudgeable
+        # PREPARE is judged on its body too, and refused when prepared rather than when executed (a plannable
+        # statement's body sets no search_path and prepares, deallocates or executes nothing to merge)
+        self._merge(body_analysis)
 
     def _stmt_ExecuteStmt(self, body: dict, ctes: frozenset[str]) -> None:
         self.executes.append(body.get("name", ""))
