@@ -188,7 +188,9 @@ class Chain:
 
     # -- policy ---------------------------------------------------------------
 
-    def decide(self, operation: Operation, notify: Callable[[Hold], None] | None = None) -> Decision | Deferred:
+    def decide(self, operation: Operation, notify: Callable[[Hold], None] | None = None,
+               recordable: Callable[[Operation, Decision], tuple[Operation, Decision]] | None = None
+               ) -> Decision | Deferred:
         """
         A Decision, or a Deferred that fires with one (never errbacks, except
         with CancelledError when the relay cancels it: the client withdrew).
@@ -197,7 +199,9 @@ class Chain:
         A ``review`` decision goes to the approvals service: the result is then
         a Deferred that fires with the approver's allow or deny, and
         ``notify(hold)`` is called at once so the relay can tell the client, in
-        its protocol, what is held and how to approve it.
+        its protocol, what is held and how to approve it. The request is kept and
+        shown as ``recordable(operation, decision)`` makes it, the relay's own
+        transform for its records (by default the session's detectors).
         """
         started = perf_counter()
         try:
@@ -210,9 +214,9 @@ class Chain:
         if not isinstance(result, Decision):
             if isinstance(result, Deferred):
                 return result.addCallbacks(self._check, self._policy_failed, errbackArgs=(operation,)).addCallback(
-                    self._measured, operation, started).addCallback(self._review, operation, notify)
+                    self._measured, operation, started).addCallback(self._review, operation, notify, recordable)
             result = self._check(result)
-        return self._review(self._measured(result, operation, started), operation, notify)
+        return self._review(self._measured(result, operation, started), operation, notify, recordable)
 
     def _measured(self, decision: Decision, operation: Operation, started: float) -> Decision:
         protocol = operation.session.protocol
@@ -220,11 +224,12 @@ class Chain:
         self.metrics.decisions.inc(protocol, decision.action._value_)
         return decision
 
-    def _review(self, decision: Decision, operation: Operation, notify: Any) -> Decision | Deferred:
+    def _review(self, decision: Decision, operation: Operation, notify: Any, recordable: Any = None
+                ) -> Decision | Deferred:
         if decision.action is not Action.REVIEW:
             return decision
         try:
-            held, shown = self._for_approvers(operation, decision)
+            held, shown = (recordable or self._for_approvers)(operation, decision)
             return self.approvals.hold(held, shown, notify)
         except Exception as e:
             _log.failure("approvals failed on {kind} in session {session}", kind=operation.kind,

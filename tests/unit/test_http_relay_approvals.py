@@ -49,6 +49,22 @@ def test_held_request_gets_102_at_once_and_the_response_after_approval():
     assert rec.outcomes[0].status == "200"
 
 
+def test_a_held_request_is_kept_for_approvers_as_its_record_is():
+    """The approval request (store, admin API, the webhook to a chat) shows a held request's query with the
+    session's key rules applied, as its record does: ``?password=`` does not reach the approvers in clear."""
+    from gatekeep.masking.rules import MaskingPolicy, MaskingRule
+
+    masking = MaskingPolicy((MaskingRule("secrets", None, None, None, keys=("password",)),))
+    conn, up, rec, service = held_setup([OK], masking=masking)
+    conn.send(get(b"/held/1?user=ada&password=hunter2", extra=CURL))
+    (request,) = service.pending()
+    kept = json.dumps([request.text, request.facts])
+    assert "hunter2" not in kept and "user=ada" in request.text, kept
+    service.approve(request.id, BOB, "fine")
+    conn.flush()
+    assert b"password=hunter2" in up.built[0].received  # the upstream gets the request as sent
+
+
 def test_pipelined_requests_wait_behind_the_held_one():
     """A request pipelined behind a held one reaches the upstream only after the held one, in order."""
     second_ok = OK.replace(b"hello", b"world")

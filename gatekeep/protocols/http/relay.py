@@ -287,7 +287,7 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
         ex.op = Operation(self.session, self.seq, "http", request.text, ex.started, request,
                           extra=operation_extra(ex, self.factory.scheme, self.factory.secret_headers,
                                                 self.dialect.request_extra(request)))
-        decision = self.chain.decide(ex.op, notify=self.on_hold)
+        decision = self.chain.decide(ex.op, notify=self.on_hold, recordable=self._recordable)
         # Deferred is an ABC (typing's Awaitable): isinstance on it costs, so a Decision is told apart first
         if decision.__class__ is not Decision and isinstance(decision, Deferred):
             if ex.hold is not None:
@@ -368,12 +368,17 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
         """The request body's excerpt as the record keeps it (see ``HttpDialect.recorded_request_body``)."""
         return self.dialect.recorded_request_body(ex.request, ex.req_excerpt, ex.body_in, self.masker, ex.counts)
 
+    def _recordable(self, op: Any, decision: Any, counts: dict[str, int] | None = None) -> tuple[Any, Any]:
+        """An operation and its decision as records and approval requests keep them: the key rules applied to
+        its query parameters, the detectors to the rest (``counts``: the record's masking counts)."""
+        if self.masker is None:
+            return op, decision
+        op, decision = recordable_query(self.masker, op, decision, counts if counts is not None else {})
+        return strategies.recordable(self.masker.detector_rules, op, decision)
+
     def _record_start(self, ex: Exchange, decision: Any) -> Any:
         """Record the operation; returns (decision, Deferred or None for a strict recording)."""
-        op, recorded = ex.op, decision
-        if self.masker is not None:
-            op, recorded = recordable_query(self.masker, op, recorded, ex.counts)
-            op, recorded = strategies.recordable(self.masker.detector_rules, op, recorded)
+        op, recorded = self._recordable(ex.op, decision, ex.counts)
         try:
             return decision, self.chain.operation_started(op, recorded)
         except RecordingUnavailable as e:
