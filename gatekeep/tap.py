@@ -137,6 +137,7 @@ def recording_for(config: Config, reactor: Any) -> tuple[Any, Any]:
                                     interval=rec.interval, sinks=sinks, max_backlog=rec.max_backlog)
     signer = signer_for(config)
     store = SQLiteStore(config.store.path, node=config.node, signer=signer)
+    store.keep_entries = bool(sinks)  # the ledger entries a write returns are for sinks (the writer process: the same)
     if rec.writer == "thread":
         return store, ThreadedRecorder(store, reactor, durability=rec.durability, on_failure=rec.on_failure,
                                        interval=rec.interval, sinks=sinks, max_backlog=rec.max_backlog)
