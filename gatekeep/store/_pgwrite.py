@@ -12,6 +12,7 @@ from typing import Any
 
 from gatekeep.model import LoginFailure, Outcome, Session, SessionEnd, StreamEvent
 from gatekeep.store import ledger
+from gatekeep.store._sql import OPERATION_COLUMNS
 
 
 def _json(value: Any) -> str:
@@ -94,10 +95,9 @@ def statements(node: str, entries: list[ledger.Entry], split: dict[str, Any]) ->
                        for s in split["sessions"]], "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", params))
     if split["ops"]:
         stmts.append(
-            "INSERT INTO operations (session_id, seq, kind, text, parameters, at, action, rule, reason, facts,"
-            " request, finished_at, duration, status, rows, error_code, error_message, masked, response) VALUES "
-            + _values([_op_row(op, d, o) for op, d, o in split["ops"].values()], "(" + ",".join(["%s"] * 19) + ")",
-                      params))
+            f"INSERT INTO operations ({', '.join(OPERATION_COLUMNS)}) VALUES "
+            + _values([_op_row(op, d, o) for op, d, o in split["ops"].values()],
+                      "(" + ",".join(["%s"] * len(OPERATION_COLUMNS)) + ")", params))
     if split["outcomes"]:
         stmts.append(
             "UPDATE operations AS o SET finished_at = v.finished_at, duration = v.duration, status = v.status,"

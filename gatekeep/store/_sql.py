@@ -20,16 +20,24 @@ def approvals_query(status: str | None, limit: int, session_id: str | None, olde
     return sql, (*args, limit)
 
 
+#: the columns of an operation's row, in the order both stores write them (``_op_row``) and audits read them
+OPERATION_COLUMNS = ("session_id", "seq", "kind", "text", "parameters", "at", "action", "rule", "reason", "facts",
+                     "request", "finished_at", "duration", "status", "rows", "error_code", "error_message", "masked",
+                     "response")
+
+
+def insert(table: str, columns: tuple[str, ...], mark: str) -> str:
+    """``INSERT INTO table (columns) VALUES`` with one row's marks (``?`` or ``%s``)."""
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({','.join([mark] * len(columns))})"
+
+
 #: what ``audit verify`` reads of each query table to check it against the ledger: its columns, and the
 #: key that orders (and pages) the rows. Every column a person or a SIEM reads is here.
 AUDIT_TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "sessions": (("id", "node", "identity", "groups", "auth_method", "target", "protocol", "client", "tls",
                   "attributes", "started_at", "ended_at", "bytes_from_client", "bytes_to_client", "end_reason"),
                  ("id",)),
-    "operations": (("session_id", "seq", "kind", "text", "parameters", "at", "action", "rule", "reason", "facts",
-                    "request", "finished_at", "duration", "status", "rows", "error_code", "error_message", "masked",
-                    "response"),
-                   ("session_id", "seq")),
+    "operations": (OPERATION_COLUMNS, ("session_id", "seq")),
     "stream_events": (("session_id", "stream", "at", "kind", "data", "id"), ("id",)),
     "login_failures": (("node", "at", "target", "protocol", "client", "claimed", "reason", "id"), ("id",)),
 }

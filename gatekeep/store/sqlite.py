@@ -20,7 +20,7 @@ from zope.interface import implementer
 from gatekeep.interfaces import IStore
 from gatekeep.recording.events import JsonMemo, canonical, decision_text, event_time, operation_text, to_event
 from gatekeep.store import ledger
-from gatekeep.store._sql import approvals_query, audit_query
+from gatekeep.store._sql import OPERATION_COLUMNS, approvals_query, audit_query, insert
 from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
 
 MIGRATIONS: list[str] = [
@@ -172,22 +172,15 @@ MIGRATIONS: list[str] = [
 PAGE_SIZE = 16384
 
 #: an operation's row
-_OPERATION_INSERT = ("INSERT INTO operations (session_id, seq, kind, text, parameters, at, action, rule, reason, facts,"
-                     " request, finished_at, duration, status, rows, error_code, error_message, masked, response)"
-                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
-
-
-def _ended_operation_insert(parameters: bool, request: bool, response: bool) -> str:
-    columns = ("session_id", "seq", "kind", "text", "at", "action", "rule", "reason", "facts", "finished_at",
-               "duration", "status", "rows") + ("parameters",) * parameters + ("request",) * request \
-        + ("response",) * response
-    return f"INSERT INTO operations ({', '.join(columns)}) VALUES ({','.join('?' * len(columns))})"
-
+_OPERATION_INSERT = insert("operations", OPERATION_COLUMNS, "?")
 
 #: the row of an operation that ended in the same batch without an error or masking (SQLiteStore._op_rows),
 #: by whether it has bind parameters, a request map and a response map
-_ENDED_OPERATION_INSERTS = {(p, q, r): _ended_operation_insert(p, q, r)
-                            for p in (False, True) for q in (False, True) for r in (False, True)}
+_ENDED_OPERATION_INSERTS = {
+    (p, q, r): insert("operations", ("session_id", "seq", "kind", "text", "at", "action", "rule", "reason", "facts",
+                                     "finished_at", "duration", "status", "rows")
+                      + ("parameters",) * p + ("request",) * q + ("response",) * r, "?")
+    for p in (False, True) for q in (False, True) for r in (False, True)}
 
 
 def _json(value: Any) -> str:
