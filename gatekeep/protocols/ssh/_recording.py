@@ -266,13 +266,13 @@ class ChannelRecording:
         return out
 
     def output(self, data: bytes) -> None:
-        if self.record_input:
+        if self.record_input and not self.stopped:  # once stopped, _add keeps nothing: no echo to follow
             for typed in self.typed.output(data):  # typed input whose echo this is goes first
                 self._add("i", typed)
         self._add("o", data)
 
     def input(self, data: bytes) -> None:
-        if self.record_input:
+        if self.record_input and not self.stopped:
             for typed in self.typed.input(data):
                 self._add("i", typed)
 

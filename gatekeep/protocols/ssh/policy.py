@@ -250,8 +250,8 @@ class SshMatch:
         if self.forwards is not None:
             if facts.forward is None:
                 return False
-            host, port = facts.forward
-            if not _glob(f"{canonical_host(host)}:{port}", self.forwards):
+            host, port = facts.forward  # canonical already (facts_for)
+            if not _glob(f"{host}:{port}", self.forwards):
                 return False
         return True
 
