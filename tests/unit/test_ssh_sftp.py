@@ -198,6 +198,21 @@ def test_relative_path_waits_for_the_starting_folder_gatekeep_asks_for(step):
     assert s.take_to_server() == req(sftp.STAT, 2, ns("/"))
 
 
+def test_the_answer_to_gatekeeps_question_never_reaches_the_client_whatever_comes_first():
+    """The client asks `realpath .` too and its answer comes first: that settles the starting folder, but
+    gatekeep's own answer, coming after, is still gatekeep's and is not passed to the client."""
+    s = SftpStream()
+    s.from_client(INIT + req(sftp.REALPATH, 1, ns(".")))
+    s.from_server(VERSION)
+    s.take_to_client()
+    s.from_client(open_(2, "rel.txt", sftp.PF_READ))
+    s.from_server(name_reply(1, "/home/u"))
+    assert s.take_to_client() == name_reply(1, "/home/u")
+    assert [p.request.path for p in s.pending] == ["/home/u/rel.txt"]
+    s.from_server(name_reply(sftp.HOME_ID, "/home/u"))
+    assert s.take_to_client() == b"" and s.home == "/home/u"
+
+
 def test_absolute_paths_do_not_wait_for_the_starting_folder():
     """Requests with absolute paths are judged at once, before gatekeep's question is answered."""
     s = SftpStream()

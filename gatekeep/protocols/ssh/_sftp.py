@@ -256,9 +256,8 @@ class SftpStream:
         self.to_server.append(struct.pack(">L", len(body)) + body)
 
     def _home_settled(self) -> None:
-        """The starting folder is known (or cannot be): requests that waited for it go on."""
-        if self.home_state != "failed":
-            self.home_state = "known"
+        """The starting folder is known (or cannot be): requests that waited for it go on. (gatekeep's own
+        question stays "asking" until its own answer comes: that answer is never the client's to see.)"""
         if not self._waiting_home:
             return
         self._waiting_home = False
@@ -392,11 +391,10 @@ class SftpStream:
         name = b""
         if kind == NAME and struct.unpack_from(">L", p, 9)[0] >= 1:
             name, _ = _ns(p, 13)
-        if name.startswith(b"/"):
-            if self.home is None:
-                self.home = _text(name)
-        elif self.home is None:
-            self.home_state = "failed"  # relative paths stay relative: policy refuses them
+        if name.startswith(b"/") and self.home is None:
+            self.home = _text(name)
+        # without one, relative paths stay relative: policy refuses them
+        self.home_state = "known" if self.home is not None else "failed"
         self._home_settled()
 
     def _server_packet(self, kind: int, rid: int, p: bytes, length: int) -> None:
