@@ -1,5 +1,6 @@
 """What a command line runs, after unwrapping sudo, env, sh -c and the like (gatekeep.protocols.ssh._unwrap)."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -172,3 +173,15 @@ def test_never_raises(text):
     """Any text yields commands or an unjudgeable reason, never an exception."""
     line = parse(text)
     assert line.unjudgeable is None or not line.commands
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("echo $\\\n'\\'' ; rm x #'", [("echo", "'"), ("rm", "x")]),  # ANSI-C quoting split by a continuation
+    ("cat <\\\n<EOF\nit's\nEOF\nrm y", [("cat",), ("rm", "y")]),  # a here-document operator split by one
+    ('echo "a\\\nb"; rm z', [("echo", "ab"), ("rm", "z")]),  # one inside double quotes
+    ("echo a\\\n#b", [("echo", "a#b")]),  # a # that does not begin a word after the join: no comment
+])
+def test_continuations_are_dropped_before_anything_else_reads_the_line(line, expected):
+    """bash drops backslash-newline before it reads quotes, $'...', here-documents and comments: a
+    continuation inside one of them must not hide the command after it."""
+    assert argvs(line) == expected

@@ -169,14 +169,17 @@ def _single_quoted(text: str) -> str:
 def _normalize(text: str) -> str:
     """
     What the shell reads before it splits words, in a form the scanners below
-    follow: comments dropped, each ``$'...'`` (ANSI-C quoting: ``$'\''`` is one quote character,
-    not the start of a quoted string) becomes the single-quoted text it stands
-    for, and here-document bodies are cut out (their lines are data: a quote in
-    one must not pair with a quote in the next). A body the shell expands
-    (its delimiter unquoted) that holds a command substitution, or one that is
-    never closed, makes the line unjudgeable.
+    follow, in one pass as the shell reads it: backslash-newline pairs dropped
+    (everywhere but in single quotes and comments, before anything else sees
+    the text: a ``$``, a continuation and a ``'`` are still ANSI-C quoting), comments dropped, each
+    ``$'...'`` (ANSI-C quoting: ``$'\''`` is one quote character, not the start
+    of a quoted string) becomes the single-quoted text it stands for, and
+    here-document bodies are cut out (their lines are data: a quote in one must
+    not pair with a quote in the next). A body the shell expands (its
+    delimiter unquoted) that holds a command substitution, or one that is never
+    closed, makes the line unjudgeable.
     """
-    if "$'" not in text and "<<" not in text and "#" not in text:
+    if "$" not in text and "<" not in text and "#" not in text and "\\\n" not in text:
         return text
     out: list[str] = []
     pending: list[tuple[str, bool, bool]] = []  # here-documents whose bodies follow this line
@@ -185,7 +188,8 @@ def _normalize(text: str) -> str:
         c = text[i]
         if quote is not None:
             if quote == '"' and c == "\\" and i + 1 < n:
-                out.append(text[i:i + 2])
+                if text[i + 1] != "\n":  # a continuation inside double quotes is dropped too
+                    out.append(text[i:i + 2])
                 i += 2
                 continue
             if c == quote:
@@ -194,12 +198,15 @@ def _normalize(text: str) -> str:
             i += 1
             continue
         if c == "\\" and i + 1 < n:
+            if text[i + 1] == "\n":  # a continuation: the line goes on as if it were not there
+                i += 2
+                continue
             out.append(text[i:i + 2])
             i += 2
             word_start = False
             continue
-        if c == "$" and text.startswith("'", i + 1):
-            decoded, i = _ansi_c(text, i + 2)
+        if c == "$" and text.startswith("'", j := _past_continuations(text, i + 1)):
+            decoded, i = _ansi_c(text, j + 1)
             out.append(_single_quoted(decoded))
             word_start = False
             continue
@@ -212,15 +219,16 @@ def _normalize(text: str) -> str:
             end = text.find("\n", i)
             i = n if end < 0 else end
             continue
-        elif c == "<" and text.startswith("<<", i) and not text.startswith("<<<", i):
-            j = i + 2
+        elif (c == "<" and text.startswith("<", j := _past_continuations(text, i + 1))
+              and not text.startswith("<", _past_continuations(text, j + 1))):  # << but not <<<
+            j += 1
             strip = j < n and text[j] == "-"
             j += strip
             while j < n and text[j] in " \t":
                 j += 1
             word, quoted, j = _delimiter(text, j)
             pending.append((word, strip, not quoted))
-            out.append(text[i:j])
+            out.append(text[i:j].replace("\\\n", ""))
             i, word_start = j, False
             continue
         elif c == "\n" and pending:
@@ -280,31 +288,11 @@ def _skip_bodies(text: str, i: int, pending: list[tuple[str, bool, bool]]) -> in
     return min(i, n)
 
 
-def _join_continuations(text: str) -> str:
-    """Drop backslash-newline pairs, as the shell does everywhere but inside single quotes."""
-    if "\\\n" not in text:
-        return text
-    out: list[str] = []
-    i, n, quote = 0, len(text), None
-    while i < n:
-        ch = text[i]
-        if quote == "'":
-            if ch == "'":
-                quote = None
-        elif ch == "\\" and i + 1 < n:
-            if text[i + 1] == "\n":
-                i += 2
-                continue
-            out.append(text[i:i + 2])
-            i += 2
-            continue
-        elif ch in "'\"" and quote is None:
-            quote = ch
-        elif ch == '"' and quote == '"':
-            quote = None
-        out.append(ch)
-        i += 1
-    return "".join(out)
+def _past_continuations(text: str, i: int) -> int:
+    """Where the text goes on at ``i`` once the backslash-newline pairs there are dropped."""
+    while text.startswith("\\\n", i):
+        i += 2
+    return i
 
 
 # -- substitutions ------------------------------------------------------------------
@@ -488,7 +476,7 @@ def _parse(text: str, depth: int, wrappers: tuple[str, ...]) -> list[Command]:
     if "@P}" in text:
         raise Unjudgeable("prompt expansion (${...@P}) runs what a variable holds")
     # each shell level reads $'...' and here-documents, drops continuations and comments again
-    stripped, inner = _substitutions(_join_continuations(_normalize(text)))
+    stripped, inner = _substitutions(_normalize(text))
     commands: list[Command] = []
     for sub in inner:
         commands.extend(_parse(sub, depth + 1, wrappers + ("$(...)",)))
