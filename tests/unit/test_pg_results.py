@@ -48,14 +48,13 @@ def test_an_execute_of_a_statement_described_earlier_uses_its_fields():
     from gatekeep.protocols.postgres.sql import analyze
 
     tracker, results = fresh()
-    results.parsed("s1", analyze("SELECT id, email FROM users"), None)
-    results.described("S", "s1")
+    s1 = results.parse_for(analyze("SELECT id, email FROM users"), None)
+    results.described("S", "s1", s1)
     tracker.group_ends()
     results.server_message(b"T", pg.row_description(FIELDS)[5:])  # the answer to Describe S
     tracker.ready(0.0)
     results.group_ended()
-    results.bound("", "s1", (0,))
-    results.executing("")
+    results.executing("s1", (0,), s1)
     tracker.add(None, "execute", 0.0)
     tracker.group_ends()
     masked = results.server_message(b"D", pg.data_row([b"2", b"bob@example.com"])[5:])
@@ -68,15 +67,12 @@ def test_fields_described_for_one_parse_never_name_the_rows_of_the_next():
     from gatekeep.protocols.postgres.sql import analyze
 
     tracker, results = fresh()
-    results.parsed("", analyze("SELECT id, name FROM users"), None)
-    results.described("S", "")
+    results.described("S", "", results.parse_for(analyze("SELECT id, name FROM users"), None))
     tracker.group_ends()
     results.server_message(b"T", pg.row_description((FIELDS[0], pg.Field("name", type_oid=TEXT)))[5:])
     tracker.ready(0.0)
     results.group_ended()
-    results.parsed("", analyze("SELECT id, email FROM users"), None)
-    results.bound("", "", (0,))
-    results.executing("")
+    results.executing("", (0,), results.parse_for(analyze("SELECT id, email FROM users"), None))
     tracker.add(None, "execute", 0.0)
     tracker.group_ends()
     masked = results.server_message(b"D", pg.data_row([b"2", b"bob@example.com"])[5:])
@@ -89,13 +85,10 @@ def test_a_portal_keeps_the_verdict_of_the_parse_it_was_bound_to():
     from gatekeep.protocols.postgres.sql import analyze
 
     tracker, results = fresh()
-    results.parsed("", analyze("SELECT lower(email) FROM users"), None)
-    results.bound("p1", "", (0,))
-    results.described("P", "p1")
-    results.executing("p1")
-    results.parsed("", analyze("SELECT upper(name) FROM users"), None)
-    results.bound("p2", "", (0,))
-    results.executing("p2")
+    first = results.parse_for(analyze("SELECT lower(email) FROM users"), None)
+    results.described("P", "p1", first)
+    results.executing("", (0,), first)
+    results.executing("", (0,), results.parse_for(analyze("SELECT upper(name) FROM users"), None))
     tracker.add(None, "execute", 0.0)
     tracker.group_ends()
     results.server_message(b"T", pg.row_description((_computed(),))[5:])  # the answer to Describe P p1
@@ -108,7 +101,7 @@ def test_rows_that_cannot_be_named_fail_closed():
     tracker, results = fresh()
     tracker.add(None, "execute", 0.0)
     tracker.group_ends()
-    results.executing("unknown portal")
+    results.executing("", (), None)  # a portal gatekeep does not know
     masked = results.server_message(b"D", pg.data_row([b"3", b"eve@example.com"])[5:])
     assert list(values(masked)) == [None, None]
     assert tracker._pending[0].masked == {"unknown-shape": 1}
@@ -178,11 +171,10 @@ def test_whole_rows_prepared_statements_and_cursors_count_as_derived():
     assert results.derives(analyze("EXECUTE leak"), state)
     assert results.derives(analyze("EXECUTE never_prepared"), state)
     assert results.derives(analyze("FETCH 10 FROM c"), state)
-    results.parsed("s1", analyze("SELECT name || '' FROM users"), state)
-    results.parsed("s2", analyze("SELECT email || '' FROM users"), state)
-    parses = results._statements
-    assert results._derived_for(parses["s1"], True) == 0 and results._derived_for(parses["s2"], True) == VALUES
-    assert results._derived_for(parses.get("not-parsed"), True) == VALUES
+    s1 = results.parse_for(analyze("SELECT name || '' FROM users"), state)
+    s2 = results.parse_for(analyze("SELECT email || '' FROM users"), state)
+    assert results._derived_for(s1, True) == 0 and results._derived_for(s2, True) == VALUES
+    assert results._derived_for(None, True) == VALUES  # a statement gatekeep did not see parsed
     nothing = ResultMasking(MaskPlan((MaskingRule("cards", None, None, None, detectors=("credit_card",)),)), Tracker())
     assert not nothing.derives(analyze("SELECT row_to_json(u) FROM users u"), state)  # no column or name rules
 

@@ -65,8 +65,6 @@ class ResultMasking:
         self._executes: deque = deque()    # (group, statement, result formats, its Parse) of Executes in flight
         self._copies: deque = deque()      # (group, columns, layout) for COPY TO STDOUT statements in flight
         self._statement_fields: dict[str, tuple] = {}
-        #: portal -> (statement, result formats, the statement's Parse as it was bound: a _Parsed or None)
-        self._portal_formats: dict[str, tuple[str, tuple[int, ...], Any]] = {}
         self._row_columns: list | None = None
         self._copy_columns: list | None = None
         self._copy_layout: _masking.CopyLayout | None = None
@@ -76,43 +74,27 @@ class ResultMasking:
         self._masked_names = tuple(sorted({g.column.lower() for r in plan.rules for g in r.columns}
                                           | {n.lower() for r in plan.rules for n in r.names}))
         self._query_derived: deque = deque()  # (group, derived, runs code) of the Query messages in flight
-        #: statement name -> its latest Parse. A name is parsed again (the unnamed statement at each Parse, a
-        #: named one after Close) while portals and Describes of the earlier one are still in flight: each of
-        #: those keeps the Parse it was sent after, and fields described for one Parse never name another's rows
-        self._statements: dict[str, _Parsed] = {}
 
     # -- what the client sent -------------------------------------------------------------
 
-    def described(self, kind: str, name: str) -> None:
-        """A Describe of a statement ("S") or a portal ("P") went to the server."""
-        self._describes.append((self.tracker.syncs_sent + 1, kind, name,
-                                self._statements.get(name) if kind == "S" else None))
+    # The relay follows what each statement name and portal stands for (_statements.Statements) and hands
+    # over the Parse (a _Parsed from parse_for) behind each Describe and Execute. A name is parsed again (the
+    # unnamed statement at each Parse, a named one after Close) while portals and Describes of the earlier one
+    # are still in flight: each of those keeps the Parse it was sent after, and fields described for one Parse
+    # never name another's rows.
+
+    def described(self, kind: str, name: str, parse: "_Parsed | None") -> None:
+        """A Describe of a statement ("S") or a portal ("P") went to the server; ``parse``: the Parse behind it."""
+        self._describes.append((self.tracker.syncs_sent + 1, kind, name, parse))
 
     def closed(self, kind: str, name: str) -> None:
         """A Close of a statement ("S") or a portal ("P") went to the server."""
         if kind == "S":
-            self._statements.pop(name, None)
             self._statement_fields.pop(name, None)
-        else:
-            self._portal_formats.pop(name, None)
 
-    def parse_of(self, name: str) -> "_Parsed | None":
-        """The Parse statement ``name`` stands for now (see :meth:`restore`)."""
-        return self._statements.get(name)
-
-    def restore(self, name: str, parse: "_Parsed | None") -> None:
-        """A Parse or Close of ``name`` failed at the server: the statement it had (``parse``; None: none) stays."""
-        if parse is None:
-            self._statements.pop(name, None)
-        else:
-            self._statements[name] = parse
-
-    def bound(self, portal: str, statement: str, result_formats: tuple[int, ...]) -> None:
-        self._portal_formats[portal] = (statement, result_formats, self._statements.get(statement))
-
-    def executing(self, portal: str) -> None:
-        statement, formats, parse = self._portal_formats.get(portal, ("", (), None))
-        self._executes.append((self.tracker.syncs_sent + 1, statement, formats, parse))
+    def executing(self, statement: str, result_formats: tuple[int, ...], parse: "_Parsed | None") -> None:
+        """An Execute of a portal bound to ``statement`` (its Parse ``parse``) went to the server."""
+        self._executes.append((self.tracker.syncs_sent + 1, statement, result_formats, parse))
 
     def derives(self, analysis: Any, sql_state: Any) -> int:
         """
@@ -154,9 +136,9 @@ class ResultMasking:
         self._query_derived.append((self.tracker.syncs_sent + 1, self.derives(analysis, sql_state),
                                     analysis.runs_code))
 
-    def parsed(self, statement: str, analysis: Any, sql_state: Any) -> None:
-        """A Parse is going to the server (allowed): results of its portals come from this statement."""
-        self._statements[statement] = _Parsed(self.derives(analysis, sql_state), analysis.runs_code)
+    def parse_for(self, analysis: Any, sql_state: Any) -> "_Parsed":
+        """A Parse is going to the server (allowed): what results of its portals may carry."""
+        return _Parsed(self.derives(analysis, sql_state), analysis.runs_code)
 
     def _derived_for(self, parse: "_Parsed | None", extended: bool) -> int:
         """How results may be derived: of a Parse (extended protocol; unknown: all), or of the Query now."""
@@ -357,7 +339,7 @@ class ResultMasking:
                 if parse is not None:
                     self._statement_fields[name] = (parse, fields)  # the formats come with each Bind
                 return
-            parse, extended = self._portal_formats.get(name, ("", (), None))[2], True  # a portal: its statement's
+            extended = True  # a portal: the Parse it was bound to
         self._row_columns = _masking.plan_columns(self.plan, fields, None, self.catalog, self.codec,
                                                   self._derived_for(parse, extended)) or []
 

@@ -41,6 +41,7 @@ from gatekeep.protocols.postgres import _encoding
 from gatekeep.protocols.postgres._results import WATCHED as WATCHED_FOR_MASKING
 from gatekeep.protocols.postgres._results import ResultMasking
 from gatekeep.protocols.postgres._startup import ClientStartup, Phase
+from gatekeep.protocols.postgres._statements import Portal, Statement, Statements
 from gatekeep.protocols.postgres._tracker import Tracker
 from gatekeep.protocols.postgres._upstream import Upstream
 from gatekeep.protocols.postgres.policy import SqlSessionState
@@ -116,20 +117,8 @@ class Frontend(ClientStartup, protocol.Protocol):
         self.tx_status = "I"
         #: what statements are read by (client_encoding, standard_conforming_strings), and whether it may change
         self.settings = _encoding.ReadingSettings()
-        # extended protocol: prepared statements and portals, for records and decisions
-        # (text, decision, whether it runs code that may change settings; see _encoding.ReadingSettings)
-        #: statement name -> (text, decision, runs code, the search_path key it was judged under)
-        self._statements: dict[str, tuple[str, Decision, bool, Any]] = {}
-        #: portal -> (text, decision or None when it must be judged at Execute, params, runs code, judged key)
-        self._portals: dict[str, tuple[str, Decision | None, tuple, bool, Any]] = {}
-        #: statement changes (a Parse, a Close) sent but not yet confirmed by the server (ParseComplete,
-        #: CloseComplete): (group, name, what gatekeep held before, what masking held before). An error in the
-        #: group undoes those left: the server refused or skipped them and keeps the statement it had
-        self._unconfirmed: deque = deque()
-        #: statement name -> the group whose Parse of it gatekeep refused (a Bind of it there is skipped too)
-        self._refused_parses: dict[str, int] = {}
-        #: portals whose last Bind named a statement the server will not have (it fails)
-        self._failed_binds: set[str] = set()
+        #: extended protocol: prepared statements and portals, for decisions, records and masking
+        self.statements = Statements()
         # client messages waiting for a decision that is not in yet
         self._inbox: deque = deque()
         self._waiting: Deferred | None = None
@@ -311,7 +300,7 @@ class Frontend(ClientStartup, protocol.Protocol):
                     d = None
                 elif t == b"D":
                     if self.results is not None:
-                        self.results.described(*pg.parse_describe_or_close(m.body))
+                        self._described(*pg.parse_describe_or_close(m.body))
                     out.append(m.encode())
                     d = None
                 elif t == b"F":
@@ -324,8 +313,7 @@ class Frontend(ClientStartup, protocol.Protocol):
                     return
                 elif t == b"C":
                     kind, name = pg.parse_describe_or_close(m.body)
-                    self._changing(name if kind == "S" else None)  # a portal's Close is confirmed too
-                    (self._statements if kind == "S" else self._portals).pop(name, None)
+                    self.statements.closed(self.tracker.syncs_sent + 1, kind, name)
                     if self.results is not None:
                         self.results.closed(kind, name)
                     out.append(m.encode())
@@ -478,8 +466,7 @@ class Frontend(ClientStartup, protocol.Protocol):
                 analysis = analyze(text)
                 self.sql_state.apply(analysis)
                 for name in analysis.deallocates:  # DEALLOCATE and DISCARD ALL drop protocol-level statements too
-                    for statement in (list(self._statements) if name is None else [name]):
-                        self._statements.pop(statement, None)
+                    for statement in self.statements.deallocated(name):
                         if self.results is not None:
                             self.results.closed("S", statement)
                 if analysis.runs_code:
@@ -536,15 +523,14 @@ class Frontend(ClientStartup, protocol.Protocol):
             if decision.action is _ALLOW:
                 analysis = analyze(parse.query)
                 self.sql_state.apply(analysis)
-                self._changing(parse.statement)
-                self._statements[parse.statement] = (parse.query, decision, analysis.runs_code,
-                                                     self.sql_state.key())
-                if self.results is not None:
-                    self.results.parsed(parse.statement, analysis, self.sql_state)
+                results = self.results
+                self.statements.parsed(self.tracker.syncs_sent + 1, parse.statement, Statement(
+                    parse.query, decision, analysis.runs_code, self.sql_state.key(),
+                    None if results is None else results.parse_for(analysis, self.sql_state)))
                 out.append(m.encode())
                 return
             # the stand-in fails at the server, which keeps the statement it had under this name
-            self._refused_parses[parse.statement] = self.tracker.syncs_sent + 1
+            self.statements.refused(self.tracker.syncs_sent + 1, parse.statement)
             self.tracker.add(op, "execute", self.gateway.now(), denial=self._denial(decision))
             self.upstream.stream.hold = True
             out.append(pg.parse(parse.statement, POISON, parse.param_types))
@@ -568,39 +554,15 @@ class Frontend(ClientStartup, protocol.Protocol):
 
         return refine
 
-    def _changing(self, name: str | None) -> None:
-        """
-        A Parse or a Close of statement ``name`` is about to be sent: keep what it replaces until confirmed.
-        A portal's Close (``name`` None) changes no statement, but the server confirms it the same way
-        (CloseComplete), so it holds its place in the order of confirmations.
-        """
-        if name is None:
-            self._unconfirmed.append((self.tracker.syncs_sent + 1, None, None, None))
-            return
-        before = self.results.parse_of(name) if self.results is not None else None
-        self._unconfirmed.append((self.tracker.syncs_sent + 1, name, self._statements.get(name), before))
-
-    def _confirmed(self) -> None:
-        """ParseComplete or CloseComplete: the oldest statement change took effect."""
-        if self._unconfirmed:
-            self._unconfirmed.popleft()
-
-    def _undo_unconfirmed(self) -> None:
-        """An error in the group being answered: its changes not yet confirmed did not happen at the server."""
-        group = self.tracker.syncs_seen + 1
-        undo = [u for u in self._unconfirmed if u[0] == group]
-        if not undo:
-            return
-        self._unconfirmed = deque(u for u in self._unconfirmed if u[0] != group)
-        for _, name, before, masked_before in reversed(undo):
-            if name is None:
-                continue
-            if before is None:
-                self._statements.pop(name, None)
-            else:
-                self._statements[name] = before
-            if self.results is not None:
-                self.results.restore(name, masked_before)
+    def _described(self, kind: str, name: str) -> None:
+        """A Describe goes to the server: masking names the rows it describes by the Parse behind them."""
+        if kind == "S":
+            found = self.statements.get(name)
+            parse = found.masking if found is not None else None
+        else:
+            portal = self.statements.portal(name)
+            parse = portal.prepared.masking if portal is not None else None
+        self.results.described(kind, name, parse)
 
     def on_function_call(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
         """A fastpath FunctionCall names a function by OID: policy cannot judge it (denied unless the target
@@ -617,13 +579,12 @@ class Frontend(ClientStartup, protocol.Protocol):
 
     def on_bind(self, m: pg.Message, out: list[bytes]) -> None:
         bind = pg.parse_bind(m.body)
-        found = self._statements.get(bind.statement)
-        if self._refused_parses.get(bind.statement) == self.tracker.syncs_sent + 1:
-            found = None  # after a Parse gatekeep refused in this pipeline: the server skips it
-        elif found is None and bind.statement:
+        group = self.tracker.syncs_sent + 1
+        found = self.statements.bound_to(group, bind.statement)
+        if found is None and bind.statement and not self.statements.refused_in(group, bind.statement):
             # a statement no Parse made: one a SQL PREPARE made (judged as EXECUTE of it, under the search_path
             # of now), or one gatekeep never saw (unjudgeable): judged at its Execute, and recorded
-            found = (f"EXECUTE {_quote_ident(bind.statement)}", None, True, None)
+            found = Statement(f"EXECUTE {_quote_ident(bind.statement)}", None, True, None)
         if found is not None:
             formats = bind.param_formats
             if len(formats) > 1:  # a format per parameter
@@ -633,29 +594,29 @@ class Frontend(ClientStartup, protocol.Protocol):
                 params = tuple([_param_text(v, binary) for v in bind.params])
             if self.results is not None:
                 params = self.results.recordable(params)  # the record keeps only masked values
-            self._portals[bind.portal] = (found[0], found[1], params, found[2], found[3])
-            self._failed_binds.discard(bind.portal)
+            self.statements.bound(bind.portal, Portal(bind.statement, found, params, bind.result_formats))
         else:
-            self._portals.pop(bind.portal, None)
-            self._failed_binds.add(bind.portal)
-        if self.results is not None:
-            self.results.bound(bind.portal, bind.statement, bind.result_formats)
+            self.statements.bound(bind.portal, None)
         out.append(m.encode())
 
     def on_execute(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
         execute = pg.parse_execute(m.body)
-        found = self._portals.get(execute.portal)
+        found = self.statements.portal(execute.portal)
         if self.results is not None:
-            self.results.executing(execute.portal)
-        if found is None and (not execute.portal or execute.portal in self._failed_binds):
+            if found is not None:
+                self.results.executing(found.statement, found.result_formats, found.prepared.masking)
+            else:
+                self.results.executing("", (), None)
+        if found is None and self.statements.bind_failed(execute.portal):
             # a portal gatekeep did not see bound (its Bind failed): the server will answer with an error
             self.tracker.add(None, "execute", self.gateway.now())
             out.append(m.encode())
             return None
         if found is None:
             # a portal no Bind made: a cursor a SQL DECLARE opened; judged and recorded as the FETCH it is
-            found = (f"FETCH ALL FROM {_quote_ident(execute.portal)}", None, (), True, None)
-        text, decision, params, runs_code, judged_under = found
+            found = Portal("", Statement(f"FETCH ALL FROM {_quote_ident(execute.portal)}", None, True, None), ())
+        text, decision, runs_code, judged_under, _ = found.prepared
+        params = found.params
         op = self._operation("execute", text, params, detail=self.sql_state)
 
         def carry_out(decision: Decision) -> None:
@@ -714,11 +675,10 @@ class Frontend(ClientStartup, protocol.Protocol):
                 self.upstream.stream.hold = False
             self.settings.answered()
         elif mtype == b"1" or mtype == b"3":
-            self._confirmed()
+            self.statements.confirmed()
             return None
         elif mtype == b"E":
-            if self._unconfirmed:
-                self._undo_unconfirmed()
+            self.statements.undo(self.tracker.syncs_seen + 1)
             fields = pg.parse_fields(body)
             masked = None
             if results is not None:
