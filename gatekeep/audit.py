@@ -12,13 +12,11 @@ PostgreSQL store alike. What a chain cannot show is in docs/audit.md.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from collections import Counter
 from typing import Any, Iterator
 
 import attrs
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gatekeep.store import ledger
@@ -33,12 +31,6 @@ class Report:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def key_id(public: Ed25519PublicKey) -> str:
-    """The id seals and checkpoints name their key by (as :attr:`gatekeep.store.ledger.Signer.key_id`)."""
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 class _Keys:
@@ -60,7 +52,7 @@ class _Keys:
         for node, key in pairs:
             keys = key if isinstance(key, (list, tuple)) else [key]
             for k in keys:
-                kid = key_id(k)
+                kid = ledger.key_id(k)
                 self.by_id[kid] = k
                 if node is not None:
                     self.node_of[kid] = node
@@ -73,10 +65,10 @@ class _Keys:
         key = self.by_id.get(kid or "")
         if key is None:
             if len(self.by_id) == 1:  # one key given: say it plainly
-                key = next(iter(self.by_id.values()))
+                kid, key = next(iter(self.by_id.items()))
             else:
                 return f"signature is made with key {kid}, which was not given"
-        owner = self.node_of.get(key_id(key))
+        owner = self.node_of.get(kid)
         if node is not None and owner is not None and owner != node:
             return f"signature is made with node {owner}'s key, not node {node}'s"
         if not ledger.verify_signature(key, message, signature):

@@ -50,20 +50,24 @@ def session_digest(session_id: str, hashes: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+def key_id(public: Ed25519PublicKey) -> str:
+    """The id seals and checkpoints name their key by."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
 @attrs.frozen
 class Signer:
     """Signs seals and checkpoints with the node's Ed25519 key."""
 
     key: Ed25519PrivateKey
+    #: the id of its public key (made once: every seal names it)
+    key_id: str = attrs.field(init=False, default=attrs.Factory(lambda self: key_id(self.key.public_key()),
+                                                                takes_self=True))
 
     @property
     def public(self) -> Ed25519PublicKey:
         return self.key.public_key()
-
-    @property
-    def key_id(self) -> str:
-        raw = self.public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return hashlib.sha256(raw).hexdigest()[:16]
 
     def sign(self, message: str) -> str:
         return self.key.sign(message.encode("utf-8")).hex()
