@@ -12,6 +12,7 @@ import os
 import socket
 import socketserver
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -550,6 +551,31 @@ def test_sftp_denied_paths(gw, tmp_path):
     assert ("write %s/new.txt" % locked, "locked-folder") in denied
     assert ("mkdir %s/sub" % locked, "locked-folder") in denied
     assert ("remove %s/readme" % locked, "locked-folder") in denied
+
+
+def test_a_malformed_sftp_packet_closes_its_channel_and_the_gateway_goes_on(gw):
+    """An OPEN packet holding only its request id, on the real sftp subsystem: gatekeep closes that channel with
+    its reason in the log (no exception escapes into the connection), and the next session works."""
+    init = struct.pack(">LBL", 5, 1, 3)
+    truncated_open = struct.pack(">LBL", 5, 3, 7)
+    args = ["ssh", "-p", str(gw.port)] + gw.opts(gw.alice_key) + ["-s", "alice@127.0.0.1", "sftp"]
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(init)
+        proc.stdin.flush()
+        version = proc.stdout.read(9)
+        assert version[4] == 2, version  # SSH_FXP_VERSION from the real sftp-server
+        proc.stdin.write(truncated_open)
+        proc.stdin.flush()
+        assert proc.wait(timeout=30) is not None
+    finally:
+        proc.kill()
+        proc.wait()
+    log = gw.gk.log_text()
+    assert "a packet is too short for its fields" in log
+    assert "Unhandled Error" not in log and "struct.error" not in log
+    r = gw.ssh("echo still-serving")
+    assert r.returncode == 0 and r.stdout.strip() == "still-serving", r.stderr
 
 
 # -- port forwarding --------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gatekeep.protocols.ssh import _sftp as sftp
 from gatekeep.protocols.ssh._sftp import SftpError, SftpStream
@@ -242,3 +244,58 @@ def test_the_request_id_gatekeep_uses_is_refused_while_its_question_is_out():
     s.from_server(VERSION)
     with pytest.raises(SftpError):
         s.from_client(req(sftp.STAT, sftp.HOME_ID, ns("/")))
+
+
+#: the client packet types the stream reads fields of
+_READ_KINDS = (sftp.OPEN, sftp.CLOSE, sftp.READ, sftp.REMOVE, sftp.MKDIR, sftp.RMDIR, sftp.SETSTAT, sftp.FSETSTAT,
+               sftp.OPENDIR, sftp.REALPATH, sftp.RENAME, sftp.SYMLINK, sftp.EXTENDED)
+
+
+def _started(home: bool = True) -> SftpStream:
+    s = SftpStream()
+    s.from_client(INIT)
+    s.from_server(VERSION)
+    if home:
+        s.from_server(req(sftp.NAME, sftp.HOME_ID, struct.pack(">L", 1) + ns("/home/u") + ns("") + ATTRS0))
+    return s
+
+
+@pytest.mark.parametrize("kind", _READ_KINDS)
+def test_a_client_packet_too_short_for_its_fields_ends_the_stream_with_sftp_error(kind):
+    """An OPEN with only its request id, a path whose length runs past the packet, a RENAME whose second path
+    is cut: SftpError (the channel is closed), never another exception escaping into the connection."""
+    first = ns(b"posix-rename@openssh.com" if kind == sftp.EXTENDED else b"/a")
+    whole = struct.pack(">L", 7) + first + ns(b"/b")
+    cuts = [4, 6] + ([len(first) + 6] if kind in (sftp.RENAME, sftp.SYMLINK, sftp.EXTENDED) else [])
+    for cut in cuts:
+        s = _started()
+        with pytest.raises(SftpError):
+            s.from_client(pkt(kind, whole[:cut]))
+            decide_all(s)
+
+
+@settings(max_examples=300, deadline=None)
+@given(side=st.sampled_from(["c", "s"]), kind=st.integers(0, 255), body=st.binary(max_size=40),
+       home=st.booleans())
+def test_any_packet_is_relayed_judged_or_an_sftp_error(side, kind, body, home):
+    """Whatever one packet holds, the stream passes it on, holds it for a decision, or raises SftpError."""
+    s = _started(home)
+    packet = struct.pack(">LB", len(body) + 1, kind) + body
+    try:
+        if side == "c":
+            s.from_client(packet)
+            decide_all(s)
+        else:
+            s.from_server(packet)
+    except SftpError:
+        return
+
+
+def test_a_malformed_request_held_behind_a_decision_is_an_sftp_error_when_released():
+    """A request waits for its decision; a truncated OPEN arrived behind it: the decision releases it, and the
+    stream says SftpError (the channel closes it) instead of a struct error in the middle of a callback."""
+    s = _started()
+    s.from_client(req(sftp.REMOVE, 1, ns("/x")) + struct.pack(">LBL", 5, sftp.OPEN, 2))
+    assert [p.request.op for p in s.pending] == ["remove"]
+    with pytest.raises(SftpError):
+        decide_all(s)

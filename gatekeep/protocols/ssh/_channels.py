@@ -583,7 +583,11 @@ class SessionRelay(PairRelay):
             now = self.s.now()
             self.s.chain.operation_finished(Outcome(self.s.session.id, p.ref.seq, now, now - p.ref.at, "denied",
                                                     error_code="denied", error_message=decision.reason or "denied"))
-        self.sftp.decided(p, decision.allowed, denial_text(p.request.text(), decision))
+        try:
+            self.sftp.decided(p, decision.allowed, denial_text(p.request.text(), decision))
+        except SftpError as e:  # a request held behind this one is malformed
+            self._broken(str(e))
+            return
         self._pump_sftp()
         self.down.grant(self.held(self.down))
 

@@ -27,9 +27,10 @@ files, the bytes read and written through the handle.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 
@@ -55,6 +56,19 @@ HOME_ID = 0xFFFFFFFF
 
 class SftpError(ValueError):
     """The stream is not SFTP gatekeep can follow (the channel is closed)."""
+
+
+def _malformed_is_sftp_error(method: Callable) -> Callable:
+    """A packet too short for the fields its type has (``struct.error`` while reading it) is an SftpError."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any) -> Any:
+        try:
+            return method(self, *args)
+        except struct.error as e:
+            raise SftpError(f"a packet is too short for its fields ({e})") from None
+
+    return call
 
 
 def _ns(buf: bytes, off: int) -> tuple[bytes, int]:
@@ -138,6 +152,7 @@ class SftpStream:
     def held_bytes(self) -> int:
         return sum(len(b) for b in self._held) if self._held else 0
 
+    @_malformed_is_sftp_error
     def from_client(self, data: bytes) -> None:
         if self._held is not None:
             self._held.append(data)
@@ -332,8 +347,12 @@ class SftpStream:
     def _path(self, raw: bytes) -> str:
         return normalize_path(_text(raw), self.home)
 
+    @_malformed_is_sftp_error
     def decided(self, pending: Pending, allowed: bool, message: str = "") -> None:
-        """The decision for ``pending`` (the oldest undecided request)."""
+        """
+        The decision for ``pending`` (the oldest undecided request). The client's bytes held behind it go on:
+        SftpError when they are not SFTP gatekeep can follow.
+        """
         if self.pending and self.pending[0] is pending:
             self.pending.popleft()
         self._undecided -= 1
@@ -350,6 +369,7 @@ class SftpStream:
 
     # -- server -> client ---------------------------------------------------------------
 
+    @_malformed_is_sftp_error
     def from_server(self, data: bytes) -> None:
         i, n = 0, len(data)
         out = self.to_client
