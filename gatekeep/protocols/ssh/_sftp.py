@@ -79,6 +79,39 @@ def _ns(buf: bytes, off: int) -> tuple[bytes, int]:
     return buf[off + 4:end], end
 
 
+#: requests judged by the one path they name, and by two
+_ONE_PATH = {REMOVE: "remove", MKDIR: "mkdir", RMDIR: "rmdir", SETSTAT: "setstat", OPENDIR: "list"}
+_TWO_PATHS = {RENAME: "rename", SYMLINK: "symlink"}
+#: extended requests judged by their paths: (operation, how many paths)
+_EXTENDED = {b"posix-rename@openssh.com": ("rename", 2), b"hardlink@openssh.com": ("link", 2),
+             b"lsetstat@openssh.com": ("setstat", 1)}
+
+
+def _judged(kind: int, p: bytes) -> tuple[str, list[bytes]] | None:
+    """The operation a client packet is judged as and the paths it names (as sent); None: not judged by path."""
+    if kind == OPEN:
+        path, off = _ns(p, 9)
+        (flags,) = struct.unpack_from(">L", p, off)
+        return ("write" if flags & (PF_WRITE | PF_APPEND | PF_CREAT | PF_TRUNC) else "read"), [path]
+    op = _ONE_PATH.get(kind)
+    if op is not None:
+        return op, [_ns(p, 9)[0]]
+    count = 2 if kind in _TWO_PATHS else 0
+    off = 9
+    if count:
+        op = _TWO_PATHS[kind]
+    elif kind == EXTENDED:
+        name, off = _ns(p, 9)
+        op, count = _EXTENDED.get(name, ("", 0))
+    if not count:
+        return None
+    paths = []
+    for _ in range(count):
+        path, off = _ns(p, off)
+        paths.append(path)
+    return op, paths
+
+
 def _text(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
@@ -244,23 +277,8 @@ class SftpStream:
         """A judged request naming a relative path while the starting folder is still to come."""
         if self.home is not None or self.home_state == "failed" or kind == INIT:
             return False
-        if kind in (OPEN, REMOVE, MKDIR, RMDIR, SETSTAT, OPENDIR):
-            paths = [_ns(p, 9)[0]]
-        elif kind in (RENAME, SYMLINK):
-            a, off = _ns(p, 9)
-            paths = [a, _ns(p, off)[0]]
-        elif kind == EXTENDED:
-            name, off = _ns(p, 9)
-            if name in (b"posix-rename@openssh.com", b"hardlink@openssh.com"):
-                a, off = _ns(p, off)
-                paths = [a, _ns(p, off)[0]]
-            elif name == b"lsetstat@openssh.com":
-                paths = [_ns(p, off)[0]]
-            else:
-                return False
-        else:
-            return False
-        return any(not path.startswith(b"/") for path in paths)
+        judged = _judged(kind, p)
+        return judged is not None and any(not path.startswith(b"/") for path in judged[1])
 
     def _ask_home(self) -> None:
         """Send gatekeep's own ``REALPATH "."`` (at a packet boundary of the client's stream)."""
@@ -296,32 +314,14 @@ class SftpStream:
         if rid == HOME_ID and self.home_state == "asking":
             raise SftpError(f"the client used request id {HOME_ID}, which gatekeep is using")
         req: SftpRequest | None = None
-        if kind == OPEN:
-            path, off = _ns(p, 9)
-            (flags,) = struct.unpack_from(">L", p, off)
-            op = "write" if flags & (PF_WRITE | PF_APPEND | PF_CREAT | PF_TRUNC) else "read"
-            req = SftpRequest(op, self._path(path))
-        elif kind in (REMOVE, MKDIR, RMDIR, SETSTAT, OPENDIR):
-            path, _ = _ns(p, 9)
-            op = {REMOVE: "remove", MKDIR: "mkdir", RMDIR: "rmdir", SETSTAT: "setstat", OPENDIR: "list"}[kind]
-            req = SftpRequest(op, self._path(path))
-        elif kind in (RENAME, SYMLINK):
-            a, off = _ns(p, 9)
-            b, _ = _ns(p, off)
-            req = SftpRequest("rename" if kind == RENAME else "symlink", self._path(a), self._path(b))
+        judged = _judged(kind, p)
+        if judged is not None:
+            op, paths = judged
+            req = SftpRequest(op, *(self._path(path) for path in paths))
         elif kind == FSETSTAT:
             handle, _ = _ns(p, 9)
             f = self._handles.get(handle)
             req = SftpRequest("setstat", f.pending.request.path if f is not None else "(unknown handle)")
-        elif kind == EXTENDED:
-            name, off = _ns(p, 9)
-            if name in (b"posix-rename@openssh.com", b"hardlink@openssh.com"):
-                a, off = _ns(p, off)
-                b, _ = _ns(p, off)
-                req = SftpRequest("rename" if name.startswith(b"posix") else "link", self._path(a), self._path(b))
-            elif name == b"lsetstat@openssh.com":
-                a, _ = _ns(p, off)
-                req = SftpRequest("setstat", self._path(a))
         elif kind == CLOSE:
             handle, _ = _ns(p, 9)
             f = self._handles.pop(handle, None)
