@@ -53,13 +53,14 @@ def hidden(count: int, at_prompt: bool) -> bytes:
 
 
 class _Line:
-    """Typed bytes up to a key that ends a line, waiting for ``waiting`` of their characters to be echoed."""
+    """Typed bytes up to a key that ends a line, waiting for the characters in ``waiting`` to be echoed."""
 
     __slots__ = ("data", "waiting", "ended", "ahead")
 
     def __init__(self) -> None:
         self.data = bytearray()
-        self.waiting = 0
+        #: its typed characters not echoed yet, in order
+        self.waiting: deque[int] = deque()
         self.ended = False
         #: ended while an earlier line still waited (typed ahead): its echo may follow other output
         self.ahead = False
@@ -85,7 +86,6 @@ class TypedInput:
         self.at_prompt = False
         self.full_screen = False
         self._lines: deque[_Line] = deque()
-        self._unechoed: deque[int] = deque()
         self._size = 0
         self._escape = False  # inside an escape sequence the client typed (arrow keys ...)
         self._owed = False  # a line just echoed: the next newline of output is its own
@@ -121,10 +121,10 @@ class TypedInput:
 
     def _match_echo(self, text: bytes, out: list[bytes]) -> None:
         pos, n = 0, len(text)
-        unechoed, lines = self._unechoed, self._lines
-        while unechoed and lines and pos < n:
+        lines = self._lines
+        while lines and lines[0].waiting and pos < n:
             line = lines[0]
-            found = text.find(bytes((unechoed[0],)), pos)
+            found = text.find(bytes((line.waiting[0],)), pos)
             if line.ended and not line.ahead:
                 nl = text.find(b"\n", pos)
                 if nl >= 0 and self._owed:
@@ -134,16 +134,13 @@ class TypedInput:
                     # the line was submitted and the output went on to a new line without its characters
                     lines.popleft()
                     self._size -= len(line.data)
-                    for _ in range(line.waiting):
-                        unechoed.popleft()
                     out.append(self._placeholder(bytes(line.data), False))
                     pos = nl + 1
                     self._release(out)
                     continue
             if found < 0:
                 break
-            unechoed.popleft()
-            line.waiting -= 1
+            line.waiting.popleft()
             pos = found + 1
             if not line.waiting:
                 self._owed = line.ended
@@ -196,8 +193,7 @@ class TypedInput:
                 if self.at_prompt:
                     self._hide_all(out)
             elif b >= 0x20 and b != 0x7F:
-                self._unechoed.append(b)
-                line.waiting += 1
+                line.waiting.append(b)
             if self._size > MAX_HELD:
                 self._hide_all(out)
         self._release(out)
@@ -213,8 +209,6 @@ class TypedInput:
             self._size -= len(line.data)
             if line.data:
                 out.append(bytes(line.data))
-        if not self._lines:
-            self._unechoed.clear()
 
     def _placeholder(self, held: bytes, at_prompt: bool) -> bytes:
         end = held[-1:] if held and held[-1] in _LINE_END else b""
@@ -226,7 +220,6 @@ class TypedInput:
         if held:
             out.append(self._placeholder(held, self.at_prompt))
         self._lines.clear()
-        self._unechoed.clear()
         self._size = 0
         self._escape = False
         self.at_prompt = False
