@@ -48,7 +48,7 @@ def test_a_portal_close_holds_its_place_in_the_confirmations():
     """Close of a portal, then Parse s1, in one group: the CloseComplete confirms the Close, not the Parse, so an
     error after it still undoes the Parse."""
     book = Statements()
-    book.bound("p", Portal("", stmt("SELECT 0"), ()))
+    book.bound(1, "p", Portal("", stmt("SELECT 0"), ()))
     book.closed(1, "P", "p")
     assert book.portal("p") is None
     book.parsed(1, "s1", stmt("SELECT 1"))
@@ -82,9 +82,9 @@ def test_failed_binds_and_unbound_portals():
     book = Statements()
     assert book.bind_failed("")  # the unnamed portal, never bound
     assert not book.bind_failed("cursor")  # a name no Bind used: a cursor DECLARE made
-    book.bound("p", None)
+    book.bound(1, "p", None)
     assert book.bind_failed("p") and book.portal("p") is None
-    book.bound("p", Portal("s1", stmt("SELECT 1"), ("x",), (1,)))
+    book.bound(1, "p", Portal("s1", stmt("SELECT 1"), ("x",), (1,)))
     assert not book.bind_failed("p") and book.portal("p").params == ("x",)
 
 
@@ -94,3 +94,25 @@ def test_deallocate_drops_the_names_it_names():
         book.parsed(1, name, stmt(f"SELECT '{name}'"))
     assert book.deallocated("b") == ["b"] and book.get("b") is None
     assert sorted(book.deallocated(None)) == ["a", "c"] and book.names() == []
+
+
+def test_portals_end_with_their_transaction_unless_a_later_bind_is_out():
+    """ReadyForQuery idle for group 1: its portals are gone at the server and from the book; with a Bind of
+    group 2 already sent (pipelined, or before its Sync), nothing is forgotten yet."""
+    book = Statements()
+    for i in range(100):
+        book.bound(1, f"p{i}", Portal("", stmt("SELECT 1"), ()))
+    book.bound(1, "broken", None)
+    book.bound(2, "next", Portal("", stmt("SELECT 2"), ()))
+    book.idle(1)
+    assert book.portal("p0") is not None and book.portal("next") is not None and book.bind_failed("broken")
+    book.idle(2)
+    assert book.portal("p0") is None and book.portal("next") is None and not book.bind_failed("broken")
+
+
+def test_refused_parses_are_kept_for_their_group_only():
+    book = Statements()
+    for group in range(1, 1000):
+        book.refused(group, f"s{group}")
+    assert book.refused_in(999, "s999") and not book.refused_in(998, "s998")
+    assert len(book._refused) == 1

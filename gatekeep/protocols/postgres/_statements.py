@@ -47,18 +47,22 @@ class Portal(NamedTuple):
 class Statements:
     """The statement names and portals of one session."""
 
-    __slots__ = ("_named", "_portals", "_failed", "_unconfirmed", "_refused")
+    __slots__ = ("_named", "_portals", "_failed", "_bound_in", "_unconfirmed", "_refused_group", "_refused")
 
     def __init__(self) -> None:
         self._named: dict[str, Statement] = {}
         self._portals: dict[str, Portal] = {}
         #: portals whose last Bind named a statement the server will not have (the Bind fails)
         self._failed: set[str] = set()
+        #: the group of the latest Bind
+        self._bound_in = 0
         #: (group, name or None for a portal's Close, what the name stood for before) of each Parse and
         #: Close sent and not yet confirmed, in the order the server confirms them
         self._unconfirmed: deque = deque()
-        #: statement name -> the group in which gatekeep refused a Parse of it (a Bind of it there is skipped)
-        self._refused: dict[str, int] = {}
+        #: the names of the Parses gatekeep refused in group ``_refused_group`` (a Bind of one there is skipped;
+        #: in a later group it binds what the server kept)
+        self._refused_group = 0
+        self._refused: set[str] = set()
 
     def get(self, name: str) -> Statement | None:
         return self._named.get(name)
@@ -75,7 +79,9 @@ class Statements:
 
     def refused(self, group: int, name: str) -> None:
         """A Parse of ``name`` was refused: a stand-in that fails goes to the server in its place."""
-        self._refused[name] = group
+        if group != self._refused_group:
+            self._refused_group, self._refused = group, set()
+        self._refused.add(name)
 
     def closed(self, group: int, kind: str, name: str) -> None:
         """A Close of a statement ("S") or a portal ("P") is sent in ``group``."""
@@ -96,16 +102,17 @@ class Statements:
 
     def refused_in(self, group: int, name: str) -> bool:
         """Whether gatekeep refused a Parse of ``name`` in ``group``: the server skips a Bind of it there."""
-        return self._refused.get(name) == group
+        return group == self._refused_group and name in self._refused
 
     def bound_to(self, group: int, name: str) -> Statement | None:
         """The statement a Bind in ``group`` names, as gatekeep knows it (None: none, or a skipped Bind)."""
-        if self._refused.get(name) == group:
+        if group == self._refused_group and name in self._refused:
             return None
         return self._named.get(name)
 
-    def bound(self, portal: str, bound: Portal | None) -> None:
-        """A Bind of ``portal`` is sent; None when it names a statement the server will not have."""
+    def bound(self, group: int, portal: str, bound: Portal | None) -> None:
+        """A Bind of ``portal`` is sent in ``group``; None when it names a statement the server will not have."""
+        self._bound_in = group
         if bound is not None:
             self._portals[portal] = bound
             self._failed.discard(portal)
@@ -121,6 +128,19 @@ class Statements:
         return not portal or portal in self._failed
 
     # -- the server's answers ----------------------------------------------------------------
+
+    def idle(self, group: int) -> None:
+        """
+        The server answered ``group`` out of any transaction: the portals bound up to it are gone (those the
+        protocol binds end with their transaction). Unless a Bind of a later group is out, the book forgets
+        them too, so a client binding portals of ever new names never grows it past one transaction's.
+        """
+        if self._bound_in > group:
+            return
+        if self._portals:
+            self._portals.clear()
+        if self._failed:
+            self._failed.clear()
 
     def confirmed(self) -> None:
         """ParseComplete or CloseComplete: the oldest change took effect."""

@@ -594,9 +594,9 @@ class Frontend(ClientStartup, protocol.Protocol):
                 params = tuple([_param_text(v, binary) for v in bind.params])
             if self.results is not None:
                 params = self.results.recordable(params)  # the record keeps only masked values
-            self.statements.bound(bind.portal, Portal(bind.statement, found, params, bind.result_formats))
+            self.statements.bound(group, bind.portal, Portal(bind.statement, found, params, bind.result_formats))
         else:
-            self.statements.bound(bind.portal, None)
+            self.statements.bound(group, bind.portal, None)
         out.append(m.encode())
 
     def on_execute(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
@@ -669,6 +669,8 @@ class Frontend(ClientStartup, protocol.Protocol):
             now = self.gateway.now()
             for _, outcome in self.tracker.ready(now):
                 self.gateway.chain.operation_finished(outcome)
+            if self.tx_status == "I":
+                self.statements.idle(self.tracker.syncs_seen)
             if results is not None:
                 results.group_ended()
             elif not len(self.tracker) and self.upstream is not None:
