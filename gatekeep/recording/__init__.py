@@ -27,6 +27,17 @@ def unrecordable(decision: Decision, why: str) -> Decision:
     return Decision(Action.DENY, UNRECORDABLE, UNRECORDABLE_REASON, dict(decision.facts or {}, recording_error=why))
 
 
+def refused_as_data(e: BaseException) -> bool:
+    """
+    Whether a store's error is about the data written (it can never be stored: a constraint, a value no column
+    takes), not about the store being unavailable (locked, full, unreachable): such an event alone is poison.
+    """
+    import sqlite3
+
+    return isinstance(e, (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError, sqlite3.ProgrammingError,
+                          ValueError, TypeError, OverflowError))
+
+
 def refuse_in_batch(batch: list, why: str) -> None:
     """
     Strict operations refused because their batch could not be stored (``on_failure: deny``): the batch, kept

@@ -44,7 +44,7 @@ def write_with_retries(store: Any, frame_id: int, events: list[Any], out: Binary
     ``refuse_strict`` (strict durability and on_failure deny) the gateway refuses the frame's operations when
     told it is failing: from then on they are kept as those refusals.
     """
-    from gatekeep.recording import refuse_in_batch
+    from gatekeep.recording import refuse_in_batch, refused_as_data
 
     delay, attempts = 0.2, 0
     while True:
@@ -67,6 +67,9 @@ def write_with_retries(store: Any, frame_id: int, events: list[Any], out: Binary
                     for event in failed:
                         send(out, ("dropped", type(event).__name__))
                     return written
+            if attempts == 3 and len(events) == 1 and refused_as_data(e):  # poison: retrying never stores it
+                send(out, ("dropped", type(events[0]).__name__))
+                return []
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 

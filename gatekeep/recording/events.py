@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
+
+import attrs
 
 from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
 
@@ -21,6 +24,36 @@ SCHEMA_VERSION = 1
 #: (one record for the pair); otherwise "operation.end" follows on its own
 KINDS = ("session.start", "operation", "operation.end", "session.end", "login.failure", "stream", "seal",
          "approval", "checkpoint")
+
+
+#: a lone surrogate: what ``surrogateescape`` makes of a byte that is not UTF-8 (a file name, a URL's %ff),
+#: or what ``$'\\uD800'`` spells. No UTF-8 text, so no store, can hold one.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _spelled(m: re.Match) -> str:
+    c = ord(m.group())
+    return f"\\x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"\\u{c:04x}"
+
+
+def without_surrogates(value: Any) -> Any:
+    """
+    ``value`` (an event, a batch of them, or any part) with every lone surrogate in its text spelled out:
+    ``\\xff`` for a byte that was not UTF-8, ``\\ud800`` for any other. The stores call it on a batch they
+    could not encode, so such a record is kept (spelled out) instead of refused.
+    """
+    t = type(value)
+    if t is str:
+        return value if value.isascii() else _SURROGATE.sub(_spelled, value)
+    if t is tuple or t is list or t is frozenset or t is set:
+        return t(without_surrogates(v) for v in value)
+    if t is dict:
+        return {without_surrogates(k): without_surrogates(v) for k, v in value.items()}
+    if attrs.has(t):
+        changes = {f.name: without_surrogates(getattr(value, f.name)) for f in attrs.fields(t)
+                   if f.init and f.name != "detail"}  # an operation's detail is the relay's live state, not stored
+        return attrs.evolve(value, **{k.lstrip("_"): v for k, v in changes.items()})
+    return value
 
 
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

@@ -37,7 +37,8 @@ from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder, IStore
 from gatekeep.model import Decision, Operation
-from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, as_refused, refuse_in_batch
+from gatekeep.recording import (MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, as_refused, refuse_in_batch,
+                                refused_as_data)
 from gatekeep.recording.sinks import close_all, emit_all
 
 _log = Logger()
@@ -213,6 +214,11 @@ class ThreadedRecorder(InOrder, Backlog):
                             self._reactor.callFromThread(_fire_once, w, RecordingUnavailable(self.last_error))
                     self._reactor.callFromThread(self._refuse_waiting, self.last_error)
                 if attempts == 3 and len(batch) > 1 and self._write_singly(batch):
+                    break
+                if attempts == 3 and len(batch) == 1 and refused_as_data(e):
+                    self.dropped += 1
+                    _log.critical("recording dropped an event the store refuses: {kind} ({error})",
+                                  kind=type(batch[0]).__name__, error=self.last_error)
                     break
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)

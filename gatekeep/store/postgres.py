@@ -40,7 +40,7 @@ from zope.interface import implementer
 
 from gatekeep.interfaces import IStore
 from gatekeep.model import SessionEnd
-from gatekeep.recording.events import canonical, event_time, to_event
+from gatekeep.recording.events import canonical, event_time, to_event, without_surrogates
 from gatekeep.store._sql import AUDIT_TABLES, approvals_query, audit_query
 from gatekeep.store import StoreUnavailable, ledger
 from gatekeep.store._pgdriver import Pool, SyncConnections, connect_kwargs, describe, is_unavailable
@@ -215,7 +215,12 @@ class PostgresStore:
                 rows = yield self._pool_().run_plan(lambda: self._hashes_plan(ending), timeout=self.write_timeout)
                 for sid, h in rows:
                     prior.setdefault(sid, []).append(h)
-            entries = self._chain(batch, prior)
+            try:
+                entries = self._chain(batch, prior)
+            except UnicodeEncodeError:  # text that is not UTF-8 (lone surrogates): stored spelled out
+                clean = without_surrogates(batch)
+                split = split_batch(clean)
+                entries = self._chain(clean, prior)
             sql, params = statements(self.node, entries, split)
         except Exception as e:
             if is_unavailable(e):

@@ -18,7 +18,8 @@ from typing import Any, Iterable, Iterator
 from zope.interface import implementer
 
 from gatekeep.interfaces import IStore
-from gatekeep.recording.events import JsonMemo, canonical, decision_text, event_time, operation_text, to_event
+from gatekeep.recording.events import (JsonMemo, canonical, decision_text, event_time, operation_text, to_event,
+                                      without_surrogates)
 from gatekeep.store import ledger
 from gatekeep.store._sql import OPERATION_COLUMNS, approvals_query, audit_query, insert
 from gatekeep.model import Decision, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent
@@ -248,8 +249,16 @@ class SQLiteStore:
         Store a batch of recorder events atomically. Events: Session,
         (Operation, Decision), Outcome, SessionEnd, LoginFailure. An operation
         and its outcome in the same batch become one row. Returns the ledger
-        entries committed (none while ``keep_entries`` is off).
+        entries committed (none while ``keep_entries`` is off). Text that is
+        not UTF-8 (lone surrogates) is stored spelled out (see
+        ``events.without_surrogates``).
         """
+        try:
+            return self._write(batch)
+        except UnicodeEncodeError:
+            return self._write(without_surrogates(batch))
+
+    def _write(self, batch: list[Any]) -> list[ledger.Entry]:
         sessions, ops, outcomes, ends, failures, streams, approvals = [], {}, [], [], [], [], []
         text_of = JsonMemo()  # the ledger entries and the operation rows share their JSON
         for event in batch:

@@ -434,6 +434,17 @@ def test_recorded_command_line_is_masked_too(gw):
     assert CARD not in json.dumps(rec) and rec["text"] == "echo paid with ****", rec
 
 
+def test_a_command_spelling_a_lone_surrogate_is_still_recorded(gw):
+    """`echo gk-lone $'\\uD800'`: gatekeep reads the ANSI-C quote as bash does, a lone surrogate no UTF-8 store can
+    hold; the command is recorded with it spelled out (it used to be refused by the store and dropped)."""
+    before = gw.ids()
+    r = gw.ssh("echo gk-lone $'\\uD800' | wc -c")
+    assert r.returncode == 0, r.stderr
+    s = gw.wait_session(before)
+    (rec,) = [o for o in s["records"] if o["kind"] == "exec"]
+    assert rec["text"].startswith("echo gk-lone $'") and rec["action"] == "allow", rec
+
+
 def test_exec_that_only_starts_with_scp_is_recorded(gw, tmp_path):
     """`scp -V; echo paid with CARD` is not a file transfer: its output is recorded (masked) like any exec."""
     before = gw.ids()

@@ -133,6 +133,19 @@ def test_text_with_nul_is_kept_exactly_in_the_ledger(backend, signer):
     assert report.ok, report.problems
 
 
+def test_text_that_is_not_utf8_is_stored_spelled_out_and_verifies(backend, signer):
+    """A file name that was not UTF-8 (decoded with surrogateescape), a lone surrogate a shell spelled: the batch
+    is stored (not refused, which would drop the record or stall recording), the bad characters spelled out."""
+    store = backend.open(signer=signer)
+    s = session()
+    backend.write(store, [s, (op(s, 1, "remove /srv/caf\udce9"), ALLOWED), outcome(s, 1),
+                          (op(s, 2, "echo \ud800"), ALLOWED), SessionEnd(s.id, 200.0, 1, 1, "done")])
+    texts = [r["text"] for r in store.session(s.id)["records"]]
+    assert texts == ["remove /srv/caf\\xe9", "echo \\ud800"]
+    report = audit.verify(store, signer.public)
+    assert report.ok, report.problems
+
+
 def test_refused_batch_writes_nothing_and_the_chain_goes_on(backend, signer):
     """A batch the database refuses (a duplicate session) stores nothing of itself; later batches chain on."""
     store = backend.open(signer=signer)

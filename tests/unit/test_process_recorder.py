@@ -162,6 +162,37 @@ def test_the_writer_keeps_strict_operations_it_failed_to_store_as_refusals(monke
     assert recorder(on_failure="deny")[0]._settings["refuse_strict"] is False
 
 
+def test_the_writer_drops_a_lone_event_the_store_refuses_as_data_but_waits_for_an_unavailable_store(monkeypatch):
+    """A frame of one event the store refuses for what it holds (a value no column takes) is poison: after three
+    attempts the writer reports it dropped and goes on, instead of retrying it forever and stalling every other
+    record behind it. One that fails because the store is unavailable is kept and retried."""
+    import io
+    import sqlite3
+
+    from gatekeep.recording import _writer
+
+    monkeypatch.setattr(_writer.time, "sleep", lambda s: None)
+
+    class Refusing:
+        def __init__(self, error, fail_times):
+            self.error, self.fail_times, self.calls, self.stored = error, fail_times, 0, []
+
+        def write(self, events):
+            self.calls += 1
+            if self.calls <= self.fail_times:
+                raise self.error
+            self.stored.extend(events)
+            return []
+
+    store, out = Refusing(OverflowError("Python int too large to convert to SQLite INTEGER"), 10 ** 6), io.BytesIO()
+    assert _writer.write_with_retries(store, 1, [(op(1), ALLOW)], out) == [] and store.calls == 3
+    assert [m[0] for m in FrameReader().feed(out.getvalue())] == ["failing"] * 3 + ["dropped"]
+    locked, out = Refusing(sqlite3.OperationalError("database is locked"), 5), io.BytesIO()
+    _writer.write_with_retries(locked, 1, [(op(1), ALLOW)], out)
+    assert locked.calls == 6 and len(locked.stored) == 1
+    assert "dropped" not in [m[0] for m in FrameReader().feed(out.getvalue())]
+
+
 def test_events_cross_to_the_writer_whole_and_without_the_protocol_state():
     """Operations and outcomes travel as tuples of their fields; the writer gets equal values back (an
     operation's detail, the relay's live state, is never sent), and the other events unchanged."""

@@ -299,3 +299,16 @@ def test_a_malformed_request_held_behind_a_decision_is_an_sftp_error_when_releas
     assert [p.request.op for p in s.pending] == ["remove"]
     with pytest.raises(SftpError):
         decide_all(s)
+
+
+def test_a_denied_path_that_is_not_utf8_is_answered():
+    """A REMOVE of a file name with a byte that is not UTF-8 is denied: the client gets its PERMISSION_DENIED (the
+    name read with surrogateescape used to fail to encode in the answer, and the stream hung)."""
+    s = _started()
+    s.from_client(req(sftp.REMOVE, 4, ns(b"/srv/caf\xe9")))
+    (p,) = s.pending
+    assert p.request.path == "/srv/caf\udce9"
+    s.take_to_client()  # the VERSION
+    s.decided(p, False, f"denied: remove {p.request.path}")
+    length, kind, rid, code = struct.unpack_from(">LBLL", s.take_to_client())
+    assert (kind, rid, code) == (sftp.STATUS, 4, sftp.FX_PERMISSION_DENIED)

@@ -327,6 +327,44 @@ def test_store_that_fails_twice_loses_nothing(tmp_path):
         recorder.stop()
 
 
+def test_a_lone_event_the_store_refuses_as_data_is_dropped_and_recording_goes_on(tmp_path):
+    """A batch of one event the store refuses for what it holds is poison: dropped after three attempts (not retried
+    forever, which would stall every record behind it); the events after it are stored."""
+
+    class RefusesOne(LoggingStore):
+        def write(self, batch) -> None:
+            if any(isinstance(e, Session) and e.id == "poison" for e in batch):
+                self.refused += 1
+                raise OverflowError("Python int too large to convert to SQLite INTEGER")
+            super().write(batch)
+
+    store = RefusesOne(tmp_path / "gk.db")
+    store.refused = 0
+    reactor = ThreadReactor()
+    recorder = ThreadedRecorder(store, reactor, retry_delay=0.001)
+    recorder.start()
+    try:
+        recorder.sessionStarted(session("poison"))
+        assert fired_after(recorder.flush(), reactor)
+        record_all(recorder, events())
+        assert fired_after(recorder.flush(), reactor)
+        assert recorder.dropped == 1 and store.refused == 3
+        assert [s["id"] for s in store.sessions()] == ["a1b2c3"]
+    finally:
+        recorder.stop()
+
+
+def fired_after(d, reactor, calls: int = 10) -> bool:
+    """Run what the writer thread hands the reactor until ``d`` fires (at most ``calls`` calls)."""
+    seen: list = []
+    d.addBoth(seen.append)
+    for _ in range(calls):
+        if seen:
+            break
+        reactor.run()
+    return seen == [None]
+
+
 def test_stop_writes_what_is_queued(tmp_path):
     """stop() stores everything recorded before it and closes the store."""
     store = LoggingStore(tmp_path / "gk.db")

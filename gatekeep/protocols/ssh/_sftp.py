@@ -117,7 +117,9 @@ def _text(b: bytes) -> str:
 
 
 def status_packet(request_id: int, code: int, message: str) -> bytes:
-    msg = message.encode("utf-8")
+    # the message names the path as the client sent it, bytes that are not UTF-8 included (surrogateescape):
+    # SFTP wants UTF-8 text, so those become U+FFFD
+    msg = message.encode("utf-8", "replace")
     body = struct.pack(">BLL", STATUS, request_id, code) + struct.pack(">L", len(msg)) + msg + struct.pack(">L", 2) + b"en"
     return struct.pack(">L", len(body)) + body
 
