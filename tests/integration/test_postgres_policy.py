@@ -1055,6 +1055,41 @@ def test_latin1_statements_are_read_in_latin1_in_both_protocols(gw):
 
 
 
+def test_latin1_errors_and_settings_with_accents_reach_the_client(gw):
+    """A LATIN1 session: the server's error quoting 'caf\xe9' (in LATIN1) reaches the client as the server wrote it,
+    and a setting reported with one does not end the session (both used to be read as UTF-8 and end it with 08P01)."""
+    app = "gkpol-latin1-err-" + marker()
+    with gw.connect("agent", client_encoding="LATIN1", application_name=app) as conn:
+        r = conn.pgconn.exec_("SELECT 'caf\xe9'::int".encode("latin-1"))
+        assert r.status == psycopg.pq.ExecStatus.FATAL_ERROR
+        assert r.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"22P02"
+        assert "caf\xe9" in r.error_message.decode("latin-1")
+        r = conn.pgconn.exec_("SET application_name = 'caf\xe9'".encode("latin-1"))
+        assert r.status == psycopg.pq.ExecStatus.COMMAND_OK, r.error_message
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    (failed,) = [r for r in ended_session(gw.gk, app)["records"] if r["error_code"] == "22P02"]
+    assert "caf" in failed["error_message"]
+
+
+def test_a_latin1_session_logs_in_and_masks_with_non_ascii_names_in_the_catalog(gw):
+    """A table named with an accent: masking reads the catalog in the session's LATIN1 at login (it was read as
+    UTF-8, and the login failed), and its email column is masked like any other."""
+    table = '"gkpol_caf\xe9"'
+    with gw.direct() as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
+        conn.execute(f"CREATE TABLE {table} (id int, email text)")
+        conn.execute(f"INSERT INTO {table} VALUES (1, 'ada@example.com')")
+    try:
+        with gw.connect("agent", client_encoding="LATIN1") as conn:
+            r = conn.pgconn.exec_(f"SELECT email FROM {table}".encode("latin-1"))
+            assert r.status == psycopg.pq.ExecStatus.TUPLES_OK, r.error_message
+            value = r.get_value(0, 0).decode("latin-1")
+            assert value != "ada@example.com" and value.endswith(".com")
+    finally:
+        with gw.direct() as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
 #: with standard_conforming_strings off the server reads 'a\' , $$ ' as one string and runs the DELETE after it;
 #: PostgreSQL's parser with the default (on) reads 'a\' and then a dollar-quoted string holding the DELETE
 HIDDEN_BY_BACKSLASH = b"SELECT 'a\\' , $$ '; DELETE FROM billing.gkpol_probe WHERE id = 1; -- $$"

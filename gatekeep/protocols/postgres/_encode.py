@@ -208,15 +208,17 @@ def ready_for_query(status: str) -> bytes:
     return _message(READY_FOR_QUERY, status.encode("ascii"))
 
 
-def fields_message(type: bytes, fields: Mapping[str, str]) -> bytes:
-    """Encode an ErrorResponse or NoticeResponse from {one-letter code: value}."""
+def fields_message(type: bytes, fields: Mapping[str, str], codec: str = "utf-8") -> bytes:
+    """Encode an ErrorResponse or NoticeResponse from {one-letter code: value}, in ``codec`` (see parse_fields)."""
     if len(type) != 1:
         raise ValueError("message type must be one byte")
     parts = []
     for code, value in fields.items():
         if len(code) != 1 or code == "\0" or not code.isascii():
             raise ValueError(f"field code must be one ASCII character, got {code!r}")
-        parts += (code.encode("ascii"), _cstr(value))
+        if "\0" in value:
+            raise ValueError("NUL character not allowed in a protocol string")
+        parts += (code.encode("ascii"), value.encode(codec, "surrogateescape") + b"\0")
     return _message(type, *parts, b"\0")
 
 
@@ -292,9 +294,12 @@ def data_row(values: Sequence[bytes | None]) -> bytes:
     return _message(DATA_ROW, _pack(_UINT16, len(values)), *map(_sized, values))
 
 
-def notification(pid: int, channel: str, payload: str) -> bytes:
-    """Encode a NotificationResponse."""
-    return _message(NOTIFICATION_RESPONSE, _pack(_UINT32, pid), _cstr(channel), _cstr(payload))
+def notification(pid: int, channel: str, payload: str, codec: str = "utf-8") -> bytes:
+    """Encode a NotificationResponse (in ``codec``, as :func:`fields_message`)."""
+    if "\0" in channel or "\0" in payload:
+        raise ValueError("NUL character not allowed in a protocol string")
+    return _message(NOTIFICATION_RESPONSE, _pack(_UINT32, pid), channel.encode(codec, "surrogateescape") + b"\0",
+                    payload.encode(codec, "surrogateescape") + b"\0")
 
 
 def negotiate_protocol_version(newest_minor: int, unrecognized: Sequence[str] = ()) -> bytes:

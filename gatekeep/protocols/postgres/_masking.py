@@ -392,8 +392,10 @@ class Catalog:
     _masked_tables: frozenset[tuple[str, str]] | None = None
     _names: tuple[frozenset[str], frozenset[str]] | None = None
 
-    def add_row(self, values: Sequence[bytes | None]) -> None:
-        oid, attnum, schema, table, column, type_oid = (v.decode("utf-8") if v is not None else "" for v in values)
+    def add_row(self, values: Sequence[bytes | None], codec: str = "utf-8") -> None:
+        """One row of :func:`catalog_query`'s answer, its names written in the session's ``codec``."""
+        oid, attnum, schema, table, column, type_oid = (v.decode(codec, "surrogateescape") if v is not None else ""
+                                                        for v in values)
         if int(attnum) == 0:
             self.relations[(schema, table)] = int(type_oid)
             return

@@ -302,12 +302,17 @@ def parse_sasl_mechanisms(rest: bytes) -> list[str]:
     return mechanisms
 
 
-def parse_fields(body: bytes) -> dict[str, str]:
-    """Decode an ErrorResponse/NoticeResponse body to {one-letter code: value}."""
+def parse_fields(body: bytes, codec: str | None = None, errors: str = "surrogateescape") -> dict[str, str]:
+    """
+    Decode an ErrorResponse/NoticeResponse body to {one-letter code: value}. The server writes its messages in
+    the session's client_encoding: ``codec`` reads them so (bytes it does not take kept by ``errors``, so that
+    :func:`fields_message` with the same codec gives them back unchanged); without it, UTF-8 strictly (a message
+    gatekeep made).
+    """
     cur = _Cursor(body, "ErrorResponse/NoticeResponse")
     fields: dict[str, str] = {}
     while (code := cur.byte_char()) != "\0":
-        fields[code] = cur.cstr()
+        fields[code] = cur.cstr() if codec is None else cur.cbytes().decode(codec, errors)
     cur.done()
     return fields
 
@@ -361,9 +366,12 @@ def parse_data_row(body: bytes) -> tuple[bytes | None, ...]:
 
 
 def parse_parameter_status(body: bytes) -> tuple[str, str]:
-    """Decode a ParameterStatus body to (name, value)."""
+    """
+    Decode a ParameterStatus body to (name, value). The server writes a value in the session's client_encoding
+    (``application_name`` set to 'café' in a LATIN1 session): bytes that are not UTF-8 are kept as surrogates.
+    """
     cur = _Cursor(body, "ParameterStatus")
-    name, value = cur.cstr(), cur.cstr()
+    name, value = cur.cbytes().decode("utf-8", "surrogateescape"), cur.cbytes().decode("utf-8", "surrogateescape")
     cur.done()
     return name, value
 
@@ -376,10 +384,13 @@ def parse_backend_key_data(body: bytes) -> tuple[int, int]:
     return pid, secret
 
 
-def parse_notification(body: bytes) -> Notification:
-    """Decode a NotificationResponse body."""
+def parse_notification(body: bytes, codec: str | None = None) -> Notification:
+    """Decode a NotificationResponse body (in the session's ``codec``, as :func:`parse_fields`)."""
     cur = _Cursor(body, "NotificationResponse")
     pid = cur.uint32()
-    channel, payload = cur.cstr(), cur.cstr()
+    if codec is None:
+        channel, payload = cur.cstr(), cur.cstr()
+    else:
+        channel, payload = cur.cbytes().decode(codec, "surrogateescape"), cur.cbytes().decode(codec, "surrogateescape")
     cur.done()
     return Notification(pid, channel, payload)

@@ -166,11 +166,12 @@ class ResultMasking:
         detect = self.plan.detector_rules
         if not detect:
             return None
-        n = pg.parse_notification(body)
+        n = pg.parse_notification(body, self.codec)
         payload = strategies.mask_spans(detect, n.payload, self._counts())
         if payload is n.payload:
             return None
-        return pg.notification(n.process_id, n.channel, strategies.REDACTED if payload is None else payload)
+        return pg.notification(n.process_id, n.channel, strategies.REDACTED if payload is None else payload,
+                               self.codec)
 
     def message(self, mtype: bytes, body: bytes) -> bytes | None:
         """An ErrorResponse (``E``) or NoticeResponse (``N``): the replacement that quotes no masked value, or None
@@ -180,7 +181,7 @@ class ResultMasking:
         if not derived and not detect and not self._masked_names:
             return None
         try:
-            fields = pg.parse_fields(body)
+            fields = pg.parse_fields(body, self.codec)
         except pg.ProtocolError:
             return pg.fields_message(mtype, {"S": "ERROR" if mtype == b"E" else "NOTICE", "C": "XX000",
                                              "M": "gatekeep masked a message it could not read"})
@@ -192,7 +193,7 @@ class ResultMasking:
         if not derived and not detect:
             return None
         masked = _masking.mask_message_fields(fields, detect, derived, bool(whole), self._counts())
-        return None if masked is None else pg.fields_message(mtype, masked)
+        return None if masked is None else pg.fields_message(mtype, masked, self.codec)
 
     def recordable(self, params: tuple) -> tuple:
         """Bind parameters as the record keeps them: with the plan's detectors applied."""

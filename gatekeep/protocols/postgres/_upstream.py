@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 
 from gatekeep import sendnow
 from gatekeep.protocols.postgres import _codec as pg
+from gatekeep.protocols.postgres import _encoding
 from gatekeep.protocols.postgres import _masking
 from gatekeep.protocols.postgres._backend import BackendStream
 from gatekeep.protocols.postgres._login import LoginError, UpstreamLogin
@@ -42,6 +43,8 @@ class Upstream(protocol.Protocol):
         self._parameter_status: list[bytes] = []
         self._key = (0, 0)
         self._catalog_error: str | None = None
+        #: how the server writes text to this session (its client_encoding, reported during login)
+        self._codec = "utf-8"
         self._ready_status = b""
         self.error_reason = "connection closed"
 
@@ -97,6 +100,9 @@ class Upstream(protocol.Protocol):
             self.fail(f"protocol error from the server: {e}")
         except LoginError as e:
             self.fail(str(e), "28000")
+        except Exception as e:  # a server message gatekeep failed on: the login fails, the gateway goes on
+            _log.failure("bad data from the upstream of {target} during login", target=self.frontend.target.name)
+            self.fail(f"invalid message from the server during login ({type(e).__name__})")
 
     def _broken(self, error: Exception) -> None:
         """A malformed server message, or a handler that failed on one: the session ends with 08P01."""
@@ -125,13 +131,16 @@ class Upstream(protocol.Protocol):
                 if reply:
                     self.send(reply)
             elif m.type == b"S":
+                name, value = pg.parse_parameter_status(m.body)
+                if name == "client_encoding":
+                    self._codec = _encoding.codec_for(value)  # the server's messages from now on
                 self._parameter_status.append(m.encode())
             elif m.type == b"K":
                 self._key = pg.parse_backend_key_data(m.body)
             elif m.type == b"N":
                 self._parameter_status.append(m.encode())
             elif m.type == b"E" and self.state != "catalog":
-                fields = pg.parse_fields(m.body)
+                fields = pg.parse_fields(m.body, self._codec, "replace")
                 self.fail(f"{fields.get('C', '?')} {fields.get('M', '')}", "08004" if fields.get("C") != "28P01" else "28000")
                 return
             elif m.type == b"Z" and self.login.done:
@@ -158,9 +167,9 @@ class Upstream(protocol.Protocol):
                 return
             elif self.state == "catalog":
                 if m.type == b"D":
-                    self.frontend.results.catalog.add_row(pg.parse_data_row(m.body))
+                    self.frontend.results.catalog.add_row(pg.parse_data_row(m.body), self._codec)
                 elif m.type == b"E":
-                    self._catalog_error = pg.parse_fields(m.body).get("M", "error")
+                    self._catalog_error = pg.parse_fields(m.body, self._codec, "replace").get("M", "error")
                 continue
             elif m.type == b"v":
                 continue  # NegotiateProtocolVersion: the server speaks 3.0 without our extras

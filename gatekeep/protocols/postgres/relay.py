@@ -681,13 +681,14 @@ class Frontend(ClientStartup, protocol.Protocol):
             return None
         elif mtype == b"E":
             self.statements.undo(self.tracker.syncs_seen + 1)
-            fields = pg.parse_fields(body)
+            codec = self.settings.codec
+            fields = pg.parse_fields(body, codec)
             masked = None
             if results is not None:
                 masked = results.message(mtype, body)  # before result_ended: the statement is still known
                 results.result_ended()
             if masked is not None:
-                fields = pg.parse_fields(masked[5:])  # the record keeps what the client gets
+                fields = pg.parse_fields(masked[5:], codec)  # the record keeps what the client gets
             denial = self.tracker.error(fields.get("C", "XX000"), fields.get("M", ""))
             return denial if denial is not None else masked
         elif mtype in (b"I", b"s"):
