@@ -21,16 +21,16 @@ def weight(key: Any) -> int:
 
 
 class BoundedCache:
-    __slots__ = ("max_entries", "max_bytes", "_data", "_bytes")
+    __slots__ = ("max_entries", "max_bytes", "_data", "_bytes", "get")
 
     def __init__(self, max_entries: int, max_bytes: int) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._data: dict[Any, Any] = {}
         self._bytes = 0
-
-    def get(self, key: Any) -> Any:
-        return self._data.get(key)
+        #: ``get(key)``: the dict's own, so that a look-up on a hot path is one C call (the dict is only ever
+        #: cleared in place, never replaced, so this stays bound to it)
+        self.get = self._data.get
 
     def put(self, key: Any, value: Any, size: int | None = None) -> None:
         """Keep ``value`` under ``key`` (``size``: the key's weight, if known); a key heavier than a
@@ -40,7 +40,7 @@ class BoundedCache:
         if size > self.max_bytes // 16:
             return
         if len(self._data) >= self.max_entries or self._bytes + size > self.max_bytes:
-            self._data.clear()
+            self._data.clear()  # in place: ``get`` is bound to this dict
             self._bytes = 0
         if key not in self._data:
             self._bytes += size

@@ -23,6 +23,19 @@ def test_the_cache_forgets_everything_at_its_entry_bound():
     assert len(c) == 1 and c.get("k0") is None and c.get("k3") == 3
 
 
+def test_a_bound_get_stays_valid_across_resets_and_clear():
+    """``get`` is the dict's own: taken once, it still sees the cache after a reset and after clear()."""
+    c = BoundedCache(2, 1000)
+    get = c.get
+    for i in range(3):  # the third put resets the cache
+        c.put(f"k{i}", i)
+    assert get("k2") == 2 and get("k0") is None and get("k9", "default") == "default"
+    c.clear()
+    assert get("k2") is None and c.bytes == 0
+    c.put("k3", 3)
+    assert get("k3") == 3
+
+
 def test_the_cache_forgets_everything_at_its_byte_bound_and_never_keeps_a_heavy_key():
     c = BoundedCache(1000, 1600)
     c.put("x" * 100, 1)

@@ -165,11 +165,19 @@ def test_keep_alive_and_upgrade_flags():
     assert not h.keep_alive
     h = c.parse_head(b"GET / HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n", c.REQUEST)
     assert h.upgrade == b"websocket"
+    h = c.parse_head(b"GET / HTTP/1.1\r\nConnection: UPGRADE\r\nUpgrade: SPDY/3.1 \r\n\r\n", c.REQUEST)
+    assert h.upgrade == b"spdy/3.1"  # lower case, read once
+    h = c.parse_head(b"GET / HTTP/1.1\r\nConnection: keep-alive\r\nUpgrade: websocket\r\n\r\n", c.REQUEST)
+    assert h.upgrade is None
+    h = c.parse_head(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\n\r\n",
+                     c.RESPONSE)
+    assert h.upgrade == b"websocket"  # the protocol a 101 switches to
+    h = c.parse_head(b"HTTP/1.1 200 OK\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", c.RESPONSE)
+    assert h.upgrade is None
 
 
 def test_encoders():
-    """Heads and chunks encode as HTTP/1.1 expects."""
-    assert c.encode_request_head(b"GET", b"/", [(b"Host", b"a")]) == b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    """Chunks and responses encode as HTTP/1.1 expects."""
     assert c.encode_chunk(b"abc") == b"3\r\nabc\r\n" and c.encode_chunk(b"") == b""
     assert c.simple_response(403, b"{}").startswith(b"HTTP/1.1 403 Forbidden\r\n")
 

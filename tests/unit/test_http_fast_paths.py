@@ -4,9 +4,10 @@ import attrs
 import pytest
 
 from gatekeep.protocols.http import _codec as codec
+from gatekeep.protocols.http import _headers
 from gatekeep.protocols.http._codec import REQUEST, RESPONSE, MessageReader, ProtocolError, parse_head
 from gatekeep.protocols.http._exchange import Excerpt
-from gatekeep.protocols.http._headers import REDACTED, SECRET_HEADERS, RequestRewriter, is_text, recorded_headers
+from gatekeep.protocols.http._headers import REDACTED, SECRET_HEADERS, RequestRewriter, content_type, recorded_headers
 from gatekeep.protocols.http._request import Request, parse_request
 from gatekeep.protocols.kubernetes._request import request_info
 
@@ -15,17 +16,17 @@ def _head(raw: bytes, role: str = REQUEST) -> codec.Head:
     return parse_head(raw, role)
 
 
-def _rewritten_the_long_way(rw: RequestRewriter, head, target=None, drop=frozenset(), add=()) -> bytes:
-    """RequestRewriter.head as it was: the fields listed, then encode_request_head."""
+def _rewritten_the_long_way(rw: RequestRewriter, head, target, drop=frozenset(), add=()) -> bytes:
+    """RequestRewriter.head as it was: the fields listed, then the head encoded from them."""
     skip = rw.drop | drop | ({b"host"} if rw.host is not None else set())
     fields = [(n, v) for n, v in head.headers if n.lower() not in skip]
     if rw.host is not None:
         fields.insert(0, (b"Host", rw.host))
     fields += list(rw.add) + list(add)
-    path = target if target is not None else head.target
-    if rw.prefix and path.startswith(b"/"):
-        path = rw.prefix + path
-    return codec.encode_request_head(head.method, path, fields, head.version)
+    if rw.prefix and target.startswith(b"/"):
+        target = rw.prefix + target
+    lines = [head.method + b" " + target + b" HTTP/" + head.version] + [name + b": " + value for name, value in fields]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 @pytest.mark.parametrize("host", [None, b"api.internal:8080"])
@@ -35,7 +36,7 @@ def test_rewritten_head_is_the_encoded_fields(host, prefix):
                  b"Range: bytes=0-1\r\nx-a: 2\r\n\r\n")
     rw = RequestRewriter(frozenset({b"authorization"}), ((b"Authorization", b"Bearer up"), (b"X-B", b"b")), host,
                          prefix)
-    for target, drop, add in [(None, frozenset(), ()), (b"/z", frozenset({b"range", b"accept-encoding"}),
+    for target, drop, add in [(head.target, frozenset(), ()), (b"/z", frozenset({b"range", b"accept-encoding"}),
                                                           ((b"Accept-Encoding", b"identity"),))]:
         assert rw.head(head, target=target, drop=drop, add=add) == _rewritten_the_long_way(rw, head, target, drop, add)
 
@@ -49,10 +50,39 @@ def test_recorded_headers_from_the_name_cache():
         assert recorded_headers(head.headers, secret)["x-thing"] == ", ".join([REDACTED] * 3)
 
 
-def test_is_text_from_the_cache():
+def test_text_content_types_from_the_cache():
     for _ in range(2):
-        assert is_text(b"text/plain; charset=utf-8") and is_text(b"application/problem+json")
-        assert not is_text(b"application/octet-stream") and not is_text(None)
+        assert content_type(b"text/plain; charset=utf-8").text and content_type(b"application/problem+json").text
+        assert not content_type(b"application/octet-stream").text and not content_type(None).text
+
+
+def _media_type_the_long_way(value):
+    return value.split(b";", 1)[0].strip().lower().decode("latin-1") if value else ""
+
+
+def _charset_the_long_way(value):
+    for param in (value or b"").split(b";")[1:]:
+        name, _, v = param.partition(b"=")
+        if name.strip().lower() == b"charset":
+            return v.strip().strip(b'"').decode("latin-1").lower()
+    return None
+
+
+@pytest.mark.parametrize("value", [
+    None, b"", b"application/json", b"Application/JSON; Charset=\"UTF-8\"", b" text/plain ;charset=ISO-8859-1; x=1",
+    b"application/vnd.api+json", b"text/json", b"application/x-ndjson", b"application/jsonl", b"image/svg+xml",
+    b"multipart/byteranges; boundary=x", b"application/octet-stream; charset=utf-8; charset=latin-1",
+    b"application/x-www-form-urlencoded", b"text/html; charset=", b"application/xml;charset=nope",
+])
+def test_one_content_type_parse_gives_what_each_predicate_gave(value):
+    """content_type: the media type, the charset parameter and the predicates, as each was worked out alone."""
+    for _ in range(2):  # parsed, then from the cache
+        ct = content_type(value)
+        mt = _media_type_the_long_way(value)
+        json_ = mt == "application/json" or mt.endswith("+json") or mt == "text/json"
+        assert ct.media_type == mt and ct.charset == _charset_the_long_way(value)
+        assert ct.json == json_ and ct.json_lines == (mt in _headers.JSON_LINES_TYPES)
+        assert ct.text == (mt.startswith("text/") or mt in _headers.TEXT_TYPES or mt.endswith("+xml") or json_)
 
 
 def test_a_bad_host_is_refused_every_time():
@@ -124,18 +154,23 @@ def test_excerpt_text():
 
 def test_caches_stay_small():
     """What peers send cannot grow the caches: long values are not kept, and a full cache starts over."""
-    from gatekeep.protocols.http import _headers, _request
+    from gatekeep.protocols.http import _request
 
+    names = _headers._RECORDED_NAMES
     long_name = b"X-" + b"n" * 5000
     assert recorded_headers(((long_name, b"v"),), SECRET_HEADERS) == {long_name.decode().lower(): "v"}
-    assert long_name not in _headers._RECORDED_NAMES
-    for i in range(_headers._RECORDED_NAMES_MAX + 10):
+    assert names.get(long_name) is None
+    assert recorded_headers(((b"X-Kept", b"v"),), SECRET_HEADERS) == {"x-kept": "v"} and names.get(b"X-Kept")
+    for i in range(names.max_entries + 10):
         recorded_headers(((b"X-%d" % i, b"v"),), SECRET_HEADERS)
-    assert len(_headers._RECORDED_NAMES) <= _headers._RECORDED_NAMES_MAX
+    assert len(names) <= names.max_entries and names.bytes <= names.max_bytes
+    hosts = _request._HOSTS
     long_host = b"h" * 5000
     assert parse_request(_head(b"GET / HTTP/1.1\r\nHost: " + long_host + b"\r\n\r\n")).host == long_host.decode()
-    assert long_host not in _request._HOSTS
-    for i in range(_request._HOSTS_MAX + 10):
+    assert hosts.get(long_host) is None
+    assert parse_request(_head(b"GET / HTTP/1.1\r\nHost: kept.example\r\n\r\n")).host == "kept.example"
+    assert hosts.get(b"kept.example") == ("kept.example", "kept.example")
+    for i in range(hosts.max_entries + 10):
         parse_request(_head(b"GET / HTTP/1.1\r\nHost: h%d\r\n\r\n" % i))
-    assert len(_request._HOSTS) <= _request._HOSTS_MAX
-    assert is_text(b"text/" + b"x" * 5000) and b"text/" + b"x" * 5000 not in _headers._TEXT
+    assert len(hosts) <= hosts.max_entries and hosts.bytes <= hosts.max_bytes
+    assert content_type(b"text/" + b"x" * 5000).text and _headers._CONTENT_TYPES.get(b"text/" + b"x" * 5000) is None

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from gatekeep.masking.rules import MaskingRule
-from gatekeep.protocols.http._jsonmask import JsonMasker, PathSyntaxError, parse_path, path_matches
+from gatekeep.protocols.http._jsonmask import JsonMasker, PathSyntaxError, Unmaskable, parse_path, path_matches
 
 
 def rule(name="r", keys=(), detectors=(), strategy="redact", keep=4):
@@ -68,6 +68,22 @@ def test_mask_body_unchanged_and_not_json():
     assert m.mask_body(json.dumps(DOC).encode(), {}) is None
     with pytest.raises(ValueError):
         m.mask_body(b"not json", {})
+
+
+def test_a_body_masking_cannot_read_through_is_unmaskable_not_a_value_error():
+    """Too deep to parse or to walk, or in a charset that is no text encoding: Unmaskable (callers fail closed),
+    never the ValueError that lets a body that is not JSON be read as text."""
+    m = JsonMasker((rule("k", keys=["password"]),))
+    deep = b"[" * 5000 + b"]" * 5000
+    for body, charset in ((deep, None), (deep, "latin-1"), (b'{"password":"x"}', "base64")):
+        with pytest.raises(Unmaskable) as e:
+            m.mask_body(body, {}, charset=charset)
+        assert not isinstance(e.value, ValueError)
+    nested: list = []
+    for _ in range(5000):
+        nested = [nested]
+    with pytest.raises(Unmaskable):
+        m.mask({"password": "x", "n": nested}, {})
 
 
 def test_text_masking():

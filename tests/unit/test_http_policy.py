@@ -152,6 +152,17 @@ def test_a_path_override_is_judged_as_well_as_the_path(header):
     assert odd.unjudgeable is not None
 
 
+@pytest.mark.parametrize("header", [b"X-Original-URL", b"X-Rewrite-URL", b"X-Override-URL"])
+@pytest.mark.parametrize("url", [b"http://[/admin/users", b"https://[::1/admin/users?x=1", b"http://a]b/admin/users"])
+def test_an_absolute_path_override_with_a_broken_authority_is_still_judged(header, url):
+    """An override URL whose authority no URL parser takes (an unclosed IPv6 bracket) is judged by its path, as a
+    server that honours it would read it; it used to raise out of the relay."""
+    r = req(b"GET /public HTTP/1.1", b"Host: api\r\n" + header + b": " + url + b"\r\n")
+    assert r.path_override == "/admin/users"
+    deny = _engine([{"name": "no-admin", "match": {"paths": ["/admin/*"]}, "action": "deny"}])
+    assert deny.decide(_op(r)).rule == "no-admin"
+
+
 def test_query_parameter_names_match_without_case():
     """?DRY_RUN=false is ?dry_run=false to servers that read names without case: a rule on dry_run fits it."""
     deny = _engine([{"name": "no-dry-run-off", "match": {"query": {"dry_run": "false"}}, "action": "deny"}])

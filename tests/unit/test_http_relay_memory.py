@@ -179,6 +179,19 @@ def test_websocket_tunnel_is_recorded():
     assert [(e.stream, e.kind, e.data) for e in rec.streams] == [("ws-1", "o", "welcome"), ("ws-1", "i", "hi there")]
 
 
+@pytest.mark.parametrize("spelled", [b"WebSocket", b"websocket ", b" websocket"])
+def test_websocket_tunnel_is_recorded_however_upgrade_is_spelled(spelled):
+    """An Upgrade value in another case or with blanks around it is still a WebSocket, and its messages are
+    recorded (not tunnelled unrecorded)."""
+    resp = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+            + ws.encode_frame(ws.TEXT, b"welcome"))
+    conn, up, rec, _ = setup([resp])
+    answer = conn.send(get(b"/ws", extra=b"Upgrade: " + spelled + b"\r\nConnection: Upgrade\r\n"))
+    assert answer.endswith(ws.encode_frame(ws.TEXT, b"welcome"))
+    conn.send(ws.encode_frame(ws.TEXT, b"hi there", mask=b"abcd"))
+    assert [(e.stream, e.kind, e.data) for e in rec.streams] == [("ws-1", "o", "welcome"), ("ws-1", "i", "hi there")]
+
+
 def test_bad_request_is_400_and_closes():
     """A malformed head gets a 400 and the connection closes."""
     conn, up, rec, _ = setup([OK])
@@ -486,3 +499,26 @@ def test_an_empty_chunked_request_retried_on_a_new_connection_ends_its_body():
     retried = factory.built[1].received
     assert retried.startswith(b"GET /y HTTP/1.1\r\n") and retried.endswith(b"\r\n\r\n0\r\n\r\n"), retried
     assert answer == OK
+
+
+def test_a_stream_decoder_that_fails_stops_the_recording_not_the_stream():
+    """A decoder that raises something other than ValueError (a bug, or input it did not expect) ends the
+    stream's recording with a marker; both directions are still relayed and the connection stays up."""
+    resp = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+            + ws.encode_frame(ws.TEXT, b"welcome"))
+    conn, up, rec, _ = setup([resp])
+    dialect = conn.server.dialect
+
+    class Broken:
+        def feed(self, data, from_client):
+            raise AttributeError("'list' object has no attribute 'get'")
+
+    dialect.stream_feeder = lambda request, response, limit: Broken()
+    answer = conn.send(get(b"/ws", extra=b"Upgrade: websocket\r\nConnection: Upgrade\r\n"))
+    assert answer.endswith(ws.encode_frame(ws.TEXT, b"welcome"))
+    frame = ws.encode_frame(ws.TEXT, b"hi there", mask=b"abcd")
+    conn.send(frame)
+    assert up.built[0].received.endswith(frame)
+    assert [(e.kind, e.data) for e in rec.streams] == [("m", "recording stopped: gatekeep could not decode the stream")]
+    conn.send(frame)
+    assert up.built[0].received.endswith(frame + frame) and not conn.client.transport.disconnecting

@@ -162,6 +162,22 @@ def test_exit_code_from_status():
     assert d(ws.Message(ws.BINARY, b"\x03" + json.dumps(status).encode()), False)[0].data == "exit 3"
 
 
+@pytest.mark.parametrize("payload", [
+    b'\x03{"details": [1]}', b'\x03{"details": {"causes": 7}}', b'\x03{"details": {"causes": [1, "x"]}}',
+    b"\x03" + b"[" * 100_000, b'\x04{"Width": 1e999, "Height": 1}', b"\x04" + b"[" * 100_000, b"\x04[1, 2]",
+    b'\x04{"Width": NaN, "Height": 1}'])
+def test_exec_channels_take_any_shape_of_status_or_resize(payload):
+    """What a client or server puts on the error or resize channel, whatever its shape, is recorded as a message
+    or skipped: the decoder never raises (it used to end the relayed connection)."""
+    d = channel_decoder("v5.channel.k8s.io")
+    pieces = d(ws.Message(ws.BINARY, payload), True)
+    assert all(p.kind in ("m", "r") for p in pieces)
+    if payload[0] == 4:
+        assert pieces == []
+    else:
+        assert len(pieces) == 1 and pieces[0].data.startswith(("error: ", "status: "))
+
+
 def test_kubeconfig_helpers():
     """The kubeconfig's server URL comes from listen; the document points kubectl at it with the token."""
     from gatekeep.cli.kubeconfig_cmd import build, server_url
@@ -265,7 +281,10 @@ def test_a_range_on_secrets_is_not_asked_and_a_partial_answer_refused():
 
 def test_kubernetes_relays_spdy_and_websocket_upgrades_only():
     """exec and port-forward upgrade to WebSocket or SPDY/3.1; any other Upgrade is taken off the request."""
-    assert DIALECT.relays_upgrade(b"SPDY/3.1") and DIALECT.relays_upgrade(b"websocket")
+    for upgrade in (b"SPDY/3.1", b"websocket", b"WebSocket"):
+        asked = parse_head(b"GET /x HTTP/1.1\r\nHost: k\r\nConnection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n\r\n",
+                           REQUEST)
+        assert DIALECT.relays_upgrade(asked.upgrade)
     r = DIALECT.describe(parse_request(parse_head(
         b"GET /api/v1/namespaces/d/pods HTTP/1.1\r\nHost: k\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n", REQUEST)))
     drop, add = DIALECT.rewrite(r, None)

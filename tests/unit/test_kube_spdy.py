@@ -120,6 +120,18 @@ def test_bytes_that_are_not_spdy_are_refused_with_why(bad, why):
     assert why in str(e.value)
 
 
+def test_a_header_block_that_inflates_to_megabytes_is_refused():
+    """A few KiB of zlib that inflate to 16 MiB (a compression bomb in SYN_STREAM's headers) are refused before
+    they are inflated whole; Kubernetes' own header blocks are a few hundred bytes."""
+    bomb = zlib.compressobj(zdict=DICTIONARY)
+    block = bomb.compress(struct.pack("!I", 1) + struct.pack("!I", 1) + b"x" + struct.pack("!I", 16 << 20)
+                          + b"a" * (16 << 20)) + bomb.flush(zlib.Z_SYNC_FLUSH)
+    assert len(block) < 64 * 1024
+    with pytest.raises(SpdyError) as e:
+        SpdyExecDecoder().feed(Peer.control(1, struct.pack("!IIH", 1, 0, 0) + block), True)
+    assert "inflates to more than" in str(e.value)
+
+
 # -- kubectl port-forward -------------------------------------------------------------------------
 
 

@@ -77,6 +77,9 @@ class Head:
     reason: bytes = b""
     #: lower-case name -> value (repeated fields joined with ", ")
     index: dict = attrs.field(factory=dict, eq=False, repr=False)
+    #: lower case, read once when the head is parsed: the protocol a request asks to switch to (``Upgrade``, with
+    #: ``Connection: upgrade``), the one a ``101`` switches to (``Upgrade``, b"" without one); else None
+    upgrade: bytes | None = None
 
     def get(self, name: bytes, default: bytes | None = None) -> bytes | None:
         """A field's value by lower-case name."""
@@ -96,13 +99,6 @@ class Head:
         if self.version == b"1.1":
             return b"close" not in conn
         return b"keep-alive" in conn
-
-    @property
-    def upgrade(self) -> bytes | None:
-        """The protocol a request asks to switch to (``websocket``, ``SPDY/3.1``), or None."""
-        if b"upgrade" in self.index and b"upgrade" in self.tokens(b"connection"):
-            return self.index[b"upgrade"].strip()
-        return None
 
 
 @attrs.define(eq=False)
@@ -175,8 +171,19 @@ def parse_head(raw: bytes, role: str) -> Head:
     index = _index(c.headers)
     # positional: attrs' __init__ takes them faster than keywords (two heads per request)
     if role == REQUEST:
-        return Head(raw, headers, version, parser.get_method(), c.target, 0, b"", index)
-    return Head(raw, headers, version, b"", b"", parser.get_status_code(), c.reason, index)
+        upgrade = _asked_upgrade(index) if b"upgrade" in index else None
+        return Head(raw, headers, version, parser.get_method(), c.target, 0, b"", index, upgrade)
+    status = parser.get_status_code()
+    upgrade = (index.get(b"upgrade") or b"").strip().lower() if status == 101 else None
+    return Head(raw, headers, version, b"", b"", status, c.reason, index, upgrade)
+
+
+def _asked_upgrade(index: dict[bytes, bytes]) -> bytes | None:
+    """A request's ``Upgrade``, lower case, when its Connection field names ``upgrade``; else None."""
+    connection = index.get(b"connection")
+    if connection and any(t.strip().lower() == b"upgrade" for t in connection.split(b",")):
+        return index[b"upgrade"].strip().lower()
+    return None
 
 
 #: the versions gatekeep reads, as llhttp names them -> as heads keep them
@@ -463,14 +470,6 @@ REASONS = {
     500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
     504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
 }
-
-
-def encode_request_head(method: bytes, target: bytes, headers, version: bytes = b"1.1") -> bytes:
-    parts = [method, b" ", target, b" HTTP/", version, b"\r\n"]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
 
 
 def encode_response_head(status: int, headers, version: bytes = b"1.1", reason: bytes | None = None) -> bytes:

@@ -18,8 +18,8 @@ import attrs
 from gatekeep.model import Decision
 from gatekeep.protocols.http import _websocket as ws
 from gatekeep.protocols.http._codec import Head, simple_response
-from gatekeep.protocols.http._headers import is_json, is_json_lines, is_text, media_type
-from gatekeep.protocols.http._jsonmask import JsonMasker
+from gatekeep.protocols.http._headers import ContentType, content_type, media_type
+from gatekeep.protocols.http._jsonmask import JsonMasker, Unmaskable
 from gatekeep.protocols.http._request import Request
 
 PASS = "pass"
@@ -59,11 +59,14 @@ PASS_THROUGH = BodyPlan()
 PARTIAL = BodyPlan(REFUSE, required=True, why="a partial response (206, byte ranges) under masking")
 #: request fields that ask for part of a body, dropped when masking applies to the response
 RANGE_FIELDS = frozenset({b"range", b"if-range"})
+#: request fields dropped when masking applies to the response: ranges, and Accept-Encoding (replaced by identity)
+_MASKING_DROP = RANGE_FIELDS | {b"accept-encoding"}
 
 
-def is_partial(head: Head) -> bool:
-    """A response that is a byte range (or several) of a body: ``206``, or ``multipart/byteranges``."""
-    return head.status == 206 or media_type(head.index.get(b"content-type")) == "multipart/byteranges"
+def is_partial(head: Head, ctype: ContentType) -> bool:
+    """A response that is a byte range (or several) of a body: ``206``, or ``multipart/byteranges``
+    (``ctype``: its Content-Type)."""
+    return head.status == 206 or ctype.media_type == "multipart/byteranges"
 
 
 @attrs.frozen
@@ -88,8 +91,8 @@ class HttpDialect:
     upgrades = frozenset({b"websocket"})
 
     def relays_upgrade(self, upgrade: bytes | None) -> bool:
-        """Whether a request's ``Upgrade`` (as :attr:`Head.upgrade` gives it) is one gatekeep relays."""
-        return upgrade is not None and upgrade.strip().lower() in self.upgrades
+        """Whether a request's ``Upgrade`` (as :attr:`Head.upgrade` gives it: lower case) is one gatekeep relays."""
+        return upgrade is not None and upgrade in self.upgrades
 
     # -- requests -----------------------------------------------------------------------
 
@@ -108,7 +111,7 @@ class HttpDialect:
         if masker is not None and masker.active:
             # bodies gatekeep must read come uncompressed, and whole: a byte range of a body is no document
             # masking can read (a slice holding just a masked value is valid JSON without the key)
-            drop, add = RANGE_FIELDS | {b"accept-encoding"}, ((b"Accept-Encoding", b"identity"),)
+            drop, add = _MASKING_DROP, ((b"Accept-Encoding", b"identity"),)
         head = request.head
         if head is not None and b"upgrade" in head.index and not self.relays_upgrade(head.upgrade):
             # an upgrade gatekeep does not relay (h2c, ...) is taken off: the request goes on as a plain one
@@ -147,41 +150,48 @@ class HttpDialect:
     def body_plan(self, request: Request, head: Head, masker: JsonMasker | None, mask_text: bool) -> BodyPlan:
         if masker is None or not masker.active:
             return PASS_THROUGH
-        ctype = head.index.get(b"content-type")
-        if not masker.key_rules and not masker.detector_rules:
-            return PASS_THROUGH
-        if is_partial(head):
+        ctype = content_type(head.index.get(b"content-type"))
+        if is_partial(head, ctype):
             return PARTIAL
-        charset = _charset(ctype)
+        return self.masked_plan(head, ctype, masker, mask_text)
 
-        def transform(body: bytes, counts: dict[str, int]) -> bytes | None:
-            if not body.strip():
-                return None
-            try:
-                return masker.mask_body(body, counts, charset=charset)
-            except ValueError:
-                if masker.key_rules:
-                    raise
-                return _mask_text(masker, body, counts, charset)
+    def masked_plan(self, head: Head, ctype: ContentType, masker: JsonMasker, mask_text: bool) -> BodyPlan:
+        """:meth:`body_plan` for a response under the session's masking rules (``masker`` active) that is not
+        partial; ``ctype``: its Content-Type."""
+        if ctype.json or ctype.json_lines:
+            charset = _codec(ctype.charset)
 
-        if is_json(ctype):
-            return BodyPlan(BUFFER, transform, required=True, why="JSON body under masking rules")
-        if is_json_lines(ctype):
+            def transform(body: bytes, counts: dict[str, int]) -> bytes | None:
+                if not body.strip():
+                    return None
+                try:
+                    return masker.mask_body(body, counts, charset=charset)
+                except ValueError:
+                    if masker.key_rules:
+                        raise
+                    return _mask_text(masker, body, counts, charset)
+
+            if ctype.json:
+                return BodyPlan(BUFFER, transform, required=True, why="JSON body under masking rules")
             return BodyPlan(LINES, transform, required=True, why="JSON lines under masking rules")
-        if masker.key_rules and (ctype is None or media_type(ctype) == "text/plain"):
+        if masker.key_rules and (ctype.media_type == "text/plain" or b"content-type" not in head.index):
             # JSON an upstream did not label as JSON: masked as JSON where it parses as JSON (the whole body, or
             # each line of JSON lines); what does not parse is text, as labelled
+            detect = mask_text and masker.detector_rules
+            charset = _codec(ctype.charset) if detect else None
+
             def sniffed(body: bytes, counts: dict[str, int]) -> bytes | None:
                 new = _mask_json_where_it_parses(masker, body, counts)
-                if mask_text and masker.detector_rules:
+                if detect:
                     return _mask_text(masker, new if new is not None else body, counts, charset) or new
                 return new
 
             # compressed, or text the detectors read anyway: read it all; else tell by its first byte
-            whole = head.index.get(b"content-encoding") or (mask_text and masker.detector_rules)
+            whole = head.index.get(b"content-encoding") or detect
             kind = BUFFER if whole else SNIFF
             return BodyPlan(kind, sniffed, required=True, why="a body that may be JSON under masking rules")
-        if mask_text and masker.detector_rules and is_text(ctype):
+        if mask_text and masker.detector_rules and ctype.text:
+            charset = _codec(ctype.charset)
             return BodyPlan(BUFFER, lambda body, counts: _mask_text(masker, body, counts, charset), required=True,
                             why="text body under masking detectors")
         return PASS_THROUGH
@@ -212,7 +222,7 @@ class HttpDialect:
 
     def stream_decoder(self, request: Request, response: Head) -> Callable[[ws.Message, bool], list[StreamPiece]] | None:
         """For a WebSocket upgrade: turns messages into recorded pieces (``from_client`` tells the direction)."""
-        if (request.head.index.get(b"upgrade") or b"").lower() != b"websocket":
+        if request.head.upgrade != b"websocket":
             return None
 
         def decode(message: ws.Message, from_client: bool) -> list[StreamPiece]:
@@ -279,11 +289,9 @@ def recorded_request_body(excerpt: Any, total: int, masker: Any, counts: dict[st
             return UNREADABLE_BODY if masker.key_rules else masker.mask_text(text, counts)
         try:
             new = masker.mask_body(text.encode("utf-8"), counts)
-        except RecursionError:
-            return TOO_DEEP_BODY
         except ValueError:
             return masker.mask_text(text, counts)
-        except Exception:  # whatever the walk met: not recorded rather than recorded unmasked
+        except Unmaskable:  # not recorded rather than recorded unmasked
             return TOO_DEEP_BODY
         return text if new is None else new.decode("utf-8", "replace")
     if masker.key_rules and media_type(content_type) == "application/x-www-form-urlencoded":
@@ -338,19 +346,14 @@ def recordable_query(masker: JsonMasker | None, operation: Any, decision: Any,
     return operation, decision
 
 
-def _charset(content_type: bytes | None) -> str | None:
-    """The ``charset`` parameter of a Content-Type, lower case, when it names one Python knows; else None."""
-    if not content_type:
+def _codec(charset: str | None) -> str | None:
+    """The codec a Content-Type's ``charset`` names, when Python knows it; else None."""
+    if charset is None:
         return None
-    for param in content_type.split(b";")[1:]:
-        name, _, value = param.partition(b"=")
-        if name.strip().lower() == b"charset":
-            charset = value.strip().strip(b'"').decode("latin-1").lower()
-            try:
-                return codecs.lookup(charset).name
-            except LookupError:
-                return None
-    return None
+    try:
+        return codecs.lookup(charset).name
+    except LookupError:
+        return None
 
 
 def _mask_text(masker: JsonMasker, body: bytes, counts: dict[str, int], charset: str | None = None) -> bytes | None:

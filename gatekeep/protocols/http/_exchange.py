@@ -10,7 +10,7 @@ from typing import Any, Callable
 from gatekeep.model import Operation, Outcome
 from gatekeep.protocols.http._codec import Head
 from gatekeep.protocols.http._dialect import PASS_THROUGH, BodyPlan
-from gatekeep.protocols.http._headers import is_text, recorded_headers
+from gatekeep.protocols.http._headers import content_type, recorded_headers
 from gatekeep.protocols.http._request import Request
 
 
@@ -35,8 +35,7 @@ class Excerpt:
         return self.kept >= self.limit
 
     def text(self, total: int) -> str:
-        parts = self.parts
-        text = (parts[0] if len(parts) == 1 else b"".join(parts)).decode("utf-8", "replace")
+        text = b"".join(self.parts).decode("utf-8", "replace")
         if total > self.kept:
             text += f"... ({total} bytes)"
         return text
@@ -47,7 +46,7 @@ def excerpt_for(head: Head, limit: int) -> Excerpt | None:
     if limit <= 0:
         return None
     ctype = head.index.get(b"content-type")
-    if ctype is None or not is_text(ctype):
+    if ctype is None or not content_type(ctype).text:
         return None
     return Excerpt(limit)
 
@@ -138,12 +137,7 @@ def outcome_for(ex: Exchange, session_id: str, now: float, secret: frozenset[str
         extra["response_body"] = ex.resp_excerpt.text(ex.body_out)
     if ex.plan.kind != "pass":
         extra["body_plan"] = ex.plan.kind
-    status = (_STATUS_TEXT.get(ex.status) or str(ex.status)) if ex.status else None
+    status = str(ex.status) if ex.status else None
     return Outcome(session_id, ex.op.seq, now, now - ex.started, status=status,
                    error_code=status if ex.error and ex.status else None, error_message=ex.error,
                    masked=dict(ex.counts) if ex.counts else None, extra=extra)
-
-
-#: the usual statuses as recorded
-_STATUS_TEXT = {status: str(status) for status in (200, 201, 202, 204, 206, 301, 302, 304, 400, 401, 403, 404, 409,
-                                                   500, 502, 503, 504)}

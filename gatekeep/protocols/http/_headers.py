@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import attrs
 
+from gatekeep.bounded import BoundedCache
 from gatekeep.protocols.http._codec import Head
 
 REDACTED = "[redacted]"
@@ -61,24 +62,19 @@ def client_credentials(head: Head) -> ClientCredentials | None:
 
 
 #: field names as sent -> as recorded (lower-case text): the same few names come in every message (names up to
-#: _CACHED_NAME bytes; emptied when full, so what peers send cannot grow it)
-_RECORDED_NAMES: dict[bytes, str] = {}
-_RECORDED_NAMES_MAX = 1024
-_CACHED_NAME = 64
+#: 4 KiB are kept)
+_RECORDED_NAMES = BoundedCache(1024, 64 * 1024)
 
 
 def recorded_headers(headers: Iterable[tuple[bytes, bytes]], secret: frozenset[str]) -> dict[str, str]:
     """Header fields for a record: lower-case names, values of secret fields replaced."""
     out: dict[str, str] = {}
-    keys = _RECORDED_NAMES
+    known = _RECORDED_NAMES.get
     for name, value in headers:
-        key = keys.get(name)
+        key = known(name)
         if key is None:
             key = name.decode("latin-1").lower()
-            if len(name) <= _CACHED_NAME:
-                if len(keys) >= _RECORDED_NAMES_MAX:
-                    keys.clear()
-                keys[name] = key
+            _RECORDED_NAMES.put(name, key, len(name))
         text = REDACTED if key in secret else value.decode("latin-1")
         if key in out:
             out[key] = out[key] + ", " + text
@@ -105,7 +101,7 @@ class RequestRewriter:
 
     #: names skipped from the client's fields: ``drop``, and ``host`` when gatekeep sets the Host
     _skip: frozenset[bytes] = attrs.field(init=False, repr=False, eq=False)
-    #: ``add`` encoded once (fields as encode_request_head writes them)
+    #: ``add`` encoded once (as header field lines)
     _added: bytes = attrs.field(init=False, repr=False, eq=False)
 
     @_skip.default
@@ -116,15 +112,14 @@ class RequestRewriter:
     def _added_default(self) -> bytes:
         return b"".join(name + b": " + value + b"\r\n" for name, value in self.add)
 
-    def head(self, head: Head, *, target: bytes | None = None, drop: frozenset[bytes] = frozenset(),
+    def head(self, head: Head, *, target: bytes, drop: frozenset[bytes] = frozenset(),
              add: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
-        """The head as encode_request_head writes it: Host first (when set), the client's fields that are not
-        dropped, ``self.add``, ``add``. Written in one pass, without building the fields list first."""
+        """The request line (``target`` after ``prefix``), then Host first (when set), the client's fields that are
+        not dropped, ``self.add``, ``add``. Written in one pass, without building the fields list first."""
         skip = self._skip | drop if drop else self._skip
-        path = target if target is not None else head.target
-        if self.prefix and path.startswith(b"/"):
-            path = self.prefix + path
-        parts = [head.method, b" ", path, b" HTTP/", head.version, b"\r\n"]
+        if self.prefix and target.startswith(b"/"):
+            target = self.prefix + target
+        parts = [head.method, b" ", target, b" HTTP/", head.version, b"\r\n"]
         if self.host is not None:
             parts += (b"Host: ", self.host, b"\r\n")
         for name, value in head.headers:
@@ -137,45 +132,62 @@ class RequestRewriter:
         return b"".join(parts)
 
 
-def media_type(value: bytes | None) -> str:
-    """``application/json`` from ``application/json; charset=utf-8``."""
-    if not value:
-        return ""
-    return value.split(b";", 1)[0].strip().lower().decode("latin-1")
-
-
-def is_json(content_type: bytes | None) -> bool:
-    mt = media_type(content_type)
-    return mt == "application/json" or mt.endswith("+json") or mt == "text/json"
-
-
 #: newline-delimited JSON (one document per line): streamed APIs, log and event feeds
 JSON_LINES_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl",
                               "application/x-jsonlines", "application/jsonlines", "application/json-lines"})
-
-
-def is_json_lines(content_type: bytes | None) -> bool:
-    return media_type(content_type) in JSON_LINES_TYPES
-
 
 TEXT_TYPES = frozenset({"application/xml", "application/javascript", "application/x-www-form-urlencoded",
                         "application/yaml", "application/x-yaml", "application/x-ndjson", "application/graphql"})
 
 
-def is_text(content_type: bytes | None) -> bool:
-    known = _TEXT.get(content_type)
+class ContentType(NamedTuple):
+    """A Content-Type value as :func:`content_type` reads it; the predicates are decided in the same parse."""
+
+    #: ``application/json`` from ``application/json; charset=utf-8`` (lower case; "" when there is none)
+    media_type: str
+    #: the ``charset`` parameter as sent (lower case, unquoted), None without one: which codec it names is looked
+    #: up only where masking reads a body
+    charset: str | None
+    #: text worth recording (text/*, JSON, XML, forms, ...)
+    text: bool
+    json: bool
+    #: newline-delimited JSON
+    json_lines: bool
+
+
+_NO_CONTENT_TYPE = ContentType("", None, False, False, False)
+
+
+def content_type(value: bytes | None) -> ContentType:
+    """A Content-Type value parsed, once per value lately seen (every response asks, some more than once)."""
+    known = _known_content_type(value)
     if known is None:
-        mt = media_type(content_type)
-        known = mt.startswith("text/") or mt in TEXT_TYPES or mt.endswith("+xml") or is_json(content_type)
-        if content_type is None or len(content_type) <= _CACHED_TYPE:
-            if len(_TEXT) >= _TEXT_MAX:
-                _TEXT.clear()
-            _TEXT[content_type] = known
+        known = _parse_content_type(value)
+        _CONTENT_TYPES.put(value, known, len(value) if value is not None else 0)
     return known
 
 
-#: Content-Type values lately seen -> whether they are text (every response asks): values up to _CACHED_TYPE
-#: bytes, emptied when full
-_TEXT: dict[bytes | None, bool] = {}
-_TEXT_MAX = 256
-_CACHED_TYPE = 128
+def _parse_content_type(value: bytes | None) -> ContentType:
+    if not value:
+        return _NO_CONTENT_TYPE
+    kind, *params = value.split(b";")
+    mt = kind.strip().lower().decode("latin-1")
+    charset = None
+    for param in params:
+        name, _, v = param.partition(b"=")
+        if name.strip().lower() == b"charset":
+            charset = v.strip().strip(b'"').decode("latin-1").lower()
+            break
+    json = mt == "application/json" or mt.endswith("+json") or mt == "text/json"
+    text = mt.startswith("text/") or mt in TEXT_TYPES or mt.endswith("+xml") or json
+    return ContentType(mt, charset, text, json, mt in JSON_LINES_TYPES)
+
+
+#: Content-Type values lately seen, parsed (values up to 1 KiB are kept)
+_CONTENT_TYPES = BoundedCache(256, 16 * 1024)
+_known_content_type = _CONTENT_TYPES.get  # bound once: it stays valid, the cache is only cleared in place
+
+
+def media_type(value: bytes | None) -> str:
+    """``application/json`` from ``application/json; charset=utf-8``."""
+    return content_type(value).media_type

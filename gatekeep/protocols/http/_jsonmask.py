@@ -34,6 +34,14 @@ class PathSyntaxError(ValueError):
     pass
 
 
+class Unmaskable(Exception):
+    """
+    A body masking cannot read through (JSON nested too deeply to walk, a charset that is no text encoding): it
+    must not be passed on or recorded unmasked. Not a ValueError, which means "not JSON" (callers may read such a
+    body as text instead).
+    """
+
+
 _TOKEN = re.compile(r"""\.\.|\.(?P<name>[^.\[\]]+)|\[(?P<index>\d+|\*)\]|\[(?P<q>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")\]""")
 
 
@@ -132,8 +140,12 @@ class JsonMasker:
     # -- values ---------------------------------------------------------------------
 
     def mask(self, value: Any, counts: dict[str, int]) -> Any:
-        """A masked copy of a parsed JSON value (parts that did not change are shared)."""
-        return self._walk(value, () if self.uses_paths else None, counts)
+        """A masked copy of a parsed JSON value (parts that did not change are shared); Unmaskable when it is
+        nested too deeply to walk."""
+        try:
+            return self._walk(value, () if self.uses_paths else None, counts)
+        except RecursionError:
+            raise Unmaskable("JSON nested too deeply to mask") from None
 
     def _walk(self, value: Any, path: tuple | None, counts: dict[str, int]) -> Any:
         if isinstance(value, dict):
@@ -188,8 +200,7 @@ class JsonMasker:
                 rule = self._rule_for(key, (key,) if self.uses_paths else None) or \
                     (self._rule_for(inner, (inner,) if self.uses_paths else None) if inner != key else None)
                 if rule is not None:
-                    counts[rule.name] = counts.get(rule.name, 0) + 1
-                    masked = mask_text(rule, unquote_plus(value))
+                    masked = _mask_all(unquote_plus(value), rule, counts)  # a string: masked and counted
                     field = name + "=" + (quote_plus(masked, safe="*") if masked is not None else "")
                     changed = True
             out.append(field)
@@ -199,23 +210,30 @@ class JsonMasker:
                   extra: Callable[[Any, dict[str, int]], Any] | None = None, charset: str | None = None) -> bytes | None:
         """
         Mask a JSON body (in ``charset`` when one is declared, else as JSON's own encodings). Returns new bytes,
-        or None when nothing changed. Raises ValueError when the body is not JSON.
+        or None when nothing changed. Raises ValueError when the body is not JSON, Unmaskable when it cannot be
+        read through.
         """
+        text: bytes | str = body
         if charset not in (None, "utf-8"):
-            value = json.loads(body.decode(charset))
-        else:
-            value = json.loads(body)
-        new = value
-        if extra is not None:
-            new = extra(new, counts)
-        if self.active:
-            new = self.mask(new, counts)
-        if new is value:
-            return None
-        if charset not in (None, "utf-8"):
-            # ASCII with \u escapes: written back in any charset that has ASCII
-            return json.dumps(new, separators=(",", ":")).encode(charset)
-        return dumps(new)
+            try:
+                text = body.decode(charset)
+            except LookupError:  # a codec that is no text encoding (base64, rot13, ...)
+                raise Unmaskable(f"the charset {charset} is no text encoding") from None
+        try:
+            value = json.loads(text)
+            new = value
+            if extra is not None:
+                new = extra(new, counts)
+            if self.active:
+                new = self.mask(new, counts)
+            if new is value:
+                return None
+            if charset not in (None, "utf-8"):
+                # ASCII with \u escapes: written back in any charset that has ASCII
+                return json.dumps(new, separators=(",", ":")).encode(charset)
+            return dumps(new)
+        except RecursionError:  # reading or writing it
+            raise Unmaskable("JSON nested too deeply to mask") from None
 
 
 def dumps(value: Any) -> bytes:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
 import attrs
 
+from gatekeep.bounded import BoundedCache
 from gatekeep.protocols.http._codec import Head, ProtocolError
 
 _SLASHES = re.compile(r"/{2,}")
@@ -142,7 +143,8 @@ def parse_request(head: Head) -> Request:
             if value is not None:
                 raw = value.decode("latin-1").strip()
                 if raw.lower().startswith(("http://", "https://")):
-                    raw = urlsplit(raw).path or "/"
+                    # the path as _origin_form reads one (urlsplit raises on a bad authority such as "[")
+                    raw = _origin_form(raw)[1]
                 other, other_problem = normalise_path(raw.partition("?")[0].partition("#")[0] or "/")
                 if other != path:
                     path_override = other
@@ -153,11 +155,8 @@ def parse_request(head: Head) -> Request:
 
 
 #: Host field values lately seen -> (the value as text, the host alone): a client sends the same one on every
-#: request, and checking and splitting it each time costs more than a look-up (values up to _CACHED_HOST bytes,
-#: emptied when full, so what clients send cannot grow it)
-_HOSTS: dict[bytes, tuple[str, str]] = {}
-_HOSTS_MAX = 1024
-_CACHED_HOST = 300
+#: request, and checking and splitting it each time costs more than a look-up (values up to 4 KiB are kept)
+_HOSTS = BoundedCache(1024, 64 * 1024)
 
 
 def _host(host: bytes | None) -> tuple[str, str]:
@@ -169,10 +168,7 @@ def _host(host: bytes | None) -> tuple[str, str]:
     if not _HOST.fullmatch(host_header):
         raise ProtocolError("more than one Host header field" if b", " in host else "invalid Host header field")
     known = (host_header, _host_only(host_header))
-    if len(host) <= _CACHED_HOST:
-        if len(_HOSTS) >= _HOSTS_MAX:
-            _HOSTS.clear()
-        _HOSTS[host] = known
+    _HOSTS.put(host, known, len(host))
     return known
 
 

@@ -23,6 +23,7 @@ from gatekeep.protocols.http import _codec as codec
 from gatekeep.protocols.http._codec import END, NEED_DATA, PAUSED, Data, Head, MessageReader, ProtocolError
 from gatekeep.protocols.http._dialect import BUFFER, LINES, PASS, PASS_THROUGH, REFUSE, SNIFF
 from gatekeep.protocols.http._exchange import Exchange, excerpt_for
+from gatekeep.protocols.http._jsonmask import Unmaskable
 
 _log = Logger()
 
@@ -198,8 +199,7 @@ class UpstreamSide(protocol.Protocol):
             self.out(ex, head.raw)
             return
         if status == 101:
-            offered = (head.index.get(b"upgrade") or b"").strip().lower()
-            if ex.upgrade is None or offered != ex.upgrade.strip().lower():
+            if ex.upgrade is None or head.upgrade != ex.upgrade:
                 # only the upgrade asked for, and relayed (see HttpDialect.upgrades), becomes a tunnel
                 self.broken("101 Switching Protocols to a protocol gatekeep did not ask for")
                 return
@@ -445,6 +445,11 @@ class Tunnel:
             self.feeder = None
             self._event("m", f"recording stopped: {e}")
             return
+        except Exception:  # a decoder's own bug: the stream is still relayed, the record says where it stopped
+            _log.failure("decoding an upgraded stream for its record")
+            self.feeder = None
+            self._event("m", "recording stopped: gatekeep could not decode the stream")
+            return
         for piece in pieces:
             self._event(piece.kind, piece.data)
 
@@ -458,7 +463,7 @@ class Tunnel:
                 new = masker.mask_body(data.encode("utf-8"), self.ex.counts)
             except ValueError:
                 pass
-            except Exception:  # nested too deeply to walk (RecursionError), ...: not recorded, the stream goes on
+            except Unmaskable:  # not recorded; the stream goes on
                 return "[not recorded: a JSON message masking cannot read]"
             else:
                 return data if new is None else new.decode("utf-8", "replace")

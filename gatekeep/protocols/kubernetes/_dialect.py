@@ -15,8 +15,8 @@ from gatekeep.protocols.http import _websocket as ws
 from gatekeep.protocols.http._codec import Head, simple_response
 from gatekeep.protocols.http._dialect import (BUFFER, LINES, PARTIAL, PASS_THROUGH, RANGE_FIELDS, BodyPlan,
                                               HttpDialect, StreamPiece, WebSocketFeed, is_partial)
-from gatekeep.protocols.http._headers import is_json
-from gatekeep.protocols.http._jsonmask import JsonMasker, dumps
+from gatekeep.protocols.http._headers import content_type
+from gatekeep.protocols.http._jsonmask import JsonMasker, Unmaskable, dumps
 from gatekeep.protocols.http._request import Request
 from gatekeep.protocols.kubernetes._exec import channel_decoder
 from gatekeep.protocols.kubernetes import _portforward
@@ -32,6 +32,8 @@ _REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotF
             503: "ServiceUnavailable", 504: "Timeout", 505: "BadRequest"}
 #: media types a Secret must not travel in (gatekeep masks JSON only)
 _OPAQUE = (b"protobuf", b"yaml", b"cbor")
+#: request fields dropped on Secrets: ranges, Accept and Accept-Encoding (replaced by JSON, identity)
+_SECRETS_DROP = RANGE_FIELDS | {b"accept", b"accept-encoding"}
 
 
 def status(code: int, message: str, info: RequestInfo | None = None, reason: str | None = None) -> bytes:
@@ -82,7 +84,7 @@ class KubernetesDialect(HttpDialect):
         accept = request.head.index.get(b"accept", b"application/json")
         ranges = [r.strip() for r in accept.split(b",") if r.strip() and not any(o in r for o in _OPAQUE)]
         add = tuple(f for f in add if f[0].lower() != b"accept-encoding")
-        return drop | RANGE_FIELDS | {b"accept", b"accept-encoding"}, add + (
+        return drop | _SECRETS_DROP, add + (
             (b"Accept", b", ".join(ranges) or b"application/json"), (b"Accept-Encoding", b"identity"))
 
     # -- gatekeep's own answers -------------------------------------------------------------
@@ -113,19 +115,23 @@ class KubernetesDialect(HttpDialect):
     def body_plan(self, request: Request, head: Head, masker: JsonMasker | None, mask_text: bool) -> BodyPlan:
         if head.status in (101, 204, 304) or request.method == "HEAD":
             return PASS_THROUGH
-        ctype = head.index.get(b"content-type")
+        raw = head.index.get(b"content-type")
+        ctype = content_type(raw)
         user = masker if masker is not None and masker.active else None
-        if is_partial(head) and (user is not None or self._secrets(request)):
+        secrets = self._secrets(request)
+        if (user is not None or secrets) and is_partial(head, ctype):
             return PARTIAL
-        watch = request.info.verb == "watch" and is_json(ctype)
-        if not self._secrets(request):
-            if watch and user is not None:
+        watch = ctype.json and request.info.verb == "watch"
+        if not secrets:
+            if user is None:
+                return PASS_THROUGH
+            if watch:
                 return BodyPlan(LINES, _body_masker(None, user), required=True, why="watch events under masking rules")
-            return super().body_plan(request, head, masker, mask_text)
-        if not is_json(ctype):
+            return self.masked_plan(head, ctype, user, mask_text)
+        if not ctype.json:
             if not head.index.get(b"content-length", b"1").strip(b"0"):
                 return PASS_THROUGH
-            return BodyPlan(BUFFER, _refuse(ctype), required=True, why="Secrets that are not JSON")
+            return BodyPlan(BUFFER, _refuse(raw), required=True, why="Secrets that are not JSON")
         if watch:
             return BodyPlan(LINES, _body_masker(mask_secrets, user), required=True, why="Secret watch events")
         return BodyPlan(BUFFER, _body_masker(mask_secrets, user), required=True, why="Secret data")
@@ -145,7 +151,7 @@ class KubernetesDialect(HttpDialect):
             if masker is not None and masker.active:
                 new = masker.mask(new, counts)
             return text if new is value else json.dumps(new, separators=(",", ":"))
-        except Exception:  # not JSON, or nested too deeply to walk (RecursionError): not recorded
+        except (ValueError, RecursionError, Unmaskable):  # not JSON, or too deep to read or walk: not recorded
             return NOT_RECORDED_SECRET
 
     # -- upgraded streams -------------------------------------------------------------------
@@ -155,7 +161,7 @@ class KubernetesDialect(HttpDialect):
         return f"{sub}-{seq}" if sub in ("exec", "attach", "portforward") else f"ws-{seq}"
 
     def stream_feeder(self, request: Request, response: Head, limit: int) -> Any:
-        upgrade = (response.index.get(b"upgrade") or b"").strip().lower()
+        upgrade = response.upgrade
         if request.info is not None and request.info.subresource in ("exec", "attach"):
             if upgrade == b"spdy/3.1":
                 return SpdyExecDecoder()

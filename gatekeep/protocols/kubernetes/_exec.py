@@ -44,21 +44,34 @@ class _Text:
 
 
 def _status_text(payload: bytes) -> str:
+    """The error channel's message (a Status when the command ends) as recorded; whatever the client or server
+    put there, shaped or not."""
     try:
         status = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         return "error: " + payload.decode("utf-8", "replace")
     if not isinstance(status, dict):
         return "status: " + payload.decode("utf-8", "replace")
     if status.get("status") == "Success":
         return "exit 0"
     code = None
-    for cause in (status.get("details") or {}).get("causes") or ():
-        if cause.get("reason") == "ExitCode":
+    details = status.get("details")
+    causes = details.get("causes") if isinstance(details, dict) else None
+    for cause in causes if isinstance(causes, list) else ():
+        if isinstance(cause, dict) and cause.get("reason") == "ExitCode":
             code = cause.get("message")
     if code is not None:
         return f"exit {code}"
     return "error: " + str(status.get("message") or status.get("reason") or "unknown")
+
+
+def _size(line: bytes) -> str | None:
+    """A resize message's ``WxH``, or None when it is not one (not JSON, not whole numbers, out of range)."""
+    try:
+        size = json.loads(line)
+        return f"{int(size['Width'])}x{int(size['Height'])}"
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError, RecursionError):
+        return None
 
 
 class Channels:
@@ -77,14 +90,8 @@ class Channels:
         if channel == ERROR:
             return [StreamPiece("m", _status_text(data))]
         if channel == RESIZE:
-            out = []
-            for line in data.splitlines():  # SPDY's resize stream carries one JSON object a line
-                try:
-                    size = json.loads(line)
-                    out.append(StreamPiece("r", f"{int(size['Width'])}x{int(size['Height'])}"))
-                except (ValueError, KeyError, TypeError):
-                    pass
-            return out
+            # SPDY's resize stream carries one JSON object a line
+            return [StreamPiece("r", size) for size in map(_size, data.splitlines()) if size is not None]
         return []
 
 

@@ -71,6 +71,10 @@ _U32 = struct.Struct("!I")
 _TYPES = {"stdin": STDIN, "stdout": STDOUT, "stderr": STDERR, "error": ERROR, "resize": RESIZE}
 
 
+#: the most a header block may inflate to (Kubernetes' own are a few hundred bytes)
+MAX_HEADER_BLOCK = 64 * 1024
+
+
 class SpdyError(ValueError):
     """Bytes that are not SPDY/3.1 framing (or a header block that does not inflate)."""
 
@@ -108,9 +112,11 @@ class _Direction:
     def headers(self, block: bytes) -> dict[str, str]:
         """A header block, inflated and read: lower-case names to values (several values joined by NUL)."""
         try:
-            raw = self.inflate.decompress(block)
+            raw = self.inflate.decompress(block, MAX_HEADER_BLOCK)
         except zlib.error as e:
             raise SpdyError(f"a header block does not inflate ({e})") from None
+        if self.inflate.unconsumed_tail:  # a few KiB that inflate to megabytes are not headers anyone sends
+            raise SpdyError(f"a header block inflates to more than {MAX_HEADER_BLOCK} bytes")
         try:
             (count,) = _U32.unpack_from(raw)
             at, out = 4, {}
