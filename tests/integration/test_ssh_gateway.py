@@ -243,6 +243,19 @@ def test_exec_of_a_shell_that_reads_its_commands_is_refused(gw, tmp_path):
     assert victim.exists()
 
 
+def test_exec_of_a_thousand_wrappers_is_denied_as_unjudgeable(gw):
+    """`env env ... ls` (a thousand wrappers) used to raise RecursionError in gatekeep: the request failed and
+    nothing was recorded. It is denied as unjudgeable (exit status 126) and recorded so."""
+    before = gw.ids()
+    r = gw.ssh("env " * 1000 + "echo should-not-run")
+    assert r.returncode == 126 and "denied by rule unjudgeable" in r.stderr, (r.returncode, r.stderr)
+    assert "should-not-run" not in r.stdout
+    s = gw.wait_session(before)
+    (rec,) = [o for o in s["records"] if o["kind"] == "exec"]
+    assert (rec["action"], rec["rule"]) == ("deny", "unjudgeable"), rec
+    assert "RecursionError" not in gw.gk.log_text()
+
+
 def test_stdin_and_eof_reach_the_command(gw):
     """Data piped into ssh reaches the remote command, and EOF ends it."""
     args = ["ssh", "-p", str(gw.port)] + gw.opts(gw.alice_key) + ["alice@127.0.0.1", "wc -c"]
@@ -266,6 +279,89 @@ def test_large_output_arrives_whole_before_close(gw):
 
 
 # -- authentication -------------------------------------------------------------------------
+
+
+def _raw_client(gw, when, num, payload):
+    """alice logs in with conch's client (in a reactor thread of its own) and sends the packet ``num`` with
+    ``payload`` as it is, when ssh-userauth starts (``when`` "login") or once logged in ("session"). Returns the
+    (code, reason) of the DISCONNECT gatekeep answers with (None if it closed without one)."""
+    from twisted.conch.ssh import connection, keys, transport, userauth
+    from twisted.internet import defer
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from tests.support.reactor_thread import ReactorThread
+
+    key = keys.Key.fromFile(gw.alice_key)
+    told = defer.Deferred()
+
+    class Connection(connection.SSHConnection):
+        def serviceStarted(self):
+            if when == "session":
+                self.transport.sendPacket(num, payload)
+
+    class Auth(userauth.SSHUserAuthClient):
+        def serviceStarted(self):
+            if when == "login":
+                self.transport.sendPacket(num, payload)
+            else:
+                super().serviceStarted()
+
+        def getPublicKey(self):
+            return key.public()
+
+        def getPrivateKey(self):
+            return defer.succeed(key)
+
+    class Client(transport.SSHClientTransport):
+        def verifyHostKey(self, hostKey, fingerprint):
+            return defer.succeed(True)
+
+        def connectionSecure(self):
+            self.requestService(Auth(b"alice", Connection()))
+
+        def receiveError(self, reasonCode, description):
+            if not told.called:
+                told.callback((reasonCode, description))
+
+        def connectionLost(self, reason):
+            super().connectionLost(reason)
+            if not told.called:
+                told.callback(None)
+
+    rt = ReactorThread().start()
+    try:
+        def run():
+            connectProtocol(TCP4ClientEndpoint(rt.reactor, "127.0.0.1", gw.port), Client())
+            return told
+
+        return rt.call(run)
+    finally:
+        rt.stop()
+
+
+@pytest.mark.parametrize("when, num, payload, name", [
+    ("session", 80, b"\x00\x00\x00\x15keepalive@openssh.com", "MSG_GLOBAL_REQUEST"),  # no want-reply byte
+    ("session", 90, b"\x00\x00\x00\x07session\x00\x00", "MSG_CHANNEL_OPEN"),
+    ("login", 50, b"", "MSG_USERAUTH_REQUEST"),
+])
+def test_a_truncated_packet_gets_a_protocol_error_and_is_recorded(gw, when, num, payload, name):
+    """A packet too short for its fields used to raise out of the transport (an "Unhandled Error" in the log, the
+    connection dropped without a word): the client gets DISCONNECT_PROTOCOL_ERROR naming it, and the session's
+    end (or the failed login) is recorded with the reason; the gateway goes on serving."""
+    before = gw.ids()
+    assert _raw_client(gw, when, num, payload) == (2, b"gatekeep: malformed %s packet" % name.encode())
+    reason = "protocol error: a malformed %s packet" % name
+    if when == "session":
+        assert gw.wait_session(before)["end_reason"] == reason
+    else:
+        deadline = time.monotonic() + 10
+        while not any(reason in row["reason"] for row in json.loads(
+                gw.cli("sessions", "list", "--failed-logins", "--json").stdout)):
+            assert time.monotonic() < deadline, "no failed login recorded"
+            time.sleep(0.1)
+    assert "Unhandled Error" not in gw.gk.log_text()
+    r = gw.ssh("echo still-serving")
+    assert r.returncode == 0 and r.stdout.strip() == "still-serving", r.stderr
 
 
 def test_unregistered_key_refused(gw):
@@ -387,6 +483,42 @@ def test_interactive_shell_denied_typed_command_and_replay(gw, tmp_path):
     play = subprocess.run([sys.executable, "-m", "asciinema", "cat", str(cast)], capture_output=True, text=True,
                           timeout=60)
     assert play.returncode == 0 and "shell-42" in play.stdout, play.stderr
+
+
+def test_output_the_terminal_emulator_cannot_follow_leaves_the_shell_running(gw):
+    """Output pyte raises on (ESC[4J, ESC[3K; tmux ignores them) used to drop the upstream connection, ending the
+    session: the shell goes on and the output is shown and recorded. A line typed while gatekeep's screen model
+    was lost cannot be read: it is denied as unjudgeable and never runs."""
+    name = "gk-ssh-pyte-%d" % os.getpid()
+    before = _shell_in_tmux(gw, name)
+    try:
+        _tmux("send-keys", "-t", name, "printf 'gk-\\033[4Jbad-\\033[3K%s\\n' seq", "Enter")
+        _wait_screen(name, "gk-bad-seq")
+        _tmux("send-keys", "-t", name, "echo alive-$((6*7))", "Enter")
+        _wait_screen(name, "alive-42")
+        # a line being typed when such output arrives (from a job in the background)
+        _tmux("send-keys", "-t", name, "(sleep 2; printf 'late-\\033[4J%s\\n' out) &", "Enter")
+        _wait_screen(name, "[1]")
+        _tmux("send-keys", "-t", name, "-l", "echo typed-$((3*3))")
+        _wait_screen(name, "late-out")
+        _tmux("send-keys", "-t", name, "Enter")
+        screen = _wait_screen(name, "denied by rule unjudgeable")
+        assert "typed-9" not in screen.replace("echo typed-$((3*3))", ""), screen
+        _tmux("send-keys", "-t", name, "echo after-$((40+2))", "Enter")
+        _wait_screen(name, "after-42")
+        _tmux("send-keys", "-t", name, "exit", "Enter")
+        s = gw.wait_session(before)
+    finally:
+        _tmux("kill-session", "-t", name, check=False)
+    assert not s["end_reason"].startswith("upstream"), s["end_reason"]
+    kinds = [(o["kind"], o["action"], o["rule"]) for o in s["records"]]
+    assert ("shell-command", "deny", "unjudgeable") in kinds
+    allowed = [o["text"] for o in s["records"] if o["kind"] == "shell-command" and o["action"] == "allow"]
+    assert "echo alive-$((6*7))" in allowed and "echo after-$((40+2))" in allowed, allowed
+    replay = gw.cli("sessions", "replay", s["id"], "--no-wait")
+    assert replay.returncode == 0 and "bad-" in replay.stdout and "after-42" in replay.stdout
+    log = gw.gk.log_text()
+    assert "the terminal emulator could not follow" in log and "Unhandled Error" not in log
 
 
 def test_asciinema_play_accepts_the_export(gw, tmp_path):

@@ -1,16 +1,21 @@
 """The session channel relay (gatekeep.protocols.ssh._channels): which execs are file transfers, and what a
 terminal records, driven through the real SessionRelay with fake connections."""
 
+import struct
 from types import SimpleNamespace
 
 import pytest
+from twisted.conch.ssh.common import NS
 from twisted.internet.task import Clock
 
 from gatekeep.masking.rules import MaskingRule
+from gatekeep.model import Action, ClientAddress, Decision, Identity, Session
 from gatekeep.protocols.ssh._channels import SessionRelay, transfer_kind
 from gatekeep.protocols.ssh._flow import Leg
 from gatekeep.protocols.ssh._unwrap import parse
-from gatekeep.protocols.ssh.policy import SshRequest
+from gatekeep.protocols.ssh.policy import SshRequest, facts_for
+from gatekeep.protocols.ssh.relay import ClientSession
+from gatekeep.testing import FunctionPolicy, make_gateway
 from tests.unit.test_ssh_flow import FakeConn
 
 CARDS = MaskingRule("cards", None, None, None, detectors=("credit_card",))
@@ -127,3 +132,167 @@ def test_a_line_typed_with_echo_off_is_not_recorded():
     relay.recording.close()
     recorded = "".join(e.data for e in events if e.kind == "i")
     assert recorded == "echo hi\r[input not echoed: 12 bytes]\r"
+
+
+# -- the screen model and typed lines, judged through a real ClientSession ----------------------------------------
+
+
+class _Conn(FakeConn):
+    """A FakeConn that keeps the requests' data too."""
+
+    def __init__(self):
+        super().__init__()
+        self.requests = []
+
+    def sendRequest(self, ch, kind, data, want):
+        self.requests.append((kind, data))
+        return super().sendRequest(ch, kind, data, want)
+
+
+def _unjudgeable_denied(op):
+    """As the rule engine with ``unjudgeable: deny`` (the default) and no rules: allow what can be judged."""
+    facts = facts_for(op)
+    if facts.unjudgeable:
+        return Decision(Action.DENY, "unjudgeable", facts.unjudgeable, facts.summary())
+    return Decision(Action.ALLOW, None, "", facts.summary())
+
+
+def _judged(cols=80, rows=24):
+    """A SessionRelay on a real ClientSession (its chain judging with :func:`_unjudgeable_denied`), after pty-req
+    for ``cols`` x ``rows`` and shell; the shell's prompt is on the screen."""
+    gateway = make_gateway(policy=FunctionPolicy(_unjudgeable_denied))
+    options = SimpleNamespace(window=1 << 20, mask_client_output=False, record_input=True,
+                              max_recorded_bytes=1 << 20, judge_shell_commands=True, echo_wait=1.0, env_allow=())
+    factory = SimpleNamespace(gateway=gateway, target=SimpleNamespace(name="box", options=options))
+    s = ClientSession(factory, SimpleNamespace(host="127.0.0.1", port=5000))
+    s.session = Session("s1", Identity("alice", frozenset()), "box", "ssh", ClientAddress("127.0.0.1", 5000), False,
+                        0.0)
+    relay = SessionRelay(s, None, 3, 1 << 20, 32768)
+    down, up = _Conn(), _Conn()
+    down.open(relay.down, window=1 << 20, max_packet=1 << 16)
+    up.open(relay.up, window=1 << 20, max_packet=1 << 16)
+    pty = NS(b"xterm") + struct.pack(">4L", cols, rows, 0, 0) + NS(b"")
+    for kind, data in ((b"pty-req", pty), (b"shell", b"")):
+        relay.down.queue_reply(relay.on_request(relay.down, kind, data, True))
+    for item in up.sent:
+        if item[0] == "pending":
+            item[1].callback(True)
+    relay.on_data(relay.up, b"$ ")
+    return relay, gateway, down, up
+
+
+def _type(relay, text):
+    """Keys typed and echoed one by one."""
+    for ch in text:
+        relay.on_data(relay.down, bytes([ch]))
+        relay.on_data(relay.up, bytes([ch]))
+
+
+def _typed_upstream(up):
+    return b"".join(item[1] for item in up.sent if item[0] == "data")
+
+
+def test_huge_terminal_sizes_reach_the_server_but_not_the_screen_model():
+    """pty-req, then window-change, claiming up to 2**32-1 rows or columns (pyte allocates per row: 2e7 rows took
+    1.1 GiB): the server gets both requests as sent, gatekeep's screen model stays within its limits."""
+    from gatekeep.protocols.ssh import _shell
+
+    relay, gateway, down, up = _judged(cols=80, rows=100_000)
+    screen = relay.shell.screen
+    assert screen.lines < 100_000
+    assert (screen.columns, screen.lines) == (80, _shell.MAX_ROWS)
+    assert up.requests[0] == (b"pty-req", NS(b"xterm") + struct.pack(">4L", 80, 100_000, 0, 0) + NS(b""))
+    change = struct.pack(">4L", 0xFFFFFFFF, 0xFFFFFFFF, 0, 0)
+    relay.down.queue_reply(relay.on_request(relay.down, b"window-change", change, False))
+    assert (relay.shell.screen.columns, relay.shell.screen.lines) == (_shell.MAX_COLS, _shell.MAX_ROWS)
+    assert up.requests[-1] == (b"window-change", change)
+    _type(relay, b"ls -l")
+    assert relay.shell.line() == "ls -l"
+
+
+@pytest.mark.parametrize("sequence", [b"\x1b[1;2A", b"\x1b[4J", b"\x1b[3K", b"\x1b[?r"])
+def test_output_the_terminal_emulator_cannot_follow_does_not_end_the_session(sequence):
+    """Sequences pyte raises on (TypeError, UnboundLocalError) used to escape from the upstream connection's
+    CHANNEL_DATA and drop it: the output still reaches the client and the recording, and the next line is
+    judged as usual."""
+    relay, gateway, down, up = _judged()
+    relay.on_data(relay.up, b"before " + sequence + b" after\r\n$ ")
+    assert (("data", b"before " + sequence + b" after\r\n$ ")) in down.sent
+    relay.on_request(relay.down, b"window-change", struct.pack(">4L", 100, 30, 0, 0), False)
+    _type(relay, b"echo next")
+    relay.on_data(relay.down, b"\r")
+    gateway.reactor.advance(1)
+    op, decision = gateway.chain.recorder.operations[-1]
+    assert (op.kind, op.text, decision.allowed) == ("shell-command", "echo next", True)
+    assert _typed_upstream(up).endswith(b"echo next\r")
+    relay.recording.close()
+    assert sequence.decode() in "".join(e.data for e in gateway.chain.recorder.streams if e.kind == "o")
+
+
+def test_a_line_typed_while_the_screen_model_was_lost_is_unjudgeable():
+    """Output pyte cannot follow arrives while a line is typed: gatekeep cannot read that line off the screen any
+    more, so it is judged unjudgeable (denied here: Ctrl-C goes upstream, not the Enter); the next line is
+    judged as usual."""
+    relay, gateway, down, up = _judged()
+    _type(relay, b"rm -rf /srv")
+    relay.on_data(relay.up, b"\x1b[4J")
+    _type(relay, b"x")
+    relay.on_data(relay.down, b"\r")
+    gateway.reactor.advance(1)
+    op, decision = gateway.chain.recorder.operations[-1]
+    assert op.kind == "shell-command" and decision.rule == "unjudgeable" and "lost track" in decision.reason
+    assert _typed_upstream(up).endswith(b"rm -rf /srvx\x03")
+    assert b"denied by rule unjudgeable" in b"".join(item[-1] for item in down.sent if item[0] == "data")
+    relay.on_data(relay.up, b"^C\r\n$ ")
+    _type(relay, b"ls")
+    relay.on_data(relay.down, b"\r")
+    gateway.reactor.advance(1)
+    op, decision = gateway.chain.recorder.operations[-1]
+    assert (op.text, decision.allowed) == ("ls", True) and _typed_upstream(up).endswith(b"ls\r")
+
+
+def test_a_held_enter_whose_line_was_lost_is_unjudgeable_not_submitted():
+    """Output pyte cannot follow arrives after Enter, while gatekeep waits for the echo to settle: the line is
+    gone from the screen model; it is judged unjudgeable, never submitted unjudged as an empty line would be."""
+    relay, gateway, down, up = _judged()
+    _type(relay, b"reboot")
+    relay.on_data(relay.down, b"\r")
+    relay.on_data(relay.up, b"\x1b[?r")
+    gateway.reactor.advance(1)
+    op, decision = gateway.chain.recorder.operations[-1]
+    assert op.kind == "shell-command" and decision.rule == "unjudgeable"
+    assert _typed_upstream(up).endswith(b"reboot\x03")
+
+
+def test_a_typed_line_of_a_thousand_wrappers_is_denied_and_the_shell_goes_on():
+    """`env env ... ls` typed on a wide terminal used to raise RecursionError from the timer that reads the line:
+    the channel then waited forever. It is unjudgeable (denied), and what is typed next is judged."""
+    relay, gateway, down, up = _judged(cols=1000, rows=50)
+    _type(relay, b"env " * 1000 + b"ls")
+    relay.on_data(relay.down, b"\r")
+    gateway.reactor.advance(1)
+    op, decision = gateway.chain.recorder.operations[-1]
+    assert op.text.startswith("env env") and decision.rule == "unjudgeable"
+    assert decision.reason == "commands nested too deeply"
+    assert _typed_upstream(up).endswith(b"ls\x03") and not relay.busy
+    relay.on_data(relay.up, b"^C\r\n$ ")
+    _type(relay, b"id")
+    relay.on_data(relay.down, b"\r")
+    gateway.reactor.advance(1)
+    assert gateway.chain.recorder.operations[-1][0].text == "id" and _typed_upstream(up).endswith(b"id\r")
+
+
+def test_an_exec_of_a_thousand_wrappers_is_denied_as_unjudgeable_and_recorded():
+    """`env env ... ls` as an exec used to fail the request with RecursionError, unrecorded: it is denied (exit
+    status 126) and recorded as unjudgeable."""
+    relay, gateway, down, up = _judged()
+    relay2 = SessionRelay(relay.s, None, 4, 1 << 20, 32768)
+    down2, up2 = _Conn(), _Conn()
+    down2.open(relay2.down, window=1 << 20, max_packet=1 << 16)
+    up2.open(relay2.up, window=1 << 20, max_packet=1 << 16)
+    reply = relay2.on_request(relay2.down, b"exec", NS(b"env " * 1000 + b"ls"), True)
+    assert reply.called and reply.result is True  # (the client then reads the denial and the exit status)
+    op, decision = gateway.chain.recorder.operations[-1]
+    assert op.kind == "exec" and decision.rule == "unjudgeable" and decision.reason == "commands nested too deeply"
+    assert ("request", b"exit-status") in down2.sent and up2.requests == []
+    assert b"denied by rule unjudgeable" in b"".join(item[-1] for item in down2.sent if item[0] == "ext")

@@ -3,6 +3,7 @@
 import gc
 from types import SimpleNamespace
 
+from twisted.conch.ssh.common import NS
 from twisted.internet.defer import CancelledError
 from twisted.logger import globalLogPublisher
 
@@ -152,3 +153,31 @@ def test_once_access_ended_nothing_more_from_the_client_reaches_the_server():
     assert up_conn.sent == [("data", b"before\n")]
     relay.on_data(relay.up, b"last output")
     assert down_conn.sent == [("ext", 1, b"gatekeep: access ended: the token expired\n"), ("data", b"last output")]
+
+
+def test_a_malformed_request_queued_behind_a_held_exec_fails_and_the_output_still_flows():
+    """An exec held for approval, then a window-change too short to read, then the approval: the queued request
+    is answered with failure, as one that arrives on its own is, instead of raising inside the approval's
+    callback and leaving its reply pending, which held up everything queued for the client behind it."""
+    s, service = client_session()
+    s.options.__dict__.update(window=1 << 20, mask_client_output=False, record_input=True,
+                              max_recorded_bytes=1 << 20, judge_shell_commands=True, echo_wait=1.0, env_allow=())
+    relay = SessionRelay(s, None, 3, 1 << 20, 32768)
+    down, up = FakeConn(), FakeConn()
+    down.open(relay.down, window=1 << 20, max_packet=1 << 16)
+    up.open(relay.up, window=1 << 20, max_packet=1 << 16)
+    relay.down.queue_reply(relay.on_request(relay.down, b"exec", NS(b"touch a"), True))
+    relay.down.queue_reply(relay.on_request(relay.down, b"window-change", b"\x00\x00\x00\x50", True))
+    (held,) = service.pending()
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        service.approve(held.id, BOB)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert [e["log_format"] for e in logged if e.get("log_failure")] == ["handling a queued {kind!r} request"]
+    ((_, exec_reply),) = [item for item in up.sent if item[0] == "pending"]
+    assert up.sent[0] == ("request", b"exec")
+    exec_reply.callback(True)
+    relay.on_data(relay.up, b"touched\n")
+    assert down.sent[-3:] == [("reply", True), ("reply", False), ("data", b"touched\n")]

@@ -81,3 +81,30 @@ def test_resize_keeps_working():
     s.resize(120, 40)
     s.output(b"uptime")
     assert s.line() == "uptime"
+
+
+def test_the_screen_model_keeps_to_its_size_limits():
+    """A pty-req or window-change may claim up to 2**32-1 rows and columns, and pyte allocates per row (2e7 rows
+    took 1.1 GiB): the model stays within MAX_COLS x MAX_ROWS (and at least 2 x 2), and still reads lines."""
+    from gatekeep.protocols.ssh import _shell
+
+    s = ShellLine(100_000, 100_000)
+    assert s.screen.columns < 100_000 and s.screen.lines < 100_000
+    assert (s.screen.columns, s.screen.lines) == (_shell.MAX_COLS, _shell.MAX_ROWS)
+    s.resize(0, 100_000)
+    assert (s.screen.columns, s.screen.lines) == (2, _shell.MAX_ROWS)
+    s.resize(100_000, 1)
+    assert (s.screen.columns, s.screen.lines) == (_shell.MAX_COLS, 2)
+    _typed(s, b"$ ")
+    s.output(b"uptime")
+    assert s.line() == "uptime"
+
+
+def test_reset_forgets_that_a_line_was_unreadable():
+    """``unreadable`` (set by the relay when the model starts afresh mid-line) lasts until the line is done."""
+    s = ShellLine()
+    s.unreadable = "lost"
+    s.begin()
+    assert s.unreadable == "lost"
+    s.reset()
+    assert s.unreadable is None

@@ -113,6 +113,29 @@ def test_nesting_is_bounded():
     assert parse(text).unjudgeable
 
 
+@pytest.mark.parametrize("wrapper", ["env ", "sudo ", "nice ", "busybox ", "nohup ", "find / -exec "])
+def test_wrapper_chains_are_bounded_too(wrapper):
+    """A thousand wrappers (each one a level of nesting) are unjudgeable, not a RecursionError; a chain within
+    MAX_DEPTH still unwraps."""
+    from gatekeep.protocols.ssh._unwrap import MAX_DEPTH
+
+    line = parse(wrapper * 1000 + "ls")
+    assert line.unjudgeable == "commands nested too deeply" and not line.commands
+    assert parse(wrapper * (MAX_DEPTH + 1) + "ls").unjudgeable == "commands nested too deeply"
+    assert parse(wrapper * MAX_DEPTH + "ls").commands[-1].argv == ("ls",)
+
+
+def test_a_recursion_error_is_unjudgeable(monkeypatch):
+    """Whatever else nests too deeply for Python's stack makes the line unjudgeable, never an exception."""
+    from gatekeep.protocols.ssh import _unwrap
+
+    def deep(*args):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(_unwrap, "_unwrap", deep)
+    assert parse("ls").unjudgeable == "commands nested too deeply"
+
+
 def test_wrapper_alone_is_the_program():
     """env or sudo -l without a command is itself the program."""
     assert argvs("env") == [("env",)]

@@ -44,7 +44,7 @@ from gatekeep.masking.stream import StreamMasker
 from gatekeep.protocols.ssh._pair import WITHDRAWN, PairRelay, denial_text
 from gatekeep.protocols.ssh._recording import ChannelRecording
 from gatekeep.protocols.ssh._sftp import SftpError, SftpStream
-from gatekeep.protocols.ssh._unwrap import parse
+from gatekeep.protocols.ssh._unwrap import CommandLine, parse
 from gatekeep.protocols.ssh.policy import SshRequest
 
 _log = Logger()
@@ -66,6 +66,8 @@ TRANSFER_WRAPPERS = frozenset({"sudo", "doas", "env", "nice", "ionice", "nohup",
 ECHO_QUIET = 0.05
 #: how long client-visible masking may keep back the end of a quiet stream
 MASK_FLUSH = 0.05
+#: the text recorded for a typed line gatekeep could not read at all (see :meth:`SessionRelay._follow_screen`)
+UNREADABLE_LINE = "[a line gatekeep could not read off the screen]"
 
 
 def transfer_kind(line: Any) -> str | None:
@@ -205,7 +207,11 @@ class SessionRelay(PairRelay):
                 self.up.send_eof()
             else:
                 _, kind, data, want, d = item
-                result = self._client_request(kind, data, want)
+                try:
+                    result = self._client_request(kind, data, want)
+                except Exception:  # a malformed request (as FlowConnection.ssh_CHANNEL_REQUEST answers one)
+                    _log.failure("handling a queued {kind!r} request", kind=kind)
+                    result = False
                 if isinstance(result, Deferred):
                     result.chainDeferred(d)
                 else:
@@ -249,7 +255,7 @@ class SessionRelay(PairRelay):
             if self.recording is not None:
                 self.recording.resize(cols, rows)
             if self.shell is not None:
-                self.shell.resize(cols, rows)
+                self._follow_screen(self.shell.resize, cols, rows)
             return self.up.send_request(kind, data, want)
         if kind in (b"shell", b"exec", b"subsystem"):
             return self._main(kind, data, want)
@@ -426,7 +432,7 @@ class SessionRelay(PairRelay):
         if self.recording is not None:
             self.recording.output(data)
         if self.shell is not None:
-            self.shell.output(data)
+            self._follow_screen(self.shell.output, data)
             if self._line is not None:
                 self._echo_seen()
         if self.client_mask is not None:
@@ -464,6 +470,27 @@ class SessionRelay(PairRelay):
 
     # -- typed lines --------------------------------------------------------------------
 
+    def _follow_screen(self, update: Any, *args: Any) -> None:
+        """
+        Server output (or a resize) for the screen model. Sequences pyte cannot follow (``ESC[4J``, ``ESC[1;2A``
+        and ``ESC[?r`` raise in it) must not end the session: the model starts afresh, and a line being typed
+        meanwhile, which can no longer be read off the screen, is unjudgeable (denied unless policy allows
+        that). The output itself still reaches the client and the recording.
+        """
+        try:
+            update(*args)
+        except Exception as e:
+            old = self.shell
+            _log.warn("channel {stream} of session {session}: the terminal emulator could not follow the server's "
+                      "output ({error}): it starts afresh", stream=self.stream, session=self.s.session.id,
+                      error=f"{type(e).__name__}: {e}")
+            cols, rows = (self.pty[1], self.pty[2]) if self.pty is not None else (80, 24)
+            self.shell = _shell.ShellLine(cols, rows)
+            self.shell.in_paste = old.in_paste
+            if not old.fresh or old.unreadable is not None:
+                self.shell.unreadable = ("gatekeep lost track of the terminal while the line was typed (the server "
+                                         "sent output its terminal emulator could not follow)")
+
     def _shell_input(self, data: bytes) -> None:
         before, key, rest = self.shell.split(data)
         if before:
@@ -492,10 +519,16 @@ class SessionRelay(PairRelay):
             return
         key = self._line[0]
         text = self.shell.line() if self.shell is not None else ""
-        if not text:
+        unreadable = self.shell.unreadable if self.shell is not None else None
+        if not text and unreadable is None:
             self._line_done(key, True)
             return
-        op = self.s.operation("shell-command", text, SshRequest("shell-command", parse(text)), {})
+        if unreadable is not None:
+            text = text or UNREADABLE_LINE
+            line = CommandLine(text, (), unreadable)
+        else:
+            line = parse(text)
+        op = self.s.operation("shell-command", text, SshRequest("shell-command", line), {})
         self._line = (key, op)
         self._wait(self.s.decide(op, self._on_hold), self._line_decided, self._line_withdrawn, (key, op), (key, op))
 

@@ -43,6 +43,8 @@ class ServerTransport(transport.SSHServerTransport):
 
     ourVersionString = b"SSH-2.0-gatekeep"
     session: Any = None
+    #: why gatekeep disconnected the client for a packet it could not read; nothing it sends after is read
+    protocol_error: str | None = None
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
@@ -57,6 +59,41 @@ class ServerTransport(transport.SSHServerTransport):
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         self.session.client_disconnect_message = description.decode("utf-8", "replace")
+
+    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
+        """
+        A packet too short for its fields (a GLOBAL_REQUEST with only its name, a CHANNEL_DATA without its
+        length, a USERAUTH_REQUEST without its signature, ...) makes conch's parsers and gatekeep's raise. Out of
+        ``dataReceived`` that would drop the connection with an "Unhandled Error" and no word to the client:
+        it is a protocol error instead, told to the client with DISCONNECT, then the connection closes and the
+        session's end (or the failed login) is recorded with the reason.
+        """
+        try:
+            super().dispatchMessage(messageNum, payload)
+        except Exception as e:
+            name = _message_name(self, messageNum)
+            reason = f"protocol error: a malformed {name} packet"
+            _log.warn("disconnecting {host}:{port}: {reason} ({error})", host=self.session.client.host,
+                      port=self.session.client.port, reason=reason, error=f"{type(e).__name__}: {e}")
+            self.protocol_error = reason
+            self.session.end_reason = reason
+            if self.session.session is None:
+                self.session.note_auth_failure(reason)
+            self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, f"gatekeep: malformed {name} packet".encode())
+
+    def getPacket(self) -> bytes | None:
+        if self.protocol_error is not None:
+            self.buf = b""  # the client is being disconnected: what else it sent is not read
+            return None
+        return super().getPacket()
+
+
+def _message_name(t: Any, num: int) -> str:
+    """``MSG_GLOBAL_REQUEST`` for 80, from conch's tables (the transport's, else the running service's)."""
+    if num < 50 and num in transport.messages:
+        return transport.messages[num]
+    service = getattr(t, "service", None)
+    return getattr(service, "protocolMessages", {}).get(num) or f"message {num}"
 
 
 class UserAuthServer:

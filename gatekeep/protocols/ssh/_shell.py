@@ -15,7 +15,8 @@ applied when a line is read off the screen. :class:`ShellLine`:
   input, across wrapped rows and scrolling.
 
 Full-screen programs (the alternate screen: vim, less, top) are not judged:
-:attr:`~ShellLine.full_screen` tells the relay so.
+:attr:`~ShellLine.full_screen` tells the relay so. The model is at most
+:data:`MAX_COLS` x :data:`MAX_ROWS`, whatever size the client claims.
 
 Pure: bytes in, text out; the relay does the waiting.
 """
@@ -27,6 +28,11 @@ import pyte
 _ALT_MODES = (1049 << 5, 1047 << 5, 47 << 5)
 _PASTE_START = b"\x1b[200~"
 _PASTE_END = b"\x1b[201~"
+#: the screen model's size limits: a pty-req or window-change may say anything up to 2**32-1, and pyte
+#: allocates per row (2e7 rows took 1.1 GiB); the server still gets the size the client asked for
+MIN_SIZE = 2
+MAX_COLS = 1000
+MAX_ROWS = 500
 
 
 class _Screen(pyte.Screen):
@@ -41,12 +47,20 @@ class _Screen(pyte.Screen):
         super().index()
 
 
+def _clamped(cols: int, rows: int) -> tuple[int, int]:
+    """The screen model's size for a terminal of ``cols`` x ``rows`` (see :data:`MAX_COLS`, :data:`MAX_ROWS`)."""
+    return min(max(cols, MIN_SIZE), MAX_COLS), min(max(rows, MIN_SIZE), MAX_ROWS)
+
+
 class ShellLine:
     def __init__(self, cols: int = 80, rows: int = 24) -> None:
-        self.screen = _Screen(max(cols, 2), max(rows, 2))
+        self.screen = _Screen(*_clamped(cols, rows))
         self.stream = pyte.ByteStream(self.screen)
         self.start: tuple[int, int, int] | None = None  # x, y, scrolled-at-start
         self.in_paste = False
+        #: why the current line cannot be read off the screen (the model was started afresh while it was
+        #: typed), else None; :meth:`reset` clears it
+        self.unreadable: str | None = None
 
     # -- the server's side ----------------------------------------------------------
 
@@ -54,7 +68,8 @@ class ShellLine:
         self.stream.feed(data)
 
     def resize(self, cols: int, rows: int) -> None:
-        self.screen.resize(max(rows, 2), max(cols, 2))
+        cols, rows = _clamped(cols, rows)
+        self.screen.resize(rows, cols)
 
     @property
     def full_screen(self) -> bool:
@@ -74,6 +89,7 @@ class ShellLine:
 
     def reset(self) -> None:
         self.start = None
+        self.unreadable = None
 
     def split(self, data: bytes) -> tuple[bytes, bytes | None, bytes]:
         """``(before, key, rest)``: the input up to the first key that submits a line, that key (None if

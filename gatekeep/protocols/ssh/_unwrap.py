@@ -11,8 +11,8 @@ command loses its leading ``NAME=value`` assignments and its wrappers
 ...), and ``sh -c``/``bash -c``/``eval`` strings, ``env -S`` strings,
 ``flock -c``/``script -c`` commands and ``watch``'s joined arguments are parsed
 as command lines in turn. What cannot be known without running the shell (a program named by a
-variable, a glob or brace expansion, unbalanced quotes, nesting deeper than
-:data:`MAX_DEPTH`) makes the whole line *unjudgeable*. A shell that runs
+variable, a glob or brace expansion, unbalanced quotes, nesting, wrappers
+included, deeper than :data:`MAX_DEPTH`) makes the whole line *unjudgeable*. A shell that runs
 commands it reads from its input or a file (``bash``, ``sh -s``, ``bash
 script.sh``, ``. file``, ``sudo -s``) is marked ``reads_commands``: an exec of
 one cannot be judged. Backslash-newline pairs are dropped first, as the shell
@@ -115,6 +115,8 @@ def parse(text: str) -> CommandLine:
         commands = _parse(text, 0, ())
     except Unjudgeable as e:
         return CommandLine(text, (), str(e))
+    except RecursionError:  # (MAX_DEPTH keeps the nesting far below Python's limit: this is a backstop)
+        return CommandLine(text, (), "commands nested too deeply")
     return CommandLine(text, tuple(commands))
 
 
@@ -523,6 +525,8 @@ def _skip_options(words: list[str], i: int, value_options: frozenset[str], name:
 
 
 def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Command]:
+    if depth > MAX_DEPTH:  # wrappers count as nesting: ``env env env ... ls`` would exhaust Python's stack
+        raise Unjudgeable("commands nested too deeply")
     i = 0
     while i < len(words) and _ASSIGNMENT.match(words[i]):
         i += 1
