@@ -1,5 +1,6 @@
 """Recording: the recorder, the event schema, sinks."""
 
+import sys
 from collections import deque
 
 from twisted.internet.defer import Deferred
@@ -34,8 +35,13 @@ def refused_as_data(e: BaseException) -> bool:
     """
     import sqlite3
 
-    return isinstance(e, (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError, sqlite3.ProgrammingError,
-                          ValueError, TypeError, OverflowError))
+    if isinstance(e, (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError, sqlite3.ProgrammingError,
+                      ValueError, TypeError, OverflowError)):
+        return True
+    # PostgreSQL: a value no column takes, a broken constraint. (Not its ProgrammingError: a table missing or a
+    # privilege taken away is the store being broken, not the event.)
+    psycopg2 = sys.modules.get("psycopg2")
+    return psycopg2 is not None and isinstance(e, (psycopg2.DataError, psycopg2.IntegrityError))
 
 
 def refuse_in_batch(batch: list, why: str) -> None:

@@ -15,7 +15,8 @@ It behaves as :class:`gatekeep.recording.recorder.ThreadedRecorder` does:
   When the store says it cannot be reached (:class:`StoreUnavailable`) the
   batch is retried whole forever; when the store refuses the data, after three
   attempts the batch is written event by event and events the store keeps
-  refusing are logged and dropped (poison), as the threaded recorder does.
+  refusing are logged and dropped (poison), as the threaded recorder does; so is
+  one event written alone that the store refuses as data three times.
 - ``on_failure: deny``: while the store fails, ``operationStarted`` raises
   :class:`RecordingUnavailable` (the event is still kept and recorded later),
   and strict operations waiting for a failed write are refused with it.
@@ -35,7 +36,8 @@ from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder
 from gatekeep.model import Decision, Operation
-from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, as_refused, refuse_in_batch
+from gatekeep.recording import (MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, as_refused, refuse_in_batch,
+                                refused_as_data)
 from gatekeep.recording.sinks import SinkFeeder
 from gatekeep.store import StoreUnavailable
 
@@ -210,8 +212,23 @@ class AsyncRecorder(InOrder, Backlog):
         if attempt >= _POISON_AFTER and len(batch) > 1 and not f.check(StoreUnavailable):
             self._reactor.callLater(0, self._singly, batch, waiters, 0, [], attempt, delay)
             return
+        if attempt >= _POISON_AFTER and len(batch) == 1 and refused_as_data(f.value):
+            # one event alone that the store refuses as data is poison: retrying it would stall all recording
+            self._reactor.callLater(0, self._drop_poison, batch, waiters)
+            return
         self._reactor.callLater(delay, self._attempt, batch, waiters, attempt + 1,
                                 min(delay * 2, self._max_retry_delay))
+
+    def _drop_poison(self, batch: list[Any], waiters: list[defer.Deferred]) -> None:
+        self.dropped += 1
+        _log.critical("recording dropped an event the store refuses: {kind}", kind=type(batch[0]).__name__)
+        self.batches += 1
+        if not self.healthy:
+            self.healthy = True
+            self.last_error = ""
+        for w in waiters:
+            _fire_once(w, None)
+        self._settle(batch)
 
     def _singly(self, batch: list[Any], waiters: list[defer.Deferred], index: int, refused: list[Any],
                 attempt: int, delay: float) -> None:

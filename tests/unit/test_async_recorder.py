@@ -165,6 +165,39 @@ def test_poison_event_is_dropped_and_the_rest_stored():
     assert recorder.dropped == 1 and done == [None] and recorder.healthy
 
 
+def test_a_lone_poison_event_is_dropped_and_recording_goes_on():
+    """One event written alone that the store refuses as data is dropped after three attempts, so what comes
+    after is recorded (it was retried forever, and every later event queued behind it)."""
+    clock = Clock()
+    s = session()
+    bad = SessionEnd("nope", 1.0, 0, 0, "bad")
+    store = ScriptedStore(refuse=[bad])
+    recorder = AsyncRecorder(store, clock, retry_delay=0.01)
+    recorder.sessionStarted(s)
+    clock.advance(0.05)
+    recorder.sessionEnded(bad)
+    clock.advance(0.05)
+    record_all(recorder, [(op(s, 1), ALLOWED)])
+    done = fired(recorder.flush())
+    for _ in range(20):
+        clock.advance(0.05)
+    assert [a for a in store.attempts if a == [bad]] == [[bad]] * 3
+    assert store.stored == [s, (op(s, 1), ALLOWED)]
+    assert recorder.dropped == 1 and done == [None] and recorder.healthy
+
+
+def test_a_lone_event_is_never_dropped_while_the_store_is_unavailable():
+    """The same lone event, while the store says it cannot be reached, is retried until it is stored."""
+    clock = Clock()
+    s = session()
+    store = ScriptedStore([StoreUnavailable("down")] * 8)
+    recorder = AsyncRecorder(store, clock, retry_delay=0.01, max_retry_delay=0.01)
+    recorder.sessionStarted(s)
+    for _ in range(20):
+        clock.advance(0.05)
+    assert len(store.attempts) == 9 and store.stored == [s] and recorder.dropped == 0
+
+
 def test_deny_refuses_new_operations_while_the_store_fails_and_resumes():
     """on_failure deny: a failed write refuses its strict waiters and new operations; all is recorded once back."""
     clock = Clock()
