@@ -27,6 +27,10 @@ def read_admin(node: Node | None) -> AdminConfig | None:
         return None
     listen = _check_listen(node)
     tls = read_server_tls(node.child("tls", None))
+    if tls is not None and tls.client_ca is not None:
+        # the admin API authenticates callers by token; a client_ca here would be read and never asked for
+        raise ConfigError(node.sub("tls") + ".client_ca", "the admin API takes no client certificates: callers "
+                                                          "log in with a bearer token")
     roles_node = node.child("roles")
     roles: dict[str, frozenset[str]] = {}
     for role in ROLES:

@@ -454,3 +454,25 @@ def test_tls_needs_both_files(pems):
     """tls without a key is refused at targets[0].tls.key."""
     assert str(error_of(with_change("targets[0].tls", {"cert": "file:one.pem"}), pems)) == (
         "targets[0].tls.key: is required")
+
+
+def test_admin_tls_with_a_client_ca_is_refused(pems):
+    """The admin API authenticates by token and never asks for a client certificate: a client_ca there would be
+    a check the operator believes in that never runs, so it is refused by its path."""
+    data = good()
+    data["admin"] = {"listen": "tcp:9090:interface=127.0.0.1", "roles": {"admin": ["ops"]},
+                     "tls": {"cert": "file:one.pem", "key": "file:one.key", "client_ca": "file:two.pem"}}
+    e = error_of(data, pems)
+    assert e.path == "admin.tls.client_ca" and "bearer token" in e.message
+    del data["admin"]["tls"]["client_ca"]
+    assert read_config(data, pems).admin.tls.cert.reference == "file:one.pem"
+
+
+def test_an_ssh_target_with_tls_is_refused(pems):
+    """SSH has its own encryption: a tls mapping on an SSH target would be read and ignored, so it is refused."""
+    data = good()
+    data["targets"].append({"name": "web-1", "protocol": "ssh", "listen": "tcp:2222:interface=127.0.0.1",
+                            "tls": {"cert": "file:one.pem", "key": "file:one.key"},
+                            "upstream": {"host": "127.0.0.1", "port": 22, "user": "deploy", "password": "env:X"}})
+    e = error_of(data, pems)
+    assert e.path == "targets[1].tls" and "SSH targets take no tls" in e.message

@@ -35,7 +35,8 @@ class Upstream:
 @attrs.frozen
 class PostgresTarget:
     upstream: Upstream
-    #: bytes the gateway buffers for a slow reader before it stops reading upstream
+    #: reserved (checked, not used yet): each connection is the other's producer, so a slow reader stops
+    #: upstream reads when Twisted's own write buffer fills
     max_buffer: int = 256 * 1024
 
 

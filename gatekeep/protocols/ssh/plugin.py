@@ -105,6 +105,10 @@ class SshPlugin:
         return facts_for(operation)
 
     def parseTarget(self, node: Node) -> SshTarget:
+        if node.has("tls"):
+            # read_target takes every target's tls; SSH has its own encryption, and a tls here would be ignored
+            raise ConfigError(node.sub("tls"), "SSH targets take no tls: SSH encrypts the connection itself "
+                                               "(gatekeep's host key is host_key)")
         upstream = read_upstream(node.child("upstream"))
         host_key = node.secret("host_key", None, strip=False)
         if host_key is not None:
