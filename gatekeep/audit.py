@@ -93,7 +93,8 @@ def verify(store: Any, public: Any) -> Report:
 def _verify(store: Any, keys: _Keys) -> Report:
     report = Report()
     expected = _Expected()
-    pruned_at: float | None = None
+    #: node -> the time of the last entry its pruning checkpoint removed
+    pruned_at: dict[str, float] = {}
     for node in store.nodes():
         cp = store.checkpoint(node)
         start_seq, start_prev = 1, ledger.GENESIS
@@ -109,7 +110,7 @@ def _verify(store: Any, keys: _Keys) -> Report:
         report.problems.extend(str(p) for p in ledger.verify_chain(node, iter(entries), start_seq, start_prev))
         _seals(node, entries, keys, report)
         if cp is not None:
-            pruned_at = max(pruned_at or 0.0, float(cp.get("at") or 0.0))
+            pruned_at[node] = float(cp.get("at") or 0.0)
         for e in entries:
             expected.add(node, e)
     _cross_check(store, report, expected, pruned_at)
@@ -205,31 +206,37 @@ def _differing(expected: dict[str, Any], columns: tuple[str, ...], row: tuple, s
     return [c for c, want in expected.items() if _value(c, got.get(c), stored) != _value(c, want, stored)]
 
 
-def _cross_check(store: Any, report: Report, expected: _Expected, pruned_at: float | None) -> None:
+def _cross_check(store: Any, report: Report, expected: _Expected, pruned_at: dict[str, float]) -> None:
     """
     Every query table must say what the ledger says (read through the store's
-    ``audit_rows``): each column of each row, no row the ledger lacks (rows of
-    sessions that began before a pruning checkpoint excepted), none missing.
+    ``audit_rows``): each column of each row, no row the ledger lacks (rows
+    older than their own node's pruning checkpoint excepted), none missing.
     """
     from gatekeep.store._sql import AUDIT_TABLES
 
     stored = getattr(store, "table_text", lambda v: v)  # PostgreSQL text cannot hold NUL
+    # the node of each session, as its row says (a row's node is checked against the ledger below, so a row that
+    # lies about it is reported); an operation or stream event of a session with no row has no node: never pruned
+    node_of = {row[0]: row[1] for row in store.audit_rows("sessions")} if pruned_at else {}
 
-    def pruned(at: Any) -> bool:
-        return pruned_at is not None and isinstance(at, (int, float)) and at <= pruned_at
+    def pruned(at: Any, node: Any) -> bool:
+        bound = pruned_at.get(node)
+        return bound is not None and isinstance(at, (int, float)) and at <= bound
 
     _rows(report, store, "operations", expected.operations, lambda row: (row[0], row[1]), "at", "text",
-          lambda key: f"operation {key[0]}#{key[1]}", pruned, stored)
+          lambda key: f"operation {key[0]}#{key[1]}", lambda at, row: pruned(at, node_of.get(row[0])), stored)
     _rows(report, store, "sessions", expected.sessions, lambda row: row[0], "started_at", "identity",
-          lambda key: f"session {key}", pruned, stored)
+          lambda key: f"session {key}", lambda at, row: pruned(at, row[1]), stored)
 
-    for table, want, what, ats in (("stream_events", expected.streams, "stream event", 2),
-                                   ("login_failures", expected.failures, "failed login", 1)):
+    for table, want, what, ats, node in (("stream_events", expected.streams, "stream event", 2,
+                                          lambda key: node_of.get(key[0])),
+                                         ("login_failures", expected.failures, "failed login", 1,
+                                          lambda key: key[0])):
         width = len(AUDIT_TABLES[table][0]) - 1  # without the row id
         rows = Counter(tuple(stored(v) for v in row[:width]) for row in store.audit_rows(table))
         want = Counter({tuple(stored(v) for v in k): n for k, n in want.items()})
         for key, n in (rows - want).items():
-            if not pruned(key[ats]):
+            if not pruned(key[ats], node(key)):
                 report.problems.append(f"{what} {_name(table, key)}: its row in {table} was edited or has no record "
                                        f"in the ledger ({n} row{'s' if n > 1 else ''})")
         for key, n in (want - rows).items():
@@ -241,8 +248,8 @@ def _rows(report: Report, store: Any, table: str, expected: dict, key_of: Any, t
           name: Any, pruned: Any, stored: Any) -> None:
     """
     One row per key (an operation, a session): each must match its ledger
-    entries column by column; one with none is inserted (unless older than a
-    pruning checkpoint); an entry with no row was deleted. ``started`` is a
+    entries column by column; one with none is inserted (unless older than its
+    node's pruning checkpoint: ``pruned(at, row)``); an entry with no row was deleted. ``started`` is a
     column only the first entry gives (a row without it was pruned at its start).
     """
     from gatekeep.store._sql import AUDIT_TABLES
@@ -252,8 +259,8 @@ def _rows(report: Report, store: Any, table: str, expected: dict, key_of: Any, t
     for row in store.audit_rows(table):
         key = key_of(row)
         want = expected.pop(key, None)
-        if want is None or started not in want and not pruned(row[at]):
-            if not pruned(row[at]):
+        if want is None or started not in want and not pruned(row[at], row):
+            if not pruned(row[at], row):
                 report.problems.append(f"{name(key)}: its row in {table} has no record in the ledger (inserted)")
             continue
         wrong = _differing(want, columns, row, stored)

@@ -388,6 +388,34 @@ def test_prune_leaves_a_checkpoint_and_the_rest_verifies(backend, signer):
     assert audit.verify(store, signer.public).problems[0] == "record gk-1:9: deleted: record(s) 9 are missing before 10"
 
 
+def test_one_nodes_pruning_excuses_no_other_nodes_rows(backend):
+    """
+    Rows older than a pruning checkpoint may lack their ledger records, but only on the node that was pruned:
+    node gk-a pruned up to 350 must not excuse a session, operation, stream event or failed login made up for
+    node gk-b (which had nothing to prune) at 200.
+    """
+    ka, kb = (ledger.Signer(Ed25519PrivateKey.generate()) for _ in range(2))
+    a, b = backend.open("gk-a", ka), backend.open("gk-b", kb)
+    old = session("a-old", 100.0)
+    backend.write(a, [old, (op(old, 1), ALLOWED), SessionEnd("a-old", 350.0, 0, 0, "done")])
+    late = session("b-late", 500.0)
+    backend.write(b, [late, SessionEnd("b-late", 600.0, 0, 0, "done")])
+    a.prune(400.0, ka)
+    assert a.checkpoint("gk-b") is None and audit.verify(a, [ka.public, kb.public]).ok
+    backend.sql("INSERT INTO sessions (id, node, identity, groups, auth_method, target, protocol, client, tls,"
+                " attributes, started_at) SELECT 'b-made-up', node, 'bob', groups, auth_method, target, protocol,"
+                " client, tls, attributes, 200.0 FROM sessions WHERE id = 'b-late'")
+    backend.sql("INSERT INTO operations (session_id, seq, kind, text, at, action) VALUES ('b-made-up', 1, 'query',"
+                " 'select 2', 201.0, 'allow')")
+    backend.sql("INSERT INTO login_failures (node, at, target, protocol, client, claimed, reason) VALUES"
+                " ('gk-b', 202.0, 'db', 'postgres', '10.0.0.9:40000', 'eve', 'wrong token')")
+    assert audit.verify(a, [ka.public, kb.public]).problems == [
+        "operation b-made-up#1: its row in operations has no record in the ledger (inserted)",
+        "session b-made-up: its row in sessions has no record in the ledger (inserted)",
+        "failed login at 202.0 on node gk-b (target db, client 10.0.0.9:40000): its row in login_failures was "
+        "edited or has no record in the ledger (1 row)"]
+
+
 def test_forged_checkpoint_is_caught(backend, signer):
     """A checkpoint moved forward (to hide pruned-away records) no longer carries a valid signature."""
     store = backend.open(signer=signer)
