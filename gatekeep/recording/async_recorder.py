@@ -214,15 +214,18 @@ class AsyncRecorder(InOrder, Backlog):
             return
         if attempt >= _POISON_AFTER and len(batch) == 1 and refused_as_data(f.value):
             # one event alone that the store refuses as data is poison: retrying it would stall all recording
-            self._reactor.callLater(0, self._drop_poison, batch, waiters)
+            self._reactor.callLater(0, self._done_dropping, batch, waiters, batch)
             return
         self._reactor.callLater(delay, self._attempt, batch, waiters, attempt + 1,
                                 min(delay * 2, self._max_retry_delay))
 
-    def _drop_poison(self, batch: list[Any], waiters: list[defer.Deferred]) -> None:
-        self.dropped += 1
-        _log.critical("recording dropped an event the store refuses: {kind}", kind=type(batch[0]).__name__)
+    def _done_dropping(self, batch: list[Any], waiters: list[defer.Deferred], refused: list[Any]) -> None:
+        """``batch`` is done with: stored but for ``refused``, the events the store refuses (poison), dropped."""
+        for event in refused:
+            self.dropped += 1
+            _log.critical("recording dropped an event the store refuses: {kind}", kind=type(event).__name__)
         self.batches += 1
+        self.written += len(batch) - len(refused)
         if not self.healthy:
             self.healthy = True
             self.last_error = ""
@@ -242,17 +245,7 @@ class AsyncRecorder(InOrder, Backlog):
                 self._reactor.callLater(delay, self._attempt, batch, waiters, attempt + 1,
                                         min(delay * 2, self._max_retry_delay))
                 return
-            for event in refused:
-                self.dropped += 1
-                _log.critical("recording dropped an event the store refuses: {kind}", kind=type(event).__name__)
-            self.batches += 1
-            self.written += len(batch) - len(refused)
-            if not self.healthy:
-                self.healthy = True
-                self.last_error = ""
-            for w in waiters:
-                _fire_once(w, None)
-            self._settle(batch)
+            self._done_dropping(batch, waiters, refused)
             return
         d = defer.maybeDeferred(self._store.write, [batch[index]])
 
