@@ -92,6 +92,14 @@ class Chain:
     approvals: Any = attrs.field(factory=NoApprovals)
     #: counters and histograms the admin API serves at /metrics
     metrics: GatewayMetrics = attrs.field(factory=GatewayMetrics)
+    #: how many times the policy was replaced (:meth:`use_policy`): a relay that keeps a decision past the
+    #: operation it was made for (a prepared statement's) asks again once this changed
+    policy_generation: int = 0
+
+    def use_policy(self, policy: IPolicy) -> None:
+        """Judge every operation from now on by ``policy`` (a configuration reload)."""
+        self.policy = policy
+        self.policy_generation += 1
 
     # -- identity -----------------------------------------------------------
 

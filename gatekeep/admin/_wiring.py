@@ -97,7 +97,8 @@ def add_approvals_and_admin(top: service.MultiService, config: Any, gateway: Any
     reader = store if getattr(store, "aio", None) is not None else SQLiteStore(store.path, node=config.node,
                                                                                readonly=True)
     approvals = ApprovalService(
-        reactor, getattr(chain.policy, "review_for", lambda name: None),
+        # the policy of now (a reload replaces it), asked for a rule's review settings
+        reactor, lambda name: getattr(chain.policy, "review_for", lambda _: None)(name),
         StoreApprovals.for_store(reader, chain.record, reactor), notifier=notifier, registry=registry,
         node=config.node, max_pending=settings.max_pending, approve_command=settings.approve_command)
     chain.approvals = approvals

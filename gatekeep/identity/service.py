@@ -9,8 +9,12 @@ replace the old ones at once, and every live session is asked again, so
 sessions whose identity was removed, whose groups or token changed, or whose
 OIDC issuer or audience is no longer accepted end, and the others go on.
 
-Only ``identities`` and ``oidc`` are reloaded; other changes (targets,
-policies, masking, recording) are reported in the log and need a restart.
+``policies`` and ``masking`` are reloaded too: every operation from then on
+is judged by the new rules (decisions cached under the old ones are dropped,
+and a prepared statement is judged again at its next execution), and sessions
+that start from then on are masked by the new rules; an open session keeps the
+masking it started with. Other changes (targets, recording, store, node) are
+reported in the log and need a restart.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from gatekeep.identity.tokens import StaticIdentityProvider
 _log = Logger()
 
 #: configuration sections a reload does not apply
-_NOT_RELOADED = ("targets", "policies", "masking", "recording", "store", "node")
+_NOT_RELOADED = ("targets", "recording", "store", "node")
 
 
 def providers_for(config: Config, reactor: Any, previous: list | None = None) -> list:
@@ -101,12 +105,31 @@ class IdentityService(service.Service):
             for provider in self._oidc(new):
                 if provider not in old:
                     self._start(provider)
+        rules = self._rules(config)
         changed = [key for key in _NOT_RELOADED if getattr(config, key) != getattr(self.config, key)]
         if changed:
-            _log.warn("configuration reload: {sections} changed and need a restart; identities were reloaded",
-                      sections=", ".join(changed))
+            _log.warn("configuration reload: {sections} changed and need a restart; identities, policies and "
+                      "masking were reloaded", sections=", ".join(changed))
         self.config = config
         ended = self.gateway.recheck_sessions()
-        _log.info("configuration reloaded: {identities} identities{oidc}; {ended} sessions ended",
+        _log.info("configuration reloaded: {identities} identities{oidc}{rules}; {ended} sessions ended",
                   identities=len(config.identities), oidc=", OIDC issuer " + config.oidc.issuer if config.oidc else "",
-                  ended=len(ended))
+                  rules=rules, ended=len(ended))
+
+    def _rules(self, config: Config) -> str:
+        """Put the policies and masking rules of ``config`` in use where they changed; what changed, for the log."""
+        from gatekeep.masking.rules import MaskingPolicy
+        from gatekeep.plugin import protocol_plugins
+        from gatekeep.policy.engine import RuleEngine
+
+        chain = self.gateway.chain
+        said = ""
+        # only what the configuration built (a RuleEngine, a MaskingPolicy) is replaced by what it now says
+        if config.policies != self.config.policies and isinstance(chain.policy, RuleEngine):
+            # targets are not reloaded: the running ones keep their default_action and unjudgeable settings
+            chain.use_policy(RuleEngine(config.policies, chain.policy.targets, protocol_plugins()))
+            said += f", {len(config.policies)} policy rules"
+        if config.masking != self.config.masking and isinstance(chain.masking, MaskingPolicy):
+            chain.masking = MaskingPolicy(config.masking)
+            said += f", {len(config.masking)} masking rules (for sessions that start from now)"
+        return said

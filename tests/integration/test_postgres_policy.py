@@ -1194,3 +1194,46 @@ def test_a_statement_parsed_again_is_never_masked_by_its_earlier_description(gw)
         named = [b for t, b in c.until_ready() if t == b"D"]
     assert len(unnamed) == len(named) == len(USERS_ROWS)
     assert all(email.encode() not in b"".join(unnamed + named) for _, _, email, _ in USERS_ROWS), unnamed + named
+
+
+def test_a_policy_reload_judges_open_sessions_and_their_prepared_statements_anew(gatekeep, pg_server):
+    """SIGHUP with a new deny rule: a session that was open before it is judged by the new rule at its next
+    statement, and so is a statement it prepared (and ran) before the reload, at its next execution; new masking
+    rules mask the sessions that start after the reload."""
+    import signal
+
+    from tests.integration.policy_helpers import poll
+
+    token, entry = make_identity("agent", ["agents"])  # (the module's fixtures made the tables and the probe rows)
+    config = policy_config(pg_server.port, [entry])
+    config["policies"], config["masking"] = [], []
+    gk = gatekeep(config, env={PASSWORD_ENV: pg_server.passwords["app_rw"], MASK_KEY_ENV: "k" * 32})
+
+    def connect():
+        return psycopg.connect(host="127.0.0.1", port=gk.ports["pol"], user="agent", password=token, dbname="app",
+                               sslmode="disable", autocommit=True)
+
+    read = f"SELECT v FROM {PROBE} WHERE id = %s"
+    with connect() as before:
+        assert before.execute(read, (1,), prepare=True).fetchall() == [("one",)]  # a named, prepared statement
+        assert before.execute(f"SELECT count(*) FROM {SCRATCH}").fetchall() == [(0,)]
+        config["policies"] = [{"name": "no-probe-reads", "action": "deny", "match": {"tables": [PROBE]}}]
+        config["masking"] = [{"name": "hide-v", "columns": [f"{PROBE}.v"], "strategy": "redact"}]
+        gk.write_config()
+        gk.send_signal(signal.SIGHUP)
+        poll("the reload", lambda: "configuration reloaded" in gk.log_text())
+        assert "1 policy rules, 1 masking rules" in gk.log_text()
+        with pytest.raises(pgerr.InsufficientPrivilege) as denied:
+            before.execute(read, (2,), prepare=True)  # Bind and Execute of the statement prepared before
+        assert denial_text("no-probe-reads") in str(denied.value)
+        with pytest.raises(pgerr.InsufficientPrivilege):
+            before.execute(f"SELECT v FROM {PROBE}")
+        assert before.execute(f"SELECT count(*) FROM {SCRATCH}").fetchall() == [(0,)]  # other tables still read
+        # the session keeps the masking it started with: none
+        assert before.execute(f"SELECT v FROM {SCRATCH}").fetchall() == []
+    config["policies"] = []
+    gk.write_config()
+    gk.send_signal(signal.SIGHUP)
+    poll("the second reload", lambda: gk.log_text().count("configuration reloaded") == 2)
+    with connect() as after:  # started after the reload: masked by the new rule; the deny rule is gone
+        assert after.execute(f"SELECT v FROM {PROBE} ORDER BY id").fetchall() == [("****",)] * len(PROBE_ROWS)

@@ -296,3 +296,32 @@ def test_a_relay_without_terminate_is_closed_with_the_reason():
     assert relay.transport.disconnecting
     assert relay.end_reason == "access ended: the token expired"
     assert gateway.terminate("nope", "x") is False
+
+
+def test_reload_puts_new_policies_and_masking_in_use():
+    """Policies and masking rules of a reloaded configuration replace the running ones: a statement allowed
+    before is denied by the new rule, the policy's generation moves (relays ask again about decisions they keep),
+    and sessions that start from then on get the new masking rules; an unchanged configuration changes nothing."""
+    from gatekeep.masking.rules import MaskingPolicy, MaskingRule
+    from gatekeep.model import Action, ClientAddress, Operation, Session
+    from gatekeep.plugin import protocol_plugins
+    from gatekeep.policy.engine import RuleEngine, Rule
+    from gatekeep.testing import make_gateway
+
+    target = attrs.make_class("T", {"name": attrs.field(), "default_action": attrs.field(),
+                                    "unjudgeable": attrs.field()})("db", "allow", "deny")
+    gateway = make_gateway(policy=RuleEngine((), {"db": target}, protocol_plugins()), masking=MaskingPolicy(()))
+    chain = gateway.chain
+    session = Session("s1", Identity("bob", frozenset({"dev"}), "token"), "db", "http", ClientAddress("::1", 1),
+                      False, 1.0)
+    op = Operation(session, 1, "http", "DELETE /x", 2.0)
+    assert chain.policy.decide(op).action is Action.ALLOW
+    service = IdentityService(gateway, FakeConfig((static_identity("bob"),)))
+    deny = Rule("no-bob", Action.DENY, identities=("bob",))
+    pii = MaskingRule("pii", None, None, None, keys=("email",))
+    service.apply(FakeConfig((static_identity("bob"),), policies=(deny,), masking=(pii,)))
+    assert chain.policy_generation == 1 and chain.policy.targets == {"db": target}
+    assert (chain.policy.decide(op).action, chain.policy.decide(op).rule) == (Action.DENY, "no-bob")
+    assert chain.masking.planFor(session).rules == (pii,)
+    service.apply(FakeConfig((static_identity("bob"),), policies=(deny,), masking=(pii,)))
+    assert chain.policy_generation == 1

@@ -29,7 +29,8 @@ class Statement(NamedTuple):
     decision: Decision | None
     #: whether running it may run code that changes settings (see _encoding.ReadingSettings)
     runs_code: bool
-    #: the session's SqlSessionState key it was judged under (names resolve by the search_path of then)
+    #: what its decision holds under (the relay's _judging: the search_path, by which names resolve, and the
+    #: policy's generation)
     judged_under: Any
     #: masking's verdict on its results (ResultMasking.parse_for), None without masking
     masking: Any = None

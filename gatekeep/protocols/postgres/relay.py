@@ -525,7 +525,7 @@ class Frontend(ClientStartup, protocol.Protocol):
                 self.sql_state.apply(analysis)
                 results = self.results
                 self.statements.parsed(self.tracker.syncs_sent + 1, parse.statement, Statement(
-                    parse.query, decision, analysis.runs_code, self.sql_state.key(),
+                    parse.query, decision, analysis.runs_code, self._judging(),
                     None if results is None else results.parse_for(analysis, self.sql_state)))
                 out.append(m.encode())
                 return
@@ -599,6 +599,11 @@ class Frontend(ClientStartup, protocol.Protocol):
             self.statements.bound(group, bind.portal, None)
         out.append(m.encode())
 
+    def _judging(self) -> tuple:
+        """What a prepared statement's decision holds under: the session's search_path (its SqlSessionState key)
+        and the policy (its generation: a reload replaces it)."""
+        return self.sql_state.key(), self.gateway.chain.policy_generation
+
     def on_execute(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
         execute = pg.parse_execute(m.body)
         found = self.statements.portal(execute.portal)
@@ -631,9 +636,10 @@ class Frontend(ClientStartup, protocol.Protocol):
                 self.upstream.stream.hold = True
                 out.append(pg.parse("", POISON, ()) + pg.bind("", "", (), (), ()) + pg.execute(""))
 
-        if decision is None or judged_under != self.sql_state.key():
+        if decision is None or judged_under != self._judging():
             # judged again: the server resolves names at each execution by the search_path of then (a SET
-            # search_path since the Parse), and a statement a SQL PREPARE made is judged as its EXECUTE
+            # search_path since the Parse), the policy may have been reloaded since, and a statement a SQL
+            # PREPARE made is judged as its EXECUTE
             return self._judge(op, carry_out, self._refine_for(text))
         return self._record(op, decision, carry_out)
 
