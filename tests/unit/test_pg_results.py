@@ -87,7 +87,7 @@ def test_a_portal_keeps_the_verdict_of_the_parse_it_was_bound_to():
     tracker, results = fresh()
     first = results.parse_for(analyze("SELECT lower(email) FROM users"), None)
     results.described("P", "p1", first)
-    results.executing("", (0,), first)
+    results.executing("", (0,), first, "p1")
     results.executing("", (0,), results.parse_for(analyze("SELECT upper(name) FROM users"), None))
     tracker.add(None, "execute", 0.0)
     tracker.group_ends()
@@ -280,3 +280,26 @@ def test_a_copy_out_gatekeep_did_not_see_sent_fails_closed():
     assert results.server_message(b"H", struct.pack("!bhhh", 0, 2, 0, 0)) is None
     row = results.server_message(b"d", b"1\tada@example.com\n")
     assert row is not None and b"ada@example.com" not in row and row.endswith(b"\\N\t\\N\n")
+
+
+def test_the_fields_of_a_described_portal_name_the_rows_of_that_portal_only():
+    """Describe P a, Describe P b, Execute a, Execute b, Sync: both RowDescriptions arrive before any row. The
+    second named the rows of the first (email read as b's id, in clear); each portal's rows get its own."""
+    from gatekeep.protocols.postgres.sql import analyze
+
+    tracker, results = fresh()
+    a = results.parse_for(analyze("SELECT id, email FROM users"), None)
+    b = results.parse_for(analyze("SELECT email, id FROM users"), None)
+    results.described("P", "a", a)
+    results.described("P", "b", b)
+    results.executing("s1", (), a, "a")
+    results.executing("s2", (), b, "b")
+    for _ in range(2):
+        tracker.add(None, "execute", 0.0)
+    tracker.group_ends()
+    assert results.server_message(b"T", pg.row_description(FIELDS)[5:]) is None
+    assert results.server_message(b"T", pg.row_description(FIELDS[::-1])[5:]) is None
+    assert list(values(results.server_message(b"D", pg.data_row([b"1", b"ada@example.com"])[5:]))) == [b"1", b"****"]
+    tracker.command_complete("SELECT 1")
+    results.result_ended()
+    assert list(values(results.server_message(b"D", pg.data_row([b"bob@example.com", b"2"])[5:]))) == [b"****", b"2"]

@@ -29,6 +29,14 @@ Handler = Callable[[bytes, bytes], "bytes | None"]
 
 _HEADER = struct.Struct("!cI")
 
+#: the server messages that may be long: libpq's VALID_LONG_MESSAGE_TYPE (RowDescription, DataRow, CopyData,
+#: FunctionCallResponse, ErrorResponse, NoticeResponse, NotificationResponse), and ParameterDescription and
+#: ParameterStatus, which drivers other than libpq may meet long
+LONG_TYPES = frozenset({b"T", b"D", b"d", b"V", b"E", b"N", b"A", b"t", b"S"})
+#: any other message longer than this (libpq's limit too) is a stream that lost its framing: taken as it is,
+#: its "body" would carry the messages that follow past every check, and past masking
+SHORT_LIMIT = 30000
+
 
 class BackendStream:
     def __init__(self, interesting: set[bytes], handler: Handler, max_length: int = MAX_MESSAGE) -> None:
@@ -49,6 +57,10 @@ class BackendStream:
 
     def at_boundary(self) -> bool:
         return not (self._skip or self._hdr or self._type is not None)
+
+    def forwarded_whole(self) -> bool:
+        """Whether what was forwarded so far ends at a message boundary (a message held back is not forwarded)."""
+        return not (self._skip or (self._type is not None and not self._held) or (self._hdr and self._hdr_sent))
 
     def feed(self, data: bytes, later: list | None = None) -> list[bytes]:
         """
@@ -93,7 +105,7 @@ class BackendStream:
         interesting, unpack, handler, limit = self.interesting, _HEADER.unpack_from, self._handler, self._max
         while pos + 5 <= n:
             mtype, length = unpack(data, pos)
-            if length < 4 or length > limit:
+            if length < 4 or length > limit or (length > SHORT_LIMIT and mtype not in LONG_TYPES):
                 raise ProtocolError(f"server message {mtype!r} has an invalid length {length}")
             end = pos + 1 + length
             if end > n:
@@ -168,7 +180,7 @@ class BackendStream:
             self._hdr_sent = False
             mtype = header[0:1]
             length = int.from_bytes(header[1:5], "big")
-            if length < 4 or length > self._max:
+            if length < 4 or length > self._max or (length > SHORT_LIMIT and mtype not in LONG_TYPES):
                 raise ProtocolError(f"server message {mtype!r} has an invalid length {length}")
             body_len = length - 4
             if mtype in interesting:

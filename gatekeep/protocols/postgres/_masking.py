@@ -239,18 +239,36 @@ def mask_message_fields(fields: dict[str, str], detect: tuple[MaskingRule, ...],
 
 
 def mask_data_row(columns: list[Column | None], body: bytes, counts: dict[str, int]) -> bytes | None:
-    """The DataRow message with masked values, or None when nothing changed."""
+    """
+    The DataRow message with masked values, or None when nothing changed. A row that is malformed or does not
+    have one value per column raises ProtocolError: read otherwise than the client reads it, a value could pass
+    unmasked.
+    """
+    size = len(body)
+    if size < 2:
+        raise pg.ProtocolError("malformed DataRow message: truncated")
     n = (body[0] << 8) | body[1]
+    width = len(columns)
+    if n != width:
+        raise pg.ProtocolError(f"DataRow message with {n} values for {width} columns")
     pos = 2
     pieces: list[bytes] | None = None
     last = 0
     unpack = _I32.unpack_from
-    width = len(columns)
     for i in range(n):
+        if pos + 4 > size:
+            raise pg.ProtocolError("malformed DataRow message: truncated")
         length = unpack(body, pos)[0]
         start = pos + 4
-        end = start + length if length > 0 else start
-        col = columns[i] if i < width else None
+        if length < 0:
+            if length != -1:
+                raise pg.ProtocolError(f"malformed DataRow message: invalid value length {length}")
+            end = start
+        else:
+            end = start + length
+            if end > size:
+                raise pg.ProtocolError("malformed DataRow message: truncated")
+        col = columns[i]
         if col is not None and length >= 0:
             new = col.apply(body[start:end], counts)
             if new is not False:
@@ -260,6 +278,8 @@ def mask_data_row(columns: list[Column | None], body: bytes, counts: dict[str, i
                 pieces.append(_NULL if new is None else _I32.pack(len(new)) + new)
                 last = end
         pos = end
+    if pos != size:
+        raise pg.ProtocolError("malformed DataRow message: unexpected trailing bytes")
     if pieces is None:
         return None
     pieces.append(body[last:])
@@ -318,6 +338,9 @@ def mask_copy_text_row(columns: list[Column | None], data: bytes, counts: dict[s
     line = data.decode(codec, "replace")
     newline = line.endswith("\n")
     fields = _copy_split(line[:-1] if newline else line, layout.delimiter)
+    if len(fields) != len(columns):
+        # not the row the columns name (a field more would pass unmasked)
+        raise pg.ProtocolError(f"COPY row with {len(fields)} fields for {len(columns)} columns")
     changed = False
     for i, col in enumerate(columns):
         if col is None or i >= len(fields) or fields[i] == layout.null:

@@ -25,7 +25,7 @@ __all__ = [
     "parse_describe_or_close", "parse_password", "parse_sasl_initial", "parse_copy_fail", "Field", "Notification",
     "parse_authentication", "parse_sasl_mechanisms", "parse_fields", "parse_command_complete",
     "parse_ready_for_query", "parse_row_description", "parse_data_row", "parse_parameter_status",
-    "parse_backend_key_data", "parse_notification",
+    "parse_backend_key_data", "parse_notification", "parse_copy_response", "parse_parameter_description",
 ]
 
 
@@ -374,6 +374,25 @@ def parse_parameter_status(body: bytes) -> tuple[str, str]:
     name, value = cur.cbytes().decode("utf-8", "surrogateescape"), cur.cbytes().decode("utf-8", "surrogateescape")
     cur.done()
     return name, value
+
+
+def parse_copy_response(body: bytes, what: str = "CopyOutResponse") -> tuple[int, tuple[int, ...]]:
+    """Decode a CopyOutResponse (or CopyInResponse, CopyBothResponse) body to (overall format, column formats)."""
+    cur = _Cursor(body, what)
+    overall = cur.take(1)[0]
+    formats = tuple(cur.int16() for _ in range(cur.uint16()))
+    cur.done()
+    if overall not in (0, 1) or any(f not in (0, 1) for f in formats):
+        raise cur.error("invalid format code")
+    return overall, formats
+
+
+def parse_parameter_description(body: bytes) -> tuple[int, ...]:
+    """Decode a ParameterDescription body to the parameters' type OIDs."""
+    cur = _Cursor(body, "ParameterDescription")
+    types = tuple(cur.uint32() for _ in range(cur.uint16()))
+    cur.done()
+    return types
 
 
 def parse_backend_key_data(body: bytes) -> tuple[int, int]:

@@ -41,8 +41,15 @@ STATISTICS = frozenset({"pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_st
 #: ``Key (email)=(ada@x.io) already exists``
 _ROW_DETAILS = ("Failing row contains", "Key (")
 
-#: the server messages masking watches, on top of what the relay watches anyway
-WATCHED = frozenset({b"T", b"n", b"D", b"H", b"d", b"c", b"S", b"N", b"A"})
+#: the server messages masking watches: all of them, since one masking does not expect (a type it does not know,
+#: a CopyData outside a COPY, a BindComplete with a body) could carry a value past it
+WATCHED = frozenset(bytes([i]) for i in range(256))
+
+#: server messages that never have a body
+_EMPTY = frozenset({b"2", b"n", b"c"})
+#: what a FunctionCallResponse becomes: a NULL result (a fastpath call names its function by OID; its result
+#: cannot be tied to a column)
+_NULL_RESULT = b"V\x00\x00\x00\x08\xff\xff\xff\xff"
 
 
 @attrs.frozen(eq=False)
@@ -65,7 +72,10 @@ class ResultMasking:
         self._executes: deque = deque()    # (group, statement, result formats, its Parse) of Executes in flight
         self._copies: deque = deque()      # (group, columns, layout) for COPY TO STDOUT statements in flight
         self._statement_fields: dict[str, tuple] = {}
+        self._portal_fields: dict[str, tuple] = {}  # (its Parse, fields) of each portal described in this group
         self._row_columns: list | None = None
+        self._row_width = 0                # the values of a row described by the last RowDescription
+        self._copy_out = False             # a COPY OUT is under way: CopyData may come
         self._copy_columns: list | None = None
         self._copy_layout: _masking.CopyLayout | None = None
         self._copy_header = False
@@ -91,10 +101,13 @@ class ResultMasking:
         """A Close of a statement ("S") or a portal ("P") went to the server."""
         if kind == "S":
             self._statement_fields.pop(name, None)
+        else:
+            self._portal_fields.pop(name, None)
 
-    def executing(self, statement: str, result_formats: tuple[int, ...], parse: "_Parsed | None") -> None:
-        """An Execute of a portal bound to ``statement`` (its Parse ``parse``) went to the server."""
-        self._executes.append((self.tracker.syncs_sent + 1, statement, result_formats, parse))
+    def executing(self, statement: str, result_formats: tuple[int, ...], parse: "_Parsed | None",
+                  portal: str = "") -> None:
+        """An Execute of ``portal``, bound to ``statement`` (its Parse ``parse``), went to the server."""
+        self._executes.append((self.tracker.syncs_sent + 1, statement, result_formats, parse, portal))
 
     def derives(self, analysis: Any, sql_state: Any) -> int:
         """
@@ -183,6 +196,9 @@ class ResultMasking:
         try:
             fields = pg.parse_fields(body, self.codec)
         except pg.ProtocolError:
+            fields = None
+        if fields is None or not all(key.isascii() for key in fields):
+            # a message gatekeep cannot read, or write again (a field code that is not ASCII)
             return pg.fields_message(mtype, {"S": "ERROR" if mtype == b"E" else "NOTICE", "C": "XX000",
                                              "M": "gatekeep masked a message it could not read"})
         if not derived and self._masked_names and fields.get("D", "").startswith(_ROW_DETAILS):
@@ -264,12 +280,16 @@ class ResultMasking:
         """One of the :data:`WATCHED` messages: the replacement to send, or None to keep it."""
         if mtype == b"D":
             return self._mask_row(body)
+        if mtype in _EMPTY and body:
+            raise pg.ProtocolError(f"server message {mtype!r} with a body")
         if mtype == b"T":
             self._row_description(pg.parse_row_description(body))
         elif mtype == b"n":
             if self._describes and self._describes[0][0] == self.tracker.syncs_seen + 1:
                 self._describes.popleft()
         elif mtype == b"d":
+            if not self._copy_out:
+                raise pg.ProtocolError("CopyData from the server outside a COPY OUT")
             if self._copy_columns is not None:
                 if self._copy_header:
                     self._copy_header = False  # the column names, not a row
@@ -278,15 +298,22 @@ class ResultMasking:
                                                    self._copy_layout)
         elif mtype == b"H":
             columns, layout = None, None
-            width = int.from_bytes(body[1:3], "big")
+            overall, formats = pg.parse_copy_response(body)
+            width = len(formats)
             if self._copies and self._copies[0][0] == self.tracker.syncs_seen + 1:
                 _, columns, layout = self._copies.popleft()
             else:
-                # a COPY gatekeep did not see sent (it lost track of the pipeline): fail closed, every field NULL
-                columns = [_masking.Column(_masking.WHOLE_ROW, (), 25, False, self.codec)] * width
-                self._count_unknown_shape()
+                columns = _masking.REFUSE  # a COPY gatekeep did not see sent (it lost track of the pipeline)
             if columns == _masking.DETECT_ALL:
                 columns = _masking.detect_all(self.plan, width, self.codec)
+            if columns == _masking.REFUSE or (columns is not None and len(columns) != width):
+                # a COPY gatekeep did not see sent, or not of the columns it expected (the table changed since
+                # the session started): fail closed, every field NULL
+                columns = [_masking.Column(_masking.WHOLE_ROW, (), 25, False, self.codec)] * width
+                self._count_unknown_shape()
+            if columns is not None and overall != 0:
+                raise pg.ProtocolError("a binary COPY OUT where gatekeep masks text")
+            self._copy_out = True
             self._copy_columns = columns
             self._copy_layout = layout
             self._copy_header = layout is not None and layout.header
@@ -298,7 +325,17 @@ class ResultMasking:
         elif mtype == b"A":
             return self.notification(body)
         elif mtype == b"c":
+            self._copy_out = False
             self._copy_columns = None
+        elif mtype == b"V":
+            self._count_unknown_shape()
+            return _NULL_RESULT
+        elif mtype == b"t":
+            pg.parse_parameter_description(body)  # type OIDs, no value
+        elif mtype not in _EMPTY:
+            # Authentication, BackendKeyData, CopyBothResponse, NegotiateProtocolVersion, or no message at all: none
+            # has a place in a relayed session
+            raise pg.ProtocolError(f"unexpected server message {mtype!r}")
         return None
 
     def parameter_status(self, name: str, value: str) -> None:
@@ -308,6 +345,8 @@ class ResultMasking:
     def result_ended(self) -> None:
         """A CommandComplete, ErrorResponse, EmptyQueryResponse or PortalSuspended."""
         self._row_columns = None
+        self._copy_out = False  # an error ends a COPY OUT too
+        self._copy_columns = None
         current = self.tracker.syncs_seen + 1
         if self._executes and self._executes[0][0] == current:
             self._executes.popleft()
@@ -319,6 +358,8 @@ class ResultMasking:
             while queue and queue[0][0] <= seen:
                 queue.popleft()
         self._row_columns = None
+        self._portal_fields.clear()
+        self._copy_out = False
         self._copy_columns = None
 
     # -- rows -----------------------------------------------------------------------------
@@ -333,16 +374,19 @@ class ResultMasking:
 
     def _row_description(self, fields: tuple) -> None:
         current = self.tracker.syncs_seen + 1
-        parse, extended = None, False
         if self._describes and self._describes[0][0] == current:
             _, kind, name, parse = self._describes.popleft()
             if kind == "S":
                 if parse is not None:
                     self._statement_fields[name] = (parse, fields)  # the formats come with each Bind
-                return
-            extended = True  # a portal: the Parse it was bound to
+            else:
+                # a portal's: they name the rows of an Execute of that portal, which need not be the next one
+                # (Describe P a, Describe P b, Execute a, Execute b)
+                self._portal_fields[name] = (parse, fields)
+            return
+        self._row_width = len(fields)
         self._row_columns = _masking.plan_columns(self.plan, fields, None, self.catalog, self.codec,
-                                                  self._derived_for(parse, extended)) or []
+                                                  self._derived_for(None, False)) or []
 
     def _count_unknown_shape(self) -> None:
         """Rows (or COPY output) gatekeep could not tie to columns, all NULL: counted as such."""
@@ -350,23 +394,34 @@ class ResultMasking:
         counts["unknown-shape"] = counts.get("unknown-shape", 0) + 1
 
     def _mask_row(self, body: bytes) -> bytes | None:
+        if len(body) < 2:
+            raise pg.ProtocolError("malformed DataRow message: truncated")
         columns = self._row_columns
         if columns is None:
-            # rows of an Execute whose portal was not described: its statement's fields, the Bind's formats
+            # rows of an Execute: the fields of its portal described in this group (its formats included), or
+            # else of its statement (the Bind's formats)
             current = self.tracker.syncs_seen + 1
             fields = None
             parse = None
             if self._executes and self._executes[0][0] == current:
-                _, statement, formats, parse = self._executes[0]
-                described = self._statement_fields.get(statement)
-                if described is not None and parse is not None and described[0] is parse:
-                    fields = described[1]  # described after the very Parse this portal was bound to
+                _, statement, formats, parse, portal = self._executes[0]
+                described = self._portal_fields.get(portal)
+                if described is not None and described[0] is parse:
+                    fields, formats = described[1], None
+                else:
+                    described = self._statement_fields.get(statement)
+                    if described is not None and parse is not None and described[0] is parse:
+                        fields = described[1]  # described after the very Parse this portal was bound to
             if fields is None:
                 # rows gatekeep cannot name: fail closed, every value becomes NULL
                 self._count_unknown_shape()
                 return pg.data_row([None] * ((body[0] << 8) | body[1]))
+            self._row_width = len(fields)
             columns = self._row_columns = _masking.plan_columns(
                 self.plan, fields, formats, self.catalog, self.codec, self._derived_for(parse, True)) or []
         if not columns:
+            if (body[0] << 8) | body[1] != self._row_width:
+                raise pg.ProtocolError(f"DataRow message with {(body[0] << 8) | body[1]} values for"
+                                       f" {self._row_width} columns")
             return None
         return _masking.mask_data_row(columns, body, self._counts())

@@ -39,12 +39,17 @@ class Pending:
     done: bool = False
     #: values masked in this operation's results, by rule (and rule/detector)
     masked: dict | None = None
+    #: the Syncs (by number) the client sent right after this Execute or Query, nothing but Flush between: the
+    #: server ignores them if it starts a COPY FROM STDIN (copy-in mode)
+    syncs_after: list | None = None
+    #: the server started a COPY FROM STDIN (CopyInResponse) for it
+    copy_in: bool = False
 
 
 def rows_of(tag: str) -> int | None:
     """The row count in a command tag (``SELECT 3``, ``INSERT 0 5``, ``COPY 10``)."""
     head, _, last = tag.rpartition(" ")
-    if head and last.isdigit():
+    if head and last.isascii() and last.isdigit():  # not "²", which isdigit() takes and int() does not
         return int(last)
     return None
 

@@ -26,8 +26,19 @@ from gatekeep.tls import client_options
 _log = Logger()
 
 #: server messages the relay looks at while relaying (ParseComplete and CloseComplete: a statement change took
-#: effect)
-WATCHED = {b"C", b"E", b"Z", b"I", b"s", b"S", b"1", b"3"}
+#: effect; CopyInResponse: the server ignores Syncs until the COPY's data)
+WATCHED = {b"C", b"E", b"Z", b"I", b"s", b"S", b"1", b"3", b"G"}
+
+
+class EndSession(Exception):
+    """Raised by the handler of a server message: the session ends with this FATAL (a setting the server reports
+    that gatekeep cannot relay), sent once the client's stream is at a message boundary."""
+
+    def __init__(self, code: str, message: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.message = message
+        self.reason = reason
 
 
 class Upstream(protocol.Protocol):
@@ -74,26 +85,30 @@ class Upstream(protocol.Protocol):
         if self.state == "ready":
             fe = self.frontend
             later: list = []
+            whole = self.stream.forwarded_whole()
             try:
                 out = self.stream.feed(data, later)
             except Exception as e:  # a malformed server message, or a handler that failed on one
-                self._broken(e)
+                self._broken(e, whole)  # nothing of this chunk went to the client
                 return
-            for chunk in out:
-                fe.bytes_out += len(chunk)
-            sendnow.write_many(fe.transport, out)
+            if not fe.closed:  # (a handler may have ended the session: nothing follows its FATAL)
+                for chunk in out:
+                    fe.bytes_out += len(chunk)
+                sendnow.write_many(fe.transport, out)
             if later:
                 # a chunk that passed unchanged: its CommandComplete, ReadyForQuery ... are
                 # accounted for now that the client has it
                 try:
                     self.stream.handle(later)
                 except Exception as e:
-                    self._broken(e)
+                    self._broken(e, self.stream.forwarded_whole())
                     return
             if fe._notices and self.stream.at_boundary():
                 notices, fe._notices = fe._notices, []
                 fe.send(b"".join(notices))
             return
+        if self.state in ("failed", "closed"):
+            return  # what the server sent after gatekeep gave up on it (a TLS transport may still deliver it)
         try:
             self._during_login(data)
         except pg.ProtocolError as e:
@@ -104,13 +119,31 @@ class Upstream(protocol.Protocol):
             _log.failure("bad data from the upstream of {target} during login", target=self.frontend.target.name)
             self.fail(f"invalid message from the server during login ({type(e).__name__})")
 
-    def _broken(self, error: Exception) -> None:
-        """A malformed server message, or a handler that failed on one: the session ends with 08P01."""
+    def _broken(self, error: Exception, whole: bool = True) -> None:
+        """
+        A malformed server message, or a handler that failed on one: the session ends with FATAL 08P01 (or the
+        FATAL of an :class:`EndSession`), without a word when the client already has part of a message (``whole``
+        False: the FATAL would be read as the rest of it).
+        """
         fe = self.frontend
-        _log.failure("bad data from the upstream of {target}", target=fe.target.name)
+        code = "08P01"
+        message = f"gatekeep received an invalid message from the database of target {fe.target.name}"
+        if isinstance(error, EndSession):
+            _log.warn("session on {target} ended: {reason}", target=fe.target.name, reason=error.reason)
+            code, message, reason = error.code, error.message, error.reason
+        elif isinstance(error, pg.ProtocolError):
+            _log.warn("invalid message from the upstream of {target}: {error}", target=fe.target.name, error=str(error))
+            reason = f"upstream protocol error: {error}"
+        else:  # a handler failed: a bug
+            _log.failure("bad data from the upstream of {target}", target=fe.target.name)
+            reason = f"upstream protocol error: {type(error).__name__}"
         self.state = "failed"
-        fe.end_reason = f"upstream protocol error: {type(error).__name__}"
-        fe.fatal("08P01", f"gatekeep received an invalid message from the database of target {fe.target.name}")
+        if not fe.closed:
+            fe.end_reason = reason
+            if whole:
+                fe.fatal(code, message)
+            else:
+                fe.close()
         self.transport.loseConnection()
 
     def _during_login(self, data: bytes) -> None:

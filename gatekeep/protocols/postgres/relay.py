@@ -43,7 +43,7 @@ from gatekeep.protocols.postgres._results import ResultMasking
 from gatekeep.protocols.postgres._startup import ClientStartup, Phase
 from gatekeep.protocols.postgres._statements import Portal, Statement, Statements
 from gatekeep.protocols.postgres._tracker import Tracker
-from gatekeep.protocols.postgres._upstream import Upstream
+from gatekeep.protocols.postgres._upstream import EndSession, Upstream
 from gatekeep.protocols.postgres.policy import SqlSessionState
 from gatekeep.protocols.postgres.sql import analyze
 from gatekeep.recording import UNRECORDABLE, RecordingUnavailable, as_refused
@@ -128,6 +128,12 @@ class Frontend(ClientStartup, protocol.Protocol):
         self.results: ResultMasking | None = None
         # NoticeResponses waiting for a message boundary of the server's stream
         self._notices: list[bytes] = []
+        # COPY FROM STDIN: the server ignores a Sync that reaches it in copy-in mode, and libpq sends one right
+        # after the Execute of any statement (and another after CopyDone). The operation (tracker Pending) of the
+        # last Execute or Query while only Syncs and Flushes followed it, and the Syncs the server ignored (their
+        # groups end with the next ReadyForQuery)
+        self._copy_candidate: Any = None
+        self._ignored_syncs: set[int] = set()
         # the approval hold of the pending decision, if it is one (a CancelRequest withdraws it)
         self._held: Any = None
         self._withdraw_reason = "the client withdrew it"
@@ -283,6 +289,8 @@ class Frontend(ClientStartup, protocol.Protocol):
             if self.phase is not _READY or self.upstream is None:
                 return
             t = m.type
+            if t != b"S" and t != b"H":
+                self._copy_candidate = None  # an allowed Execute or Query names itself (carry_out)
             try:
                 if t == b"Q":
                     d = self.on_query(m, out)
@@ -297,6 +305,8 @@ class Frontend(ClientStartup, protocol.Protocol):
                     out.append(m.encode())
                     self.tracker.group_ends()
                     self.settings.group_sent()
+                    if self._copy_candidate is not None:
+                        self._sync_after(self._copy_candidate)
                     d = None
                 elif t == b"D":
                     if self.results is not None:
@@ -485,7 +495,9 @@ class Frontend(ClientStartup, protocol.Protocol):
         """A message that ends a group (Query, FunctionCall): forward it, or a stand-in that fails and its denial."""
         now = self.gateway.now()
         if decision.action is _ALLOW:
-            self.tracker.add(op, "query", now)
+            pending = self.tracker.add(op, "query", now)
+            if m.type == b"Q":
+                self._copy_candidate = pending
             out.append(m.encode())
         else:
             self.tracker.add(op, "query", now, denial=self._denial(decision))
@@ -609,9 +621,10 @@ class Frontend(ClientStartup, protocol.Protocol):
         found = self.statements.portal(execute.portal)
         if self.results is not None:
             if found is not None:
-                self.results.executing(found.statement, found.result_formats, found.prepared.masking)
+                self.results.executing(found.statement, found.result_formats, found.prepared.masking,
+                                       execute.portal)
             else:
-                self.results.executing("", (), None)
+                self.results.executing("", (), None, execute.portal)
         if found is None and self.statements.bind_failed(execute.portal):
             # a portal gatekeep did not see bound (its Bind failed): the server will answer with an error
             self.tracker.add(None, "execute", self.gateway.now())
@@ -628,7 +641,7 @@ class Frontend(ClientStartup, protocol.Protocol):
             if decision.action is _ALLOW:
                 if runs_code:
                     self.settings.runs_code()
-                self.tracker.add(op, "execute", self.gateway.now())
+                self._copy_candidate = self.tracker.add(op, "execute", self.gateway.now())
                 out.append(m.encode())
             else:
                 # refused (recording unavailable, or judged again now): the server fails this pipeline at a stand-in
@@ -652,19 +665,27 @@ class Frontend(ClientStartup, protocol.Protocol):
         server does ends the session (a change gatekeep could see, such as SET client_encoding, was refused
         before it ran). False when the session ends.
         """
-        why = self.settings.reported(name, value)
-        if why is not None:
-            _log.warn("session {session} ended: the server reports {name} {value}",
-                      session=self.session.id if self.session else "-", name=name, value=value)
-            self.fatal("0A000", "gatekeep ends this session: " + why, reason=f"{name} {value} is not supported")
+        end = self._setting_refused(name, value)
+        if end is not None:
+            _log.warn("session {session} ended: {reason}", session=self.session.id if self.session else "-",
+                      reason=end.reason)
+            self.fatal(end.code, end.message, reason=end.reason)
             return False
         return True
+
+    def _setting_refused(self, name: str, value: str) -> EndSession | None:
+        why = self.settings.reported(name, value)
+        if why is None:
+            return None
+        return EndSession("0A000", "gatekeep ends this session: " + why, f"{name} {value} is not supported")
 
     def from_server(self, mtype: bytes, body: bytes) -> bytes | None:
         """BackendStream's handler for the messages the relay watches."""
         results = self.results
         if mtype == b"S":
-            self.setting_reported(*pg.parse_parameter_status(body))
+            end = self._setting_refused(*pg.parse_parameter_status(body))
+            if end is not None:
+                raise end  # the upstream ends the session where the client's stream allows it
             return results.server_message(mtype, body) if results is not None else None
         if mtype == b"C":
             self.tracker.command_complete(pg.parse_command_complete(body))
@@ -672,17 +693,24 @@ class Frontend(ClientStartup, protocol.Protocol):
                 results.result_ended()
         elif mtype == b"Z":
             self.tx_status = pg.parse_ready_for_query(body)
-            now = self.gateway.now()
-            for _, outcome in self.tracker.ready(now):
-                self.gateway.chain.operation_finished(outcome)
-            if self.tx_status == "I":
-                self.statements.idle(self.tracker.syncs_seen)
-            if results is not None:
-                results.group_ended()
-            elif not len(self.tracker) and self.upstream is not None:
-                self.upstream.stream.hold = False
-            self.settings.answered()
+            self._ignored_answered()  # groups ended by Syncs the server ignored, before this one
+            if self.tracker.in_flight <= 0:
+                # one ReadyForQuery per Query, FunctionCall or Sync: an unsolicited one would shift every answer
+                # after it onto the statement before (their records, their denials, the masking of their rows)
+                raise pg.ProtocolError("ReadyForQuery with no query in flight")
+            self._answered()
+            self._ignored_answered()  # and right after it (a Sync after a Query that started copy-in)
+        elif mtype == b"G":
+            pg.parse_copy_response(body, "CopyInResponse")
+            pending = self.tracker.current()
+            if pending is not None:
+                # copy-in mode: the Syncs that reached the server right after the COPY were ignored, and so is
+                # any the client sends before its data
+                pending.copy_in = True
+                self._ignored_syncs.update(pending.syncs_after or ())
         elif mtype == b"1" or mtype == b"3":
+            if body:
+                raise pg.ProtocolError(f"server message {mtype!r} with a body")
             self.statements.confirmed()
             return None
         elif mtype == b"E":
@@ -698,12 +726,45 @@ class Frontend(ClientStartup, protocol.Protocol):
             denial = self.tracker.error(fields.get("C", "XX000"), fields.get("M", ""))
             return denial if denial is not None else masked
         elif mtype in (b"I", b"s"):
+            if body:
+                raise pg.ProtocolError(f"server message {mtype!r} with a body")
             self.tracker.command_complete(None)
             if results is not None:
                 results.result_ended()
         elif results is not None:
             return results.server_message(mtype, body)
         return None
+
+    def _answered(self) -> None:
+        """The server ended a group (its ReadyForQuery, or that of a later group when it ignored the Sync)."""
+        results = self.results
+        for _, outcome in self.tracker.ready(self.gateway.now()):
+            self.gateway.chain.operation_finished(outcome)
+        if self.tx_status == "I":
+            self.statements.idle(self.tracker.syncs_seen)
+        if results is not None:
+            results.group_ended()
+        elif not len(self.tracker) and self.upstream is not None:
+            self.upstream.stream.hold = False
+        self.settings.answered()
+
+    def _sync_after(self, pending: Any) -> None:
+        """A Sync went to the server right after ``pending``'s Execute or Query (nothing but Syncs and Flushes
+        between): ignored if that started a COPY FROM STDIN."""
+        number = self.tracker.syncs_sent
+        if pending.syncs_after is None:
+            pending.syncs_after = []
+        pending.syncs_after.append(number)
+        if pending.copy_in:
+            self._ignored_syncs.add(number)
+
+    def _ignored_answered(self) -> None:
+        """End the groups whose Sync the server ignored (it sends no ReadyForQuery for them), up to the next one
+        it answers."""
+        ignored = self._ignored_syncs
+        while ignored and self.tracker.syncs_seen + 1 in ignored:
+            ignored.discard(self.tracker.syncs_seen + 1)
+            self._answered()
 
     # -- the end -----------------------------------------------------------------------------
 
