@@ -25,6 +25,7 @@ Errors are ``{"error": CODE, "message": TEXT, "status": N}`` with 400, 401,
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import time
@@ -32,6 +33,7 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -44,6 +46,12 @@ _log = Logger()
 
 #: the largest request body accepted
 BODY_LIMIT = 64 * 1024
+#: the longest reason accepted (it goes to the client, the webhook and the records)
+REASON_LIMIT = 1000
+#: what a reason cannot carry: control characters but tab and line breaks (a NUL cannot go on the PostgreSQL
+#: wire, escapes would reach the client's terminal) and lone surrogates (no UTF-8 text holds one)
+_NOT_IN_REASON = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 READERS = frozenset({"approver", "auditor", "admin"})
 DECIDERS = frozenset({"approver", "admin"})
@@ -73,7 +81,37 @@ def _limit(request: Any, default: int = 50, high: int = 1000) -> int:
 
 def _arg(request: Any, name: str) -> str | None:
     raw = request.args.get(name.encode(), [None])[0]
+    if raw is not None and b"\0" in raw:
+        raise ApiError(400, "invalid", f"{name}: NUL is not allowed")
     return raw.decode("utf-8", "replace") if raw is not None else None
+
+
+def _only(request: Any, *names: str) -> None:
+    """Refuse query parameters the endpoint does not take (a misspelt filter would be ignored silently)."""
+    for raw in request.args:
+        name = raw.decode("utf-8", "replace")
+        if name not in names:
+            expected = f"expected {' or '.join(names)}" if names else "this endpoint takes none"
+            raise ApiError(400, "invalid", f"unknown parameter {name[:40]}: {expected}")
+
+
+def _reason(body: dict) -> str:
+    """The ``reason`` of an approve or deny body: a string, or null / absent for none."""
+    for name in body:
+        if name != "reason":
+            raise ApiError(400, "invalid", f"unknown field {name[:40]}: expected reason")
+    reason = body.get("reason")
+    if reason is None:
+        return ""
+    if not isinstance(reason, str):
+        raise ApiError(400, "invalid", "reason: expected a string")
+    if _SURROGATE.search(reason):
+        raise ApiError(400, "invalid", "reason: not valid Unicode (a lone surrogate)")
+    if _NOT_IN_REASON.search(reason):
+        raise ApiError(400, "invalid", "reason: control characters are not allowed (line breaks and tabs are)")
+    if len(reason) > REASON_LIMIT:
+        raise ApiError(400, "invalid", f"reason: at most {REASON_LIMIT} characters")
+    return reason
 
 
 class StoreReader:
@@ -222,7 +260,16 @@ class AdminAPI(Resource):
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-content-type-options", b"nosniff")
-        return (json.dumps(body, indent=2, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        text = json.dumps(body, indent=2, ensure_ascii=False, default=str) + "\n"
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            # text that is not UTF-8 (a held operation's bytes kept as lone surrogates): spelled out as the store
+            # keeps it
+            from gatekeep.recording.events import without_surrogates
+
+            return (json.dumps(without_surrogates(body), indent=2, ensure_ascii=False, default=str)
+                    + "\n").encode("utf-8")
 
     def _error(self, request: Any, e: ApiError) -> bytes:
         request.setResponseCode(e.status)
@@ -231,7 +278,12 @@ class AdminAPI(Resource):
     def _finish(self, request: Any, finished: list, body: Any) -> None:
         if finished:
             return  # the client went away
-        request.write(self._body(request, body))
+        try:
+            data = self._body(request, body)
+        except Exception:
+            self._failed(request, finished, Failure())
+            return
+        request.write(data)
         request.finish()
 
     def _failed(self, request: Any, finished: list, failure: Any) -> None:
@@ -258,6 +310,8 @@ class AdminAPI(Resource):
             body = json.loads(data)
         except ValueError:
             raise ApiError(400, "invalid", "the body is not JSON") from None
+        except RecursionError:
+            raise ApiError(400, "invalid", "the body is not JSON this API reads: nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "invalid", "expected a JSON object")
         return body
@@ -272,9 +326,11 @@ class AdminAPI(Resource):
         return facts
 
     def whoami(self, request: Any, identity: Identity, roles: frozenset[str]) -> dict:
+        _only(request)
         return {"name": identity.name, "groups": sorted(identity.groups), "roles": sorted(roles)}
 
     def list_approvals(self, request: Any, identity: Identity, roles: frozenset[str]) -> Deferred:
+        _only(request, "status", "limit")
         status = _arg(request, "status")
         if status in ("", "all"):
             status = None
@@ -284,6 +340,7 @@ class AdminAPI(Resource):
             lambda rows: {"approvals": [r.to_dict() for r in rows]})
 
     def show_approval(self, request: Any, identity: Identity, roles: frozenset[str], request_id: str) -> Deferred:
+        _only(request)
         def found(r: Any) -> dict:
             if r is None:
                 raise ApiError(404, "not-found", f"no approval request {request_id}")
@@ -292,19 +349,15 @@ class AdminAPI(Resource):
         return self.approvals.get(request_id).addCallback(found)
 
     def approve(self, request: Any, identity: Identity, roles: frozenset[str], request_id: str) -> Any:
-        body = self._json_body(request)
-        reason = body.get("reason") or ""
-        if not isinstance(reason, str):
-            raise ApiError(400, "invalid", "reason: expected a string")
+        _only(request)
+        reason = _reason(self._json_body(request))
         return self._decide(request_id, lambda: self.approvals.approve(request_id, identity, reason,
                                                                        admin="admin" in roles),
                             ("approve", identity, reason, "admin" in roles))
 
     def deny(self, request: Any, identity: Identity, roles: frozenset[str], request_id: str) -> Any:
-        body = self._json_body(request)
-        reason = body.get("reason") or ""
-        if not isinstance(reason, str):
-            raise ApiError(400, "invalid", "reason: expected a string")
+        _only(request)
+        reason = _reason(self._json_body(request))
         return self._decide(request_id, lambda: self.approvals.deny(request_id, identity, reason,
                                                                     admin="admin" in roles),
                             ("deny", identity, reason, "admin" in roles))
@@ -350,12 +403,14 @@ class AdminAPI(Resource):
     def list_sessions(self, request: Any, identity: Identity, roles: frozenset[str]) -> Deferred:
         if self.records is None:
             raise ApiError(404, "not-found", "this gateway keeps no session records")
+        _only(request, "limit", "target", "identity")
         return maybeDeferred(self.records.sessions, _limit(request), _arg(request, "target"),
                              _arg(request, "identity")).addCallback(lambda rows: {"sessions": rows})
 
     def show_session(self, request: Any, identity: Identity, roles: frozenset[str], session_id: str) -> Deferred:
         if self.records is None:
             raise ApiError(404, "not-found", "this gateway keeps no session records")
+        _only(request)
 
         def found(s: Any) -> dict:
             if s is None:
@@ -365,8 +420,20 @@ class AdminAPI(Resource):
         return maybeDeferred(self.records.session, session_id).addCallback(found)
 
 
+class _Request(server.Request):
+    """A request that keeps at most ``BODY_LIMIT`` + 1 bytes of its body (the API answers 413 to more)."""
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = io.BytesIO()  # never a temporary file, whatever the client announces
+
+    def handleContentChunk(self, data: bytes) -> None:
+        room = BODY_LIMIT + 1 - self.content.tell()
+        if room > 0:
+            self.content.write(data[:room])
+
+
 def make_site(api: AdminAPI) -> server.Site:
-    site = server.Site(api)
+    site = server.Site(api, requestFactory=_Request)
     site.displayTracebacks = False
     site.noisy = False
     return site

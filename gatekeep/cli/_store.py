@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,17 @@ def _config_data(args) -> dict:
         data = yaml.safe_load(path.read_text("utf-8")) or {}
     except OSError as e:
         raise ConfigError("", f"cannot read {path}: {e.strerror}") from None
-    return data if isinstance(data, dict) else {}
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"{path} is not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("", f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise ConfigError("", f"{path} is not a configuration: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: expected a mapping, got a {type(data).__name__}")
+    return data
 
 
 def store_config(args) -> StoreConfig:
@@ -75,11 +86,34 @@ def open_store(args, *, readonly: bool = True, migrate: bool = False) -> Any:
                 sys.stderr.write(f"gatekeep: cannot use the store {cfg.url}: {first}\n")
                 raise SystemExit(2) from None
         else:
-            store = open_configured(cfg, node_name(args), readonly=readonly and not migrate)
-            if migrate:
-                store.migrate()
+            try:
+                if readonly and not migrate and _sqlite_schema_version(cfg.path) == 0:
+                    sys.stderr.write(f"gatekeep: {cfg.url} has no gatekeep records yet "
+                                     "(run gatekeep store migrate, or start the gateway)\n")
+                    raise SystemExit(2)
+                store = open_configured(cfg, node_name(args), readonly=readonly and not migrate)
+                if migrate:
+                    store.migrate()
+            except sqlite3.Error as e:
+                sys.stderr.write(f"gatekeep: cannot use the store {cfg.url}: {e}\n")
+                raise SystemExit(2) from None
         store.config = cfg
         return store
     except (ConfigError, FileNotFoundError) as e:
         sys.stderr.write(f"gatekeep: {e}\n")
         raise SystemExit(2)
+
+
+def _sqlite_schema_version(path: Path) -> int:
+    """The schema version of the SQLite store at ``path``: 0 for a database without gatekeep's schema."""
+    if not path.exists():
+        raise FileNotFoundError(f"no store at {path}")
+    db = sqlite3.connect(path, timeout=30)
+    try:
+        return db.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return 0
+        raise
+    finally:
+        db.close()

@@ -10,8 +10,12 @@ The token is never printed.
 
 from __future__ import annotations
 
+import argparse
+import http.client
 import json
+import math
 import os
+import re
 import ssl
 import sys
 import time
@@ -29,6 +33,35 @@ class CliError(Exception):
         self.code = code
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
+def _request_id(text: str) -> str:
+    """Request ids are lowercase base32 (``7k3m9x2q4d``); one typed in capitals is the same id."""
+    value = text.strip().lower()
+    if not re.fullmatch(r"[0-9a-z]{1,40}", value):
+        raise argparse.ArgumentTypeError(f"not a request id: {text!r} (ids look like 7k3m9x2q4d)")
+    return value
+
+
 def add_connection_arguments(p) -> None:
     p.add_argument("--admin", metavar="URL", default=os.environ.get("GATEKEEP_ADMIN_URL"),
                    help=f"the admin API (default: $GATEKEEP_ADMIN_URL, else {DEFAULT_URL})")
@@ -36,7 +69,7 @@ def add_connection_arguments(p) -> None:
     p.add_argument("--token-file", metavar="PATH", help="read your token from this file")
     p.add_argument("--cacert", metavar="PATH", default=os.environ.get("GATEKEEP_ADMIN_CA"),
                    help="CA certificate to verify an https admin API (default: $GATEKEEP_ADMIN_CA, else system CAs)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the API (default 30)")
+    p.add_argument("--timeout", type=_seconds, default=30.0, help="seconds to wait for the API (default 30)")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
 
 
@@ -49,20 +82,20 @@ def register(sub) -> None:
     ls.add_argument("--status", choices=("pending", "approved", "denied", "expired", "withdrawn", "all"),
                     default="pending")
     ls.add_argument("--all", dest="status", action="store_const", const="all", help="every status")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=positive_int, default=50)
     ls.set_defaults(func=list_requests)
     sh = s.add_parser("show", help="one request: what exactly is held, who decided what")
     add_connection_arguments(sh)
-    sh.add_argument("id")
+    sh.add_argument("id", type=_request_id)
     sh.set_defaults(func=show)
     ap = s.add_parser("approve", help="approve a request (released once it has enough approvals)")
     add_connection_arguments(ap)
-    ap.add_argument("id")
+    ap.add_argument("id", type=_request_id)
     ap.add_argument("--reason", "-r", default="", help="why (required when the rule says so)")
     ap.set_defaults(func=approve)
     dn = s.add_parser("deny", help="deny a request; the client is told who denied it and why")
     add_connection_arguments(dn)
-    dn.add_argument("id")
+    dn.add_argument("id", type=_request_id)
     dn.add_argument("--reason", "-r", required=True, help="why (sent to the client)")
     dn.set_defaults(func=deny)
 
@@ -72,41 +105,82 @@ def register(sub) -> None:
 
 def _token(args) -> str:
     if args.token_file:
+        source = f"in {args.token_file}"
         try:
             with open(args.token_file, encoding="utf-8") as f:
                 token = f.read().strip()
         except OSError as e:
             raise CliError(f"cannot read {args.token_file}: {e.strerror}", 2) from None
+        except UnicodeDecodeError:
+            raise CliError(f"the token in {args.token_file} is not text", 2) from None
     else:
+        source = "given with --token" if args.token else "in $GATEKEEP_TOKEN"
         token = args.token or os.environ.get("GATEKEEP_TOKEN", "")
     if not token:
         raise CliError("no token: use --token-file PATH, $GATEKEEP_TOKEN or --token", 2)
+    if not all("!" <= c <= "~" for c in token):
+        # it could not go in a header; and the error would show it
+        raise CliError(f"the token {source} has spaces, line breaks or characters no token has", 2)
     return token
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """The admin API does not redirect: following one would carry the bearer token wherever it points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # the 3xx is raised as an HTTPError
+
+
 def call(args, method: str, path: str, body: dict | None = None) -> Any:
-    base = (args.admin or DEFAULT_URL).rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        raise CliError(f"--admin: expected an http:// or https:// URL, got {base!r}", 2)
+    given = args.admin or DEFAULT_URL
+    base = given.rstrip("/")
+    try:
+        url = urllib.parse.urlsplit(base)
+        url.port  # raises ValueError on a port that is not a number in range
+    except ValueError as e:
+        raise CliError(f"--admin: {given!r} is not a URL ({e})", 2) from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise CliError(f"--admin: expected an http:// or https:// URL, got {given!r}", 2)
     data = json.dumps(body).encode("utf-8") if body is not None else None
     request = urllib.request.Request(base + path, data=data, method=method, headers={
         "Authorization": "Bearer " + _token(args), "Accept": "application/json",
         **({"Content-Type": "application/json"} if data is not None else {}),
     })
-    context = ssl.create_default_context(cafile=args.cacert) if base.startswith("https://") else None
     try:
-        with urllib.request.urlopen(request, timeout=args.timeout, context=context) as response:
-            return json.loads(response.read() or b"{}")
+        context = ssl.create_default_context(cafile=args.cacert) if url.scheme == "https" else None
+    except ssl.SSLError:
+        raise CliError(f"--cacert {args.cacert}: no PEM certificate in it", 2) from None
+    except OSError as e:
+        raise CliError(f"--cacert {args.cacert}: {e.strerror or e}", 2) from None
+    opener = urllib.request.build_opener(_NoRedirects, urllib.request.HTTPSHandler(context=context))
+    try:
+        with opener.open(request, timeout=args.timeout) as response:
+            payload = response.read()
     except urllib.error.HTTPError as e:
+        if 300 <= e.code < 400:
+            raise CliError(f"the admin API at {base} answered {e.code}, a redirect to {e.headers.get('location')}: "
+                           "not followed (it would carry your token); give --admin the API's own address") from None
         try:
             answer = json.loads(e.read() or b"{}")
-            message = answer.get("message") or e.reason
-        except ValueError:
-            message = e.reason
-        raise CliError(f"{e.code} {message}") from None
+            message = answer.get("message") if isinstance(answer, dict) else None
+        except (ValueError, RecursionError, OSError, http.client.HTTPException):
+            message = None
+        raise CliError(f"{e.code} {message if isinstance(message, str) and message else e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise CliError(f"cannot reach the admin API at {base}: {reason}") from None
+    except http.client.HTTPException as e:
+        raise CliError(f"the address {base} does not answer HTTP as the admin API does ({type(e).__name__}): "
+                       "is --admin right?") from None
+    try:
+        answer = json.loads(payload or b"{}")
+    except (ValueError, RecursionError):
+        raise CliError(f"the address {base} answered with something that is not JSON: is --admin the gatekeep "
+                       "admin API?") from None
+    if not isinstance(answer, dict):
+        raise CliError(f"the address {base} answered with JSON that is not an object: is --admin the gatekeep "
+                       "admin API?")
+    return answer
 
 
 def _run(f):
@@ -116,6 +190,11 @@ def _run(f):
         except CliError as e:
             sys.stderr.write(f"gatekeep: {e}\n")
             return e.code
+        except (KeyError, TypeError, AttributeError) as e:
+            # the answer parsed as JSON but lacks what the command prints
+            sys.stderr.write(f"gatekeep: the admin API answered in a form this command does not know "
+                             f"({type(e).__name__}: {e}): is --admin a gatekeep admin API of this version?\n")
+            return 1
 
     wrapper.__doc__ = f.__doc__
     return wrapper

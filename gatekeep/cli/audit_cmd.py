@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from gatekeep import audit
 from gatekeep.cli._store import add_store_arguments, open_store, store_config
@@ -81,7 +82,11 @@ def verify(args) -> int:
     keys: dict[str | None, list] = {}
     for node, path in given or [(None, _key_file(args))]:
         if path is not None and path.exists():
-            keys.setdefault(node, []).append(ledger.load_public_key(path.read_bytes()))
+            try:
+                keys.setdefault(node, []).append(ledger.load_public_key(path.read_bytes()))
+            except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as e:
+                sys.stderr.write(f"gatekeep: {path}: not a PEM Ed25519 key ({_why(e)})\n")
+                return 2
         elif args.public_key:
             sys.stderr.write(f"gatekeep: no key at {path}\n")
             return 2
@@ -105,9 +110,18 @@ def verify(args) -> int:
     return 0 if report.ok else 1
 
 
+def _why(e: Exception) -> str:
+    text = getattr(e, "strerror", None) or str(e).split(". See ")[0] or type(e).__name__
+    return text.splitlines()[0]
+
+
 def export(args) -> int:
     store = open_store(args)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    except OSError as e:
+        sys.stderr.write(f"gatekeep: cannot write {args.output}: {e.strerror}\n")
+        return 2
     try:
         for event in audit.export(store, parse_when(args.since), parse_when(args.until)):
             out.write(json.dumps(event, ensure_ascii=False) + "\n")
@@ -123,7 +137,11 @@ def prune(args) -> int:
     if key_path is None or not key_path.exists():
         sys.stderr.write("gatekeep: prune signs a checkpoint and needs the gateway's signing key\n")
         return 2
-    signer = ledger.load_signer(key_path.read_bytes())
+    try:
+        signer = ledger.load_signer(key_path.read_bytes())
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as e:
+        sys.stderr.write(f"gatekeep: {key_path}: not a PEM Ed25519 private key ({_why(e)})\n")
+        return 2
     removed = store.prune(parse_when(args.before), signer)
     for node, n in removed.items():
         print(f"node {node}: removed {n} records, checkpoint left")

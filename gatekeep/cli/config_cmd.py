@@ -22,6 +22,12 @@ def check(args) -> int:
     except ConfigError as e:
         sys.stderr.write(f"{args.path}: {e}\n")
         return 1
+    except UnicodeDecodeError as e:
+        sys.stderr.write(f"{args.path}: not UTF-8 text (byte {e.start})\n")
+        return 1
+    except RecursionError:
+        sys.stderr.write(f"{args.path}: not a configuration: nested too deeply\n")
+        return 1
     print(f"{args.path}: ok ({len(config.identities)} identities, {len(config.targets)} targets)")
     for t in config.targets:
         print(f"  {t.name}: {t.protocol} on {t.listen}{' with TLS' if t.tls else ''}"

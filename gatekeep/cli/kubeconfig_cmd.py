@@ -90,10 +90,33 @@ def kubeconfig(args) -> int:
     path = Path(args.config or os.environ.get("GATEKEEP_CONFIG", "gatekeep.yaml"))
     try:
         data = yaml.safe_load(path.read_text("utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        sys.stderr.write(f"gatekeep: cannot read {path}: {e}\n")
+    except OSError as e:
+        sys.stderr.write(f"gatekeep: cannot read {path}: {e.strerror}\n")
         return 2
-    targets = [t for t in data.get("targets") or [] if isinstance(t, dict)]
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        sys.stderr.write(f"gatekeep: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}\n")
+        return 2
+    except UnicodeDecodeError as e:
+        sys.stderr.write(f"gatekeep: cannot read {path}: not UTF-8 text (byte {e.start})\n")
+        return 2
+    except RecursionError:
+        sys.stderr.write(f"gatekeep: cannot read {path}: nested too deeply\n")
+        return 2
+    if not isinstance(data, dict):
+        sys.stderr.write(f"gatekeep: {path}: expected a mapping, got a {type(data).__name__}\n")
+        return 2
+
+    def listed(key: str) -> list:
+        value = data.get(key)
+        return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+    oidc = data.get("oidc")
+    if oidc is not None and not isinstance(oidc, dict):
+        sys.stderr.write(f"gatekeep: oidc in {path}: expected a mapping\n")
+        return 1
+    targets = listed("targets")
     target = next((t for t in targets if t.get("name") == args.target), None)
     if target is None:
         sys.stderr.write(f"gatekeep: no target {args.target!r} in {path}\n")
@@ -105,11 +128,10 @@ def kubeconfig(args) -> int:
     if exec_plugin and args.token:
         sys.stderr.write("gatekeep: --exec and --token exclude each other\n")
         return 2
-    if exec_plugin and not data.get("oidc"):
+    if exec_plugin and not oidc:
         sys.stderr.write(f"gatekeep: --exec needs an oidc issuer in {path}\n")
         return 1
-    if not exec_plugin and not any(isinstance(i, dict) and i.get("name") == args.identity
-                                   for i in data.get("identities") or []):
+    if not exec_plugin and not any(i.get("name") == args.identity for i in listed("identities")):
         sys.stderr.write(f"gatekeep: no identity {args.identity!r} in {path}\n")
         return 1
     tls = target.get("tls")
@@ -120,9 +142,19 @@ def kubeconfig(args) -> int:
         return 1
     ca = None
     if args.ca:
-        with open(args.ca, "rb") as f:
-            ca = f.read()
+        try:
+            with open(args.ca, "rb") as f:
+                ca = f.read()
+        except OSError as e:
+            sys.stderr.write(f"gatekeep: --ca {args.ca}: {e.strerror}\n")
+            return 2
+        if not _PEM.search(ca):
+            sys.stderr.write(f"gatekeep: --ca {args.ca}: no PEM certificate in it\n")
+            return 2
     elif isinstance(tls, dict) and tls.get("cert"):
+        if not isinstance(tls["cert"], str):
+            sys.stderr.write(f"gatekeep: targets.{args.target}.tls.cert: expected a file: reference\n")
+            return 1
         try:
             pem = resolve(tls["cert"], path.resolve().parent, strip=False).reveal()
         except SecretError as e:
@@ -131,7 +163,7 @@ def kubeconfig(args) -> int:
         certs = _PEM.findall(pem)
         ca = certs[-1].strip() + b"\n" if certs else None
     if exec_plugin:
-        token = exec_user(args.issuer or (data.get("oidc") or {}).get("issuer"))
+        token = exec_user(args.issuer or oidc.get("issuer"))
     else:
         token = args.token or f"<the token of {args.identity}>"
     sys.stdout.write(yaml.safe_dump(build(args.target, args.identity, token, server, ca, args.namespace),

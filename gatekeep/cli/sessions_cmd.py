@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 
 from gatekeep.cli._store import add_store_arguments, open_store
+from gatekeep.cli.approvals_cmd import positive_int
+
+
+def _session_id(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("expected a session id or a unique prefix of one, got nothing")
+    return text
 
 
 def register(sub) -> None:
@@ -16,19 +24,19 @@ def register(sub) -> None:
     ls = s.add_parser("list", help="list sessions, newest first")
     add_store_arguments(ls)
     ls.add_argument("--json", action="store_true")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=positive_int, default=50)
     ls.add_argument("--target")
     ls.add_argument("--identity")
     ls.add_argument("--failed-logins", action="store_true", help="list failed logins instead")
     ls.set_defaults(func=list_sessions)
     sh = s.add_parser("show", help="one session with its statements")
     add_store_arguments(sh)
-    sh.add_argument("id", help="a session id or a unique prefix of one")
+    sh.add_argument("id", type=_session_id, help="a session id or a unique prefix of one")
     sh.add_argument("--json", action="store_true")
     sh.set_defaults(func=show)
     rp = s.add_parser("replay", help="play a session back: terminal output with its timing, or a timed transcript")
     add_store_arguments(rp)
-    rp.add_argument("id")
+    rp.add_argument("id", type=_session_id)
     rp.add_argument("--stream", help="which recorded stream (default: the first)")
     rp.add_argument("--speed", type=float, default=1.0, help="playback speed factor (default 1)")
     rp.add_argument("--max-wait", type=float, default=2.0, help="longest pause between events, in seconds")
@@ -36,7 +44,7 @@ def register(sub) -> None:
     rp.set_defaults(func=replay)
     ex = s.add_parser("export", help="write a session's recording to a file")
     add_store_arguments(ex)
-    ex.add_argument("id")
+    ex.add_argument("id", type=_session_id)
     ex.add_argument("--format", choices=("asciicast", "json"), default="asciicast")
     ex.add_argument("--stream", help="which recorded stream, for asciicast (default: the first)")
     ex.add_argument("--output", "-o", help="file to write (default: standard output)")
@@ -203,8 +211,12 @@ def export(args) -> int:
             return 1
         text = "\n".join(asciicast(session, picked[1])) + "\n"
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text)
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            sys.stderr.write(f"gatekeep: cannot write {args.output}: {e.strerror}\n")
+            return 2
     else:
         sys.stdout.write(text)
     return 0

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import yaml
 
+from gatekeep.config import _NAME
 from gatekeep.identity.tokens import new_token, token_entry
 
 
@@ -25,8 +28,13 @@ def register(sub) -> None:
 
 
 def new(args) -> int:
+    if not _NAME.fullmatch(args.name):
+        # the configuration would refuse the entry, and the token is shown only once
+        sys.stderr.write(f"gatekeep: not an identity name: {args.name!r} (letters, digits and _.@-, at most 63, "
+                         "starting with a letter or digit)\n")
+        return 2
     token = new_token()
-    groups = [g for g in args.groups.split(",") if g]
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     entry = token_entry(args.name, token, groups)
     print(f"token for {args.name} (shown once, store it now): {token}")
     print()
