@@ -142,6 +142,8 @@ class ClientCertificate:
     #: the issuer (RFC 4514) and serial number: what a revocation list names
     issuer: str = ""
     serial: int | None = None
+    #: every common name of the subject (``common_name`` is None unless there is exactly one)
+    common_names: tuple[str, ...] = ()
 
 
 class RevocationList:
@@ -235,7 +237,6 @@ def peer_certificate(transport, client_ca: Secret,
     import hashlib
 
     from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     handle = getattr(transport, "getHandle", lambda: None)()
@@ -243,16 +244,29 @@ def peer_certificate(transport, client_ca: Secret,
     leaf = get() if get is not None else None
     if leaf is None:
         return None
-    cert = leaf.to_cryptography()
-    der = cert.public_bytes(Encoding.DER)
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    # the handshake lets any certificate through, signed by the client CA or not: what OpenSSL took in may still
+    # be one cryptography refuses to read (a malformed name or extension), and that is a refusal, never an error
+    der = crypto.dump_certificate(crypto.FILETYPE_ASN1, leaf)
+    fingerprint = hashlib.sha256(der).hexdigest()
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        emails = tuple(san.get_values_for_type(x509.RFC822Name))
-        dns_names = tuple(san.get_values_for_type(x509.DNSName))
-        uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
-    except x509.ExtensionNotFound:
-        emails = dns_names = uris = ()
+        cert = leaf.to_cryptography()
+        subject, issuer = cert.subject.rfc4514_string(), cert.issuer.rfc4514_string()
+        cns = tuple(str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME))
+        extensions = cert.extensions
+        try:
+            san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            emails = tuple(san.get_values_for_type(x509.RFC822Name))
+            dns_names = tuple(san.get_values_for_type(x509.DNSName))
+            uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+        except x509.ExtensionNotFound:
+            emails = dns_names = uris = ()
+        try:
+            usages = extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            usages = None
+    except Exception as e:  # ValueError, x509.DuplicateExtension, ...
+        return ClientCertificate(UNREADABLE, None, (), (), (), fingerprint,
+                                 f"the client certificate cannot be read ({type(e).__name__})")
     error = None
     store = crypto.X509Store()
     for ca in _certificates(client_ca.reveal()):
@@ -264,32 +278,30 @@ def peer_certificate(transport, client_ca: Secret,
             store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
         except ValueError as e:  # fail closed: no certificate is accepted while revocations cannot be known
             error = f"the client certificate cannot be checked for revocation ({e})"
-    chain = [c for c in (handle.get_peer_cert_chain() or []) if c.to_cryptography().public_bytes(Encoding.DER) != der]
+    chain = [c for c in (handle.get_peer_cert_chain() or []) if crypto.dump_certificate(crypto.FILETYPE_ASN1, c) != der]
     if error is None:
         try:
             crypto.X509StoreContext(store, leaf, chain or None).verify_certificate()
         except crypto.X509StoreContextError as e:
             error = _revocation_error(e)
-    if error is None:
-        try:
-            usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-            if ExtendedKeyUsageOID.CLIENT_AUTH not in usages and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE \
-                    not in usages:
-                error = "the client certificate is not for client authentication (extended key usage)"
-        except x509.ExtensionNotFound:
-            pass
-    return ClientCertificate(cert.subject.rfc4514_string(), str(cns[0].value) if cns else None, emails, dns_names,
-                             uris, hashlib.sha256(der).hexdigest(), error, cert.issuer.rfc4514_string(),
-                             cert.serial_number)
+    if error is None and usages is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in usages and \
+            ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in usages:
+        error = "the client certificate is not for client authentication (extended key usage)"
+    return ClientCertificate(subject, cns[0] if len(cns) == 1 else None, emails, dns_names, uris, fingerprint, error,
+                             issuer, cert.serial_number, cns)
+
+
+#: the subject recorded for a certificate that cannot be read
+UNREADABLE = "(unreadable certificate)"
 
 
 @attrs.frozen
 class ClientIdentity:
     """
     How a verified client certificate names a gatekeep identity:
-    ``subject_cn`` (the subject's common name), ``san_email``, ``san_dns``,
-    ``san_uri`` (the first such subject alternative name), or ``map``: the
-    subject as RFC 4514 (``CN=alice,O=Example``) or a SAN written
+    ``subject_cn`` (the subject's common name; a subject with several is
+    refused as ambiguous), ``san_email``, ``san_dns``, ``san_uri`` (the first
+    such subject alternative name), or ``map``: the subject as RFC 4514 (``CN=alice,O=Example``) or a SAN written
     ``email:...``, ``dns:...``, ``uri:...``, mapped to an identity name.
     """
 
@@ -382,6 +394,9 @@ def certificate_login(transport, tls, chain, claimed: str | None = None) -> Cert
         return CertificateLogin(cert, None, cert.error)
     name = (tls.client_identity or ClientIdentity()).name_for(cert)
     if name is None:
+        if len(cert.common_names) > 1 and (tls.client_identity or ClientIdentity()).source == "subject_cn":
+            return CertificateLogin(cert, None, f"the client certificate {cert.subject} has several common names: "
+                                                "which one names the identity is ambiguous")
         return CertificateLogin(cert, None, f"the client certificate {cert.subject} names no identity")
     if claimed is not None and name != claimed:
         return CertificateLogin(cert, None, f"the client certificate is for {name!r}, not {claimed!r}")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
 import re
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -45,6 +46,7 @@ from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from gatekeep.config import _NAME as IDENTITY_NAME
 from gatekeep.config import ConfigError, Node
 from gatekeep.interfaces import IAccessCheck, IIdentityProvider
 from gatekeep.model import Grant, Identity
@@ -226,7 +228,7 @@ def agent_fetcher(reactor: Any, ca: Any = None, timeout: float = 10.0) -> Callab
 def _json(body: bytes, url: str) -> dict:
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise FetchError(f"{url} did not answer with JSON") from None
     if not isinstance(document, dict):
         raise FetchError(f"{url} did not answer with a JSON object")
@@ -267,12 +269,13 @@ def parse_jwks(document: dict) -> dict[str | None, SigningKey]:
         raise FetchError("the JWKS has no list of keys")
     found: dict[str | None, SigningKey] = {}
     for item in keys:
-        if not isinstance(item, dict) or item.get("use", "sig") != "sig" or item.get("kty") not in _KEY_FAMILIES:
+        if not isinstance(item, dict) or item.get("use", "sig") != "sig" or not isinstance(item.get("kty"), str) \
+                or item["kty"] not in _KEY_FAMILIES:
             continue
         public = {k: v for k, v in item.items() if k not in ("d", "p", "q", "dp", "dq", "qi", "oth", "k")}
         try:
             key = jwt.PyJWK(public).key
-        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError, NotImplementedError):  # ("alg": "none" raises the last)
             _log.warn("skipping a JWKS key gatekeep cannot read (kid {kid!r})", kid=item.get("kid"))
             continue
         kid = item.get("kid") if isinstance(item.get("kid"), str) else None
@@ -325,7 +328,13 @@ def _number(claims: dict, name: str, required: bool) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Rejected(f"the token's {name} claim is not a number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        number = math.inf
+    if not math.isfinite(number):  # 1e999 and Infinity (JSON as Python reads it), NaN: never a time
+        raise Rejected(f"the token's {name} claim is not a finite number")
+    return number
 
 
 @implementer(IIdentityProvider, IAccessCheck)
@@ -432,8 +441,10 @@ class OidcIdentityProvider:
             raise NotAJwt("not a JWT")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+        except jwt.DecodeError:
             raise NotAJwt("not a JWT") from None
+        except jwt.PyJWTError as e:  # a JWT header PyJWT refuses: a kid that is not a string, an unknown crit, ...
+            raise Rejected(f"invalid token header ({type(e).__name__}: {e})") from None
         alg = header.get("alg")
         if alg not in self.config.algorithms:
             raise Rejected(f"algorithm {alg!r} is not accepted")
@@ -481,8 +492,8 @@ class OidcIdentityProvider:
                 break
         if name is None:
             raise Rejected(f"the token has none of the claims {', '.join(self.config.username_claims)}")
-        if len(name) > 255 or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-            raise Rejected("the token's user name is not usable")
+        if not IDENTITY_NAME.fullmatch(name):  # as identities in the configuration are named
+            raise Rejected("the token's user name is not usable (expected letters, digits and _.@-, at most 63)")
         raw = _claim(claims, self.config.groups_claim)
         if raw is None:
             raw = []

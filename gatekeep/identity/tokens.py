@@ -24,6 +24,9 @@ from gatekeep.interfaces import IAccessCheck, ICertificateIdentities, IIdentityP
 from gatekeep.model import Grant, Identity
 
 TOKEN_PREFIX = "gk_"
+#: tokens longer than this are refused unread (a gatekeep token is 46 characters; checking one against a SCRAM
+#: verifier costs time in proportion to its length, and a PostgreSQL password message may be very long)
+MAX_TOKEN = 4096
 
 
 def new_token() -> str:
@@ -73,6 +76,8 @@ class StaticIdentityProvider:
         return Identity(cfg.name, cfg.groups, method, Grant("static", None, (method, proof)))
 
     def authenticateToken(self, name: str | None, token: str) -> Identity | None:
+        if len(token) > MAX_TOKEN:
+            return None
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         if name is None:
             # bearer token without a user name: look at every identity, always all of them
