@@ -1237,3 +1237,30 @@ def test_a_policy_reload_judges_open_sessions_and_their_prepared_statements_anew
     poll("the second reload", lambda: gk.log_text().count("configuration reloaded") == 2)
     with connect() as after:  # started after the reload: masked by the new rule; the deny rule is gone
         assert after.execute(f"SELECT v FROM {PROBE} ORDER BY id").fetchall() == [("****",)] * len(PROBE_ROWS)
+
+
+def test_an_extended_copy_from_stdin_keeps_the_relay_in_step(gw):
+    """libpq's extended-protocol COPY FROM STDIN sends a Sync after the Execute and one after CopyDone; the real
+    server ignores the first (it is in copy-in mode) and answers both with one ReadyForQuery. gatekeep used to stay
+    a group behind after it, so the next statements were masked by the wrong plan: emails came back in clear and
+    plain values as NULL. Both statements after the COPY come back as they must."""
+    from psycopg import pq
+
+    with gw.connect() as conn:
+        pgconn = conn.pgconn
+        pgconn.send_query_params(f"COPY {SCRATCH} (id, v) FROM STDIN".encode(), None)  # Parse/Bind/.../Sync
+        while pgconn.is_busy():
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        assert result.status == pq.ExecStatus.COPY_IN, result.error_message
+        assert pgconn.put_copy_data(b"41\tforty-one\n42\tforty-two\n") == 1
+        assert pgconn.put_copy_end() == 1  # CopyDone, and a Sync after it
+        while (result := pgconn.get_result()) is not None:
+            assert result.status == pq.ExecStatus.COMMAND_OK, result.error_message
+        derived = conn.execute("SELECT lower(email) FROM users ORDER BY id").fetchall()
+        assert len(derived) == len(USERS_ROWS) and not any("@" in (e or "") for (e,) in derived), derived
+        assert conn.execute("SELECT 1").fetchall() == [(1,)]
+        _check_users(conn.execute("SELECT id, name, email, ssn FROM users ORDER BY id").fetchall())
+        assert conn.execute(f"SELECT id, v FROM {SCRATCH} ORDER BY id").fetchall() == [
+            (41, "forty-one"), (42, "forty-two")]
+        conn.execute(f"DELETE FROM {SCRATCH} WHERE id IN (41, 42)")
