@@ -442,3 +442,19 @@ def test_bytes_client_defaults():
     relay = make_relay()
     conn = connect_in_memory(relay.factory, relay.gateway.reactor)
     assert isinstance(conn.client, ByteClient) and conn.client.connected and conn.client.received == b""
+
+
+@pytest.mark.parametrize("announced", [65535 + 5, 1 << 29])
+def test_before_its_session_is_ready_a_client_cannot_make_gatekeep_hold_a_long_message(relay, announced):
+    """A message announced longer than a password or SASL message can be (PostgreSQL's 65535 bytes) is refused at
+    its header, before login: an unauthenticated client made gatekeep buffer up to 1 GiB. After login the usual
+    limit applies again."""
+    client = relay.connect()
+    (sasl,) = client.send(pg.startup_message({"user": "alice", "database": "app"}))
+    assert pg.parse_authentication(sasl.body)[0] == pg.AUTH_SASL
+    messages = client.send(b"p" + announced.to_bytes(4, "big") + b"x" * 1000)
+    f = fields(messages[-1])
+    assert (f["S"], f["C"]) == ("FATAL", "08P01") and "invalid message length" in f["M"]
+    assert client.closed and not relay.server.startups
+    other, _ = logged_in(relay)
+    assert other.conn.server.reader.max_length == pg.MAX_MESSAGE

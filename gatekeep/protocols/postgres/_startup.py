@@ -73,6 +73,7 @@ class ClientStartup:
             self.transport.loseConnection()
             return
         self.reader.typed = True
+        self.reader.max_length = pg.MAX_AUTH_MESSAGE  # until the session is ready (Frontend.upstream_ready)
         params = dict(packet.parameters)
         self.user = params.get("user", "")
         self.parameters = params

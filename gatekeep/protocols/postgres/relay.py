@@ -270,6 +270,7 @@ class Frontend(ClientStartup, protocol.Protocol):
         self.key = self.factory.new_cancel_key(self)
         self.send(pg.auth_ok() + b"".join(parameter_status) + pg.backend_key_data(*self.key) + status)
         self.phase = Phase.READY
+        self.reader.max_length = pg.MAX_MESSAGE
         self.transport.registerProducer(self.upstream.transport, True)
         self.upstream.transport.registerProducer(self.transport, True)
 
