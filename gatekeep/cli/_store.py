@@ -21,7 +21,11 @@ def add_store_arguments(p) -> None:
 
 
 def _config_data(args) -> dict:
-    path = Path(args.config)
+    return read_config_data(Path(args.config))
+
+
+def read_config_data(path: Path) -> dict:
+    """A configuration file's YAML as a mapping, unchecked; ConfigError naming what is wrong with the file."""
     try:
         data = yaml.safe_load(path.read_text("utf-8")) or {}
     except OSError as e:

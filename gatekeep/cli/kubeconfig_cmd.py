@@ -87,25 +87,14 @@ def kubeconfig(args) -> int:
 
     from gatekeep.secrets import SecretError, resolve
 
+    from gatekeep.cli._store import read_config_data
+    from gatekeep.config import ConfigError
+
     path = Path(args.config or os.environ.get("GATEKEEP_CONFIG", "gatekeep.yaml"))
     try:
-        data = yaml.safe_load(path.read_text("utf-8")) or {}
-    except OSError as e:
-        sys.stderr.write(f"gatekeep: cannot read {path}: {e.strerror}\n")
-        return 2
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        sys.stderr.write(f"gatekeep: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}\n")
-        return 2
-    except UnicodeDecodeError as e:
-        sys.stderr.write(f"gatekeep: cannot read {path}: not UTF-8 text (byte {e.start})\n")
-        return 2
-    except RecursionError:
-        sys.stderr.write(f"gatekeep: cannot read {path}: nested too deeply\n")
-        return 2
-    if not isinstance(data, dict):
-        sys.stderr.write(f"gatekeep: {path}: expected a mapping, got a {type(data).__name__}\n")
+        data = read_config_data(path)
+    except ConfigError as e:
+        sys.stderr.write(f"gatekeep: {e}\n")
         return 2
 
     def listed(key: str) -> list:
