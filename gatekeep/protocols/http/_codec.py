@@ -332,6 +332,10 @@ class MessageReader:
 
     def _response_framing(self, head: Head) -> None:
         status = head.status
+        if status < 100:
+            # not a status HTTP/1.1 knows (llhttp reads three digits, 000 to 099 too): neither an interim response
+            # nor a final one, so nothing tells how it is framed or what it answers
+            raise ProtocolError(f"invalid status code {status}", 502)
         method = self._methods[0] if self._methods else b"GET"
         if 100 <= status < 200:
             if status == 101:

@@ -69,6 +69,23 @@ def is_partial(head: Head, ctype: ContentType) -> bool:
     return head.status == 206 or ctype.media_type == "multipart/byteranges"
 
 
+def masked_content_type(head: Head) -> ContentType:
+    """
+    A response's Content-Type as masking reads it. Several values (the field repeated, or values joined by commas)
+    are ambiguous, since clients pick differently: the first JSON one when there is one, else the first JSON lines
+    one, else the first text one, else none (a body masking sniffs).
+    """
+    raw = head.index.get(b"content-type")
+    if raw is None or b"," not in raw:
+        return content_type(raw)
+    values = [content_type(v) for v in raw.split(b",")]
+    for pick in (lambda c: c.json, lambda c: c.json_lines, lambda c: c.media_type == "text/plain", lambda c: c.text):
+        for c in values:
+            if pick(c):
+                return c
+    return content_type(None)
+
+
 @attrs.frozen
 class StreamPiece:
     """A piece of an upgraded stream to record: asciicast kind ("i", "o", "r", "m") and text."""
@@ -148,9 +165,9 @@ class HttpDialect:
     # -- responses ----------------------------------------------------------------------
 
     def body_plan(self, request: Request, head: Head, masker: JsonMasker | None, mask_text: bool) -> BodyPlan:
-        if masker is None or not masker.active:
-            return PASS_THROUGH
-        ctype = content_type(head.index.get(b"content-type"))
+        if masker is None or not masker.active or head.status in (204, 304) or request.method == "HEAD":
+            return PASS_THROUGH  # no body (what an upstream sends as one is past the response: see exchange_done)
+        ctype = masked_content_type(head)
         if is_partial(head, ctype):
             return PARTIAL
         return self.masked_plan(head, ctype, masker, mask_text)
@@ -174,7 +191,7 @@ class HttpDialect:
             if ctype.json:
                 return BodyPlan(BUFFER, transform, required=True, why="JSON body under masking rules")
             return BodyPlan(LINES, transform, required=True, why="JSON lines under masking rules")
-        if masker.key_rules and (ctype.media_type == "text/plain" or b"content-type" not in head.index):
+        if masker.key_rules and (ctype.media_type == "text/plain" or not ctype.media_type):
             # JSON an upstream did not label as JSON: masked as JSON where it parses as JSON (the whole body, or
             # each line of JSON lines); what does not parse is text, as labelled
             detect = mask_text and masker.detector_rules

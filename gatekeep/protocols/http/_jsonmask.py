@@ -220,13 +220,13 @@ class JsonMasker:
             except LookupError:  # a codec that is no text encoding (base64, rot13, ...)
                 raise Unmaskable(f"the charset {charset} is no text encoding") from None
         try:
-            value = json.loads(text)
+            value, repeated = loads(text)
             new = value
             if extra is not None:
                 new = extra(new, counts)
             if self.active:
                 new = self.mask(new, counts)
-            if new is value:
+            if new is value and not repeated:
                 return None
             if charset not in (None, "utf-8"):
                 # ASCII with \u escapes: written back in any charset that has ASCII
@@ -234,6 +234,24 @@ class JsonMasker:
             return dumps(new)
         except RecursionError:  # reading or writing it
             raise Unmaskable("JSON nested too deeply to mask") from None
+
+
+def loads(text: bytes | str) -> tuple[Any, bool]:
+    """
+    A JSON document parsed, and whether an object in it repeats a key. Python keeps a repeated key's last value;
+    other parsers keep the first, and the body as sent holds both: a document with a repeated key must go on
+    written again from what masking read (never as sent), so the client reads only what masking saw.
+    """
+    repeated = False
+
+    def pairs(items: list) -> dict:
+        nonlocal repeated
+        obj = dict(items)
+        if len(obj) != len(items):
+            repeated = True
+        return obj
+
+    return json.loads(text, object_pairs_hook=pairs), repeated
 
 
 def dumps(value: Any) -> bytes:

@@ -5,6 +5,7 @@ buffered and masked, or masked line by line), and tunnels after ``101``.
 
 from __future__ import annotations
 
+import json
 import zlib
 from typing import Any
 
@@ -44,6 +45,33 @@ def _decode_content(body: bytes, encoding: bytes | None) -> bytes:
         except zlib.error:
             return zlib.decompress(body, -zlib.MAX_WBITS)
     raise ValueError(f"cannot read a body with Content-Encoding {enc.decode('latin-1')}")
+
+
+def _unreadable_coding(head: Head, kind: str) -> str | None:
+    """Why a body to mask (``kind``: the plan's) cannot be read as it comes, or None: a transfer coding besides
+    chunked (gzip as a transfer coding: reframing would hand the client the compressed bytes), or, for a body
+    masked line by line, any content coding (the lines are compressed)."""
+    te = head.index.get(b"transfer-encoding")
+    if te is not None:
+        codings = [c.strip().lower() for c in te.split(b",") if c.strip()]
+        if any(c not in (b"chunked", b"identity") for c in codings):
+            return f"a body with Transfer-Encoding {te.decode('latin-1')}"
+    if kind == LINES:
+        ce = head.index.get(b"content-encoding")
+        if ce is not None and ce.strip().lower() not in (b"", b"identity"):
+            return f"a stream with Content-Encoding {ce.decode('latin-1')}"
+    return None
+
+
+def _json_lines_only(transform: Any) -> Any:
+    """A line transform for a stream sniffed as JSON lines: a line that is no JSON document on its own (a document
+    written over several lines) ends the stream rather than going on unread."""
+
+    def strict(line: bytes, counts: dict[str, int]) -> bytes | None:
+        json.loads(line)  # ValueError: not one JSON document
+        return transform(line, counts)
+
+    return strict
 
 
 def reframed_head(head: Head, *, length: int | None, chunked: bool, drop_encoding: bool) -> bytes:
@@ -216,6 +244,11 @@ class UpstreamSide(protocol.Protocol):
         if plan.kind == REFUSE:
             self.give_up(ex, plan.why)
             return
+        if plan.kind != PASS:
+            unreadable = _unreadable_coding(head, plan.kind)
+            if unreadable:
+                self.give_up(ex, unreadable)
+                return
         if plan.kind == BUFFER:
             length = self.reader.body_length
             if length is not None and length > c.options.max_body:
@@ -273,8 +306,21 @@ class UpstreamSide(protocol.Protocol):
         length = self.reader.body_length
         if first in (b"{", b"["):
             if self.reader.body_framing != "length":
-                # a stream (chunked, or until close) that starts like JSON: JSON lines, masked as they come
-                ex.plan = attrs.evolve(ex.plan, kind=LINES)
+                # a stream (chunked, or until close) that starts like JSON: JSON lines, masked as they come, when
+                # its first line is a JSON document; else (a document written over several lines) read whole
+                data = b"".join(ex.buffer)
+                if b"\n" not in data.lstrip():
+                    if ex.buffered > self.client.options.max_body:
+                        self.give_up(ex, f"the body is over max_body ({self.client.options.max_body} bytes)")
+                    return  # the first line is not whole yet
+                try:
+                    json.loads(data.lstrip().split(b"\n", 1)[0])
+                except (ValueError, RecursionError):
+                    ex.plan = attrs.evolve(ex.plan, kind=BUFFER)
+                    if ex.buffered > self.client.options.max_body:
+                        self.give_up(ex, "the body is over max_body")
+                    return
+                ex.plan = attrs.evolve(ex.plan, kind=LINES, transform=_json_lines_only(ex.plan.transform))
                 self.start_lines(ex, ex.response)
                 data, ex.buffer, ex.buffered = b"".join(ex.buffer), [], 0
                 self.lines(ex, data)

@@ -554,9 +554,21 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
             return
         self.reader.start_next_cycle()
         self.reader.decode = False
-        if not ex.local and self.upstream is not None and self.upstream.reader.state == "done":
-            self.upstream.reader.start_next_cycle()
-            self.upstream.exchange = None
+        up = self.upstream
+        if not ex.local and up is not None and up.reader.state == "done":
+            up.exchange = None
+            if up.reader.buffered:
+                # bytes past the end of the response before the next request went (a body on a response to HEAD,
+                # 204 or 304, a second response): an upstream out of step, whose bytes would answer the next
+                # request. That connection is dropped; the next request gets a new one.
+                _log.warn("the upstream of {target} sent {n} bytes past the end of a response: closing that "
+                          "connection", target=self.target.name, n=up.reader.buffered)
+                self.upstream = None
+                if self.transport is not None:
+                    self.transport.unregisterProducer()
+                up.wire.close()
+            else:
+                up.reader.start_next_cycle()
         self.valve.release("backlog")
         self._arm_idle()
         self.pump()

@@ -14,9 +14,9 @@ from gatekeep.model import Decision
 from gatekeep.protocols.http import _websocket as ws
 from gatekeep.protocols.http._codec import Head, simple_response
 from gatekeep.protocols.http._dialect import (BUFFER, LINES, PARTIAL, PASS_THROUGH, RANGE_FIELDS, BodyPlan,
-                                              HttpDialect, StreamPiece, WebSocketFeed, is_partial)
-from gatekeep.protocols.http._headers import content_type
-from gatekeep.protocols.http._jsonmask import JsonMasker, Unmaskable, dumps
+                                              HttpDialect, StreamPiece, WebSocketFeed, is_partial,
+                                              masked_content_type)
+from gatekeep.protocols.http._jsonmask import JsonMasker, Unmaskable, dumps, loads
 from gatekeep.protocols.http._request import Request
 from gatekeep.protocols.kubernetes._exec import channel_decoder
 from gatekeep.protocols.kubernetes import _portforward
@@ -116,7 +116,7 @@ class KubernetesDialect(HttpDialect):
         if head.status in (101, 204, 304) or request.method == "HEAD":
             return PASS_THROUGH
         raw = head.index.get(b"content-type")
-        ctype = content_type(raw)
+        ctype = masked_content_type(head)
         user = masker if masker is not None and masker.active else None
         secrets = self._secrets(request)
         if (user is not None or secrets) and is_partial(head, ctype):
@@ -205,10 +205,11 @@ def _body_masker(secrets: Any, user: JsonMasker | None) -> Callable[[bytes, dict
     def transform(body: bytes, counts: dict[str, int]) -> bytes | None:
         if not body.strip():
             return None
-        value = json.loads(body)
+        value, repeated = loads(body)
         new = secrets(value, counts) if secrets is not None else value
         if user is not None:
             new = user.mask(new, counts)
-        return None if new is value else dumps(new)
+        # a repeated key: written again from what was masked (the body as sent holds the other value too)
+        return None if new is value and not repeated else dumps(new)
 
     return transform

@@ -45,6 +45,11 @@ def mask_secret(obj: dict, counts: dict[str, int]) -> dict:
                 out = dict(obj)
             out[key] = {k: masked for k in values}
             _count(counts, len(values))
+        elif values is not None and not isinstance(values, dict):  # an odd shape (a list, a string): masked whole
+            if out is None:
+                out = dict(obj)
+            out[key] = masked
+            _count(counts, 1)
     return mask_last_applied(obj if out is None else out, counts)
 
 
@@ -78,6 +83,9 @@ def mask_secrets(value: Any, counts: dict[str, int]) -> Any:
     for with ``as=PartialObjectMetadata[List]``): its last-applied annotation, which holds the Secret as it was
     applied, is masked as a Secret's is.
     """
+    if isinstance(value, list):  # no API answer, but what a client would still print: each item as an object
+        items = [mask_secrets(i, counts) for i in value]
+        return value if all(a is b for a, b in zip(items, value)) else items
     if not isinstance(value, dict):
         return value
     kind = value.get("kind")
@@ -103,7 +111,7 @@ def mask_secrets(value: Any, counts: dict[str, int]) -> Any:
             if changed:
                 return dict(value, rows=new_rows)
         return value
-    if "type" in value and isinstance(value.get("object"), dict) and kind is None:
+    if "type" in value and isinstance(value.get("object"), dict) and kind in (None, "WatchEvent"):
         # a watch event
         new = mask_secrets(value["object"], counts)
         return value if new is value["object"] else dict(value, object=new)
@@ -115,5 +123,6 @@ def mask_secrets(value: Any, counts: dict[str, int]) -> Any:
         if any(a is not b for a, b in zip(new_items, items)):
             return dict(value, items=new_items)
         return value
-    # any other object (PartialObjectMetadata, ...): its last-applied annotation
-    return mask_last_applied(value, counts)
+    # any other object (PartialObjectMetadata, ...): its last-applied annotation; and, in a response about
+    # Secrets, data or stringData whatever its kind says (none, "secret", a repeated kind...): masked as a Secret's
+    return mask_secret(value, counts)
