@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import types
 import warnings
 
 import pytest
@@ -18,7 +17,7 @@ from OpenSSL import SSL, crypto
 from gatekeep.tls import certificate_login, server_options
 from tests.support.tlsfiles import _load, make_tls_files
 from tests.unit.test_access import static_identity
-from tests.unit.test_client_certificates import chain_of, secret, tls
+from tests.unit.test_client_certificates import chain_of, connected, secret, tls
 
 
 @pytest.fixture(scope="module")
@@ -63,24 +62,7 @@ def handshake(files, der, key, extra=None):
         client_ctx.use_certificate(crypto.load_certificate(crypto.FILETYPE_ASN1, der))
         if extra is not None:
             client_ctx.add_extra_chain_cert(crypto.load_certificate(crypto.FILETYPE_ASN1, extra))
-    server = SSL.Connection(server_ctx, None)
-    server.set_accept_state()
-    client = SSL.Connection(client_ctx, None)
-    client.set_connect_state()
-    for _ in range(20):
-        for a, b in ((client, server), (server, client)):
-            try:
-                a.do_handshake()
-            except SSL.WantReadError:
-                pass
-            try:
-                b.bio_write(a.bio_read(65536))
-            except SSL.WantReadError:
-                pass
-    client.send(b"x")
-    server.bio_write(client.bio_read(65536))
-    assert server.recv(1) == b"x"
-    return types.SimpleNamespace(getHandle=lambda: server)
+    return connected(server_ctx, client_ctx)
 
 
 def login(files, transport, claimed="alice", source=None):

@@ -35,6 +35,11 @@ def handshake(files, client_cert=None, client_key=None):
                                 client_ca=secret(files.ca_cert)).getContext()
     extra = {"privateKey": client_key, "certificate": client_cert} if client_cert is not None else {}
     client_ctx = ssl.CertificateOptions(verify=False, **extra).getContext()
+    return connected(server_ctx, client_ctx)
+
+
+def connected(server_ctx, client_ctx):
+    """The handshake of two contexts run in memory to the end; a fake transport whose handle is the server's."""
     server = SSL.Connection(server_ctx, None)
     server.set_accept_state()
     client = SSL.Connection(client_ctx, None)
