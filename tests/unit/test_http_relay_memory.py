@@ -52,6 +52,19 @@ class UpstreamFactory(protocol.Factory):
         self.built.append(p)
         return p
 
+    def share_script(self):
+        """Let every connection answer from one script (a response answered on one is not answered again on the
+        next): for tests where gatekeep opens a second connection."""
+        shared = list(self.responses)
+
+        def build(addr):
+            p = Upstream([])
+            p.responses = shared
+            self.built.append(p)
+            return p
+
+        self.buildProtocol = build
+
 
 def setup(responses, policy=None, masking=None, **options):
     ids = MemoryIdentityProvider(iterations=1)
@@ -278,15 +291,7 @@ def test_bytes_an_upstream_sends_after_its_response_do_not_become_the_next_answe
     closes that connection, and the client's next request gets its own connection and its real answer, not a
     502 made of the stray bytes."""
     conn, up, rec, _ = setup([OK + b"0\r\n\r\n", OK.replace(b"hello", b"again")])
-    shared = up.responses  # one script for every connection: the second answer is "again" wherever it is asked
-
-    def build(addr):
-        p = Upstream([])
-        p.responses = shared
-        up.built.append(p)
-        return p
-
-    up.buildProtocol = build
+    up.share_script()  # the second answer is "again" wherever it is asked
     assert conn.send(get()) == OK
     assert conn.send(get(b"/y")) == OK.replace(b"hello", b"again")
     assert len(up.built) == 2 and up.built[1].received.startswith(b"GET /y ")

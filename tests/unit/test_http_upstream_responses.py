@@ -108,16 +108,7 @@ def test_bytes_past_a_response_do_not_answer_a_pipelined_request(first):
     new one, and its own answer, masked as its own."""
     second = sized(b'{"email":"b@example.com"}')
     conn, up, rec, _ = setup([first, second], masking=KEYS)
-    shared = up.responses
-
-    def build(addr):
-        from tests.unit.test_http_relay_memory import Upstream
-        p = Upstream([])
-        p.responses = shared
-        up.built.append(p)
-        return p
-
-    up.buildProtocol = build
+    up.share_script()
     answer = conn.send(get(b"/a") + get(b"/b"))
     assert VALUE not in answer and answer.endswith(b'{"email":"****"}')
     assert len(up.built) == 2 and up.built[1].received.startswith(b"GET /b ")

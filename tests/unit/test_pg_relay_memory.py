@@ -37,14 +37,11 @@ TERMINATE_SELF = "SELECT pg_terminate_backend(pg_backend_pid())"
 # -- a fake PostgreSQL server ----------------------------------------------------------
 
 
-class FakePostgres(protocol.Protocol):
-    """Enough of a PostgreSQL server: startup, one auth method, simple queries, cancel requests."""
+class MessageServer(protocol.Protocol):
+    """A server side that reads the client's messages (the startup packet first) and hands each to ``handle``."""
 
-    def __init__(self, factory: "FakePostgresFactory") -> None:
-        self.factory = factory
+    def __init__(self) -> None:
         self.reader = pg.MessageReader(typed=False)
-        self.scram: ScramServer | None = None
-        self.user = ""
 
     def dataReceived(self, data: bytes) -> None:
         messages = self.reader.feed(data)
@@ -52,6 +49,19 @@ class FakePostgres(protocol.Protocol):
             for m in messages:
                 self.handle(m)
             messages = self.reader.feed(b"") if self.reader.buffered else []
+
+    def handle(self, m: pg.Message) -> None:
+        raise NotImplementedError
+
+
+class FakePostgres(MessageServer):
+    """Enough of a PostgreSQL server: startup, one auth method, simple queries, cancel requests."""
+
+    def __init__(self, factory: "FakePostgresFactory") -> None:
+        super().__init__()
+        self.factory = factory
+        self.scram: ScramServer | None = None
+        self.user = ""
 
     def send(self, *parts: bytes) -> None:
         self.transport.write(b"".join(parts))

@@ -25,7 +25,7 @@ from gatekeep.secrets import Secret
 from gatekeep.testing import FunctionPolicy, MemoryIdentityProvider, MemoryNetwork, connect_in_memory, make_gateway, \
     make_target
 from gatekeep.tls import UpstreamTLS
-from tests.unit.test_pg_relay_memory import ALICE_TOKEN, Client, fields
+from tests.unit.test_pg_relay_memory import ALICE_TOKEN, Client, MessageServer, fields
 
 USERS_OID = 16384
 USERS = (pg.Field("id", table_oid=USERS_OID, column=1, type_oid=23, type_size=4),
@@ -47,19 +47,9 @@ def copy_out(columns: int) -> bytes:
 COPY_IN = message(b"G", b"\0\0\1\0\0")
 
 
-class ScriptedPostgres(protocol.Protocol):
+class ScriptedPostgres(MessageServer):
     """A server that logs in anyone and answers the masking catalog query; every other answer is what the test
     scripted (:func:`ask`)."""
-
-    def __init__(self) -> None:
-        self.reader = pg.MessageReader(typed=False)
-
-    def dataReceived(self, data: bytes) -> None:
-        messages = self.reader.feed(data)
-        while messages:
-            for m in messages:
-                self.handle(m)
-            messages = self.reader.feed(b"") if self.reader.buffered else []
 
     def handle(self, m: pg.Message) -> None:
         if not self.reader.typed:

@@ -39,9 +39,10 @@ class Pending:
     done: bool = False
     #: values masked in this operation's results, by rule (and rule/detector)
     masked: dict | None = None
-    #: the Syncs (by number) the client sent right after this Execute or Query, nothing but Flush between: the
-    #: server ignores them if it starts a COPY FROM STDIN (copy-in mode)
-    syncs_after: list | None = None
+    #: the Syncs (by number, first to last; 0: none) the client sent right after this Execute or Query, nothing
+    #: but Flush between (so their numbers follow on): the server ignores them if it starts a COPY FROM STDIN
+    first_sync_after: int = 0
+    last_sync_after: int = 0
     #: the server started a COPY FROM STDIN (CopyInResponse) for it
     copy_in: bool = False
 

@@ -694,13 +694,15 @@ class Frontend(ClientStartup, protocol.Protocol):
                 results.result_ended()
         elif mtype == b"Z":
             self.tx_status = pg.parse_ready_for_query(body)
-            self._ignored_answered()  # groups ended by Syncs the server ignored, before this one
+            if self._ignored_syncs:
+                self._ignored_answered()  # groups ended by Syncs the server ignored, before this one
             if self.tracker.in_flight <= 0:
                 # one ReadyForQuery per Query, FunctionCall or Sync: an unsolicited one would shift every answer
                 # after it onto the statement before (their records, their denials, the masking of their rows)
                 raise pg.ProtocolError("ReadyForQuery with no query in flight")
             self._answered()
-            self._ignored_answered()  # and right after it (a Sync after a Query that started copy-in)
+            if self._ignored_syncs:
+                self._ignored_answered()  # and right after it (a Sync after a Query that started copy-in)
         elif mtype == b"G":
             pg.parse_copy_response(body, "CopyInResponse")
             pending = self.tracker.current()
@@ -708,7 +710,8 @@ class Frontend(ClientStartup, protocol.Protocol):
                 # copy-in mode: the Syncs that reached the server right after the COPY were ignored, and so is
                 # any the client sends before its data
                 pending.copy_in = True
-                self._ignored_syncs.update(pending.syncs_after or ())
+                if pending.first_sync_after:
+                    self._ignored_syncs.update(range(pending.first_sync_after, pending.last_sync_after + 1))
         elif mtype == b"1" or mtype == b"3":
             if body:
                 raise pg.ProtocolError(f"server message {mtype!r} with a body")
@@ -753,9 +756,9 @@ class Frontend(ClientStartup, protocol.Protocol):
         """A Sync went to the server right after ``pending``'s Execute or Query (nothing but Syncs and Flushes
         between): ignored if that started a COPY FROM STDIN."""
         number = self.tracker.syncs_sent
-        if pending.syncs_after is None:
-            pending.syncs_after = []
-        pending.syncs_after.append(number)
+        if not pending.first_sync_after:
+            pending.first_sync_after = number
+        pending.last_sync_after = number
         if pending.copy_in:
             self._ignored_syncs.add(number)
 
