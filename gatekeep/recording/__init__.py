@@ -6,7 +6,7 @@ from collections import deque
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from gatekeep.model import Action, Decision
+from gatekeep.model import Action, Decision, Outcome, SessionEnd
 
 _log = Logger()
 
@@ -161,6 +161,37 @@ class Backlog:
         for d in drained:
             if not d.called:
                 d.errback(RecordingUnavailable(error))
+
+
+def hold_open(events: list, start: int) -> tuple[list, list]:
+    """
+    A batch's events (batched durability) split into those stored now and those held for the next batch: the
+    operations at or after ``start`` (they came since the last batch) whose outcome is not among the events yet, unless their
+    session's end is. An operation and its outcome in one frame are stored as one ledger entry and one row; split
+    over two they cost an entry and a row, then another entry and an UPDATE of the row (a quarter of HTTP requests
+    were split so, docs/performance.md), and an auditor reads the request and its answer in one record. The events
+    before ``start`` were held once already and always go, so nothing waits more than two intervals. A held operation is stored after the events that came while it was
+    held (the ledger's order is the order events were stored in; a session's seal is made after all of its
+    events, since a session's end is never sent before an operation of its own that is held).
+    """
+    ended: set = set()
+    held: list[int] = []
+    for i in range(len(events) - 1, start - 1, -1):
+        e = events[i]
+        t = type(e)
+        if t is Outcome:
+            ended.add((e.session_id, e.seq))
+        elif t is tuple:
+            op = e[0]
+            if (op.session.id, op.seq) not in ended and op.session.id not in ended:
+                held.append(i)
+        elif t is SessionEnd:
+            ended.add(e.session_id)
+    if not held:
+        return events, []
+    held.reverse()
+    skip = set(held)
+    return [e for i, e in enumerate(events) if i not in skip], [events[i] for i in held]
 
 
 def approx_size(value: object) -> int:

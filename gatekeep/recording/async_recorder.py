@@ -6,7 +6,9 @@ batch (one transaction, one round trip) at a time.
 It behaves as :class:`gatekeep.recording.recorder.ThreadedRecorder` does:
 
 - ``batched``: the first event of a batch waits ``interval`` for others; while
-  a batch is being written, new events gather for the next one.
+  a batch is being written, new events gather for the next one. An operation
+  that has not ended when its batch is cut waits for the next batch, once, so
+  that it and its outcome are stored together (``hold_open``).
 - ``strict``: ``operationStarted`` returns a Deferred that fires once the
   operation's record is committed; the recorder writes at once (group commit:
   what arrives during one write goes into the next).
@@ -36,8 +38,8 @@ from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder
 from gatekeep.model import Decision, Operation
-from gatekeep.recording import (MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, as_refused, refuse_in_batch,
-                                refused_as_data)
+from gatekeep.recording import (MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, as_refused, hold_open,
+                                refuse_in_batch, refused_as_data)
 from gatekeep.recording.sinks import SinkFeeder
 from gatekeep.store import StoreUnavailable
 
@@ -71,6 +73,8 @@ class AsyncRecorder(InOrder, Backlog):
         #: the backlog (gatekeep.recording.Backlog): estimated bytes (approx_size) of events not yet settled
         self.max_backlog = max_backlog
         self._buffer: list[Any] = []
+        #: the events before this index in ``_buffer`` were held back from a batch once (hold_open)
+        self._fresh = 0
         self._timer: Any = None
         self._writing = False
         self._stopping = False
@@ -171,7 +175,15 @@ class AsyncRecorder(InOrder, Backlog):
         self._timer = None
         if self._writing or not self._buffer:
             return
-        items, self._buffer = self._buffer[:self._max_batch], self._buffer[self._max_batch:]
+        items, rest = self._buffer[:self._max_batch], self._buffer[self._max_batch:]
+        held: list[Any] = []
+        if not self.strict and not self._flushes and not self._stopping:
+            # operations that have not ended wait one batch for their outcome (one row for the pair)
+            items, held = hold_open(items, min(self._fresh, len(items)))
+        self._buffer, self._fresh = held + rest, len(held)
+        if not items:
+            self._schedule(urgent=False)
+            return
         batch = [i.event if isinstance(i, _Strict) else i for i in items]
         waiters = [i.deferred for i in items if isinstance(i, _Strict)]
         self._writing = True

@@ -49,7 +49,7 @@ from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder
 from gatekeep.model import Decision, Operation, Outcome
-from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, as_refused
+from gatekeep.recording import MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, as_refused, hold_open
 from gatekeep.recording.sinks import SinkFeeder
 
 _log = Logger()
@@ -178,6 +178,8 @@ class ProcessRecorder(InOrder, Backlog):
         #: committed entries go to the sinks from their own thread, never the reactor's
         self._sinks = SinkFeeder(list(sinks)) if sinks else None
         self._events: list[Any] = []
+        #: the events before this index in ``_events`` were held back from a frame once (see hold_open)
+        self._fresh = 0
         self._waiters: list[Deferred] = []
         self._timer: Any = None
         self._next_id = 0
@@ -234,7 +236,7 @@ class ProcessRecorder(InOrder, Backlog):
     def stop(self) -> Deferred:
         """Send what is queued, let the writer store it and exit; fires when it has."""
         self._stopping = True
-        self._send()
+        self._send(hold=False)
         proc = self._proc
         if proc is None:
             d: Deferred = Deferred()
@@ -278,7 +280,7 @@ class ProcessRecorder(InOrder, Backlog):
 
     def flush(self) -> Deferred:
         d: Deferred = Deferred()
-        self._send()
+        self._send(hold=False)
         if not self._unacked:
             d.callback(None)
         else:
@@ -298,13 +300,26 @@ class ProcessRecorder(InOrder, Backlog):
             self._timer.cancel()
         self._timer = self._reactor.callLater(0, self._send)
 
-    def _send(self) -> None:
+    def _send(self, hold: bool = True) -> None:
+        """
+        Send the queued events as one frame. In batched mode (``hold``) operations that started since the last
+        frame and have not ended yet are held for the next frame (:func:`hold_open`).
+        """
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if not self._events:
+        queued = self._events
+        if not queued:
             return
-        events, self._events = self._events, []
+        if hold and not self.strict and not self._stopping:
+            events, self._events = hold_open(queued, self._fresh)
+        else:
+            events, self._events = queued, []
+        self._fresh = len(self._events)
+        if self._events:
+            self._timer = self._reactor.callLater(self._interval, self._send)
+        if not events:
+            return
         waiters, self._waiters = self._waiters, []
         self._next_id += 1
         data = frame(("batch", self._next_id, pack_events(events)))

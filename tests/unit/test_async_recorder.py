@@ -95,6 +95,8 @@ def test_events_during_a_write_go_into_the_next_batch():
     clock.advance(1.0)
     assert len(store.attempts) == 1  # still waiting for the first
     store.pending[0].callback(None)
+    clock.advance(0.01)  # neither operation has ended: they wait one batch for their outcomes (hold_open)
+    assert len(store.attempts) == 1
     clock.advance(0.01)
     assert [len(a) for a in store.attempts] == [1, 2]
     assert store.stored == [s, (op(s, 1), ALLOWED), (op(s, 2), ALLOWED)]
@@ -142,12 +144,34 @@ def test_unavailable_store_is_never_split_into_single_events():
     store = ScriptedStore([StoreUnavailable("down")] * 6)
     recorder = AsyncRecorder(store, clock, retry_delay=0.01, max_retry_delay=0.01)
     s = session()
-    record_all(recorder, [s, (op(s, 1), ALLOWED), (op(s, 2), ALLOWED)])
+    record_all(recorder, [s, (op(s, 1), ALLOWED), (op(s, 2), ALLOWED), outcome(s, 1), outcome(s, 2)])
     clock.advance(0.02)
     for _ in range(10):
         clock.advance(0.01)
-    assert {len(a) for a in store.attempts} == {3}
-    assert store.stored == [s, (op(s, 1), ALLOWED), (op(s, 2), ALLOWED)] and recorder.dropped == 0
+    assert {len(a) for a in store.attempts} == {5}
+    assert store.stored == [s, (op(s, 1), ALLOWED), (op(s, 2), ALLOWED), outcome(s, 1), outcome(s, 2)]
+    assert recorder.dropped == 0
+
+
+def test_an_operation_that_has_not_ended_waits_one_batch_for_its_outcome():
+    """So that the store keeps the pair as one record (hold_open); what was held once goes whether it has ended
+    or not, and flush holds nothing back."""
+    clock, store = Clock(), ScriptedStore()
+    recorder = AsyncRecorder(store, clock, interval=0.02)
+    s = session()
+    record_all(recorder, [s, (op(s, 1), ALLOWED), (op(s, 2), ALLOWED), outcome(s, 2)])
+    clock.advance(0.02)
+    assert store.attempts == [[s, (op(s, 2), ALLOWED), outcome(s, 2)]]
+    record_all(recorder, [outcome(s, 1), (op(s, 3), ALLOWED)])
+    clock.advance(0.02)
+    assert store.attempts[1] == [(op(s, 1), ALLOWED), outcome(s, 1)]
+    clock.advance(0.02)
+    assert store.attempts[2] == [(op(s, 3), ALLOWED)]
+    recorder.operationStarted(op(s, 4), ALLOWED)
+    done = fired(recorder.flush())
+    clock.advance(0)
+    assert store.attempts[3] == [(op(s, 4), ALLOWED)] and done == [None]
+    assert recorder.written == 7 and not clock.getDelayedCalls()
 
 
 def test_poison_event_is_dropped_and_the_rest_stored():
@@ -327,6 +351,7 @@ def test_operations_waiting_on_the_backlog_are_refused_when_the_policy_is_deny()
     while d is None:
         seq += 1
         d = recorder.operationStarted(op(s, seq, "select '" + "x" * 50_000 + "'"), ALLOWED)
+    clock.advance(0.02)  # the operations have not ended: they wait one batch for their outcomes
     clock.advance(0.02)
     store.pending[0].errback(StoreUnavailable("down"))
     [failure] = fired(d)

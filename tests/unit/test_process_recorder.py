@@ -5,12 +5,14 @@ the backlog bound that makes new operations wait, and the writer's priority.
 
 import time
 
+import attrs
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from gatekeep.model import Action, ClientAddress, Decision, Identity, Operation, Outcome, Session, SessionEnd, new_id
 from gatekeep.recording import RecordingUnavailable
+from gatekeep.recording import hold_open
 from gatekeep.recording.process import (WRITER_NICE, FrameReader, ProcessRecorder, _WriterProtocol, frame,
                                         pack_events, unpack_events)
 
@@ -48,6 +50,14 @@ def op(seq, size=0):
     return Operation(SESSION, seq, "query", "SELECT '" + "x" * size + "'", time.time(), None, (), {})
 
 
+def end(seq):
+    return Outcome(SESSION.id, seq, time.time(), 0.001, "SELECT 1", 1, None, None)
+
+
+def seq_of(event):
+    return event[0].seq if type(event) is tuple else event.seq
+
+
 def recorder(**kw):
     reactor = Reactor()
     rec = ProcessRecorder(reactor, {"path": "/nonexistent", "node": "n"}, **kw)
@@ -67,13 +77,69 @@ def test_batched_events_go_in_one_frame_and_the_backlog_counts_its_bytes():
     rec, reactor, pipe = recorder()
     assert pipe.frames[0][0] == "init" and pipe.frames[0][1]["nice"] == WRITER_NICE
     assert [rec.operationStarted(op(i), ALLOW) for i in range(1, 4)] == [None, None, None]
+    for i in range(1, 4):
+        rec.operationFinished(end(i))
     assert pipe.batches() == []
     reactor.advance(0.02)
     [(_, frame_id, events)] = pipe.batches()
-    assert [e[0].seq for e in events] == [1, 2, 3]
+    assert [(type(e).__name__, seq_of(e)) for e in events] == [("tuple", 1), ("tuple", 2), ("tuple", 3),
+                                                               ("Outcome", 1), ("Outcome", 2), ("Outcome", 3)]
     assert rec.backlog > 0
     ack(rec, frame_id)
-    assert rec.backlog == 0 and rec.written == 3
+    assert rec.backlog == 0 and rec.written == 6
+
+
+def test_an_operation_that_has_not_ended_waits_one_frame_for_its_outcome():
+    """So that the writer stores the pair as one entry and one row (hold_open). What was held once goes in the
+    next frame whether it has ended or not; an operation whose session ended is never held."""
+    rec, reactor, pipe = recorder()
+    rec.operationStarted(op(1), ALLOW)
+    rec.operationStarted(op(2), ALLOW)
+    rec.operationFinished(end(1))
+    rec.operationStarted(op(3), ALLOW)
+    rec.operationFinished(end(3))
+    reactor.advance(0.02)
+    [(_, _, first)] = pipe.batches()
+    assert [(type(e).__name__, seq_of(e)) for e in first] == [("tuple", 1), ("Outcome", 1), ("tuple", 3),
+                                                              ("Outcome", 3)]
+    rec.operationFinished(end(2))
+    rec.operationStarted(op(4), ALLOW)  # new since the last frame, not ended: held
+    reactor.advance(0.02)
+    second = pipe.batches()[1][2]
+    assert [(type(e).__name__, seq_of(e)) for e in second] == [("tuple", 2), ("Outcome", 2)]
+    rec.operationStarted(op(5), ALLOW)  # op 4 was held once: it goes without its outcome; op 5 waits
+    reactor.advance(0.02)
+    assert [seq_of(e) for e in pipe.batches()[2][2]] == [4]
+    reactor.advance(0.02)
+    assert [seq_of(e) for e in pipe.batches()[3][2]] == [5]
+    assert rec._events == [] and not reactor.getDelayedCalls()
+    rec.operationStarted(op(6), ALLOW)
+    rec.sessionEnded(SessionEnd(SESSION.id, time.time(), 0, 0, "client closed"))
+    reactor.advance(0.02)
+    assert [type(e).__name__ for e in pipe.batches()[4][2]] == ["tuple", "SessionEnd"]
+
+
+def test_hold_open_keeps_the_order_of_what_goes_and_of_what_is_held():
+    other = attrs.evolve(SESSION, id=new_id())
+    events = [(op(1), ALLOW), (op(2), ALLOW), (Operation(other, 1, "q", "x", 0.0, None, (), {}), ALLOW), end(2),
+              (op(3), ALLOW), Outcome(other.id, 1, 0.0, 0.0)]
+    now, later = hold_open(events, 0)
+    assert now == [events[1], events[2], events[3], events[5]] and later == [events[0], events[4]]
+    assert hold_open(events, 5) == (events, [])  # only what came since the last frame is held
+    assert hold_open(events[:1], 1) == (events[:1], [])
+
+
+def test_flush_and_strict_durability_hold_nothing_back():
+    rec, reactor, pipe = recorder()
+    rec.operationStarted(op(1), ALLOW)
+    done = rec.flush()
+    assert [seq_of(e) for e in pipe.batches()[0][2]] == [1] and not done.called
+    ack(rec, pipe.batches()[0][1])
+    assert done.called
+    rec, reactor, pipe = recorder(durability="strict")
+    waits = rec.operationStarted(op(1), ALLOW)
+    reactor.advance(0)
+    assert [seq_of(e) for e in pipe.batches()[0][2]] == [1] and not waits.called
 
 
 def test_strict_writer_keeps_the_gateway_priority():
@@ -97,6 +163,7 @@ def test_operations_wait_while_the_backlog_is_over_the_bound_and_go_on_when_it_d
     # every operation after that waits too, and every one of them is queued for the store
     waits += [rec.operationStarted(op(seq + i, size=10), ALLOW) for i in (1, 2)]
     assert all(isinstance(d, Deferred) and not d.called for d in waits)
+    reactor.advance(0.02)  # the operations since the last frame have not ended: they wait one more frame
     reactor.advance(0.02)
     sent = [e[0].seq for _, _, events in pipe.batches() for e in events]
     assert sent == list(range(1, seq + 3))
