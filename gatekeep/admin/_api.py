@@ -224,7 +224,10 @@ class AdminAPI(Resource):
         answer later, e.g. OIDC fetching keys), then the identity's roles, then
         ``then(identity, roles)``.
         """
-        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        given = request.requestHeaders.getRawHeaders(b"authorization") or []
+        if len(given) > 1:  # which one counts differs between proxies and servers: take none
+            raise ApiError(400, "invalid", "send one Authorization header")
+        header = (given[0] if given else b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:

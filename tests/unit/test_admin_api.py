@@ -61,8 +61,8 @@ class Api:
         proto.makeConnection(transport)
         data = raw_body if raw_body is not None else (json.dumps(body).encode() if body is not None else b"")
         head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {len(data)}", "Connection: close"]
-        if token is not None:
-            head.append(f"Authorization: Bearer {token}")
+        for t in ([token] if isinstance(token, str) else token or []):
+            head.append(f"Authorization: Bearer {t}")
         proto.dataReceived(("\r\n".join(head) + "\r\n\r\n").encode() + data)
         response = transport.value()
         header, _, payload = response.partition(b"\r\n\r\n")
@@ -117,6 +117,14 @@ def test_missing_and_wrong_tokens_are_401_and_recorded(api):
     (failure,) = api.recorder.login_failures
     assert (failure.target, failure.protocol) == ("admin", "admin")
     assert "not-a-token" not in repr(failure)
+
+
+def test_two_authorization_headers_are_refused_whichever_comes_first(api):
+    """Proxies and servers differ on which of two Authorization headers counts: the API takes neither."""
+    for tokens in (["tok-olga", "not-a-token"], ["not-a-token", "tok-olga"], ["tok-olga", "tok-olga"]):
+        status, body = api.json("GET", "/v1/whoami", token=tokens)
+        assert status == 400 and body["message"] == "send one Authorization header"
+    assert api.json("GET", "/v1/whoami", token=["tok-olga"])[0] == 200
 
 
 def test_identity_without_a_role_is_403(api):
