@@ -53,6 +53,24 @@ def test_a_repeated_or_empty_content_type_is_read_as_json_when_it_may_be(head):
     assert answer.startswith(b"HTTP/1.1 200 ") and VALUE not in answer and b'"email":"****"' in answer
 
 
+@pytest.mark.parametrize("head", [b"Content-Type: text/html; charset=utf-8\r\n", b"Content-Type: text/javascript\r\n",
+                                  b"Content-Type: application/octet-stream\r\n", b"Content-Type: application/xml\r\n"])
+def test_json_under_another_label_is_masked_by_key_rules(head):
+    """An upstream that labels its JSON as HTML (a framework's default), script or bytes: a client that parses it
+    anyway would read the keys, so key rules mask it where it parses as JSON."""
+    conn, up, rec, _ = setup([sized(b'{"email":"a@example.com","n":1}', head)], masking=KEYS)
+    answer = conn.send(get())
+    assert answer.startswith(b"HTTP/1.1 200 ") and VALUE not in answer and b'"email":"****"' in answer
+
+
+@pytest.mark.parametrize("head", [b"Content-Type: text/html\r\n", b"Content-Type: image/png\r\n"])
+def test_what_is_not_json_passes_under_key_rules_as_it_came(head):
+    body = b"<p>mail a@example.com</p>" if b"html" in head else b"\x89PNG {\"email\":\"a@example.com\"}"
+    conn, up, rec, _ = setup([sized(body, head)], masking=KEYS)
+    answer = conn.send(get())
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(body)
+
+
 @pytest.mark.parametrize("head", [b"", b"Content-Type: text/plain\r\n"])
 def test_a_stream_sniffed_as_json_but_written_over_several_lines_is_masked_whole(head):
     """An unlabelled (or text/plain) chunked body that starts like JSON but whose first line is no JSON document

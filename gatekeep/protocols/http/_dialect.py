@@ -63,6 +63,11 @@ RANGE_FIELDS = frozenset({b"range", b"if-range"})
 _MASKING_DROP = RANGE_FIELDS | {b"accept-encoding"}
 
 
+#: types besides text (``ContentType.text``) whose body may be JSON under another label, so that key rules sniff
+#: it: none at all, and the generic binary type
+SNIFFED_TYPES = frozenset({"", "application/octet-stream"})
+
+
 def is_partial(head: Head, ctype: ContentType) -> bool:
     """A response that is a byte range (or several) of a body: ``206``, or ``multipart/byteranges``
     (``ctype``: its Content-Type)."""
@@ -191,9 +196,10 @@ class HttpDialect:
             if ctype.json:
                 return BodyPlan(BUFFER, transform, required=True, why="JSON body under masking rules")
             return BodyPlan(LINES, transform, required=True, why="JSON lines under masking rules")
-        if masker.key_rules and (ctype.media_type == "text/plain" or not ctype.media_type):
-            # JSON an upstream did not label as JSON: masked as JSON where it parses as JSON (the whole body, or
-            # each line of JSON lines); what does not parse is text, as labelled
+        if masker.key_rules and (ctype.text or ctype.media_type in SNIFFED_TYPES):
+            # JSON an upstream did not label as JSON (text/plain, text/html from a framework's default, none): a
+            # client that parses the body anyway reads the keys. Masked as JSON where it parses as JSON (the whole
+            # body, or each line of JSON lines); what does not parse is what it is labelled
             detect = mask_text and masker.detector_rules
             charset = _codec(ctype.charset) if detect else None
 
