@@ -36,7 +36,7 @@ pytestmark = pytest.mark.integration
 
 REQUEST_ID = re.compile(r"request ([0-9a-z]{10})\b")
 TABLES = ("ap_once", "ap_deny", "ap_expire", "ap_cancel", "ap_window", "ap_self", "ap_two", "ap_trail", "ap_ext",
-          "ap_load")
+          "ap_prep", "ap_load")
 PEOPLE = {"agent": ["agents"], "alice": ["dba"], "bob": ["dba"], "audrey": ["audit"], "olga": ["ops"]}
 
 
@@ -57,6 +57,7 @@ POLICIES = [
     _review("review-two", "ap_two", approvals=2),
     _review("review-trail", "ap_trail", reason_required=True),
     _review("review-ext", "ap_ext"),
+    _review("review-prep", "ap_prep"),
     _review("review-load", "ap_load", timeout="10m"),
 ]
 
@@ -480,6 +481,44 @@ def test_extended_protocol_statement_is_held_at_parse_and_released(gw):
     assert "error" not in result, result.get("error")
     assert result["rows"] == 1 and any(r["id"] in n for n in result["notices"])
     assert gw.remaining("ap_ext") == "1,3"
+
+
+def test_an_approved_prepared_statement_runs_once_then_is_held_again_with_its_values(gw):
+    """psycopg prepares the DELETE (prepare=True) and runs it again with another value: the approval released the
+    first execution only; the second is a new request showing its bound value, and runs once approved too."""
+    import psycopg
+
+    gw.reset("ap_prep")
+    result: dict = {}
+
+    def run():
+        try:
+            with psycopg.connect(host="127.0.0.1", port=gw.gk.ports["db"], user="agent", password=gw.tokens["agent"],
+                                 dbname="app", sslmode="disable", connect_timeout=10, autocommit=True) as conn:
+                with conn.cursor() as cur:
+                    # %t: the value goes in the text format (as the record shows it)
+                    cur.execute("DELETE FROM ap_prep WHERE id = %t", (1,), prepare=True)
+                    result["first"] = cur.rowcount
+                    cur.execute("DELETE FROM ap_prep WHERE id = %t", (3,), prepare=True)
+                    result["second"] = cur.rowcount
+        except Exception as e:  # reported below
+            result["error"] = e
+
+    def pending():
+        return [r for r in gw.api("/v1/approvals?status=pending")["approvals"] if r["rule"] == "review-prep"]
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    (first,) = poll("the first request to be pending", pending, timeout=10)
+    assert first["kind"] == "parse" and first["text"] == "DELETE FROM ap_prep WHERE id = $1"
+    assert gw.cli("alice", "approve", first["id"]).returncode == 0
+    (second,) = poll("the second execution to be held", pending, timeout=10)
+    assert second["id"] != first["id"] and second["kind"] == "execute" and second["parameters"] == ["3"]
+    assert gw.remaining("ap_prep") == "2,3" and "second" not in result
+    assert gw.cli("alice", "approve", second["id"]).returncode == 0
+    worker.join(15)
+    assert "error" not in result, result.get("error")
+    assert (result["first"], result["second"]) == (1, 1) and gw.remaining("ap_prep") == "2"
 
 
 # -- 500 held requests ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from gatekeep.secrets import Secret
 from gatekeep.testing import FunctionPolicy, MemoryIdentityProvider, MemoryNetwork, connect_in_memory, make_gateway, \
     make_target
 from gatekeep.tls import UpstreamTLS
-from tests.unit.test_pg_relay_memory import ALICE_TOKEN, SERVICE_PASSWORD, UPSTREAM_KEY, Client, \
+from tests.unit.test_pg_relay_memory import ALICE_TOKEN, SERVICE_PASSWORD, UPSTREAM_KEY, Client, FakePostgres, \
     FakePostgresFactory, fields
 
 BOB = Identity("bob", frozenset({"dba"}))
@@ -180,3 +180,78 @@ def test_other_sessions_are_not_blocked_by_a_held_one(relay):
     other = relay.connect()
     other.login("alice", ALICE_TOKEN)
     assert [m.type for m in other.send(pg.query("select 1"))] == [b"T", b"D", b"D", b"C", b"Z"]
+
+
+# -- the extended protocol: an approval releases one execution ---------------------------------
+
+
+class ExtendedPostgres(FakePostgres):
+    """FakePostgres that also answers the extended protocol, keeping what it saw as (type, detail)."""
+
+    def handle(self, m: pg.Message) -> None:
+        if not self.reader.typed or m.type not in (b"P", b"B", b"D", b"E", b"S", b"C", b"H"):
+            super().handle(m)
+            return
+        seen = self.factory.extended
+        if m.type == b"P":
+            seen.append(("parse", pg.parse_parse(m.body).query))
+            self.send(pg.parse_complete())
+        elif m.type == b"B":
+            seen.append(("bind", tuple(pg.parse_bind(m.body).params)))
+            self.send(pg.bind_complete())
+        elif m.type == b"D":
+            self.send(pg.no_data())
+        elif m.type == b"E":
+            seen.append(("execute", pg.parse_execute(m.body).portal))
+            self.send(pg.command_complete("DELETE 1"))
+        elif m.type == b"C":
+            self.send(pg.close_complete())
+        elif m.type == b"S":
+            self.send(pg.ready_for_query("I"))
+
+
+@pytest.fixture
+def extended(relay) -> SimpleNamespace:
+    relay.server.extended = []
+    relay.server.buildProtocol = lambda addr: ExtendedPostgres(relay.server)
+    return relay
+
+
+def _bind_execute(value: bytes) -> bytes:
+    return pg.bind("", "del", (), (value,), ()) + pg.execute("") + pg.sync()
+
+
+@pytest.mark.parametrize("rule", ["deletes", "deletes-window"])
+def test_an_approved_parse_releases_one_execution_not_every_later_bind(extended, rule, monkeypatch):
+    """A prepared statement approved at its Parse runs once with the parameters bound first; binding it again
+    (other parameters) is held again as a new request showing them, as the same statement sent again would be.
+    Under a window grant it runs at once while the window is open, and is held again once it has closed."""
+    relay = extended
+    monkeypatch.setitem(REVIEWS, "deletes-window", Review(approvers=("dba",), timeout=30.0, window=60.0))
+    relay.gateway.chain.policy = FunctionPolicy(
+        lambda op: Decision(Action.REVIEW, rule, "", {"kinds": ["delete"]}) if "delete" in op.text.lower()
+        else Decision(Action.ALLOW, "allow-all"))
+    client = relay.connect()
+    client.login("alice", ALICE_TOKEN)
+    client.send(pg.parse("del", "delete from users where id = $1") + pg.sync())
+    (request,) = relay.approvals.pending()
+    assert (request.kind, request.parameters) == ("parse", ())
+    relay.approvals.approve(request.id, BOB, "id 1 only")
+    client.send(_bind_execute(b"1"))
+    relay.network.flush()
+    assert [s for s in relay.server.extended if s[0] != "parse"] == [("bind", (b"1",)), ("execute", "")]
+    if rule == "deletes-window":
+        client.send(_bind_execute(b"2"))  # inside the window: at once
+        relay.network.flush()
+        assert relay.server.extended[-2:] == [("bind", (b"2",)), ("execute", "")]
+        relay.gateway.reactor.advance(61.0)
+    before = list(relay.server.extended)
+    client.send(_bind_execute(b"3"))
+    relay.network.flush()
+    (again,) = relay.approvals.pending()
+    assert again.id != request.id and again.kind == "execute" and again.parameters == ("3",)
+    assert relay.server.extended[len(before):] in ([], [("bind", (b"3",))])  # the Bind, never the Execute
+    relay.approvals.deny(again.id, BOB, "not that one")
+    relay.network.flush()
+    # the denied Execute reached the server only as the stand-in that fails
+    assert relay.server.extended[len(before):] == [("bind", (b"3",)), ("parse", POISON), ("bind", ()), ("execute", "")]

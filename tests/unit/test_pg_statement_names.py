@@ -116,3 +116,16 @@ def test_refused_parses_are_kept_for_their_group_only():
         book.refused(group, f"s{group}")
     assert book.refused_in(999, "s999") and not book.refused_in(998, "s998")
     assert len(book._refused) == 1
+
+
+def test_judged_at_execute_after_its_first_bind():
+    """A statement allowed by an approval: the portal its first Bind made keeps the decision, later Binds find
+    none (judged at their Execute); a name the book does not know is left alone."""
+    book = Statements()
+    book.parsed(1, "s1", stmt("DELETE FROM t WHERE id = $1"))
+    book.bound(1, "p", Portal("s1", book.bound_to(1, "s1"), ("1",)))
+    book.judge_at_execute("s1")
+    book.judge_at_execute("unknown")
+    assert book.portal("p").prepared.decision is ALLOW
+    assert book.bound_to(1, "s1").decision is None and book.bound_to(1, "s1").text == "DELETE FROM t WHERE id = $1"
+    assert book.get("unknown") is None

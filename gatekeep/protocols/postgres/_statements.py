@@ -2,9 +2,10 @@
 The extended protocol's prepared statements and portals as the relay follows them, sans-IO.
 
 The relay judges a statement at its Parse and carries the decision to the
-portals bound to it and their Executes; records name each Execute by the text
-and parameters behind it; masking needs to know which Parse a portal's rows
-come from. All of it is keyed by the names the client gives, and those names
+portals bound to it and their Executes (a decision an approval gave, to the
+first portal only: see :meth:`Statements.judge_at_execute`); records name
+each Execute by the text and parameters behind it; masking needs to know
+which Parse a portal's rows come from. All of it is keyed by the names the client gives, and those names
 change meaning only when the server says so: a Parse or a Close goes to the
 server before it answers, and until its ParseComplete or CloseComplete the
 change is *unconfirmed*. An error in the group (the server refused the Parse,
@@ -110,6 +111,16 @@ class Statements:
         if group == self._refused_group and name in self._refused:
             return None
         return self._named.get(name)
+
+    def judge_at_execute(self, name: str) -> None:
+        """
+        From now on ``name``'s portals are judged at their Execute, as a statement gatekeep did not judge at its
+        Parse. For a Parse allowed by an approval: the approval released the execution the first Bind made, not
+        every later one (the portal already bound keeps the decision).
+        """
+        statement = self._named.get(name)
+        if statement is not None and statement.decision is not None:
+            self._named[name] = statement._replace(decision=None)
 
     def bound(self, group: int, portal: str, bound: Portal | None) -> None:
         """A Bind of ``portal`` is sent in ``group``; None when it names a statement the server will not have."""

@@ -608,6 +608,10 @@ class Frontend(ClientStartup, protocol.Protocol):
             if self.results is not None:
                 params = self.results.recordable(params)  # the record keeps only masked values
             self.statements.bound(group, bind.portal, Portal(bind.statement, found, params, bind.result_formats))
+            if found.decision is not None and found.decision.facts and "approval" in found.decision.facts:
+                # allowed by an approval (or a window): that releases this one execution; a later Bind of the
+                # statement, with whatever parameters, is judged at its Execute (held again, showing them)
+                self.statements.judge_at_execute(bind.statement)
         else:
             self.statements.bound(group, bind.portal, None)
         out.append(m.encode())
