@@ -95,7 +95,9 @@ class ApprovalCluster:
         mac = message.pop("mac", None)
         now = self.reactor.seconds()
         at = message.get("at")
-        if not isinstance(mac, str) or not hmac.compare_digest(mac, self._mac(message)):
+        # compared as bytes: compare_digest refuses text that is not ASCII (raising, so the forgery went uncounted)
+        if not isinstance(mac, str) or not hmac.compare_digest(mac.encode("utf-8", "replace"),
+                                                               self._mac(message).encode("ascii")):
             why = "its signature is not the cluster key's"
         elif not isinstance(at, (int, float)) or abs(now - at) > MAX_AGE:
             why = f"it is older than {MAX_AGE:.0f} s (or the nodes' clocks differ by more)"

@@ -65,6 +65,15 @@ def clock_text(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
 
 
+def same_person(a: str, b: str) -> bool:
+    """
+    Whether two identity names stand for one person when it comes to approving: names from different
+    providers may differ only in case (a configured ``dana``, an OIDC ``preferred_username`` of ``Dana``),
+    so they are compared without it. Two approvers whose names differ only in case count as one.
+    """
+    return a.casefold() == b.casefold()
+
+
 class ApprovalError(Exception):
     """A decision the service refuses; ``status`` is the HTTP status the admin API answers with."""
 
@@ -102,6 +111,8 @@ class Grant:
     until: float
     request_id: str
     approvers: tuple[str, ...]
+    #: when the approval opened it (a window the rule now makes shorter ends this long after it)
+    opened_at: float
 
 
 @attrs.define(eq=False)
@@ -173,14 +184,16 @@ class ApprovalService:
         key = (session.identity.name, session.target, rule)
         grant = self._grants.get(key)
         if grant is not None:
-            if grant.until > now:
+            # under the rule as configured now: a reload may have shortened the window or taken it away
+            until = self._window_until(grant.rule, len(grant.approvers), grant.opened_at, grant.until)
+            if until is not None and until > now:
                 self._outcomes.inc("window")
                 return Decision(Action.ALLOW, decision.rule,
                                 f"allowed by the window that approval request {grant.request_id} opened until "
-                                f"{clock_text(grant.until)}",
+                                f"{clock_text(until)}",
                                 {**decision.facts, "approval": {"id": grant.request_id, "status": "approved",
                                                                 "grant": "window", "approvers": list(grant.approvers),
-                                                                "until": grant.until}})
+                                                                "until": until}})
             del self._grants[key]
         if len(self._pending) >= self.max_pending:
             _log.warn("refused to hold more than {n} operations for approval", n=self.max_pending)
@@ -240,10 +253,10 @@ class ApprovalService:
         """
         held = self._held(request_id)
         r = held.request
-        if approver.name == r.identity:
+        if same_person(approver.name, r.identity):
             raise NotAllowed(f"{approver.name} cannot approve request {r.id}: nobody approves their own request")
         self._authorize(r, approver, admin)
-        if approver.name in r.approved_by:
+        if any(same_person(approver.name, earlier) for earlier in r.approved_by):
             raise AlreadyDecided(f"{approver.name} already approved request {r.id}; it needs "
                                  f"{r.approvals_needed} distinct approvers")
         reason = (reason or "").strip()
@@ -280,7 +293,13 @@ class ApprovalService:
     def _held(self, request_id: str) -> _Held:
         held = self._pending.get(request_id)
         if held is not None:
-            return held
+            if self._now() < held.request.expires_at:
+                return held
+            # due, but its timer has not run yet (a busy gateway runs it on a later turn): expired all the same,
+            # so a decision that comes after the time the client and the approvers were told never counts
+            if held.timer is not None and held.timer.active():
+                held.timer.cancel()
+            self._expire(request_id)
         done = self._recent.get(request_id)
         if done is not None:
             raise AlreadyDecided(f"request {request_id} is already {done.status.value}: {done.resolution}")
@@ -298,7 +317,11 @@ class ApprovalService:
         r = held.request
         names = ", ".join(f"{d.approver} ({d.reason})" if d.reason else d.approver
                           for d in r.decisions if d.verdict == APPROVE)
-        until = now + r.window if r.window is not None else None
+        until = None
+        if r.window is not None:
+            # a window only as the rule is configured now: a reload since the hold may have shortened it, taken
+            # it away or made it need more approvers (the request itself is approved as it was held)
+            until = self._window_until(r.rule, len(r.approved_by), now, now + r.window)
         resolution = f"approved by {names}"
         if until is not None:
             resolution += f"; window open until {clock_text(until)}"
@@ -306,7 +329,7 @@ class ApprovalService:
         siblings: list[_Held] = []
         if until is not None:
             # open the window before anything is released: what the client sends next falls in it
-            self._grants[held.key] = Grant(r.identity, r.target, r.rule, until, r.id, tuple(r.approved_by))
+            self._grants[held.key] = Grant(r.identity, r.target, r.rule, until, r.id, tuple(r.approved_by), now)
             siblings = [h for h in self._pending.values() if h.key == held.key]
         self._fire(held, Decision(Action.ALLOW, held.decision.rule, f"approval request {r.id} {resolution}",
                                   self._facts(held, r)))
@@ -452,10 +475,20 @@ class ApprovalService:
         """Until when a window an earlier run granted stays open under the rule as configured now, or None."""
         if r.grant_until is None or r.grant_until <= now or r.resolved_at is None:
             return None
-        review = self._reviews(r.rule)
-        if review is None or review.window is None or r.approvals_needed < review.approvals:
+        return self._window_until(r.rule, r.approvals_needed, r.resolved_at, r.grant_until)
+
+    def _window_until(self, rule: str, approvals: int, opened_at: float, until: float) -> float | None:
+        """
+        Until when a window that ``approvals`` approvers opened at ``opened_at`` under ``rule`` is open under the
+        rule as configured now, or None: never longer or looser than the rule now allows, after a restart
+        (:meth:`recover`) as after a configuration reload (a window used in :meth:`hold`, or opened by an
+        approval of a request held before it). None when the rule is gone, no longer grants a window, or now
+        needs more approvers.
+        """
+        review = self._reviews(rule)
+        if review is None or review.window is None or approvals < review.approvals:
             return None
-        return min(r.grant_until, r.resolved_at + review.window)
+        return min(until, opened_at + review.window)
 
     def recover(self) -> None:
         """At start: close what a previous run left pending; reopen window grants still open."""
@@ -475,7 +508,8 @@ class ApprovalService:
             key = (r.identity, r.target, r.rule)
             current = self._grants.get(key)
             if current is None or current.until < until:
-                self._grants[key] = Grant(r.identity, r.target, r.rule, until, r.id, tuple(r.approved_by))
+                self._grants[key] = Grant(r.identity, r.target, r.rule, until, r.id, tuple(r.approved_by),
+                                          r.resolved_at)
         if dropped:
             _log.warn("approvals: {n} window grants of an earlier run not reopened: their rule is gone, no longer "
                       "grants a window, or now needs more approvers", n=dropped)

@@ -50,7 +50,8 @@ def payload(event: str, r: ApprovalRequest, approve_command: str = "gatekeep app
                     f"request {r.id}")
         detail = f"Needs {n} approval{'s' if n > 1 else ''}{who}; expires in {int(r.expires_at - r.created_at)}s."
         command = approve_command.format(id=r.id)
-        text = f"{headline}: {what}\n{detail} Approve: {command}"
+        # Slack reads the top-level text (what notifications show) as mrkdwn too: escaped like the blocks
+        text = _mrkdwn(f"{headline}: {what}\n{detail} Approve: {command}")
         blocks = [
             {"type": "section", "text": {"type": "mrkdwn", "text": _mrkdwn(
                 f"*Approval needed* for *{r.identity}* on *{r.target}* ({r.protocol}), rule `{r.rule}`\n"
@@ -62,7 +63,7 @@ def payload(event: str, r: ApprovalRequest, approve_command: str = "gatekeep app
     else:
         mark = {Status.APPROVED: "Approved", Status.DENIED: "Denied", Status.EXPIRED: "Expired",
                 Status.WITHDRAWN: "Withdrawn"}.get(r.status, r.status.value)
-        text = f"{mark}: request {r.id} ({r.identity} on {r.target}, rule {r.rule}): {r.resolution}"
+        text = _mrkdwn(f"{mark}: request {r.id} ({r.identity} on {r.target}, rule {r.rule}): {r.resolution}")
         blocks = [
             {"type": "section", "text": {"type": "mrkdwn", "text": _mrkdwn(
                 f"*{mark}*: request `{r.id}` for *{r.identity}* on *{r.target}*, rule `{r.rule}`\n{r.resolution}")}},

@@ -93,6 +93,19 @@ def test_approval_releases_with_allow_naming_the_approver(world):
     assert [e.change for e in world.store.events] == ["requested", "approve", "approved"]
 
 
+@pytest.mark.parametrize("decide", [lambda s, rid: s.approve(rid, ALICE, "ok"), lambda s, rid: s.deny(rid, BOB, "no")])
+def test_a_decision_after_the_expiry_time_finds_the_request_expired_even_before_its_timer_runs(world, decide):
+    """The timer of an expiry runs on a later turn of a busy reactor; an approval arriving in between is too late."""
+    rid, fired, _ = world.held(decision=review("short"))
+    world.clock.rightNow += 2.0  # the expiry time, without running the timer
+    with pytest.raises(AlreadyDecided, match="expired"):
+        decide(world.service, rid)
+    (decision,) = fired
+    assert decision.action is Action.DENY and "expired" in decision.reason
+    assert world.store.requests[rid].status is Status.EXPIRED and world.service.pending() == []
+    assert not world.clock.getDelayedCalls()
+
+
 def test_denial_fires_deny_naming_who_and_why(world):
     """A denial fires DENY whose reason names the approver and their reason."""
     rid, fired, _ = world.held()
@@ -361,3 +374,63 @@ def test_cluster_service_listens_once_it_has_read_the_store_key_and_retries_whil
     assert cluster.key == b"k" * 32 and cluster._subscription is not None and answers == []
     svc.stopService()
     assert cluster._subscription is None and reactor.getDelayedCalls() == []
+
+
+def test_the_requester_under_another_case_of_their_name_cannot_approve(world):
+    """Identity names from different providers may differ only in case (a static identity agent-7, an OIDC
+    preferred_username Agent-7): that is still the requester."""
+    rid, fired, _ = world.held()
+    with pytest.raises(NotAllowed, match="nobody approves their own request"):
+        world.service.approve(rid, Identity("Agent-7", frozenset({"dba"})))
+    assert fired == [] and world.service.lookup(rid).approved_by == []
+
+
+def test_two_approvals_are_not_one_person_under_two_cases_of_a_name(world):
+    """approvals: 2 needs two people: alice (a gatekeep token) and ALICE (an OIDC token) are one."""
+    rid, fired, _ = world.held(decision=review("two"))
+    world.service.approve(rid, ALICE, "ok")
+    with pytest.raises(AlreadyDecided, match="distinct"):
+        world.service.approve(rid, Identity("ALICE", frozenset({"dba"})), "ok again")
+    assert fired == [] and world.service.lookup(rid).status is Status.PENDING
+    world.service.approve(rid, BOB)
+    assert fired[0].action is Action.ALLOW
+
+
+@pytest.mark.parametrize("now_configured, open_until", [
+    (Review(approvers=("dba",), timeout=60.0, window=1800.0), 1000.0 + 1800.0),   # unchanged
+    (Review(approvers=("dba",), timeout=60.0, window=300.0), 1000.0 + 300.0),     # window shortened
+    (Review(approvers=("dba",), timeout=60.0), None),                             # now grant: once
+    (Review(approvers=("dba",), timeout=60.0, window=1800.0, approvals=2), None),  # now needs two approvers
+])
+def test_an_open_window_follows_the_rule_as_reloaded(world, now_configured, open_until):
+    """A configuration reload that shortens a rule's window, makes it grant: once or need more approvers applies
+    to the windows already open, as it does to those reopened after a restart: never longer or looser."""
+    reviews = dict(REVIEWS)
+    world.service = ApprovalService(world.clock, reviews.get, world.store, node="gk-1")
+    win, _, _ = world.held(decision=review("window"))
+    world.service.approve(win, ALICE)
+    reviews["window"] = now_configured  # the policy was reloaded
+    world.clock.advance(299.0)
+    inside = world.hold(operation(seq=2), review("window"))
+    if open_until is None:
+        assert isinstance(inside, Deferred) and not inside.called
+        return
+    assert isinstance(inside, Decision) and inside.action is Action.ALLOW
+    assert inside.facts["approval"]["until"] == open_until
+    world.clock.advance(open_until - world.clock.seconds())
+    assert isinstance(world.hold(operation(seq=3), review("window")), Deferred)
+
+
+def test_an_approval_after_a_reload_opens_a_window_only_as_the_rule_now_allows(world):
+    """A request held under a window rule that a reload since made need two approvers: its one approval releases
+    it (it was held needing one), but opens no window: neither what waits under the rule now nor what comes next
+    is released by it."""
+    reviews = dict(REVIEWS)
+    world.service = ApprovalService(world.clock, reviews.get, world.store, node="gk-1")
+    first, fired, _ = world.held(decision=review("window"))
+    reviews["window"] = Review(approvers=("dba",), timeout=60.0, window=1800.0, approvals=2)  # reloaded
+    second, second_fired, _ = world.held(operation(seq=2), review("window"))
+    r = world.service.approve(first, ALICE)
+    assert fired[0].action is Action.ALLOW and r.grant_until is None and "window" not in r.resolution
+    assert second_fired == [] and world.service.lookup(second).status is Status.PENDING
+    assert isinstance(world.hold(operation(seq=3), review("window")), Deferred)

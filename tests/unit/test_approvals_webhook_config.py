@@ -74,6 +74,22 @@ def test_payload_escapes_mrkdwn_and_cuts_long_text():
     assert len(body["text"]) < 2500
 
 
+def test_the_fallback_text_escapes_what_the_requester_wrote_too():
+    """Slack reads the top-level ``text`` (what notifications show) as mrkdwn as well: a statement carrying
+    ``<!channel>`` or a link ``<https://...|label>`` must not ping everyone or show a forged link there either."""
+    import attrs
+
+    from gatekeep.approvals import Status
+
+    body = payload("approval.requested", request(text="DELETE FROM t -- <!channel> <https://evil.example|ok>"))
+    assert "<!channel>" not in body["text"] and "<https://" not in body["text"]
+    assert "&lt;!channel&gt;" in body["text"]
+    assert body["gatekeep"]["request"]["text"] == "DELETE FROM t -- <!channel> <https://evil.example|ok>"
+    resolved = attrs.evolve(request(), status=Status.DENIED, resolution="denied by dana: <!here> & no")
+    text = payload("approval.resolved", resolved)["text"]
+    assert "<!here>" not in text and "&lt;!here&gt; &amp; no" in text
+
+
 def test_webhook_posts_json_and_retries_until_it_works():
     """A failed post is retried with backoff; the request body is the payload; success is counted."""
     clock = MemoryReactorClock()
