@@ -5,7 +5,9 @@ approvers at work, through the admin API.
 The API's address comes from ``--admin URL`` or ``GATEKEEP_ADMIN_URL``; the
 approver's gatekeep token from ``--token-file PATH``, ``GATEKEEP_TOKEN`` or
 ``--token`` (visible to other users in the process list: prefer the others).
-The token is never printed.
+The token is never printed. What the API answers (the held statement, reasons,
+names) is the agents' text: it is made safe to print (gatekeep.cli._safe)
+before it reaches the approver's terminal, JSON included.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
+
+from gatekeep.cli._safe import json_text, printable, printable_lines
 
 DEFAULT_URL = "http://127.0.0.1:9090"
 
@@ -188,12 +192,14 @@ def _run(f):
         try:
             return f(args)
         except CliError as e:
-            sys.stderr.write(f"gatekeep: {e}\n")
+            # the message may quote the API (its error message, a redirect's location)
+            sys.stderr.write(printable(f"gatekeep: {e}") + "\n")
             return e.code
         except (KeyError, TypeError, AttributeError) as e:
             # the answer parsed as JSON but lacks what the command prints
-            sys.stderr.write(f"gatekeep: the admin API answered in a form this command does not know "
-                             f"({type(e).__name__}: {e}): is --admin a gatekeep admin API of this version?\n")
+            sys.stderr.write(printable(f"gatekeep: the admin API answered in a form this command does not know "
+                                       f"({type(e).__name__}: {e}): is --admin a gatekeep admin API of this "
+                                       "version?") + "\n")
             return 1
 
     wrapper.__doc__ = f.__doc__
@@ -201,8 +207,12 @@ def _run(f):
 
 
 def _dump(value: Any) -> None:
-    json.dump(value, sys.stdout, indent=2, ensure_ascii=False)
-    print()
+    print(json_text(value, indent=2))
+
+
+def _say(line: str) -> None:
+    """Print one line for the approver: the request's text and names in it are shown, never acted on."""
+    print(printable(line))
 
 
 # -- output --------------------------------------------------------------------------------
@@ -228,7 +238,8 @@ def _when(t: float | None) -> str:
 
 
 def _one_line(text: str, width: int = 60) -> str:
-    text = " ".join(text.split())
+    """The held text on one line of the list, with what a terminal would act on spelled out (``\\r``, ``\\x1b``)."""
+    text = " ".join(" ".join(printable_lines(text)).split())
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
@@ -252,8 +263,8 @@ def list_requests(args) -> int:
         return 0
     print(f"{'ID':<11} {'AGE':>4}  {'STATUS':<9} {'IDENTITY':<14} {'TARGET':<12} {'RULE':<20} {'OK':>4}  WHAT")
     for r in rows:
-        print(f"{r['id']:<11} {_age(r['created_at']):>4}  {r['status']:<9} {r['identity']:<14} {r['target']:<12} "
-              f"{r['rule']:<20} {_progress(r):>4}  {_one_line(r['text'])}")
+        _say(f"{r['id']:<11} {_age(r['created_at']):>4}  {r['status']:<9} {r['identity']:<14} {r['target']:<12} "
+             f"{r['rule']:<20} {_progress(r):>4}  {_one_line(r['text'])}")
     return 0
 
 
@@ -263,27 +274,27 @@ def show(args) -> int:
     if args.json:
         _dump(r)
         return 0
-    print(f"request    {r['id']}  ({r['status']})")
-    print(f"identity   {r['identity']} (groups: {', '.join(r['groups']) or '-'}) from {r['client']}")
-    print(f"target     {r['target']} ({r['protocol']}), session {r['session_id']} #{r['seq']}")
-    print(f"rule       {r['rule']}: needs {r['approvals_needed']} approval(s)"
-          f"{' from ' + ' or '.join(r['approver_groups']) if r['approver_groups'] else ''}"
-          f"{', with a reason' if r['reason_required'] else ''}; grant {r['grant']}"
-          f"{' for ' + str(int(r['window'])) + 's' if r['window'] else ''}")
+    _say(f"request    {r['id']}  ({r['status']})")
+    _say(f"identity   {r['identity']} (groups: {', '.join(r['groups']) or '-'}) from {r['client']}")
+    _say(f"target     {r['target']} ({r['protocol']}), session {r['session_id']} #{r['seq']}")
+    _say(f"rule       {r['rule']}: needs {r['approvals_needed']} approval(s)"
+         f"{' from ' + ' or '.join(r['approver_groups']) if r['approver_groups'] else ''}"
+         f"{', with a reason' if r['reason_required'] else ''}; grant {r['grant']}"
+         f"{' for ' + str(int(r['window'])) + 's' if r['window'] else ''}")
     print(f"requested  {_when(r['created_at'])}, expires {_when(r['expires_at'])}")
-    print(f"held       {r['kind']}:")
-    for line in r["text"].splitlines() or [""]:
+    _say(f"held       {r['kind']}:")
+    for line in printable_lines(r["text"]):
         print(f"           {line}")
     if r["parameters"]:
-        print(f"parameters {r['parameters']}")
-    print(f"digest     sha256:{r['digest']}")
+        _say(f"parameters {r['parameters']}")
+    _say(f"digest     sha256:{r['digest']}")
     facts = {k: v for k, v in (r.get("facts") or {}).items() if v}
     if facts:
-        print(f"facts      {json.dumps(facts, ensure_ascii=False, sort_keys=True)}")
+        _say(f"facts      {json_text(facts, sort_keys=True)}")
     for d in r["decisions"]:
-        print(f"{d['verdict']:<10} {d['approver']} at {_when(d['at'])}{': ' + d['reason'] if d['reason'] else ''}")
+        _say(f"{d['verdict']:<10} {d['approver']} at {_when(d['at'])}{': ' + d['reason'] if d['reason'] else ''}")
     if r["status"] != "pending":
-        print(f"outcome    {r['resolution']} ({_when(r['resolved_at'])})")
+        _say(f"outcome    {r['resolution']} ({_when(r['resolved_at'])})")
     return 0
 
 
@@ -295,11 +306,11 @@ def approve(args) -> int:
     if args.json:
         _dump(answer)
     elif r["status"] == "approved":
-        print(f"approved request {r['id']}: released ({r['resolution']})")
+        _say(f"approved request {r['id']}: released ({r['resolution']})")
     else:
         missing = r["approvals_needed"] - r["approvals"]
-        print(f"approved request {r['id']} ({r['approvals']} of {r['approvals_needed']} approvals; waiting for "
-              f"{missing} more from someone else)")
+        _say(f"approved request {r['id']} ({r['approvals']} of {r['approvals_needed']} approvals; waiting for "
+             f"{missing} more from someone else)")
     return 0
 
 
@@ -311,5 +322,5 @@ def deny(args) -> int:
     if args.json:
         _dump(answer)
     else:
-        print(f"denied request {r['id']}: the client is told it was {r['resolution']}")
+        _say(f"denied request {r['id']}: the client is told it was {r['resolution']}")
     return 0

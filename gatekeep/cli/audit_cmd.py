@@ -1,4 +1,11 @@
-"""``gatekeep audit verify | export | prune``: trust, take out and trim what was recorded."""
+"""
+``gatekeep audit verify | export | prune``: trust, take out and trim what was recorded.
+
+A problem verify reports names what it found in the store (session ids, node
+names, stream names, targets, clients): a tampered store may hold anything
+there, so it is printed made safe (gatekeep.cli._safe), and so is the JSON
+export (no raw C1 or bidirectional controls).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import yaml
 from cryptography.exceptions import UnsupportedAlgorithm
 
 from gatekeep import audit
+from gatekeep.cli._safe import json_text, printable
 from gatekeep.cli._store import add_store_arguments, open_store, store_config
 from gatekeep.store import ledger
 
@@ -98,7 +106,7 @@ def verify(args) -> int:
         print()
     else:
         for node, n in report.nodes.items():
-            print(f"node {node}: {n} records")
+            print(printable(f"node {node}: {n} records"))
         print(f"{report.sessions_sealed} sessions sealed and verified"
               + ("" if public is not None else " (no public key: signatures not checked)"))
         if report.ok:
@@ -106,7 +114,7 @@ def verify(args) -> int:
         else:
             print(f"TAMPERED: {len(report.problems)} problem(s); the first:")
             for p in report.problems:
-                print(f"  {p}")
+                print(printable(f"  {p}"))
     return 0 if report.ok else 1
 
 
@@ -124,7 +132,7 @@ def export(args) -> int:
         return 2
     try:
         for event in audit.export(store, parse_when(args.since), parse_when(args.until)):
-            out.write(json.dumps(event, ensure_ascii=False) + "\n")
+            out.write(json_text(event) + "\n")
     finally:
         if args.output:
             out.close()
@@ -144,7 +152,7 @@ def prune(args) -> int:
         return 2
     removed = store.prune(parse_when(args.before), signer)
     for node, n in removed.items():
-        print(f"node {node}: removed {n} records, checkpoint left")
+        print(printable(f"node {node}: removed {n} records, checkpoint left"))
     if not removed:
         print("nothing to prune")
     return 0

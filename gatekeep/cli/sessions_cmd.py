@@ -1,4 +1,11 @@
-"""``gatekeep sessions list | show ID``: what was recorded, for a person or as JSON."""
+"""
+``gatekeep sessions list | show ID | replay ID | export ID``: what was recorded, for a person or as JSON.
+
+What is printed for a person is made safe to print first (gatekeep.cli._safe):
+the recorded text is the agents' and the targets', and would otherwise drive the
+auditor's terminal. ``replay`` filters a terminal stream (gatekeep.cli._terminal)
+unless ``--raw``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,9 @@ import json
 import sys
 import time
 
+from gatekeep.cli._safe import printable, printable_lines
 from gatekeep.cli._store import add_store_arguments, open_store
+from gatekeep.cli._terminal import ReplayFilter
 from gatekeep.cli.approvals_cmd import positive_int
 
 
@@ -41,6 +50,9 @@ def register(sub) -> None:
     rp.add_argument("--speed", type=float, default=1.0, help="playback speed factor (default 1)")
     rp.add_argument("--max-wait", type=float, default=2.0, help="longest pause between events, in seconds")
     rp.add_argument("--no-wait", action="store_true", help="print everything at once")
+    rp.add_argument("--raw", action="store_true",
+                    help="write the terminal stream exactly as recorded, with the sequences that make a terminal "
+                         "answer or act outside the screen (unsafe for sessions you do not trust)")
     rp.set_defaults(func=replay)
     ex = s.add_parser("export", help="write a session's recording to a file")
     add_store_arguments(ex)
@@ -57,6 +69,11 @@ def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int((t % 1) * 1000):03d}"
 
 
+def _say(line: str) -> None:
+    """Print one line of output for a person: recorded values in it are shown, never acted on by the terminal."""
+    print(printable(line))
+
+
 def list_sessions(args) -> int:
     store = open_store(args)
     if args.failed_logins:
@@ -66,7 +83,7 @@ def list_sessions(args) -> int:
             print()
             return 0
         for r in rows:
-            print(f"{_when(r['at'])}  {r['target']:<12} {r['claimed']:<16} {r['client']:<22} {r['reason']}")
+            _say(f"{_when(r['at'])}  {r['target']:<12} {r['claimed']:<16} {r['client']:<22} {r['reason']}")
         return 0
     rows = store.sessions(args.limit, args.target, args.identity)
     if args.json:
@@ -76,9 +93,13 @@ def list_sessions(args) -> int:
     print(f"{'ID':<24} {'STARTED':<23} {'IDENTITY':<16} {'TARGET':<12} {'CLIENT':<22} {'OPS':>5}  END")
     for r in rows:
         end = r["end_reason"] or "(open)"
-        print(f"{r['id']:<24} {_when(r['started_at']):<23} {r['identity']:<16} {r['target']:<12} "
-              f"{r['client']:<22} {r['operations']:>5}  {end}")
+        _say(f"{r['id']:<24} {_when(r['started_at']):<23} {r['identity']:<16} {r['target']:<12} "
+             f"{r['client']:<22} {r['operations']:>5}  {end}")
     return 0
+
+
+def _result(r: dict) -> str:
+    return r["error_code"] and f"ERROR {r['error_code']} {r['error_message']}" or r["status"] or ""
 
 
 def show(args) -> int:
@@ -91,30 +112,29 @@ def show(args) -> int:
         json.dump(s, sys.stdout, indent=2)
         print()
         return 0
-    print(f"session   {s['id']}")
-    print(f"identity  {s['identity']} (groups: {', '.join(s['groups']) or '-'}; by {s['auth_method']})")
-    print(f"target    {s['target']} ({s['protocol']}) from {s['client']}{' over TLS' if s['tls'] else ''}")
+    _say(f"session   {s['id']}")
+    _say(f"identity  {s['identity']} (groups: {', '.join(s['groups']) or '-'}; by {s['auth_method']})")
+    _say(f"target    {s['target']} ({s['protocol']}) from {s['client']}{' over TLS' if s['tls'] else ''}")
     print(f"started   {_when(s['started_at'])}")
-    print(f"ended     {_when(s['ended_at'])}  {s['end_reason'] or '(still open)'}")
+    _say(f"ended     {_when(s['ended_at'])}  {s['end_reason'] or '(still open)'}")
     if s["bytes_from_client"] is not None:
         print(f"bytes     {s['bytes_from_client']} from the client, {s['bytes_to_client']} to it")
     print()
     for r in s["records"]:
         took = f"{r['duration'] * 1000:.1f} ms" if r["duration"] is not None else "-"
-        result = r["error_code"] and f"ERROR {r['error_code']} {r['error_message']}" or r["status"] or "-"
-        print(f"#{r['seq']:<4} {_when(r['at'])}  {r['action']:<6} {took:>10}  {result}")
-        for line in r["text"].splitlines() or [""]:
+        _say(f"#{r['seq']:<4} {_when(r['at'])}  {r['action']:<6} {took:>10}  {_result(r) or '-'}")
+        for line in printable_lines(r["text"]):
             print(f"      {line}")
         if r["parameters"]:
-            print(f"      parameters: {r['parameters']}")
+            _say(f"      parameters: {r['parameters']}")
         if r["rule"]:
-            print(f"      rule: {r['rule']} {r['reason'] or ''}")
+            _say(f"      rule: {r['rule']} {r['reason'] or ''}")
     for a in s.get("approvals") or []:
-        print(f"approval  {a['id']} for #{a['seq']} ({a['rule']}): {a['status']}"
-              f"{': ' + a['resolution'] if a['resolution'] else ''}")
+        _say(f"approval  {a['id']} for #{a['seq']} ({a['rule']}): {a['status']}"
+             f"{': ' + a['resolution'] if a['resolution'] else ''}")
         for d in a["decisions"]:
-            print(f"          {_when(d['at'])}  {d['verdict']} by {d['approver']}"
-                  f"{': ' + d['reason'] if d['reason'] else ''}")
+            _say(f"          {_when(d['at'])}  {d['verdict']} by {d['approver']}"
+                 f"{': ' + d['reason'] if d['reason'] else ''}")
     return 0
 
 
@@ -149,12 +169,21 @@ def _pick_stream(streams: dict, wanted: str | None) -> tuple[str, list] | None:
     elif wanted in streams:
         name = wanted
     else:
-        sys.stderr.write(f"gatekeep: no stream {wanted!r}; recorded: {', '.join(streams)}\n")
+        sys.stderr.write(printable(f"gatekeep: no stream {wanted!r}; recorded: {', '.join(streams)}") + "\n")
         return None
     return name, streams[name]
 
 
+#: where a transcript's detail lines start: under the statement, after its time
+_INDENT = " " * 13
+
+
 def replay(args) -> int:
+    """
+    A terminal stream with its timing, through :class:`ReplayFilter` unless
+    ``--raw`` (the target chose those bytes: they may make the terminal answer
+    into the auditor's shell); else a transcript of the operations, made safe.
+    """
     store = open_store(args)
     session = _session_or_fail(store, args.id)
     if session is None:
@@ -165,6 +194,7 @@ def replay(args) -> int:
         picked = _pick_stream(streams, args.stream)
         if picked is None:
             return 1
+        screen = None if args.raw else ReplayFilter()
         last = None
         for at, kind, data in picked[1]:
             if kind != "o":
@@ -172,24 +202,29 @@ def replay(args) -> int:
             if last is not None and not args.no_wait:
                 time.sleep(min((at - last) / max(args.speed, 0.001), args.max_wait))
             last = at
-            out.write(data)
+            out.write(data if screen is None else screen.feed(data))
             out.flush()
+        if screen is not None:
+            out.write(screen.flush())
         return 0
     # no terminal streams: a timed transcript of the operations
     last = None
+    prompt = printable(f"{session['identity']}@{session['target']}> ")
     for r in session["records"]:
         if last is not None and not args.no_wait:
             time.sleep(min((r["at"] - last) / max(args.speed, 0.001), args.max_wait))
         last = r["at"]
         offset = r["at"] - session["started_at"]
-        result = r["error_code"] and f"ERROR {r['error_code']} {r['error_message']}" or r["status"] or ""
-        out.write(f"[+{offset:8.3f}s] {session['identity']}@{session['target']}> {r['text']}\n")
+        result = _result(r)
+        # a multi-line statement's next lines are indented: none of them can pass for a line of the transcript
+        text = ("\n" + _INDENT).join(printable_lines(r["text"]))
+        out.write(f"[+{offset:8.3f}s] {prompt}{text}\n")
         if r["action"] != "allow":
-            out.write(f"             {r['action']} by {r['rule'] or 'default'}\n")
+            out.write(_INDENT + printable(f"{r['action']} by {r['rule'] or 'default'}") + "\n")
         if result:
-            out.write(f"             {result}\n")
+            out.write(_INDENT + printable(result) + "\n")
         if r.get("masked"):
-            out.write(f"             masked: {r['masked']}\n")
+            out.write(_INDENT + printable(f"masked: {r['masked']}") + "\n")
         out.flush()
     return 0
 

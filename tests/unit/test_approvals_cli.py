@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from gatekeep.cli import approvals_cmd
 from gatekeep.cli.main import main
 
 TOKEN = "gk_secret-token-of-the-approver"
@@ -107,3 +109,59 @@ def test_deny_requires_a_reason(capsys):
     with pytest.raises(SystemExit) as e:
         main(["approvals", "deny", "7k3m9x2q4d"])
     assert e.value.code == 2 and "--reason" in capsys.readouterr().err
+
+
+# -- what the agent wrote reaches the approver spelled out ----------------------------------------
+
+#: the held statement drops a table; ESC sequences, a carriage return and a bidi override try to make it look harmless
+HOSTILE = {"text": "DROP TABLE users; -- \x1b[2K\rSELECT 1 /*\x1b[1A\x1b[2K*/ \u202e",
+           "identity": "agent-7\x1b[8m", "client": "127.0.0.1:5000\x9b2J",
+           "decisions": [{"approver": "bob\u2066", "verdict": "approve", "reason": "ok\x1b]52;c;aGk=\x07",
+                          "at": 1.0, "groups": ["dba"]}]}
+UNSAFE = "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+
+
+@pytest.fixture
+def hostile(api, monkeypatch):
+    for key, value in HOSTILE.items():
+        monkeypatch.setitem(REQUEST, key, value)
+    monkeypatch.setenv("GATEKEEP_ADMIN_URL", api[0])
+    monkeypatch.setenv("GATEKEEP_TOKEN", TOKEN)
+    return api
+
+
+def test_list_spells_out_what_would_hide_the_held_statement(hostile, capsys):
+    """In the list the held text's ESC sequences and carriage return are shown as escapes, so DROP TABLE shows."""
+    assert main(["approvals", "list"]) == 0
+    out = capsys.readouterr().out
+    assert not re.search(UNSAFE, out), repr(out)
+    assert "DROP TABLE users; -- \\x1b[2K\\rSELECT 1 /*\\x1b[1A\\x1b[2K*/ \\…" in out  # cut at 60
+    assert "agent-7\\x1b[8m" in out
+
+
+def test_show_spells_out_the_request_and_the_decisions(hostile, capsys):
+    """show prints the held text, the identity, the client and each decision spelled out."""
+    assert main(["approvals", "show", "7k3m9x2q4d"]) == 0
+    out = capsys.readouterr().out
+    assert not re.search(UNSAFE, out), repr(out)
+    assert "           DROP TABLE users; -- \\x1b[2K\\rSELECT 1 /*\\x1b[1A\\x1b[2K*/ \\u202e\n" in out
+    assert "identity   agent-7\\x1b[8m (groups: agents) from 127.0.0.1:5000\\x9b2J" in out
+    assert "approve    bob\\u2066 at " in out and ": ok\\x1b]52;c;aGk=\\x07" in out
+
+
+def test_json_carries_the_exact_text_with_no_raw_control(hostile, capsys):
+    """--json keeps non-ASCII text readable but writes C0, C1 and bidi controls as JSON escapes."""
+    assert main(["approvals", "show", "7k3m9x2q4d", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert not re.search(UNSAFE, out), repr(out)
+    assert json.loads(out)["text"] == HOSTILE["text"] and json.loads(out)["decisions"] == HOSTILE["decisions"]
+
+
+def test_an_error_message_from_the_api_is_spelled_out(monkeypatch, capsys):
+    """A refusal's message is the API's text (it may quote a name or a reason): printed with controls spelled out."""
+    def refuse(*args, **kwargs):
+        raise approvals_cmd.CliError("403 agent\x1b[2K\r cannot approve: ok\u202e")
+
+    monkeypatch.setattr(approvals_cmd, "call", refuse)
+    assert main(["approvals", "approve", "7k3m9x2q4d", "--token", TOKEN]) == 1
+    assert capsys.readouterr().err == "gatekeep: 403 agent\\x1b[2K\\r cannot approve: ok\\u202e\n"

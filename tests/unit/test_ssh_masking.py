@@ -10,6 +10,7 @@ from gatekeep.cli.sessions_cmd import asciicast
 from gatekeep.masking.rules import MaskingRule
 from gatekeep.masking.stream import StreamMasker
 from gatekeep.protocols.ssh._recording import ChannelRecording
+from tests.support.pieces import fed_in_pieces
 
 CARDS = MaskingRule("cards", None, None, None, detectors=("credit_card", "email", "aws_access_key", "private_key"))
 TEXT = ("order 17 paid with 4111 1111 1111 1111 by bob@example.com\r\n"
@@ -23,13 +24,7 @@ def _whole(text):
 
 
 def _chunked(text, cuts):
-    m = StreamMasker((CARDS,))
-    out, last = [], 0
-    for c in sorted(set(cuts)):
-        out.append(m.feed(text[last:c]))
-        last = c
-    out.append(m.feed(text[last:]))
-    return "".join(out) + m.flush()
+    return fed_in_pieces(StreamMasker((CARDS,)), text, cuts)
 
 
 def test_whole_text_is_masked():
