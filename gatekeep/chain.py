@@ -237,14 +237,14 @@ class Chain:
         if decision.action is not Action.REVIEW:
             return decision
         try:
-            held, shown = (recordable or self._for_approvers)(operation, decision)
+            held, shown = (recordable or self.for_approvers)(operation, decision)
             return self.approvals.hold(held, shown, notify)
         except Exception as e:
             _log.failure("approvals failed on {kind} in session {session}", kind=operation.kind,
                          session=operation.session.id)
             return _fail_closed(f"the approval could not be requested ({type(e).__name__})")
 
-    def _for_approvers(self, operation: Operation, decision: Decision) -> tuple[Operation, Decision]:
+    def for_approvers(self, operation: Operation, decision: Decision) -> tuple[Operation, Decision]:
         """
         The operation as an approval request keeps and shows it (in the store, the admin API, the webhook to a
         chat): with the session's masking detectors applied to its text, parameters and facts, as its record is.

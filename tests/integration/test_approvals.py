@@ -474,7 +474,8 @@ def test_extended_protocol_statement_is_held_at_parse_and_released(gw):
     pending = poll("the request to be pending", lambda: [r for r in gw.api("/v1/approvals?status=pending")["approvals"]
                                                          if r["rule"] == "review-ext"], timeout=10)
     (r,) = pending
-    assert r["kind"] == "parse" and r["text"] == "DELETE FROM ap_ext WHERE id = $1"
+    # the Bind came with the Parse: the approver sees the value (sent as a binary int2, shown as its text)
+    assert r["kind"] == "parse" and r["text"] == "DELETE FROM ap_ext WHERE id = $1" and r["parameters"] == ["2"]
     assert gw.remaining("ap_ext") == "1,2,3"
     assert gw.cli("alice", "approve", r["id"]).returncode == 0
     worker.join(15)
@@ -510,7 +511,9 @@ def test_an_approved_prepared_statement_runs_once_then_is_held_again_with_its_va
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
     (first,) = poll("the first request to be pending", pending, timeout=10)
+    # psycopg prepares with a Parse of its own (no Bind comes with it): no values to show yet
     assert first["kind"] == "parse" and first["text"] == "DELETE FROM ap_prep WHERE id = $1"
+    assert first["parameters"] == []
     assert gw.cli("alice", "approve", first["id"]).returncode == 0
     (second,) = poll("the second execution to be held", pending, timeout=10)
     assert second["id"] != first["id"] and second["kind"] == "execute" and second["parameters"] == ["3"]

@@ -471,6 +471,18 @@ def test_recorded_psql_session_matches_server_log(gw):
         assert r["finished_at"] >= r["at"]
 
 
+def test_binary_parameters_of_named_types_are_recorded_as_their_text(gw):
+    """psycopg sends ints, floats, bools and UUIDs in the binary format with their types: recorded as 2, not hex."""
+    import uuid
+
+    app = _marker("gk_app")
+    u = uuid.UUID("00010203-0405-0607-0809-0a0b0c0d0e0f")
+    with gw.connect(application_name=app, autocommit=True) as conn:
+        conn.execute("SELECT %b::int8, %b::float8, %b::bool, %b::uuid", (2, 1.5, True, u))
+    records = wait_for_ended_session(gw.gk, app)["records"]
+    assert [r["parameters"] for r in records] == [["2", "1.5", "true", str(u)]]
+
+
 def test_recorded_psycopg_statements_have_bind_parameters(gw):
     """psycopg statements are recorded with their SQL, bind parameters, tag, rows and errors, matching the server log."""
     app = _marker("gk_app")

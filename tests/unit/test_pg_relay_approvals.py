@@ -255,3 +255,59 @@ def test_an_approved_parse_releases_one_execution_not_every_later_bind(extended,
     relay.network.flush()
     # the denied Execute reached the server only as the stand-in that fails
     assert relay.server.extended[len(before):] == [("bind", (b"3",)), ("parse", POISON), ("bind", ()), ("execute", "")]
+
+
+def test_a_held_parse_shows_the_values_of_the_bind_that_came_with_it(extended):
+    """psycopg and most drivers send Parse, Bind, Execute and Sync together: the approver sees the values the
+    statement would run with (masked as its record is), and nothing of it reaches the server before approval."""
+    relay = extended
+    client = relay.connect()
+    client.login("alice", ALICE_TOKEN)
+    client.send(pg.parse("", "delete from users where id = $1") + pg.bind("", "", (), (b"42",), ())
+                + pg.execute("") + pg.sync())
+    (request,) = relay.approvals.pending()
+    assert (request.kind, request.text, request.parameters) == ("parse", "delete from users where id = $1", ("42",))
+    assert relay.server.extended == []
+    relay.approvals.approve(request.id, BOB, "row 42")
+    relay.network.flush()
+    assert relay.server.extended == [("parse", "delete from users where id = $1"), ("bind", (b"42",)),
+                                     ("execute", "")]
+
+
+def test_a_held_parse_followed_by_another_statements_bind_shows_no_values(extended):
+    relay = extended
+    client = relay.connect()
+    client.login("alice", ALICE_TOKEN)
+    client.send(pg.parse("del", "delete from users where id = $1") + pg.bind("", "other", (), (b"7",), ())
+                + pg.sync())
+    (request,) = relay.approvals.pending()
+    assert (request.kind, request.parameters) == ("parse", ())
+
+
+def test_binary_values_of_the_types_the_parse_names_are_shown_as_text(extended):
+    """psycopg sends numbers in the binary format with their types: the approver reads 42, not \\x0000002a."""
+    relay = extended
+    client = relay.connect()
+    client.login("alice", ALICE_TOKEN)
+    sql = "delete from users where id = $1 or uid = $2 or ok = $3 or name = $4 or blob = $5"
+    values = ((42).to_bytes(4, "big"), bytes(range(16)), b"\x01", "Zoë".encode(), b"\x00\xff")
+    client.send(pg.parse("", sql, (23, 2950, 16, 25, 17)) + pg.bind("", "", (1,), values, ()) + pg.execute("")
+                + pg.sync())
+    (request,) = relay.approvals.pending()
+    assert request.parameters == ("42", "00010203-0405-0607-0809-0a0b0c0d0e0f", "true", "Zoë", "\\x00ff")
+
+
+@pytest.mark.parametrize("value, oid, shown", [
+    ((-2).to_bytes(2, "big", signed=True), 21, "-2"),
+    ((2 ** 40).to_bytes(8, "big"), 20, str(2 ** 40)),
+    (b"\x3f\xc0\x00\x00", 700, "1.5"),
+    (b"\x40\x09\x21\xfb\x54\x44\x2d\x18", 701, "3.141592653589793"),
+    (b"\x00", 16, "false"),
+    (b"\x00\x00\x00\x2a", 21, "\\x0000002a"),  # not an int2's length: as it came, in hex
+    (b"\x00\x2a", 0, "\\x002a"),  # no type named
+    (None, 23, None),
+])
+def test_binary_parameters_as_records_show_them(value, oid, shown):
+    from gatekeep.protocols.postgres.relay import _param_text
+
+    assert _param_text(value, True, oid) == shown

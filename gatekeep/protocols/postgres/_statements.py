@@ -35,6 +35,8 @@ class Statement(NamedTuple):
     judged_under: Any
     #: masking's verdict on its results (ResultMasking.parse_for), None without masking
     masking: Any = None
+    #: the parameter type OIDs its Parse named (0 or missing: the server infers them), to read binary values
+    param_types: tuple = ()
 
 
 class Portal(NamedTuple):

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import os
 import secrets as _secrets
+import struct
+import uuid
 from collections import deque
 from typing import Any
 
+import attrs
 from twisted.internet import protocol
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
@@ -71,9 +74,33 @@ def _quote_ident(name: str) -> str:
 PARAM_LIMIT = 4096
 
 
-def _param_text(value: bytes | None, binary: bool) -> str | None:
+#: binary parameter values read as their type's text, by type OID, when the Parse named the type: bool, int2,
+#: int4, int8, float4, float8, uuid (a value of another length than the type's is shown in hex)
+_BINARY_READERS = {
+    16: lambda v: ("true" if v[0] else "false") if len(v) == 1 else None,
+    21: lambda v: str(int.from_bytes(v, "big", signed=True)) if len(v) == 2 else None,
+    23: lambda v: str(int.from_bytes(v, "big", signed=True)) if len(v) == 4 else None,
+    20: lambda v: str(int.from_bytes(v, "big", signed=True)) if len(v) == 8 else None,
+    700: lambda v: repr(struct.unpack("!f", v)[0]) if len(v) == 4 else None,
+    701: lambda v: repr(struct.unpack("!d", v)[0]) if len(v) == 8 else None,
+    2950: lambda v: str(uuid.UUID(bytes=v)) if len(v) == 16 else None,
+}
+#: text types, whose binary form is their text
+_BINARY_TEXT = frozenset({25, 1043, 1042, 19})
+
+
+def _param_text(value: bytes | None, binary: bool, type_oid: int = 0) -> str | None:
+    """A bind parameter as records and approvers see it: text as sent, binary values of the common types (when
+    the Parse named them) as their text, other binary values in hex (``\\x...``)."""
     if value is None:
         return None
+    if binary and type_oid:
+        read = _BINARY_READERS.get(type_oid)
+        text = read(value) if read is not None else None
+        if text is not None:
+            return text
+        if type_oid in _BINARY_TEXT:
+            binary = False
     if binary:
         text = "\\x" + value[:PARAM_LIMIT // 2].hex()
     else:
@@ -296,7 +323,7 @@ class Frontend(ClientStartup, protocol.Protocol):
                 if t == b"Q":
                     d = self.on_query(m, out)
                 elif t == b"P":
-                    d = self.on_parse(m, out)
+                    d = self.on_parse(m, out, queue[0] if queue else None)
                 elif t == b"B":
                     self.on_bind(m, out)
                     d = None
@@ -395,14 +422,16 @@ class Frontend(ClientStartup, protocol.Protocol):
             hint="ask an administrator to change the policy or grant access",
         )
 
-    def _judge(self, operation: Operation, forward, refine=None, record=None) -> Deferred | None:
+    def _judge(self, operation: Operation, forward, refine=None, record=None, shown=None) -> Deferred | None:
         """
         Decide on an operation, record it, then forward it (or its denial).
         ``refine`` may change the decision first; ``record(decision)`` says whether
-        to record now (an allowed Parse is recorded with its Executes instead).
+        to record now (an allowed Parse is recorded with its Executes instead);
+        ``shown`` makes the request approvers see of an operation held for approval
+        (Chain.decide's ``recordable``).
         Returns a Deferred while a decision or a strict recording is pending.
         """
-        decision = self.gateway.chain.decide(operation, notify=self.on_hold)
+        decision = self.gateway.chain.decide(operation, notify=self.on_hold, recordable=shown)
         if not isinstance(decision, Decision):  # a Deferred (checked this way round: see Chain.decide)
             return decision.addBoth(self._released).addCallback(self._carry_out, operation, forward, refine, record)
         return self._carry_out(decision, operation, forward, refine, record)
@@ -522,9 +551,27 @@ class Frontend(ClientStartup, protocol.Protocol):
         self.seq -= 1  # the statement is read again, as a new operation, once the settings are known
         return self.settings.wait().addCallback(lambda _: again() if self.phase is _READY else None)
 
-    def on_parse(self, m: pg.Message, out: list[bytes]) -> Deferred | None:
+    def on_parse(self, m: pg.Message, out: list[bytes], following: pg.Message | None = None) -> Deferred | None:
+        """
+        A Parse is judged on its text. ``following``: the client's next message, when it came with this one; if
+        it is this statement's Bind, an approval request for the Parse shows the values it binds (the approval
+        releases that one execution: see on_bind).
+        """
         parse = pg.parse_parse(m.body, self.settings.codec)
         op = self._operation("parse", parse.query, detail=self.sql_state)
+
+        shown = None
+        if following is not None and following.type == b"B":
+
+            def shown(op: Operation, decision: Decision) -> tuple[Operation, Decision]:
+                """The request an approver sees: with the values of the Bind that follows (read only if held)."""
+                try:
+                    bind = pg.parse_bind(following.body)
+                except pg.ProtocolError:
+                    bind = None  # the session ends at it; the request shows no values
+                if bind is not None and bind.statement == parse.statement:
+                    op = attrs.evolve(op, parameters=self._bound_params(bind, parse.param_types))
+                return self.gateway.chain.for_approvers(op, decision)
 
         def record(decision: Decision) -> bool:
             if decision.action is _ALLOW:
@@ -539,7 +586,7 @@ class Frontend(ClientStartup, protocol.Protocol):
                 results = self.results
                 self.statements.parsed(self.tracker.syncs_sent + 1, parse.statement, Statement(
                     parse.query, decision, analysis.runs_code, self._judging(),
-                    None if results is None else results.parse_for(analysis, self.sql_state)))
+                    None if results is None else results.parse_for(analysis, self.sql_state), parse.param_types))
                 out.append(m.encode())
                 return
             # the stand-in fails at the server, which keeps the statement it had under this name
@@ -549,10 +596,10 @@ class Frontend(ClientStartup, protocol.Protocol):
             out.append(pg.parse(parse.statement, POISON, parse.param_types))
 
         if self.settings.in_doubt(m.body):
-            return self._unsettled(op, lambda: self.on_parse(m, out), carry_out, record)
+            return self._unsettled(op, lambda: self.on_parse(m, out, following), carry_out, record)
         if parse.unreadable:
             return self._unreadable(op, carry_out, record)
-        return self._judge(op, carry_out, self._refine_for(parse.query), record)
+        return self._judge(op, carry_out, self._refine_for(parse.query), record, shown)
 
     def _refine_for(self, text: str) -> Any:
         """``refine`` for a statement's decision: what masking makes of an allowed one (ResultMasking.decision)."""
@@ -599,14 +646,7 @@ class Frontend(ClientStartup, protocol.Protocol):
             # of now), or one gatekeep never saw (unjudgeable): judged at its Execute, and recorded
             found = Statement(f"EXECUTE {_quote_ident(bind.statement)}", None, True, None)
         if found is not None:
-            formats = bind.param_formats
-            if len(formats) > 1:  # a format per parameter
-                params = tuple(_param_text(v, formats[i] == 1) for i, v in enumerate(bind.params))
-            else:  # none (all text) or one for all
-                binary = bool(formats) and formats[0] == 1
-                params = tuple([_param_text(v, binary) for v in bind.params])
-            if self.results is not None:
-                params = self.results.recordable(params)  # the record keeps only masked values
+            params = self._bound_params(bind, found.param_types)
             self.statements.bound(group, bind.portal, Portal(bind.statement, found, params, bind.result_formats))
             if found.decision is not None and found.decision.facts and "approval" in found.decision.facts:
                 # allowed by an approval (or a window): that releases this one execution; a later Bind of the
@@ -615,6 +655,20 @@ class Frontend(ClientStartup, protocol.Protocol):
         else:
             self.statements.bound(group, bind.portal, None)
         out.append(m.encode())
+
+    def _bound_params(self, bind: Any, types: tuple = ()) -> tuple:
+        """A Bind's values as records (and approvers) see them (see _param_text; ``types``: the type OIDs its
+        Parse named), masked."""
+        formats = bind.param_formats
+        if not formats or (len(formats) == 1 and formats[0] == 0):  # all text (pgbench, most drivers)
+            params = tuple([_param_text(v, False) for v in bind.params])
+        else:  # a format for all, or one per parameter
+            n = len(types)
+            params = tuple(_param_text(v, formats[i if len(formats) > 1 else 0] == 1, types[i] if i < n else 0)
+                           for i, v in enumerate(bind.params))
+        if self.results is not None:
+            params = self.results.recordable(params)  # the record keeps only masked values
+        return params
 
     def _judging(self) -> tuple:
         """What a prepared statement's decision holds under: the session's search_path (its SqlSessionState key)
@@ -638,7 +692,7 @@ class Frontend(ClientStartup, protocol.Protocol):
         if found is None:
             # a portal no Bind made: a cursor a SQL DECLARE opened; judged and recorded as the FETCH it is
             found = Portal("", Statement(f"FETCH ALL FROM {_quote_ident(execute.portal)}", None, True, None), ())
-        text, decision, runs_code, judged_under, _ = found.prepared
+        text, decision, runs_code, judged_under = found.prepared[:4]
         params = found.params
         op = self._operation("execute", text, params, detail=self.sql_state)
 
