@@ -41,6 +41,7 @@ from twisted.web.resource import Resource
 from gatekeep.approvals import AlreadyDecided, ApprovalError, UnknownRequest
 from gatekeep.metrics import CONTENT_TYPE
 from gatekeep.model import ClientAddress, Identity, LoginFailure
+from gatekeep.safetext import json_text
 
 _log = Logger()
 
@@ -263,16 +264,16 @@ class AdminAPI(Resource):
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-content-type-options", b"nosniff")
-        text = json.dumps(body, indent=2, ensure_ascii=False, default=str) + "\n"
+        # held statements and reasons are agents' and approvers' text: no C1 or bidi control goes out raw to a
+        # terminal that reads the answer (curl); JSON readers get the same values
         try:
-            return text.encode("utf-8")
+            return (json_text(body, surrogates=False, indent=2, default=str) + "\n").encode("utf-8")
         except UnicodeEncodeError:
             # text that is not UTF-8 (a held operation's bytes kept as lone surrogates): spelled out as the store
             # keeps it
             from gatekeep.recording.events import without_surrogates
 
-            return (json.dumps(without_surrogates(body), indent=2, ensure_ascii=False, default=str)
-                    + "\n").encode("utf-8")
+            return (json_text(without_surrogates(body), indent=2, default=str) + "\n").encode("utf-8")
 
     def _error(self, request: Any, e: ApiError) -> bytes:
         request.setResponseCode(e.status)

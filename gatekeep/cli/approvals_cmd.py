@@ -6,7 +6,7 @@ The API's address comes from ``--admin URL`` or ``GATEKEEP_ADMIN_URL``; the
 approver's gatekeep token from ``--token-file PATH``, ``GATEKEEP_TOKEN`` or
 ``--token`` (visible to other users in the process list: prefer the others).
 The token is never printed. What the API answers (the held statement, reasons,
-names) is the agents' text: it is made safe to print (gatekeep.cli._safe)
+names) is the agents' text: it is made safe to print (gatekeep.safetext)
 before it reaches the approver's terminal, JSON included.
 """
 
@@ -26,7 +26,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from gatekeep.cli._safe import json_text, printable, printable_lines
+from gatekeep.safetext import json_text, printable, printable_lines
 
 DEFAULT_URL = "http://127.0.0.1:9090"
 

@@ -3,7 +3,7 @@
 
 A problem verify reports names what it found in the store (session ids, node
 names, stream names, targets, clients): a tampered store may hold anything
-there, so it is printed made safe (gatekeep.cli._safe), and so is the JSON
+there, so it is printed made safe (gatekeep.safetext), and so is the JSON
 export (no raw C1 or bidirectional controls).
 """
 
@@ -20,7 +20,7 @@ import yaml
 from cryptography.exceptions import UnsupportedAlgorithm
 
 from gatekeep import audit
-from gatekeep.cli._safe import json_text, printable
+from gatekeep.safetext import json_text, printable
 from gatekeep.cli._store import add_store_arguments, open_store, store_config
 from gatekeep.store import ledger
 

@@ -1,7 +1,7 @@
 """
 ``gatekeep sessions list | show ID | replay ID | export ID``: what was recorded, for a person or as JSON.
 
-What is printed for a person is made safe to print first (gatekeep.cli._safe):
+What is printed for a person is made safe to print first (gatekeep.safetext):
 the recorded text is the agents' and the targets', and would otherwise drive the
 auditor's terminal. ``replay`` filters a terminal stream (gatekeep.cli._terminal)
 unless ``--raw``.
@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from gatekeep.cli._safe import printable, printable_lines
+from gatekeep.safetext import printable, printable_lines
 from gatekeep.cli._store import add_store_arguments, open_store
 from gatekeep.cli._terminal import ReplayFilter
 from gatekeep.cli.approvals_cmd import positive_int

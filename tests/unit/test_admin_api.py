@@ -127,6 +127,17 @@ def test_two_authorization_headers_are_refused_whichever_comes_first(api):
     assert api.json("GET", "/v1/whoami", token=["tok-olga"])[0] == 200
 
 
+def test_held_text_reaches_a_terminal_that_reads_the_api_without_raw_c1_or_bidi_controls(api):
+    """A held statement is the agent's text: C1 controls (an 8-bit CSI) and bidi overrides go out as JSON escapes,
+    so an approver who curls the API sees them spelled out; a JSON reader gets the same text."""
+    text = "DELETE FROM users /*\x9b2K\u202e*/ WHERE id = 1 -- Zoë"
+    rid = api.hold(text=text)
+    status, headers, payload = api.call("GET", f"/v1/approvals/{rid}", token="tok-alice")
+    assert status == 200
+    assert b"\xc2\x9b" not in payload and "\u202e".encode() not in payload and "Zoë".encode() in payload
+    assert json.loads(payload)["approval"]["text"] == text
+
+
 def test_identity_without_a_role_is_403(api):
     """A valid token without any role gets 403 on approvals, but whoami works."""
     status, body = api.json("GET", "/v1/approvals", token="tok-nobody")

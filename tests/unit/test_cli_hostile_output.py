@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gatekeep.cli._safe import json_text, printable, printable_lines
+from gatekeep.safetext import json_text, printable, printable_lines
 from gatekeep.cli.main import main
 from gatekeep.model import (
     Action, ClientAddress, Decision, Identity, LoginFailure, Operation, Outcome, Session, SessionEnd, StreamEvent,

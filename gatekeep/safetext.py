@@ -2,7 +2,8 @@
 Recorded text made safe to print for a person.
 
 What the CLI prints for people (``sessions list | show``, the replay transcript,
-``approvals list | show``, ``audit verify``) is largely what agents sent and
+``approvals list | show``, ``audit verify``), and the admin API's JSON, which
+people read with curl, is largely what agents sent and
 targets answered: statement text, command lines, URLs, error messages, reasons,
 identity names from tokens, client addresses. Printed raw, an ESC sequence in a
 statement (``SELECT 1 /*\\x1b[1A\\x1b[2K*/``) moves the cursor and erases lines, a
@@ -58,6 +59,7 @@ _ONE_LINE = _table("\t")
 _LINES = _table("\t\n")
 #: what ``json.dumps(..., ensure_ascii=False)`` leaves raw and a terminal may act on
 _JSON = {code: f"\\u{code:04x}" for code in (0x7F, *range(0x80, 0xA0), *BIDI_CONTROLS, *_SURROGATES)}
+_JSON_TEXT = {code: text for code, text in _JSON.items() if code not in _SURROGATES}
 
 
 def printable(text: Any) -> str:
@@ -76,9 +78,10 @@ def printable_lines(text: str | None) -> list[str]:
     return lines
 
 
-def json_text(value: Any, **kwargs: Any) -> str:
+def json_text(value: Any, *, surrogates: bool = True, **kwargs: Any) -> str:
     """``json.dumps(value, ensure_ascii=False, **kwargs)`` with nothing raw in it that a terminal acts on.
 
-    These characters only ever occur inside JSON strings, where ``\\uXXXX`` means the same.
+    These characters only ever occur inside JSON strings, where ``\\uXXXX`` means the same. With ``surrogates``
+    off, lone surrogates are left raw, for a caller that spells them out itself when encoding fails.
     """
-    return json.dumps(value, ensure_ascii=False, **kwargs).translate(_JSON)
+    return json.dumps(value, ensure_ascii=False, **kwargs).translate(_JSON if surrogates else _JSON_TEXT)
