@@ -6,7 +6,9 @@ Durability (``recording.durability``):
 
 - ``batched``: the writer waits ``interval`` (20 ms) after the first event of a
   batch, so a busy gateway commits a few dozen times a second, not once per
-  statement. Relays never wait.
+  statement. Relays never wait. An operation that has not ended when its
+  batch is cut waits for the next batch, once, so that it and its outcome are
+  stored as one record (``hold_open``).
 - ``strict``: ``operationStarted`` returns a Deferred that fires once the
   operation's record is committed; relays forward the operation only then, so
   nothing reaches a target without a record. The writer commits at once (group
@@ -37,8 +39,8 @@ from zope.interface import implementer
 
 from gatekeep.interfaces import IRecorder, IStore
 from gatekeep.model import Decision, Operation
-from gatekeep.recording import (MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, as_refused, refuse_in_batch,
-                                refused_as_data)
+from gatekeep.recording import (MAX_BACKLOG, Backlog, InOrder, RecordingUnavailable, as_refused, hold_open,
+                                refuse_in_batch, refused_as_data)
 from gatekeep.recording.sinks import close_all, emit_all
 
 _log = Logger()
@@ -162,19 +164,30 @@ class ThreadedRecorder(InOrder, Backlog):
 
     def _run(self) -> None:
         stopping = False
+        held: list[Any] = []  # operations that had not ended when their batch was cut (hold_open)
         while not stopping:
-            item = self._queue.get()
-            if self._interval and item is not _STOP and not isinstance(item, _Flush):
-                # let a batch gather: one commit for many events, and no GIL ping-pong per event
-                time.sleep(self._interval)
-            items = [item]
-            while len(items) < self._max_batch:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            try:
+                # what is held goes with the next batch, or on its own one interval later
+                item = self._queue.get(timeout=self._interval) if held else self._queue.get()
+            except queue.Empty:
+                item = None
+            items = []
+            if item is not None:
+                if self._interval and item is not _STOP and not isinstance(item, _Flush):
+                    # let a batch gather: one commit for many events, and no GIL ping-pong per event
+                    time.sleep(self._interval)
+                items.append(item)
+                while len(items) < self._max_batch:
+                    try:
+                        items.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
             stopping = any(i is _STOP for i in items)
             batch, waiters, flushes = self._split(items)
+            if self.strict or stopping or flushes:
+                batch, held = held + batch, []
+            else:
+                batch, held = hold_open(held + batch, len(held))
             if batch:
                 self._write_all(batch, waiters)
             self._fire(waiters)

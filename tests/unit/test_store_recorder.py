@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
+import time
 
 import attrs
 import pytest
@@ -297,6 +298,33 @@ def test_threaded_recorder_writes_everything_in_order(tmp_path):
     finally:
         recorder.stop()
     assert store.closed
+
+
+def test_an_operation_that_has_not_ended_waits_one_batch_for_its_outcome(tmp_path):
+    """The writer thread holds an operation without its outcome for the next batch (one row for the pair), and
+    writes it on its own one interval later when nothing else comes."""
+    store = LoggingStore(tmp_path / "gk.db")
+    reactor = ThreadReactor()
+    recorder = ThreadedRecorder(store, reactor, interval=0.5)  # long: the test adds the outcome within it
+    recorder.start()
+    try:
+        s = session()
+        record_all(recorder, [s, (op(s, 1), ALLOWED), (op(s, 2), ALLOWED), outcome(s, 2)])
+        deadline = time.monotonic() + 10
+        while len(store.batches) < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert store.batches[0] == [s, (op(s, 2), ALLOWED), outcome(s, 2)]
+        recorder.operationFinished(outcome(s, 1))
+        while len(store.batches) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert store.batches[1] == [(op(s, 1), ALLOWED), outcome(s, 1)]
+        recorder.operationStarted(op(s, 3), ALLOWED)  # never ends: written alone after being held once
+        while len(store.batches) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert store.batches[2] == [(op(s, 3), ALLOWED)]
+    finally:
+        recorder.stop()
+    assert [r["seq"] for r in store.session(s.id)["records"]] == [1, 2, 3]
 
 
 def test_flush_without_the_thread_writes_at_once(tmp_path):
