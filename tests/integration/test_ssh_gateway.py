@@ -696,6 +696,33 @@ def test_sftp_denied_paths(gw, tmp_path):
     assert ("remove %s/readme" % locked, "locked-folder") in denied
 
 
+@pytest.mark.parametrize("server", ["/usr/lib/openssh/sftp-server", "true; /usr/lib/openssh/sftp-server"])
+def test_sftp_over_an_exec_of_the_sftp_server_is_judged_or_refused(gw, tmp_path, server):
+    """`sftp -s PATH` execs the SFTP server. Alone, it is followed request by request (the write under the
+    locked folder is denied); behind `true;` it used to be relayed unjudged and the file was written: that exec
+    is denied as unjudgeable."""
+    locked = "/tmp/gk-locked"
+    os.makedirs(locked, exist_ok=True)
+    target = os.path.join(locked, "via-exec-%d.txt" % os.getpid())
+    local = tmp_path / "up.txt"
+    local.write_text("hello\n")
+    batch = tmp_path / "batch"
+    batch.write_text("-put %s %s\n" % (local, target))
+    before = gw.ids()
+    r = subprocess.run(["sftp", "-s", server, "-P", str(gw.port), "-b", str(batch)] + gw.opts(gw.alice_key)
+                       + ["alice@127.0.0.1"], capture_output=True, text=True, timeout=60)
+    assert not os.path.exists(target), (r.stdout, r.stderr)
+    s = gw.wait_session(before)
+    if server.startswith("true"):
+        assert r.returncode != 0
+        (op,) = [o for o in s["records"] if o["kind"] == "exec"]
+        assert op["action"] == "deny" and op["rule"] == "unjudgeable", op
+    else:
+        assert "Permission denied" in r.stderr, r.stderr
+        denied = {(o["text"], o["rule"]) for o in s["records"] if o["kind"] == "sftp" and o["action"] == "deny"}
+        assert ("write " + target, "locked-folder") in denied
+
+
 def test_a_malformed_sftp_packet_closes_its_channel_and_the_gateway_goes_on(gw):
     """An OPEN packet holding only its request id, on the real sftp subsystem: gatekeep closes that channel with
     its reason in the log (no exception escapes into the connection), and the next session works."""

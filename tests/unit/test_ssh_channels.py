@@ -296,3 +296,35 @@ def test_an_exec_of_a_thousand_wrappers_is_denied_as_unjudgeable_and_recorded():
     assert op.kind == "exec" and decision.rule == "unjudgeable" and decision.reason == "commands nested too deeply"
     assert ("request", b"exit-status") in down2.sent and up2.requests == []
     assert b"denied by rule unjudgeable" in b"".join(item[-1] for item in down2.sent if item[0] == "ext")
+
+
+def _exec(line):
+    """An exec of ``line`` on a SessionRelay judged like :func:`_judged`'s: (relay, decision, down, up)."""
+    relay, gateway, _, _ = _judged()
+    relay2 = SessionRelay(relay.s, None, 4, 1 << 20, 32768)
+    down2, up2 = _Conn(), _Conn()
+    down2.open(relay2.down, window=1 << 20, max_packet=1 << 16)
+    up2.open(relay2.up, window=1 << 20, max_packet=1 << 16)
+    relay2.on_request(relay2.down, b"exec", NS(line.encode()), True)
+    op, decision = gateway.chain.recorder.operations[-1]
+    assert op.kind == "exec" and op.text == line
+    return relay2, decision, down2, up2
+
+
+@pytest.mark.parametrize("line", [
+    "true; /usr/lib/openssh/sftp-server", "cd / && exec /usr/lib/openssh/sftp-server",
+    "flock /tmp/l /usr/lib/openssh/sftp-server", "xargs -a /dev/null /usr/lib/openssh/sftp-server",
+    "echo $(/usr/lib/openssh/sftp-server)", "/usr/lib/openssh/sftp-server | cat",
+])
+def test_an_exec_of_the_sftp_server_gatekeep_would_not_follow_is_unjudgeable(line):
+    """`sftp -s 'true; /usr/lib/openssh/sftp-server'` runs the SFTP server on the channel, but a line that is not
+    exactly one SFTP server used to be relayed as a terminal stream: every SFTP request (a write under a denied
+    folder) reached the server unjudged. It is denied as unjudgeable, and nothing reaches the server."""
+    relay, decision, down, up = _exec(line)
+    assert decision.rule == "unjudgeable" and "SFTP server" in decision.reason, decision
+    assert relay.sftp is None and up.requests == [] and ("request", b"exit-status") in down.sent
+
+
+def test_an_exec_of_the_sftp_server_alone_is_allowed_and_followed():
+    relay, decision, down, up = _exec("sudo /usr/lib/openssh/sftp-server")
+    assert decision.allowed and relay.sftp is not None

@@ -312,3 +312,67 @@ def test_a_denied_path_that_is_not_utf8_is_answered():
     s.decided(p, False, f"denied: remove {p.request.path}")
     length, kind, rid, code = struct.unpack_from(">LBLL", s.take_to_client())
     assert (kind, rid, code) == (sftp.STATUS, 4, sftp.FX_PERMISSION_DENIED)
+
+
+def test_a_request_id_still_unanswered_cannot_be_reused_to_forge_the_starting_folder():
+    """`realpath /tmp/a/b/c` and `realpath .` under one request id: the server's answer to the first used to be
+    taken as the starting folder, so `remove ../../etc/cron.d/backup` (really /etc/cron.d/backup from /home/u) was
+    judged as /tmp/a/etc/cron.d/backup. A request id reused while its request is unanswered ends the stream."""
+    s = _started()
+    with pytest.raises(SftpError, match="request id 5"):
+        s.from_client(req(sftp.REALPATH, 5, ns("/tmp/a/b/c")) + req(sftp.REALPATH, 5, ns(".")))
+        s.from_server(name_reply(5, "/tmp/a/b/c") + name_reply(5, "/home/u"))
+        s.from_client(req(sftp.REMOVE, 6, ns("../../etc/cron.d/backup")))
+        assert [p.request.path for p in s.pending] == ["/etc/cron.d/backup"]
+
+
+def test_a_request_id_still_unanswered_cannot_be_reused_to_swap_handles():
+    """Two OPENs under one request id: the handle of the first (/etc/passwd, opened for reading) used to be
+    tied to the second's path (/tmp/ok), so FSETSTAT on it (chmod of /etc/passwd) was judged as setstat /tmp/ok."""
+    s = _started()
+    with pytest.raises(SftpError, match="request id 7"):
+        s.from_client(open_(7, "/etc/passwd", sftp.PF_READ) + open_(7, "/tmp/ok", sftp.PF_READ))
+        decide_all(s)
+        s.from_server(handle_reply(7, b"h0") + handle_reply(7, b"h1"))
+        s.from_client(req(sftp.FSETSTAT, 8, ns(b"h0") + ATTRS0))
+        assert [p.request.path for p in s.pending] == ["/etc/passwd"]
+
+
+def test_a_request_id_is_free_again_once_answered_or_denied():
+    """Reusing an id after its answer (or gatekeep's denial) is ordinary SFTP and goes on."""
+    s = _started()
+    s.from_client(req(sftp.STAT, 1, ns("/")))
+    s.from_server(status(1, sftp.FX_OK))
+    s.from_client(req(sftp.REMOVE, 1, ns("/x")))
+    decide_all(s, allow=lambda p: False)
+    s.from_client(write(1, b"h", 0, b"data"))
+    s.from_server(status(1, sftp.FX_FAILURE))
+    s.from_client(req(sftp.STAT, 1, ns("/")))
+    with pytest.raises(SftpError, match="request id 1"):
+        s.from_client(write(1, b"h", 0, b"data"))
+
+
+def test_gatekeeps_request_id_is_refused_before_its_question_too():
+    """A client that sends `realpath /tmp/a/b/c` with gatekeep's request id before the server's VERSION: its
+    answer used to be taken for gatekeep's own, forging the starting folder."""
+    s = SftpStream()
+    with pytest.raises(SftpError):
+        s.from_client(INIT + req(sftp.REALPATH, sftp.HOME_ID, ns("/tmp/a/b/c")))
+        s.from_server(VERSION + name_reply(sftp.HOME_ID, "/tmp/a/b/c"))
+        s.from_client(req(sftp.REMOVE, 6, ns("../../etc/cron.d/backup")))
+        assert [p.request.path for p in s.pending] == ["/etc/cron.d/backup"]
+
+
+def test_a_relative_symlink_target_is_judged_from_the_links_folder():
+    """OpenSSH's SYMLINK names the target, then the link; the kernel resolves a relative target against the
+    link's folder, not the starting folder: `ln -s ../etc/passwd /tmp/x` (sftp sends the target as typed) makes
+    /tmp/x point at /etc/passwd, and was judged as a link to /home/etc/passwd."""
+    s = _started()
+    s.from_client(req(sftp.SYMLINK, 3, ns("../etc/passwd") + ns("/tmp/x")))
+    assert s.pending[0].request.paths == ("/etc/passwd", "/tmp/x")
+    decide_all(s)
+    s.from_client(req(sftp.SYMLINK, 4, ns("../../etc") + ns("sub/l")))
+    assert s.pending[0].request.paths == ("/home/etc", "/home/u/sub/l")
+    decide_all(s)
+    s.from_client(req(sftp.SYMLINK, 5, ns("/etc/shadow") + ns("l2")))
+    assert s.pending[0].request.paths == ("/etc/shadow", "/home/u/l2")

@@ -31,6 +31,7 @@ import struct
 from collections import deque
 from typing import Any
 
+import attrs
 from twisted.conch.ssh import session as _session
 from twisted.conch.ssh.common import getNS
 from twisted.internet.defer import CancelledError, Deferred
@@ -91,6 +92,21 @@ def transfer_kind(line: Any) -> str | None:
     if modes is not None and not any(m in options for m in modes):
         return None
     return "transfer"
+
+
+def sftp_unfollowed(line: CommandLine) -> CommandLine:
+    """
+    ``line``, unjudgeable when it runs an SFTP server but is not exactly one (:func:`transfer_kind`): gatekeep
+    would relay its SFTP stream as a terminal stream, every request unjudged (``true; sftp-server``, ``flock F
+    sftp-server``, ``$(sftp-server)``).
+    """
+    if line.unjudgeable or transfer_kind(line) == "sftp":
+        return line
+    if not any(c.name in SFTP_PROGRAMS for c in line.commands):
+        return line
+    return attrs.evolve(line, unjudgeable=(
+        "it runs an SFTP server with other commands or under a wrapper gatekeep does not follow, so its SFTP "
+        "requests could not be judged"))
 
 
 class SessionRelay(PairRelay):
@@ -272,7 +288,7 @@ class SessionRelay(PairRelay):
         mode = kind.decode()
         if mode == "exec":
             text = getNS(data)[0].decode("utf-8", "replace")
-            detail = SshRequest("exec", parse(text))
+            detail = SshRequest("exec", sftp_unfollowed(parse(text)))
             extra = {"argv": [list(c.argv) for c in detail.line.commands]} if detail.line.commands else {}
         elif mode == "subsystem":
             text = getNS(data)[0].decode("utf-8", "replace")

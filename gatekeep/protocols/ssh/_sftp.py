@@ -19,6 +19,10 @@ keeps the reply from the client. A judged request with a relative path waits
 (with everything after it) until that folder is known; if the server cannot
 say, the path stays relative and policy refuses it as unjudgeable.
 
+SFTP replies name their request by id only, and gatekeep ties replies to requests by it (handles to the
+path they were opened on, the starting folder to a ``REALPATH "."``): a client request reusing the id of one
+still unanswered, or gatekeep's own id before gatekeep's answer came, is an :class:`SftpError`.
+
 Only the heads of the two bulk packets (WRITE and DATA) are read; their
 payload is passed on as it arrives, so a transfer costs a header parse per
 packet. Judged requests end up in ``finished`` with their status and, for
@@ -28,6 +32,7 @@ files, the bytes read and written through the handle.
 from __future__ import annotations
 
 import functools
+import posixpath
 import struct
 from collections import deque
 from typing import Any, Callable
@@ -171,6 +176,8 @@ class SftpStream:
         self._reads: dict[int, OpenFile] = {}
         self._realpath_dot: set[int] = set()
         self._closing: dict[int, OpenFile] = {}
+        #: ids of the client's requests not answered yet (by the server or by a denial)
+        self._unanswered: set[int] = set()
         self._undecided = 0
         #: the starting folder: "unknown" (not asked yet), "asking", "known" or "failed"
         self.home_state = "unknown"
@@ -219,6 +226,7 @@ class SftpStream:
             packet = head
             length, kind = struct.unpack_from(">LB", head)
             if kind == WRITE:
+                self._request_id(packet)
                 self._write_head(packet)
                 out.append(packet)
                 self._crest = 4 + length - len(packet)
@@ -307,17 +315,29 @@ class SftpStream:
             else:
                 self._client(chunk)
 
+    def _request_id(self, p: bytes) -> int:
+        """The id of a client request, now unanswered: SftpError when replies to it could be taken for another's."""
+        (rid,) = struct.unpack_from(">L", p, 5)
+        if rid == HOME_ID and self.home_state in ("unknown", "asking"):
+            raise SftpError(f"the client used request id {HOME_ID}, which gatekeep is using")
+        if rid in self._unanswered:
+            raise SftpError(f"the client reused request id {rid} while its request is unanswered")
+        self._unanswered.add(rid)
+        return rid
+
     def _client_packet(self, kind: int, p: bytes) -> bool:
         """Pass on or hold one whole client packet; True when it waits for a decision."""
         if kind == INIT:
             self.to_server.append(p)
             return False
-        (rid,) = struct.unpack_from(">L", p, 5)
-        if rid == HOME_ID and self.home_state == "asking":
-            raise SftpError(f"the client used request id {HOME_ID}, which gatekeep is using")
+        rid = self._request_id(p)
         req: SftpRequest | None = None
         judged = _judged(kind, p)
-        if judged is not None:
+        if judged is not None and kind == SYMLINK:
+            # OpenSSH sends the target, then the link; a relative target is resolved against the link's folder
+            target, link = judged[1][0], self._path(judged[1][1])
+            req = SftpRequest("symlink", normalize_path(_text(target), posixpath.dirname(link)), link)
+        elif judged is not None:
             op, paths = judged
             req = SftpRequest(op, *(self._path(path) for path in paths))
         elif kind == FSETSTAT:
@@ -365,6 +385,7 @@ class SftpStream:
             else:
                 self._waiting[pending.id] = pending
         else:
+            self._unanswered.discard(pending.id)
             self._to_client(status_packet(pending.id, FX_PERMISSION_DENIED, message or "denied by gatekeep"))
             self.finished.append(Finished(pending, False, "denied", {}))
         self._release_held()
@@ -420,6 +441,8 @@ class SftpStream:
         self._home_settled()
 
     def _server_packet(self, kind: int, rid: int, p: bytes, length: int) -> None:
+        if kind != VERSION:
+            self._unanswered.discard(rid)
         if kind == VERSION:
             self._version_seen = True
             if self.home_state == "unknown" and self.home is None:
