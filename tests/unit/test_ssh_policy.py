@@ -230,6 +230,13 @@ def test_a_relative_sftp_path_is_unjudgeable(tmp_path, keyfile):
     assert not out.allowed and out.rule == "unjudgeable" and "relative" in out.reason
 
 
+def test_an_sftp_extension_gatekeep_does_not_know_is_unjudgeable(tmp_path, keyfile):
+    e = _engine(_config(tmp_path, keyfile, []))
+    r = SftpRequest("extension", "copy-file")
+    out = _decide(e, _op("sftp", r.text(), SshRequest("sftp", sftp=r)))
+    assert not out.allowed and out.rule == "unjudgeable" and "extension 'copy-file' is not one" in out.reason
+
+
 @pytest.mark.parametrize("host", ["169.254.169.254", "2852039166", "0xa9fea9fe", "169.254.43518",
                                   "0251.0376.0251.0376", "0xA9.0xFE.0xA9.0xFE", "::ffff:169.254.169.254",
                                   "0:0:0:0:0:FFFF:A9FE:A9FE", "METADATA.internal.", "metadata.internal..",

@@ -150,6 +150,18 @@ def test_rename_and_extended_requests_name_both_paths():
     assert (s.pending[0].request.op, s.pending[0].request.paths) == ("rename", ("/x", "/y"))
 
 
+def test_an_extension_gatekeep_does_not_know_waits_for_a_decision_as_one_and_known_ones_pass():
+    """A server may act on paths inside an extension gatekeep cannot read (``copy-file`` names two): such a request
+    is judged (policy finds it unjudgeable); OpenSSH's informational and handle extensions pass."""
+    s = SftpStream()
+    s.from_client(INIT + req(sftp.EXTENDED, 3, ns("copy-file") + ns("/etc/shadow") + ns("/tmp/x") + b"\x00"))
+    (p,) = s.pending
+    assert (p.request.op, p.request.path) == ("extension", "copy-file") and s.take_to_server() == INIT
+    decide_all(s)
+    s.from_client(req(sftp.EXTENDED, 4, ns("statvfs@openssh.com") + ns("/")))
+    assert not s.pending and s.take_to_server().endswith(ns("/"))
+
+
 def test_status_finishes_judged_requests():
     """The server's STATUS ends a judged request with its result."""
     s = SftpStream()

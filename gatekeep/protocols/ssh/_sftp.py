@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import attrs
 
-from gatekeep.protocols.ssh.policy import SftpRequest, normalize_path
+from gatekeep.protocols.ssh.policy import UNKNOWN_EXTENSION, SftpRequest, normalize_path
 
 INIT, VERSION, OPEN, CLOSE, READ, WRITE, LSTAT, FSTAT, SETSTAT, FSETSTAT, OPENDIR, READDIR, REMOVE, MKDIR, RMDIR, \
     REALPATH, STAT, RENAME, READLINK, SYMLINK = range(1, 21)
@@ -90,6 +90,12 @@ _TWO_PATHS = {RENAME: "rename", SYMLINK: "symlink"}
 #: extended requests judged by their paths: (operation, how many paths)
 _EXTENDED = {b"posix-rename@openssh.com": ("rename", 2), b"hardlink@openssh.com": ("link", 2),
              b"lsetstat@openssh.com": ("setstat", 1)}
+#: extended requests passed without a decision: OpenSSH's that only tell the client something (about the file
+#: system, limits, paths, users) or act on handles of opens already judged. Any other extension is unjudgeable: a
+#: server may act on paths inside it that gatekeep cannot find (``copy-file`` names two).
+_PASSED_EXTENSIONS = frozenset({b"statvfs@openssh.com", b"fstatvfs@openssh.com", b"fsync@openssh.com",
+                                b"limits@openssh.com", b"expand-path@openssh.com", b"home-directory",
+                                b"users-groups-by-id@openssh.com", b"copy-data"})
 
 
 def _judged(kind: int, p: bytes) -> tuple[str, list[bytes]] | None:
@@ -359,6 +365,10 @@ class SftpStream:
             path, _ = _ns(p, 9)
             if path in (b".", b""):
                 self._realpath_dot.add(rid)
+        elif kind == EXTENDED:
+            name, _ = _ns(p, 9)
+            if name not in _PASSED_EXTENSIONS:
+                req = SftpRequest(UNKNOWN_EXTENSION, _text(name))
         if req is None:
             self.to_server.append(p)
             return False

@@ -47,6 +47,8 @@ from gatekeep.protocols.ssh._unwrap import Command, CommandLine, parse
 MATCH_KEYS = ("kinds", "commands", "args", "wrappers", "subsystems", "sftp", "forwards")
 KINDS = ("exec", "shell", "shell-command", "subsystem", "sftp", "forward")
 SFTP_OPERATIONS = ("read", "write", "remove", "rename", "mkdir", "rmdir", "setstat", "symlink", "link", "list")
+#: the ``op`` of an SFTP extended request gatekeep does not know (its ``path``: the extension's name): unjudgeable
+UNKNOWN_EXTENSION = "extension"
 
 
 @attrs.frozen
@@ -131,6 +133,9 @@ def facts_for(operation: Operation) -> SshFacts:
         key = (req.kind, tuple((c.argv, c.wrappers) for c in commands))
         return SshFacts(req.kind, commands, cache_key=key)
     if req.sftp is not None:
+        if req.sftp.op == UNKNOWN_EXTENSION:  # a server may act on paths in it that gatekeep cannot find
+            return SshFacts("sftp", sftp=req.sftp, unjudgeable=(
+                f"the SFTP extension {req.sftp.path!r} is not one gatekeep knows"))
         relative = next((p for p in req.sftp.paths if not p.startswith("/")), None)
         if relative is not None:  # the server would resolve it against a folder gatekeep does not know
             return SshFacts("sftp", sftp=req.sftp, unjudgeable=(
