@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from typing import Any, Callable
+from urllib.parse import unquote
 
 from gatekeep.model import Decision
 from gatekeep.protocols.http import _websocket as ws
@@ -61,7 +62,9 @@ class KubernetesDialect(HttpDialect):
     # -- requests -----------------------------------------------------------------------
 
     def describe(self, request: Request) -> Request:
-        return request.described(request_info(request.method, request.path, request.query))
+        head = request.head
+        ctype = head.index.get(b"content-type") if head is not None and request.method == "PATCH" else None
+        return request.described(request_info(request.method, api_path(request), request.query, ctype))
 
     def request_extra(self, request: Request) -> dict[str, Any]:
         return {"kubernetes": request.info.summary()}
@@ -190,6 +193,16 @@ class KubernetesDialect(HttpDialect):
         if info.subresource == "portforward":
             return None
         return super().stream_decoder(request, response)
+
+
+def api_path(request: Request) -> str:
+    """The path as the API server reads it (Go's ``URL.Path``): percent-decoded but, unlike ``request.path``, with
+    empty segments kept, which the API server does not collapse: ``/api/v1/namespaces//secrets`` lists the
+    Secrets of every namespace (an empty namespace), it is not the namespace named "secrets"."""
+    raw = request.target.partition("?")[0]
+    if "//" not in raw and "%" not in raw:
+        return request.path
+    return unquote(raw, errors="surrogateescape")
 
 
 def _refuse(ctype: bytes | None) -> Callable[[bytes, dict[str, int]], bytes | None]:

@@ -39,6 +39,9 @@ class RequestInfo:
     name: str = ""
     #: the API prefix: "api" (the core group) or "apis"
     prefix: str = ""
+    #: a PATCH that may be a server-side apply, which creates the object when it does not exist: the API server
+    #: then also authorizes ``create``, so policy judges it as both ``patch`` and ``create``
+    may_create: bool = False
 
     def summary(self) -> dict[str, Any]:
         if not self.resource_request:
@@ -49,7 +52,14 @@ class RequestInfo:
             value = getattr(self, key)
             if value:
                 out[key] = value
+        if self.may_create:
+            out["may_create"] = True
         return out
+
+    @property
+    def verbs(self) -> tuple[str, ...]:
+        """The verbs the API server authorizes: ``verb``, and ``create`` for an apply that may create."""
+        return (self.verb, "create") if self.may_create else (self.verb,)
 
     @property
     def described(self) -> str:
@@ -62,8 +72,12 @@ class RequestInfo:
         return f'{res} "{self.name}"' if self.name else res
 
 
-def request_info(method: str, path: str, query: str) -> RequestInfo:
-    parts = [p for p in path.strip("/").split("/") if p]
+def request_info(method: str, path: str, query: str, content_type: bytes | None = None) -> RequestInfo:
+    """``path`` as the API server reads it (Go's ``URL.Path``): percent-decoded, empty segments kept, since the
+    API server keeps them (``/api/v1/namespaces//secrets`` is a list of Secrets in every namespace).
+    ``content_type``: a PATCH's, to tell a server-side apply (see :attr:`RequestInfo.may_create`)."""
+    trimmed = path.strip("/")
+    parts = trimmed.split("/") if trimmed else []
     verb = method.lower()
     if len(parts) < 2 or parts[0] not in ("api", "apis"):
         return RequestInfo(False, verb)
@@ -108,7 +122,21 @@ def request_info(method: str, path: str, query: str) -> RequestInfo:
     if method == "GET" and subresource in STREAMING:
         # exec, attach and portforward over WebSocket are authorized as create, like POST (SPDY)
         verb = "create"
-    return RequestInfo(True, verb, group, version, resource, subresource, namespace, name, prefix)
+    may_create = method == "PATCH" and _may_apply(content_type)
+    return RequestInfo(True, verb, group, version, resource, subresource, namespace, name, prefix, may_create)
+
+
+#: the patch types that never create an object (a server-side apply, application/apply-patch+yaml or +cbor, does)
+_PLAIN_PATCHES = frozenset({"application/json-patch+json", "application/merge-patch+json",
+                            "application/strategic-merge-patch+json"})
+
+
+def _may_apply(content_type: bytes | None) -> bool:
+    """Whether a PATCH with this Content-Type may be a server-side apply: any type but the three plain patch types
+    (the API server reads the first field up to ``;``, and refuses types it does not know)."""
+    if content_type is None:
+        return True
+    return content_type.split(b";")[0].strip().lower().decode("latin-1") not in _PLAIN_PATCHES
 
 
 def _true(values: list[str] | None) -> bool:

@@ -34,7 +34,8 @@ class KubernetesPlugin:
             return None
         from gatekeep.protocols.kubernetes.policy import facts_for
 
-        return facts_for(operation.detail)
+        extra = getattr(getattr(target, "options", None), "extra", None)
+        return facts_for(operation.detail, getattr(extra, "mask_secrets", True))
 
     def parseTarget(self, node: Node) -> HttpTarget:
         options = KubernetesOptions(mask_secrets=node.bool("mask_secrets", True))

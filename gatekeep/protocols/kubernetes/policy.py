@@ -33,6 +33,8 @@ MATCH_KEYS = ("verbs", "api_groups", "resources", "subresources", "namespaces", 
 class KubernetesFacts:
     request: Request
     cache_key: Any = None
+    #: the target masks Secrets (``mask_secrets``)
+    mask_secrets: bool = True
 
     @property
     def info(self) -> RequestInfo:
@@ -50,6 +52,12 @@ class KubernetesFacts:
         if head is not None and any(name.startswith(b"impersonate-") for name in head.index):
             return IMPERSONATION, ("impersonation (Impersonate-* headers, kubectl --as) is not passed: the API "
                                    "server would act as another user with the target's credentials")
+        info = self.info
+        if self.mask_secrets and head is not None and head.upgrade in UPGRADES and info is not None \
+                and info.resource_request and info.resource == "secrets" and info.api_group == "":
+            # a watch over WebSocket: its events would come as WebSocket messages, which gatekeep passes unread
+            return UNMASKABLE, ("Secrets over an upgraded connection (a watch over WebSocket) are not passed: "
+                                "gatekeep masks Secrets in HTTP responses only")
         return None
 
     def summary(self) -> dict[str, Any]:
@@ -61,13 +69,20 @@ class KubernetesFacts:
 
 #: the rule named when a request asks the API server to impersonate someone
 IMPERSONATION = "impersonation"
+#: the rule named when Secrets are asked for over an upgraded connection, where gatekeep cannot mask them
+UNMASKABLE = "unmaskable-secrets"
+#: the upgrades the relay passes (see KubernetesDialect.upgrades; others are taken off the request)
+UPGRADES = frozenset({b"websocket", b"spdy/3.1"})
 
 
-def facts_for(request: Request) -> KubernetesFacts:
+def facts_for(request: Request, mask_secrets: bool = True) -> KubernetesFacts:
     head = request.head
     asks = tuple(sorted((k, v) for k, v in head.index.items() if k.startswith(b"impersonate-"))) \
         if head is not None else ()
-    return KubernetesFacts(request, (request.method, request.host, request.target, asks))
+    upgrade = head.upgrade if head is not None else None
+    may_create = request.info.may_create if request.info is not None else False
+    return KubernetesFacts(request, (request.method, request.host, request.target, asks, upgrade, may_create),
+                           mask_secrets)
 
 
 def _any(value: str, patterns: tuple[str, ...] | None) -> bool:
@@ -90,12 +105,21 @@ class KubernetesMatch:
                                            self.names))
 
     def matches(self, facts: Any, operation: Any) -> bool:
+        return self._matches(facts, every=False)
+
+    def matches_all(self, facts: Any, operation: Any) -> bool:
+        """For allow rules: a request the API server authorizes as two verbs (an apply that may create: patch and
+        create) fits only if both do."""
+        return self._matches(facts, every=True)
+
+    def _matches(self, facts: Any, every: bool) -> bool:
         info = getattr(facts, "info", None)
         if info is None:
             return False
         if not self.http.empty and not self.http.matches_request(facts.request):
             return False
-        if not _any(info.verb, self.verbs):
+        fits = [_any(v, self.verbs) for v in info.verbs]
+        if not (all(fits) if every else any(fits)):
             return False
         if not self.resource_keys:
             return True

@@ -1,0 +1,132 @@
+"""Kubernetes requests judged as the API server reads them: empty path segments, server-side apply, Secrets over
+WebSocket. Each through the policy engine with the kubernetes plugin, as the relay judges a request."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from gatekeep.config import Node
+from gatekeep.model import Action, ClientAddress, Identity, Operation, Session
+from gatekeep.plugin import protocol_plugins
+from gatekeep.policy.engine import RuleEngine, read_rule
+from gatekeep.protocols.http._codec import REQUEST, RESPONSE, parse_head
+from gatekeep.protocols.http._request import parse_request
+from gatekeep.protocols.kubernetes._dialect import KubernetesDialect
+from gatekeep.protocols.kubernetes._secrets import MASKED_DATA
+from gatekeep.protocols.kubernetes.plugin import KubernetesOptions
+
+PLUGINS = protocol_plugins()
+DIALECT = KubernetesDialect(KubernetesOptions())
+_seq = itertools.count(1)
+
+
+def request(method: bytes, target: bytes, *fields: bytes):
+    head = b"%s %s HTTP/1.1\r\nHost: k\r\n" % (method, target) + b"".join(f + b"\r\n" for f in fields) + b"\r\n"
+    return DIALECT.describe(parse_request(parse_head(head, REQUEST)))
+
+
+def decide(req, *rules, default_action="allow", mask_secrets=True):
+    target = SimpleNamespace(default_action=default_action, unjudgeable="deny",
+                             options=SimpleNamespace(extra=KubernetesOptions(mask_secrets=mask_secrets)))
+    parsed = tuple(read_rule(Node.of(d, f"policies[{i}]", Path("/")), PLUGINS) for i, d in enumerate(rules))
+    engine = RuleEngine(parsed, {"cluster": target}, PLUGINS)
+    session = Session("s-1", Identity("agent-7", frozenset({"agents"})), "cluster", "kubernetes",
+                      ClientAddress("127.0.0.1", 40000), False, 0.0)
+    return engine.decide(Operation(session, next(_seq), "http", req.text, 0.0, req))
+
+
+NO_SECRETS = {"name": "no-secrets", "action": "deny", "match": {"groups": ["agents"], "resources": ["secrets"]}}
+JSON_200 = parse_head(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n", RESPONSE)
+SECRET_LIST = {"kind": "SecretList", "apiVersion": "v1", "metadata": {},
+               "items": [{"kind": "Secret", "metadata": {"name": "db", "namespace": "prod"},
+                          "data": {"password": "aHVudGVyMg=="}}]}
+
+
+@pytest.mark.parametrize("target", [b"/api/v1/namespaces//secrets", b"/api/v1/namespaces//secrets/",
+                                    b"/api/v1/watch/namespaces//secrets", b"/api/v1/namespaces/%2Fsecrets"])
+def test_an_empty_namespace_segment_is_read_as_the_api_server_reads_it(target):
+    """The API server keeps empty path segments: /api/v1/namespaces//secrets lists the Secrets of every namespace
+    (an empty namespace). gatekeep read it with the slashes collapsed, as a get of the namespace named "secrets",
+    so rules on secrets did not see it and its Secrets came back unmasked."""
+    r = request(b"GET", target)
+    assert (r.info.resource, r.info.namespace, r.info.name) == ("secrets", "", "")
+    assert r.info.verb in ("list", "watch")
+    assert decide(r, NO_SECRETS).action is Action.DENY
+    plan = DIALECT.body_plan(r, JSON_200, None, False)
+    assert plan.required
+    masked = json.loads(plan.transform(json.dumps(SECRET_LIST).encode(), {}))
+    assert masked["items"][0]["data"]["password"] == MASKED_DATA
+
+
+def test_empty_segments_elsewhere_are_read_as_the_api_server_reads_them():
+    """An empty name is no name (a list, a deletecollection), as the API server's request info has it."""
+    r = request(b"GET", b"/api/v1/namespaces/default/pods//exec?command=sh")
+    assert (r.info.resource, r.info.name, r.info.subresource) == ("pods", "", "exec")
+    assert request(b"DELETE", b"/api/v1/namespaces/default/pods//").info.verb == "deletecollection"
+    assert request(b"GET", b"//api/v1/namespaces/default/pods/web-0").info.name == "web-0"  # leading: trimmed
+
+
+NO_CREATE = {"name": "agents-create-nothing", "action": "deny", "match": {"groups": ["agents"], "verbs": ["create"]}}
+APPLY = b"Content-Type: application/apply-patch+yaml"
+
+
+@pytest.mark.parametrize("ctype", [APPLY, b"Content-Type: application/apply-patch+yaml; charset=utf-8",
+                                   b"Content-Type: application/apply-patch+cbor",
+                                   b"Content-Type: application/apply-patch+yaml\r\nContent-Type: application/json-patch+json"])
+def test_a_server_side_apply_is_judged_as_the_create_it_may_be(ctype):
+    """kubectl apply --server-side is a PATCH that creates the object when it does not exist (the API server then
+    also authorizes create): a rule denying create denies it; an allow rule must allow both patch and create."""
+    apply = request(b"PATCH", b"/api/v1/namespaces/default/pods/web-0?fieldManager=kubectl", ctype)
+    assert apply.info.verb == "patch"
+    assert decide(apply, NO_CREATE).action is Action.DENY
+    patch_only = {"name": "agents-patch", "action": "allow", "match": {"groups": ["agents"], "verbs": ["patch"]}}
+    assert decide(apply, patch_only, default_action="deny").action is Action.DENY
+    both = {"name": "agents-write", "action": "allow", "match": {"groups": ["agents"], "verbs": ["patch", "create"]}}
+    assert decide(apply, both, default_action="deny").action is Action.ALLOW
+    assert apply.info.may_create and apply.info.summary()["may_create"]
+
+
+@pytest.mark.parametrize("ctype", [b"application/strategic-merge-patch+json", b"application/merge-patch+json",
+                                   b"application/json-patch+json; charset=utf-8"])
+def test_plain_patches_are_patches_only(ctype):
+    """The three plain patch types never create: they are judged as patch alone."""
+    patch = request(b"PATCH", b"/api/v1/namespaces/default/pods/web-0", b"Content-Type: " + ctype)
+    assert decide(patch, NO_CREATE).action is Action.ALLOW
+    patch_only = {"name": "agents-patch", "action": "allow", "match": {"groups": ["agents"], "verbs": ["patch"]}}
+    assert decide(patch, patch_only, default_action="deny").action is Action.ALLOW
+
+
+WEBSOCKET = (b"Connection: Upgrade", b"Upgrade: websocket", b"Sec-WebSocket-Version: 13",
+             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==")
+
+
+@pytest.mark.parametrize("target", [b"/api/v1/namespaces/default/secrets?watch=1", b"/api/v1/watch/secrets",
+                                    b"/api/v1/namespaces/default/secrets/db"])
+def test_secrets_over_websocket_are_refused(target):
+    """The API server serves a watch over WebSocket when asked to: its events come as WebSocket messages, which
+    gatekeep relays unread, so Secrets would reach the client unmasked. Refused whatever the rules say, even
+    after the same URL was allowed without the upgrade (the decision cache)."""
+    plain = request(b"GET", target)
+    assert decide(plain).action is Action.ALLOW
+    upgraded = request(b"GET", target, *WEBSOCKET)
+    decision = decide(upgraded)
+    assert decision.action is Action.DENY and decision.rule == "unmaskable-secrets"
+    assert decide(upgraded, mask_secrets=False).action is Action.ALLOW
+    assert decide(request(b"GET", b"/api/v1/namespaces/default/pods?watch=1", *WEBSOCKET)).action is Action.ALLOW
+
+
+def test_the_decision_cache_tells_a_secrets_websocket_from_a_plain_request():
+    """One engine: a plain watch of Secrets allowed and cached, then the same URL over WebSocket is refused."""
+    target = SimpleNamespace(default_action="allow", unjudgeable="deny",
+                             options=SimpleNamespace(extra=KubernetesOptions()))
+    engine = RuleEngine((), {"cluster": target}, PLUGINS)
+    session = Session("s-1", Identity("agent-7", frozenset({"agents"})), "cluster", "kubernetes",
+                      ClientAddress("127.0.0.1", 40000), False, 0.0)
+    for fields, action in (((), Action.ALLOW), (WEBSOCKET, Action.DENY)):
+        r = request(b"GET", b"/api/v1/namespaces/default/secrets?watch=1", *fields)
+        assert engine.decide(Operation(session, next(_seq), "http", r.text, 0.0, r)).action is action
