@@ -662,9 +662,9 @@ class Frontend(ClientStartup, protocol.Protocol):
         formats = bind.param_formats
         if not formats or (len(formats) == 1 and formats[0] == 0):  # all text (pgbench, most drivers)
             params = tuple([_param_text(v, False) for v in bind.params])
-        else:  # a format for all, or one per parameter
-            n = len(types)
-            params = tuple(_param_text(v, formats[i if len(formats) > 1 else 0] == 1, types[i] if i < n else 0)
+        else:  # one format for all, or a format per parameter
+            each, n = len(formats) > 1, len(types)
+            params = tuple(_param_text(v, formats[i if each else 0] == 1, types[i] if i < n else 0)
                            for i, v in enumerate(bind.params))
         if self.results is not None:
             params = self.results.recordable(params)  # the record keeps only masked values
@@ -692,7 +692,9 @@ class Frontend(ClientStartup, protocol.Protocol):
         if found is None:
             # a portal no Bind made: a cursor a SQL DECLARE opened; judged and recorded as the FETCH it is
             found = Portal("", Statement(f"FETCH ALL FROM {_quote_ident(execute.portal)}", None, True, None), ())
-        text, decision, runs_code, judged_under = found.prepared[:4]
+        prepared = found.prepared
+        text, decision, runs_code, judged_under = prepared.text, prepared.decision, prepared.runs_code, \
+            prepared.judged_under
         params = found.params
         op = self._operation("execute", text, params, detail=self.sql_state)
 
