@@ -18,8 +18,9 @@ from time import perf_counter
 from typing import Any, Callable, Sequence
 
 import attrs
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gatekeep import access
@@ -37,6 +38,14 @@ POLICY_ERROR = "policy-error"
 
 def _fail_closed(reason: str) -> Decision:
     return Decision(Action.DENY, POLICY_ERROR, reason)
+
+
+class Unshowable(Exception):
+    """
+    Raised (or failed with) by a relay's ``recordable`` when it cannot show approvers the whole operation (an HTTP
+    body over what gatekeep keeps for them): the operation is denied under its rule with this message as the
+    reason, instead of being held for an approval given half blind.
+    """
 
 
 @implementer(IPolicy)
@@ -209,7 +218,11 @@ class Chain:
         ``notify(hold)`` is called at once so the relay can tell the client, in
         its protocol, what is held and how to approve it. The request is kept and
         shown as ``recordable(operation, decision)`` makes it, the relay's own
-        transform for its records (by default the session's detectors).
+        transform for its records (by default the session's detectors). It may
+        return a Deferred of that pair when the relay must read more first (an
+        HTTP request's body): the request is made when it fires, and cancelling
+        the result meanwhile cancels that Deferred. Raising or failing with
+        :class:`Unshowable` denies the operation with its message.
         """
         started = perf_counter()
         try:
@@ -237,12 +250,67 @@ class Chain:
         if decision.action is not Action.REVIEW:
             return decision
         try:
-            held, shown = (recordable or self.for_approvers)(operation, decision)
-            return self.approvals.hold(held, shown, notify)
+            shown = (recordable or self.for_approvers)(operation, decision)
+            if isinstance(shown, Deferred):
+                return self._review_when_shown(shown, operation, decision, notify)
+            return self.approvals.hold(shown[0], shown[1], notify)
+        except Unshowable as e:
+            return Decision(Action.DENY, decision.rule, str(e), decision.facts)
         except Exception as e:
             _log.failure("approvals failed on {kind} in session {session}", kind=operation.kind,
                          session=operation.session.id)
             return _fail_closed(f"the approval could not be requested ({type(e).__name__})")
+
+    def _review_when_shown(self, shown: Deferred, operation: Operation, decision: Decision, notify: Any) -> Deferred:
+        """
+        Hold ``operation`` once ``shown`` gives what approvers are to see. The result is one Deferred for the
+        whole wait, fired only with the final decision (or CancelledError); cancelling it cancels the stage it
+        is in: still reading what is to be shown, or held for approval (which withdraws the request).
+        """
+        stage = shown
+
+        def cancel(_: Deferred) -> None:
+            stage.cancel()
+
+        result = Deferred(cancel)
+
+        def fire(value: Any) -> None:
+            if result.called:
+                return
+            if isinstance(value, Failure):
+                result.errback(value)
+            else:
+                result.callback(value)
+
+        def ready(pair: tuple[Operation, Decision]) -> None:
+            nonlocal stage
+            if result.called:  # cancelled while the relay was reading
+                return
+            try:
+                held = self.approvals.hold(pair[0], pair[1], notify)
+            except Exception as e:
+                _log.failure("approvals failed on {kind} in session {session}", kind=operation.kind,
+                             session=operation.session.id)
+                fire(_fail_closed(f"the approval could not be requested ({type(e).__name__})"))
+                return
+            if isinstance(held, Deferred):
+                stage = held
+                held.addBoth(fire)
+            else:
+                fire(held)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(CancelledError):
+                fire(failure)
+            elif failure.check(Unshowable):
+                fire(Decision(Action.DENY, decision.rule, str(failure.value), decision.facts))
+            else:
+                _log.failure("reading what approvers see failed on {kind} in session {session}", failure,
+                             kind=operation.kind, session=operation.session.id)
+                fire(_fail_closed(f"the approval could not be requested ({failure.type.__name__})"))
+
+        shown.addCallbacks(ready, failed)
+        return result
 
     def for_approvers(self, operation: Operation, decision: Decision) -> tuple[Operation, Decision]:
         """

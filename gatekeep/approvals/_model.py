@@ -30,10 +30,16 @@ APPROVE = "approve"
 DENY = "deny"
 
 
-def digest_of(identity: str, target: str, rule: str, kind: str, text: str, parameters: tuple) -> str:
-    """What a request is bound to: sha256 over who, where, which rule, and the exact text and parameters."""
-    canonical = json.dumps([identity, target, rule, kind, text, list(parameters)], separators=(",", ":"),
-                           ensure_ascii=False)
+def digest_of(identity: str, target: str, rule: str, kind: str, text: str, parameters: tuple,
+              body: str | None = None) -> str:
+    """
+    What a request is bound to: sha256 over who, where, which rule, and the exact text and parameters, and the
+    sha256 of the body an HTTP request carries (``body``; requests without one have the digest they had before).
+    """
+    fields = [identity, target, rule, kind, text, list(parameters)]
+    if body is not None:
+        fields.append(body)
+    canonical = json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 

@@ -42,7 +42,14 @@ def _short(text: str, limit: int = TEXT_LIMIT) -> str:
 
 def payload(event: str, r: ApprovalRequest, approve_command: str = "gatekeep approvals approve {id}") -> dict:
     """The JSON body for ``event`` (approval.requested or approval.resolved)."""
-    what = _short(r.text).replace("```", "` ` `")
+    what = _short(r.text)
+    request = r.facts.get("request") if isinstance(r.facts, dict) else None
+    body = request.get("body") if isinstance(request, dict) else None
+    if isinstance(body, dict):  # an HTTP request's body (masked as recorded), or what it is when not text
+        what += "\n" + (_short(body["text"]) if body.get("text") else
+                        f"[{body.get('bytes')} bytes of {body.get('content_type') or 'body'}, "
+                        f"sha256:{body.get('sha256')}]")
+    what = what.replace("```", "` ` `")
     if event == "approval.requested":
         who = f" from {', '.join(r.approver_groups)}" if r.approver_groups else ""
         n = r.approvals_needed

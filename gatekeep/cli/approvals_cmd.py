@@ -287,8 +287,17 @@ def show(args) -> int:
         print(f"           {line}")
     if r["parameters"]:
         _say(f"parameters {r['parameters']}")
-    _say(f"digest     sha256:{r['digest']}")
     facts = {k: v for k, v in (r.get("facts") or {}).items() if v}
+    request = facts.get("request")
+    body = request.get("body") if isinstance(request, dict) else None
+    if isinstance(body, dict):  # an HTTP request's body, read before it was held (masked as recorded)
+        facts["request"] = {k: v for k, v in request.items() if k != "body"}
+        kind = f", {body['content_type']}" if body.get("content_type") else ""
+        _say(f"body       {body.get('bytes')} bytes{kind}, sha256:{body.get('sha256')}")
+        if body.get("text"):
+            for line in printable_lines(body["text"]):
+                print(f"           {line}")
+    _say(f"digest     sha256:{r['digest']}")
     if facts:
         _say(f"facts      {json_text(facts, sort_keys=True)}")
     for d in r["decisions"]:

@@ -12,6 +12,7 @@ next). Loopback only; every wait has a deadline.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -26,6 +27,7 @@ import uuid
 
 import pytest
 
+from gatekeep.approvals import digest_of
 from tests.integration.pg_gateway_helpers import gk_cli, poll, show_session
 from tests.support.fake_kube import FakeKubeAPI
 from tests.support.gatekeep_process import REPO_ROOT, tcp_listen
@@ -55,6 +57,7 @@ POLICIES = [
     _review("http-posts", {"targets": ["api"], "methods": ["POST"], "paths": ["/echo/held/*"]}),
     _review("http-slow", {"targets": ["api"], "paths": ["/echo/expire/*"]}, timeout="2s"),
     _review("kube-deletes", {"verbs": ["delete"]}),
+    _review("kube-secret-creates", {"verbs": ["create"], "resources": ["secrets"]}),
 ]
 
 
@@ -209,6 +212,9 @@ def gw(gatekeep_module, tls_files, tmp_path_factory):
              "upstream": {"url": "http://127.0.0.1:%d" % kube.port}, "credentials": {"bearer": "env:KUBE_SA_TOKEN"}},
         ],
         "policies": POLICIES,
+        # what approvers see of a held request's body is masked as its record is
+        "masking": [{"name": "api-cards", "match": {"targets": ["api"]}, "keys": ["card_number"],
+                     "detectors": ["email"]}],
         "admin": {"listen": tcp_listen(admin_port), "roles": {"approver": ["ops"], "auditor": ["ops"]}},
     }
     try:
@@ -424,6 +430,121 @@ def test_curl_request_held_and_approved(gw):
         run.kill()
 
 
+def test_held_request_shows_its_body_masked_and_releases_exactly_it(gw):
+    """
+    Approvers see a held POST's body (masked as its record is: the card number by key, the email by detector)
+    with its size and sha256, which the request's digest covers; the approval releases exactly that body.
+    """
+    body = json.dumps({"amount": 120, "card_number": "4111111111111111",
+                       "note": "refund for ann.lee@example.com"}).encode()
+    run = gw.curl("-v", "--data-binary", body.decode(), "-H", "Content-Type: application/json",
+                  gw.api_url("/echo/held/refund"))
+    try:
+        rid = run.wait_stderr(re.compile(r"< Gatekeep-Approval: ([0-9a-z]{10})\r?\n")).group(1)
+        r = gw.show(rid)
+        shown = r["facts"]["request"]["body"]
+        assert shown["bytes"] == len(body) and shown["sha256"] == hashlib.sha256(body).hexdigest()
+        assert shown["content_type"] == "application/json"
+        assert '"amount": 120' in shown["text"] or '"amount":120' in shown["text"], shown
+        assert "4111111111111111" not in json.dumps(r) and "ann.lee@example.com" not in json.dumps(r)
+        assert r["digest"] == digest_of("agent", "api", "http-posts", "http", "POST /echo/held/refund", (),
+                                        shown["sha256"])
+        assert r["digest"] != digest_of("agent", "api", "http-posts", "http", "POST /echo/held/refund", ())
+        text = gw.cli("dana", "show", rid)
+        assert text.returncode == 0, text.stderr
+        assert "body       %d bytes, application/json, sha256:%s" % (len(body), shown["sha256"]) in text.stdout
+        assert '"amount"' in text.stdout and "4111111111111111" not in text.stdout
+        assert not any(q["path"] == "/echo/held/refund" for q in gw.api.requests)
+        gw.approve(rid)
+        assert run.finish() == 0, run.stderr
+        seen = json.loads(run.stdout)
+        assert seen["body_size"] == len(body) and seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+    finally:
+        run.kill()
+
+
+def _read_head(s, got=b""):
+    while b"\r\n\r\n" not in got:
+        chunk = s.recv(65536)
+        assert chunk, got
+        got += chunk
+    return got
+
+
+def test_held_chunked_request_with_expect_gets_100_and_its_body_is_shown(gw):
+    """
+    A client that waits for ``100 Continue`` before its (chunked) body gets it from gatekeep, which reads the
+    body before holding the request; the upstream gets the same payload, without the Expect gatekeep answered.
+    """
+    auth = "Authorization: Bearer %s\r\nUser-Agent: curl/8 (expect test)\r\n" % gw.tokens["agent"]
+    head = ("POST /echo/held/chunked HTTP/1.1\r\nHost: x\r\n%sContent-Type: text/plain\r\n"
+            "Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n" % auth)
+    parts = [b"first part, ", b"then the rest"]
+    with socket.create_connection(("127.0.0.1", gw.gk.ports["api"]), timeout=20) as s:
+        s.sendall(head.encode())
+        got = _read_head(s)
+        assert got.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), got
+        assert gw.cli("dana", "list", "--json").stdout.strip() == "[]"  # nothing is held before the body is read
+        s.sendall(b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n")
+        got = _read_head(s, got[len(b"HTTP/1.1 100 Continue\r\n\r\n"):])
+        assert got.startswith(b"HTTP/1.1 102 Processing\r\n"), got
+        rid = re.search(rb"Gatekeep-Approval: ([0-9a-z]{10})", got).group(1).decode()
+        shown = gw.show(rid)["facts"]["request"]["body"]
+        payload = b"".join(parts)
+        assert shown["bytes"] == len(payload) and shown["text"] == payload.decode()
+        assert shown["sha256"] == hashlib.sha256(payload).hexdigest()
+        gw.approve(rid)
+        got = got.split(b"\r\n\r\n", 1)[1]
+        while b'"body_sha256"' not in got:
+            chunk = s.recv(65536)
+            assert chunk, got
+            got += chunk
+    assert b"HTTP/1.1 200 OK\r\n" in got
+    seen = json.loads(got[got.index(b"{"):got.rindex(b"}") + 1])
+    assert seen["body_sha256"] == hashlib.sha256(payload).hexdigest() and seen["body_size"] == len(payload)
+    upstream = [q for q in gw.api.requests if q["path"] == "/echo/held/chunked"]
+    assert len(upstream) == 1 and not any(k.lower() == "expect" for k in upstream[0]["headers"])
+
+
+def test_held_request_with_a_body_too_large_to_show_is_denied(gw, tmp_path):
+    """A body over what gatekeep reads for approvers (1 MiB) is not held half-seen: curl gets 403 saying why."""
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * (1024 * 1024 + 1))
+    run = gw.curl("-H", "User-Agent: curl/8", "-H", "Content-Type: application/octet-stream",
+                  "--data-binary", "@%s" % big, gw.api_url("/echo/held/big"))
+    try:
+        assert run.finish(timeout=30) == 0, run.stderr
+        answer = json.loads(run.stdout)
+        assert answer["status"] == 403 and answer["rule"] == "http-posts"
+        assert "larger than gatekeep reads for approvers (1048576 bytes)" in answer["message"]
+        listed = gw.cli("dana", "list", "--status", "all", "--json")
+        assert not any(r["text"] == "POST /echo/held/big" for r in json.loads(listed.stdout))
+        assert not any(q["path"] == "/echo/held/big" for q in gw.api.requests)
+    finally:
+        run.kill()
+
+
+def test_client_gone_while_its_body_is_read_makes_no_request(gw):
+    """A client that closes before its held request's body ended leaves no approval request behind."""
+    auth = "Authorization: Bearer %s\r\n" % gw.tokens["agent"]
+    with socket.create_connection(("127.0.0.1", gw.gk.ports["api"]), timeout=20) as s:
+        s.sendall(("POST /echo/held/half HTTP/1.1\r\nHost: x\r\n%sContent-Length: 100\r\n\r\n" % auth).encode()
+                  + b"only ten b")
+        time.sleep(0.3)
+    log = poll("the request recorded as abandoned", lambda: "the client left before the decision" in json.dumps(
+        [show_session(gw.gk, x["id"]) for x in _sessions(gw) if x["target"] == "api"][:3]), timeout=15)
+    assert log
+    listed = gw.cli("dana", "list", "--status", "all", "--json")
+    assert not any(r["text"] == "POST /echo/held/half" for r in json.loads(listed.stdout))
+    assert not any(q["path"] == "/echo/held/half" for q in gw.api.requests)
+
+
+def _sessions(gw):
+    out = gk_cli("sessions", "list", "--json", "--config", gw.gk.config_path)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 def test_python_http_client_waits_and_gets_the_final_answer(gw):
     """Python's http.client (which reads a 102 as the answer) gets no 102, just the final 200 once approved."""
     result = {}
@@ -540,6 +661,51 @@ def test_kubectl_delete_denied_is_kubectls_forbidden_error(gw):
                                      'was denied by dana: web-1 serves the demo' % request["id"]), run.stderr
         assert "web-1" in gw.kube.pods
         assert not any(r["method"] == "DELETE" and r["path"].endswith("/web-1") for r in gw.kube.requests)
+    finally:
+        run.kill()
+
+
+def test_kubectl_apply_secret_held_shows_the_body_with_its_data_masked(gw, tmp_path):
+    """
+    kubectl apply of a new Secret, held: approvers see the JSON Secret kubectl sends with its values masked (its
+    last-applied annotation too); approved, the API server gets it as sent.
+    """
+    manifest = tmp_path / "held-creds.yaml"
+    manifest.write_text("apiVersion: v1\nkind: Secret\nmetadata:\n  name: held-creds\n  namespace: default\n"
+                        "type: Opaque\ndata:\n  password: aHVudGVyMi14eXo=\n")  # base64 of hunter2-xyz
+    run = gw.kubectl("apply", "--validate=false", "-f", str(manifest))  # the fake serves no OpenAPI
+    try:
+        request = gw.pending("kube-secret-creates")
+        shown = request["facts"]["request"]["body"]
+        assert shown["content_type"] == "application/json"
+        body = json.loads(shown["text"])
+        assert body["kind"] == "Secret" and body["metadata"]["name"] == "held-creds"
+        assert set(body["data"]) == {"password"}
+        assert "hunter2" not in json.dumps(request) and "aHVudGVyMi14eXo=" not in json.dumps(request)
+        assert "held-creds" not in gw.kube.secrets
+        gw.approve(request["id"])
+        assert run.finish(timeout=30) == 0, run.stderr
+        assert run.stdout.strip() == "secret/held-creds created"
+        sent = [q for q in gw.kube.requests if q["method"] == "POST" and q["path"].endswith("/secrets")]
+        assert json.loads(sent[-1]["body"])["data"]["password"] == "aHVudGVyMi14eXo="
+        assert hashlib.sha256(sent[-1]["body"].encode()).hexdigest() == shown["sha256"]
+    finally:
+        run.kill()
+
+
+def test_kubectl_create_secret_held_protobuf_body_shown_by_size_and_hash(gw):
+    """kubectl create sends protobuf, which gatekeep does not decode: approvers see its size and sha256 only."""
+    run = gw.kubectl("create", "secret", "generic", "held-proto", "--from-literal=password=hunter2-xyz")
+    try:
+        request = gw.pending("kube-secret-creates")
+        shown = request["facts"]["request"]["body"]
+        assert shown["content_type"] == "application/vnd.kubernetes.protobuf"
+        assert shown["bytes"] > 0 and len(shown["sha256"]) == 64 and "text" not in shown
+        assert "hunter2" not in json.dumps(request)
+        gw.deny(request["id"], "use the vault")
+        assert run.finish(timeout=30) != 0
+        assert "approval request %s was denied by dana: use the vault" % request["id"] in run.stderr
+        assert "held-proto" not in gw.kube.secrets
     finally:
         run.kill()
 

@@ -441,6 +441,10 @@ class FakeKubeAPI:
     def pods(self):
         return self.httpd.pods
 
+    @property
+    def secrets(self):
+        return self.httpd.secrets
+
     def start(self):
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
         return self

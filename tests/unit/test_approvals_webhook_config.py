@@ -90,6 +90,22 @@ def test_the_fallback_text_escapes_what_the_requester_wrote_too():
     assert "<!here>" not in text and "&lt;!here&gt; &amp; no" in text
 
 
+def test_payload_shows_a_held_http_requests_body_or_what_it_is():
+    """The chat message shows a held HTTP request's body (as recorded, masked), escaped like the text; a body
+    that is not text by its size, type and sha256."""
+    import attrs
+
+    r = request(text="POST /v1/refunds")
+    shown = attrs.evolve(r, facts={"request": {"method": "POST", "body": {
+        "bytes": 30, "sha256": "ab" * 32, "content_type": "application/json", "text": '{"amount": "<!channel>"}'}}})
+    text = payload("approval.requested", shown)["blocks"][1]["text"]["text"]
+    assert text == '```POST /v1/refunds\n{"amount": "&lt;!channel&gt;"}```'
+    blind = attrs.evolve(r, facts={"request": {"body": {"bytes": 7, "sha256": "cd" * 32,
+                                                         "content_type": "application/vnd.kubernetes.protobuf"}}})
+    text = payload("approval.requested", blind)["blocks"][1]["text"]["text"]
+    assert text == "```POST /v1/refunds\n[7 bytes of application/vnd.kubernetes.protobuf, sha256:%s]```" % ("cd" * 32)
+
+
 def test_webhook_posts_json_and_retries_until_it_works():
     """A failed post is retried with backoff; the request body is the payload; success is counted."""
     clock = MemoryReactorClock()

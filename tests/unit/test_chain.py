@@ -194,3 +194,84 @@ def test_an_approval_request_keeps_the_operation_masked_as_its_record_does():
     kept = repr((request.text, request.parameters, request.facts))
     assert "4111 1111 1111 1111" not in kept and "5500 0055 5555 5559" not in kept
     assert request.text.startswith("INSERT INTO paid VALUES (") and op.text.endswith("$1)")
+
+
+# -- a relay that must read more before the operation is held ------------------------------------------
+
+
+def _shown_later_gateway():
+    from gatekeep.approvals import ApprovalService, MemoryApprovalStore
+    from gatekeep.policy.engine import Review
+
+    review = Decision(Action.REVIEW, "needs-ops", "", {"method": "POST"})
+    gw = make_gateway(policy=StaticPolicy(review))
+    store = MemoryApprovalStore()
+    gw.chain.approvals = ApprovalService(gw.reactor, {"needs-ops": Review(approvers=("ops",))}.get, store)
+    return gw, store
+
+
+def test_an_operation_is_held_when_what_approvers_see_is_ready():
+    """``recordable`` returning a Deferred: no request until it fires; then one, shown as it gave it."""
+    import attrs
+
+    gw, store = _shown_later_gateway()
+    op = operation()
+    later = Deferred()
+    holds = []
+    result = gw.chain.decide(op, notify=holds.append, recordable=lambda o, d: later)
+    assert isinstance(result, Deferred) and not result.called and not store.requests
+    later.callback((attrs.evolve(op, extra={"body": {"bytes": 3, "sha256": "ab" * 32}}), Decision(
+        Action.REVIEW, "needs-ops", "")))
+    (request,) = store.requests.values()
+    assert len(holds) == 1 and request.facts["request"]["body"]["bytes"] == 3
+    assert not result.called  # waiting for the approvers now
+    gw.chain.approvals.deny(request.id, Identity("dana", frozenset({"ops"})), "no")
+    assert result_of(result).action is Action.DENY
+
+
+def test_cancelling_while_what_approvers_see_is_read_cancels_that_and_makes_no_request():
+    from twisted.internet.defer import CancelledError
+
+    gw, store = _shown_later_gateway()
+    cancelled = []
+    later = Deferred(lambda d: cancelled.append(True))
+    result = gw.chain.decide(operation(), notify=lambda h: None, recordable=lambda o, d: later)
+    failures = []
+    result.addErrback(failures.append)
+    result.cancel()
+    assert cancelled == [True] and failures and failures[0].check(CancelledError)
+    assert not store.requests
+
+
+def test_cancelling_once_held_withdraws_the_request():
+    from gatekeep.approvals import Status
+
+    gw, store = _shown_later_gateway()
+    op = operation()
+    later = Deferred()
+    result = gw.chain.decide(op, notify=lambda h: None, recordable=lambda o, d: later)
+    later.callback((op, Decision(Action.REVIEW, "needs-ops", "")))
+    (request,) = store.requests.values()
+    result.addErrback(lambda f: None)
+    result.cancel()
+    assert store.requests[request.id].status is Status.WITHDRAWN
+
+
+def test_unshowable_denies_under_the_rule_and_other_failures_fail_closed():
+    from gatekeep.chain import Unshowable
+
+    gw, store = _shown_later_gateway()
+    later = Deferred()
+    result = gw.chain.decide(operation(), notify=lambda h: None, recordable=lambda o, d: later)
+    later.errback(Unshowable("the body is too large to show"))
+    d = result_of(result)
+    assert d.action is Action.DENY and d.rule == "needs-ops" and d.reason == "the body is too large to show"
+    later = Deferred()
+    result = gw.chain.decide(operation(), notify=lambda h: None, recordable=lambda o, d: later)
+    later.errback(RuntimeError("boom"))
+    d = result_of(result)
+    assert d.action is Action.DENY and d.rule == POLICY_ERROR and "RuntimeError" in d.reason
+    assert not store.requests
+    direct = gw.chain.decide(operation(), notify=lambda h: None,
+                             recordable=lambda o, d: (_ for _ in ()).throw(Unshowable("not shown")))
+    assert result_of(direct).reason == "not shown"

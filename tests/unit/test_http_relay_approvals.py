@@ -199,3 +199,117 @@ def test_kubernetes_denial_is_a_status_kubectl_prints():
     assert status["message"] == (f'pods "web-0" is forbidden: gatekeep denied delete (rule deletes) in the namespace '
                                  f'"default": approval request {request.id} was denied by bob: use the runbook')
     assert not upstream.built
+
+
+# -- a held request's body: read first, shown to approvers, released exactly ------------------------------
+
+
+def held_post(path, body_head, ctype=b"application/json", extra=b"", length=None):
+    """A POST's head with ``Content-Length: length`` (the body's, by default) and the start of its body."""
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: gw.example\r\nAuthorization: Bearer " + TOKEN.encode()
+            + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: %d\r\n" % (length if length is not None
+                                                                           else len(body_head))
+            + extra + b"\r\n" + body_head)
+
+
+def test_a_held_body_is_read_before_the_request_is_made_and_released_exactly():
+    """
+    Nothing is held until the body has ended (sent in pieces here); approvers then see it, with its size and
+    sha256 in the request's digest; the approval sends head and body upstream together, the Expect gatekeep
+    answered with ``100 Continue`` taken off.
+    """
+    import hashlib
+
+    from gatekeep.approvals import digest_of
+
+    body = b'{"amount": 120, "to": "acct-9"}'
+    conn, up, rec, service = held_setup([OK])
+    answer = conn.send(held_post(b"/held/pay", b"", extra=CURL + b"Expect: 100-continue\r\n", length=len(body)))
+    assert answer == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert not service.pending()
+    conn.send(body[:10])
+    assert not service.pending() and not up.built
+    answer = conn.send(body[10:])
+    (request,) = service.pending()
+    assert answer.startswith(b"HTTP/1.1 102 Processing\r\n")
+    shown = request.facts["request"]["body"]
+    assert shown == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+                     "content_type": "application/json", "text": body.decode()}
+    assert request.digest == digest_of("alice", "api", "held-paths", "http", "POST /held/pay", (),
+                                       hashlib.sha256(body).hexdigest())
+    assert not up.built
+    service.approve(request.id, BOB, "fine")
+    conn.flush()
+    sent = up.built[0].received
+    assert sent.endswith(b"\r\n\r\n" + body) and b"expect" not in sent.lower()
+    assert conn.client.received.endswith(OK)
+    ((op, decision),) = rec.operations
+    assert decision.action is Action.ALLOW and "body" not in op.extra  # the record keeps the body as before
+    assert json.loads(rec.outcomes[0].extra["request_body"]) == json.loads(body)
+
+
+def test_a_held_chunked_body_goes_upstream_re_chunked_once_approved():
+    conn, up, rec, service = held_setup([OK])
+    head = (b"POST /held/c HTTP/1.1\r\nHost: gw.example\r\nAuthorization: Bearer " + TOKEN.encode()
+            + b"\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n" + CURL + b"\r\n")
+    conn.send(head + b"5;ext=1\r\nhello\r\n")
+    assert not service.pending()
+    conn.send(b"6\r\n world\r\n0\r\n\r\n")
+    (request,) = service.pending()
+    assert request.facts["request"]["body"]["text"] == "hello world"
+    service.approve(request.id, BOB, "fine")
+    conn.flush()
+    assert up.built[0].received.endswith(b"\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    assert conn.client.received.endswith(OK)
+
+
+def test_a_held_body_is_shown_masked_as_its_record_is():
+    from gatekeep.masking.rules import MaskingPolicy, MaskingRule
+
+    masking = MaskingPolicy((MaskingRule("cards", None, None, None, keys=("card_number",),
+                                         detectors=("email",)),))
+    conn, up, rec, service = held_setup([OK], masking=masking)
+    body = b'{"card_number": "4111111111111111", "note": "for ann@example.com", "amount": 3}'
+    conn.send(held_post(b"/held/pay", body, extra=CURL))
+    (request,) = service.pending()
+    kept = repr(request.facts)
+    assert "4111111111111111" not in kept and "ann@example.com" not in kept
+    assert json.loads(request.facts["request"]["body"]["text"])["amount"] == 3
+    service.approve(request.id, BOB, "fine")
+    conn.flush()
+    assert up.built[0].received.endswith(body)  # the upstream gets the body as sent
+
+
+def test_a_body_over_the_limit_is_denied_without_a_request(monkeypatch):
+    from gatekeep.protocols.http import relay
+
+    monkeypatch.setattr(relay, "HELD_BODY_LIMIT", 64)
+    conn, up, rec, service = held_setup([OK])
+    answer = conn.send(held_post(b"/held/big", b"x" * 100, ctype=b"application/octet-stream", extra=CURL))
+    assert answer.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert b"larger than gatekeep reads for approvers (64 bytes)" in answer
+    assert not service.pending() and not up.built
+    ((op, decision),) = rec.operations
+    assert decision.action is Action.DENY and decision.rule == "held-paths"
+    assert conn.send(get(b"/free")).endswith(OK)  # the connection goes on (the rest of the body was dropped)
+
+
+def test_a_client_gone_while_its_body_is_read_leaves_no_request():
+    conn, up, rec, service = held_setup([OK])
+    conn.send(held_post(b"/held/half", b"0123", length=100, extra=CURL))
+    conn.client.transport.loseConnection()
+    conn.flush()
+    assert not service.pending() and not service.store.requests  # no request was ever made
+    ((op, decision),) = rec.operations
+    assert decision.action is Action.DENY and decision.reason == "the client left before the decision"
+    assert not up.built
+
+
+def test_a_held_request_without_a_body_is_held_at_once():
+    conn, up, rec, service = held_setup([OK])
+    conn.send(held_post(b"/held/empty", b"", extra=CURL))
+    (request,) = service.pending()
+    assert "body" not in request.facts["request"]
+    service.approve(request.id, BOB, "fine")
+    conn.flush()
+    assert conn.client.received.endswith(OK)

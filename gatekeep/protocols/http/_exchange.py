@@ -59,7 +59,7 @@ class Exchange:
         "discarded", "close_after", "bytes_in", "bytes_out", "status", "response", "plan", "req_excerpt",
         "resp_excerpt", "body_in", "body_out", "buffer", "buffered", "lines", "rechunk", "counts", "error",
         "upgrade", "first_byte", "head_bytes", "attempts", "finished", "chunked_out", "waiting", "hold",
-        "chunked_in",
+        "chunked_in", "gathering", "gathered", "gathered_bytes", "body_hash", "shown_excerpt",
     )
 
     def __init__(self, head: Head, now: float) -> None:
@@ -107,6 +107,15 @@ class Exchange:
         self.waiting: Any = None
         #: the approval request the request is held under (gatekeep.chain.Hold), if it is
         self.hold: Any = None
+        #: a request a rule holds for approval has its body read before the request is made, so that approvers
+        #: see it and the approval releases exactly it: ``gathering`` fires when the body has ended;
+        #: ``gathered`` is the body as it goes upstream (raw, or re-chunked) once released
+        self.gathering: Any = None
+        self.gathered: list[bytes] | None = None
+        self.gathered_bytes = 0
+        self.body_hash: Any = None
+        #: the body's excerpt approvers see (at least ``SHOWN_BODY`` bytes of a text body)
+        self.shown_excerpt: Excerpt | None = None
 
 
 def operation_extra(ex: Exchange, scheme: str, secret: frozenset[str], more: dict[str, Any]) -> dict[str, Any]:

@@ -143,6 +143,10 @@ class UpstreamSide(protocol.Protocol):
         self.reused = self.requests > 1
         self.reader.expect(ex.head.method)
         self.wire.write(ex.head_bytes)
+        if ex.gathered:  # the body of a request released by an approval, read while it was held
+            for piece in ex.gathered:
+                self.wire.write(piece)
+            ex.gathered = []
         if ex.chunked_in and ex.request_done:
             # sent again on a new connection (an idempotent request, retried only with an empty body): the
             # body's last chunk went to the closed one

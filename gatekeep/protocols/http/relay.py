@@ -23,6 +23,10 @@ Approvals: a request held for approval gets an interim ``102 Processing`` at
 once (``Gatekeep-Approval: ID`` and ``Gatekeep-Approval-Message``; see
 :func:`interim_understood` for which clients), then its final answer: the
 upstream's response once approved, gatekeep's 403 once denied or expired.
+A request with a body is held only once its body is read (up to
+``HELD_BODY_LIMIT``, kept in memory; a ``100 Continue`` asks for it): the
+approvers see it (masked as in records, with its size and sha256), and an
+approval releases exactly those bytes. A bigger body is denied instead.
 While it is held gatekeep keeps reading the client connection (up to
 ``BACKLOG``) so that a client that goes away is noticed: that withdraws the
 request. Pipelined requests wait behind the held one in the reader.
@@ -30,14 +34,17 @@ request. Pipelined requests wait behind the held one in the reader.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
+import attrs
 from twisted.internet import protocol
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gatekeep import sendnow
+from gatekeep.chain import Unshowable
 from gatekeep.masking import strategies
 from gatekeep.model import Action, ClientAddress, Decision, Operation, Session, SessionEnd
 from gatekeep.protocols.http import _codec as codec
@@ -56,6 +63,13 @@ _log = Logger()
 BACKLOG = 1024 * 1024
 #: a denied request's body is read and dropped up to this size; beyond it the connection closes
 DISCARD_LIMIT = 8 * 1024 * 1024
+#: the largest body of a request held for approval: it is read whole (and kept in memory) before the request is
+#: made, so that approvers see it and the approval releases exactly it; a bigger one is denied
+HELD_BODY_LIMIT = BACKLOG
+#: how much of a held request's text body approvers see at least (more when ``record.body_limit`` is larger)
+SHOWN_BODY = 64 * 1024
+#: ``ClientSide._hold`` while a held request's body is read (the reader goes on, to the body's end only)
+_GATHER = "body"
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 #: the rule recorded for a request the client withdrew (by going away) while it was held for approval
 WITHDRAWN = "canceled"
@@ -214,7 +228,7 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
 
     def _pump(self) -> None:
         reader = self.reader
-        while self.mode is _HTTP and self._hold is None:
+        while self.mode is _HTTP and (self._hold is None or self._hold is _GATHER):
             try:
                 event = reader.next_event()
             except ProtocolError as e:
@@ -287,10 +301,15 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
         ex.op = Operation(self.session, self.seq, "http", request.text, ex.started, request,
                           extra=operation_extra(ex, self.factory.scheme, self.factory.secret_headers,
                                                 self.dialect.request_extra(request)))
-        decision = self.chain.decide(ex.op, notify=self.on_hold, recordable=self._recordable)
+        decision = self.chain.decide(ex.op, notify=self.on_hold, recordable=self._shown)
         # Deferred is an ABC (typing's Awaitable): isinstance on it costs, so a Decision is told apart first
         if decision.__class__ is not Decision and isinstance(decision, Deferred):
-            if ex.hold is not None:
+            if ex.gathering is not None:
+                # held for approval once its body is read: read on, to the body's end (see _shown), which may
+                # already wait in the reader
+                self.wait(ex, decision, _GATHER, self.decided, self._withdrawn, read=True)
+                self.pump()
+            elif ex.hold is not None:
                 # held for approval, maybe for minutes: keep reading, so a client that goes away is noticed
                 self.wait(ex, decision, "approval", self.decided, self._withdrawn, read=True)
             else:
@@ -376,6 +395,55 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
         op, decision = recordable_query(self.masker, op, decision, counts if counts is not None else {})
         return strategies.recordable(self.masker.detector_rules, op, decision)
 
+    def _shown(self, op: Any, decision: Any) -> Any:
+        """
+        What approvers see of a request a rule holds (the chain's ``recordable``): as recorded, with its body.
+        A body not read yet is read first (a Deferred of the pair, fired at the body's end; see _gather).
+        """
+        ex = self.exchange
+        if ex is None or ex.op is not op:
+            return self._recordable(op, decision)
+        reader = self.reader
+        if ex.request_done or reader.body_framing == "length" and not reader.body_length:
+            return self._recordable(op, decision)  # no body
+        ex.gathered, ex.body_hash = [], hashlib.sha256()
+        limit = self.options.record.body_limit
+        ex.shown_excerpt = excerpt_for(ex.head, max(limit, SHOWN_BODY)) if limit else None
+        if ex.shown_excerpt is not None:
+            reader.decode = True
+        if ex.head.version == b"1.1" and ex.head.index.get(b"expect", b"").lower() == b"100-continue":
+            data = b"HTTP/1.1 100 Continue\r\n\r\n"  # the client waits for it before sending the body
+            ex.bytes_out += len(data)
+            self.send(data)
+
+        def stop(_: Deferred) -> None:
+            ex.gathering = ex.gathered = None
+
+        ex.gathering = Deferred(stop)
+        return ex.gathering.addCallback(lambda _: self._shown_with_body(op, decision, ex))
+
+    def _shown_with_body(self, op: Any, decision: Any, ex: Exchange) -> tuple[Any, Any]:
+        body: dict[str, Any] = {"bytes": ex.gathered_bytes, "sha256": ex.body_hash.hexdigest()}
+        ctype = ex.head.index.get(b"content-type")
+        if ctype is not None:
+            body["content_type"] = ctype.decode("latin-1")
+        if ex.shown_excerpt is not None:
+            body["text"] = self.dialect.recorded_request_body(ex.request, ex.shown_excerpt, ex.gathered_bytes,
+                                                              self.masker, {})
+        return self._recordable(attrs.evolve(op, extra={**(op.extra or {}), "body": body}), decision)
+
+    def _gather(self, ex: Exchange, content: bytes, piece: bytes) -> None:
+        """A piece of the body of a request to be held, read before the request is made."""
+        ex.gathered.append(piece)
+        ex.gathered_bytes += len(content)
+        ex.body_hash.update(content)
+        if ex.shown_excerpt is not None:
+            ex.shown_excerpt.add(content)
+        if ex.gathered_bytes > HELD_BODY_LIMIT:
+            d, ex.gathering, ex.gathered = ex.gathering, None, None
+            d.errback(Unshowable(f"the request's body is larger than gatekeep reads for approvers "
+                                 f"({HELD_BODY_LIMIT} bytes): a request held for approval must carry less"))
+
     def _record_start(self, ex: Exchange, decision: Any) -> Any:
         """Record the operation; returns (decision, Deferred or None for a strict recording)."""
         op, recorded = self._recordable(ex.op, decision, ex.counts)
@@ -405,6 +473,8 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
                               error=f"denied by rule {decision.rule or 'default'}")
             return
         drop, add = self.dialect.rewrite(ex.request, self.masker)
+        if ex.gathered is not None and b"expect" in ex.head.index:
+            drop = drop | {b"expect"}  # gatekeep met the expectation itself, and sends the body read with the head
         # origin form always (an absolute-form target's path, the upstream's base path before it)
         ex.head_bytes = self.factory.rewriter.head(ex.head, target=ex.request.target.encode("latin-1"), drop=drop,
                                                    add=add)
@@ -431,21 +501,33 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
                 self.end_reason = "a denied request's body was too large to drop"
                 self.close()
             return
-        if event.payload is not None:
-            ex.body_in += len(event.payload)
+        payload = event.payload
+        if payload is not None:
+            ex.body_in += len(payload)
             if ex.req_excerpt is not None:
-                ex.req_excerpt.add(event.payload)
+                ex.req_excerpt.add(payload)
         else:
             ex.body_in += n
         if ex.chunked_in:
-            if event.payload:
-                self.upstream.wire.write(codec.encode_chunk(event.payload))
+            if not payload:
+                return
+            piece = codec.encode_chunk(payload)
+        else:
+            piece = event.raw
+        if ex.gathering is not None:  # read before the request is held (see _shown)
+            self._gather(ex, event.raw if payload is None else payload, piece)
             return
-        self.upstream.wire.write(event.raw)
+        self.upstream.wire.write(piece)
 
     def request_end(self) -> None:
         ex = self.exchange
         ex.request_done = True
+        if ex.gathering is not None:
+            # the body of a request to be held is read: hold it (nothing more is read meanwhile)
+            d, ex.gathering = ex.gathering, None
+            self._hold = "approval"
+            d.callback(None)
+            return
         if ex.chunked_in and not ex.discard and self.upstream is not None:
             self.upstream.wire.write(codec.LAST_CHUNK)  # the client's trailers, if any, are not passed on
         if ex.response_done:
