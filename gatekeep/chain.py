@@ -206,8 +206,8 @@ class Chain:
     # -- policy ---------------------------------------------------------------
 
     def decide(self, operation: Operation, notify: Callable[[Hold], None] | None = None,
-               recordable: Callable[[Operation, Decision], tuple[Operation, Decision]] | None = None
-               ) -> Decision | Deferred:
+               recordable: Callable[[Operation, Decision], tuple[Operation, Decision]] | None = None,
+               hold: bool = True) -> Decision | Deferred:
         """
         A Decision, or a Deferred that fires with one (never errbacks, except
         with CancelledError when the relay cancels it: the client withdrew).
@@ -223,6 +223,10 @@ class Chain:
         HTTP request's body): the request is made when it fires, and cancelling
         the result meanwhile cancels that Deferred. Raising or failing with
         :class:`Unshowable` denies the operation with its message.
+
+        ``hold=False``: a ``review`` decision is returned as it is, nothing held
+        (a relay that holds the operation later, at a point where approvers see
+        more of it: a PostgreSQL Parse sent alone is held at its Execute).
         """
         started = perf_counter()
         try:
@@ -235,9 +239,9 @@ class Chain:
         if not isinstance(result, Decision):
             if isinstance(result, Deferred):
                 return result.addCallbacks(self._check, self._policy_failed, errbackArgs=(operation,)).addCallback(
-                    self._measured, operation, started).addCallback(self._review, operation, notify, recordable)
+                    self._measured, operation, started).addCallback(self._review, operation, notify, recordable, hold)
             result = self._check(result)
-        return self._review(self._measured(result, operation, started), operation, notify, recordable)
+        return self._review(self._measured(result, operation, started), operation, notify, recordable, hold)
 
     def _measured(self, decision: Decision, operation: Operation, started: float) -> Decision:
         protocol = operation.session.protocol
@@ -245,9 +249,9 @@ class Chain:
         self.metrics.decisions.inc(protocol, decision.action._value_)
         return decision
 
-    def _review(self, decision: Decision, operation: Operation, notify: Any, recordable: Any = None
-                ) -> Decision | Deferred:
-        if decision.action is not Action.REVIEW:
+    def _review(self, decision: Decision, operation: Operation, notify: Any, recordable: Any = None,
+                hold: bool = True) -> Decision | Deferred:
+        if decision.action is not Action.REVIEW or not hold:
             return decision
         try:
             shown = (recordable or self.for_approvers)(operation, decision)

@@ -511,9 +511,10 @@ def test_an_approved_prepared_statement_runs_once_then_is_held_again_with_its_va
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
     (first,) = poll("the first request to be pending", pending, timeout=10)
-    # psycopg prepares with a Parse of its own (no Bind comes with it): no values to show yet
-    assert first["kind"] == "parse" and first["text"] == "DELETE FROM ap_prep WHERE id = $1"
-    assert first["parameters"] == []
+    # psycopg prepares with a Parse of its own (no Bind comes with it): that goes to the server, and the execution
+    # is held, showing the value it binds
+    assert first["kind"] == "execute" and first["text"] == "DELETE FROM ap_prep WHERE id = $1"
+    assert first["parameters"] == ["1"]
     assert gw.cli("alice", "approve", first["id"]).returncode == 0
     (second,) = poll("the second execution to be held", pending, timeout=10)
     assert second["id"] != first["id"] and second["kind"] == "execute" and second["parameters"] == ["3"]

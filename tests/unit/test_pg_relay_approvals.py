@@ -223,9 +223,10 @@ def _bind_execute(value: bytes) -> bytes:
 
 @pytest.mark.parametrize("rule", ["deletes", "deletes-window"])
 def test_an_approved_parse_releases_one_execution_not_every_later_bind(extended, rule, monkeypatch):
-    """A prepared statement approved at its Parse runs once with the parameters bound first; binding it again
-    (other parameters) is held again as a new request showing them, as the same statement sent again would be.
-    Under a window grant it runs at once while the window is open, and is held again once it has closed."""
+    """A prepared statement approved at its Parse (its Bind came with it) runs once with the values bound then;
+    binding it again (other values) is held again as a new request showing them, as the same statement sent
+    again would be. Under a window grant it runs at once while the window is open, and is held again once it
+    has closed."""
     relay = extended
     monkeypatch.setitem(REVIEWS, "deletes-window", Review(approvers=("dba",), timeout=30.0, window=60.0))
     relay.gateway.chain.policy = FunctionPolicy(
@@ -233,11 +234,10 @@ def test_an_approved_parse_releases_one_execution_not_every_later_bind(extended,
         else Decision(Action.ALLOW, "allow-all"))
     client = relay.connect()
     client.login("alice", ALICE_TOKEN)
-    client.send(pg.parse("del", "delete from users where id = $1") + pg.sync())
+    client.send(pg.parse("del", "delete from users where id = $1") + _bind_execute(b"1"))
     (request,) = relay.approvals.pending()
-    assert (request.kind, request.parameters) == ("parse", ())
+    assert (request.kind, request.parameters) == ("parse", ("1",))
     relay.approvals.approve(request.id, BOB, "id 1 only")
-    client.send(_bind_execute(b"1"))
     relay.network.flush()
     assert [s for s in relay.server.extended if s[0] != "parse"] == [("bind", (b"1",)), ("execute", "")]
     if rule == "deletes-window":
@@ -255,6 +255,48 @@ def test_an_approved_parse_releases_one_execution_not_every_later_bind(extended,
     relay.network.flush()
     # the denied Execute reached the server only as the stand-in that fails
     assert relay.server.extended[len(before):] == [("bind", (b"3",)), ("parse", POISON), ("bind", ()), ("execute", "")]
+
+
+def test_a_parse_sent_alone_goes_to_the_server_and_each_execute_is_held_with_its_values(extended):
+    """
+    An explicit prepare (a Parse without its Bind: psycopg's prepare=True, JDBC's server-side statements) has no
+    values to show an approver: it goes to the server (preparing runs nothing) and each execution is held with
+    the values it binds; an approval releases that execution only.
+    """
+    relay = extended
+    client = relay.connect()
+    client.login("alice", ALICE_TOKEN)
+    client.send(pg.parse("del", "delete from users where id = $1") + pg.sync())
+    relay.network.flush()
+    assert not relay.approvals.pending()
+    assert relay.server.extended == [("parse", "delete from users where id = $1")]
+    client.send(_bind_execute(b"5"))
+    (request,) = relay.approvals.pending()
+    assert (request.kind, request.text, request.parameters) == ("execute", "delete from users where id = $1", ("5",))
+    assert relay.server.extended[1:] in ([], [("bind", (b"5",))])  # never the Execute
+    relay.approvals.approve(request.id, BOB, "row 5")
+    relay.network.flush()
+    assert relay.server.extended[-2:] == [("bind", (b"5",)), ("execute", "")]
+    client.send(_bind_execute(b"6"))
+    (again,) = relay.approvals.pending()
+    assert again.id != request.id and again.parameters == ("6",)
+    relay.approvals.deny(again.id, BOB, "not 6")
+    relay.network.flush()
+    assert ("execute", "") not in relay.server.extended[-3:-1]
+    kinds = [(op.kind, op.parameters, d.action) for op, d in relay.recorder.operations]
+    assert kinds == [("execute", ("5",), Action.ALLOW), ("execute", ("6",), Action.DENY)]
+
+
+def test_a_parse_alone_that_changes_what_gatekeep_follows_is_held_at_its_parse(extended):
+    """A statement whose preparing changes what gatekeep follows of the session (set_config here) is held at its
+    Parse, before anything of it reaches the server, as before."""
+    relay = extended
+    relay.gateway.chain.policy = FunctionPolicy(lambda op: Decision(Action.REVIEW, "deletes", "", {}))
+    client = relay.connect()
+    client.login("alice", ALICE_TOKEN)
+    client.send(pg.parse("s", "select set_config('search_path', $1, false)") + pg.sync())
+    (request,) = relay.approvals.pending()
+    assert request.kind == "parse" and relay.server.extended == []
 
 
 def test_a_held_parse_shows_the_values_of_the_bind_that_came_with_it(extended):

@@ -56,7 +56,7 @@ _log = Logger()
 
 # enum members as plain names: ``Phase.READY`` is a lookup through the enum's class on every use, and the
 # relay asks these on every message
-_READY, _CLOSED, _ALLOW = Phase.READY, Phase.CLOSED, Action.ALLOW
+_READY, _CLOSED, _ALLOW, _REVIEW = Phase.READY, Phase.CLOSED, Action.ALLOW, Action.REVIEW
 
 #: a statement that fails at parse time without touching anything: sent instead
 #: of a denied one, so the server's transaction state matches what the client is told
@@ -108,6 +108,17 @@ def _param_text(value: bytes | None, binary: bool, type_oid: int = 0) -> str | N
     if len(value) > (PARAM_LIMIT // 2 if binary else PARAM_LIMIT):
         text += f"... ({len(value)} bytes)"
     return text
+
+
+def _held_at_execute(analysis: Any) -> bool:
+    """
+    Whether a Parse sent without its Bind that a rule would hold may go to the server unheld, to be held at each
+    Execute with the values bound. Preparing runs nothing; but a statement that changes what gatekeep follows of
+    the session when it is prepared (the search_path it names, PREPARE, DEALLOCATE, set_config) is held at its
+    Parse, as are statements gatekeep cannot judge.
+    """
+    return (analysis.unjudgeable is None and analysis.refused is None and analysis.search_path is None
+            and not analysis.prepares and not analysis.deallocates and "set_config" not in analysis.conditions)
 
 
 def _sql_text(body: bytes, codec: str = "utf-8") -> tuple[str, bool]:
@@ -422,16 +433,18 @@ class Frontend(ClientStartup, protocol.Protocol):
             hint="ask an administrator to change the policy or grant access",
         )
 
-    def _judge(self, operation: Operation, forward, refine=None, record=None, shown=None) -> Deferred | None:
+    def _judge(self, operation: Operation, forward, refine=None, record=None, shown=None,
+               hold: bool = True) -> Deferred | None:
         """
         Decide on an operation, record it, then forward it (or its denial).
         ``refine`` may change the decision first; ``record(decision)`` says whether
         to record now (an allowed Parse is recorded with its Executes instead);
         ``shown`` makes the request approvers see of an operation held for approval
-        (Chain.decide's ``recordable``).
+        (Chain.decide's ``recordable``); ``hold=False`` returns a ``review``
+        decision to ``forward`` instead of holding the operation (Chain.decide).
         Returns a Deferred while a decision or a strict recording is pending.
         """
-        decision = self.gateway.chain.decide(operation, notify=self.on_hold, recordable=shown)
+        decision = self.gateway.chain.decide(operation, notify=self.on_hold, recordable=shown, hold=hold)
         if not isinstance(decision, Decision):  # a Deferred (checked this way round: see Chain.decide)
             return decision.addBoth(self._released).addCallback(self._carry_out, operation, forward, refine, record)
         return self._carry_out(decision, operation, forward, refine, record)
@@ -555,10 +568,13 @@ class Frontend(ClientStartup, protocol.Protocol):
         """
         A Parse is judged on its text. ``following``: the client's next message, when it came with this one; if
         it is this statement's Bind, an approval request for the Parse shows the values it binds (the approval
-        releases that one execution: see on_bind).
+        releases that one execution: see on_bind). A Parse that comes without a Bind (an explicit prepare) and
+        that a rule would hold goes to the server unheld, as a statement judged at each Execute: held there,
+        the request shows the values bound, and the approval releases that execution (see _held_at_execute).
         """
         parse = pg.parse_parse(m.body, self.settings.codec)
         op = self._operation("parse", parse.query, detail=self.sql_state)
+        hold = following is not None and following.type == b"B" or not _held_at_execute(analyze(parse.query))
 
         shown = None
         if following is not None and following.type == b"B":
@@ -574,19 +590,20 @@ class Frontend(ClientStartup, protocol.Protocol):
                 return self.gateway.chain.for_approvers(op, decision)
 
         def record(decision: Decision) -> bool:
-            if decision.action is _ALLOW:
+            if decision.action is _ALLOW or decision.action is _REVIEW:
                 self.seq -= 1  # an allowed Parse is recorded with its executions, not on its own
                 return False
             return True
 
         def carry_out(decision: Decision) -> None:
-            if decision.action is _ALLOW:
+            if decision.action is _ALLOW or decision.action is _REVIEW:  # review: not held here (hold=False)
                 analysis = analyze(parse.query)
                 self.sql_state.apply(analysis)
                 results = self.results
                 self.statements.parsed(self.tracker.syncs_sent + 1, parse.statement, Statement(
-                    parse.query, decision, analysis.runs_code, self._judging(),
-                    None if results is None else results.parse_for(analysis, self.sql_state), parse.param_types))
+                    parse.query, decision if decision.action is _ALLOW else None, analysis.runs_code,
+                    self._judging(), None if results is None else results.parse_for(analysis, self.sql_state),
+                    parse.param_types))
                 out.append(m.encode())
                 return
             # the stand-in fails at the server, which keeps the statement it had under this name
@@ -599,7 +616,7 @@ class Frontend(ClientStartup, protocol.Protocol):
             return self._unsettled(op, lambda: self.on_parse(m, out, following), carry_out, record)
         if parse.unreadable:
             return self._unreadable(op, carry_out, record)
-        return self._judge(op, carry_out, self._refine_for(parse.query), record, shown)
+        return self._judge(op, carry_out, self._refine_for(parse.query), record, shown, hold)
 
     def _refine_for(self, text: str) -> Any:
         """``refine`` for a statement's decision: what masking makes of an allowed one (ResultMasking.decision)."""
