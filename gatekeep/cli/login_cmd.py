@@ -18,6 +18,7 @@ import sys
 import yaml
 
 from gatekeep.identity.device import DEFAULT_SCOPE, LoginError, TokenFile, device_login
+from gatekeep.safetext import printable
 
 
 def register(sub) -> None:
@@ -54,7 +55,9 @@ def settings(args) -> tuple[str, str]:
 
 
 def _tell(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    """A line for the person signing in; the identity provider chose parts of it (the address, the code, its
+    errors), so it is printed spelled out as recorded text is."""
+    print(printable(line), file=sys.stderr, flush=True)
 
 
 def login(args) -> int:
@@ -64,7 +67,7 @@ def login(args) -> int:
         tokens = TokenFile()
         tokens.save(record)
     except LoginError as e:
-        print(f"gatekeep login: {e}", file=sys.stderr)
+        print(printable(f"gatekeep login: {e}"), file=sys.stderr)
         return 1
     _tell(f"signed in; the token is kept in {tokens.path}")
     if args.print:

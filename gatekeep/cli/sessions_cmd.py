@@ -60,6 +60,10 @@ def register(sub) -> None:
     ex.add_argument("--format", choices=("asciicast", "json"), default="asciicast")
     ex.add_argument("--stream", help="which recorded stream, for asciicast (default: the first)")
     ex.add_argument("--output", "-o", help="file to write (default: standard output)")
+    ex.add_argument("--raw", action="store_true",
+                    help="asciicast: the terminal stream exactly as recorded, with the sequences that make a "
+                         "terminal answer or act outside the screen when it is played (unsafe for sessions you do "
+                         "not trust)")
     ex.set_defaults(func=export)
 
 
@@ -229,6 +233,25 @@ def replay(args) -> int:
     return 0
 
 
+def _filtered(events: list) -> list:
+    """
+    A terminal stream's events with its output through :class:`ReplayFilter`, as ``replay`` writes it: a cast
+    is played in a terminal later (``asciinema play``), where those sequences would answer or act.
+    """
+    screen = ReplayFilter()
+    out = []
+    for at, kind, data in events:
+        if kind == "o":
+            data = screen.feed(data)
+            if not data:
+                continue
+        out.append((at, kind, data))
+    rest = screen.flush()
+    if rest:
+        out.append((events[-1][0], "o", rest))
+    return out
+
+
 def export(args) -> int:
     store = open_store(args)
     session = _session_or_fail(store, args.id)
@@ -244,7 +267,8 @@ def export(args) -> int:
             if not streams:
                 sys.stderr.write("gatekeep: this session has no terminal stream to export as asciicast\n")
             return 1
-        text = "\n".join(asciicast(session, picked[1])) + "\n"
+        events = picked[1] if args.raw else _filtered(picked[1])
+        text = "\n".join(asciicast(session, events)) + "\n"
     if args.output:
         try:
             with open(args.output, "w", encoding="utf-8") as f:

@@ -192,3 +192,33 @@ def test_audit_export_escapes_8bit_and_bidi_controls_in_its_json(url, capsys):
     assert STATEMENT in texts and REVERSED in texts
     reasons = [json.loads(line)["data"].get("decision", {}).get("reason") for line in out.splitlines()]
     assert "\\u009b2J" in out and REASON in reasons
+
+
+def test_an_exported_cast_drops_what_would_make_the_terminal_playing_it_answer(url, tmp_path):
+    """``sessions export`` (asciicast) filters the output as replay does: played later with ``asciinema play``,
+    the cast draws the same screen and answers nothing; ``--raw`` exports the stream as recorded."""
+    cast = tmp_path / "s.cast"
+    assert main(["sessions", "export", "t-terminal", "--store", url, "-o", str(cast)]) == 0
+    header, *events = [json.loads(line) for line in cast.read_text().splitlines()]
+    assert header["version"] == 2
+    assert "".join(e[2] for e in events if e[1] == "o") == FILTERED
+    times = [e[0] for e in events]
+    assert times == sorted(times)
+    assert main(["sessions", "export", "t-terminal", "--store", url, "-o", str(cast), "--raw"]) == 0
+    _, *events = [json.loads(line) for line in cast.read_text().splitlines()]
+    assert "".join(e[2] for e in events if e[1] == "o") == "".join(TERMINAL)
+
+
+def test_login_prints_what_the_identity_provider_wrote_spelled_out(monkeypatch, capsys):
+    """The device login's lines carry the identity provider's address, code and errors: spelled out."""
+    from gatekeep.cli import login_cmd
+    from gatekeep.identity.device import LoginError
+
+    def fake_login(issuer, client_id, scope=None, resource=None, tell=None):
+        tell(f"open https://idp.example/device and enter {E}]52;c;cm0gLXJmIH4K\x07CODE")
+        raise LoginError(f"the identity provider said: {E}[2Jaccess_denied")
+
+    monkeypatch.setattr(login_cmd, "device_login", fake_login)
+    assert main(["login", "--issuer", "https://idp.example", "--client-id", "cli"]) == 1
+    err = capsys.readouterr().err
+    assert _safe(err) and "\\x1b]52;c;cm0gLXJmIH4K\\x07CODE" in err and "\\x1b[2Jaccess_denied" in err
