@@ -255,7 +255,7 @@ class ApprovalService:
         need not be in the rule's approver groups.
         """
         held = self._held(request_id)
-        r = held.request
+        r = self._as_now(held)
         if same_person(approver.name, r.identity):
             raise NotAllowed(f"{approver.name} cannot approve request {r.id}: nobody approves their own request")
         self._authorize(r, approver, admin)
@@ -278,7 +278,7 @@ class ApprovalService:
     def deny(self, request_id: str, approver: Identity, reason: str, *, admin: bool = False) -> ApprovalRequest:
         """Deny a request: one denial is enough. The reason goes to the client, so it is required."""
         held = self._held(request_id)
-        r = held.request
+        r = self._as_now(held)
         self._authorize(r, approver, admin)
         reason = (reason or "").strip()
         if not reason:
@@ -307,6 +307,25 @@ class ApprovalService:
         if done is not None:
             raise AlreadyDecided(f"request {request_id} is already {done.status.value}: {done.resolution}")
         raise UnknownRequest(f"no pending approval request {request_id} on gateway {self.node}")
+
+    def _as_now(self, held: _Held) -> ApprovalRequest:
+        """
+        A pending request under its rule as configured now (a configuration reload since it was held): who may
+        decide is the rule's approvers now (taking someone out of them takes effect at once); it never needs
+        fewer approvals, nor drops a reason required when it was held. A request whose rule is gone, or no longer
+        holds for approval, keeps what it was held with. The held request is updated (the store gets it with the
+        next change).
+        """
+        r = held.request
+        review = self._reviews(r.rule)
+        if review is None:
+            return r
+        groups = tuple(review.approvers)
+        needed = max(r.approvals_needed, review.approvals)
+        reason = r.reason_required or review.reason_required
+        if (groups, needed, reason) != (r.approver_groups, r.approvals_needed, r.reason_required):
+            r = held.request = attrs.evolve(r, approver_groups=groups, approvals_needed=needed, reason_required=reason)
+        return r
 
     @staticmethod
     def _authorize(r: ApprovalRequest, approver: Identity, admin: bool) -> None:
@@ -436,12 +455,12 @@ class ApprovalService:
     # -- reading -------------------------------------------------------------------------
 
     def pending(self) -> list[ApprovalRequest]:
-        return sorted((h.request for h in self._pending.values()), key=lambda r: r.created_at)
+        return sorted((self._as_now(h) for h in self._pending.values()), key=lambda r: r.created_at)
 
     def lookup(self, request_id: str) -> ApprovalRequest | None:
-        """A request this gateway holds or resolved lately, or None."""
+        """A request this gateway holds (as its rule is configured now) or resolved lately, or None."""
         held = self._pending.get(request_id)
-        return held.request if held is not None else self._recent.get(request_id)
+        return self._as_now(held) if held is not None else self._recent.get(request_id)
 
     def get(self, request_id: str) -> Deferred:
         """The request (from memory, else the store), or None."""

@@ -421,16 +421,46 @@ def test_an_open_window_follows_the_rule_as_reloaded(world, now_configured, open
     assert isinstance(world.hold(operation(seq=3), review("window")), Deferred)
 
 
-def test_an_approval_after_a_reload_opens_a_window_only_as_the_rule_now_allows(world):
-    """A request held under a window rule that a reload since made need two approvers: its one approval releases
-    it (it was held needing one), but opens no window: neither what waits under the rule now nor what comes next
-    is released by it."""
+def test_a_request_held_before_a_reload_needs_what_the_rule_now_needs(world):
+    """A request held under a window rule that a reload since made need two approvers: one approval no longer
+    releases it (a reload never loosens a pending request); the second does, and opens the window the rule
+    grants to two approvers."""
     reviews = dict(REVIEWS)
     world.service = ApprovalService(world.clock, reviews.get, world.store, node="gk-1")
     first, fired, _ = world.held(decision=review("window"))
     reviews["window"] = Review(approvers=("dba",), timeout=60.0, window=1800.0, approvals=2)  # reloaded
-    second, second_fired, _ = world.held(operation(seq=2), review("window"))
     r = world.service.approve(first, ALICE)
-    assert fired[0].action is Action.ALLOW and r.grant_until is None and "window" not in r.resolution
-    assert second_fired == [] and world.service.lookup(second).status is Status.PENDING
-    assert isinstance(world.hold(operation(seq=3), review("window")), Deferred)
+    assert fired == [] and r.status is Status.PENDING and r.approvals_needed == 2
+    assert world.service.lookup(first).approvals_needed == 2
+    r = world.service.approve(first, CAROL)
+    assert fired[0].action is Action.ALLOW and r.grant_until == world.clock.seconds() + 1800.0
+
+
+def test_a_reload_changes_who_may_decide_on_a_pending_request(world):
+    """Who may decide is the rule's approvers as configured now: taking a group out of them takes effect on the
+    requests already pending; a reason the rule now requires is required."""
+    reviews = dict(REVIEWS)
+    world.service = ApprovalService(world.clock, reviews.get, world.store, node="gk-1")
+    rid, fired, _ = world.held(decision=review("once"))
+    reviews["once"] = Review(approvers=("security",), timeout=60.0, reason_required=True)  # reloaded
+    with pytest.raises(NotAllowed, match="takes approvers from security"):
+        world.service.approve(rid, ALICE)
+    with pytest.raises(NotAllowed):
+        world.service.deny(rid, CAROL, "no")
+    sec = Identity("sam", frozenset({"security"}))
+    with pytest.raises(ReasonRequired):
+        world.service.approve(rid, sec)
+    assert world.service.pending()[0].approver_groups == ("security",)
+    world.service.approve(rid, sec, "checked the ticket")
+    assert fired[0].action is Action.ALLOW
+
+
+def test_a_pending_request_whose_rule_is_gone_keeps_what_it_was_held_with(world):
+    reviews = dict(REVIEWS)
+    world.service = ApprovalService(world.clock, reviews.get, world.store, node="gk-1")
+    rid, fired, _ = world.held(decision=review("once"))
+    del reviews["once"]  # reloaded without the rule
+    with pytest.raises(NotAllowed):
+        world.service.approve(rid, MALLORY)
+    world.service.approve(rid, ALICE)
+    assert fired[0].action is Action.ALLOW
