@@ -480,7 +480,7 @@ class ApprovalService:
 
         def merge(rows: list[ApprovalRequest]) -> list[ApprovalRequest]:
             by_id = {r.id: r for r in rows}
-            for r in list(self._recent.values()) + [h.request for h in self._pending.values()]:
+            for r in list(self._recent.values()) + [self._as_now(h) for h in self._pending.values()]:
                 if status is None or r.status.value == status:
                     by_id[r.id] = r
                 elif r.id in by_id:
