@@ -353,3 +353,65 @@ def test_binary_parameters_as_records_show_them(value, oid, shown):
     from gatekeep.protocols.postgres.relay import _param_text
 
     assert _param_text(value, True, oid) == shown
+
+
+# -- the same Parse again -----------------------------------------------------------------------------
+
+
+def _counting(decide):
+    seen = []
+
+    def policy(op):
+        seen.append(op.text)
+        return decide(op)
+
+    return FunctionPolicy(policy), seen
+
+
+def _unnamed(sql: str, value: bytes) -> bytes:
+    return pg.parse("", sql) + pg.bind("", "", (), (value,), ()) + pg.execute("") + pg.sync()
+
+
+def test_the_same_parse_again_is_not_judged_again_until_the_policy_or_search_path_changes(extended):
+    """A driver's unnamed statement sent again with each execution is judged once; each execution is still
+    recorded with its values and the decision. A reload (a new policy) or a SET search_path judges it again."""
+    relay = extended
+    policy, seen = _counting(lambda op: Decision(Action.ALLOW, "allow-all"))
+    relay.gateway.chain.use_policy(policy)
+    client = relay.connect()
+    client.login("alice", ALICE_TOKEN)
+    sql = "select * from users where id = $1"
+    for value in (b"1", b"2", b"3"):
+        client.send(_unnamed(sql, value))
+    relay.network.flush()
+    assert seen.count(sql) == 1
+    assert [s for s in relay.server.extended if s[0] == "bind"] == [("bind", (b"1",)), ("bind", (b"2",)),
+                                                                     ("bind", (b"3",))]
+    records = [(op.kind, op.parameters, d.rule) for op, d in relay.recorder.operations if op.text == sql]
+    assert records == [("execute", ("1",), "allow-all"), ("execute", ("2",), "allow-all"),
+                       ("execute", ("3",), "allow-all")]
+    relay.gateway.chain.use_policy(policy)  # a reload
+    client.send(_unnamed(sql, b"4"))
+    relay.network.flush()
+    assert seen.count(sql) == 2
+    client.send(pg.query("SET search_path = billing, public"))
+    relay.network.flush()
+    client.send(_unnamed(sql, b"5"))
+    relay.network.flush()
+    assert seen.count(sql) == 3
+
+
+def test_a_parse_an_approval_released_is_judged_again(extended):
+    """An approval releases one execution: the same Parse sent again is held again, however it was approved."""
+    relay = extended
+    client = relay.connect()
+    client.login("alice", ALICE_TOKEN)
+    sql = "delete from users where id = $1"
+    client.send(_unnamed(sql, b"1"))
+    (first,) = relay.approvals.pending()
+    relay.approvals.approve(first.id, BOB, "ok")
+    relay.network.flush()
+    client.send(_unnamed(sql, b"1"))
+    relay.network.flush()
+    (again,) = relay.approvals.pending()
+    assert again.id != first.id and again.parameters == ("1",)

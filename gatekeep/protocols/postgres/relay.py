@@ -159,6 +159,10 @@ class Frontend(ClientStartup, protocol.Protocol):
         self.statements = Statements()
         # client messages waiting for a decision that is not in yet
         self._inbox: deque = deque()
+        #: the last Parse allowed on its text alone: (its bytes, the codec and _judging() it was judged under,
+        #: the Statement made, its analysis, its name). Drivers send the same Parse again for each execution
+        #: (an unnamed statement: psycopg, JDBC, pgbench -M extended); see on_parse
+        self._parse_memo: tuple | None = None
         self._waiting: Deferred | None = None
         self.sql_state: SqlSessionState | None = None
         # masking: the plan for this session, the columns it may need (read at login) and what the
@@ -571,7 +575,20 @@ class Frontend(ClientStartup, protocol.Protocol):
         releases that one execution: see on_bind). A Parse that comes without a Bind (an explicit prepare) and
         that a rule would hold goes to the server unheld, as a statement judged at each Execute: held there,
         the request shows the values bound, and the approval releases that execution (see _held_at_execute).
+
+        The same Parse sent again (the same bytes, read in the same encoding, under the same search_path and
+        policy generation) is the statement allowed before: its Statement is reused without judging it again.
+        The policy decides on a statement's text, search_path and the session's identity, which a session
+        keeps (an allowed Parse is recorded with its executions, so no record is skipped).
         """
+        memo = self._parse_memo
+        if memo is not None and memo[0] == m.body and memo[1] is self.settings.codec \
+                and memo[2] == self._judging() and not self.settings.in_doubt(m.body):
+            self.gateway.chain.metrics.decisions.inc("postgres", "allow")
+            self.sql_state.apply(memo[4])
+            self.statements.parsed(self.tracker.syncs_sent + 1, memo[5], memo[3])
+            out.append(m.encode())
+            return None
         parse = pg.parse_parse(m.body, self.settings.codec)
         op = self._operation("parse", parse.query, detail=self.sql_state)
         hold = following is not None and following.type == b"B" or not _held_at_execute(analyze(parse.query))
@@ -600,10 +617,14 @@ class Frontend(ClientStartup, protocol.Protocol):
                 analysis = analyze(parse.query)
                 self.sql_state.apply(analysis)
                 results = self.results
-                self.statements.parsed(self.tracker.syncs_sent + 1, parse.statement, Statement(
-                    parse.query, decision if decision.action is _ALLOW else None, analysis.runs_code,
-                    self._judging(), None if results is None else results.parse_for(analysis, self.sql_state),
-                    parse.param_types))
+                judging = self._judging()
+                statement = Statement(
+                    parse.query, decision if decision.action is _ALLOW else None, analysis.runs_code, judging,
+                    None if results is None else results.parse_for(analysis, self.sql_state), parse.param_types)
+                self.statements.parsed(self.tracker.syncs_sent + 1, parse.statement, statement)
+                if decision.action is _ALLOW and not (decision.facts and "approval" in decision.facts):
+                    # allowed on its text (an approval releases one execution only: never reused)
+                    self._parse_memo = (m.body, self.settings.codec, judging, statement, analysis, parse.statement)
                 out.append(m.encode())
                 return
             # the stand-in fails at the server, which keeps the statement it had under this name
