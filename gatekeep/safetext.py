@@ -85,3 +85,9 @@ def json_text(value: Any, *, surrogates: bool = True, **kwargs: Any) -> str:
     off, lone surrogates are left raw, for a caller that spells them out itself when encoding fails.
     """
     return json.dumps(value, ensure_ascii=False, **kwargs).translate(_JSON if surrogates else _JSON_TEXT)
+
+
+def say(line: str, file: Any = None) -> None:
+    """Print one line for a person (standard output, or ``file``): recorded text in it is shown spelled out, never
+    acted on by the terminal (see printable)."""
+    print(printable(line), file=file, flush=file is not None)

@@ -26,7 +26,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from gatekeep.safetext import json_text, printable, printable_lines
+from gatekeep.safetext import json_text, printable, printable_lines, say
 
 DEFAULT_URL = "http://127.0.0.1:9090"
 
@@ -210,11 +210,6 @@ def _dump(value: Any) -> None:
     print(json_text(value, indent=2))
 
 
-def _say(line: str) -> None:
-    """Print one line for the approver: the request's text and names in it are shown, never acted on."""
-    print(printable(line))
-
-
 # -- output --------------------------------------------------------------------------------
 
 
@@ -263,7 +258,7 @@ def list_requests(args) -> int:
         return 0
     print(f"{'ID':<11} {'AGE':>4}  {'STATUS':<9} {'IDENTITY':<14} {'TARGET':<12} {'RULE':<20} {'OK':>4}  WHAT")
     for r in rows:
-        _say(f"{r['id']:<11} {_age(r['created_at']):>4}  {r['status']:<9} {r['identity']:<14} {r['target']:<12} "
+        say(f"{r['id']:<11} {_age(r['created_at']):>4}  {r['status']:<9} {r['identity']:<14} {r['target']:<12} "
              f"{r['rule']:<20} {_progress(r):>4}  {_one_line(r['text'])}")
     return 0
 
@@ -274,36 +269,36 @@ def show(args) -> int:
     if args.json:
         _dump(r)
         return 0
-    _say(f"request    {r['id']}  ({r['status']})")
-    _say(f"identity   {r['identity']} (groups: {', '.join(r['groups']) or '-'}) from {r['client']}")
-    _say(f"target     {r['target']} ({r['protocol']}), session {r['session_id']} #{r['seq']}")
-    _say(f"rule       {r['rule']}: needs {r['approvals_needed']} approval(s)"
+    say(f"request    {r['id']}  ({r['status']})")
+    say(f"identity   {r['identity']} (groups: {', '.join(r['groups']) or '-'}) from {r['client']}")
+    say(f"target     {r['target']} ({r['protocol']}), session {r['session_id']} #{r['seq']}")
+    say(f"rule       {r['rule']}: needs {r['approvals_needed']} approval(s)"
          f"{' from ' + ' or '.join(r['approver_groups']) if r['approver_groups'] else ''}"
          f"{', with a reason' if r['reason_required'] else ''}; grant {r['grant']}"
          f"{' for ' + str(int(r['window'])) + 's' if r['window'] else ''}")
     print(f"requested  {_when(r['created_at'])}, expires {_when(r['expires_at'])}")
-    _say(f"held       {r['kind']}:")
+    say(f"held       {r['kind']}:")
     for line in printable_lines(r["text"]):
         print(f"           {line}")
     if r["parameters"]:
-        _say(f"parameters {r['parameters']}")
+        say(f"parameters {r['parameters']}")
     facts = {k: v for k, v in (r.get("facts") or {}).items() if v}
     request = facts.get("request")
     body = request.get("body") if isinstance(request, dict) else None
     if isinstance(body, dict):  # an HTTP request's body, read before it was held (masked as recorded)
         facts["request"] = {k: v for k, v in request.items() if k != "body"}
         kind = f", {body['content_type']}" if body.get("content_type") else ""
-        _say(f"body       {body.get('bytes')} bytes{kind}, sha256:{body.get('sha256')}")
+        say(f"body       {body.get('bytes')} bytes{kind}, sha256:{body.get('sha256')}")
         if body.get("text"):
             for line in printable_lines(body["text"]):
                 print(f"           {line}")
-    _say(f"digest     sha256:{r['digest']}")
+    say(f"digest     sha256:{r['digest']}")
     if facts:
-        _say(f"facts      {json_text(facts, sort_keys=True)}")
+        say(f"facts      {json_text(facts, sort_keys=True)}")
     for d in r["decisions"]:
-        _say(f"{d['verdict']:<10} {d['approver']} at {_when(d['at'])}{': ' + d['reason'] if d['reason'] else ''}")
+        say(f"{d['verdict']:<10} {d['approver']} at {_when(d['at'])}{': ' + d['reason'] if d['reason'] else ''}")
     if r["status"] != "pending":
-        _say(f"outcome    {r['resolution']} ({_when(r['resolved_at'])})")
+        say(f"outcome    {r['resolution']} ({_when(r['resolved_at'])})")
     return 0
 
 
@@ -315,10 +310,10 @@ def approve(args) -> int:
     if args.json:
         _dump(answer)
     elif r["status"] == "approved":
-        _say(f"approved request {r['id']}: released ({r['resolution']})")
+        say(f"approved request {r['id']}: released ({r['resolution']})")
     else:
         missing = r["approvals_needed"] - r["approvals"]
-        _say(f"approved request {r['id']} ({r['approvals']} of {r['approvals_needed']} approvals; waiting for "
+        say(f"approved request {r['id']} ({r['approvals']} of {r['approvals_needed']} approvals; waiting for "
              f"{missing} more from someone else)")
     return 0
 
@@ -331,5 +326,5 @@ def deny(args) -> int:
     if args.json:
         _dump(answer)
     else:
-        _say(f"denied request {r['id']}: the client is told it was {r['resolution']}")
+        say(f"denied request {r['id']}: the client is told it was {r['resolution']}")
     return 0

@@ -18,7 +18,7 @@ import sys
 import yaml
 
 from gatekeep.identity.device import DEFAULT_SCOPE, LoginError, TokenFile, device_login
-from gatekeep.safetext import printable
+from gatekeep.safetext import say
 
 
 def register(sub) -> None:
@@ -57,7 +57,7 @@ def settings(args) -> tuple[str, str]:
 def _tell(line: str) -> None:
     """A line for the person signing in; the identity provider chose parts of it (the address, the code, its
     errors), so it is printed spelled out as recorded text is."""
-    print(printable(line), file=sys.stderr, flush=True)
+    say(line, sys.stderr)
 
 
 def login(args) -> int:
@@ -67,7 +67,7 @@ def login(args) -> int:
         tokens = TokenFile()
         tokens.save(record)
     except LoginError as e:
-        print(printable(f"gatekeep login: {e}"), file=sys.stderr)
+        say(f"gatekeep login: {e}", sys.stderr)
         return 1
     _tell(f"signed in; the token is kept in {tokens.path}")
     if args.print:

@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from gatekeep.safetext import printable, printable_lines
+from gatekeep.safetext import printable, printable_lines, say
 from gatekeep.cli._store import add_store_arguments, open_store
 from gatekeep.cli._terminal import ReplayFilter
 from gatekeep.cli.approvals_cmd import positive_int
@@ -73,11 +73,6 @@ def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int((t % 1) * 1000):03d}"
 
 
-def _say(line: str) -> None:
-    """Print one line of output for a person: recorded values in it are shown, never acted on by the terminal."""
-    print(printable(line))
-
-
 def list_sessions(args) -> int:
     store = open_store(args)
     if args.failed_logins:
@@ -87,7 +82,7 @@ def list_sessions(args) -> int:
             print()
             return 0
         for r in rows:
-            _say(f"{_when(r['at'])}  {r['target']:<12} {r['claimed']:<16} {r['client']:<22} {r['reason']}")
+            say(f"{_when(r['at'])}  {r['target']:<12} {r['claimed']:<16} {r['client']:<22} {r['reason']}")
         return 0
     rows = store.sessions(args.limit, args.target, args.identity)
     if args.json:
@@ -97,7 +92,7 @@ def list_sessions(args) -> int:
     print(f"{'ID':<24} {'STARTED':<23} {'IDENTITY':<16} {'TARGET':<12} {'CLIENT':<22} {'OPS':>5}  END")
     for r in rows:
         end = r["end_reason"] or "(open)"
-        _say(f"{r['id']:<24} {_when(r['started_at']):<23} {r['identity']:<16} {r['target']:<12} "
+        say(f"{r['id']:<24} {_when(r['started_at']):<23} {r['identity']:<16} {r['target']:<12} "
              f"{r['client']:<22} {r['operations']:>5}  {end}")
     return 0
 
@@ -116,28 +111,28 @@ def show(args) -> int:
         json.dump(s, sys.stdout, indent=2)
         print()
         return 0
-    _say(f"session   {s['id']}")
-    _say(f"identity  {s['identity']} (groups: {', '.join(s['groups']) or '-'}; by {s['auth_method']})")
-    _say(f"target    {s['target']} ({s['protocol']}) from {s['client']}{' over TLS' if s['tls'] else ''}")
+    say(f"session   {s['id']}")
+    say(f"identity  {s['identity']} (groups: {', '.join(s['groups']) or '-'}; by {s['auth_method']})")
+    say(f"target    {s['target']} ({s['protocol']}) from {s['client']}{' over TLS' if s['tls'] else ''}")
     print(f"started   {_when(s['started_at'])}")
-    _say(f"ended     {_when(s['ended_at'])}  {s['end_reason'] or '(still open)'}")
+    say(f"ended     {_when(s['ended_at'])}  {s['end_reason'] or '(still open)'}")
     if s["bytes_from_client"] is not None:
         print(f"bytes     {s['bytes_from_client']} from the client, {s['bytes_to_client']} to it")
     print()
     for r in s["records"]:
         took = f"{r['duration'] * 1000:.1f} ms" if r["duration"] is not None else "-"
-        _say(f"#{r['seq']:<4} {_when(r['at'])}  {r['action']:<6} {took:>10}  {_result(r) or '-'}")
+        say(f"#{r['seq']:<4} {_when(r['at'])}  {r['action']:<6} {took:>10}  {_result(r) or '-'}")
         for line in printable_lines(r["text"]):
             print(f"      {line}")
         if r["parameters"]:
-            _say(f"      parameters: {r['parameters']}")
+            say(f"      parameters: {r['parameters']}")
         if r["rule"]:
-            _say(f"      rule: {r['rule']} {r['reason'] or ''}")
+            say(f"      rule: {r['rule']} {r['reason'] or ''}")
     for a in s.get("approvals") or []:
-        _say(f"approval  {a['id']} for #{a['seq']} ({a['rule']}): {a['status']}"
+        say(f"approval  {a['id']} for #{a['seq']} ({a['rule']}): {a['status']}"
              f"{': ' + a['resolution'] if a['resolution'] else ''}")
         for d in a["decisions"]:
-            _say(f"          {_when(d['at'])}  {d['verdict']} by {d['approver']}"
+            say(f"          {_when(d['at'])}  {d['verdict']} by {d['approver']}"
                  f"{': ' + d['reason'] if d['reason'] else ''}")
     return 0
 
