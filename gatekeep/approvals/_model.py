@@ -54,14 +54,20 @@ class ApproverDecision:
     at: float
     #: the approver's roles and groups when they decided (for the record)
     groups: tuple[str, ...] = ()
+    #: decided with the admin role (which may decide whatever the rule's approver groups)
+    admin: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"approver": self.approver, "verdict": self.verdict, "reason": self.reason, "at": self.at,
-                "groups": list(self.groups)}
+        out = {"approver": self.approver, "verdict": self.verdict, "reason": self.reason, "at": self.at,
+               "groups": list(self.groups)}
+        if self.admin:
+            out["admin"] = True
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ApproverDecision":
-        return cls(d["approver"], d["verdict"], d.get("reason") or "", d["at"], tuple(d.get("groups") or ()))
+        return cls(d["approver"], d["verdict"], d.get("reason") or "", d["at"], tuple(d.get("groups") or ()),
+                   bool(d.get("admin", False)))
 
 
 @attrs.frozen
@@ -106,6 +112,17 @@ class ApprovalRequest:
         return [d.approver for d in self.decisions if d.verdict == APPROVE]
 
     @property
+    def counted(self) -> list[str]:
+        """
+        Who approved and counts toward ``approvals_needed``: an admin, or someone in the approver groups (any
+        approver, when there are none). After a reload took a group out of the rule's approvers, its members'
+        earlier approvals no longer count.
+        """
+        groups = self.approver_groups
+        return [d.approver for d in self.decisions if d.verdict == APPROVE
+                and (d.admin or not groups or not set(groups).isdisjoint(d.groups))]
+
+    @property
     def grant(self) -> str:
         return "once" if self.window is None else "window"
 
@@ -115,7 +132,7 @@ class ApprovalRequest:
             "identity": self.identity, "groups": list(self.groups), "target": self.target, "protocol": self.protocol,
             "client": self.client, "rule": self.rule, "kind": self.kind, "text": self.text,
             "parameters": list(self.parameters), "digest": self.digest, "facts": self.facts,
-            "approvals_needed": self.approvals_needed, "approvals": len(self.approved_by),
+            "approvals_needed": self.approvals_needed, "approvals": len(self.counted),
             "approver_groups": list(self.approver_groups), "reason_required": self.reason_required,
             "grant": self.grant, "window": self.window, "created_at": self.created_at,
             "expires_at": self.expires_at, "status": self.status.value,

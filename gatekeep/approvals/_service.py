@@ -267,11 +267,11 @@ class ApprovalService:
             raise ReasonRequired(f"rule {r.rule} requires a reason to approve: give one with --reason")
         now = self._now()
         r = held.request = attrs.evolve(r, decisions=r.decisions + (
-            ApproverDecision(approver.name, APPROVE, reason, now, tuple(sorted(approver.groups))),))
+            ApproverDecision(approver.name, APPROVE, reason, now, tuple(sorted(approver.groups)), admin),))
         _log.info("{approver} approved request {id} ({n} of {needed})", approver=approver.name, id=r.id,
-                  n=len(r.approved_by), needed=r.approvals_needed)
+                  n=len(r.counted), needed=r.approvals_needed)
         self._save(APPROVE, r, now)
-        if len(r.approved_by) < r.approvals_needed:
+        if len(r.counted) < r.approvals_needed:
             return r
         return self._release(held, now)
 
@@ -285,7 +285,7 @@ class ApprovalService:
             raise ReasonRequired("a denial needs a reason (the client is told who denied and why): use --reason")
         now = self._now()
         r = held.request = attrs.evolve(r, decisions=r.decisions + (
-            ApproverDecision(approver.name, DENY, reason, now, tuple(sorted(approver.groups))),))
+            ApproverDecision(approver.name, DENY, reason, now, tuple(sorted(approver.groups)), admin),))
         self._save(DENY, r, now)
         resolution = f"denied by {approver.name}: {reason}"
         r = self._resolve(held, Status.DENIED, resolution, now)
@@ -343,7 +343,7 @@ class ApprovalService:
         if r.window is not None:
             # a window only as the rule is configured now: a reload since the hold may have shortened it, taken
             # it away or made it need more approvers (the request itself is approved as it was held)
-            until = self._window_until(r.rule, len(r.approved_by), now, now + r.window)
+            until = self._window_until(r.rule, len(r.counted), now, now + r.window)
         resolution = f"approved by {names}"
         if until is not None:
             resolution += f"; window open until {clock_text(until)}"
@@ -372,7 +372,7 @@ class ApprovalService:
             return
         held.timer = None
         r = held.request
-        resolution = (f"expired after {duration_text(r.expires_at - r.created_at)} with {len(r.approved_by)} of "
+        resolution = (f"expired after {duration_text(r.expires_at - r.created_at)} with {len(r.counted)} of "
                       f"{r.approvals_needed} approvals")
         r = self._resolve(held, Status.EXPIRED, resolution, self._now())
         self._fire(held, Decision(Action.DENY, held.decision.rule, f"approval request {r.id} {resolution}",

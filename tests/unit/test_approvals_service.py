@@ -464,3 +464,21 @@ def test_a_pending_request_whose_rule_is_gone_keeps_what_it_was_held_with(world)
         world.service.approve(rid, MALLORY)
     world.service.approve(rid, ALICE)
     assert fired[0].action is Action.ALLOW
+
+
+def test_approvals_from_a_group_taken_out_of_the_approvers_no_longer_count(world):
+    """Taking a group out of a rule's approvers takes effect at once: an approval its member gave before the
+    reload no longer counts toward the approvals needed (one current approver does not release a request that
+    needs two); an admin's counts whatever the groups."""
+    reviews = dict(REVIEWS)
+    world.service = ApprovalService(world.clock, reviews.get, world.store, node="gk-1")
+    rid, fired, _ = world.held(decision=review("two"))
+    world.service.approve(rid, ALICE)  # 1 of 2, from dba
+    reviews["two"] = Review(approvers=("security",), approvals=2, timeout=60.0)  # reloaded: dba taken out
+    sam = Identity("sam", frozenset({"security"}))
+    r = world.service.approve(rid, sam)
+    assert r.status is Status.PENDING and fired == [] and r.counted == ["sam"]
+    assert r.to_dict()["approvals"] == 1 and r.approved_by == ["alice", "sam"]
+    r = world.service.approve(rid, Identity("root", frozenset()), admin=True)
+    assert r.status is Status.APPROVED and fired[0].action is Action.ALLOW
+    assert [d.admin for d in r.decisions] == [False, False, True]

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from twisted.internet.defer import Deferred
 
 from gatekeep.approvals import ApprovalService, MemoryApprovalStore, Status
 from gatekeep.config import ConfigError, Node
@@ -313,3 +314,47 @@ def test_a_held_request_without_a_body_is_held_at_once():
     service.approve(request.id, BOB, "fine")
     conn.flush()
     assert conn.client.received.endswith(OK)
+
+
+def test_a_held_body_that_does_not_end_in_time_is_denied_and_the_connection_closed():
+    """A client trickling (or never finishing) the body of a request a rule holds: after the target's
+    idle_timeout the request is denied saying why, no approval request is made, and the connection closes."""
+    conn, up, rec, service = held_setup([OK], idle_timeout=30.0)
+    conn.send(held_post(b"/held/slow", b"0123", length=100, extra=CURL))
+    conn.server.gateway.reactor.advance(29.0)
+    conn.send(b"45")
+    assert not service.pending()
+    conn.server.gateway.reactor.advance(1.5)
+    conn.flush()
+    answer = conn.client.received
+    assert answer.startswith(b"HTTP/1.1 403 Forbidden\r\n") and b"did not end within 30s" in answer
+    assert not service.pending() and not service.store.requests and not up.built
+    ((op, decision),) = rec.operations
+    assert decision.action is Action.DENY and decision.rule == "held-paths"
+    assert conn.client.transport.disconnected or conn.server.transport.disconnected
+
+
+def test_a_held_body_is_read_when_the_policy_answers_later():
+    """A policy may answer with a Deferred, while the relay does not read the client: once it says review, the
+    body already waiting in the reader is read, and the request is held showing it."""
+    answers = []
+
+    def decide(op):
+        d = Deferred()
+        answers.append(d)
+        return d
+
+    conn, up, rec, gateway = setup([OK], policy=FunctionPolicy(decide))
+    service = ApprovalService(gateway.reactor, {"held-paths": Review(approvers=("ops",), timeout=60.0)}.get,
+                              MemoryApprovalStore())
+    gateway.chain.approvals = service
+    body = b'{"amount": 1}'
+    conn.send(held_post(b"/held/pay", body, extra=CURL))  # head and the whole body at once
+    (d,) = answers
+    d.callback(Decision(Action.REVIEW, "held-paths", "", {}))
+    conn.flush()
+    pending = service.pending()
+    assert len(pending) == 1 and pending[0].facts["request"]["body"]["text"] == body.decode()
+    service.approve(pending[0].id, BOB, "fine")
+    conn.flush()
+    assert up.built and up.built[0].received.endswith(body)

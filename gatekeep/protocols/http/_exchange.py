@@ -59,7 +59,7 @@ class Exchange:
         "discarded", "close_after", "bytes_in", "bytes_out", "status", "response", "plan", "req_excerpt",
         "resp_excerpt", "body_in", "body_out", "buffer", "buffered", "lines", "rechunk", "counts", "error",
         "upgrade", "first_byte", "head_bytes", "attempts", "finished", "chunked_out", "waiting", "hold",
-        "chunked_in", "gathering", "gathered", "gathered_bytes", "body_hash", "shown_excerpt",
+        "chunked_in", "gathering", "gathered", "gathered_bytes", "body_hash", "shown_excerpt", "gather_timer",
     )
 
     def __init__(self, head: Head, now: float) -> None:
@@ -116,6 +116,8 @@ class Exchange:
         self.body_hash: Any = None
         #: the body's excerpt approvers see (at least ``SHOWN_BODY`` bytes of a text body)
         self.shown_excerpt: Excerpt | None = None
+        #: ends the reading of such a body that does not end in time (the target's idle_timeout)
+        self.gather_timer: Any = None
 
 
 def operation_extra(ex: Exchange, scheme: str, secret: frozenset[str], more: dict[str, Any]) -> dict[str, Any]:

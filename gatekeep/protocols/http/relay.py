@@ -418,9 +418,18 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
 
         def stop(_: Deferred) -> None:
             ex.gathering = ex.gathered = None
+            self._stop_gather_timer(ex)
 
-        ex.gathering = Deferred(stop)
-        return ex.gathering.addCallback(lambda _: self._shown_with_body(op, decision, ex))
+        gathering = ex.gathering = Deferred(stop)
+        if self.options.idle_timeout:
+            ex.gather_timer = self.gateway.reactor.callLater(self.options.idle_timeout, self._gather_late, ex)
+        gathering.addCallback(lambda _: self._shown_with_body(op, decision, ex))
+        if self._hold == "decision":
+            # a policy that answered later: the relay waits for it without reading the client; read the body now
+            self._hold = _GATHER
+            self.valve.release("decision")
+            self.pump()
+        return gathering
 
     def _shown_with_body(self, op: Any, decision: Any, ex: Exchange) -> tuple[Any, Any]:
         body: dict[str, Any] = {"bytes": ex.gathered_bytes, "sha256": ex.body_hash.hexdigest()}
@@ -432,6 +441,23 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
                                                               self.masker, {})
         return self._recordable(attrs.evolve(op, extra={**(op.extra or {}), "body": body}), decision)
 
+    @staticmethod
+    def _stop_gather_timer(ex: Exchange) -> None:
+        timer, ex.gather_timer = ex.gather_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _gather_late(self, ex: Exchange) -> None:
+        """A held request's body did not end within the idle timeout: denied, and the connection closed."""
+        ex.gather_timer = None
+        d, ex.gathering, ex.gathered = ex.gathering, None, None
+        if d is None or self.mode is _CLOSED:
+            return
+        self.end_reason = "a request held for approval did not send its whole body in time"
+        d.errback(Unshowable(f"the request's body did not end within {self.options.idle_timeout:g}s (the target's "
+                             f"idle_timeout): a request is held for approval once its whole body is read"))
+        self.close()
+
     def _gather(self, ex: Exchange, content: bytes, piece: bytes) -> None:
         """A piece of the body of a request to be held, read before the request is made."""
         ex.gathered.append(piece)
@@ -440,6 +466,7 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
         if ex.shown_excerpt is not None:
             ex.shown_excerpt.add(content)
         if ex.gathered_bytes > HELD_BODY_LIMIT:
+            self._stop_gather_timer(ex)
             d, ex.gathering, ex.gathered = ex.gathering, None, None
             d.errback(Unshowable(f"the request's body is larger than gatekeep reads for approvers "
                                  f"({HELD_BODY_LIMIT} bytes): a request held for approval must carry less"))
@@ -525,6 +552,7 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
         if ex.gathering is not None:
             # the body of a request to be held is read: hold it (nothing more is read meanwhile)
             d, ex.gathering = ex.gathering, None
+            self._stop_gather_timer(ex)
             self._hold = "approval"
             d.callback(None)
             return

@@ -367,6 +367,8 @@ class Frontend(ClientStartup, protocol.Protocol):
                 elif t == b"C":
                     kind, name = pg.parse_describe_or_close(m.body)
                     self.statements.closed(self.tracker.syncs_sent + 1, kind, name)
+                    if kind == "S" and name:
+                        self.sql_state.prepared.pop(name, None)  # as a SQL DEALLOCATE of it
                     if self.results is not None:
                         self.results.closed(kind, name)
                     out.append(m.encode())
@@ -586,6 +588,7 @@ class Frontend(ClientStartup, protocol.Protocol):
                 and memo[2] == self._judging() and not self.settings.in_doubt(m.body):
             self.gateway.chain.metrics.decisions.inc("postgres", "allow")
             self.sql_state.apply(memo[4])
+            self._prepared(memo[5], memo[4])
             self.statements.parsed(self.tracker.syncs_sent + 1, memo[5], memo[3])
             out.append(m.encode())
             return None
@@ -616,14 +619,17 @@ class Frontend(ClientStartup, protocol.Protocol):
             if decision.action is _ALLOW or decision.action is _REVIEW:  # review: not held here (hold=False)
                 analysis = analyze(parse.query)
                 self.sql_state.apply(analysis)
+                self._prepared(parse.statement, analysis)
                 results = self.results
                 judging = self._judging()
                 statement = Statement(
                     parse.query, decision if decision.action is _ALLOW else None, analysis.runs_code, judging,
                     None if results is None else results.parse_for(analysis, self.sql_state), parse.param_types)
                 self.statements.parsed(self.tracker.syncs_sent + 1, parse.statement, statement)
-                if decision.action is _ALLOW and not (decision.facts and "approval" in decision.facts):
-                    # allowed on its text (an approval releases one execution only: never reused)
+                if decision.action is _ALLOW and not (decision.facts and "approval" in decision.facts) \
+                        and not (analysis.executes or analysis.prepares or analysis.deallocates):
+                    # allowed on its text (an approval releases one execution only, and an EXECUTE is judged
+                    # as what its name is prepared as now: neither reused)
                     self._parse_memo = (m.body, self.settings.codec, judging, statement, analysis, parse.statement)
                 out.append(m.encode())
                 return
@@ -638,6 +644,15 @@ class Frontend(ClientStartup, protocol.Protocol):
         if parse.unreadable:
             return self._unreadable(op, carry_out, record)
         return self._judge(op, carry_out, self._refine_for(parse.query), record, shown, hold)
+
+    def _prepared(self, name: str, analysis: Any) -> None:
+        """
+        A named statement goes to the server: a SQL ``EXECUTE`` of its name (protocol-level and SQL prepared
+        statements share the server's names) is judged as its text, as for a SQL ``PREPARE``; held by the rules
+        that would hold the statement, where the name alone could not be judged.
+        """
+        if name:
+            self.sql_state.prepared[name] = analysis
 
     def _refine_for(self, text: str) -> Any:
         """``refine`` for a statement's decision: what masking makes of an allowed one (ResultMasking.decision)."""
