@@ -231,6 +231,21 @@ def test_set_config_makes_every_schema_possible():
     assert e.decide(op("DELETE FROM invoices WHERE id = 1", state=state)).rule == "no-billing"
 
 
+@pytest.mark.parametrize("statement", ["SET ROLE admin", "SET SESSION AUTHORIZATION admin", "SET LOCAL ROLE admin"])
+def test_a_role_switch_makes_every_schema_possible_for_unqualified_names(statement):
+    """"$user" in the search_path resolves by the current role: after an allowed SET ROLE an unqualified name may be
+    in the new role's schema (admin.secrets), so it fits every schema pattern, as after set_config."""
+    e = engine({"name": "no-admin", "action": "deny", "match": {"tables": ["admin.*"]}})
+    state = SqlSessionState("app_rw")
+    assert e.decide(op("SELECT * FROM secrets", state=state)).action is Action.ALLOW
+    state.apply(analyze(statement))
+    assert e.decide(op("SELECT * FROM secrets", state=state)).rule == "no-admin"
+    fixed = SqlSessionState("app_rw")
+    fixed.search_path = {"public"}  # no "$user": the role does not change where names resolve
+    fixed.apply(analyze(statement))
+    assert e.decide(op("SELECT * FROM secrets", state=fixed)).action is Action.ALLOW
+
+
 def test_dollar_user_schema_resolves_to_the_upstream_user():
     """An unqualified name may be in the schema named like the upstream user ($user)."""
     e = engine({"name": "no-own-schema", "action": "deny", "match": {"schemas": ["app_rw"]}})

@@ -210,6 +210,11 @@ class SqlSessionState:
         """An allowed statement is on its way: remember what it changes."""
         if "set_config" in analysis.conditions:
             self.any_schema = True
+        if "set_role" in analysis.kinds and "$user" in self.search_path:
+            # the server resolves "$user" by the current role, which SET ROLE and SET SESSION AUTHORIZATION change
+            # (and RESET, DISCARD ALL or a rollback change back): from now on an unqualified name may be in the
+            # schema of any role
+            self.any_schema = True
         if analysis.search_path is not None:
             self.search_path.update(analysis.search_path)
         for name, body in analysis.prepares:
