@@ -515,6 +515,13 @@ def test_an_approved_prepared_statement_runs_once_then_is_held_again_with_its_va
     # is held, showing the value it binds
     assert first["kind"] == "execute" and first["text"] == "DELETE FROM ap_prep WHERE id = $1"
     assert first["parameters"] == ["1"]
+    # nothing of the held execution reached the server: no transaction (and no lock) is open while it waits
+    states = gw.pg.psql("SELECT state FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                        " AND pid <> pg_backend_pid() AND query LIKE '%ap_prep%';").stdout
+    assert "idle in transaction" not in states and "active" not in states, states
+    locks = gw.pg.psql("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+                       " WHERE c.relname = 'ap_prep';").stdout
+    assert locks.strip() == "0", locks
     assert gw.cli("alice", "approve", first["id"]).returncode == 0
     (second,) = poll("the second execution to be held", pending, timeout=10)
     assert second["id"] != first["id"] and second["kind"] == "execute" and second["parameters"] == ["3"]

@@ -326,6 +326,8 @@ class Frontend(ClientStartup, protocol.Protocol):
 
     def _relay(self, messages) -> None:
         out: list[bytes] = []
+        #: how much of ``out`` ends a group (up to its last Sync, Query or FunctionCall)
+        cut = 0
         queue = deque(messages)
         while queue:
             m = queue.popleft()
@@ -381,16 +383,21 @@ class Frontend(ClientStartup, protocol.Protocol):
                     self.upstream.send(b"".join(out))
                 self.protocol_violation(str(e))
                 return
-            if d is not None:
-                # a decision (or a strict recording) is pending: hold everything behind it;
-                # what the pending operation forwards lands in ``out`` when it fires
-                if out:
-                    self.upstream.send(b"".join(out))
-                    del out[:]
-                self._waiting = d
-                self._inbox.extendleft(reversed(queue))
-                d.addBoth(self._decided, out)
-                return
+            if d is None:
+                if t == b"S" or t == b"Q" or t == b"F":
+                    cut = len(out)
+                continue
+            # a decision (or a strict recording) is pending: hold everything behind it, and what came before it
+            # in its own group (a Bind before a held Execute would open the server's transaction, and take its
+            # locks, for as long as the approval takes); what the pending operation forwards lands in ``out``
+            # after them when it fires. The groups before it go now.
+            if cut:
+                self.upstream.send(b"".join(out[:cut]))
+                del out[:cut]
+            self._waiting = d
+            self._inbox.extendleft(reversed(queue))
+            d.addBoth(self._decided, out)
+            return
         if out:
             self.upstream.send(b"".join(out))
 
