@@ -123,7 +123,7 @@ class ResultMasking:
             return _masking.VALUES
         bodies = [analysis]
         for name in analysis.executes:
-            body = sql_state.prepared.get(name) if sql_state is not None else None
+            body = sql_state.statement(name) if sql_state is not None else None
             if body is None:
                 return _masking.VALUES
             bodies.append(body)
@@ -233,7 +233,7 @@ class ResultMasking:
         kinds, functions, tables = set(a.kinds), set(a.functions), set(a.tables)
         written, written_row = set(a.written_refs), a.written_whole_row or (a.written_star and self._reads_masked(a))
         for name in a.executes:
-            body = sql_state.prepared.get(name) if sql_state is not None else None
+            body = sql_state.statement(name) if sql_state is not None else None
             if body is not None:
                 kinds |= body.kinds
                 functions |= body.functions

@@ -195,6 +195,9 @@ class SqlSessionState:
     #: set once the search_path may have changed in a way gatekeep cannot follow (set_config):
     #: from then on an unqualified table name fits a pattern under any schema
     any_schema: bool = False
+    #: the statements the extended protocol's Parse made, by name (the relay's, confirmation-aware): a SQL
+    #: ``EXECUTE name`` may run one of those as well as one a SQL ``PREPARE`` made
+    protocol: Any = attrs.field(default=None, eq=False, repr=False)
     _key: tuple | None = attrs.field(default=None, init=False, eq=False, repr=False)
 
     def seed(self, search_path: str | None, options: str) -> None:
@@ -224,6 +227,12 @@ class SqlSessionState:
                 self.prepared.clear()
             else:
                 self.prepared.pop(name, None)
+
+    def statement(self, name: str) -> Analysis | None:
+        """What ``EXECUTE name`` runs: a name is one statement at the server, one a Parse made (as the server
+        confirmed it), else one a SQL ``PREPARE`` made; None when gatekeep knows of neither."""
+        body = self.protocol(name) if self.protocol is not None else None
+        return body if body is not None else self.prepared.get(name)
 
     def key(self) -> tuple:
         if self.any_schema:
@@ -301,7 +310,7 @@ def facts_for(text: str, state: SqlSessionState | None, user: str) -> SqlFacts:
         functions, conditions = set(analysis.functions), set(analysis.conditions)
         unjudgeable = analysis.unjudgeable
         for name in analysis.executes:
-            body = state.prepared.get(name) if state is not None else None
+            body = state.statement(name) if state is not None else None
             if body is None:
                 unjudgeable = f"EXECUTE of a statement gatekeep did not see prepared ({name})"
                 continue

@@ -260,6 +260,7 @@ class Frontend(ClientStartup, protocol.Protocol):
         self.gateway.sessions[self.session.id] = self
         self.gateway.chain.session_started(self.session)
         self.sql_state = SqlSessionState(self.target.options.upstream.user)
+        self.sql_state.protocol = self._protocol_statement
         self.sql_state.seed(self.parameters.get("search_path"), self.parameters.get("options", ""))
         try:
             plan = self.gateway.chain.masking_plan(self.session)
@@ -369,8 +370,6 @@ class Frontend(ClientStartup, protocol.Protocol):
                 elif t == b"C":
                     kind, name = pg.parse_describe_or_close(m.body)
                     self.statements.closed(self.tracker.syncs_sent + 1, kind, name)
-                    if kind == "S" and name:
-                        self.sql_state.prepared.pop(name, None)  # as a SQL DEALLOCATE of it
                     if self.results is not None:
                         self.results.closed(kind, name)
                     out.append(m.encode())
@@ -595,7 +594,6 @@ class Frontend(ClientStartup, protocol.Protocol):
                 and memo[2] == self._judging() and not self.settings.in_doubt(m.body):
             self.gateway.chain.metrics.decisions.inc("postgres", "allow")
             self.sql_state.apply(memo[4])
-            self._prepared(memo[5], memo[4])
             self.statements.parsed(self.tracker.syncs_sent + 1, memo[5], memo[3])
             out.append(m.encode())
             return None
@@ -626,7 +624,6 @@ class Frontend(ClientStartup, protocol.Protocol):
             if decision.action is _ALLOW or decision.action is _REVIEW:  # review: not held here (hold=False)
                 analysis = analyze(parse.query)
                 self.sql_state.apply(analysis)
-                self._prepared(parse.statement, analysis)
                 results = self.results
                 judging = self._judging()
                 statement = Statement(
@@ -652,14 +649,14 @@ class Frontend(ClientStartup, protocol.Protocol):
             return self._unreadable(op, carry_out, record)
         return self._judge(op, carry_out, self._refine_for(parse.query), record, shown, hold)
 
-    def _prepared(self, name: str, analysis: Any) -> None:
+    def _protocol_statement(self, name: str) -> Any:
         """
-        A named statement goes to the server: a SQL ``EXECUTE`` of its name (protocol-level and SQL prepared
-        statements share the server's names) is judged as its text, as for a SQL ``PREPARE``; held by the rules
-        that would hold the statement, where the name alone could not be judged.
+        The analysis of the statement a Parse made under ``name``, as far as the server confirmed it (the
+        session's SqlSessionState asks, for a SQL ``EXECUTE name``: protocol-level and SQL prepared statements
+        share the server's names), or None.
         """
-        if name:
-            self.sql_state.prepared[name] = analysis
+        statement = self.statements.get(name) if name else None
+        return analyze(statement.text) if statement is not None else None
 
     def _refine_for(self, text: str) -> Any:
         """``refine`` for a statement's decision: what masking makes of an allowed one (ResultMasking.decision)."""
