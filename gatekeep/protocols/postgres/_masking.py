@@ -466,8 +466,14 @@ class Catalog:
         rules without a column list).
         """
         schema, name = table
-        candidates = [schema] if schema else list(schema_candidates)
+        if schema:
+            candidates = [schema]
+        elif schema_candidates is None:  # the search_path cannot be followed: the table may be in any schema
+            candidates = sorted({s for s, n in self.tables if n == name})
+        else:
+            candidates = list(schema_candidates)
         detect = plan.detector_rules
+        found = []
         for s in candidates:
             if (s, name) in self.tables:
                 columns = self.tables[(s, name)]
@@ -481,7 +487,11 @@ class Catalog:
                         out.append(None)
                     else:
                         out.append(Column(rule, detect, oid, False, codec))
-                return out if any(out) else None
+                found.append(out if any(out) else None)
+        if found:
+            # an unqualified name that more than one schema holds: the server takes the first in its search order,
+            # which gatekeep does not keep; unless they are masked alike, it cannot tell
+            return found[0] if all(f == found[0] for f in found) else REFUSE
         has_columns = any(r.columns for r in plan.rules)
         has_names = any(r.names for r in plan.rules)
         known = any((s, name) in self.relations for s in candidates)

@@ -264,8 +264,11 @@ class ResultMasking:
             return Decision(Action.DENY, "masking", "COPY TO STDOUT with masking works on a table in text format"
                             " (DELIMITER, NULL and HEADER allowed); use SELECT or COPY table TO STDOUT",
                             decision.facts)
-        candidates = sql_state and [sql_state.user if s == "$user" else s
-                                    for s in sorted(sql_state.search_path)] or ["public"]
+        if sql_state is not None and sql_state.any_schema:
+            candidates = None  # any schema (set_config, or a role switch with "$user" in the search_path)
+        else:
+            candidates = sql_state and [sql_state.user if s == "$user" else s
+                                        for s in sorted(sql_state.search_path)] or ["public"]
         columns = self.catalog.copy_columns(self.plan, candidates, target["table"], target["columns"], self.codec)
         if columns == _masking.REFUSE:
             return Decision(Action.DENY, "masking", "gatekeep cannot tell which fields of this COPY to mask (a table"

@@ -221,6 +221,8 @@ class SqlSessionState:
         if analysis.search_path is not None:
             self.search_path.update(analysis.search_path)
         for name, body in analysis.prepares:
+            if name in self.prepared or (self.protocol is not None and self.protocol(name) is not None):
+                continue  # the server refuses a PREPARE of a name in use (42P05): what it stands for stays
             self.prepared[name] = body
         for name in analysis.deallocates:
             if name is None:
@@ -289,6 +291,8 @@ def _judged_under(analysis: Analysis, state: SqlSessionState | None) -> tuple[st
     search_path = state.key() if state is not None else DEFAULT_SEARCH_PATH
     if "set_config" in analysis.conditions:
         return ("*",)
+    if "set_role" in analysis.kinds and "$user" in search_path:
+        return ("*",)  # the statements after a SET ROLE in the same string resolve "$user" by the new role
     if analysis.search_path is not None and search_path != ("*",):
         return tuple(sorted(set(search_path) | set(analysis.search_path)))
     return search_path
@@ -313,6 +317,9 @@ def facts_for(text: str, state: SqlSessionState | None, user: str) -> SqlFacts:
             body = state.statement(name) if state is not None else None
             if body is None:
                 unjudgeable = f"EXECUTE of a statement gatekeep did not see prepared ({name})"
+                continue
+            if body.executes:  # a statement a Parse made may itself be an EXECUTE: not followed further
+                unjudgeable = f"EXECUTE of a statement that executes another ({name})"
                 continue
             merged.extend(body.units)
             functions |= body.functions

@@ -57,6 +57,9 @@ _log = Logger()
 # enum members as plain names: ``Phase.READY`` is a lookup through the enum's class on every use, and the
 # relay asks these on every message
 _READY, _CLOSED, _ALLOW, _REVIEW = Phase.READY, Phase.CLOSED, Action.ALLOW, Action.REVIEW
+#: the extended protocol's messages that belong to the group their Sync ends: what of a group came before a
+#: held operation waits with it (see _relay)
+_GROUP_MEMBERS = frozenset({b"P", b"B", b"D", b"E", b"C", b"H"})
 
 #: a statement that fails at parse time without touching anything: sent instead
 #: of a denied one, so the server's transaction state matches what the client is told
@@ -246,6 +249,7 @@ class Frontend(ClientStartup, protocol.Protocol):
         if self.phase is _CLOSED:
             return
         self.end_reason = f"access ended: {reason}"
+        self._inbox.clear()  # what the client queued behind a held statement is not run once its access ended
         self.withdraw(f"access ended: {reason}")  # a statement held for approval is given up, with the reason
         if self.upstream is not None and not self.upstream.stream.at_boundary():
             self.close()  # in the middle of a server message: nothing more can be said
@@ -370,6 +374,10 @@ class Frontend(ClientStartup, protocol.Protocol):
                 elif t == b"C":
                     kind, name = pg.parse_describe_or_close(m.body)
                     self.statements.closed(self.tracker.syncs_sent + 1, kind, name)
+                    if kind == "S" and name:
+                        # it closes a statement a SQL PREPARE made as well (one set of names); if the server skips
+                        # the Close, an EXECUTE of the name is judged as unknown (denied unless unjudgeable allowed)
+                        self.sql_state.prepared.pop(name, None)
                     if self.results is not None:
                         self.results.closed(kind, name)
                     out.append(m.encode())
@@ -383,7 +391,7 @@ class Frontend(ClientStartup, protocol.Protocol):
                 self.protocol_violation(str(e))
                 return
             if d is None:
-                if t == b"S" or t == b"Q" or t == b"F":
+                if t not in _GROUP_MEMBERS:  # a Sync, a Query or FunctionCall, COPY data: the server may have it
                     cut = len(out)
                 continue
             # a decision (or a strict recording) is pending: hold everything behind it, and what came before it
@@ -594,7 +602,8 @@ class Frontend(ClientStartup, protocol.Protocol):
                 and memo[2] == self._judging() and not self.settings.in_doubt(m.body):
             self.gateway.chain.metrics.decisions.inc("postgres", "allow")
             self.sql_state.apply(memo[4])
-            self.statements.parsed(self.tracker.syncs_sent + 1, memo[5], memo[3])
+            if not self._name_in_use(memo[5]):
+                self.statements.parsed(self.tracker.syncs_sent + 1, memo[5], memo[3])
             out.append(m.encode())
             return None
         parse = pg.parse_parse(m.body, self.settings.codec)
@@ -629,6 +638,9 @@ class Frontend(ClientStartup, protocol.Protocol):
                 statement = Statement(
                     parse.query, decision if decision.action is _ALLOW else None, analysis.runs_code, judging,
                     None if results is None else results.parse_for(analysis, self.sql_state), parse.param_types)
+                if self._name_in_use(parse.statement):
+                    out.append(m.encode())  # the server refuses it (42P05): what the name stands for stays
+                    return
                 self.statements.parsed(self.tracker.syncs_sent + 1, parse.statement, statement)
                 if decision.action is _ALLOW and not (decision.facts and "approval" in decision.facts) \
                         and not (analysis.executes or analysis.prepares or analysis.deallocates):
@@ -648,6 +660,11 @@ class Frontend(ClientStartup, protocol.Protocol):
         if parse.unreadable:
             return self._unreadable(op, carry_out, record)
         return self._judge(op, carry_out, self._refine_for(parse.query), record, shown, hold)
+
+    def _name_in_use(self, name: str) -> bool:
+        """Whether a Parse of ``name`` finds the name taken (a named statement is never replaced: the server refuses
+        such a Parse, and what the name stands for stays)."""
+        return bool(name) and (self.statements.get(name) is not None or name in self.sql_state.prepared)
 
     def _protocol_statement(self, name: str) -> Any:
         """
