@@ -48,6 +48,14 @@ class Unshowable(Exception):
     """
 
 
+def _not_held(decision: Decision, error: BaseException) -> Decision:
+    """The denial of an operation that could not be held for approval: under its rule when approvers could not be
+    shown it (:class:`Unshowable`), else as a failure (fail closed)."""
+    if isinstance(error, Unshowable):
+        return Decision(Action.DENY, decision.rule, str(error), decision.facts)
+    return _fail_closed(f"the approval could not be requested ({type(error).__name__})")
+
+
 @implementer(IPolicy)
 @attrs.frozen
 class DefaultActionPolicy:
@@ -258,12 +266,11 @@ class Chain:
             if isinstance(shown, Deferred):
                 return self._review_when_shown(shown, operation, decision, notify)
             return self.approvals.hold(shown[0], shown[1], notify)
-        except Unshowable as e:
-            return Decision(Action.DENY, decision.rule, str(e), decision.facts)
         except Exception as e:
-            _log.failure("approvals failed on {kind} in session {session}", kind=operation.kind,
-                         session=operation.session.id)
-            return _fail_closed(f"the approval could not be requested ({type(e).__name__})")
+            if not isinstance(e, Unshowable):
+                _log.failure("approvals failed on {kind} in session {session}", kind=operation.kind,
+                             session=operation.session.id)
+            return _not_held(decision, e)
 
     def _review_when_shown(self, shown: Deferred, operation: Operation, decision: Decision, notify: Any) -> Deferred:
         """
@@ -295,7 +302,7 @@ class Chain:
             except Exception as e:
                 _log.failure("approvals failed on {kind} in session {session}", kind=operation.kind,
                              session=operation.session.id)
-                fire(_fail_closed(f"the approval could not be requested ({type(e).__name__})"))
+                fire(_not_held(decision, e))
                 return
             if isinstance(held, Deferred):
                 stage = held
@@ -306,12 +313,11 @@ class Chain:
         def failed(failure: Failure) -> None:
             if failure.check(CancelledError):
                 fire(failure)
-            elif failure.check(Unshowable):
-                fire(Decision(Action.DENY, decision.rule, str(failure.value), decision.facts))
-            else:
+                return
+            if not failure.check(Unshowable):
                 _log.failure("reading what approvers see failed on {kind} in session {session}", failure,
                              kind=operation.kind, session=operation.session.id)
-                fire(_fail_closed(f"the approval could not be requested ({failure.type.__name__})"))
+            fire(_not_held(decision, failure.value))
 
         shown.addCallbacks(ready, failed)
         return result

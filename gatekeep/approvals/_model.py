@@ -43,6 +43,14 @@ def digest_of(identity: str, target: str, rule: str, kind: str, text: str, param
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def held_body(facts: Any) -> dict[str, Any] | None:
+    """The body of a held HTTP request as approvers see it (``facts["request"]["body"]``: bytes, sha256,
+    content_type and, for text, the text as recorded), or None."""
+    request = facts.get("request") if isinstance(facts, dict) else None
+    body = request.get("body") if isinstance(request, dict) else None
+    return body if isinstance(body, dict) else None
+
+
 @attrs.frozen
 class ApproverDecision:
     """One person's answer to a request."""

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gatekeep.approvals._model import (APPROVE, DENY, ApprovalEvent, ApprovalRequest, ApproverDecision, Status,
-                                       digest_of)
+                                       digest_of, held_body)
 from gatekeep.interfaces import IApprovals
 from gatekeep.metrics import Registry
 from gatekeep.model import Action, Decision, Identity, Operation
@@ -204,18 +204,16 @@ class ApprovalService:
         while request_id in self._pending or request_id in self._recent:
             request_id = new_request_id()
         facts = dict(decision.facts)
-        body = None
         if operation.extra:
             facts["request"] = operation.extra
-            shown = operation.extra.get("body")  # an HTTP request's body, read before it was held
-            body = shown.get("sha256") if isinstance(shown, dict) else None
+        body = held_body(facts)  # an HTTP request's body, read before it was held: its digest is bound too
         request = ApprovalRequest(
             id=request_id, node=self.node, session_id=session.id, seq=operation.seq, identity=session.identity.name,
             groups=tuple(sorted(session.identity.groups)), target=session.target, protocol=session.protocol,
             client=str(session.client), rule=rule, kind=operation.kind, text=operation.text,
             parameters=tuple(operation.parameters),
             digest=digest_of(session.identity.name, session.target, rule, operation.kind, operation.text,
-                             tuple(operation.parameters), body),
+                             tuple(operation.parameters), body.get("sha256") if body is not None else None),
             facts=facts, approvals_needed=review.approvals, approver_groups=tuple(review.approvers),
             reason_required=review.reason_required, window=review.window, created_at=now,
             expires_at=now + review.timeout,

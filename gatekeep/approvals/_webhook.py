@@ -19,7 +19,7 @@ from typing import Any
 from twisted.internet.defer import DeferredSemaphore
 from twisted.logger import Logger
 
-from gatekeep.approvals._model import ApprovalRequest, Status
+from gatekeep.approvals._model import ApprovalRequest, Status, held_body
 from gatekeep.web import BytesProducer, url_bytes, url_where
 
 _log = Logger()
@@ -43,9 +43,8 @@ def _short(text: str, limit: int = TEXT_LIMIT) -> str:
 def payload(event: str, r: ApprovalRequest, approve_command: str = "gatekeep approvals approve {id}") -> dict:
     """The JSON body for ``event`` (approval.requested or approval.resolved)."""
     what = _short(r.text)
-    request = r.facts.get("request") if isinstance(r.facts, dict) else None
-    body = request.get("body") if isinstance(request, dict) else None
-    if isinstance(body, dict):  # an HTTP request's body (masked as recorded), or what it is when not text
+    body = held_body(r.facts)
+    if body is not None:  # an HTTP request's body (masked as recorded), or what it is when not text
         what += "\n" + (_short(body["text"]) if body.get("text") else
                         f"[{body.get('bytes')} bytes of {body.get('content_type') or 'body'}, "
                         f"sha256:{body.get('sha256')}]")

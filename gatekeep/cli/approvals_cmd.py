@@ -259,7 +259,7 @@ def list_requests(args) -> int:
     print(f"{'ID':<11} {'AGE':>4}  {'STATUS':<9} {'IDENTITY':<14} {'TARGET':<12} {'RULE':<20} {'OK':>4}  WHAT")
     for r in rows:
         say(f"{r['id']:<11} {_age(r['created_at']):>4}  {r['status']:<9} {r['identity']:<14} {r['target']:<12} "
-             f"{r['rule']:<20} {_progress(r):>4}  {_one_line(r['text'])}")
+            f"{r['rule']:<20} {_progress(r):>4}  {_one_line(r['text'])}")
     return 0
 
 
@@ -273,9 +273,9 @@ def show(args) -> int:
     say(f"identity   {r['identity']} (groups: {', '.join(r['groups']) or '-'}) from {r['client']}")
     say(f"target     {r['target']} ({r['protocol']}), session {r['session_id']} #{r['seq']}")
     say(f"rule       {r['rule']}: needs {r['approvals_needed']} approval(s)"
-         f"{' from ' + ' or '.join(r['approver_groups']) if r['approver_groups'] else ''}"
-         f"{', with a reason' if r['reason_required'] else ''}; grant {r['grant']}"
-         f"{' for ' + str(int(r['window'])) + 's' if r['window'] else ''}")
+        f"{' from ' + ' or '.join(r['approver_groups']) if r['approver_groups'] else ''}"
+        f"{', with a reason' if r['reason_required'] else ''}; grant {r['grant']}"
+        f"{' for ' + str(int(r['window'])) + 's' if r['window'] else ''}")
     print(f"requested  {_when(r['created_at'])}, expires {_when(r['expires_at'])}")
     say(f"held       {r['kind']}:")
     for line in printable_lines(r["text"]):
@@ -314,7 +314,7 @@ def approve(args) -> int:
     else:
         missing = r["approvals_needed"] - r["approvals"]
         say(f"approved request {r['id']} ({r['approvals']} of {r['approvals_needed']} approvals; waiting for "
-             f"{missing} more from someone else)")
+            f"{missing} more from someone else)")
     return 0
 
 

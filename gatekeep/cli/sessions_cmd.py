@@ -93,7 +93,7 @@ def list_sessions(args) -> int:
     for r in rows:
         end = r["end_reason"] or "(open)"
         say(f"{r['id']:<24} {_when(r['started_at']):<23} {r['identity']:<16} {r['target']:<12} "
-             f"{r['client']:<22} {r['operations']:>5}  {end}")
+            f"{r['client']:<22} {r['operations']:>5}  {end}")
     return 0
 
 
@@ -130,10 +130,10 @@ def show(args) -> int:
             say(f"      rule: {r['rule']} {r['reason'] or ''}")
     for a in s.get("approvals") or []:
         say(f"approval  {a['id']} for #{a['seq']} ({a['rule']}): {a['status']}"
-             f"{': ' + a['resolution'] if a['resolution'] else ''}")
+            f"{': ' + a['resolution'] if a['resolution'] else ''}")
         for d in a["decisions"]:
             say(f"          {_when(d['at'])}  {d['verdict']} by {d['approver']}"
-                 f"{': ' + d['reason'] if d['reason'] else ''}")
+                f"{': ' + d['reason'] if d['reason'] else ''}")
     return 0
 
 

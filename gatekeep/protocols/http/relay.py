@@ -416,11 +416,7 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
             ex.bytes_out += len(data)
             self.send(data)
 
-        def stop(_: Deferred) -> None:
-            ex.gathering = ex.gathered = None
-            self._stop_gather_timer(ex)
-
-        gathering = ex.gathering = Deferred(stop)
+        gathering = ex.gathering = Deferred(lambda _: self._end_gathering(ex))
         if self.options.idle_timeout:
             ex.gather_timer = self.gateway.reactor.callLater(self.options.idle_timeout, self._gather_late, ex)
         gathering.addCallback(lambda _: self._shown_with_body(op, decision, ex))
@@ -442,15 +438,23 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
         return self._recordable(attrs.evolve(op, extra={**(op.extra or {}), "body": body}), decision)
 
     @staticmethod
-    def _stop_gather_timer(ex: Exchange) -> None:
+    def _end_gathering(ex: Exchange, keep: bool = False) -> Deferred | None:
+        """
+        Stop reading a held request's body: returns the Deferred that was waiting for it (None when none was),
+        stops its timer, and drops what was read unless ``keep`` (the whole body, which goes upstream once
+        approved).
+        """
+        d, ex.gathering = ex.gathering, None
+        if not keep:
+            ex.gathered = None
         timer, ex.gather_timer = ex.gather_timer, None
         if timer is not None and timer.active():
             timer.cancel()
+        return d
 
     def _gather_late(self, ex: Exchange) -> None:
         """A held request's body did not end within the idle timeout: denied, and the connection closed."""
-        ex.gather_timer = None
-        d, ex.gathering, ex.gathered = ex.gathering, None, None
+        d = self._end_gathering(ex)
         if d is None or self.mode is _CLOSED:
             return
         self.end_reason = "a request held for approval did not send its whole body in time"
@@ -466,10 +470,9 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
         if ex.shown_excerpt is not None:
             ex.shown_excerpt.add(content)
         if ex.gathered_bytes > HELD_BODY_LIMIT:
-            self._stop_gather_timer(ex)
-            d, ex.gathering, ex.gathered = ex.gathering, None, None
-            d.errback(Unshowable(f"the request's body is larger than gatekeep reads for approvers "
-                                 f"({HELD_BODY_LIMIT} bytes): a request held for approval must carry less"))
+            self._end_gathering(ex).errback(Unshowable(
+                f"the request's body is larger than gatekeep reads for approvers ({HELD_BODY_LIMIT} bytes): a "
+                f"request held for approval must carry less"))
 
     def _record_start(self, ex: Exchange, decision: Any) -> Any:
         """Record the operation; returns (decision, Deferred or None for a strict recording)."""
@@ -551,8 +554,7 @@ class ClientSide(ClientLogin, protocol.Protocol):  # built by gatekeep.protocols
         ex.request_done = True
         if ex.gathering is not None:
             # the body of a request to be held is read: hold it (nothing more is read meanwhile)
-            d, ex.gathering = ex.gathering, None
-            self._stop_gather_timer(ex)
+            d = self._end_gathering(ex, keep=True)
             self._hold = "approval"
             d.callback(None)
             return

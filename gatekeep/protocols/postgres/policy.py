@@ -221,14 +221,18 @@ class SqlSessionState:
         if analysis.search_path is not None:
             self.search_path.update(analysis.search_path)
         for name, body in analysis.prepares:
-            if name in self.prepared or (self.protocol is not None and self.protocol(name) is not None):
-                continue  # the server refuses a PREPARE of a name in use (42P05): what it stands for stays
-            self.prepared[name] = body
+            if not self.in_use(name):  # the server refuses a PREPARE of a name in use (42P05): it stays what it was
+                self.prepared[name] = body
         for name in analysis.deallocates:
             if name is None:
                 self.prepared.clear()
             else:
                 self.prepared.pop(name, None)
+
+    def in_use(self, name: str) -> bool:
+        """Whether a prepared statement has ``name`` (a Parse or a PREPARE of it is refused: names are never
+        replaced, only closed or deallocated)."""
+        return bool(name) and self.statement(name) is not None
 
     def statement(self, name: str) -> Analysis | None:
         """What ``EXECUTE name`` runs: a name is one statement at the server, one a Parse made (as the server

@@ -27,7 +27,7 @@ import secrets as _secrets
 import struct
 import uuid
 from collections import deque
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 from twisted.internet import protocol
@@ -113,6 +113,18 @@ def _param_text(value: bytes | None, binary: bool, type_oid: int = 0) -> str | N
     return text
 
 
+class _ParseMemo(NamedTuple):
+    """A Parse allowed on its text (Frontend.on_parse): its bytes, the codec and ``_judging()`` it was judged
+    under, the Statement made of it, its analysis and its name."""
+
+    body: bytes
+    codec: str
+    judging: tuple
+    statement: Statement
+    analysis: Any
+    name: str
+
+
 def _held_at_execute(analysis: Any) -> bool:
     """
     Whether a Parse sent without its Bind that a rule would hold may go to the server unheld, to be held at each
@@ -162,10 +174,9 @@ class Frontend(ClientStartup, protocol.Protocol):
         self.statements = Statements()
         # client messages waiting for a decision that is not in yet
         self._inbox: deque = deque()
-        #: the last Parse allowed on its text alone: (its bytes, the codec and _judging() it was judged under,
-        #: the Statement made, its analysis, its name). Drivers send the same Parse again for each execution
-        #: (an unnamed statement: psycopg, JDBC, pgbench -M extended); see on_parse
-        self._parse_memo: tuple | None = None
+        #: the last Parse allowed on its text alone; drivers send the same Parse again for each execution (an
+        #: unnamed statement: psycopg, JDBC, pgbench -M extended); see on_parse
+        self._parse_memo: _ParseMemo | None = None
         self._waiting: Deferred | None = None
         self.sql_state: SqlSessionState | None = None
         # masking: the plan for this session, the columns it may need (read at login) and what the
@@ -598,12 +609,12 @@ class Frontend(ClientStartup, protocol.Protocol):
         keeps (an allowed Parse is recorded with its executions, so no record is skipped).
         """
         memo = self._parse_memo
-        if memo is not None and memo[0] == m.body and memo[1] is self.settings.codec \
-                and memo[2] == self._judging() and not self.settings.in_doubt(m.body):
+        if memo is not None and memo.body == m.body and memo.codec is self.settings.codec \
+                and memo.judging == self._judging() and not self.settings.in_doubt(m.body):
             self.gateway.chain.metrics.decisions.inc("postgres", "allow")
-            self.sql_state.apply(memo[4])
-            if not self._name_in_use(memo[5]):
-                self.statements.parsed(self.tracker.syncs_sent + 1, memo[5], memo[3])
+            self.sql_state.apply(memo.analysis)
+            if not self.sql_state.in_use(memo.name):
+                self.statements.parsed(self.tracker.syncs_sent + 1, memo.name, memo.statement)
             out.append(m.encode())
             return None
         parse = pg.parse_parse(m.body, self.settings.codec)
@@ -633,20 +644,21 @@ class Frontend(ClientStartup, protocol.Protocol):
             if decision.action is _ALLOW or decision.action is _REVIEW:  # review: not held here (hold=False)
                 analysis = analyze(parse.query)
                 self.sql_state.apply(analysis)
+                if self.sql_state.in_use(parse.statement):
+                    out.append(m.encode())  # the server refuses it (42P05): what the name stands for stays
+                    return
                 results = self.results
                 judging = self._judging()
                 statement = Statement(
                     parse.query, decision if decision.action is _ALLOW else None, analysis.runs_code, judging,
                     None if results is None else results.parse_for(analysis, self.sql_state), parse.param_types)
-                if self._name_in_use(parse.statement):
-                    out.append(m.encode())  # the server refuses it (42P05): what the name stands for stays
-                    return
                 self.statements.parsed(self.tracker.syncs_sent + 1, parse.statement, statement)
                 if decision.action is _ALLOW and not (decision.facts and "approval" in decision.facts) \
                         and not (analysis.executes or analysis.prepares or analysis.deallocates):
                     # allowed on its text (an approval releases one execution only, and an EXECUTE is judged
                     # as what its name is prepared as now: neither reused)
-                    self._parse_memo = (m.body, self.settings.codec, judging, statement, analysis, parse.statement)
+                    self._parse_memo = _ParseMemo(m.body, self.settings.codec, judging, statement, analysis,
+                                                  parse.statement)
                 out.append(m.encode())
                 return
             # the stand-in fails at the server, which keeps the statement it had under this name
@@ -660,11 +672,6 @@ class Frontend(ClientStartup, protocol.Protocol):
         if parse.unreadable:
             return self._unreadable(op, carry_out, record)
         return self._judge(op, carry_out, self._refine_for(parse.query), record, shown, hold)
-
-    def _name_in_use(self, name: str) -> bool:
-        """Whether a Parse of ``name`` finds the name taken (a named statement is never replaced: the server refuses
-        such a Parse, and what the name stands for stays)."""
-        return bool(name) and (self.statements.get(name) is not None or name in self.sql_state.prepared)
 
     def _protocol_statement(self, name: str) -> Any:
         """
