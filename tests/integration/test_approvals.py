@@ -25,8 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.integration.pg_gateway_helpers import (RawClient, gk_cli, pg_target, poll, query_message, show_session,
-                                                  upstream_env)
+from tests.integration.pg_gateway_helpers import (RawClient, gk_cli, message, pg_target, poll, query_message,
+                                                  show_session, upstream_env)
 from tests.support.gatekeep_process import GatekeepProcess, tcp_listen
 from tests.support.identities import make_identity
 from tests.support.pgserver import PgServer, _clean_env
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.integration
 
 REQUEST_ID = re.compile(r"request ([0-9a-z]{10})\b")
 TABLES = ("ap_once", "ap_deny", "ap_expire", "ap_cancel", "ap_window", "ap_self", "ap_two", "ap_trail", "ap_ext",
-          "ap_prep", "ap_load")
+          "ap_prep", "ap_load", "ap_bind")
 PEOPLE = {"agent": ["agents"], "alice": ["dba"], "bob": ["dba"], "audrey": ["audit"], "olga": ["ops"]}
 
 
@@ -58,6 +58,7 @@ POLICIES = [
     _review("review-trail", "ap_trail", reason_required=True),
     _review("review-ext", "ap_ext"),
     _review("review-prep", "ap_prep"),
+    _review("review-bind", "ap_bind"),
     _review("review-load", "ap_load", timeout="10m"),
 ]
 
@@ -530,6 +531,33 @@ def test_an_approved_prepared_statement_runs_once_then_is_held_again_with_its_va
     worker.join(15)
     assert "error" not in result, result.get("error")
     assert (result["first"], result["second"]) == (1, 1) and gw.remaining("ap_prep") == "2"
+
+
+def test_a_bind_sent_ahead_of_its_held_execute_opens_nothing_at_the_server(gw):
+    """A client prepares a DELETE (Parse, Sync), then sends its Bind in one write and the Execute and Sync in
+    another. The Bind waits for the rest of its group and then, with it, for the approval: meanwhile the server
+    has no transaction and no lock on the table; once approved the DELETE runs with the value bound."""
+    gw.reset("ap_bind")
+    with RawClient(gw.gk.ports["db"], timeout=30) as c:
+        c.login("agent", gw.tokens["agent"])
+        c.send(message(b"P", b"del\0DELETE FROM ap_bind WHERE id = $1\0\0\0") + message(b"S"))
+        assert [t for t, _ in c.read_until({b"Z"})] == [b"1", b"Z"]
+        c.send(message(b"B", b"\0del\0\0\0\0\x01\0\0\0\x012\0\0"))
+        time.sleep(0.3)  # the Bind alone: the server would have it by now
+        c.send(message(b"E", b"\0\0\0\0\0") + message(b"S"))
+        (request,) = poll("the execution to be held", lambda: [
+            r for r in gw.api("/v1/approvals?status=pending")["approvals"] if r["rule"] == "review-bind"], timeout=10)
+        assert request["kind"] == "execute" and request["parameters"] == ["2"]
+        states = gw.pg.psql("SELECT state FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                            " AND pid <> pg_backend_pid() AND query LIKE '%ap_bind%';").stdout
+        assert "idle in transaction" not in states and "active" not in states, states
+        locks = gw.pg.psql("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+                           " WHERE c.relname = 'ap_bind';").stdout
+        assert locks.strip() == "0", locks
+        assert gw.cli("alice", "approve", request["id"]).returncode == 0
+        answer = c.read_until({b"Z"})
+        assert [t for t, _ in answer if t != b"N"] == [b"2", b"C", b"Z"], answer
+    assert gw.remaining("ap_bind") == "1,3"
 
 
 # -- 500 held requests ------------------------------------------------------------------------

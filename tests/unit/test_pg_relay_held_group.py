@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gatekeep.protocols.postgres import _codec as pg
-from tests.unit.test_pg_relay_approvals import held, relay  # noqa: F401 (fixtures)
+from tests.unit.test_pg_relay_approvals import BOB, held, relay  # noqa: F401 (fixtures)
 from tests.unit.test_pg_relay_memory import ALICE_TOKEN, FakePostgres
 
 
@@ -52,3 +52,76 @@ def test_copy_data_before_a_statement_waiting_for_settings_goes_to_the_server(re
     answer += client.send(b"")
     assert relay.server.copied == [b"x\n", "done"]
     assert relay.server.queries[-1] == "select 'a\\b'"
+
+
+class TypesPostgres(FakePostgres):
+    """FakePostgres that notes the type of every message of the extended protocol it gets (and answers none)."""
+
+    def handle(self, m):
+        if self.reader.typed and m.type in b"PBDECHS":
+            self.factory.types.append(m.type)
+        else:
+            super().handle(m)
+
+
+def _typed_server(relay):  # noqa: F811
+    relay.server.types = []
+    relay.server.buildProtocol = lambda addr: TypesPostgres(relay.server)
+    client = relay.connect()
+    client.login("alice", ALICE_TOKEN)
+    return client
+
+
+def test_a_bind_sent_before_its_held_execute_waits_with_it(relay):  # noqa: F811
+    """The client sends the Parse of a DELETE, its Bind, and its Execute and Sync in three writes (a Parse sent
+    alone goes to the server unheld; its Execute is held with the values bound): the Parse and Bind (which
+    would open the server's transaction and take the table's locks) wait for the rest of the group, and then
+    for the approval of the Execute, with it."""
+    client = _typed_server(relay)
+    client.send(pg.parse("", "delete from users where id = $1", ()))
+    client.send(pg.bind("", "", (), (b"7",), ()))
+    relay.network.flush()
+    assert relay.server.types == []
+    client.send(pg.execute("") + pg.sync())
+    relay.network.flush()
+    (request,) = relay.approvals.pending()
+    assert request.parameters == ("7",)
+    assert relay.server.types == []
+    relay.approvals.approve(request.id, BOB, "ok")
+    relay.network.flush()
+    assert relay.server.types == [b"P", b"B", b"E", b"S"]
+
+
+def test_an_unfinished_group_goes_with_a_flush_or_an_allowed_execute(relay):  # noqa: F811
+    """The group's start waits only for the rest of it: a Flush (the client then waits for the answers) sends
+    it, and so does an Execute that is allowed."""
+    client = _typed_server(relay)
+    client.send(pg.parse("", "select 1", ()))
+    relay.network.flush()
+    assert relay.server.types == []
+    client.send(pg.bind("", "", (), (), ()) + pg.describe("P", ""))
+    relay.network.flush()
+    assert relay.server.types == []
+    client.send(pg.flush())
+    relay.network.flush()
+    assert relay.server.types == [b"P", b"B", b"D", b"H"]
+    client.send(pg.bind("", "", (), (), ()))
+    relay.network.flush()
+    assert relay.server.types == [b"P", b"B", b"D", b"H"]
+    client.send(pg.execute(""))
+    relay.network.flush()
+    assert relay.server.types == [b"P", b"B", b"D", b"H", b"B", b"E"]
+
+
+def test_an_unfinished_group_past_the_limit_goes_at_once(relay, monkeypatch):  # noqa: F811
+    """What is kept back is bounded: a client that sends Parses without end has them sent on past the limit."""
+    from gatekeep.protocols.postgres import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "UNFINISHED_LIMIT", 200)
+    client = _typed_server(relay)
+    client.send(pg.parse("a", "select 1", ()))
+    relay.network.flush()
+    assert relay.server.types == []
+    client.send(b"".join(pg.parse(f"s{i}", "select 1", ()) for i in range(10)))
+    relay.network.flush()
+    assert relay.server.types == [b"P"] * 11

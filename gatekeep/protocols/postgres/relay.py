@@ -60,6 +60,8 @@ _READY, _CLOSED, _ALLOW, _REVIEW = Phase.READY, Phase.CLOSED, Action.ALLOW, Acti
 #: the extended protocol's messages that belong to the group their Sync ends: what of a group came before a
 #: held operation waits with it (see _relay)
 _GROUP_MEMBERS = frozenset({b"P", b"B", b"D", b"E", b"C", b"H"})
+#: the most of an unfinished group kept back until the client sends the rest (see Frontend._relay)
+UNFINISHED_LIMIT = 1 << 20
 
 #: a statement that fails at parse time without touching anything: sent instead
 #: of a denied one, so the server's transaction state matches what the client is told
@@ -174,6 +176,11 @@ class Frontend(ClientStartup, protocol.Protocol):
         self.statements = Statements()
         # client messages waiting for a decision that is not in yet
         self._inbox: deque = deque()
+        #: the start of a group the client has not finished sending: Parses and Binds (and Describes, Closes)
+        #: with no Execute, Flush or Sync yet. They wait for the rest of it: a Parse or Bind at the server opens
+        #: its transaction and takes the statement's locks, which would stay for as long as an approval of the
+        #: Execute still to come takes. The client waits for no answer to them before it sends a Flush or Sync.
+        self._unfinished: list[bytes] = []
         #: the last Parse allowed on its text alone; drivers send the same Parse again for each execution (an
         #: unnamed statement: psycopg, JDBC, pgbench -M extended); see on_parse
         self._parse_memo: _ParseMemo | None = None
@@ -261,6 +268,7 @@ class Frontend(ClientStartup, protocol.Protocol):
             return
         self.end_reason = f"access ended: {reason}"
         self._inbox.clear()  # what the client queued behind a held statement is not run once its access ended
+        self._unfinished = []
         self.withdraw(f"access ended: {reason}")  # a statement held for approval is given up, with the reason
         if self.upstream is not None and not self.upstream.stream.at_boundary():
             self.close()  # in the middle of a server message: nothing more can be said
@@ -341,9 +349,11 @@ class Frontend(ClientStartup, protocol.Protocol):
         self._relay(messages)
 
     def _relay(self, messages) -> None:
-        out: list[bytes] = []
+        out, self._unfinished = self._unfinished, []
         #: how much of ``out`` ends a group (up to its last Sync, Query or FunctionCall)
         cut = 0
+        #: whether ``out`` after ``cut`` prepares (a Parse or Bind) with no Execute or Flush after it yet
+        unfinished = bool(out)
         queue = deque(messages)
         while queue:
             m = queue.popleft()
@@ -404,6 +414,11 @@ class Frontend(ClientStartup, protocol.Protocol):
             if d is None:
                 if t not in _GROUP_MEMBERS:  # a Sync, a Query or FunctionCall, COPY data: the server may have it
                     cut = len(out)
+                    unfinished = False
+                elif t == b"P" or t == b"B":
+                    unfinished = True
+                elif t == b"E" or t == b"H":
+                    unfinished = False
                 continue
             # a decision (or a strict recording) is pending: hold everything behind it, and what came before it
             # in its own group (a Bind before a held Execute would open the server's transaction, and take its
@@ -416,6 +431,9 @@ class Frontend(ClientStartup, protocol.Protocol):
             self._inbox.extendleft(reversed(queue))
             d.addBoth(self._decided, out)
             return
+        if unfinished and cut < len(out) and sum(map(len, out[cut:])) <= UNFINISHED_LIMIT:
+            self._unfinished = out[cut:]
+            del out[cut:]
         if out:
             self.upstream.send(b"".join(out))
 
