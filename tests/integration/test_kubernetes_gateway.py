@@ -62,6 +62,8 @@ def kube(gatekeep_module, tls_files, tmp_path_factory):
              "action": "deny", "reason": "agents may not delete"},
             {"name": "no-exec-in-kube-system", "match": {"resources": ["pods/exec"], "namespaces": ["kube-system"]},
              "action": "deny"},
+            {"name": "agents-no-new-bindings",
+             "match": {"groups": ["agents"], "verbs": ["create"], "resources": ["rolebindings"]}, "action": "deny"},
         ],
         "masking": [{"name": "watched-pii", "match": {"groups": ["watched"]}, "detectors": ["credit_card", "email"]}],
     }
@@ -220,6 +222,30 @@ def test_delete_pod_denied_with_kubectls_own_error(kube):
     found = records(gk, lambda rs: any(r["action"] == "deny" for r in rs))
     denied = [r for r in found if r["action"] == "deny"]
     assert denied[0]["rule"] == "agents-never-delete" and denied[0]["facts"]["verb"] == "delete"
+
+
+ROLE_BINDING = """apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: agent-admin, namespace: default}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: admin}
+subjects: [{kind: ServiceAccount, name: agent, namespace: default}]
+"""
+
+
+def test_replace_that_may_create_a_rolebinding_is_denied_as_a_create(kube):
+    """kubectl replace of a RoleBinding is a PUT, which the API server turns into a create when the binding does
+    not exist (RBAC bindings are created on update): a rule denying agents the creation of RoleBindings denies it
+    with kubectl's own error, and the PUT never reaches the API server."""
+    gk, api, configs, home = kube
+    before = len(api.requests)
+    out = kubectl(kube, "agent", "replace", "--validate=false", "-f", "-", input=ROLE_BINDING)
+    assert out.returncode != 0
+    assert out.stderr.startswith("Error from server (Forbidden):"), out.stderr
+    assert "rule agents-no-new-bindings" in out.stderr, out.stderr
+    assert not any(r["method"] == "PUT" for r in api.requests[before:])
+    found = records(gk, lambda rs: any(r["rule"] == "agents-no-new-bindings" for r in rs))
+    (denied,) = [r for r in found if r["rule"] == "agents-no-new-bindings"]
+    assert denied["facts"]["verb"] == "update" and denied["facts"]["may_create"] is True
 
 
 def test_impersonation_is_refused_whatever_the_rules_say(kube):

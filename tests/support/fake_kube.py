@@ -2,7 +2,7 @@
 
 No real API server can run on the test machine, so this stands in for one. It
 is not Kubernetes: it serves legacy discovery (``/api``, ``/apis``,
-``/api/v1``, ``/version``), pods and secrets (get, list as a Table or a list,
+``/api/v1``, ``/version``, and the RBAC group's resources, none of its objects), pods and secrets (get, list as a Table or a list,
 watch, delete with a short "Terminating" phase so ``kubectl delete`` waits on
 its watch), ``pods/log`` (``follow`` streams), and ``pods/exec`` over
 WebSocket (``v5.channel.k8s.io`` and ``v4.channel.k8s.io``) or, when WebSocket
@@ -41,6 +41,20 @@ RESOURCES = {
          "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]},
         {"name": "namespaces", "singularName": "namespace", "namespaced": False, "kind": "Namespace",
          "shortNames": ["ns"], "verbs": ["get", "list", "watch"]},
+    ],
+}
+
+#: the RBAC group in discovery only (its objects are never served: 404), so kubectl can name RoleBindings
+RBAC_VERSION = {"groupVersion": "rbac.authorization.k8s.io/v1", "version": "v1"}
+RBAC_GROUP = {"name": "rbac.authorization.k8s.io", "versions": [RBAC_VERSION], "preferredVersion": RBAC_VERSION}
+RBAC_RESOURCES = {
+    "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "rbac.authorization.k8s.io/v1",
+    "resources": [
+        {"name": "rolebindings", "singularName": "rolebinding", "namespaced": True, "kind": "RoleBinding",
+         "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]},
+        {"name": "clusterrolebindings", "singularName": "clusterrolebinding", "namespaced": False,
+         "kind": "ClusterRoleBinding",
+         "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]},
     ],
 }
 
@@ -124,7 +138,9 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
                 {"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1:6443"}]})
         elif url.path == "/apis":
-            self._json(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+            self._json(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [RBAC_GROUP]})
+        elif url.path == "/apis/rbac.authorization.k8s.io/v1":
+            self._json(200, RBAC_RESOURCES)
         elif url.path == "/api/v1":
             self._json(200, RESOURCES)
         elif url.path == "/version":

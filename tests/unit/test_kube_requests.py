@@ -130,3 +130,37 @@ def test_the_decision_cache_tells_a_secrets_websocket_from_a_plain_request():
     for fields, action in (((), Action.ALLOW), (WEBSOCKET, Action.DENY)):
         r = request(b"GET", b"/api/v1/namespaces/default/secrets?watch=1", *fields)
         assert engine.decide(Operation(session, next(_seq), "http", r.text, 0.0, r)).action is action
+
+
+NO_BINDINGS = {"name": "no-new-bindings", "action": "deny",
+               "match": {"groups": ["agents"], "verbs": ["create"], "resources": ["rolebindings", "clusterrolebindings"]}}
+
+
+@pytest.mark.parametrize("target", [b"/apis/rbac.authorization.k8s.io/v1/namespaces/default/rolebindings/admin",
+                                    b"/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/root"])
+def test_a_put_that_may_create_is_judged_as_the_create_it_may_be(target):
+    """A PUT of a resource the API server creates on update (kubectl replace of a RoleBinding that does not exist
+    yet) is authorized by the API server as create as well as update: a rule denying create denies it, and an
+    allow rule must allow both."""
+    put = request(b"PUT", target, b"Content-Type: application/json")
+    assert put.info.verb == "update" and put.info.verbs == ("update", "create")
+    assert put.info.summary()["may_create"]
+    decision = decide(put, NO_BINDINGS)
+    assert decision.action is Action.DENY and decision.rule == "no-new-bindings"
+    update_only = {"name": "agents-update", "action": "allow", "match": {"groups": ["agents"], "verbs": ["update"]}}
+    assert decide(put, update_only, default_action="deny").action is Action.DENY
+    both = {"name": "agents-write", "action": "allow", "match": {"groups": ["agents"], "verbs": ["update", "create"]}}
+    assert decide(put, both, default_action="deny").action is Action.ALLOW
+
+
+@pytest.mark.parametrize("target", [b"/api/v1/namespaces/default/pods/web-0",
+                                    b"/apis/rbac.authorization.k8s.io/v1/namespaces/default/rolebindings/admin/status",
+                                    b"/apis/example.com/v1/namespaces/default/rolebindings/admin",
+                                    b"/apis/rbac.authorization.k8s.io/v1/namespaces/default/rolebindings"])
+def test_other_puts_are_updates_only(target):
+    """A PUT of a resource that is never created on update (a pod, a subresource, a custom resource, no name) is
+    judged as update alone."""
+    put = request(b"PUT", target, b"Content-Type: application/json")
+    assert put.info.verbs == ("update",) and not put.info.may_create
+    update_only = {"name": "agents-update", "action": "allow", "match": {"groups": ["agents"], "verbs": ["update"]}}
+    assert decide(put, update_only, default_action="deny").action is Action.ALLOW

@@ -23,6 +23,22 @@ NAMESPACE_SUBRESOURCES = frozenset({"status", "finalize"})
 #: subresources that open a stream
 STREAMING = frozenset({"exec", "attach", "portforward"})
 
+#: the resources whose API server creates an object that a PUT names when it does not exist (their registry
+#: strategy's ``AllowCreateOnUpdate``), by (API group, resource): the API server then authorizes ``create`` as
+#: well as ``update``. Built-in resources only (custom resources never create on update). A resource listed here
+#: that a given API server does not create on update costs only that ``create`` rules fit its PUTs too.
+CREATE_ON_UPDATE = frozenset({
+    ("", "endpoints"), ("", "events"), ("", "limitranges"), ("", "services"),
+    ("rbac.authorization.k8s.io", "roles"), ("rbac.authorization.k8s.io", "rolebindings"),
+    ("rbac.authorization.k8s.io", "clusterroles"), ("rbac.authorization.k8s.io", "clusterrolebindings"),
+    ("coordination.k8s.io", "leases"), ("events.k8s.io", "events"), ("node.k8s.io", "runtimeclasses"),
+    ("policy", "poddisruptionbudgets"),
+    ("admissionregistration.k8s.io", "validatingadmissionpolicies"),
+    ("admissionregistration.k8s.io", "validatingadmissionpolicybindings"),
+    ("admissionregistration.k8s.io", "mutatingadmissionpolicies"),
+    ("admissionregistration.k8s.io", "mutatingadmissionpolicybindings"),
+})
+
 _METHOD_VERBS = {"POST": "create", "GET": "get", "HEAD": "get", "PUT": "update", "PATCH": "patch",
                  "DELETE": "delete"}
 
@@ -39,8 +55,9 @@ class RequestInfo:
     name: str = ""
     #: the API prefix: "api" (the core group) or "apis"
     prefix: str = ""
-    #: a PATCH that may be a server-side apply, which creates the object when it does not exist: the API server
-    #: then also authorizes ``create``, so policy judges it as both ``patch`` and ``create``
+    #: a request that creates the object when it does not exist, and that the API server then also authorizes as
+    #: ``create``: a PATCH that may be a server-side apply, a PUT of a resource in CREATE_ON_UPDATE. Policy judges
+    #: it as both its verb and ``create``
     may_create: bool = False
 
     def summary(self) -> dict[str, Any]:
@@ -58,7 +75,7 @@ class RequestInfo:
 
     @property
     def verbs(self) -> tuple[str, ...]:
-        """The verbs the API server authorizes: ``verb``, and ``create`` for an apply that may create."""
+        """The verbs the API server authorizes: ``verb``, and ``create`` for a request that may create."""
         return (self.verb, "create") if self.may_create else (self.verb,)
 
     @property
@@ -122,7 +139,10 @@ def request_info(method: str, path: str, query: str, content_type: bytes | None 
     if method == "GET" and subresource in STREAMING:
         # exec, attach and portforward over WebSocket are authorized as create, like POST (SPDY)
         verb = "create"
-    may_create = method == "PATCH" and _may_apply(content_type)
+    if method == "PATCH":
+        may_create = _may_apply(content_type)
+    else:
+        may_create = method == "PUT" and bool(name) and not subresource and (group, resource) in CREATE_ON_UPDATE
     return RequestInfo(True, verb, group, version, resource, subresource, namespace, name, prefix, may_create)
 
 
