@@ -116,8 +116,9 @@ def test_secrets_over_websocket_are_refused(target):
     upgraded = request(b"GET", target, *WEBSOCKET)
     decision = decide(upgraded)
     assert decision.action is Action.DENY and decision.rule == "unmaskable-secrets"
-    assert decide(upgraded, mask_secrets=False).action is Action.ALLOW
-    assert decide(request(b"GET", b"/api/v1/namespaces/default/pods?watch=1", *WEBSOCKET)).action is Action.ALLOW
+    # without Secret masking it is still an upgrade no masking rule reaches (see below)
+    assert decide(upgraded, mask_secrets=False).rule == "unmaskable-upgrade"
+    assert decide(request(b"GET", b"/api/v1/namespaces/default/pods?watch=1", *WEBSOCKET)).rule == "unmaskable-upgrade"
 
 
 def test_the_decision_cache_tells_a_secrets_websocket_from_a_plain_request():
@@ -164,3 +165,77 @@ def test_other_puts_are_updates_only(target):
     assert put.info.verbs == ("update",) and not put.info.may_create
     update_only = {"name": "agents-update", "action": "allow", "match": {"groups": ["agents"], "verbs": ["update"]}}
     assert decide(put, update_only, default_action="deny").action is Action.ALLOW
+
+
+@pytest.mark.parametrize("target", [b"/api/v1/namespaces/default/configmaps?watch=1",
+                                    b"/api/v1/namespaces/default/configmaps/app",
+                                    b"/apis/apps/v1/namespaces/default/deployments?watch=true"])
+def test_other_resources_over_an_upgrade_are_refused(target):
+    """A watch (or get) of any resource served as WebSocket messages would reach the client past the session's
+    masking rules (keys, detectors): refused with rule unmaskable-upgrade, whatever the rules say; the same
+    request without the upgrade is allowed, and exec, attach, portforward and proxy upgrade as before."""
+    assert decide(request(b"GET", target)).action is Action.ALLOW
+    decision = decide(request(b"GET", target, *WEBSOCKET))
+    assert decision.action is Action.DENY and decision.rule == "unmaskable-upgrade"
+    for sub in (b"exec?command=sh", b"attach", b"portforward?ports=80", b"proxy/"):
+        streaming = request(b"GET", b"/api/v1/namespaces/default/pods/web-0/" + sub, *WEBSOCKET)
+        assert decide(streaming).action is Action.ALLOW, sub
+
+
+NO_PROD_LOGS = {"name": "no-prod-logs", "action": "deny",
+                "match": {"resources": ["pods/log"], "verbs": ["get"], "namespaces": ["prod"]}}
+NO_DB_CREDS = {"name": "no-db-creds", "action": "deny",
+               "match": {"resources": ["secrets", "configmaps"], "verbs": ["get"], "names": ["db-creds"]}}
+
+
+@pytest.mark.parametrize("target,rule", [
+    (b"/api/v1/namespaces/prod/pods/web-0/log?watch=1", NO_PROD_LOGS),
+    (b"/api/v1/namespaces/prod/pods/web-0/log?follow=true&watch=true", NO_PROD_LOGS),
+    (b"/api/v1/namespaces/default/secrets/db-creds?watch=1", NO_DB_CREDS),
+    (b"/api/v1/namespaces/default/configmaps/db-creds?watch=yes", NO_DB_CREDS),
+])
+def test_a_watch_parameter_on_a_named_object_is_still_a_get(target, rule):
+    """``GET .../pods/web-0/log?watch=1`` and ``GET .../configmaps/db-creds?watch=1`` have a name, so the API
+    server's RequestInfo keeps the verb ``get`` (watch is only read for nameless requests) and the GET handler
+    returns the object / the log. gatekeep judges them as ``get``: a rule on ``get`` fits them."""
+    r = request(b"GET", target)
+    decision = decide(r, rule)
+    assert decision.action is Action.DENY and decision.rule == rule["name"], (decision, r.info)
+    assert r.info.verb == "get", r.info
+
+
+NO_LIST = {"name": "no-secret-lists", "action": "deny", "match": {"resources": ["secrets"], "verbs": ["list"]}}
+
+
+@pytest.mark.parametrize("query", [b"watch=;&watch=false", b"watch=x;y&watch=0", b"watch=%zz&watch=false",
+                                   b"watch=1%&watch=false"])
+def test_a_watch_pair_go_drops_is_not_the_first_value(query):
+    """Go's ``URL.Query()`` drops ``watch=;`` and ``watch=%zz`` (a pair with a semicolon or a bad escape), so the
+    API server's first ``watch`` value is ``false`` and the request is a ``list``. gatekeep reads the query as Go
+    does (Python's parse_qs would keep the pair), so a rule on ``list`` fits."""
+    r = request(b"GET", b"/api/v1/namespaces/default/secrets?" + query)
+    decision = decide(r, NO_LIST)
+    assert decision.action is Action.DENY and decision.rule == "no-secret-lists", (decision, r.info)
+    assert r.info.verb == "list", r.info
+
+
+EXEC_101 = parse_head(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n", RESPONSE)
+
+def _server_frame(payload: bytes) -> bytes:
+    assert len(payload) < 126
+    return bytes([0x82, len(payload)]) + payload
+
+
+@pytest.mark.parametrize("sub", [b"exec", b"attach"])
+def test_exec_over_websocket_without_a_subprotocol_is_recorded(sub):
+    """The kubelet's WebSocket exec/attach server (pkg/kubelet/cri/streaming/remotecommand/websocket.go) accepts a
+    client that offers no Sec-WebSocket-Protocol (protocol "": binary channel framing, as channel.k8s.io), and
+    the API server proxies such an exec to it. gatekeep records it as
+    channel.k8s.io."""
+    r = request(b"GET", b"/api/v1/namespaces/default/pods/web-0/" + sub + b"?command=sh&stdin=true&stdout=true",
+                *WEBSOCKET)
+    feeder = DIALECT.stream_feeder(r, EXEC_101, 4096)
+    assert feeder is not None, "an exec over WebSocket with no subprotocol is not recorded"
+    pieces = feeder.feed(_server_frame(b"\x01uid=0(root)\n"), False)
+    assert any(p.kind == "o" and "uid=0(root)" in p.data for p in pieces)

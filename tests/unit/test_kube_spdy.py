@@ -226,3 +226,35 @@ def test_a_tunnel_that_is_not_binary_spdy_stops_its_recording_with_why():
     with pytest.raises(SpdyError) as e:
         TunneledSpdy(SpdyPortForwardDecoder()).feed(b"\x81\x02hi", False)
     assert "not binary" in str(e.value)
+
+
+@pytest.mark.parametrize("suffix", ["\x00", "\x00x"])
+def test_a_stream_type_with_a_second_value_is_still_recorded(suffix):
+    """A header value may hold several values joined by NUL; the kubelet reads the first (spdystream splits it,
+    Go's Header.Get takes the first), so ``streamtype: stdout\\0x`` is an ordinary stdout: recorded as one."""
+    client, server = Peer(), Peer()
+    up = b"".join([
+        client.syn_stream(1, {"streamtype": "error" + suffix}),
+        client.syn_stream(3, {"streamtype": "stdin" + suffix}),
+        client.syn_stream(5, {"streamtype": "stdout" + suffix}),
+        client.data(3, b"cat /var/run/secrets/kubernetes.io/serviceaccount/token\n"),
+        client.data(3, b"", fin=True),
+    ])
+    down = b"".join([
+        server.syn_reply(1), server.syn_reply(3), server.syn_reply(5),
+        server.data(5, b"eyJhbGciOiJSUzI1NiJ9.stolen\n"),
+        server.data(1, json.dumps({"metadata": {}, "status": "Success"}).encode(), fin=True),
+    ])
+    d = SpdyExecDecoder()
+    pieces = d.feed(up, True) + d.feed(down, False)
+    typed = "".join(p.data for p in pieces if p.kind == "i")
+    shown = "".join(p.data for p in pieces if p.kind == "o")
+    assert "serviceaccount/token" in typed, pieces
+    assert "stolen" in shown, pieces
+
+
+def test_a_stream_of_an_unknown_type_is_noted():
+    """A stream whose type the recorder does not know is not silently ignored: the recording says it opened."""
+    client = Peer()
+    pieces = SpdyExecDecoder().feed(client.syn_stream(1, {"streamtype": "stdsomething"}), True)
+    assert [p.kind for p in pieces] == ["m"] and "stdsomething" in pieces[0].data

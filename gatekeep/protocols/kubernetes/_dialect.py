@@ -189,7 +189,9 @@ class KubernetesDialect(HttpDialect):
         info = request.info
         if info.subresource in ("exec", "attach"):
             protocol = (response.index.get(b"sec-websocket-protocol") or b"").decode("latin-1").strip()
-            return channel_decoder(protocol)  # None: an unknown protocol, relayed, not decoded
+            # none negotiated: the kubelet's own framing, as channel.k8s.io; a protocol gatekeep does not know is
+            # recorded message by message, as any WebSocket (an exec is never left unrecorded)
+            return channel_decoder(protocol or "channel.k8s.io") or super().stream_decoder(request, response)
         if info.subresource == "portforward":
             return None
         return super().stream_decoder(request, response)

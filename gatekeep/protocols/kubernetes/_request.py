@@ -14,7 +14,6 @@ resource requests; for other paths (``/api``, ``/apis``, ``/version``,
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qs
 
 import attrs
 
@@ -125,14 +124,13 @@ def request_info(method: str, path: str, query: str, content_type: bytes | None 
     if resource == "namespaces" and namespace and len(rest) <= 3 and rest[0] == "namespaces":
         # /api/v1/namespaces/NAME[/status]: the namespace object itself
         name = namespace
-    # the query is parsed only when it may name watch (percent-encoded, a name can spell it without the letters)
-    params = parse_qs(query, keep_blank_values=True) if query and ("watch" in query or "%" in query) else {}
-    watch = watch_prefix or _true(params.get("watch"))
     if verb == "get" and not name:
-        verb = "list"
-    if verb == "list" and watch:
-        verb = "watch"
-    if verb == "get" and watch:
+        # only a request without a name reads ``watch`` (a GET of a named object with ?watch=1 is a get);
+        # the query is parsed only when it may name it (percent-encoded, a name can spell it without the letters)
+        watch = watch_prefix or (bool(query) and ("watch" in query or "%" in query)
+                                 and _true(go_query(query).get("watch")))
+        verb = "watch" if watch else "list"
+    elif verb == "get" and watch_prefix:
         verb = "watch"
     if verb == "delete" and not name:
         verb = "deletecollection"
@@ -157,6 +155,37 @@ def _may_apply(content_type: bytes | None) -> bool:
     if content_type is None:
         return True
     return content_type.split(b";")[0].strip().lower().decode("latin-1") not in _PLAIN_PATCHES
+
+
+def go_query(query: str) -> dict[str, list[str]]:
+    """A query string as Go's ``URL.Query()`` reads it (the API server's parameters): pairs split on ``&``, a
+    ``+`` is a space, and a pair holding a ``;`` or a malformed percent escape is dropped (Go 1.17 and later),
+    where Python's ``parse_qs`` would keep it."""
+    out: dict[str, list[str]] = {}
+    for pair in query.split("&"):
+        if not pair or ";" in pair:
+            continue
+        key, _, value = pair.partition("=")
+        try:
+            key, value = _go_unescape(key), _go_unescape(value)
+        except ValueError:
+            continue
+        out.setdefault(key, []).append(value)
+    return out
+
+
+def _go_unescape(text: str) -> str:
+    """Go's ``QueryUnescape``: ``+`` is a space, ``%XX`` a byte (UTF-8 as a whole); a bad escape is an error."""
+    if "%" not in text:
+        return text.replace("+", " ")
+    pieces = text.replace("+", " ").split("%")
+    out = bytearray(pieces[0].encode("utf-8", "surrogateescape"))
+    for piece in pieces[1:]:
+        if len(piece) < 2 or not all(c in "0123456789abcdefABCDEF" for c in piece[:2]):
+            raise ValueError("bad escape")
+        out.append(int(piece[:2], 16))
+        out += piece[2:].encode("utf-8", "surrogateescape")
+    return out.decode("utf-8", "replace")
 
 
 def _true(values: list[str] | None) -> bool:

@@ -110,7 +110,9 @@ class _Direction:
         return out
 
     def headers(self, block: bytes) -> dict[str, str]:
-        """A header block, inflated and read: lower-case names to values (several values joined by NUL)."""
+        """A header block, inflated and read: lower-case names to values. As the kubelet reads them (Go's
+        ``Header.Get`` over spdystream's headers): of several values joined by NUL, the first; of a name given
+        twice, its first value."""
         try:
             raw = self.inflate.decompress(block, MAX_HEADER_BLOCK)
         except zlib.error as e:
@@ -125,7 +127,7 @@ class _Direction:
                 name = raw[at + 4:at + 4 + n].decode("latin-1")
                 at += 4 + n
                 (n,) = _U32.unpack_from(raw, at)
-                out[name.lower()] = raw[at + 4:at + 4 + n].decode("utf-8", "replace")
+                out.setdefault(name.lower(), raw[at + 4:at + 4 + n].split(b"\0", 1)[0].decode("utf-8", "replace"))
                 at += 4 + n
         except struct.error:
             raise SpdyError("a header block ends early") from None
@@ -188,10 +190,12 @@ class SpdyExecDecoder(_SpdySession):
         self.channels = Channels()
 
     def on_open(self, stream: int, headers: dict[str, str]) -> list[StreamPiece]:
-        channel = _TYPES.get(headers.get("streamtype", ""))
+        kind = headers.get("streamtype", "")
+        channel = _TYPES.get(kind)
         if channel is not None:
             self.streams[stream] = channel
-        return []
+            return []
+        return [StreamPiece("m", f"a stream of unknown type {kind!r} opened (its data is not recorded)")]
 
     def on_data(self, stream: int, flags: int, payload: bytes, from_client: bool) -> list[StreamPiece]:
         channel = self.streams.get(stream)

@@ -58,6 +58,12 @@ class KubernetesFacts:
             # a watch over WebSocket: its events would come as WebSocket messages, which gatekeep passes unread
             return UNMASKABLE, ("Secrets over an upgraded connection (a watch over WebSocket) are not passed: "
                                 "gatekeep masks Secrets in HTTP responses only")
+        if head is not None and head.upgrade in UPGRADES and info is not None and info.resource_request \
+                and info.subresource not in STREAMS:
+            # a get, list or watch served as WebSocket messages: the session's masking rules could not apply
+            return UNMASKABLE_UPGRADE, ("an upgraded connection (WebSocket, SPDY) is passed only for exec, attach, "
+                                        "portforward and proxy: gatekeep masks API responses in HTTP only; ask "
+                                        "without the upgrade")
         return None
 
     def summary(self) -> dict[str, Any]:
@@ -71,6 +77,11 @@ class KubernetesFacts:
 IMPERSONATION = "impersonation"
 #: the rule named when Secrets are asked for over an upgraded connection, where gatekeep cannot mask them
 UNMASKABLE = "unmaskable-secrets"
+#: the rule named when another resource request (a watch, a get) asks for an upgrade: its answer would come as
+#: WebSocket messages, which the session's masking rules do not reach
+UNMASKABLE_UPGRADE = "unmaskable-upgrade"
+#: the subresources whose upgraded streams the relay passes (and records)
+STREAMS = frozenset({"exec", "attach", "portforward", "proxy"})
 #: the upgrades the relay passes (see KubernetesDialect.upgrades; others are taken off the request)
 UPGRADES = frozenset({b"websocket", b"spdy/3.1"})
 
