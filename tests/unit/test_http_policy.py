@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from gatekeep.config import ConfigError, Node
+from gatekeep.model import Action
 from gatekeep.policy.engine import read_rule
 from gatekeep.plugin import protocol_plugins
 from gatekeep.protocols.http._codec import REQUEST, ProtocolError, parse_head
@@ -179,3 +180,86 @@ def test_an_allow_rule_on_a_query_parameter_must_fit_every_value():
     assert not allow.decide(_op(req(b"GET /x?mode=read&MODE=write HTTP/1.1", b"Host: api\r\n"))).allowed
     deny = _engine([{"name": "no-writes", "match": {"query": {"mode": "write"}}, "action": "deny"}])
     assert deny.decide(_op(req(b"GET /x?mode=read&mode=write HTTP/1.1", b"Host: api\r\n"))).rule == "no-writes"
+
+
+NO_DELETES = {"name": "no-deletes", "match": {"methods": ["DELETE"]}, "action": "deny"}
+
+
+@pytest.mark.parametrize("headers", [
+    # Express's method-override (and Node, which joins repeated fields with ", ") takes the FIRST value
+    b"Host: api\r\nX-HTTP-Method-Override: DELETE\r\nX-HTTP-Method-Override: GET\r\n",
+    b"Host: api\r\nX-HTTP-Method-Override: DELETE, GET\r\n",
+    b"Host: api\r\nX-HTTP-Method-Override: DELETE,POST\r\n",
+])
+def test_a_repeated_method_override_is_judged_by_its_first_value(headers):
+    """Express's method-override reads ``X-HTTP-Method-Override`` and, when the field repeats (Node joins the
+    values with ", "), acts on the first value: ``DELETE``. gatekeep takes the whole joined value ``DELETE, GET``
+    as the override: gatekeep judges the first too, so a deny rule on DELETE fits."""
+    r = req(b"POST /v1/users/7 HTTP/1.1", headers)
+    decision = _engine([NO_DELETES]).decide(_op(r))
+    assert decision.action is Action.DENY and decision.rule == "no-deletes", (decision, r.method_override)
+
+
+@pytest.mark.parametrize("target", [b"/v1/users/7?_method=DELETE", b"/v1/users/7?_method=delete&x=1"])
+def test_a_method_override_query_parameter_is_judged(target):
+    """Laravel/Symfony (``_method`` with httpMethodParameterOverride, on in every Laravel app: read from the POST
+    body, else the query string) and Express's ``methodOverride('_method')`` (the query string) act on
+    ``POST /v1/users/7?_method=DELETE`` as a DELETE: gatekeep judges it as an override, so a deny rule on DELETE
+    fits."""
+    r = req(b"POST " + target + b" HTTP/1.1")
+    decision = _engine([NO_DELETES]).decide(_op(r))
+    assert decision.action is Action.DENY and decision.rule == "no-deletes", decision
+
+
+NO_REAL_RUNS = {"name": "no-real-runs", "match": {"paths": ["/v1/jobs/*/run"], "query": {"dry_run": "false"}},
+                "action": "deny"}
+
+
+@pytest.mark.parametrize("query", [
+    b"x=1;dry_run=false",      # Rack 2 (Rails < 7.1), Perl CGI, Python < 3.9.2: ";" separates parameters too
+    b"dry.run=false",          # PHP: "." and " " in a parameter name become "_" ($_GET['dry_run'])
+    b"dry+run=false",
+    b"dry%20run=false",
+    b"dry[run=false",          # PHP: an unmatched "[" becomes "_"
+])
+def test_query_parameters_as_common_servers_read_them(query):
+    """A deny rule on ``dry_run=false`` is dodged by spelling the parameter as a server other than Python's
+    parse_qs reads it: Rack 2 / Perl split on ``;`` as well as ``&``, and PHP rewrites ``.``, `` `` and ``[`` in
+    a name to ``_``: gatekeep reads the query all these ways at once, so the deny rule fits."""
+    r = req(b"POST /v1/jobs/9/run?" + query + b" HTTP/1.1")
+    decision = _engine([NO_REAL_RUNS]).decide(_op(r))
+    assert decision.action is Action.DENY, (decision, r.params())
+
+
+NO_ADMIN_HOST = {"name": "no-admin-host", "match": {"hosts": ["admin.internal"]}, "action": "deny"}
+
+
+@pytest.mark.parametrize("host", [b"admin.internal.", b"ADMIN.internal.:8443"])
+def test_a_host_with_a_trailing_dot_is_the_same_host(host):
+    """``Host: admin.internal.`` is the fully qualified spelling of ``admin.internal``: nginx and Apache strip the
+    trailing dot before they pick a virtual host, so with ``host_header: client`` the request reaches the admin
+    vhost. gatekeep drops the dot too, so the rule fits."""
+    r = req(b"GET /users HTTP/1.1", b"Host: " + host + b"\r\n")
+    decision = _engine([NO_ADMIN_HOST]).decide(_op(r))
+    assert decision.action is Action.DENY and decision.rule == "no-admin-host", (decision, r.host)
+
+
+def test_two_different_method_overrides_are_unjudgeable():
+    """``?_method=PATCH`` and ``X-HTTP-Method-Override: DELETE``: servers act on one or the other; policy judges a
+    request as its method and one override, so a request naming two is unjudgeable (denied by default)."""
+    r = req(b"POST /v1/users/7?_method=PATCH HTTP/1.1", b"Host: api\r\nX-HTTP-Method-Override: DELETE\r\n")
+    assert r.unjudgeable and "two different methods" in r.unjudgeable
+    decision = _engine([]).decide(_op(r))
+    assert decision.action is Action.DENY
+
+
+@pytest.mark.parametrize("line,headers", [(b"TRACE / HTTP/1.1", b"Host: api\r\n"),
+                                          (b"POST / HTTP/1.1", b"Host: api\r\nX-HTTP-Method-Override: TRACK\r\n"),
+                                          (b"POST / HTTP/1.1", b"Host: api\r\nX-HTTP-Method-Override: TRACE\r\n")])
+def test_trace_is_refused_whatever_the_rules_say(line, headers):
+    """A server that implements TRACE echoes the request it got, with the target's credentials gatekeep added:
+    refused with rule ``trace`` even when every rule and the default allow."""
+    r = req(line, headers)
+    everything = {"name": "everything", "match": {"methods": ["*"]}, "action": "allow"}
+    decision = _engine([everything]).decide(_op(r))
+    assert decision.action is Action.DENY and decision.rule == "trace"

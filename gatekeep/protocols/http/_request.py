@@ -130,12 +130,22 @@ def parse_request(head: Head) -> Request:
     path, problem = normalise_path(raw_path) if raw_path != "*" else ("*", None)
     method = head.method.decode("ascii")
     override = path_override = None
+    if "_method" in query or "_METHOD" in query.upper():
+        # ?_method=DELETE: Laravel, Symfony and Express's methodOverride('_method') take it as the method
+        for value in _method_param(query):
+            if value != method:
+                override = value
+                break
     if not _OVERRIDES.isdisjoint(head.index):  # the usual request has none: one look instead of six
         for name in METHOD_OVERRIDES:
             value = head.index.get(name)
             if value is not None:
-                asked = value.decode("latin-1").strip().upper()
+                # the first of several (a repeated field comes joined with ", "): what Express's method-override
+                # and the frameworks that read one value act on
+                asked = value.decode("latin-1").split(",")[0].strip().upper()
                 if asked != method:
+                    if override is not None and override != asked:
+                        problem = problem or "the request names two different methods to override its own"
                     override = asked
                     break
         for name in PATH_OVERRIDES:
@@ -152,6 +162,12 @@ def parse_request(head: Head) -> Request:
                 break
     # positional: attrs' __init__ of a frozen class takes them faster than keywords
     return Request(method, target, path, query, host_only, problem, None, head, override, path_override)
+
+
+def _method_param(query: str) -> list[str]:
+    """The values of a ``_method`` query parameter (name without case), upper case."""
+    return [v.strip().upper() for k, vs in parse_qs(query, keep_blank_values=True).items()
+            if k.lower() == "_method" for v in vs if v.strip()]
 
 
 #: Host field values lately seen -> (the value as text, the host alone): a client sends the same one on every
@@ -180,7 +196,10 @@ _OVERRIDES = frozenset(METHOD_OVERRIDES + PATH_OVERRIDES)
 
 
 def _host_only(host: str) -> str:
+    """The host alone, lower case, without port, and without the trailing dot of a fully qualified name
+    (``admin.internal.`` is ``admin.internal`` to nginx and Apache choosing a virtual host)."""
     host = host.strip().lower()
     if host.startswith("["):
         return host[:host.find("]") + 1] if "]" in host else host
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
+    host = host.rpartition(":")[0] if host.count(":") == 1 else host
+    return host[:-1] if host.endswith(".") else host

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 from typing import Any
+from urllib.parse import unquote_plus
 
 import attrs
 
@@ -23,6 +24,9 @@ from gatekeep.config import ConfigError, Node
 from gatekeep.protocols.http._request import Request
 
 MATCH_KEYS = ("methods", "hosts", "paths", "query")
+#: the rule named when a request asks the target to echo it (TRACE)
+TRACE = "trace"
+_ECHOING = frozenset({"TRACE", "TRACK"})
 
 
 @attrs.frozen
@@ -33,6 +37,15 @@ class HttpFacts:
     @property
     def unjudgeable(self) -> str | None:
         return self.request.unjudgeable
+
+    @property
+    def refused(self) -> tuple[str, str] | None:
+        """TRACE (and Microsoft's TRACK) is refused whatever the rules say: a server that implements it answers
+        with the request as it got it, the target's credentials that gatekeep added included."""
+        r = self.request
+        if r.method in _ECHOING or r.method_override in _ECHOING:
+            return TRACE, f"{r.method_override or r.method} is not relayed: the target would echo its credentials"
+        return None
 
     def summary(self) -> dict[str, Any]:
         r = self.request
@@ -86,10 +99,7 @@ class HttpMatch:
             if not (all(fits) if every else any(fits)):
                 return False
         if self.query is not None:
-            # names compared without case: ASP.NET, IIS and others read ?DRY_RUN= as ?dry_run=
-            params: dict[str, list[str]] = {}
-            for key, values in r.params().items():
-                params.setdefault(key.lower(), []).extend(values)
+            params = readings(r.query)
             for name, pattern in self.query:
                 values = params.get(name.lower(), ())
                 # a deny or review rule fits when any value does; an allow rule only when every value does
@@ -102,6 +112,34 @@ class HttpMatch:
     @property
     def empty(self) -> bool:
         return self.methods is None and self.hosts is None and self.paths is None and self.query is None
+
+
+_PHP_FOLDED = str.maketrans({".": "_", " ": "_", "[": "_"})
+
+
+def readings(query: str) -> dict[str, list[str]]:
+    """
+    The query's parameters as the servers a rule may stand in front of read them, all at once: names decoded and
+    compared without case (ASP.NET and IIS read ``?DRY_RUN=`` as ``dry_run``), pairs split on ``&`` and also on
+    ``;`` (Rack 2, Perl's CGI, older Python), and a name's ``.``, space and ``[`` also read as ``_`` (PHP reads
+    ``?dry.run=`` as ``dry_run``). A value any of them sees is a value of the parameter: a deny or review rule
+    fits if one fits, an allow rule only if all do.
+    """
+    out: dict[str, list[str]] = {}
+    pairs = query.split("&")
+    if ";" in query:
+        pairs += [p for pair in pairs if ";" in pair for p in pair.split(";")]
+    for pair in pairs:
+        if not pair:
+            continue
+        name, _, value = pair.partition("=")
+        name = unquote_plus(name, errors="surrogateescape").lower()
+        value = unquote_plus(value, errors="surrogateescape")
+        out.setdefault(name, []).append(value)
+        folded = name.translate(_PHP_FOLDED)
+        if folded != name:
+            out.setdefault(folded, []).append(value)
+    return out
 
 
 def read_match(node: Node) -> HttpMatch:
