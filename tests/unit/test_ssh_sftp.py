@@ -388,3 +388,21 @@ def test_a_relative_symlink_target_is_judged_from_the_links_folder():
     decide_all(s)
     s.from_client(req(sftp.SYMLINK, 5, ns("/etc/shadow") + ns("l2")))
     assert s.pending[0].request.paths == ("/etc/shadow", "/home/u/l2")
+
+
+def test_a_write_naming_a_huge_handle_is_refused_before_anything_is_buffered():
+    """A WRITE whose handle length says 2 GiB: gatekeep reads a WRITE's head (its handle, offset and length)
+    before passing the packet on, and those bytes are not flow-controlled as held data. A handle is at most 256
+    bytes, so the stream refuses it at once instead of buffering towards 2 GiB."""
+    s = SftpStream()
+    s.from_client(struct.pack(">LBL", 5, sftp.INIT, 3))
+    s.take_to_server()
+    with pytest.raises(SftpError, match="handle of 2147483632 bytes"):
+        s.from_client(struct.pack(">LBL", 0xFFFFFFF0, sftp.WRITE, 7) + struct.pack(">L", 0x7FFFFFF0))
+    ok = SftpStream()
+    ok.from_client(struct.pack(">LBL", 5, sftp.INIT, 3))
+    ok.take_to_server()
+    handle = b"h" * 256
+    packet = struct.pack(">BL", sftp.WRITE, 8) + struct.pack(">L", len(handle)) + handle + struct.pack(">QL", 0, 2)
+    ok.from_client(struct.pack(">L", len(packet) + 2) + packet + b"hi")
+    assert ok.take_to_server().endswith(b"hi")

@@ -49,11 +49,27 @@ def test_tab_completion_shows_on_screen():
 
 
 def test_split_at_enter_outside_paste():
-    """Input splits at the first CR or LF, except inside a bracketed paste."""
+    """Input splits at the first CR or LF, except inside a bracketed paste (once the shell asked for them)."""
     s = ShellLine()
+    s.output(b"\x1b[?2004h")  # bash and zsh turn bracketed paste on at their prompt
     assert s.split(b"ls\rpwd\r") == (b"ls", b"\r", b"pwd\r")
     assert s.split(b"\x1b[200~a\rb\x1b[201~c\nrest") == (b"\x1b[200~a\rb\x1b[201~c", b"\n", b"rest")
     assert s.split(b"no enter") == (b"no enter", None, b"")
+
+
+def test_a_paste_marker_to_a_shell_that_did_not_ask_for_bracketed_paste_hides_nothing():
+    """A client sends ESC[200~ and never ends the paste: to a shell that did not turn bracketed paste on (dash,
+    or bash after ESC[?2004l) the marker is a few keys, and the Enter after it submits the line: it is split
+    there, so the line is judged."""
+    s = ShellLine()
+    assert s.split(b"\x1b[200~rm -f x\r") == (b"\x1b[200~rm -f x", b"\r", b"")
+    s.output(b"\x1b[?2004h\x1b[?2004l")
+    assert s.split(b"\x1b[200~rm -f x\r") == (b"\x1b[200~rm -f x", b"\r", b"")
+
+
+def test_ctrl_o_submits_a_line():
+    """readline's operate-and-get-next (Ctrl-O) runs the line as Enter does: it is a submit key too."""
+    assert ShellLine().split(b"rm -f x\x0frest") == (b"rm -f x", b"\x0f", b"rest")
 
 
 def test_full_screen_programs_are_detected():

@@ -293,6 +293,12 @@ class SessionRelay(PairRelay):
         elif mode == "subsystem":
             text = getNS(data)[0].decode("utf-8", "replace")
             detail, extra = SshRequest("subsystem", subsystem=text), {"subsystem": text}
+        elif self.pty is None and self.s.options.judge_shell_commands:
+            # ssh -T host < script: the shell reads its commands from the channel with no terminal to echo them,
+            # so no typed line is seen; judged as the exec form (ssh host bash < script) is
+            text, extra = "shell", {}
+            detail = SshRequest("shell", unjudgeable="a shell without a terminal runs commands from its input, "
+                                                     "which gatekeep does not see (ask for a terminal, or exec)")
         else:
             text, detail, extra = "shell", SshRequest("shell"), {}
         if self.pty is not None:

@@ -55,6 +55,8 @@ PF_READ, PF_WRITE, PF_APPEND, PF_CREAT, PF_TRUNC, PF_EXCL = 1, 2, 4, 8, 16, 32
 
 #: the largest non-bulk packet gatekeep frames whole
 MAX_PACKET = 1024 * 1024
+#: the longest handle a server may give (draft-ietf-secsh-filexfer-02: "MUST NOT be longer than 256 bytes")
+MAX_HANDLE = 256
 #: the request id of gatekeep's own ``REALPATH "."`` (a client's request with this id while it is out is refused)
 HOME_ID = 0xFFFFFFFF
 
@@ -264,6 +266,8 @@ class SftpStream:
         if len(head) < 13:
             return min(13, 4 + length)
         (hlen,) = struct.unpack_from(">L", head, 9)
+        if hlen > MAX_HANDLE:  # what gatekeep reads before passing a WRITE on stays small
+            raise SftpError(f"a WRITE with a handle of {hlen} bytes")
         return min(13 + hlen + 12, 4 + length)
 
     def _need_server(self, head: bytes) -> int:

@@ -7,8 +7,8 @@ history recall, tab completion and the shell's own redrawing are all already
 applied when a line is read off the screen. :class:`ShellLine`:
 
 - :meth:`~ShellLine.split` cuts client input at the keys that submit a line
-  (Enter: CR or LF, outside a bracketed paste), so the relay can hold the
-  submit key back;
+  (Enter: CR or LF, and Ctrl-O, outside a bracketed paste the shell asked
+  for), so the relay can hold the submit key back;
 - :meth:`~ShellLine.begin` notes where typing started (the cursor, right
   after the prompt), called when the first key of a line is passed on;
 - :meth:`~ShellLine.line` reads the text from that point to the end of the
@@ -28,6 +28,10 @@ import pyte
 _ALT_MODES = (1049 << 5, 1047 << 5, 47 << 5)
 _PASTE_START = b"\x1b[200~"
 _PASTE_END = b"\x1b[201~"
+#: the private mode a shell sets when it reads pastes bracketed (pyte keeps private modes shifted by 5)
+_BRACKETED_PASTE = 2004 << 5
+#: keys that submit a line: Enter (CR, LF) and readline's operate-and-get-next (Ctrl-O)
+_SUBMIT = frozenset({0x0D, 0x0A, 0x0F})
 #: the screen model's size limits: a pty-req or window-change may say anything up to 2**32-1, and pyte
 #: allocates per row (2e7 rows took 1.1 GiB); the server still gets the size the client asked for
 MIN_SIZE = 2
@@ -97,14 +101,16 @@ class ShellLine:
         i, n = 0, len(data)
         while i < n:
             if data.startswith(_PASTE_START, i):
-                self.in_paste = True
+                # a paste only when the shell asked the terminal for bracketed paste (ESC[?2004h): to a shell that
+                # did not, the marker is a few stray keys, and the lines after it run as typed
+                self.in_paste = _BRACKETED_PASTE in self.screen.mode
                 i += len(_PASTE_START)
                 continue
             if data.startswith(_PASTE_END, i):
                 self.in_paste = False
                 i += len(_PASTE_END)
                 continue
-            if not self.in_paste and data[i] in (0x0D, 0x0A):
+            if not self.in_paste and data[i] in _SUBMIT:
                 return data[:i], data[i:i + 1], data[i + 1:]
             i += 1
         return data, None, b""

@@ -32,7 +32,8 @@ import attrs
 MAX_DEPTH = 8
 
 #: shells whose ``-c STRING`` is a command line
-SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox-sh", "fish"})
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox-sh", "fish", "rbash", "rzsh",
+                    "ksh93", "pdksh", "oksh", "lksh", "posh", "yash", "hush", "csh", "tcsh"})
 
 #: wrapper -> options that take a value (the wrapped command follows the options)
 _WRAPPER_VALUE_OPTIONS: dict[str, frozenset[str]] = {
@@ -57,7 +58,8 @@ _WRAPPER_VALUE_OPTIONS: dict[str, frozenset[str]] = {
     # (GNU's -e, -i and -l take an optional value only when attached: -eEND, -i{}, -l2)
     "xargs": frozenset({"-a", "--arg-file", "-d", "--delimiter", "-E", "-I", "-L", "-n",
                         "--max-args", "-P", "--max-procs", "-s", "--max-chars", "--process-slot-var"}),
-    "watch": frozenset({"-n", "--interval", "-d", "--differences"}),
+    # (-d and --differences take an optional value only when attached: -dpermanent, --differences=permanent)
+    "watch": frozenset({"-n", "--interval"}),
     "unbuffer": frozenset(),
     "runuser": frozenset({"-u", "--user", "-g", "--group", "-G", "--supp-group"}),
     "pkexec": frozenset({"--user"}),
@@ -66,8 +68,13 @@ _WRAPPER_VALUE_OPTIONS: dict[str, frozenset[str]] = {
 _WRAPPER_POSITIONALS = {"timeout": 1, "taskset": 1, "chrt": 1, "flock": 1}
 
 _OPERATORS = frozenset({";", "&&", "||", "|", "&", "|&", ";;", "(", ")", "{", "}", "!", "\n"})
-_REDIRECT = re.compile(r"^\d*(?:>>?|<<?<?|>&|<&|&>>?|>\|)$")
+_REDIRECT = re.compile(r"^\d*(?:>>?|<<?<?|<>|>&|<&|&>>?|>\|)$")
+#: the shell's operators, longest first: a run of punctuation is read as bash reads it, one longest operator at
+#: a time (``;>f`` is ``;`` and the redirection ``>f``, ``<>`` a redirection)
+_OPERATOR_RUN = re.compile(r";;&|;;|;&|&&|&>>|&>|\|\||\|&|<<<|<<|<>|<&|>>|>&|>\||[;&|()<>\n]")
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+#: ENV=... as a word of its own (an assignment, an export): sh and bash in POSIX mode run that file first
+_ENV_ASSIGNED = re.compile(r"(?:^|[\s;&|(`'\"])ENV=")
 _KEYWORDS = frozenset({"if", "then", "else", "elif", "fi", "do", "done", "while", "until", "for", "in", "case",
                        "esac", "function", "select", "coproc"})
 
@@ -185,7 +192,7 @@ def _normalize(text: str) -> str:
         return text
     out: list[str] = []
     pending: list[tuple[str, bool, bool]] = []  # here-documents whose bodies follow this line
-    i, n, quote, word_start = 0, len(text), None, True
+    i, n, quote, word_start, arithmetic = 0, len(text), None, True, 0
     while i < n:
         c = text[i]
         if quote is not None:
@@ -221,7 +228,17 @@ def _normalize(text: str) -> str:
             end = text.find("\n", i)
             i = n if end < 0 else end
             continue
-        elif (c == "<" and text.startswith("<", j := _past_continuations(text, i + 1))
+        elif c == "(" and text.startswith("(", i + 1):  # arithmetic: (( )) or $(( )), where << is a shift
+            arithmetic += 1
+            out.append("((")
+            i, word_start = i + 2, False
+            continue
+        elif c == ")" and arithmetic and text.startswith(")", i + 1):
+            arithmetic -= 1
+            out.append("))")
+            i, word_start = i + 2, False
+            continue
+        elif (c == "<" and not arithmetic and text.startswith("<", j := _past_continuations(text, i + 1))
               and not text.startswith("<", _past_continuations(text, j + 1))):  # << but not <<<
             j += 1
             strip = j < n and text[j] == "-"
@@ -239,7 +256,9 @@ def _normalize(text: str) -> str:
             pending, word_start = [], True
             continue
         out.append(c)
-        word_start = c in " \t\r\n;&|()<>"
+        # a ")" does not begin a word: in $(true)# the # is part of the word (after a subshell's ")" bash would
+        # read a comment; reading one less errs on the side of judging more)
+        word_start = c in " \t\n;&|(<>"
         i += 1
     return "".join(out)
 
@@ -300,11 +319,18 @@ def _past_continuations(text: str, i: int) -> int:
 # -- substitutions ------------------------------------------------------------------
 
 
+_UNESCAPED = re.compile(r"\\(.)", re.S)
+
+
 def _substitutions(text: str) -> tuple[str, list[str]]:
     """Take out ``$(...)``, ``<(...)``, ``>(...)`` and backquoted parts; return the text with
     a placeholder instead of each, and the inner command lines. Single-quoted text is left alone."""
     out: list[str] = []
     inner: list[str] = []
+    if "\\$" in text or "\\`" in text:
+        # an escaped substitution (\$(...), "\$(...)", \`...\`) is a string bash may run later (PS4, an array
+        # subscript that $((x)) evaluates): its commands count as commands of the line, as in single quotes
+        inner.extend(_substitutions(_UNESCAPED.sub(r"\1", text))[1])
     i, n = 0, len(text)
     quote = None
     start = 0
@@ -381,6 +407,7 @@ def _substitutions(text: str) -> tuple[str, list[str]]:
 
 #: characters that end a word outside quotes; a newline ends a command as ``;`` does
 _PUNCTUATION = ";&|()<>\n"
+_PUNCTUATION_SET = frozenset(_PUNCTUATION)
 
 
 #: stand-ins (Unicode private use) for punctuation that is quoted or escaped, so that the lexer, which cannot
@@ -419,15 +446,21 @@ def _protect_quoted(text: str) -> str:
 
 def _tokens(text: str) -> list[tuple[str, bool]]:
     """Shell words and operators: (token, is_operator). Comments are gone already (:func:`_normalize`)."""
-    lexer = shlex.shlex(_protect_quoted(text.replace("\r", "\n")), posix=True, punctuation_chars=_PUNCTUATION)
+    lexer = shlex.shlex(_protect_quoted(text), posix=True, punctuation_chars=_PUNCTUATION)
     lexer.whitespace = " \t"
     lexer.whitespace_split = True
     lexer.commenters = ""
     out = []
     try:
         for tok in lexer:
-            is_op = tok in _OPERATORS or bool(tok and set(tok) <= set(_PUNCTUATION))
-            out.append((tok if is_op else tok.translate(_PUT_BACK), is_op))
+            if tok in _OPERATORS:
+                out.append((tok, True))
+            elif tok and set(tok) <= _PUNCTUATION_SET:
+                # shlex gives a run of punctuation as one token (";>", "&&>", "(>"): the operators in it, as the
+                # shell reads them
+                out.extend((op, True) for op in _OPERATOR_RUN.findall(tok))
+            else:
+                out.append((tok.translate(_PUT_BACK), False))
     except ValueError as e:
         raise Unjudgeable(f"the command line does not parse ({e})") from None
     return out
@@ -448,11 +481,11 @@ def _simple_commands(text: str) -> list[list[str]]:
     while i < len(tokens):
         tok, is_op = tokens[i]
         if (not is_op and tok.isdigit() and i + 1 < len(tokens) and tokens[i + 1][1]
-                and (_REDIRECT.match(tokens[i + 1][0]) or tokens[i + 1][0] in (">", ">>", "<", ">&", "<&"))):
+                and _REDIRECT.match(tokens[i + 1][0])):
             i += 1  # the file descriptor of "2>/dev/null"
             continue
         if is_op:
-            if _REDIRECT.match(tok) or tok in ("<", ">", ">>", "<<", "<<<", ">&", "<&", "&>", ">|"):
+            if _REDIRECT.match(tok):
                 i += 2  # the redirection and its target
                 continue
             groups.append([])
@@ -468,8 +501,15 @@ def _simple_commands(text: str) -> list[list[str]]:
         else:
             groups[-1].append(tok)
         i += 1
-    # loop and case headers ("for f in *", "case $x in") name no program
-    return [g for g in groups if g and g[0] not in ("for", "select", "case")]
+    # loop and case headers ("for f in *", "case $x in") name no program; what follows a "do" in a loop's header
+    # (``for x do rm ...; done``, a for without "in") is its body's first command
+    out = []
+    for g in groups:
+        if g and g[0] in ("for", "select", "case"):
+            g = g[g.index("do") + 1:] if g[0] != "case" and "do" in g else []
+        if g:
+            out.append(g)
+    return out
 
 
 def _parse(text: str, depth: int, wrappers: tuple[str, ...]) -> list[Command]:
@@ -477,6 +517,17 @@ def _parse(text: str, depth: int, wrappers: tuple[str, ...]) -> list[Command]:
         raise Unjudgeable("commands nested too deeply")
     if "@P}" in text:
         raise Unjudgeable("prompt expansion (${...@P}) runs what a variable holds")
+    if "\r" in text:
+        # at a line's end (CRLF) it only ends the last word with a CR; anywhere else the shell reads it as part
+        # of a word, where gatekeep's reading would differ
+        text = text.replace("\r\n", "\n")
+        if "\r" in text.rstrip("\r"):
+            raise Unjudgeable("a carriage return inside the line (the shell reads it as part of a word)")
+        text = text.rstrip("\r")
+    if "BASH_CMDS" in text or "BASH_ALIASES" in text:
+        raise Unjudgeable("BASH_CMDS and BASH_ALIASES make a name run another program (as hash -p and alias do)")
+    if "BASH_ENV" in text or _ENV_ASSIGNED.search(text):
+        raise Unjudgeable("BASH_ENV or ENV makes a shell run a file first")
     # each shell level reads $'...' and here-documents, drops continuations and comments again
     stripped, inner = _substitutions(_normalize(text))
     commands: list[Command] = []
@@ -502,7 +553,7 @@ def _skip_options(words: list[str], i: int, value_options: frozenset[str], name:
         if w == "--":
             return i + 1
         if not w.startswith("-") or w == "-":
-            if name == "env" and _ASSIGNMENT.match(w):
+            if name == "env" and (_ASSIGNMENT.match(w) or w == "-"):  # env's lone "-" is its -i
                 i += 1
                 continue
             return i
@@ -522,6 +573,63 @@ def _skip_options(words: list[str], i: int, value_options: frozenset[str], name:
                 i += k == len(w) - 1  # the last letter: its value is the next word
                 break
     return i
+
+
+def _env_split_string(words: list[str]) -> tuple[str, int] | None:
+    """``env``'s -S string and where the words after it start, wherever the option is among env's options
+    (``env -u X -S '...'``, grouped ``-vS '...'``, attached ``-iS'...'``); None without one."""
+    i = 1
+    while i < len(words):
+        w = words[i]
+        if w in ("-S", "--split-string"):
+            return (words[i + 1], i + 2) if i + 1 < len(words) else None
+        if w.startswith("--split-string="):
+            return w.partition("=")[2], i + 1
+        if w in ("-u", "--unset", "-C", "--chdir"):
+            i += 2
+            continue
+        if w == "-" or _ASSIGNMENT.match(w) or w.startswith("--") and w != "--":
+            i += 1
+            continue
+        if not w.startswith("-") or w == "--":
+            return None
+        for k, letter in enumerate(w[1:], 1):
+            if letter == "S":
+                if k < len(w) - 1:
+                    return w[k + 1:], i + 1
+                return (words[i + 1], i + 2) if i + 1 < len(words) else None
+            if letter in "uC":  # takes the rest of the group, or the next word
+                i += k == len(w) - 1
+                break
+        i += 1
+    return None
+
+
+def _su_command(words: list[str], name: str) -> str | None:
+    """The command of ``su``/``runuser`` given by ``-c``, ``--command`` or ``--session-command``; None without one.
+    Options may follow the user name (GNU getopt reorders them); after ``--`` a ``-c`` is passed on to the
+    user's shell, which reads it as its own: unjudgeable, as is a line giving two."""
+    found, done = [], False
+    j = 1
+    while j < len(words):
+        w = words[j]
+        if w == "--":
+            done = True
+        elif w in ("-c", "--command", "--session-command"):
+            if done or j + 1 >= len(words):
+                raise Unjudgeable(f"{name} {w} where gatekeep cannot tell what runs it")
+            found.append(words[j + 1])
+            j += 1
+        elif w.startswith(("--command=", "--session-command=")):
+            if done:
+                raise Unjudgeable(f"{name} {w} after --")
+            found.append(w.partition("=")[2])
+        elif w.startswith("-") and not w.startswith("--") and "c" in w[1:] and not done:
+            raise Unjudgeable(f"{name} {w}: a -c among other options")
+        j += 1
+    if len(found) > 1:
+        raise Unjudgeable(f"{name} with more than one command")
+    return found[0] if found else None
 
 
 def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Command]:
@@ -545,7 +653,7 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
                 return _parse(words[j + 1], depth + 1, wrappers + (f"{name} -c",))
             if not w.startswith("-"):
                 break
-        informational = len(words) > 1 and all(w in ("--version", "--help", "-n") for w in words[1:2])
+        informational = len(words) > 1 and all(w in ("--version", "--help", "-n") for w in words[1:])
         return [Command(program, tuple(words[1:]), wrappers, reads_commands=not informational)]
     if name in (".", "source"):
         return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]
@@ -586,36 +694,35 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
         raise Unjudgeable(f"{name} -C runs a callback for its input")
     if name in ("at", "batch"):
         return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]  # commands from input or -f
-    if name in ("su",):
-        for j, w in enumerate(words[1:], 1):
-            if w in ("-c", "--command") and j + 1 < len(words):
-                return _parse(words[j + 1], depth + 1, wrappers + ("su -c",))
-        return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]  # a shell for the user
+    if name in ("su", "runuser"):
+        found = _su_command(words, name)
+        if found is not None:
+            return _parse(found, depth + 1, wrappers + (f"{name} -c",))
+        if name == "su":
+            return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]  # a shell for the user
     if name == "env":
         # env -S 'CMD ARGS' (--split-string): env splits the string into the command and its arguments
-        for j, w in enumerate(words[1:], 1):
-            if w in ("-S", "--split-string"):
-                if j + 1 >= len(words):
-                    break
-                split, rest = words[j + 1], j + 2
-            elif w.startswith("--split-string="):
-                split, rest = w.partition("=")[2], j + 1
-            elif w.startswith("-S"):
-                split, rest = w[2:], j + 1
-            elif w.startswith("-"):
-                continue
-            else:
-                break
+        found = _env_split_string(words)
+        if found is not None:
+            split, rest = found
             return _parse(shlex.join(_split_words(split) + words[rest:]), depth + 1, wrappers + ("env -S",))
-    if name in ("flock", "script", "runuser"):
-        # flock LOCK -c CMD, script -c CMD and runuser USER -c CMD run CMD with sh -c
+    if name == "flock":
+        # flock [OPTIONS] LOCK -c CMD runs CMD with sh -c; a -c anywhere else is an argument of the command
+        lock = _skip_options(words, 1, _WRAPPER_VALUE_OPTIONS[name], name)
+        if any(w in ("-c", "--command") or w.startswith("--command=") for w in words[1:lock]):
+            raise Unjudgeable("flock -c before the lock file")
+        if lock + 1 < len(words) and words[lock + 1] in ("-c", "--command"):
+            if lock + 2 >= len(words):
+                raise Unjudgeable("flock -c without a command")
+            return _parse(words[lock + 2], depth + 1, wrappers + ("flock -c",))
+    if name == "script":
+        # script -c CMD runs CMD with sh -c
         for j, w in enumerate(words[1:], 1):
             if w in ("-c", "--command") and j + 1 < len(words):
                 return _parse(words[j + 1], depth + 1, wrappers + (f"{name} -c",))
             if w.startswith("--command="):
                 return _parse(w.partition("=")[2], depth + 1, wrappers + (f"{name} -c",))
-        if name == "script":  # without -c: an interactive shell
-            return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]
+        return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]  # without -c: a shell
     if name == "watch":
         # watch runs its arguments, joined with spaces, with sh -c (unless -x/--exec)
         rest = _skip_options(words, 1, _WRAPPER_VALUE_OPTIONS[name], name)
@@ -632,6 +739,12 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
         if shell and rest >= len(words):
             return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]  # a shell
         rest += _WRAPPER_POSITIONALS.get(name, 0)
+        if name == "xargs" and (letters & {"I", "i"} or any(w.startswith("--replace") for w in words[1:rest])):
+            raise Unjudgeable("xargs -I puts what it reads into the command")
+        if rest < len(words) and words[rest].startswith("-") and words[rest] != "-":
+            raise Unjudgeable(f"{name} would run a program named like an option ({words[rest]})")
+        if "xargs" in wrappers + (name,) and rest < len(words) and posixpath.basename(words[rest]) == "find":
+            raise Unjudgeable("find under xargs takes what it runs (-exec) from the input")
         if rest >= len(words):
             if "xargs" in wrappers:
                 # under xargs the command comes from its input (echo rm -rf /x | xargs env)

@@ -79,6 +79,9 @@ class SshRequest:
     sftp: SftpRequest | None = None
     forward: tuple[str, int] | None = None
     subsystem: str | None = None
+    #: why gatekeep cannot judge what the request will run (a shell with no terminal reads its commands from the
+    #: channel unechoed, as ``bash < script`` does), or None
+    unjudgeable: str | None = None
 
 
 @attrs.frozen
@@ -144,6 +147,8 @@ def facts_for(operation: Operation) -> SshFacts:
     if req.forward is not None:
         forward = (canonical_host(req.forward[0]), req.forward[1])
         return SshFacts("forward", forward=forward, cache_key=("forward", forward))
+    if req.unjudgeable is not None:
+        return SshFacts(req.kind, unjudgeable=req.unjudgeable)
     return SshFacts(req.kind, subsystem=req.subsystem, cache_key=(req.kind, req.subsystem))
 
 
