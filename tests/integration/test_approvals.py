@@ -485,6 +485,16 @@ def test_extended_protocol_statement_is_held_at_parse_and_released(gw):
     assert gw.remaining("ap_ext") == "1,3"
 
 
+def _nothing_open_at_the_server(gw, table):
+    """No server session touching ``table`` is in a transaction or running, and no lock is held on it."""
+    states = gw.pg.psql("SELECT state FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                        f" AND pid <> pg_backend_pid() AND query LIKE '%{table}%';").stdout
+    assert "idle in transaction" not in states and "active" not in states, states
+    locks = gw.pg.psql("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+                       f" WHERE c.relname = '{table}';").stdout
+    assert locks.strip() == "0", locks
+
+
 def test_an_approved_prepared_statement_runs_once_then_is_held_again_with_its_values(gw):
     """psycopg prepares the DELETE (prepare=True) and runs it again with another value: the approval released the
     first execution only; the second is a new request showing its bound value, and runs once approved too."""
@@ -517,12 +527,7 @@ def test_an_approved_prepared_statement_runs_once_then_is_held_again_with_its_va
     assert first["kind"] == "execute" and first["text"] == "DELETE FROM ap_prep WHERE id = $1"
     assert first["parameters"] == ["1"]
     # nothing of the held execution reached the server: no transaction (and no lock) is open while it waits
-    states = gw.pg.psql("SELECT state FROM pg_stat_activity WHERE backend_type = 'client backend'"
-                        " AND pid <> pg_backend_pid() AND query LIKE '%ap_prep%';").stdout
-    assert "idle in transaction" not in states and "active" not in states, states
-    locks = gw.pg.psql("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
-                       " WHERE c.relname = 'ap_prep';").stdout
-    assert locks.strip() == "0", locks
+    _nothing_open_at_the_server(gw, "ap_prep")
     assert gw.cli("alice", "approve", first["id"]).returncode == 0
     (second,) = poll("the second execution to be held", pending, timeout=10)
     assert second["id"] != first["id"] and second["kind"] == "execute" and second["parameters"] == ["3"]
@@ -548,12 +553,7 @@ def test_a_bind_sent_ahead_of_its_held_execute_opens_nothing_at_the_server(gw):
         (request,) = poll("the execution to be held", lambda: [
             r for r in gw.api("/v1/approvals?status=pending")["approvals"] if r["rule"] == "review-bind"], timeout=10)
         assert request["kind"] == "execute" and request["parameters"] == ["2"]
-        states = gw.pg.psql("SELECT state FROM pg_stat_activity WHERE backend_type = 'client backend'"
-                            " AND pid <> pg_backend_pid() AND query LIKE '%ap_bind%';").stdout
-        assert "idle in transaction" not in states and "active" not in states, states
-        locks = gw.pg.psql("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
-                           " WHERE c.relname = 'ap_bind';").stdout
-        assert locks.strip() == "0", locks
+        _nothing_open_at_the_server(gw, "ap_bind")
         assert gw.cli("alice", "approve", request["id"]).returncode == 0
         answer = c.read_until({b"Z"})
         assert [t for t, _ in answer if t != b"N"] == [b"2", b"C", b"Z"], answer

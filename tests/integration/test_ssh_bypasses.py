@@ -19,6 +19,18 @@ def _victim(tmp_path):
     return victim
 
 
+def _screen_once_gone_or_kept(victim, name, timeout=5.0):
+    """Wait up to ``timeout`` for ``victim`` to go (it should not); the tmux session's screen then."""
+    import time
+
+    from tests.integration.test_ssh_gateway import _tmux
+
+    deadline = time.monotonic() + timeout
+    while victim.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _tmux("capture-pane", "-p", "-J", "-t", name).stdout
+
+
 @pytest.mark.parametrize("line", [
     "true;>/dev/null rm -f {v}",          # ';>' lexed as one token: /dev/null taken for the program
     "env - rm -f {v}",                     # env's lone '-' (= -i) taken for the program
@@ -65,10 +77,7 @@ def test_a_paste_marker_to_a_shell_without_bracketed_paste_hides_nothing(gw, tmp
         _tmux("send-keys", "-t", name, "-H", "1b", "5b", "32", "30", "30", "7e", "0d")  # ESC[200~ CR
         time.sleep(1.0)
         _tmux("send-keys", "-t", name, "rm -f %s" % victim, "Enter")
-        deadline = time.monotonic() + 5
-        while victim.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        screen = _tmux("capture-pane", "-p", "-J", "-t", name).stdout
+        screen = _screen_once_gone_or_kept(victim, name)
     finally:
         _tmux("kill-session", "-t", name, check=False)
     assert victim.exists(), "bypass: the typed rm ran unjudged after a fake paste start:\n" + screen
@@ -144,10 +153,7 @@ def test_ctrl_o_submits_a_typed_line_that_is_judged(gw, tmp_path):
         _tmux("send-keys", "-t", name, "-l", "rm -f %s" % victim)
         time.sleep(0.5)
         _tmux("send-keys", "-t", name, "C-o")
-        deadline = time.monotonic() + 5
-        while victim.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        screen = _tmux("capture-pane", "-p", "-J", "-t", name).stdout
+        screen = _screen_once_gone_or_kept(victim, name)
     finally:
         _tmux("kill-session", "-t", name, check=False)
     assert victim.exists(), "bypass: C-o ran the typed rm unjudged:\n" + screen
