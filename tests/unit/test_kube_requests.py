@@ -239,3 +239,18 @@ def test_exec_over_websocket_without_a_subprotocol_is_recorded(sub):
     assert feeder is not None, "an exec over WebSocket with no subprotocol is not recorded"
     pieces = feeder.feed(_server_frame(b"\x01uid=0(root)\n"), False)
     assert any(p.kind == "o" and "uid=0(root)" in p.data for p in pieces)
+
+
+NO_CANDIDATES = {"name": "no-new-candidates", "action": "deny",
+                 "match": {"groups": ["agents"], "verbs": ["create"], "resources": ["leasecandidates"]}}
+
+
+def test_leasecandidates_are_created_on_update():
+    """kubernetes pkg/registry/coordination/leasecandidate/strategy.go: `AllowCreateOnUpdate ... return true`
+    ("you may create one with a PUT request"), like leases: a PUT of a missing LeaseCandidate is authorized as
+    create too, and a create deny rule fits it."""
+    put = request(b"PUT", b"/apis/coordination.k8s.io/v1beta1/namespaces/kube-system/leasecandidates/c1",
+                  b"Content-Type: application/json")
+    assert put.info.verbs == ("update", "create")
+    decision = decide(put, NO_CANDIDATES)
+    assert decision.action is Action.DENY and decision.rule == "no-new-candidates"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote, unquote_plus
 
 import attrs
 
@@ -130,24 +130,11 @@ def parse_request(head: Head) -> Request:
     path, problem = normalise_path(raw_path) if raw_path != "*" else ("*", None)
     method = head.method.decode("ascii")
     override = path_override = None
-    if "_method" in query or "_METHOD" in query.upper():
-        # ?_method=DELETE: Laravel, Symfony and Express's methodOverride('_method') take it as the method
-        for value in _method_param(query):
-            if value != method:
-                override = value
-                break
-    if not _OVERRIDES.isdisjoint(head.index):  # the usual request has none: one look instead of six
-        for name in METHOD_OVERRIDES:
-            value = head.index.get(name)
-            if value is not None:
-                # the first of several (a repeated field comes joined with ", "): what Express's method-override
-                # and the frameworks that read one value act on
-                asked = value.decode("latin-1").split(",")[0].strip().upper()
-                if asked != method:
-                    if override is not None and override != asked:
-                        problem = problem or "the request names two different methods to override its own"
-                    override = asked
-                    break
+    overrides = not _OVERRIDES.isdisjoint(head.index)  # the usual request has none: one look instead of six
+    if overrides or query and "method" in query.lower():
+        override, unsure = _method_override(method, query, head.index if overrides else {})
+        problem = problem or unsure
+    if overrides:
         for name in PATH_OVERRIDES:
             value = head.index.get(name)
             if value is not None:
@@ -164,10 +151,49 @@ def parse_request(head: Head) -> Request:
     return Request(method, target, path, query, host_only, problem, None, head, override, path_override)
 
 
-def _method_param(query: str) -> list[str]:
-    """The values of a ``_method`` query parameter (name without case), upper case."""
-    return [v.strip().upper() for k, vs in parse_qs(query, keep_blank_values=True).items()
-            if k.lower() == "_method" for v in vs if v.strip()]
+def _method_override(method: str, query: str, index: dict[bytes, bytes]) -> tuple[str | None, str | None]:
+    """(the method an override asks for, when it differs; why the request is unjudgeable, or None). Overrides:
+    the method-override headers, of each the first value (a repeated field comes joined with ", "), as Express's
+    method-override reads it; and ``?_method=`` (Laravel, Symfony, Express's ``methodOverride('_method')``; PHP
+    reads ``?%5Fmethod=``, ``?.method=`` and ``?+_method=`` as it too, and takes the last of several). Policy
+    judges a request as its method and one override: one naming two different ones is unjudgeable."""
+    asked = {v.strip().upper() for v in readings(query).get("_method", ()) if v.strip()} if query else set()
+    for name in METHOD_OVERRIDES:
+        value = index.get(name)
+        if value is not None:
+            asked.add(value.decode("latin-1").split(",")[0].strip().upper())
+    asked.discard(method)
+    if not asked:
+        return None, None
+    return min(asked), ("the request names two different methods to override its own" if len(asked) > 1 else None)
+
+
+_PHP_FOLDED = str.maketrans({".": "_", " ": "_", "[": "_"})
+
+
+def readings(query: str) -> dict[str, list[str]]:
+    """
+    The query's parameters as the servers a rule may stand in front of read them, all at once: names decoded and
+    compared without case (ASP.NET and IIS read ``?DRY_RUN=`` as ``dry_run``), pairs split on ``&`` and also on
+    ``;`` (Rack 2, Perl's CGI, older Python), and a name also read as PHP reads it: leading spaces dropped, then
+    ``.``, space and ``[`` as ``_`` (``?dry.run=`` is ``dry_run``). A value any of them sees is a value of the
+    parameter: a deny or review rule fits if one fits, an allow rule only if all do.
+    """
+    out: dict[str, list[str]] = {}
+    pairs = query.split("&")
+    if ";" in query:
+        pairs += [p for pair in pairs if ";" in pair for p in pair.split(";")]
+    for pair in pairs:
+        if not pair:
+            continue
+        name, _, value = pair.partition("=")
+        name = unquote_plus(name, errors="surrogateescape").lower()
+        value = unquote_plus(value, errors="surrogateescape")
+        out.setdefault(name, []).append(value)
+        folded = name.lstrip(" ").translate(_PHP_FOLDED)  # (PHP drops a name's leading spaces first)
+        if folded != name:
+            out.setdefault(folded, []).append(value)
+    return out
 
 
 #: Host field values lately seen -> (the value as text, the host alone): a client sends the same one on every

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 from typing import Any
-from urllib.parse import unquote_plus
 
 import attrs
 
 from gatekeep.config import ConfigError, Node
-from gatekeep.protocols.http._request import Request
+from gatekeep.protocols.http._request import Request, readings
 
 MATCH_KEYS = ("methods", "hosts", "paths", "query")
 #: the rule named when a request asks the target to echo it (TRACE)
@@ -112,34 +111,6 @@ class HttpMatch:
     @property
     def empty(self) -> bool:
         return self.methods is None and self.hosts is None and self.paths is None and self.query is None
-
-
-_PHP_FOLDED = str.maketrans({".": "_", " ": "_", "[": "_"})
-
-
-def readings(query: str) -> dict[str, list[str]]:
-    """
-    The query's parameters as the servers a rule may stand in front of read them, all at once: names decoded and
-    compared without case (ASP.NET and IIS read ``?DRY_RUN=`` as ``dry_run``), pairs split on ``&`` and also on
-    ``;`` (Rack 2, Perl's CGI, older Python), and a name's ``.``, space and ``[`` also read as ``_`` (PHP reads
-    ``?dry.run=`` as ``dry_run``). A value any of them sees is a value of the parameter: a deny or review rule
-    fits if one fits, an allow rule only if all do.
-    """
-    out: dict[str, list[str]] = {}
-    pairs = query.split("&")
-    if ";" in query:
-        pairs += [p for pair in pairs if ";" in pair for p in pair.split(";")]
-    for pair in pairs:
-        if not pair:
-            continue
-        name, _, value = pair.partition("=")
-        name = unquote_plus(name, errors="surrogateescape").lower()
-        value = unquote_plus(value, errors="surrogateescape")
-        out.setdefault(name, []).append(value)
-        folded = name.translate(_PHP_FOLDED)
-        if folded != name:
-            out.setdefault(folded, []).append(value)
-    return out
 
 
 def read_match(node: Node) -> HttpMatch:

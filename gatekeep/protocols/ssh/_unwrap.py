@@ -59,7 +59,7 @@ _WRAPPER_VALUE_OPTIONS: dict[str, frozenset[str]] = {
     "xargs": frozenset({"-a", "--arg-file", "-d", "--delimiter", "-E", "-I", "-L", "-n",
                         "--max-args", "-P", "--max-procs", "-s", "--max-chars", "--process-slot-var"}),
     # (-d and --differences take an optional value only when attached: -dpermanent, --differences=permanent)
-    "watch": frozenset({"-n", "--interval"}),
+    "watch": frozenset({"-n", "--interval", "-q", "--equexit"}),
     "unbuffer": frozenset(),
     "runuser": frozenset({"-u", "--user", "-g", "--group", "-G", "--supp-group"}),
     "pkexec": frozenset({"--user"}),
@@ -73,8 +73,8 @@ _REDIRECT = re.compile(r"^\d*(?:>>?|<<?<?|<>|>&|<&|&>>?|>\|)$")
 #: a time (``;>f`` is ``;`` and the redirection ``>f``, ``<>`` a redirection)
 _OPERATOR_RUN = re.compile(r";;&|;;|;&|&&|&>>|&>|\|\||\|&|<<<|<<|<>|<&|>>|>&|>\||[;&|()<>\n]")
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
-#: ENV=... as a word of its own (an assignment, an export): sh and bash in POSIX mode run that file first
-_ENV_ASSIGNED = re.compile(r"(?:^|[\s;&|(`'\"])ENV=")
+#: builtins that set the variables their arguments name (a name spelled at run time may be BASH_CMDS)
+_SETTERS = frozenset({"declare", "typeset", "local", "export", "readonly", "read", "mapfile", "readarray"})
 _KEYWORDS = frozenset({"if", "then", "else", "elif", "fi", "do", "done", "while", "until", "for", "in", "case",
                        "esac", "function", "select", "coproc"})
 
@@ -193,6 +193,7 @@ def _normalize(text: str) -> str:
     out: list[str] = []
     pending: list[tuple[str, bool, bool]] = []  # here-documents whose bodies follow this line
     i, n, quote, word_start, arithmetic = 0, len(text), None, True, 0
+    parens: list[str] = []  # what each open "(" began: "((" arithmetic, "$(" a substitution, "(" a subshell
     while i < n:
         c = text[i]
         if quote is not None:
@@ -228,15 +229,28 @@ def _normalize(text: str) -> str:
             end = text.find("\n", i)
             i = n if end < 0 else end
             continue
-        elif c == "(" and text.startswith("(", i + 1):  # arithmetic: (( )) or $(( )), where << is a shift
+        elif c == "(" and _arithmetic_at(text, i):  # arithmetic: (( )) or $(( )), where << is a shift
             arithmetic += 1
+            parens.append("((")
             out.append("((")
             i, word_start = i + 2, False
             continue
-        elif c == ")" and arithmetic and text.startswith(")", i + 1):
-            arithmetic -= 1
-            out.append("))")
-            i, word_start = i + 2, False
+        elif c == "(":
+            # what the ")" closing it ends: a command substitution ($( <( >( ) is part of a word, so a "#"
+            # right after it is no comment; after a subshell's ")" it is one
+            parens.append("$(" if out and out[-1] in ("$", "<", ">") else "(")
+            out.append(c)
+            i, word_start = i + 1, True
+            continue
+        elif c == ")" and parens:
+            opened = parens.pop()
+            if opened == "((" and text.startswith(")", i + 1):
+                arithmetic -= 1
+                out.append("))")
+                i, word_start = i + 2, False
+                continue
+            out.append(c)
+            i, word_start = i + 1, opened == "("
             continue
         elif (c == "<" and not arithmetic and text.startswith("<", j := _past_continuations(text, i + 1))
               and not text.startswith("<", _past_continuations(text, j + 1))):  # << but not <<<
@@ -256,11 +270,30 @@ def _normalize(text: str) -> str:
             pending, word_start = [], True
             continue
         out.append(c)
-        # a ")" does not begin a word: in $(true)# the # is part of the word (after a subshell's ")" bash would
-        # read a comment; reading one less errs on the side of judging more)
-        word_start = c in " \t\n;&|(<>"
+        word_start = c in " \t\n;&|()<>"
         i += 1
     return "".join(out)
+
+
+def _arithmetic_at(text: str, i: int) -> bool:
+    """Whether the ``((`` at ``i`` is arithmetic as bash decides it: the parenthesis that closes the inner ``(``
+    is followed at once by the one that closes the outer (``((1<<2))``); else it is two nested subshells or a
+    subshell in a substitution (``((true) )``, ``$((echo hi) )``)."""
+    if not text.startswith("((", i):
+        return False
+    depth, j, n = 0, i, len(text)
+    while j < n:
+        ch = text[j]
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 1:
+                return text.startswith(")", j + 1)
+            if depth <= 0:
+                return False
+        j += 1
+    return False
 
 
 def _delimiter(text: str, j: int) -> tuple[str, bool, int]:
@@ -362,7 +395,7 @@ def _substitutions(text: str) -> tuple[str, list[str]]:
             out.append(c)
             i += 1
             continue
-        if c == "$" and text.startswith("((", i + 1):
+        if c == "$" and _arithmetic_at(text, i + 1):
             # arithmetic expansion: a number, not a command (a $(...) inside it still is)
             depth, j = 2, i + 3
             while j < n and depth:
@@ -526,8 +559,8 @@ def _parse(text: str, depth: int, wrappers: tuple[str, ...]) -> list[Command]:
         text = text.rstrip("\r")
     if "BASH_CMDS" in text or "BASH_ALIASES" in text:
         raise Unjudgeable("BASH_CMDS and BASH_ALIASES make a name run another program (as hash -p and alias do)")
-    if "BASH_ENV" in text or _ENV_ASSIGNED.search(text):
-        raise Unjudgeable("BASH_ENV or ENV makes a shell run a file first")
+    if "BASH_ENV" in text or "BASH_$" in text or "BASH_${" in text:
+        raise Unjudgeable("BASH_ENV (or a BASH_ variable named at run time) makes a shell run a file first")
     # each shell level reads $'...' and here-documents, drops continuations and comments again
     stripped, inner = _substitutions(_normalize(text))
     commands: list[Command] = []
@@ -560,8 +593,9 @@ def _skip_options(words: list[str], i: int, value_options: frozenset[str], name:
         if name == "nice" and re.fullmatch(r"-\d+", w):
             i += 1
             continue
-        if w in value_options:
-            i += 2
+        if w in value_options or w.startswith("--") and "=" not in w and len(w) > 3 and any(
+                v.startswith(w) for v in value_options if v.startswith("--")):
+            i += 2  # (getopt takes an unambiguous prefix of a long option: --un for --unset)
             continue
         i += 1
         if w.startswith("--"):
@@ -581,11 +615,12 @@ def _env_split_string(words: list[str]) -> tuple[str, int] | None:
     i = 1
     while i < len(words):
         w = words[i]
-        if w in ("-S", "--split-string"):
+        long, _, value = w.partition("=")
+        if w == "-S" or len(long) > 2 and "--split-string".startswith(long):  # (getopt takes --sp for it)
+            if "=" in w:
+                return value, i + 1
             return (words[i + 1], i + 2) if i + 1 < len(words) else None
-        if w.startswith("--split-string="):
-            return w.partition("=")[2], i + 1
-        if w in ("-u", "--unset", "-C", "--chdir"):
+        if w in ("-u", "-C") or "=" not in w and len(w) > 3 and ("--unset".startswith(w) or "--chdir".startswith(w)):
             i += 2
             continue
         if w == "-" or _ASSIGNMENT.match(w) or w.startswith("--") and w != "--":
@@ -603,6 +638,16 @@ def _env_split_string(words: list[str]) -> tuple[str, int] | None:
                 break
         i += 1
     return None
+
+
+def _names_user(words: list[str]) -> bool:
+    """Whether runuser's options (before ``--``) give ``-u``/``--user``."""
+    for w in words[1:]:
+        if w == "--":
+            return False
+        if w == "--user" or w.startswith("--user=") or w.startswith("-") and not w.startswith("--") and "u" in w[1:]:
+            return True
+    return False
 
 
 def _su_command(words: list[str], name: str) -> str | None:
@@ -647,14 +692,30 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
     name = posixpath.basename(program)
     if name in SHELLS:
         for j, w in enumerate(words[1:], 1):
+            if w.startswith("-") and not w.startswith("--") and "i" in w[1:]:
+                raise Unjudgeable(f"an interactive {name} runs its startup files (ENV, .bashrc) first")
             if w == "-c" or (w.startswith("-") and not w.startswith("--") and "c" in w[1:]):
                 if j + 1 >= len(words):
                     raise Unjudgeable(f"{name} -c without a command")
                 return _parse(words[j + 1], depth + 1, wrappers + (f"{name} -c",))
             if not w.startswith("-"):
                 break
+        if "xargs" in wrappers:
+            raise Unjudgeable(f"{name} under xargs takes its options (a -c) from the input")
+        for w in words[1:]:
+            if w.startswith("-") and not w.startswith("--") and "i" in w[1:] or w == "--rcfile" or w == "--init-file":
+                raise Unjudgeable(f"an interactive {name} runs its startup files (ENV, .bashrc) first")
+            if not w.startswith(("-", "+")):
+                break
         informational = len(words) > 1 and all(w in ("--version", "--help", "-n") for w in words[1:])
         return [Command(program, tuple(words[1:]), wrappers, reads_commands=not informational)]
+    if name in _SETTERS or name == "printf":
+        named = [w for w in words[1:] if not w.startswith("-")] if name != "printf" else \
+            [words[k + 1] for k, w in enumerate(words[1:-1], 1) if w == "-v"] + [w[2:] for w in words[1:] if
+                                                                              w.startswith("-v") and len(w) > 2]
+        stems = [w.partition("=")[0].partition("[")[0] for w in named]  # the name, without its subscript
+        if any("$" in stem or "__gatekeep_substitution__" in stem or "`" in stem for stem in stems):
+            raise Unjudgeable(f"{name} sets a variable named at run time (it may be BASH_CMDS or BASH_ENV)")
     if name in (".", "source"):
         return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]
     if name == "busybox" and len(words) > 1 and not words[1].startswith("-"):
@@ -694,12 +755,14 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
         raise Unjudgeable(f"{name} -C runs a callback for its input")
     if name in ("at", "batch"):
         return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]  # commands from input or -f
-    if name in ("su", "runuser"):
+    if name in ("su", "runuser") and not (name == "runuser" and _names_user(words)):
+        # (runuser -u USER -- CMD ARGS runs CMD itself: unwrapped below, as a wrapper)
         found = _su_command(words, name)
         if found is not None:
             return _parse(found, depth + 1, wrappers + (f"{name} -c",))
-        if name == "su":
-            return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]  # a shell for the user
+        if "xargs" in wrappers:
+            raise Unjudgeable(f"{name} under xargs takes its command (-c) from the input")
+        return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]  # a shell for the user
     if name == "env":
         # env -S 'CMD ARGS' (--split-string): env splits the string into the command and its arguments
         found = _env_split_string(words)
@@ -739,7 +802,10 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
         if shell and rest >= len(words):
             return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]  # a shell
         rest += _WRAPPER_POSITIONALS.get(name, 0)
-        if name == "xargs" and (letters & {"I", "i"} or any(w.startswith("--replace") for w in words[1:rest])):
+        if name == "xargs" and any(
+                w.startswith("--") and len(w.partition("=")[0]) > 2 and "--replace".startswith(w.partition("=")[0])
+                or w.startswith("-") and not w.startswith("--") and ("I" in w[1:] or "i" in w[1:])
+                for w in words[1:rest]):
             raise Unjudgeable("xargs -I puts what it reads into the command")
         if rest < len(words) and words[rest].startswith("-") and words[rest] != "-":
             raise Unjudgeable(f"{name} would run a program named like an option ({words[rest]})")
