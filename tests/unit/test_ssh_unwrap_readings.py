@@ -124,3 +124,26 @@ def test_runuser_u_command_with_its_own_c(engine, line):
     `--` is CMD's. Checked: `runuser -u nobody -- sh -c 'echo ran'` works. Judged as the command."""
     d = _decide(engine, line)
     assert d.action is Action.ALLOW, (line, d)
+
+
+@pytest.mark.parametrize("line,names", [
+    ('x=Ent; read -s -p "${x}er it: " v; echo got-${#v}', [("read", "-s", "-p", "${x}er it: ", "v"),
+                                                         ("echo", "got-${#v}")]),
+    ("mapfile -t -n $N lines", [("mapfile", "-t", "-n", "$N", "lines")]),
+    ('printf -v a %s "$HOME"', [("printf", "-v", "a", "%s", "$HOME")]),
+    ("export PATH=$PATH:/x", [("export", "PATH=$PATH:/x")]),
+])
+def test_option_values_of_setters_are_not_names(line, names):
+    """The values of read -p, mapfile -n, and what a name is set to, may be spelled at run time: only a name so
+    spelled makes a line unjudgeable."""
+    from gatekeep.protocols.ssh._unwrap import parse
+
+    parsed = parse(line)
+    assert parsed.unjudgeable is None and [c.argv for c in parsed.commands] == names
+
+
+@pytest.mark.parametrize("line", ['Y=x; read -a "$Y" <<< 1', 'mapfile -t "$Y"', 'declare "$Y"=1', "local ${Y}=1"])
+def test_a_name_spelled_at_run_time_is_unjudgeable(line):
+    from gatekeep.protocols.ssh._unwrap import parse
+
+    assert "named at run time" in (parse(line).unjudgeable or "")

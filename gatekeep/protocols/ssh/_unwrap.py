@@ -640,6 +640,40 @@ def _env_split_string(words: list[str]) -> tuple[str, int] | None:
     return None
 
 
+#: options of the builtins that set variables whose value is not a name (read -p PROMPT, mapfile -n COUNT, ...);
+#: the value of read -a, mapfile's last word and printf -v are names
+_SETTER_VALUES = {"read": "dinNptu", "mapfile": "dnOsuCc", "readarray": "dnOsuCc", "printf": "v"}
+
+
+def _names_set(name: str, words: list[str]) -> list[str]:
+    """The variable names a ``declare``/``export``/``read``/``mapfile``/``printf -v``/... sets (with any
+    ``=value`` or ``[subscript]`` still on them)."""
+    values = _SETTER_VALUES.get(name, "")
+    names: list[str] = []
+    i = 1
+    while i < len(words):
+        w = words[i]
+        if w == "--":
+            if name != "printf":
+                names.extend(words[i + 1:])
+            break
+        if w.startswith("-") and len(w) > 1:
+            for k, letter in enumerate(w[1:], 1):
+                if letter in values or letter == "a" and name == "read":
+                    value = w[k + 1:] if k < len(w) - 1 else (words[i + 1] if i + 1 < len(words) else "")
+                    if letter in "av":  # read -a NAME, printf -v NAME
+                        names.append(value)
+                    i += k == len(w) - 1
+                    break
+            i += 1
+            continue
+        if name == "printf":
+            break  # the format and its arguments
+        names.append(w)
+        i += 1
+    return names
+
+
 def _names_user(words: list[str]) -> bool:
     """Whether runuser's options (before ``--``) give ``-u``/``--user``."""
     for w in words[1:]:
@@ -710,9 +744,7 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
         informational = len(words) > 1 and all(w in ("--version", "--help", "-n") for w in words[1:])
         return [Command(program, tuple(words[1:]), wrappers, reads_commands=not informational)]
     if name in _SETTERS or name == "printf":
-        named = [w for w in words[1:] if not w.startswith("-")] if name != "printf" else \
-            [words[k + 1] for k, w in enumerate(words[1:-1], 1) if w == "-v"] + [w[2:] for w in words[1:] if
-                                                                              w.startswith("-v") and len(w) > 2]
+        named = _names_set(name, words)
         stems = [w.partition("=")[0].partition("[")[0] for w in named]  # the name, without its subscript
         if any("$" in stem or "__gatekeep_substitution__" in stem or "`" in stem for stem in stems):
             raise Unjudgeable(f"{name} sets a variable named at run time (it may be BASH_CMDS or BASH_ENV)")
