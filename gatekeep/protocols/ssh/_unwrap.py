@@ -222,6 +222,10 @@ def _normalize(text: str) -> str:
             continue
         if c in "'\"":
             quote = c
+        elif c == "#" and out and out[-1].endswith(")"):
+            # a comment after a subshell's or an arithmetic command's ")", part of the word after a
+            # substitution's, a case pattern's or an array's: which one, only the shell's full grammar tells
+            raise Unjudgeable("a # right after a )")
         elif c == "#" and word_start:
             # a comment (a # that begins a word, outside quotes; a#b and $# are none) to the end of its line:
             # dropped, the newline kept (it still ends the command before it); a backslash at its end continues
@@ -244,11 +248,12 @@ def _normalize(text: str) -> str:
             continue
         elif c == ")" and parens:
             opened = parens.pop()
-            if opened == "((" and text.startswith(")", i + 1):
+            if opened == "((":
                 arithmetic -= 1
-                out.append("))")
-                i, word_start = i + 2, False
-                continue
+                if text.startswith(")", i + 1):
+                    out.append("))")
+                    i, word_start = i + 2, False
+                    continue
             out.append(c)
             i, word_start = i + 1, opened == "("
             continue
@@ -284,6 +289,8 @@ def _arithmetic_at(text: str, i: int) -> bool:
     depth, j, n = 0, i, len(text)
     while j < n:
         ch = text[j]
+        if ch in "'\"\\`":  # bash skips quoted parentheses when it decides; gatekeep does not follow them there
+            raise Unjudgeable("quoting inside (( ))")
         if ch == "(":
             depth += 1
         elif ch == ")":
@@ -553,6 +560,8 @@ def _parse(text: str, depth: int, wrappers: tuple[str, ...]) -> list[Command]:
     if "\r" in text:
         # at a line's end (CRLF) it only ends the last word with a CR; anywhere else the shell reads it as part
         # of a word, where gatekeep's reading would differ
+        if "<<" in text:  # a here-document's delimiter line would end in the CR
+            raise Unjudgeable("a carriage return in a line with a here-document")
         text = text.replace("\r\n", "\n")
         if "\r" in text.rstrip("\r"):
             raise Unjudgeable("a carriage return inside the line (the shell reads it as part of a word)")
@@ -593,7 +602,7 @@ def _skip_options(words: list[str], i: int, value_options: frozenset[str], name:
         if name == "nice" and re.fullmatch(r"-\d+", w):
             i += 1
             continue
-        if w in value_options or w.startswith("--") and "=" not in w and len(w) > 3 and any(
+        if w in value_options or w.startswith("--") and "=" not in w and len(w) > 2 and any(
                 v.startswith(w) for v in value_options if v.startswith("--")):
             i += 2  # (getopt takes an unambiguous prefix of a long option: --un for --unset)
             continue
@@ -620,7 +629,7 @@ def _env_split_string(words: list[str]) -> tuple[str, int] | None:
             if "=" in w:
                 return value, i + 1
             return (words[i + 1], i + 2) if i + 1 < len(words) else None
-        if w in ("-u", "-C") or "=" not in w and len(w) > 3 and ("--unset".startswith(w) or "--chdir".startswith(w)):
+        if w in ("-u", "-C") or "=" not in w and len(w) > 2 and ("--unset".startswith(w) or "--chdir".startswith(w)):
             i += 2
             continue
         if w == "-" or _ASSIGNMENT.match(w) or w.startswith("--") and w != "--":
@@ -675,12 +684,27 @@ def _names_set(name: str, words: list[str]) -> list[str]:
 
 
 def _names_user(words: list[str]) -> bool:
-    """Whether runuser's options (before ``--``) give ``-u``/``--user``."""
-    for w in words[1:]:
+    """Whether runuser's options (before ``--``) give ``-u``/``--user`` (the values of -g, -G, -s, -w skipped)."""
+    i = 1
+    while i < len(words):
+        w = words[i]
         if w == "--":
             return False
-        if w == "--user" or w.startswith("--user=") or w.startswith("-") and not w.startswith("--") and "u" in w[1:]:
-            return True
+        long = w.partition("=")[0]
+        if w.startswith("--") and len(long) > 2:
+            if "--user".startswith(long):
+                return True
+            if "=" not in w and any(o.startswith(long) for o in ("--group", "--supp-group", "--shell",
+                                                                  "--whitelist-environment")):
+                i += 1
+        elif w.startswith("-") and len(w) > 1:
+            for k, letter in enumerate(w[1:], 1):
+                if letter == "u":
+                    return True
+                if letter in "gGsw":
+                    i += k == len(w) - 1
+                    break
+        i += 1
     return False
 
 
@@ -731,6 +755,9 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
             if w == "-c" or (w.startswith("-") and not w.startswith("--") and "c" in w[1:]):
                 if j + 1 >= len(words):
                     raise Unjudgeable(f"{name} -c without a command")
+                if words[j + 1].startswith(("-", "+")):
+                    # bash -c -x 'CMD': more options first; the command is the first word that is none
+                    raise Unjudgeable(f"{name} -c followed by more options")
                 return _parse(words[j + 1], depth + 1, wrappers + (f"{name} -c",))
             if not w.startswith("-"):
                 break
@@ -743,6 +770,12 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
                 break
         informational = len(words) > 1 and all(w in ("--version", "--help", "-n") for w in words[1:])
         return [Command(program, tuple(words[1:]), wrappers, reads_commands=not informational)]
+    if any(n in w for w in words for n in ("BASH_CMDS", "BASH_ALIASES", "BASH_ENV")):
+        # (the words are unquoted here: BASH_"CMDS" and BASH_\CMDS spell it too)
+        raise Unjudgeable("BASH_CMDS, BASH_ALIASES or BASH_ENV make a name run another program, or a shell a file")
+    if name in ("declare", "typeset", "local") and any(
+            w.startswith("-") and not w.startswith("--") and "n" in w[1:] for w in words[1:]):
+        raise Unjudgeable(f"{name} -n makes a name stand for another variable (it may be BASH_CMDS)")
     if name in _SETTERS or name == "printf":
         named = _names_set(name, words)
         stems = [w.partition("=")[0].partition("[")[0] for w in named]  # the name, without its subscript
@@ -800,6 +833,9 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
         found = _env_split_string(words)
         if found is not None:
             split, rest = found
+            if any(ch in split for ch in "\\#$"):
+                # env reads its own escapes (\_ a space, \c the end), comments and ${VAR} in the string
+                raise Unjudgeable("an env -S string with escapes, a # or a $")
             return _parse(shlex.join(_split_words(split) + words[rest:]), depth + 1, wrappers + ("env -S",))
     if name == "flock":
         # flock [OPTIONS] LOCK -c CMD runs CMD with sh -c; a -c anywhere else is an argument of the command
