@@ -165,12 +165,12 @@ def test_here_document_bodies_are_data():
 
 def test_strings_bash_runs_later_are_judged():
     """Substitutions in a quoted string that bash may evaluate later (an array subscript of printf -v, test -v or
-    $((x)), PS4), alias values; hash -p, enable -f, mapfile -C and ${x@P} make a line unjudgeable."""
+    $((x))), alias values; hash -p, enable -f, mapfile -C, ${x@P} and a prompt string (PS4, whose value may be
+    built at run time) make a line unjudgeable."""
     assert ("rm", "-rf", "/x") in argvs("printf -v 'a[$(rm -rf /x)]' %s x")
-    assert ("rm", "-rf", "/x") in argvs("PS4='$(rm -rf /x)'; set -x; true")
     assert ("rm",) in argvs("shopt -s expand_aliases\nalias ls=rm\nls -rf /x")
     for text in ("hash -p /bin/rm ls; ls -rf /x", "enable -f ./evil.so evil", "echo a | mapfile -C 'rm x; :' -c1",
-                 "x='$(rm -rf /x)'; echo ${x@P}"):
+                 "x='$(rm -rf /x)'; echo ${x@P}", "PS4='$(rm -rf /x)'; set -x; true"):
         assert parse(text).unjudgeable, text
 
 

@@ -37,9 +37,9 @@ SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox-
 
 #: wrapper -> options that take a value (the wrapped command follows the options)
 _WRAPPER_VALUE_OPTIONS: dict[str, frozenset[str]] = {
-    "sudo": frozenset({"-u", "-g", "-h", "-p", "-C", "-U", "-r", "-t", "-D", "-R", "-T", "--user", "--group",
-                       "--host", "--prompt", "--close-from", "--other-user", "--role", "--type", "--chdir",
-                       "--chroot", "--command-timeout"}),
+    "sudo": frozenset({"-u", "-g", "-h", "-p", "-C", "-U", "-r", "-t", "-D", "-R", "-T", "-a", "-c", "--user",
+                       "--group", "--host", "--prompt", "--close-from", "--other-user", "--role", "--type",
+                       "--chdir", "--chroot", "--command-timeout", "--auth-type", "--login-class"}),
     "doas": frozenset({"-u", "-C"}),
     "env": frozenset({"-u", "--unset", "-C", "--chdir", "-S", "--split-string"}),
     "nohup": frozenset(),
@@ -52,7 +52,7 @@ _WRAPPER_VALUE_OPTIONS: dict[str, frozenset[str]] = {
     "builtin": frozenset(),
     "exec": frozenset({"-a"}),
     "setsid": frozenset(),
-    "chrt": frozenset(),
+    "chrt": frozenset({"-T", "-P", "-D", "--sched-runtime", "--sched-period", "--sched-deadline"}),
     "taskset": frozenset(),
     "flock": frozenset({"-w", "--wait", "--timeout", "-E", "--conflict-exit-code"}),
     # (GNU's -e, -i and -l take an optional value only when attached: -eEND, -i{}, -l2)
@@ -61,8 +61,9 @@ _WRAPPER_VALUE_OPTIONS: dict[str, frozenset[str]] = {
     # (-d and --differences take an optional value only when attached: -dpermanent, --differences=permanent)
     "watch": frozenset({"-n", "--interval", "-q", "--equexit"}),
     "unbuffer": frozenset(),
-    "runuser": frozenset({"-u", "--user", "-g", "--group", "-G", "--supp-group"}),
-    "pkexec": frozenset({"--user"}),
+    "runuser": frozenset({"-u", "--user", "-g", "--group", "-G", "--supp-group", "-w", "--whitelist-environment",
+                          "-s", "--shell"}),
+    "pkexec": frozenset({"-u", "--user"}),
 }
 #: wrappers that take one positional argument before the command (timeout DURATION cmd, taskset MASK cmd, ...)
 _WRAPPER_POSITIONALS = {"timeout": 1, "taskset": 1, "chrt": 1, "flock": 1}
@@ -72,7 +73,17 @@ _REDIRECT = re.compile(r"^\d*(?:>>?|<<?<?|<>|>&|<&|&>>?|>\|)$")
 #: the shell's operators, longest first: a run of punctuation is read as bash reads it, one longest operator at
 #: a time (``;>f`` is ``;`` and the redirection ``>f``, ``<>`` a redirection)
 _OPERATOR_RUN = re.compile(r";;&|;;|;&|&&|&>>|&>|\|\||\|&|<<<|<<|<>|<&|>>|>&|>\||[;&|()<>\n]")
-_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\[[^]]*\])?\+?=")
+#: setting a prompt string the shell expands (and runs substitutions in) later: PS0, PS1, PS2, PS4
+_PROMPT_SET = re.compile(r"\bPS[0124]\b")
+#: a ! that history expansion in an interactive shell reads (not before a blank, =, (, a closing " or the end;
+#: single quotes are not looked into: a ! there is refused too)
+_HISTORY = re.compile(r"!(?=[^\s=(\"])")
+#: arithmetic contexts, and an assignment whose value holds a subscript (which arithmetic evaluates)
+_ARITHMETIC = re.compile(r"\(\(|\blet\b|\[\[|\$\[")
+_SUBSCRIPTED_VALUE = re.compile(r"=[^\s;&|]*\[")
+#: what may expand to several words (or none) when the shell runs: a variable, a substitution, a glob, a brace list
+_EXPANDS = re.compile(r"[$`*?\[]|\{[^}]*,")
 #: builtins that set the variables their arguments name (a name spelled at run time may be BASH_CMDS)
 _SETTERS = frozenset({"declare", "typeset", "local", "export", "readonly", "read", "mapfile", "readarray"})
 _KEYWORDS = frozenset({"if", "then", "else", "elif", "fi", "do", "done", "while", "until", "for", "in", "case",
@@ -566,6 +577,12 @@ def _parse(text: str, depth: int, wrappers: tuple[str, ...]) -> list[Command]:
         if "\r" in text.rstrip("\r"):
             raise Unjudgeable("a carriage return inside the line (the shell reads it as part of a word)")
         text = text.rstrip("\r")
+    if "PROMPT_COMMAND" in text or _PROMPT_SET.search(text):
+        raise Unjudgeable("a prompt string or PROMPT_COMMAND: the shell runs what it holds later")
+    if _HISTORY.search(text):
+        raise Unjudgeable("history expansion (!...) runs a line gatekeep does not see")
+    if _ARITHMETIC.search(text) and _SUBSCRIPTED_VALUE.search(text):
+        raise Unjudgeable("arithmetic over a value with a subscript: it may run a substitution built at run time")
     if "BASH_CMDS" in text or "BASH_ALIASES" in text:
         raise Unjudgeable("BASH_CMDS and BASH_ALIASES make a name run another program (as hash -p and alias do)")
     if "BASH_ENV" in text or "BASH_$" in text or "BASH_${" in text:
@@ -595,8 +612,11 @@ def _skip_options(words: list[str], i: int, value_options: frozenset[str], name:
         if w == "--":
             return i + 1
         if not w.startswith("-") or w == "-":
-            if name == "env" and (_ASSIGNMENT.match(w) or w == "-"):  # env's lone "-" is its -i
+            if name == "env" and ("=" in w or w == "-"):  # any word with a "=" is env's; its lone "-" is -i
                 i += 1
+                continue
+            if name == "sudo" and "=" in w and not w.startswith(("/", "=")):
+                i += 1  # an environment variable (sudo's test), after which sudo reads options again
                 continue
             return i
         if name == "nice" and re.fullmatch(r"-\d+", w):
@@ -632,7 +652,7 @@ def _env_split_string(words: list[str]) -> tuple[str, int] | None:
         if w in ("-u", "-C") or "=" not in w and len(w) > 2 and ("--unset".startswith(w) or "--chdir".startswith(w)):
             i += 2
             continue
-        if w == "-" or _ASSIGNMENT.match(w) or w.startswith("--") and w != "--":
+        if w == "-" or "=" in w and not w.startswith("-") or w.startswith("--") and w != "--":
             i += 1
             continue
         if not w.startswith("-") or w == "--":
@@ -681,6 +701,20 @@ def _names_set(name: str, words: list[str]) -> list[str]:
         names.append(w)
         i += 1
     return names
+
+
+def _su_shell(words: list[str]) -> str | None:
+    """The program ``su``/``runuser`` ``-s``/``--shell`` names (it runs the -c command), or None."""
+    for j, w in enumerate(words[1:], 1):
+        if w == "--":
+            return None
+        long, _, value = w.partition("=")
+        if w.startswith("--") and len(long) > 3 and "--shell".startswith(long):
+            return value if "=" in w else (words[j + 1] if j + 1 < len(words) else "")
+        if w.startswith("-") and not w.startswith("--") and "s" in w[1:]:
+            k = w.index("s")
+            return w[k + 1:] or (words[j + 1] if j + 1 < len(words) else "")
+    return None
 
 
 def _names_user(words: list[str]) -> bool:
@@ -789,7 +823,12 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
         return _parse(" ".join(words[1:]), depth + 1, wrappers + ("eval",))
     if name == "trap":
         # trap 'CMD' SIGNAL...: the shell runs CMD later, as eval would
-        rest = [w for w in words[1:] if w != "--"]
+        if "--" in words[1:]:  # after --, the first word is the action, whatever it starts with
+            rest = words[words.index("--") + 1:]
+            if len(rest) >= 2:
+                return [Command(program, tuple(words[1:]), wrappers),
+                        *_parse(rest[0], depth + 1, wrappers + ("trap",))]
+        rest = words[1:]
         if len(rest) >= 2 and not rest[0].startswith("-"):
             return [Command(program, tuple(words[1:]), wrappers),
                     *_parse(rest[0], depth + 1, wrappers + ("trap",))]
@@ -806,6 +845,23 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
                 j = end
             j += 1
         return found
+    if name in ("compgen", "complete"):
+        # -C CMD: bash runs CMD to complete a word (compgen at once, complete at each Tab later)
+        found = [Command(program, tuple(words[1:]), wrappers)]
+        for j, w in enumerate(words[1:], 1):
+            if w.startswith("-") and not w.startswith("--") and "C" in w[1:]:
+                k = w.index("C")
+                cmd = w[k + 1:] or (words[j + 1] if j + 1 < len(words) else "")
+                found.extend(_parse(cmd, depth + 1, wrappers + (f"{name} -C",)))
+        return found
+    if name == "bind" and any(w.startswith("-") and "x" in w[1:] for w in words[1:]):
+        raise Unjudgeable("bind -x runs a command at a key press, which no typed line shows")
+    if name == "fc":
+        raise Unjudgeable("fc runs commands from the history")
+    if name == "history" and any(w.startswith("-") and "s" in w[1:] for w in words[1:]):
+        # history -s LINE: a line that fc or !-expansion may run later
+        return [Command(program, tuple(words[1:]), wrappers),
+                *_parse(" ".join(w for w in words[1:] if not w.startswith("-")), depth + 1, wrappers + ("history",))]
     if name == "alias":
         # alias NAME=VALUE: VALUE runs wherever NAME is used later (shopt -s expand_aliases)
         found = [Command(program, tuple(words[1:]), wrappers)]
@@ -823,6 +879,9 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
     if name in ("su", "runuser") and not (name == "runuser" and _names_user(words)):
         # (runuser -u USER -- CMD ARGS runs CMD itself: unwrapped below, as a wrapper)
         found = _su_command(words, name)
+        shell = _su_shell(words)
+        if shell is not None and posixpath.basename(shell) not in SHELLS:
+            raise Unjudgeable(f"{name} -s {shell}: the command runs with a program gatekeep does not read")
         if found is not None:
             return _parse(found, depth + 1, wrappers + (f"{name} -c",))
         if "xargs" in wrappers:
@@ -863,13 +922,17 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
         letters: set[str] = set()
         rest = _skip_options(words, 1, _WRAPPER_VALUE_OPTIONS[name], name, letters)
         if name == "env":
-            while rest < len(words) and _ASSIGNMENT.match(words[rest]):
+            while rest < len(words) and "=" in words[rest]:
                 rest += 1
         shell = (name == "sudo" and (letters & {"s", "i"} or {"--shell", "--login"} & set(words[1:rest]))
                  or name == "doas" and "s" in letters or name == "pkexec")
         if shell and rest >= len(words):
             return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]  # a shell
         rest += _WRAPPER_POSITIONALS.get(name, 0)
+        skipped = words[1:min(rest, len(words))]
+        if any(_EXPANDS.search(w) or "__gatekeep_substitution__" in w for w in skipped):
+            # an option's value or a positional that may expand to several words moves the program along
+            raise Unjudgeable(f"{name}'s options or arguments are not known before the shell runs")
         if name == "xargs" and any(
                 w.startswith("--") and len(w.partition("=")[0]) > 2 and "--replace".startswith(w.partition("=")[0])
                 or w.startswith("-") and not w.startswith("--") and ("I" in w[1:] or "i" in w[1:])
