@@ -549,7 +549,7 @@ class SessionRelay(PairRelay):
             text = text or UNREADABLE_LINE
             line = CommandLine(text, (), unreadable)
         else:
-            line = parse(text)
+            line = parse(text, interactive=True)
         op = self.s.operation("shell-command", text, SshRequest("shell-command", line), {})
         self._line = (key, op)
         self._wait(self.s.decide(op, self._on_hold), self._line_decided, self._line_withdrawn, (key, op), (key, op))

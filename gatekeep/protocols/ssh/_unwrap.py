@@ -41,7 +41,7 @@ _WRAPPER_VALUE_OPTIONS: dict[str, frozenset[str]] = {
                        "--group", "--host", "--prompt", "--close-from", "--other-user", "--role", "--type",
                        "--chdir", "--chroot", "--command-timeout", "--auth-type", "--login-class"}),
     "doas": frozenset({"-u", "-C"}),
-    "env": frozenset({"-u", "--unset", "-C", "--chdir", "-S", "--split-string"}),
+    "env": frozenset({"-u", "--unset", "-C", "--chdir", "-S", "--split-string", "-a", "--argv0"}),
     "nohup": frozenset(),
     "timeout": frozenset({"-s", "--signal", "-k", "--kill-after"}),
     "nice": frozenset({"-n", "--adjustment"}),
@@ -74,18 +74,25 @@ _REDIRECT = re.compile(r"^\d*(?:>>?|<<?<?|<>|>&|<&|&>>?|>\|)$")
 #: a time (``;>f`` is ``;`` and the redirection ``>f``, ``<>`` a redirection)
 _OPERATOR_RUN = re.compile(r";;&|;;|;&|&&|&>>|&>|\|\||\|&|<<<|<<|<>|<&|>>|>&|>\||[;&|()<>\n]")
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\[[^]]*\])?\+?=")
-#: setting a prompt string the shell expands (and runs substitutions in) later: PS0, PS1, PS2, PS4
-_PROMPT_SET = re.compile(r"\bPS[0124]\b")
-#: a ! that history expansion in an interactive shell reads (not before a blank, =, (, a closing " or the end;
-#: single quotes are not looked into: a ! there is refused too)
-_HISTORY = re.compile(r"!(?=[^\s=(\"])")
-#: arithmetic contexts, and an assignment whose value holds a subscript (which arithmetic evaluates)
-_ARITHMETIC = re.compile(r"\(\(|\blet\b|\[\[|\$\[")
-_SUBSCRIPTED_VALUE = re.compile(r"=[^\s;&|]*\[")
+#: setting a prompt string the shell expands (and runs substitutions in) later: PS0, PS1, PS2, PS4 (names set by
+#: a setter builtin, however quoted, are checked on the words: see _RUN_LATER)
+_PROMPT_SET = re.compile(r"\bPS[0124]\+?=")
+#: a ! that history expansion in an interactive shell reads: not before a blank, =, ( or a closing ", and not
+#: in $!, ${!name} or a [!...] bracket expression
+_HISTORY = re.compile(r"(?<![$\[{])!(?=[^\s=(\"])")
+#: a $ the line puts together at run time, for arithmetic (a subscript) or a prompt to evaluate later: a
+#: variable right before "(" ("${d}(" makes "$(" when d holds "$") or the escapes that print a "$"
+_RUNTIME_DOLLAR = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?\(|\\x24|\\044|\\u0024|\\U00000024", re.I)
+#: an arithmetic assignment (let, (( )), $(( ))) to a name spelled at run time: ${X}ENV=5
+_RUNTIME_ASSIGNED = re.compile(
+    r"(?:\(\(|\blet\b)[^)]*?\$\{?[A-Za-z_][A-Za-z0-9_]*\}?[A-Za-z0-9_]*\s*(?:[-+*/%&|^]|<<|>>)?=(?!=)")
+#: names whose value bash runs, or that change what runs, however they are set
+_RUN_LATER = ("BASH_CMDS", "BASH_ALIASES", "BASH_ENV", "PROMPT_COMMAND", "PS0", "PS1", "PS2", "PS4")
 #: what may expand to several words (or none) when the shell runs: a variable, a substitution, a glob, a brace list
 _EXPANDS = re.compile(r"[$`*?\[]|\{[^}]*,")
 #: builtins that set the variables their arguments name (a name spelled at run time may be BASH_CMDS)
-_SETTERS = frozenset({"declare", "typeset", "local", "export", "readonly", "read", "mapfile", "readarray"})
+_SETTERS = frozenset({"declare", "typeset", "local", "export", "readonly", "read", "mapfile", "readarray",
+                      "getopts"})
 _KEYWORDS = frozenset({"if", "then", "else", "elif", "fi", "do", "done", "while", "until", "for", "in", "case",
                        "esac", "function", "select", "coproc"})
 
@@ -98,8 +105,9 @@ class Unjudgeable(ValueError):
 class Command:
     """One simple command: the program that runs and its arguments, after unwrapping."""
 
-    program: str
-    args: tuple[str, ...] = ()
+    #: (plain strings: the reader's Words stay inside it; records and policies get str)
+    program: str = attrs.field(converter=str)
+    args: tuple[str, ...] = attrs.field(default=(), converter=lambda args: tuple(map(str, args)))
     #: wrappers that were removed, outermost first ("sudo", "env", "sh -c", ...)
     wrappers: tuple[str, ...] = ()
     #: a shell that runs commands gatekeep does not see: from its input or a file (``bash``, ``sh -s``,
@@ -127,9 +135,12 @@ class CommandLine:
     unjudgeable: str | None = None
 
 
-def parse(text: str) -> CommandLine:
-    """The simple commands of a command line (see the module docstring)."""
+def parse(text: str, interactive: bool = False) -> CommandLine:
+    """The simple commands of a command line (see the module docstring). ``interactive``: a line typed into an
+    interactive shell, where history expansion (``!``) is on."""
     try:
+        if interactive and _HISTORY.search(_outside_single_quotes(text)):
+            raise Unjudgeable("history expansion (!...) runs a line gatekeep does not see")
         commands = _parse(text, 0, ())
     except Unjudgeable as e:
         return CommandLine(text, (), str(e))
@@ -144,6 +155,11 @@ _ANSI_ESCAPES = {"a": "\a", "b": "\b", "e": "\x1b", "E": "\x1b", "f": "\f", "n":
 _ANSI_NUMBER = {"x": (re.compile(r"[0-9A-Fa-f]{1,2}"), 16), "u": (re.compile(r"[0-9A-Fa-f]{1,4}"), 16),
                 "U": (re.compile(r"[0-9A-Fa-f]{1,8}"), 16)}
 _OCTAL = re.compile(r"[0-7]{1,3}")
+
+
+def _outside_single_quotes(text: str) -> str:
+    """The text with single-quoted parts blanked (history expansion does not look into them)."""
+    return re.sub(r"'[^']*'", "''", text)
 
 
 def _ansi_c(text: str, i: int) -> tuple[str, int]:
@@ -205,6 +221,7 @@ def _normalize(text: str) -> str:
     pending: list[tuple[str, bool, bool]] = []  # here-documents whose bodies follow this line
     i, n, quote, word_start, arithmetic = 0, len(text), None, True, 0
     parens: list[str] = []  # what each open "(" began: "((" arithmetic, "$(" a substitution, "(" a subshell
+    braces = 0  # open ${ ... }
     while i < n:
         c = text[i]
         if quote is not None:
@@ -212,6 +229,12 @@ def _normalize(text: str) -> str:
                 if text[i + 1] != "\n":  # a continuation inside double quotes is dropped too
                     out.append(text[i:i + 2])
                 i += 2
+                continue
+            if quote == '"' and (c == "`" or c == "$" and text.startswith("(", i + 1)):
+                # "$(...)" and "`...`" open a quoting context of their own: "$(echo ")")" is one word
+                end = _substitution_end(text, i)
+                out.append(text[i:end])
+                i = end
                 continue
             if c == quote:
                 quote = None
@@ -237,6 +260,8 @@ def _normalize(text: str) -> str:
             # a comment after a subshell's or an arithmetic command's ")", part of the word after a
             # substitution's, a case pattern's or an array's: which one, only the shell's full grammar tells
             raise Unjudgeable("a # right after a )")
+        elif c == "#" and word_start and (arithmetic or braces or parens and parens[-1] == "@("):
+            raise Unjudgeable("a # inside ${...}, (( )) or an extended glob, where it is no comment")
         elif c == "#" and word_start:
             # a comment (a # that begins a word, outside quotes; a#b and $# are none) to the end of its line:
             # dropped, the newline kept (it still ends the command before it); a backslash at its end continues
@@ -253,7 +278,8 @@ def _normalize(text: str) -> str:
         elif c == "(":
             # what the ")" closing it ends: a command substitution ($( <( >( ) is part of a word, so a "#"
             # right after it is no comment; after a subshell's ")" it is one
-            parens.append("$(" if out and out[-1] in ("$", "<", ">") else "(")
+            before = out[-1][-1:] if out else ""
+            parens.append("$(" if before in ("$", "<", ">") else "@(" if before in ("@", "!", "+", "*", "?") else "(")
             out.append(c)
             i, word_start = i + 1, True
             continue
@@ -285,10 +311,56 @@ def _normalize(text: str) -> str:
             i = _skip_bodies(text, i + 1, pending)
             pending, word_start = [], True
             continue
+        if c == "$" and text.startswith("{", i + 1):
+            braces += 1
+        elif c == "}" and braces:
+            braces -= 1
         out.append(c)
         word_start = c in " \t\n;&|()<>"
         i += 1
     return "".join(out)
+
+
+def _substitution_end(text: str, i: int) -> int:
+    """Where the ``$(...)`` or backquoted substitution at ``i`` ends, its own quotes followed."""
+    n = len(text)
+    if text[i] == "`":
+        k = i + 1
+        while k < n and text[k] != "`":
+            k += 2 if text[k] == "\\" else 1
+        if k >= n:
+            raise Unjudgeable("unbalanced ` in the command line")
+        return k + 1
+    depth, k = 1, i + 2
+    while k < n and depth:
+        ch = text[k]
+        if ch in "'\"\\":
+            k = _past_quoted(text, k)
+            continue
+        if ch == "$" and text.startswith("(", k + 1):
+            k = _substitution_end(text, k)
+            continue
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        k += 1
+    if depth:
+        raise Unjudgeable("unbalanced $( in the command line")
+    return k
+
+
+def _past_quoted(text: str, j: int) -> int:
+    """Past the quoted text (or escaped character) at ``j``; Unjudgeable when it is not closed."""
+    ch = text[j]
+    if ch == "\\":
+        return j + 2
+    k = j + 1
+    while k < len(text):
+        if ch == '"' and text[k] == "\\":
+            k += 2
+            continue
+        if text[k] == ch:
+            return k + 1
+        k += 1
+    raise Unjudgeable("an unclosed quote")
 
 
 def _arithmetic_at(text: str, i: int) -> bool:
@@ -300,8 +372,11 @@ def _arithmetic_at(text: str, i: int) -> bool:
     depth, j, n = 0, i, len(text)
     while j < n:
         ch = text[j]
-        if ch in "'\"\\`":  # bash skips quoted parentheses when it decides; gatekeep does not follow them there
-            raise Unjudgeable("quoting inside (( ))")
+        if ch in "'\"\\`":
+            if depth <= 2:  # bash skips quoted parentheses when it decides; gatekeep does not follow them there
+                raise Unjudgeable("quoting inside (( ))")
+            j = _past_quoted(text, j)  # inside a nested $( ): the quoted text holds no parenthesis that counts
+            continue
         if ch == "(":
             depth += 1
         elif ch == ")":
@@ -437,7 +512,7 @@ def _substitutions(text: str) -> tuple[str, list[str]]:
             if depth:
                 raise Unjudgeable("unbalanced $( in the command line")
             inner.append(text[i + 2:j - 1])
-            out.append("__gatekeep_substitution__")
+            out.append(_QUOTED_SUBSTITUTION if quote == '"' else "__gatekeep_substitution__")
             i = j
             continue
         if c == "`":
@@ -445,7 +520,7 @@ def _substitutions(text: str) -> tuple[str, list[str]]:
             if j < 0:
                 raise Unjudgeable("unbalanced ` in the command line")
             inner.append(text[i + 1:j])
-            out.append("__gatekeep_substitution__")
+            out.append(_QUOTED_SUBSTITUTION if quote == '"' else "__gatekeep_substitution__")
             i = j + 1
             continue
         out.append(c)
@@ -458,18 +533,33 @@ def _substitutions(text: str) -> tuple[str, list[str]]:
 
 #: characters that end a word outside quotes; a newline ends a command as ``;`` does
 _PUNCTUATION = ";&|()<>\n"
+#: marks a file descriptor number written right before its redirection (``2>``): ``2 >f`` is a word and a
+#: redirection
+_FD = "\ue0ff"
 _PUNCTUATION_SET = frozenset(_PUNCTUATION)
+#: words that are reserved only where a command starts (``! cmd``, ``{ cmd; }``); elsewhere arguments (``[ ! -d x ]``)
+_RESERVED_WORDS = frozenset({"!", "{", "}"})
+_FD_BEFORE_REDIRECT = re.compile(r"(?:(?<=^)|(?<=[\s;&|()<>]))(\d+)(?=[<>])")
 
 
 #: stand-ins (Unicode private use) for punctuation that is quoted or escaped, so that the lexer, which cannot
 #: tell ``;`` from ``';'`` or ``\\;``, reads them as word characters; put back in the words it returns
-_STAND_IN = {c: chr(0xE000 + i) for i, c in enumerate(_PUNCTUATION)}
-_PUT_BACK = str.maketrans({v: k for k, v in _STAND_IN.items()})
+_STAND_IN = {c: chr(0xE000 + i) for i, c in enumerate(_PUNCTUATION + "$`*?[{")}
+_PUT_BACK = str.maketrans({**{v: k for k, v in _STAND_IN.items()}, _FD: None})
+#: a substitution inside double quotes: one word, whatever it prints (unquoted, it may split into several)
+_QUOTED_SUBSTITUTION = "__gatekeep_substitution__q"
+
+
+class Word(str):
+    """A word of a command line, knowing whether it may expand to several words (or none) when the shell runs:
+    an unquoted variable, substitution, glob or brace list. Words made otherwise are taken to."""
+
+    expands = True
 
 
 def _protect_quoted(text: str) -> str:
     """Quoted or backslash-escaped punctuation as stand-ins (``find -exec rm {} ';'`` ends at a word, not a list)."""
-    if any(ch in text for ch in _STAND_IN.values()):
+    if any(ch in text for ch in _STAND_IN.values()) or _FD in text:
         raise Unjudgeable("the command line holds characters gatekeep keeps for itself (U+E000..)")
     out: list[str] = []
     i, n, quote = 0, len(text), None
@@ -497,21 +587,27 @@ def _protect_quoted(text: str) -> str:
 
 def _tokens(text: str) -> list[tuple[str, bool]]:
     """Shell words and operators: (token, is_operator). Comments are gone already (:func:`_normalize`)."""
-    lexer = shlex.shlex(_protect_quoted(text), posix=True, punctuation_chars=_PUNCTUATION)
+    # a number that starts a word and touches its < or > is the redirection's file descriptor
+    protected = _FD_BEFORE_REDIRECT.sub("\\1" + _FD, _protect_quoted(text))
+    lexer = shlex.shlex(protected, posix=True, punctuation_chars=_PUNCTUATION)
     lexer.whitespace = " \t"
     lexer.whitespace_split = True
     lexer.commenters = ""
     out = []
     try:
         for tok in lexer:
-            if tok in _OPERATORS:
+            if tok in _OPERATORS and tok not in _RESERVED_WORDS:
                 out.append((tok, True))
             elif tok and set(tok) <= _PUNCTUATION_SET:
                 # shlex gives a run of punctuation as one token (";>", "&&>", "(>"): the operators in it, as the
                 # shell reads them
                 out.extend((op, True) for op in _OPERATOR_RUN.findall(tok))
             else:
-                out.append((tok.translate(_PUT_BACK), False))
+                word = Word(tok.translate(_PUT_BACK).replace(_QUOTED_SUBSTITUTION, "__gatekeep_substitution__"))
+                word.expands = bool(_EXPANDS.search(tok)) or "__gatekeep_substitution__" in tok.replace(
+                    _QUOTED_SUBSTITUTION, "")
+                word.fd = tok.endswith(_FD) and tok[:-1].isdigit()
+                out.append((word, False))
     except ValueError as e:
         raise Unjudgeable(f"the command line does not parse ({e})") from None
     return out
@@ -531,8 +627,7 @@ def _simple_commands(text: str) -> list[list[str]]:
     i = 0
     while i < len(tokens):
         tok, is_op = tokens[i]
-        if (not is_op and tok.isdigit() and i + 1 < len(tokens) and tokens[i + 1][1]
-                and _REDIRECT.match(tokens[i + 1][0])):
+        if not is_op and getattr(tok, "fd", False) and i + 1 < len(tokens) and tokens[i + 1][1]:
             i += 1  # the file descriptor of "2>/dev/null"
             continue
         if is_op:
@@ -544,10 +639,7 @@ def _simple_commands(text: str) -> list[list[str]]:
             continue
         if tok == "\n":
             groups.append([])
-        elif _REDIRECT.match(tok):
-            i += 2
-            continue
-        elif not groups[-1] and tok in _KEYWORDS and tok not in ("for", "select", "case"):
+        elif not groups[-1] and (tok in _KEYWORDS or tok in _RESERVED_WORDS) and tok not in ("for", "select", "case"):
             pass
         else:
             groups[-1].append(tok)
@@ -566,8 +658,11 @@ def _simple_commands(text: str) -> list[list[str]]:
 def _parse(text: str, depth: int, wrappers: tuple[str, ...]) -> list[Command]:
     if depth > MAX_DEPTH:
         raise Unjudgeable("commands nested too deeply")
-    if "@P}" in text:
+    joined = text.replace("\\\n", "")  # (the raw-text checks read names as the shell does, continuations gone)
+    if "@P}" in joined:
         raise Unjudgeable("prompt expansion (${...@P}) runs what a variable holds")
+    if "\\\r" in text:
+        raise Unjudgeable("a backslash before a carriage return")
     if "\r" in text:
         # at a line's end (CRLF) it only ends the last word with a CR; anywhere else the shell reads it as part
         # of a word, where gatekeep's reading would differ
@@ -577,15 +672,15 @@ def _parse(text: str, depth: int, wrappers: tuple[str, ...]) -> list[Command]:
         if "\r" in text.rstrip("\r"):
             raise Unjudgeable("a carriage return inside the line (the shell reads it as part of a word)")
         text = text.rstrip("\r")
-    if "PROMPT_COMMAND" in text or _PROMPT_SET.search(text):
+    if "PROMPT_COMMAND" in joined or _PROMPT_SET.search(joined):
         raise Unjudgeable("a prompt string or PROMPT_COMMAND: the shell runs what it holds later")
-    if _HISTORY.search(text):
-        raise Unjudgeable("history expansion (!...) runs a line gatekeep does not see")
-    if _ARITHMETIC.search(text) and _SUBSCRIPTED_VALUE.search(text):
-        raise Unjudgeable("arithmetic over a value with a subscript: it may run a substitution built at run time")
-    if "BASH_CMDS" in text or "BASH_ALIASES" in text:
+    if _RUNTIME_DOLLAR.search(joined):
+        raise Unjudgeable("a $ put together at run time: arithmetic or a prompt may run what it starts")
+    if _RUNTIME_ASSIGNED.search(joined):
+        raise Unjudgeable("an arithmetic assignment to a variable named at run time")
+    if "BASH_CMDS" in joined or "BASH_ALIASES" in joined:
         raise Unjudgeable("BASH_CMDS and BASH_ALIASES make a name run another program (as hash -p and alias do)")
-    if "BASH_ENV" in text or "BASH_$" in text or "BASH_${" in text:
+    if "BASH_ENV" in joined or "BASH_$" in joined or "BASH_${" in joined:
         raise Unjudgeable("BASH_ENV (or a BASH_ variable named at run time) makes a shell run a file first")
     # each shell level reads $'...' and here-documents, drops continuations and comments again
     stripped, inner = _substitutions(_normalize(text))
@@ -638,6 +733,31 @@ def _skip_options(words: list[str], i: int, value_options: frozenset[str], name:
     return i
 
 
+#: programs that run (part of) their arguments as a command
+_RUNS_ITS_ARGUMENTS = frozenset(SHELLS | set(_WRAPPER_VALUE_OPTIONS) | {
+    "su", "eval", "busybox", "find", "script", "trap", "ssh", "parallel", "sudoedit"})
+
+
+def _xargs_replace(options: list[str]) -> str | None:
+    """The replace string xargs's options give (-I R, -iR, -i, --replace[=R]; {} by default), or None."""
+    found = None
+    for k, w in enumerate(options):
+        long, eq, value = w.partition("=")
+        if w.startswith("--") and len(long) > 2 and "--replace".startswith(long):
+            found = value if eq else "{}"
+        elif w.startswith("-") and not w.startswith("--"):
+            for m, letter in enumerate(w[1:], 1):
+                if letter == "I":
+                    found = w[m + 1:] or (options[k + 1] if k + 1 < len(options) else "")
+                    break
+                if letter == "i":
+                    found = w[m + 1:] or "{}"
+                    break
+                if f"-{letter}" in _WRAPPER_VALUE_OPTIONS["xargs"]:
+                    break
+    return found
+
+
 def _env_split_string(words: list[str]) -> tuple[str, int] | None:
     """``env``'s -S string and where the words after it start, wherever the option is among env's options
     (``env -u X -S '...'``, grouped ``-vS '...'``, attached ``-iS'...'``); None without one."""
@@ -679,6 +799,9 @@ def _names_set(name: str, words: list[str]) -> list[str]:
     ``=value`` or ``[subscript]`` still on them)."""
     values = _SETTER_VALUES.get(name, "")
     names: list[str] = []
+    if name == "getopts":  # getopts OPTSTRING NAME [ARGS]
+        plain = [w for w in words[1:] if w != "--"]
+        return plain[1:2]
     i = 1
     while i < len(words):
         w = words[i]
@@ -752,17 +875,30 @@ def _su_command(words: list[str], name: str) -> str | None:
         w = words[j]
         if w == "--":
             done = True
-        elif w in ("-c", "--command", "--session-command"):
+        elif w == "-c" or w.startswith("--") and "=" not in w and len(w) > 3 and (
+                "--command".startswith(w) or "--session-command".startswith(w)):
             if done or j + 1 >= len(words):
                 raise Unjudgeable(f"{name} {w} where gatekeep cannot tell what runs it")
             found.append(words[j + 1])
             j += 1
-        elif w.startswith(("--command=", "--session-command=")):
+        elif w.startswith("--") and "=" in w and len(w.partition("=")[0]) > 3 and (
+                "--command".startswith(w.partition("=")[0]) or "--session-command".startswith(w.partition("=")[0])):
             if done:
                 raise Unjudgeable(f"{name} {w} after --")
             found.append(w.partition("=")[2])
         elif w.startswith("-") and not w.startswith("--") and "c" in w[1:] and not done:
-            raise Unjudgeable(f"{name} {w}: a -c among other options")
+            for k, letter in enumerate(w[1:], 1):
+                if letter in "sgGwu":  # an option with a value: the rest of the group (or the next word) is it
+                    break
+                if letter == "c":  # -lc CMD, -lcCMD
+                    if k < len(w) - 1:
+                        found.append(w[k + 1:])
+                    elif j + 1 < len(words):
+                        found.append(words[j + 1])
+                        j += 1
+                    else:
+                        raise Unjudgeable(f"{name} {w} without a command")
+                    break
         j += 1
     if len(found) > 1:
         raise Unjudgeable(f"{name} with more than one command")
@@ -774,12 +910,15 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
         raise Unjudgeable("commands nested too deeply")
     i = 0
     while i < len(words) and _ASSIGNMENT.match(words[i]):
+        if words[i].partition("=")[0].partition("[")[0].rstrip("+") in _RUN_LATER:
+            raise Unjudgeable(f"an assignment to {words[i].partition('=')[0]}, which the shell runs or runs by")
         i += 1
     words = words[i:]
     if not words:
         return []
     program = words[0]
-    if "$" in program or "__gatekeep_substitution__" in program or any(ch in program for ch in "*?[{"):
+    if program not in ("[", "[[") and (
+            "$" in program or "__gatekeep_substitution__" in program or any(ch in program for ch in "*?[{")):
         raise Unjudgeable(f"the program is not known before the shell runs ({program})")
     name = posixpath.basename(program)
     if name in SHELLS:
@@ -789,6 +928,8 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
             if w == "-c" or (w.startswith("-") and not w.startswith("--") and "c" in w[1:]):
                 if j + 1 >= len(words):
                     raise Unjudgeable(f"{name} -c without a command")
+                if words[j + 1] == "--" and j + 2 < len(words):
+                    return _parse(words[j + 2], depth + 1, wrappers + (f"{name} -c",))
                 if words[j + 1].startswith(("-", "+")):
                     # bash -c -x 'CMD': more options first; the command is the first word that is none
                     raise Unjudgeable(f"{name} -c followed by more options")
@@ -812,11 +953,15 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
         raise Unjudgeable(f"{name} -n makes a name stand for another variable (it may be BASH_CMDS)")
     if name in _SETTERS or name == "printf":
         named = _names_set(name, words)
-        stems = [w.partition("=")[0].partition("[")[0] for w in named]  # the name, without its subscript
+        stems = [w.partition("=")[0].partition("[")[0].rstrip("+") for w in named]  # the name alone
+        if any(stem in _RUN_LATER for stem in stems):
+            raise Unjudgeable(f"{name} sets a variable the shell runs or runs by ({', '.join(stems)})")
         if any("$" in stem or "__gatekeep_substitution__" in stem or "`" in stem for stem in stems):
             raise Unjudgeable(f"{name} sets a variable named at run time (it may be BASH_CMDS or BASH_ENV)")
     if name in (".", "source"):
         return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]
+    if name == "busybox" and "xargs" in wrappers and len(words) == 1:
+        raise Unjudgeable("busybox under xargs runs the applet its input names")
     if name == "busybox" and len(words) > 1 and not words[1].startswith("-"):
         return _unwrap(words[1:], depth + 1, wrappers + ("busybox",))  # busybox APPLET ARGS runs APPLET
     if name == "eval":
@@ -856,7 +1001,8 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
         return found
     if name == "bind" and any(w.startswith("-") and "x" in w[1:] for w in words[1:]):
         raise Unjudgeable("bind -x runs a command at a key press, which no typed line shows")
-    if name == "fc":
+    if name == "fc" and not any(w.startswith("-") and "l" in w[1:] and not {"e", "s"} & set(w[1:])
+                                for w in words[1:]):
         raise Unjudgeable("fc runs commands from the history")
     if name == "history" and any(w.startswith("-") and "s" in w[1:] for w in words[1:]):
         # history -s LINE: a line that fc or !-expansion may run later
@@ -930,14 +1076,17 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
             return [Command(program, tuple(words[1:]), wrappers, reads_commands=True)]  # a shell
         rest += _WRAPPER_POSITIONALS.get(name, 0)
         skipped = words[1:min(rest, len(words))]
-        if any(_EXPANDS.search(w) or "__gatekeep_substitution__" in w for w in skipped):
+        if any(getattr(w, "expands", True) and (_EXPANDS.search(w) or "__gatekeep_substitution__" in w)
+               for w in skipped):
             # an option's value or a positional that may expand to several words moves the program along
             raise Unjudgeable(f"{name}'s options or arguments are not known before the shell runs")
-        if name == "xargs" and any(
-                w.startswith("--") and len(w.partition("=")[0]) > 2 and "--replace".startswith(w.partition("=")[0])
-                or w.startswith("-") and not w.startswith("--") and ("I" in w[1:] or "i" in w[1:])
-                for w in words[1:rest]):
-            raise Unjudgeable("xargs -I puts what it reads into the command")
+        if name == "xargs":
+            replace = _xargs_replace(words[1:rest])
+            if replace is not None and rest < len(words) and (
+                    replace in words[rest]
+                    or posixpath.basename(words[rest]) in _RUNS_ITS_ARGUMENTS and any(replace in w for w in words[rest:])):
+                # what it reads becomes the program, or part of a command line a shell or wrapper runs
+                raise Unjudgeable("xargs -I puts what it reads into the command it runs")
         if rest < len(words) and words[rest].startswith("-") and words[rest] != "-":
             raise Unjudgeable(f"{name} would run a program named like an option ({words[rest]})")
         if "xargs" in wrappers + (name,) and rest < len(words) and posixpath.basename(words[rest]) == "find":

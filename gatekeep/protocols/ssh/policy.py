@@ -115,7 +115,7 @@ def request_of(operation: Operation) -> SshRequest:
     if isinstance(detail, SshRequest):
         return detail
     if operation.kind in ("exec", "shell-command"):
-        return SshRequest(operation.kind, parse(operation.text))
+        return SshRequest(operation.kind, parse(operation.text, interactive=operation.kind == "shell-command"))
     if operation.kind == "subsystem":
         return SshRequest("subsystem", subsystem=operation.text)
     return SshRequest(operation.kind)
