@@ -76,10 +76,16 @@ _OPERATOR_RUN = re.compile(r";;&|;;|;&|&&|&>>|&>|\|\||\|&|<<<|<<|<>|<&|>>|>&|>\|
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\[[^]]*\])?\+?=")
 #: setting a prompt string the shell expands (and runs substitutions in) later: PS0, PS1, PS2, PS4 (names set by
 #: a setter builtin, however quoted, are checked on the words: see _RUN_LATER)
-_PROMPT_SET = re.compile(r"\bPS[0124]\+?=")
+_PROMPT_SET = re.compile(r"\bPS[0124]\+?=|\$\{PS[0124]:?[=?+-]|\b(?:for|select)\s+PS[0124]\b")
 #: a ! that history expansion in an interactive shell reads: not before a blank, =, ( or a closing ", and not
 #: in $!, ${!name} or a [!...] bracket expression
-_HISTORY = re.compile(r"(?<![$\[{])!(?=[^\s=(\"])")
+_HISTORY = re.compile(r"(?<!\$)(?<!\$\{)(?<!\[(?=![^]\s]*\]))!(?=[^\s=(\"])")
+#: a line turning history expansion on in a non-interactive shell (set -H, set -o histexpand)
+_HISTEXPAND_ON = re.compile(r"\bset\b[^;&|\n]*(?:\s[-+]?\w*H|histexpand)")
+#: where bash evaluates a variable's value as arithmetic (a subscript in it runs its $( )), and an assignment
+#: of a value holding a subscript (a shell assignment: NAME=..., not a NAME= inside a quoted pattern)
+_ARITHMETIC_SINK = re.compile(r"\(\(|\blet\b|\$\[|\[\[\s|(?:^|\s)-v\s|\bdeclare\s+-\w*i|\w\[[^]]*\]=|\$\{\w+\[")
+_SUBSCRIPTED_ASSIGNMENT = re.compile(r"(?:^|[\s;&|(])[A-Za-z_][A-Za-z0-9_]*\+?=(?:\$\{[^}]*\}|\$(?!\{)|[^\s;&|\[$])*\[")
 #: a $ the line puts together at run time, for arithmetic (a subscript) or a prompt to evaluate later: a
 #: variable right before "(" ("${d}(" makes "$(" when d holds "$") or the escapes that print a "$"
 _RUNTIME_DOLLAR = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?\(|\\x24|\\044|\\u0024|\\U00000024", re.I)
@@ -89,7 +95,9 @@ _RUNTIME_ASSIGNED = re.compile(
 #: names whose value bash runs, or that change what runs, however they are set
 _RUN_LATER = ("BASH_CMDS", "BASH_ALIASES", "BASH_ENV", "PROMPT_COMMAND", "PS0", "PS1", "PS2", "PS4")
 #: what may expand to several words (or none) when the shell runs: a variable, a substitution, a glob, a brace list
-_EXPANDS = re.compile(r"[$`*?\[]|\{[^}]*,")
+_EXPANDS = re.compile(r"[$`*?\[]|\{[^}]*(?:,|\.\.)")
+#: quoted expansions that still give several words, or none: "$@", "${a[@]}", "${!a[@]}"
+_LIST_EXPANSION = re.compile(r"\$@|\$\{[^}]*@")
 #: builtins that set the variables their arguments name (a name spelled at run time may be BASH_CMDS)
 _SETTERS = frozenset({"declare", "typeset", "local", "export", "readonly", "read", "mapfile", "readarray",
                       "getopts"})
@@ -139,8 +147,9 @@ def parse(text: str, interactive: bool = False) -> CommandLine:
     """The simple commands of a command line (see the module docstring). ``interactive``: a line typed into an
     interactive shell, where history expansion (``!``) is on."""
     try:
-        if interactive and _HISTORY.search(_outside_single_quotes(text)):
-            raise Unjudgeable("history expansion (!...) runs a line gatekeep does not see")
+        if (interactive or _HISTEXPAND_ON.search(text)) and (
+                _HISTORY.search(_outside_single_quotes(text)) or re.search(r"(?m)^\s*\^", text)):
+            raise Unjudgeable("history expansion (!... or ^old^new) runs a line gatekeep does not see")
         commands = _parse(text, 0, ())
     except Unjudgeable as e:
         return CommandLine(text, (), str(e))
@@ -158,8 +167,27 @@ _OCTAL = re.compile(r"[0-7]{1,3}")
 
 
 def _outside_single_quotes(text: str) -> str:
-    """The text with single-quoted parts blanked (history expansion does not look into them)."""
-    return re.sub(r"'[^']*'", "''", text)
+    """The text with single-quoted parts blanked, as history expansion reads quotes: a ' quotes only outside
+    double quotes and when not escaped."""
+    out, i, n, double = [], 0, len(text), False
+    while i < n:
+        c = text[i]
+        if c == "\\" and i + 1 < n:
+            out.append(text[i:i + 2])
+            i += 2
+            continue
+        if c == '"':
+            double = not double
+        elif c == "'" and not double:
+            end = text.find("'", i + 1)
+            if end < 0:
+                break
+            out.append("''")
+            i = end + 1
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
 
 
 def _ansi_c(text: str, i: int) -> tuple[str, int]:
@@ -604,8 +632,8 @@ def _tokens(text: str) -> list[tuple[str, bool]]:
                 out.extend((op, True) for op in _OPERATOR_RUN.findall(tok))
             else:
                 word = Word(tok.translate(_PUT_BACK).replace(_QUOTED_SUBSTITUTION, "__gatekeep_substitution__"))
-                word.expands = bool(_EXPANDS.search(tok)) or "__gatekeep_substitution__" in tok.replace(
-                    _QUOTED_SUBSTITUTION, "")
+                word.expands = (bool(_EXPANDS.search(tok)) or bool(_LIST_EXPANSION.search(word))
+                                or "__gatekeep_substitution__" in tok.replace(_QUOTED_SUBSTITUTION, ""))
                 word.fd = tok.endswith(_FD) and tok[:-1].isdigit()
                 out.append((word, False))
     except ValueError as e:
@@ -639,6 +667,15 @@ def _simple_commands(text: str) -> list[list[str]]:
             continue
         if tok == "\n":
             groups.append([])
+        elif not groups[-1] and tok == "time":
+            # bash's reserved word (its only options -p and --): a command (or !, or a keyword) starts after it
+            while i + 1 < len(tokens) and tokens[i + 1][0] in ("-p", "--") and not tokens[i + 1][1]:
+                i += 1
+        elif not groups[-1] and tok in ("function", "coproc"):
+            # function NAME ...; coproc NAME { ... } (a NAME only before a compound command): the body starts
+            nxt = tokens[i + 2][0] if i + 2 < len(tokens) else ""
+            if tok == "function" or nxt in ("{", "(") or nxt in _KEYWORDS:
+                i += 1  # the NAME
         elif not groups[-1] and (tok in _KEYWORDS or tok in _RESERVED_WORDS) and tok not in ("for", "select", "case"):
             pass
         else:
@@ -674,6 +711,8 @@ def _parse(text: str, depth: int, wrappers: tuple[str, ...]) -> list[Command]:
         text = text.rstrip("\r")
     if "PROMPT_COMMAND" in joined or _PROMPT_SET.search(joined):
         raise Unjudgeable("a prompt string or PROMPT_COMMAND: the shell runs what it holds later")
+    if _ARITHMETIC_SINK.search(joined) and _SUBSCRIPTED_ASSIGNMENT.search(joined):
+        raise Unjudgeable("arithmetic over a variable whose value holds a subscript (it runs a $( ) in it)")
     if _RUNTIME_DOLLAR.search(joined):
         raise Unjudgeable("a $ put together at run time: arithmetic or a prompt may run what it starts")
     if _RUNTIME_ASSIGNED.search(joined):
@@ -875,6 +914,9 @@ def _su_command(words: list[str], name: str) -> str | None:
         w = words[j]
         if w == "--":
             done = True
+        elif not done and (w in ("-w", "-g", "-G", "-s") or w.startswith("--") and "=" not in w and len(w) > 3 and any(
+                o.startswith(w) for o in ("--whitelist-environment", "--group", "--supp-group", "--shell"))):
+            j += 1  # its value, whatever it looks like
         elif w == "-c" or w.startswith("--") and "=" not in w and len(w) > 3 and (
                 "--command".startswith(w) or "--session-command".startswith(w)):
             if done or j + 1 >= len(words):
@@ -889,6 +931,7 @@ def _su_command(words: list[str], name: str) -> str | None:
         elif w.startswith("-") and not w.startswith("--") and "c" in w[1:] and not done:
             for k, letter in enumerate(w[1:], 1):
                 if letter in "sgGwu":  # an option with a value: the rest of the group (or the next word) is it
+                    j += k == len(w) - 1
                     break
                 if letter == "c":  # -lc CMD, -lcCMD
                     if k < len(w) - 1:
@@ -1001,8 +1044,9 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
         return found
     if name == "bind" and any(w.startswith("-") and "x" in w[1:] for w in words[1:]):
         raise Unjudgeable("bind -x runs a command at a key press, which no typed line shows")
-    if name == "fc" and not any(w.startswith("-") and "l" in w[1:] and not {"e", "s"} & set(w[1:])
-                                for w in words[1:]):
+    options = [w for w in words[1:] if w.startswith("-") and w != "--"]
+    if name == "fc" and not (any("l" in w for w in options) and all(set(w[1:]) <= set("lnr0123456789")
+                                                                   for w in options)):
         raise Unjudgeable("fc runs commands from the history")
     if name == "history" and any(w.startswith("-") and "s" in w[1:] for w in words[1:]):
         # history -s LINE: a line that fc or !-expansion may run later
