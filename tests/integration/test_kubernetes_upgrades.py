@@ -16,12 +16,13 @@ import os
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import pytest
 
 from tests.support import websocket
+from tests.support.fake_kube import Handler as FakeKubeHandler
 from tests.support.gatekeep_process import REPO_ROOT, tcp_listen
 from tests.support.identities import make_identity
 from tests.support.ports import free_port
@@ -36,19 +37,8 @@ CONFIGMAP = {"kind": "ConfigMap", "apiVersion": "v1",
              "data": {"password": PLAIN_PASSWORD, "mode": "prod"}}
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def _json(self, status, obj):
-        body = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+class Handler(FakeKubeHandler):
+    """The fake API server's plumbing (JSON answers, quiet logs), with these two behaviours for GET."""
 
     def _upgrade(self, protocol=None):
         self.send_response(101)

@@ -23,7 +23,7 @@ from gatekeep.config import ConfigError, Node
 from gatekeep.protocols.http._request import Request
 from gatekeep.protocols.http.policy import HttpMatch
 from gatekeep.protocols.http.policy import read_match as read_http_match
-from gatekeep.protocols.kubernetes._request import RequestInfo
+from gatekeep.protocols.kubernetes._request import STREAMING, RequestInfo
 
 VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
 MATCH_KEYS = ("verbs", "api_groups", "resources", "subresources", "namespaces", "names")
@@ -80,8 +80,8 @@ UNMASKABLE = "unmaskable-secrets"
 #: the rule named when another resource request (a watch, a get) asks for an upgrade: its answer would come as
 #: WebSocket messages, which the session's masking rules do not reach
 UNMASKABLE_UPGRADE = "unmaskable-upgrade"
-#: the subresources whose upgraded streams the relay passes (and records)
-STREAMS = frozenset({"exec", "attach", "portforward", "proxy"})
+#: the subresources whose upgraded streams the relay passes (and records): the streaming ones, and proxy
+STREAMS = STREAMING | {"proxy"}
 #: the upgrades the relay passes (see KubernetesDialect.upgrades; others are taken off the request)
 UPGRADES = frozenset({b"websocket", b"spdy/3.1"})
 

@@ -93,7 +93,11 @@ _RUNTIME_DOLLAR = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?\(|\\x24|\\044|\\u0
 _RUNTIME_ASSIGNED = re.compile(
     r"(?:\(\(|\blet\b)[^)]*?\$\{?[A-Za-z_][A-Za-z0-9_]*\}?[A-Za-z0-9_]*\s*(?:[-+*/%&|^]|<<|>>)?=(?!=)")
 #: names whose value bash runs, or that change what runs, however they are set
-_RUN_LATER = ("BASH_CMDS", "BASH_ALIASES", "BASH_ENV", "PROMPT_COMMAND", "PS0", "PS1", "PS2", "PS4")
+_BASH_TABLES = ("BASH_CMDS", "BASH_ALIASES", "BASH_ENV")
+_RUN_LATER = _BASH_TABLES + ("PROMPT_COMMAND", "PS0", "PS1", "PS2", "PS4")
+#: su's and runuser's options that take a value (as a separate word unless attached)
+_SU_VALUE_SHORT = "gGsw"
+_SU_VALUE_LONG = ("--group", "--supp-group", "--shell", "--whitelist-environment")
 #: what may expand to several words (or none) when the shell runs: a variable, a substitution, a glob, a brace list
 _EXPANDS = re.compile(r"[$`*?\[]|\{[^}]*(?:,|\.\.)")
 #: quoted expansions that still give several words, or none: "$@", "${a[@]}", "${!a[@]}"
@@ -583,6 +587,8 @@ class Word(str):
     an unquoted variable, substitution, glob or brace list. Words made otherwise are taken to."""
 
     expands = True
+    #: a redirection's file descriptor (``2`` of ``2>f``)
+    fd = False
 
 
 def _protect_quoted(text: str) -> str:
@@ -655,7 +661,7 @@ def _simple_commands(text: str) -> list[list[str]]:
     i = 0
     while i < len(tokens):
         tok, is_op = tokens[i]
-        if not is_op and getattr(tok, "fd", False) and i + 1 < len(tokens) and tokens[i + 1][1]:
+        if not is_op and tok.fd and i + 1 < len(tokens) and tokens[i + 1][1]:
             i += 1  # the file descriptor of "2>/dev/null"
             continue
         if is_op:
@@ -890,14 +896,13 @@ def _names_user(words: list[str]) -> bool:
         if w.startswith("--") and len(long) > 2:
             if "--user".startswith(long):
                 return True
-            if "=" not in w and any(o.startswith(long) for o in ("--group", "--supp-group", "--shell",
-                                                                  "--whitelist-environment")):
+            if "=" not in w and any(o.startswith(long) for o in _SU_VALUE_LONG):
                 i += 1
         elif w.startswith("-") and len(w) > 1:
             for k, letter in enumerate(w[1:], 1):
                 if letter == "u":
                     return True
-                if letter in "gGsw":
+                if letter in _SU_VALUE_SHORT:
                     i += k == len(w) - 1
                     break
         i += 1
@@ -914,8 +919,8 @@ def _su_command(words: list[str], name: str) -> str | None:
         w = words[j]
         if w == "--":
             done = True
-        elif not done and (w in ("-w", "-g", "-G", "-s") or w.startswith("--") and "=" not in w and len(w) > 3 and any(
-                o.startswith(w) for o in ("--whitelist-environment", "--group", "--supp-group", "--shell"))):
+        elif not done and (len(w) == 2 and w[0] == "-" and w[1] in _SU_VALUE_SHORT or w.startswith("--")
+                           and "=" not in w and len(w) > 3 and any(o.startswith(w) for o in _SU_VALUE_LONG)):
             j += 1  # its value, whatever it looks like
         elif w == "-c" or w.startswith("--") and "=" not in w and len(w) > 3 and (
                 "--command".startswith(w) or "--session-command".startswith(w)):
@@ -930,7 +935,7 @@ def _su_command(words: list[str], name: str) -> str | None:
             found.append(w.partition("=")[2])
         elif w.startswith("-") and not w.startswith("--") and "c" in w[1:] and not done:
             for k, letter in enumerate(w[1:], 1):
-                if letter in "sgGwu":  # an option with a value: the rest of the group (or the next word) is it
+                if letter in _SU_VALUE_SHORT or letter == "u":  # a value: the rest of the group, or the next word
                     j += k == len(w) - 1
                     break
                 if letter == "c":  # -lc CMD, -lcCMD
@@ -988,7 +993,7 @@ def _unwrap(words: list[str], depth: int, wrappers: tuple[str, ...]) -> list[Com
                 break
         informational = len(words) > 1 and all(w in ("--version", "--help", "-n") for w in words[1:])
         return [Command(program, tuple(words[1:]), wrappers, reads_commands=not informational)]
-    if any(n in w for w in words for n in ("BASH_CMDS", "BASH_ALIASES", "BASH_ENV")):
+    if any(n in w for w in words for n in _BASH_TABLES):
         # (the words are unquoted here: BASH_"CMDS" and BASH_\CMDS spell it too)
         raise Unjudgeable("BASH_CMDS, BASH_ALIASES or BASH_ENV make a name run another program, or a shell a file")
     if name in ("declare", "typeset", "local") and any(
